@@ -1,0 +1,1 @@
+"""Shared code of the DriftLock gateway: settings, database, schema, key format and the CLI."""

@@ -1,0 +1,152 @@
+"""Every setting read from the environment, in one place, validated with one clear message per problem."""
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from driftlock_gateway.errors import OperatorError
+
+MIN_JWT_SECRET_BYTES = 32
+
+
+class SettingsError(OperatorError):
+    """A setting is missing or malformed; the message is meant for the operator, on one line."""
+
+
+@dataclass(frozen=True)
+class HostPort:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+def parse_host_port(text: str, *, what: str) -> HostPort:
+    host, sep, port = text.strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise SettingsError(f"{what}: expected host:port, got {text!r}")
+    return HostPort(host.strip("[]"), int(port))
+
+
+def _int(environ: Mapping[str, str], name: str, default: int, *, minimum: int = 0) -> int:
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be a whole number, got {raw!r}") from None
+    if value < minimum:
+        raise SettingsError(f"{name} must be at least {minimum}, got {value}")
+    return value
+
+
+def _float(environ: Mapping[str, str], name: str, default: float, *, minimum: float = 0.0) -> float:
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be a number, got {raw!r}") from None
+    if value < minimum:
+        raise SettingsError(f"{name} must be at least {minimum}, got {value}")
+    return value
+
+
+def _bool(environ: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = environ.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise SettingsError(f"{name} must be true or false, got {raw!r}")
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str | None = None
+    # LISTEN needs a session that stays put: a direct connection or Supabase's session pooler, never the
+    # transaction pooler. Defaults to database_url.
+    database_listen_url: str | None = None
+    jwt_secret: str | None = None
+    stripe_webhook_secrets: tuple[str, ...] = ()
+    backend: HostPort = field(default_factory=lambda: HostPort("127.0.0.1", 8000))
+    dunning_grace_days: int = 7
+
+    authz_host: str = "0.0.0.0"
+    authz_port: int = 9191
+    authz_metrics_port: int = 9464
+    webhooks_host: str = "0.0.0.0"
+    webhooks_port: int = 8081
+    envoy_port: int = 8080
+    envoy_admin_port: int = 9901
+
+    # Key cache: how long a looked-up key is trusted without asking the database again (the backstop when
+    # push invalidation is down), how long an unknown key stays unknown, and how long a key seen recently
+    # keeps working while the database cannot be reached.
+    key_cache_ttl_seconds: float = 30.0
+    key_cache_negative_ttl_seconds: float = 5.0
+    key_cache_stale_seconds: float = 300.0
+    key_cache_max_entries: int = 100_000
+    database_lookup_timeout_seconds: float = 0.5
+    org_id_metric_labels: bool = True
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
+        env = os.environ if environ is None else environ
+        secrets = tuple(s.strip() for s in env.get("STRIPE_WEBHOOK_SECRET", "").split(",") if s.strip())
+        for secret in secrets:
+            if not secret.startswith("whsec_"):
+                raise SettingsError("STRIPE_WEBHOOK_SECRET: every secret must start with whsec_")
+        backend = env.get("DRIFTLOCK_BACKEND", "").strip()
+        return cls(
+            database_url=env.get("DATABASE_URL", "").strip() or None,
+            database_listen_url=env.get("DATABASE_LISTEN_URL", "").strip() or None,
+            jwt_secret=env.get("DRIFTLOCK_JWT_SECRET") or None,
+            stripe_webhook_secrets=secrets,
+            backend=parse_host_port(backend, what="DRIFTLOCK_BACKEND") if backend else HostPort("127.0.0.1", 8000),
+            dunning_grace_days=_int(env, "DRIFTLOCK_DUNNING_GRACE_DAYS", 7),
+            authz_host=env.get("DRIFTLOCK_AUTHZ_HOST", "").strip() or "0.0.0.0",
+            authz_port=_int(env, "DRIFTLOCK_AUTHZ_PORT", 9191, minimum=1),
+            authz_metrics_port=_int(env, "DRIFTLOCK_AUTHZ_METRICS_PORT", 9464, minimum=1),
+            webhooks_host=env.get("DRIFTLOCK_WEBHOOKS_HOST", "").strip() or "0.0.0.0",
+            webhooks_port=_int(env, "DRIFTLOCK_WEBHOOKS_PORT", 8081, minimum=1),
+            envoy_port=_int(env, "DRIFTLOCK_ENVOY_PORT", 8080, minimum=1),
+            envoy_admin_port=_int(env, "DRIFTLOCK_ENVOY_ADMIN_PORT", 9901, minimum=1),
+            key_cache_ttl_seconds=_float(env, "DRIFTLOCK_KEY_CACHE_TTL_SECONDS", 30.0, minimum=0.1),
+            key_cache_negative_ttl_seconds=_float(env, "DRIFTLOCK_KEY_CACHE_NEGATIVE_TTL_SECONDS", 5.0),
+            key_cache_stale_seconds=_float(env, "DRIFTLOCK_KEY_CACHE_STALE_SECONDS", 300.0),
+            key_cache_max_entries=_int(env, "DRIFTLOCK_KEY_CACHE_MAX_ENTRIES", 100_000, minimum=1),
+            database_lookup_timeout_seconds=_float(env, "DRIFTLOCK_DB_LOOKUP_TIMEOUT_SECONDS", 0.5, minimum=0.01),
+            org_id_metric_labels=_bool(env, "DRIFTLOCK_METRICS_ORG_LABELS", True),
+        )
+
+    def require_database_url(self) -> str:
+        if not self.database_url:
+            raise SettingsError(
+                "DATABASE_URL is not set (for a local database, run `driftlock-gateway dev` and use the "
+                "DATABASE_URL it prints)"
+            )
+        return self.database_url
+
+    def listen_url(self) -> str:
+        return self.database_listen_url or self.require_database_url()
+
+    def require_jwt_secret(self) -> bytes:
+        if not self.jwt_secret:
+            raise SettingsError("DRIFTLOCK_JWT_SECRET is not set")
+        secret = self.jwt_secret.encode()
+        if len(secret) < MIN_JWT_SECRET_BYTES:
+            raise SettingsError(
+                f"DRIFTLOCK_JWT_SECRET is {len(secret)} bytes; at least {MIN_JWT_SECRET_BYTES} are required"
+            )
+        return secret
+
+    def require_webhook_secrets(self) -> tuple[str, ...]:
+        if not self.stripe_webhook_secrets:
+            raise SettingsError("STRIPE_WEBHOOK_SECRET is not set (one or more whsec_ secrets, comma-separated)")
+        return self.stripe_webhook_secrets
