@@ -1,0 +1,335 @@
+"""`driftlock-gateway`: the operator's command line.
+
+Every error a user can cause ends as one line on stderr and a non-zero exit; --json prints exactly one JSON
+object on stdout.
+"""
+
+import argparse
+import asyncio
+import os
+import sys
+import traceback
+import uuid
+from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime
+from typing import Any, NoReturn
+
+import asyncpg
+
+from driftlock_gateway import api_keys, db, migrate, orgs, plans
+from driftlock_gateway.durations import parse_duration
+from driftlock_gateway.errors import OperatorError
+from driftlock_gateway.keys import Environment
+from driftlock_gateway.output import Printer, fields, table, text_value
+from driftlock_gateway.settings import Settings, SettingsError, parse_host_port
+
+PROG = "driftlock-gateway"
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+class CliError(OperatorError):
+    """A mistake or condition the user can act on; printed as one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # argparse would print the whole usage block first; one line is the contract.
+        self.exit(EXIT_USAGE, f"{PROG}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _uuid(what: str) -> Callable[[str], uuid.UUID]:
+    def parse(text: str) -> uuid.UUID:
+        try:
+            return uuid.UUID(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"malformed {what} {text!r}: expected a UUID") from None
+
+    return parse
+
+
+def _duration(text: str):
+    try:
+        return parse_duration(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _scopes(text: str):
+    try:
+        return api_keys.parse_scopes(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _non_negative_int(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}")
+    return int(text)
+
+
+def _percent_or_none(text: str) -> int | None:
+    if text.lower() == "none":
+        return None
+    if not text.isdigit() or int(text) <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive whole percentage or 'none', got {text!r}")
+    return int(text)
+
+
+def _rps_or_none(text: str) -> float | None:
+    if text.lower() == "none":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected requests per second above 0, or 'none', got {text!r}")
+    return value
+
+
+def _host_port(text: str):
+    try:
+        return parse_host_port(text, what="--backend")
+    except SettingsError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+# --- commands ---------------------------------------------------------------------------------------------
+
+Handler = Callable[[argparse.Namespace, Settings, Printer], Coroutine[Any, Any, None]]
+
+
+async def _with_db(settings: Settings, work: Callable[[asyncpg.Connection], Coroutine[Any, Any, Any]]) -> Any:
+    async with db.connection(settings.require_database_url(), application_name=f"{PROG} cli") as conn:
+        return await work(conn)
+
+
+async def cmd_migrate(args, settings, out: Printer) -> None:
+    applied = await _with_db(settings, migrate.migrate)
+    text = f"Applied {', '.join(applied)}." if applied else "The schema is up to date."
+    out.result({"applied": applied}, text)
+
+
+async def cmd_plans_upsert(args, settings, out: Printer) -> None:
+    options = {
+        name: value
+        for name, value in (
+            ("overage", args.overage),
+            ("hard_cap_percent", args.hard_cap_percent),
+            ("rate_limit_rps", args.rate_limit),
+            ("stripe_price_ids", plans.UNCHANGED if args.stripe_price is None else args.stripe_price),
+        )
+        if value is not plans.UNCHANGED
+    }
+    plan, created = await _with_db(
+        settings, lambda conn: plans.upsert_plan(conn, args.name, included_units=args.included_units, **options)
+    )
+    obj = plan.as_dict() | {"created": created}
+    out.result(obj, f"{'Created' if created else 'Updated'} plan {plan.name}.\n" + fields(plan.as_dict()))
+
+
+async def cmd_plans_list(args, settings, out: Printer) -> None:
+    found = await _with_db(settings, plans.list_plans)
+    rows = [plan.as_dict() for plan in found]
+    columns = ["name", "included_units", "overage", "hard_cap_percent", "rate_limit_rps", "stripe_price_ids"]
+    out.result({"plans": rows}, table(rows, columns))
+
+
+async def cmd_orgs_create(args, settings, out: Printer) -> None:
+    org = await _with_db(settings, lambda conn: orgs.create_org(conn, args.name, plan=args.plan))
+    obj = org.as_dict(datetime.now(UTC))
+    out.result(obj, f"Created organisation {org.id} ({org.name}) on plan {org.plan}.")
+
+
+async def cmd_orgs_show(args, settings, out: Printer) -> None:
+    org = await _with_db(settings, lambda conn: orgs.get_org(conn, args.org_id))
+    obj = org.as_dict(datetime.now(UTC))
+    out.result(obj, fields(obj))
+
+
+def _cmd_orgs_suspension(suspended: bool) -> Handler:
+    async def command(args, settings, out: Printer) -> None:
+        org = await _with_db(settings, lambda conn: orgs.set_suspended(conn, args.org_id, suspended))
+        state = "suspended" if org.suspended_at else "serving"
+        out.result(
+            {"id": org.id, "suspended": org.suspended_at is not None, "suspended_at": org.suspended_at},
+            f"Organisation {org.id} is {state}.",
+        )
+
+    return command
+
+
+async def cmd_keys_create(args, settings, out: Printer) -> None:
+    key, secret = await _with_db(
+        settings,
+        lambda conn: api_keys.create_key(
+            conn,
+            args.org,
+            name=args.name,
+            scopes=args.scopes,
+            expires_in=args.expires_in,
+            environment=Environment.TEST if args.test else Environment.LIVE,
+        ),
+    )
+    obj = key.as_dict() | {"key": secret}
+    expiry = f", expires {text_value(key.expires_at)}" if key.expires_at else ""
+    text = (
+        f"Created {key.environment.value} key {key.id} for organisation {key.org_id} "
+        f"(scopes {','.join(key.scopes)}{expiry}).\n"
+        f"This is the only time the key is shown; store it now:\n\n    {secret}\n"
+    )
+    out.result(obj, text)
+
+
+async def cmd_keys_list(args, settings, out: Printer) -> None:
+    found = await _with_db(settings, lambda conn: api_keys.list_keys(conn, args.org))
+    rows = [key.as_dict() for key in found]
+    columns = ["id", "prefix", "name", "environment", "scopes", "expires_at", "revoked_at", "created_at"]
+    out.result({"org_id": args.org, "keys": rows}, table(rows, columns))
+
+
+async def cmd_keys_revoke(args, settings, out: Printer) -> None:
+    key = await _with_db(settings, lambda conn: api_keys.revoke_key(conn, args.key_id))
+    out.result(key.as_dict(), f"Key {key.id} ({key.prefix}…) is revoked since {text_value(key.revoked_at)}.")
+
+
+async def cmd_authz(args, settings, out: Printer) -> None:
+    from authz_service.server import serve
+
+    await serve(settings)
+
+
+async def cmd_envoy(args, settings, out: Printer) -> None:
+    from driftlock_gateway import envoy_config
+
+    config = envoy_config.render_from_settings(settings)
+    if args.print_config:
+        print(envoy_config.dump(config), end="")
+        return
+    envoy_config.exec_envoy(config, extra_args=args.envoy_args)
+
+
+async def cmd_dev(args, settings, out: Printer) -> None:
+    from driftlock_gateway.devstack import run_dev_stack
+
+    await run_dev_stack(settings, backend=args.backend, state_dir=args.state_dir)
+
+
+# --- the parser ----------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="Run and operate the DriftLock API gateway.")
+    parser.add_argument("--json", dest="json_global", action="store_true", help="print one JSON object")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser, required=True)
+
+    def leaf(group, name: str, handler: Handler, help_text: str) -> argparse.ArgumentParser:
+        sub = group.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
+        sub.set_defaults(handler=handler)
+        return sub
+
+    leaf(commands, "migrate", cmd_migrate, "apply the schema (idempotent) and seed the free plan")
+
+    plans_group = commands.add_parser("plans", help="manage plans").add_subparsers(
+        dest="plans_command", metavar="ACTION", required=True
+    )
+    upsert = leaf(plans_group, "upsert", cmd_plans_upsert, "create a plan, or update it (options not given are kept)")
+    upsert.add_argument("name")
+    upsert.add_argument("--included-units", type=_non_negative_int, required=True, metavar="N")
+    upsert.add_argument(
+        "--stripe-price",
+        action="append",
+        metavar="PRICE_ID",
+        help="Stripe price id that selects this plan (repeatable; the given set replaces the plan's)",
+    )
+    upsert.add_argument("--overage", choices=["soft", "block"], default=plans.UNCHANGED)
+    upsert.add_argument(
+        "--hard-cap-percent",
+        type=_percent_or_none,
+        default=plans.UNCHANGED,
+        metavar="P",
+        help="block even a soft plan past P %% of its included units ('none' to remove)",
+    )
+    upsert.add_argument(
+        "--rate-limit",
+        type=_rps_or_none,
+        default=plans.UNCHANGED,
+        metavar="RPS",
+        help="requests per second per key ('none' to remove)",
+    )
+    leaf(plans_group, "list", cmd_plans_list, "list plans")
+
+    orgs_group = commands.add_parser("orgs", help="manage organisations").add_subparsers(
+        dest="orgs_command", metavar="ACTION", required=True
+    )
+    create = leaf(orgs_group, "create", cmd_orgs_create, "create an organisation")
+    create.add_argument("name")
+    create.add_argument("--plan", default="free")
+    for name, handler, help_text in (
+        ("show", cmd_orgs_show, "show an organisation and its billing state"),
+        ("suspend", _cmd_orgs_suspension(True), "suspend: every key of the organisation answers org_suspended"),
+        ("resume", _cmd_orgs_suspension(False), "lift a suspension"),
+    ):
+        leaf(orgs_group, name, handler, help_text).add_argument("org_id", type=_uuid("organisation id"))
+
+    keys_group = commands.add_parser("keys", help="manage API keys").add_subparsers(
+        dest="keys_command", metavar="ACTION", required=True
+    )
+    kcreate = leaf(keys_group, "create", cmd_keys_create, "create an API key (its secret is shown only now)")
+    kcreate.add_argument("--org", type=_uuid("organisation id"), required=True, metavar="ORG_ID")
+    kcreate.add_argument("--name")
+    kcreate.add_argument("--scopes", type=_scopes, default=api_keys.ALL_SCOPES, metavar="detect,ingest,read")
+    kcreate.add_argument("--expires-in", type=_duration, metavar="DURATION", help="e.g. 90s, 15m, 12h, 30d")
+    kcreate.add_argument("--test", action="store_true", help="a dlk_test_ key: never metered nor counted")
+    klist = leaf(keys_group, "list", cmd_keys_list, "list an organisation's keys (never their secrets)")
+    klist.add_argument("--org", type=_uuid("organisation id"), required=True, metavar="ORG_ID")
+    leaf(keys_group, "revoke", cmd_keys_revoke, "revoke a key on every authz replica").add_argument(
+        "key_id", type=_uuid("key id")
+    )
+
+    leaf(commands, "authz", cmd_authz, "run the ext_authz gRPC service")
+    envoy = leaf(commands, "envoy", cmd_envoy, "render envoy/envoy.yaml from the environment and run Envoy")
+    envoy.add_argument("--print-config", action="store_true", help="print the rendered config and exit")
+    envoy.add_argument("envoy_args", nargs=argparse.REMAINDER, help="passed to envoy after --")
+    dev = leaf(commands, "dev", cmd_dev, "run the whole stack on this machine")
+    dev.add_argument(
+        "--backend", type=_host_port, metavar="HOST:PORT", help="forward to this backend instead of the demo backend"
+    )
+    dev.add_argument(
+        "--state-dir",
+        default=os.environ.get("DRIFTLOCK_DEV_DIR", ".driftlock"),
+        help="where the embedded database and generated secrets are kept (default .driftlock)",
+    )
+    return parser
+
+
+def _fail(message: str, code: int = EXIT_ERROR) -> int:
+    print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    out = Printer(as_json=getattr(args, "json", False) or args.json_global)
+    try:
+        settings = Settings.from_env()
+        asyncio.run(args.handler(args, settings, out))
+    except KeyboardInterrupt:
+        return 130
+    except OperatorError as error:
+        return _fail(str(error))
+    except asyncpg.UndefinedTableError:
+        return _fail(f"the database has no driftlock schema yet; run `{PROG} migrate` first")
+    except asyncpg.PostgresError as error:
+        return _fail(f"the database refused the change: {error}")
+    except Exception as error:  # a bug, not a user mistake: still one line, the trace only on request
+        if os.environ.get("DRIFTLOCK_DEBUG"):
+            traceback.print_exc()
+        return _fail(f"internal error ({type(error).__name__}: {error}); set DRIFTLOCK_DEBUG=1 for details", 70)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""How the CLI prints: one JSON object with --json, a sentence or a table without."""
+
+import json
+import sys
+import uuid
+from datetime import UTC, datetime
+from decimal import Decimal
+from enum import Enum
+from typing import Any
+
+
+def iso(moment: datetime | None) -> str | None:
+    if moment is None:
+        return None
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _default(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return iso(value)
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, Decimal):
+        return float(value)
+    if isinstance(value, (set, frozenset, tuple)):
+        return list(value)
+    raise TypeError(f"cannot encode {type(value).__name__}")
+
+
+def to_json(obj: dict) -> str:
+    return json.dumps(obj, default=_default, separators=(",", ":"))
+
+
+def text_value(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, datetime):
+        return iso(value) or "-"
+    if isinstance(value, (list, tuple)):
+        return ",".join(text_value(v) for v in value) or "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value)
+
+
+def table(rows: list[dict], columns: list[str]) -> str:
+    cells = [[text_value(row.get(column)) for column in columns] for row in rows]
+    widths = [max([len(column)] + [len(line[i]) for line in cells]) for i, column in enumerate(columns)]
+    lines = ["  ".join(column.upper().ljust(widths[i]) for i, column in enumerate(columns)).rstrip()]
+    lines += ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(line)).rstrip() for line in cells]
+    return "\n".join(lines)
+
+
+def fields(obj: dict, names: list[str] | None = None) -> str:
+    names = names or list(obj)
+    width = max(len(name) for name in names)
+    return "\n".join(f"{name.ljust(width)}  {text_value(obj.get(name))}" for name in names)
+
+
+class Printer:
+    def __init__(self, as_json: bool, stream=None):
+        self.as_json = as_json
+        self.stream = stream or sys.stdout
+
+    def result(self, obj: dict, text: str) -> None:
+        """Print the command's one result: the object as JSON, or the text."""
+        print(to_json(obj) if self.as_json else text, file=self.stream, flush=True)
