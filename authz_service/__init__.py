@@ -1,0 +1,1 @@
+"""The ext_authz service Envoy calls on every request."""

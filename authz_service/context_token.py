@@ -1,0 +1,62 @@
+"""The `x-driftlock-context` token: an HS256 JWT that tells the backend who is calling, signed by us.
+
+Signing costs about as much as the rest of a check, so a token is reused for the same grant and route kind for
+up to `reuse_seconds`; every token still expires `lifetime_seconds` (at most 5 minutes) after it was minted.
+"""
+
+import time
+from collections.abc import Callable
+
+import jwt
+
+from authz_service.decision import Grant
+from driftlock_gateway.context_token import AUDIENCE, ISSUER, MAX_LIFETIME_SECONDS
+
+
+class ContextSigner:
+    def __init__(
+        self,
+        secret: bytes,
+        *,
+        lifetime_seconds: int = MAX_LIFETIME_SECONDS,
+        reuse_seconds: int = 60,
+        clock: Callable[[], float] = time.time,
+        max_entries: int = 50_000,
+    ):
+        if not 0 < lifetime_seconds <= MAX_LIFETIME_SECONDS:
+            raise ValueError(f"token lifetime must be within 1..{MAX_LIFETIME_SECONDS} seconds")
+        self._secret = secret
+        self._lifetime = lifetime_seconds
+        self._reuse = min(reuse_seconds, lifetime_seconds // 2)
+        self._clock = clock
+        self._max_entries = max_entries
+        # (grant, billable) -> (token, minted_at). A grant is immutable and replaced on every change, so a
+        # changed plan, scope or status never reuses an old token.
+        self._recent: dict[tuple[Grant, bool], tuple[str, int]] = {}
+
+    def token(self, grant: Grant, billable: bool) -> str:
+        now = int(self._clock())
+        cache_key = (grant, billable)
+        recent = self._recent.get(cache_key)
+        if recent is not None and now - recent[1] < self._reuse:
+            return recent[0]
+        token = jwt.encode(
+            {
+                "iss": ISSUER,
+                "aud": AUDIENCE,
+                "sub": grant.org_id,
+                "key_id": grant.key_id,
+                "plan": grant.plan,
+                "scopes": sorted(grant.scopes),
+                "env": grant.environment,
+                "billable": billable,
+                "iat": now,
+                "exp": now + self._lifetime,
+            },
+            self._secret,
+            algorithm="HS256",
+        )
+        if len(self._recent) >= self._max_entries:
+            self._recent.clear()
+        self._recent[cache_key] = (token, now)
+        return token

@@ -1,0 +1,121 @@
+"""The gRPC edge: Envoy's CheckRequest in, CheckResponse out. Nothing is decided here, and nothing raises.
+
+On allow the backend gets the contract's `x-driftlock-*` headers and the signed context token, and loses the
+credential headers and every `x-driftlock-*` header the client sent. On deny the client gets the contract's
+status, JSON body and headers.
+"""
+
+import json
+import logging
+import time
+
+from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
+from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from envoy.type.v3.http_status_pb2 import HttpStatus
+from google.rpc import code_pb2, status_pb2
+
+from authz_service import metrics
+from authz_service.authorizer import AccessRequest, Authorizer, Outcome
+from authz_service.context_token import ContextSigner
+from authz_service.decision import DENY_UNAVAILABLE, HTTP_STATUS, MESSAGES, Decision, DenyCode
+
+log = logging.getLogger(__name__)
+
+CONTEXT_HEADER_PREFIX = "x-driftlock-"
+CREDENTIAL_HEADERS = ("authorization", "x-api-key")
+_OVERWRITE = HeaderValueOption.HeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD
+_OK_STATUS = status_pb2.Status(code=code_pb2.OK)
+_DENIED_STATUS = status_pb2.Status(code=code_pb2.PERMISSION_DENIED)
+_SET_BY_US = frozenset(
+    CONTEXT_HEADER_PREFIX + name for name in ("org-id", "key-id", "plan", "environment", "billable", "context")
+)
+_CHECKS = {code: metrics.CHECKS.labels(decision="deny", code=code.value) for code in DenyCode} | {
+    None: metrics.CHECKS.labels(decision="allow", code="ok")
+}
+
+
+def _header(name: str, value: str) -> HeaderValueOption:
+    return HeaderValueOption(header=HeaderValue(key=name, value=value), append_action=_OVERWRITE)
+
+
+def access_request(check: external_auth_pb2.CheckRequest) -> AccessRequest:
+    http = check.attributes.request.http
+    headers = http.headers
+    return AccessRequest(
+        request_id=headers.get("x-request-id", ""),
+        method=http.method,
+        path=http.path,
+        headers=headers,
+        context=check.attributes.context_extensions,
+    )
+
+
+def allowed_response(
+    outcome: Outcome, request: AccessRequest, signer: ContextSigner
+) -> external_auth_pb2.CheckResponse:
+    grant = outcome.grant
+    assert grant is not None
+    billable = "true" if outcome.billed else "false"
+    # Ours are overwritten; any other x-driftlock-* a client sent is removed, as are the credentials.
+    spoofed = [name for name in request.headers if name.startswith(CONTEXT_HEADER_PREFIX) and name not in _SET_BY_US]
+    return external_auth_pb2.CheckResponse(
+        status=_OK_STATUS,
+        ok_response=external_auth_pb2.OkHttpResponse(
+            headers=[
+                _header("x-driftlock-org-id", grant.org_id),
+                _header("x-driftlock-key-id", grant.key_id),
+                _header("x-driftlock-plan", grant.plan),
+                _header("x-driftlock-environment", grant.environment),
+                _header("x-driftlock-billable", billable),
+                _header("x-driftlock-context", signer.token(grant, outcome.billed)),
+            ],
+            headers_to_remove=[*CREDENTIAL_HEADERS, *spoofed],
+        ),
+    )
+
+
+def error_body(code: DenyCode, request_id: str) -> str:
+    return json.dumps({"error": {"code": code.value, "message": MESSAGES[code], "request_id": request_id}})
+
+
+def denied_response(decision: Decision, request_id: str) -> external_auth_pb2.CheckResponse:
+    code = decision.code
+    assert code is not None
+    status = HTTP_STATUS[code]
+    headers = [_header("content-type", "application/json"), _header("cache-control", "no-store")]
+    if status == 401:
+        headers.append(_header("www-authenticate", f'Bearer realm="driftlock", error="{code.value}"'))
+    if decision.retry_after is not None:
+        headers.append(_header("retry-after", str(decision.retry_after)))
+    return external_auth_pb2.CheckResponse(
+        status=_DENIED_STATUS,
+        denied_response=external_auth_pb2.DeniedHttpResponse(
+            status=HttpStatus(code=status), headers=headers, body=error_body(code, request_id)
+        ),
+    )
+
+
+class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
+    def __init__(self, authorizer: Authorizer, signer: ContextSigner):
+        self._authorizer = authorizer
+        self._signer = signer
+
+    async def Check(self, request: external_auth_pb2.CheckRequest, context) -> external_auth_pb2.CheckResponse:
+        started = time.perf_counter()
+        request_id = ""
+        try:
+            access = access_request(request)
+            request_id = access.request_id
+            outcome = await self._authorizer.check(access)
+            if outcome.decision.allowed:
+                response = allowed_response(outcome, access, self._signer)
+            else:
+                response = denied_response(outcome.decision, request_id)
+            code = outcome.decision.code
+        except Exception:
+            log.exception("check failed; answering auth_unavailable")
+            response = denied_response(DENY_UNAVAILABLE, request_id)
+            code = DenyCode.AUTH_UNAVAILABLE
+        _CHECKS[code].inc()
+        metrics.CHECK_DURATION.observe(time.perf_counter() - started)
+        return response

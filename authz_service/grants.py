@@ -1,0 +1,175 @@
+"""Key grants: a bounded in-process cache in front of PostgreSQL, kept honest by push invalidation.
+
+- A looked-up key is trusted for `ttl` seconds; an unknown key stays unknown for `negative_ttl`.
+- Many requests missing on the same key at once share one database query.
+- A change pushed by the database (revocation, suspension, plan change) drops the affected entries at once.
+  When the push channel reconnects, everything is marked stale, since changes may have been missed.
+- When the database cannot be reached, a key verified within `stale_for` seconds keeps working; anything else
+  raises `StoreUnavailable`. An unverified key is never allowed.
+"""
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from enum import StrEnum
+
+import asyncpg
+
+from authz_service.decision import Grant
+
+log = logging.getLogger(__name__)
+
+Fetch = Callable[[bytes], Awaitable[Grant | None]]
+
+
+class StoreUnavailable(Exception):
+    """The key is not in the cache (or too old to trust) and the database did not answer."""
+
+
+class CacheResult(StrEnum):
+    HIT = "hit"
+    NEGATIVE_HIT = "negative_hit"
+    MISS = "miss"
+    COALESCED = "coalesced"
+    STALE = "stale"
+    ERROR = "error"
+
+
+@dataclass(slots=True)
+class _Entry:
+    grant: Grant | None
+    fetched_at: float
+    fresh_until: float
+
+
+class GrantStore:
+    def __init__(
+        self,
+        fetch: Fetch,
+        *,
+        ttl: float,
+        negative_ttl: float,
+        stale_for: float,
+        max_entries: int,
+        fetch_timeout: float,
+        clock: Callable[[], float] = time.monotonic,
+        on_result: Callable[[CacheResult], None] = lambda result: None,
+    ):
+        self._fetch = fetch
+        self._ttl = ttl
+        self._negative_ttl = negative_ttl
+        self._stale_for = stale_for
+        self._max_entries = max_entries
+        self._fetch_timeout = fetch_timeout
+        self._clock = clock
+        self._on_result = on_result
+        self._entries: OrderedDict[bytes, _Entry] = OrderedDict()
+        self._inflight: dict[bytes, asyncio.Future[Grant | None]] = {}
+        # Bumped by every invalidation: a fetch that straddles one may have read the old row, so its result
+        # answers the requests waiting for it but is not cached.
+        self._generation = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    async def get(self, key_hash: bytes) -> Grant | None:
+        entry = self._entries.get(key_hash)
+        if entry is not None and self._clock() < entry.fresh_until:
+            self._entries.move_to_end(key_hash)
+            self._on_result(CacheResult.HIT if entry.grant is not None else CacheResult.NEGATIVE_HIT)
+            return entry.grant
+        pending = self._inflight.get(key_hash)
+        if pending is not None:
+            self._on_result(CacheResult.COALESCED)
+        else:
+            pending = asyncio.ensure_future(self._refresh(key_hash, self._generation))
+            self._inflight[key_hash] = pending
+        # shield: a caller that gives up (Envoy's deadline) must not cancel the query others wait on.
+        return await asyncio.shield(pending)
+
+    async def _refresh(self, key_hash: bytes, generation: int) -> Grant | None:
+        try:
+            grant = await asyncio.wait_for(self._fetch(key_hash), self._fetch_timeout)
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+            return self._fallback(key_hash, error)
+        finally:
+            self._inflight.pop(key_hash, None)
+        self._on_result(CacheResult.MISS)
+        if generation == self._generation:
+            self._store(key_hash, grant)
+        return grant
+
+    def _fallback(self, key_hash: bytes, error: BaseException) -> Grant | None:
+        entry = self._entries.get(key_hash)
+        if entry is not None and self._clock() - entry.fetched_at < self._stale_for:
+            self._on_result(CacheResult.STALE)
+            return entry.grant
+        self._on_result(CacheResult.ERROR)
+        log.warning("key look-up failed and no recent answer is cached: %s: %s", type(error).__name__, error)
+        raise StoreUnavailable(str(error)) from error
+
+    def _store(self, key_hash: bytes, grant: Grant | None) -> None:
+        now = self._clock()
+        ttl = self._ttl if grant is not None else self._negative_ttl
+        self._entries[key_hash] = _Entry(grant, fetched_at=now, fresh_until=now + ttl)
+        self._entries.move_to_end(key_hash)
+        while len(self._entries) > self._max_entries:
+            self._entries.popitem(last=False)
+
+    # --- invalidation ---------------------------------------------------------------------------------------
+
+    def _forget(self, matches: Callable[[Grant], bool]) -> None:
+        self._generation += 1
+        doomed = [h for h, e in self._entries.items() if e.grant is not None and matches(e.grant)]
+        for key_hash in doomed:
+            del self._entries[key_hash]
+
+    def forget_key(self, key_id: str) -> None:
+        self._forget(lambda grant: grant.key_id == key_id)
+
+    def forget_org(self, org_id: str) -> None:
+        self._forget(lambda grant: grant.org_id == org_id)
+
+    def forget_plan(self, plan: str) -> None:
+        self._forget(lambda grant: grant.plan == plan)
+
+    def expire_all(self) -> None:
+        """Ask the database again before trusting any entry, but keep them as the fallback for an outage."""
+        self._generation += 1
+        for entry in self._entries.values():
+            entry.fresh_until = 0.0
+
+
+_GRANT_QUERY = """
+    SELECT k.id::text AS key_id, k.org_id::text AS org_id, k.environment, k.scopes,
+           extract(epoch FROM k.expires_at)::float8 AS expires_at, k.revoked_at IS NOT NULL AS revoked,
+           o.suspended_at IS NOT NULL AS org_suspended, o.plan_name, o.billing_status
+    FROM driftlock.api_keys k
+    JOIN driftlock.organizations o ON o.id = k.org_id
+    WHERE k.key_hash = $1
+"""
+
+
+def grant_from_row(row: asyncpg.Record) -> Grant:
+    return Grant(
+        key_id=row["key_id"],
+        org_id=row["org_id"],
+        environment=row["environment"],
+        scopes=frozenset(row["scopes"]),
+        expires_at=row["expires_at"],
+        revoked=row["revoked"],
+        org_suspended=row["org_suspended"],
+        plan=row["plan_name"],
+        billing_status=row["billing_status"],
+    )
+
+
+def database_fetch(pool: asyncpg.Pool) -> Fetch:
+    async def fetch(key_hash: bytes) -> Grant | None:
+        row = await pool.fetchrow(_GRANT_QUERY, key_hash)
+        return grant_from_row(row) if row is not None else None
+
+    return fetch

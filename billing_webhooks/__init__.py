@@ -1,0 +1,1 @@
+"""The Stripe webhook service that keeps billing state."""
