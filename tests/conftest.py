@@ -1,0 +1,153 @@
+"""Fixtures shared by every test: a real PostgreSQL (embedded unless DATABASE_URL names one), migrated once per
+session, and factories for organisations and keys."""
+
+import asyncio
+import os
+import secrets
+
+# The tests use gRPC and then start processes; gRPC's fork handlers would only print warnings about it.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
+import pytest
+
+from driftlock_gateway import api_keys, db, migrate, orgs
+from driftlock_gateway.embedded_db import EmbeddedDatabase
+from driftlock_gateway.keys import Environment
+from tests.support.database import DatabaseFactory
+
+JWT_SECRET = secrets.token_urlsafe(48)
+
+
+@pytest.fixture(scope="session")
+def jwt_secret() -> str:
+    return JWT_SECRET
+
+
+@pytest.fixture(scope="session")
+async def pg_admin_url(tmp_path_factory):
+    configured = os.environ.get("DATABASE_URL")
+    if configured:
+        yield configured
+        return
+    server = await asyncio.to_thread(EmbeddedDatabase, tmp_path_factory.mktemp("pg") / "data")
+    try:
+        yield server.url
+    finally:
+        await asyncio.to_thread(server.stop)
+
+
+@pytest.fixture(scope="session")
+async def databases(pg_admin_url):
+    factory = DatabaseFactory(pg_admin_url)
+    yield factory
+    await factory.drop_all()
+
+
+@pytest.fixture(scope="session")
+async def database_url(databases) -> str:
+    """One migrated database for the session; tests keep apart by creating their own organisations."""
+    url = await databases.create() if await databases.can_create() else databases.admin_url
+    async with db.connection(url) as conn:
+        await migrate.migrate(conn)
+    return url
+
+
+@pytest.fixture
+async def fresh_database_url(databases) -> str:
+    """An empty database of its own, for tests of the schema itself."""
+    if not await databases.can_create():
+        pytest.skip("the server named by DATABASE_URL does not let this user create databases")
+    return await databases.create("driftlock_fresh")
+
+
+@pytest.fixture(scope="session")
+async def pool(database_url):
+    pool = await db.create_pool(database_url, application_name="driftlock-tests", max_size=4)
+    yield pool
+    await pool.close()
+
+
+@pytest.fixture
+def make_org(pool):
+    async def make(*, plan: str = "free", name: str = "Test organisation") -> orgs.Organization:
+        async with pool.acquire() as conn:
+            return await orgs.create_org(conn, name, plan=plan)
+
+    return make
+
+
+@pytest.fixture
+def make_key(pool):
+    async def make(org_id, *, scopes=api_keys.ALL_SCOPES, expires_in=None, test: bool = False):
+        async with pool.acquire() as conn:
+            return await api_keys.create_key(
+                conn,
+                org_id,
+                scopes=tuple(api_keys.Scope(s) for s in scopes),
+                expires_in=expires_in,
+                environment=Environment.TEST if test else Environment.LIVE,
+            )
+
+    return make
+
+
+# --- the running gateway ----------------------------------------------------------------------------------------
+
+
+class Gateway:
+    """Envoy + two authz replicas + a recording backend and webhooks stand-in, on free ports."""
+
+    def __init__(self, stack, backend, webhooks, log_dir):
+        self.stack = stack
+        self.backend = backend
+        self.webhooks = webhooks
+        self.log_dir = log_dir
+
+    @property
+    def port(self) -> int:
+        return self.stack.ports.envoy
+
+    def authz_target(self, replica: int) -> str:
+        return self.stack.authz_target(replica)
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text()[-4000:]}" for p in sorted(self.log_dir.glob("*.log")))
+
+
+@pytest.fixture(scope="session")
+async def gateway(database_url, jwt_secret, tmp_path_factory):
+    from driftlock_gateway.settings import HostPort
+    from driftlock_gateway.stack import StackPorts, start_stack
+    from tests.support.net import free_port
+    from tests.support.recorder import Recorder
+
+    backend = await Recorder().start(free_port())
+    webhooks = await Recorder().start(free_port())
+    ports = StackPorts(
+        envoy=free_port(),
+        envoy_admin=free_port(),
+        authz=(free_port(), free_port()),
+        authz_metrics=(free_port(), free_port()),
+        webhooks=webhooks.port,
+        backend=backend.port,
+    )
+    state = tmp_path_factory.mktemp("gateway")
+    log_dir = state / "logs"
+    try:
+        stack = await start_stack(
+            database_url=database_url,
+            jwt_secret=jwt_secret,
+            state_dir=state,
+            ports=ports,
+            backend=HostPort("127.0.0.1", backend.port),
+            log_dir=log_dir,
+        )
+    except Exception:
+        print(Gateway(None, backend, webhooks, log_dir).logs())
+        raise
+    gateway = Gateway(stack, backend, webhooks, log_dir)
+    yield gateway
+    codes = await stack.stop()
+    await backend.stop()
+    await webhooks.stop()
+    assert all(code == 0 for code in codes.values()), f"exit codes {codes}\n{gateway.logs()}"

@@ -1,0 +1,207 @@
+"""The real `driftlock-gateway` command against a real database: outputs and error handling."""
+
+import uuid
+
+import pytest
+
+from tests.support.cli import run_cli
+
+
+def assert_one_line_error(result, *fragments: str) -> None:
+    assert result.code != 0
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+@pytest.fixture
+def cli(database_url):
+    def run(*args: str):
+        return run_cli(*args, database_url=database_url)
+
+    return run
+
+
+def test_plans_upsert_creates_then_updates_keeping_options(cli):
+    name = f"plan-{uuid.uuid4().hex[:8]}"
+    created = cli(
+        "plans",
+        "upsert",
+        name,
+        "--included-units",
+        "5000",
+        "--stripe-price",
+        f"price_{name}",
+        "--overage",
+        "block",
+        "--hard-cap-percent",
+        "150",
+        "--rate-limit",
+        "25",
+        "--json",
+    ).json()
+    assert created == {
+        "name": name,
+        "included_units": 5000,
+        "overage": "block",
+        "hard_cap_percent": 150,
+        "rate_limit_rps": 25.0,
+        "stripe_price_ids": [f"price_{name}"],
+        "created": True,
+    }
+    updated = cli("plans", "upsert", name, "--included-units", "6000", "--json").json()
+    assert updated["included_units"] == 6000
+    assert (updated["overage"], updated["hard_cap_percent"], updated["rate_limit_rps"]) == ("block", 150, 25.0)
+    assert updated["stripe_price_ids"] == [f"price_{name}"]
+    assert updated["created"] is False
+    cleared = cli("plans", "upsert", name, "--included-units", "6000", "--hard-cap-percent", "none", "--json").json()
+    assert cleared["hard_cap_percent"] is None
+    listed = cli("plans", "list", "--json").json()["plans"]
+    assert {p["name"] for p in listed} >= {"free", name}
+
+
+def test_a_price_moves_to_the_plan_that_claims_it(cli):
+    a, b = (f"plan-{uuid.uuid4().hex[:8]}" for _ in range(2))
+    price = f"price_{uuid.uuid4().hex[:8]}"
+    cli("plans", "upsert", a, "--included-units", "1", "--stripe-price", price, "--json").json()
+    cli("plans", "upsert", b, "--included-units", "1", "--stripe-price", price, "--json").json()
+    plans = {p["name"]: p for p in cli("plans", "list", "--json").json()["plans"]}
+    assert plans[a]["stripe_price_ids"] == []
+    assert plans[b]["stripe_price_ids"] == [price]
+
+
+def test_orgs_create_show_suspend_resume(cli):
+    org = cli("orgs", "create", "Acme Ltd", "--json").json()
+    assert uuid.UUID(org["id"])
+    assert org["plan"] == "free"
+    shown = cli("orgs", "show", org["id"], "--json").json()
+    assert {k: shown[k] for k in ("id", "name", "plan", "billing_status")} == {
+        "id": org["id"],
+        "name": "Acme Ltd",
+        "plan": "free",
+        "billing_status": "none",
+    }
+    assert shown["period_start"].endswith("Z") and shown["period_end"].endswith("Z")
+    suspended = cli("orgs", "suspend", org["id"], "--json").json()
+    assert suspended["id"] == org["id"] and suspended["suspended"] is True
+    assert cli("orgs", "suspend", org["id"], "--json").json()["suspended_at"] == suspended["suspended_at"]
+    assert cli("orgs", "resume", org["id"], "--json").json()["suspended"] is False
+    text = cli("orgs", "show", org["id"])
+    assert text.code == 0 and org["id"] in text.stdout and "billing_status" in text.stdout
+
+
+def test_global_json_flag_before_the_command_works(cli):
+    assert cli("--json", "plans", "list").json()["plans"]
+
+
+def test_keys_create_shows_the_secret_once_and_list_never(cli):
+    org = cli("orgs", "create", "Keys Inc", "--json").json()
+    created = cli(
+        "keys", "create", "--org", org["id"], "--name", "ci", "--scopes", "detect,read", "--expires-in", "30d", "--json"
+    ).json()
+    assert created["key"].startswith("dlk_live_")
+    assert created["prefix"] == created["key"][:15]
+    assert created["scopes"] == ["detect", "read"]
+    assert created["expires_at"].endswith("Z")
+    test_key = cli("keys", "create", "--org", org["id"], "--test", "--json").json()
+    assert test_key["key"].startswith("dlk_test_") and test_key["expires_at"] is None
+    listing = cli("keys", "list", "--org", org["id"], "--json")
+    assert [k["id"] for k in listing.json()["keys"]] == [created["id"], test_key["id"]]
+    assert created["key"] not in listing.stdout and test_key["key"] not in listing.stdout
+    text_listing = cli("keys", "list", "--org", org["id"])
+    assert created["key"] not in text_listing.stdout and created["prefix"] in text_listing.stdout
+
+
+def test_keys_revoke_is_idempotent(cli):
+    org = cli("orgs", "create", "Revokers", "--json").json()
+    key = cli("keys", "create", "--org", org["id"], "--json").json()
+    first = cli("keys", "revoke", key["id"], "--json").json()
+    assert first["id"] == key["id"] and first["revoked_at"].endswith("Z")
+    assert cli("keys", "revoke", key["id"], "--json").json()["revoked_at"] == first["revoked_at"]
+
+
+def test_text_output_of_keys_create_names_the_key(cli):
+    org = cli("orgs", "create", "Texty", "--json").json()
+    result = cli("keys", "create", "--org", org["id"])
+    assert result.code == 0
+    assert "dlk_live_" in result.stdout and "only time" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (("orgs", "show", "not-a-uuid"), "malformed organisation id"),
+        (("keys", "create", "--org", "12345"), "malformed organisation id"),
+        (("keys", "revoke", "xyz"), "malformed key id"),
+        (("keys", "create", "--org", str(uuid.uuid4()), "--expires-in", "30x"), "malformed duration"),
+        (("keys", "create", "--org", str(uuid.uuid4()), "--scopes", "detect,admin"), "unknown scope"),
+        (("plans", "upsert", "p", "--included-units", "-5"), "whole number"),
+        (("plans", "upsert", "p", "--included-units", "5", "--overage", "maybe"), "invalid choice"),
+        (("orgs",), "required"),
+        (("frobnicate",), "invalid choice"),
+    ],
+)
+def test_bad_arguments_get_one_line_and_exit_2(cli, args, fragment):
+    result = cli(*args)
+    assert_one_line_error(result, fragment)
+    assert result.code == 2
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (("orgs", "show", "00000000-0000-0000-0000-000000000001"), "no organisation"),
+        (("orgs", "suspend", "00000000-0000-0000-0000-000000000001"), "no organisation"),
+        (("keys", "create", "--org", "00000000-0000-0000-0000-000000000001"), "no organisation"),
+        (("keys", "list", "--org", "00000000-0000-0000-0000-000000000001"), "no organisation"),
+        (("keys", "revoke", "00000000-0000-0000-0000-000000000001"), "no API key"),
+        (("orgs", "create", "X", "--plan", "no-such-plan"), "no plan named"),
+    ],
+)
+def test_unknown_records_get_one_line_and_exit_1(cli, args, fragment):
+    result = cli(*args)
+    assert_one_line_error(result, fragment)
+    assert result.code == 1
+
+
+def test_no_database_url_is_one_line():
+    assert_one_line_error(run_cli("plans", "list", database_url=None), "DATABASE_URL is not set")
+
+
+def test_unreachable_database_is_one_line_without_password():
+    result = run_cli("plans", "list", database_url="postgresql://someone:hunter2@127.0.0.1:1/nowhere")
+    assert_one_line_error(result, "cannot connect", "127.0.0.1:1/nowhere")
+    assert "hunter2" not in result.stderr
+
+
+async def test_unmigrated_database_says_to_migrate(fresh_database_url):
+    assert_one_line_error(run_cli("plans", "list", database_url=fresh_database_url), "migrate")
+
+
+def test_every_command_has_help():
+    for args in (
+        (),
+        ("migrate",),
+        ("plans", "upsert"),
+        ("plans", "list"),
+        ("orgs", "create"),
+        ("orgs", "show"),
+        ("orgs", "suspend"),
+        ("orgs", "resume"),
+        ("keys", "create"),
+        ("keys", "list"),
+        ("keys", "revoke"),
+        ("authz",),
+        ("dev",),
+        ("envoy",),
+    ):
+        result = run_cli(*args, "--help", database_url=None)
+        assert result.code == 0 and "usage:" in result.stdout, args
+
+
+def test_authz_refuses_a_short_jwt_secret(database_url):
+    result = run_cli("authz", database_url=database_url, env={"DRIFTLOCK_JWT_SECRET": "short"})
+    assert_one_line_error(result, "DRIFTLOCK_JWT_SECRET", "32")

@@ -1,0 +1,33 @@
+"""Running the real `driftlock-gateway` command, as an operator would."""
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+
+
+@dataclass
+class CliResult:
+    code: int
+    stdout: str
+    stderr: str
+
+    def json(self) -> dict:
+        assert self.code == 0, f"exit {self.code}: {self.stderr}"
+        return json.loads(self.stdout)
+
+
+def run_cli(*args: str, database_url: str | None, env: dict[str, str] | None = None, timeout: float = 60) -> CliResult:
+    environ = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    if database_url is not None:
+        environ["DATABASE_URL"] = database_url
+    environ.update(env or {})
+    done = subprocess.run(
+        [sys.executable, "-m", "driftlock_gateway.cli", *args],
+        capture_output=True,
+        text=True,
+        env=environ,
+        timeout=timeout,
+    )
+    return CliResult(done.returncode, done.stdout, done.stderr)

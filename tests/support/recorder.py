@@ -1,0 +1,52 @@
+"""An in-process HTTP server that records every request it gets and echoes it back as JSON."""
+
+from dataclasses import dataclass
+
+from aiohttp import web
+
+
+@dataclass
+class Received:
+    method: str
+    path: str
+    headers: list[tuple[str, str]]  # in order, names lower-cased, repeats kept
+    body: bytes
+
+    def header(self, name: str) -> str | None:
+        values = [v for k, v in self.headers if k == name]
+        assert len(values) <= 1, f"{name} arrived {len(values)} times"
+        return values[0] if values else None
+
+    def names(self) -> set[str]:
+        return {k for k, _ in self.headers}
+
+
+class Recorder:
+    def __init__(self):
+        self.received: list[Received] = []
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        entry = Received(request.method, request.raw_path, [(k.lower(), v) for k, v in request.headers.items()], body)
+        self.received.append(entry)
+        return web.json_response({"path": entry.path, "headers": dict(entry.headers)})
+
+    async def start(self, port: int) -> "Recorder":
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", port).start()
+        self.port = port
+        return self
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    def by_request_id(self, request_id: str) -> Received:
+        matches = [r for r in self.received if r.header("x-request-id") == request_id]
+        assert len(matches) == 1, f"{len(matches)} requests with id {request_id} reached the backend"
+        return matches[0]

@@ -1,0 +1,77 @@
+"""Building Envoy's CheckResponse from a decision: the one place that knows the wire format."""
+
+import json
+
+import pytest
+from envoy.config.core.v3.base_pb2 import HeaderValueOption
+
+from authz_service.authorizer import AccessRequest, Outcome
+from authz_service.context_token import ContextSigner
+from authz_service.decision import ALLOW, HTTP_STATUS, MESSAGES, Decision, DenyCode, Grant, Route, deny
+from authz_service.ext_authz import access_request, allowed_response, denied_response
+from driftlock_gateway.context_token import verify
+from tests.support.authz_requests import STREAM_DETECT, check_request
+
+SECRET = b"s" * 32
+GRANT = Grant("key-1", "org-1", "live", frozenset({"detect"}), None, False, False, "pro", "active")
+ROUTE = Route("detect", True, "stream", 1)
+
+
+def request(headers) -> AccessRequest:
+    return AccessRequest("rid-1", "POST", "/api/v1/stream/detect", headers, STREAM_DETECT)
+
+
+def test_access_request_reads_headers_path_and_route_context():
+    access = access_request(check_request({"Authorization": "Bearer x"}, request_id="abc", path="/api/v1/x?y=1"))
+    assert access.request_id == "abc"
+    assert access.path == "/api/v1/x?y=1"
+    assert access.headers["authorization"] == "Bearer x"
+    assert dict(access.context) == STREAM_DETECT
+
+
+def test_allowed_response_sets_context_headers_and_strips_credentials_and_spoofs():
+    headers = {
+        "authorization": "Bearer dlk_live_x",
+        "x-api-key": "dlk_live_x",
+        "x-driftlock-org-id": "spoofed",
+        "x-driftlock-admin": "true",
+        "x-request-id": "rid-1",
+    }
+    response = allowed_response(Outcome(ALLOW, GRANT, ROUTE, billed=True), request(headers), ContextSigner(SECRET))
+    ok = response.ok_response
+    assert response.status.code == 0
+    set_headers = {o.header.key: o.header.value for o in ok.headers}
+    assert set_headers["x-driftlock-org-id"] == "org-1"
+    assert set_headers["x-driftlock-key-id"] == "key-1"
+    assert set_headers["x-driftlock-plan"] == "pro"
+    assert set_headers["x-driftlock-environment"] == "live"
+    assert set_headers["x-driftlock-billable"] == "true"
+    assert verify(set_headers["x-driftlock-context"], SECRET)["sub"] == "org-1"
+    assert all(o.append_action == HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD for o in ok.headers)
+    assert set(ok.headers_to_remove) == {"authorization", "x-api-key", "x-driftlock-admin"}
+
+
+def test_allowed_response_for_an_unbilled_call_says_so():
+    response = allowed_response(Outcome(ALLOW, GRANT, ROUTE, billed=False), request({}), ContextSigner(SECRET))
+    values = {o.header.key: o.header.value for o in response.ok_response.headers}
+    assert values["x-driftlock-billable"] == "false"
+    assert verify(values["x-driftlock-context"], SECRET)["billable"] is False
+
+
+@pytest.mark.parametrize("code", list(DenyCode))
+def test_denied_response_has_contract_status_body_and_headers(code):
+    decision = (
+        deny(code)
+        if code is DenyCode.AUTH_UNAVAILABLE
+        else Decision(code, retry_after=7 if HTTP_STATUS[code] == 429 else None)
+    )
+    response = denied_response(decision, "rid-9")
+    denied = response.denied_response
+    assert response.status.code != 0
+    assert denied.status.code == HTTP_STATUS[code]
+    assert json.loads(denied.body) == {"error": {"code": code.value, "message": MESSAGES[code], "request_id": "rid-9"}}
+    headers = {o.header.key: o.header.value for o in denied.headers}
+    assert headers["content-type"] == "application/json"
+    assert ("www-authenticate" in headers) == (HTTP_STATUS[code] == 401)
+    if HTTP_STATUS[code] in (429, 503):
+        assert int(headers["retry-after"]) >= 1

@@ -1,0 +1,192 @@
+"""The key cache, driven by a fake clock and a fetch function that counts calls (no database needed)."""
+
+import asyncio
+
+import pytest
+
+from authz_service.decision import Grant
+from authz_service.grants import CacheResult, GrantStore, StoreUnavailable
+
+
+def grant(key_id="k1", org_id="o1", plan="free") -> Grant:
+    return Grant(key_id, org_id, "live", frozenset({"detect"}), None, False, False, plan, "none")
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Source:
+    """Stands in for the database: a dict of rows, a call count, and a switch to make it fail or stall."""
+
+    def __init__(self, rows=None):
+        self.rows = dict(rows or {})
+        self.calls = 0
+        self.failing = False
+        self.gate: asyncio.Event | None = None
+
+    async def fetch(self, key_hash: bytes):
+        self.calls += 1
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.failing:
+            raise ConnectionRefusedError("database down")
+        return self.rows.get(key_hash)
+
+
+def make_store(source: Source, clock: Clock, results=None, **overrides) -> GrantStore:
+    options = dict(ttl=30.0, negative_ttl=5.0, stale_for=300.0, max_entries=100, fetch_timeout=1.0)
+    options.update(overrides)
+    return GrantStore(
+        source.fetch, clock=clock, on_result=(results.append if results is not None else lambda r: None), **options
+    )
+
+
+async def test_second_lookup_is_served_from_cache_until_ttl():
+    source, clock, results = Source({b"h1": grant()}), Clock(), []
+    store = make_store(source, clock, results)
+    assert await store.get(b"h1") == grant()
+    assert await store.get(b"h1") == grant()
+    assert source.calls == 1
+    clock.now += 30.0
+    await store.get(b"h1")
+    assert source.calls == 2
+    assert results == [CacheResult.MISS, CacheResult.HIT, CacheResult.MISS]
+
+
+async def test_unknown_key_is_cached_negatively_for_the_shorter_ttl():
+    source, clock = Source(), Clock()
+    store = make_store(source, clock)
+    assert await store.get(b"nope") is None
+    assert await store.get(b"nope") is None
+    assert source.calls == 1
+    clock.now += 5.0
+    source.rows[b"nope"] = grant()
+    assert await store.get(b"nope") == grant()
+
+
+async def test_concurrent_misses_on_one_key_share_one_query():
+    source, clock, results = Source({b"h1": grant()}), Clock(), []
+    source.gate = asyncio.Event()
+    store = make_store(source, clock, results)
+    waiters = [asyncio.create_task(store.get(b"h1")) for _ in range(50)]
+    await asyncio.sleep(0)
+    source.gate.set()
+    assert await asyncio.gather(*waiters) == [grant()] * 50
+    assert source.calls == 1
+    assert results.count(CacheResult.COALESCED) == 49
+
+
+async def test_a_cancelled_waiter_does_not_cancel_the_shared_query():
+    source, clock = Source({b"h1": grant()}), Clock()
+    source.gate = asyncio.Event()
+    store = make_store(source, clock)
+    first = asyncio.create_task(store.get(b"h1"))
+    second = asyncio.create_task(store.get(b"h1"))
+    await asyncio.sleep(0)
+    first.cancel()
+    source.gate.set()
+    assert await second == grant()
+
+
+@pytest.mark.parametrize(
+    ("forget", "argument", "survivor"),
+    [("forget_key", "k1", b"h2"), ("forget_org", "o1", b"h2"), ("forget_plan", "free", b"h2")],
+)
+async def test_invalidation_drops_only_matching_entries(forget, argument, survivor):
+    rows = {b"h1": grant("k1", "o1", "free"), b"h2": grant("k2", "o2", "pro")}
+    source, clock = Source(rows), Clock()
+    store = make_store(source, clock)
+    await store.get(b"h1")
+    await store.get(b"h2")
+    getattr(store, forget)(argument)
+    source.rows[b"h1"] = grant("k1", "o1", "changed")
+    assert (await store.get(b"h1")).plan == "changed"
+    await store.get(survivor)
+    assert source.calls == 3
+
+
+async def test_a_result_read_before_an_invalidation_is_not_cached():
+    source, clock = Source({b"h1": grant()}), Clock()
+    source.gate = asyncio.Event()
+    store = make_store(source, clock)
+    pending = asyncio.create_task(store.get(b"h1"))
+    await asyncio.sleep(0)
+    store.forget_key("k1")  # e.g. revoked while the query was in flight
+    source.gate.set()
+    await pending
+    source.gate = None
+    await store.get(b"h1")
+    assert source.calls == 2
+
+
+async def test_outage_serves_a_recently_verified_key_but_not_an_unknown_one():
+    source, clock, results = Source({b"h1": grant()}), Clock(), []
+    store = make_store(source, clock, results)
+    await store.get(b"h1")
+    source.failing = True
+    clock.now += 31.0
+    assert await store.get(b"h1") == grant()
+    assert results[-1] is CacheResult.STALE
+    with pytest.raises(StoreUnavailable):
+        await store.get(b"never-seen")
+
+
+async def test_outage_fallback_ends_after_the_stale_window():
+    source, clock = Source({b"h1": grant()}), Clock()
+    store = make_store(source, clock)
+    await store.get(b"h1")
+    source.failing = True
+    clock.now += 300.0
+    with pytest.raises(StoreUnavailable):
+        await store.get(b"h1")
+
+
+async def test_forgotten_entry_is_not_used_as_outage_fallback():
+    source, clock = Source({b"h1": grant()}), Clock()
+    store = make_store(source, clock)
+    await store.get(b"h1")
+    store.forget_key("k1")
+    source.failing = True
+    with pytest.raises(StoreUnavailable):
+        await store.get(b"h1")
+
+
+async def test_expire_all_forces_a_query_but_keeps_the_fallback():
+    source, clock = Source({b"h1": grant()}), Clock()
+    store = make_store(source, clock)
+    await store.get(b"h1")
+    store.expire_all()
+    await store.get(b"h1")
+    assert source.calls == 2
+    store.expire_all()
+    source.failing = True
+    assert await store.get(b"h1") == grant()
+
+
+async def test_slow_database_counts_as_unavailable():
+    source, clock = Source({b"h1": grant()}), Clock()
+    source.gate = asyncio.Event()  # never set
+    store = make_store(source, clock, fetch_timeout=0.05)
+    with pytest.raises(StoreUnavailable):
+        await store.get(b"h1")
+
+
+async def test_cache_is_bounded_and_evicts_the_least_recently_used():
+    rows = {f"h{i}".encode(): grant(f"k{i}") for i in range(4)}
+    source, clock = Source(rows), Clock()
+    store = make_store(source, clock, max_entries=3)
+    for i in range(3):
+        await store.get(f"h{i}".encode())
+    await store.get(b"h0")  # h0 is now the most recently used
+    await store.get(b"h3")  # evicts h1
+    assert len(store) == 3
+    calls = source.calls
+    await store.get(b"h0")
+    assert source.calls == calls
+    await store.get(b"h1")
+    assert source.calls == calls + 1
