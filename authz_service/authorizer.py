@@ -8,7 +8,9 @@ from dataclasses import dataclass
 from authz_service import metrics
 from authz_service.credentials import read_credential
 from authz_service.decision import (
+    DEFAULT_POLICY,
     DENY_UNAVAILABLE,
+    BillingPolicy,
     Decision,
     DenyCode,
     Grant,
@@ -16,6 +18,7 @@ from authz_service.decision import (
     RouteError,
     decide,
     deny,
+    effective_plan,
     is_billed,
     route_from_context,
 )
@@ -41,11 +44,15 @@ class Outcome:
     grant: Grant | None = None
     route: Route | None = None
     billed: bool = False
+    plan: str | None = None  # the effective plan, as the backend is told
 
 
 class Authorizer:
-    def __init__(self, store: GrantStore, *, clock: Callable[[], float] = time.time):
+    def __init__(
+        self, store: GrantStore, *, policy: BillingPolicy = DEFAULT_POLICY, clock: Callable[[], float] = time.time
+    ):
         self._store = store
+        self._policy = policy
         self._clock = clock
 
     async def check(self, request: AccessRequest) -> Outcome:
@@ -65,5 +72,11 @@ class Authorizer:
             return Outcome(DENY_UNAVAILABLE, route=route)
         if grant is None:
             return Outcome(deny(DenyCode.INVALID_API_KEY), route=route)
-        decision = decide(route, grant, self._clock())
-        return Outcome(decision, grant, route, billed=decision.allowed and is_billed(route, grant))
+        decision = decide(route, grant, self._clock(), policy=self._policy)
+        return Outcome(
+            decision,
+            grant,
+            route,
+            billed=decision.allowed and is_billed(route, grant),
+            plan=effective_plan(grant, self._policy),
+        )

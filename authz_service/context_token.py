@@ -30,13 +30,14 @@ class ContextSigner:
         self._reuse = min(reuse_seconds, lifetime_seconds // 2)
         self._clock = clock
         self._max_entries = max_entries
-        # (grant, billable) -> (token, minted_at). A grant is immutable and replaced on every change, so a
+        # (grant, plan, billable) -> (token, minted_at). A grant is immutable and replaced on every change, so a
         # changed plan, scope or status never reuses an old token.
-        self._recent: dict[tuple[Grant, bool], tuple[str, int]] = {}
+        self._recent: dict[tuple[Grant, str, bool], tuple[str, int]] = {}
 
-    def token(self, grant: Grant, billable: bool) -> str:
+    def token(self, grant: Grant, plan: str, billable: bool) -> str:
+        """The token for a call by this grant; `plan` is the effective plan the backend is told about."""
         now = int(self._clock())
-        cache_key = (grant, billable)
+        cache_key = (grant, plan, billable)
         recent = self._recent.get(cache_key)
         if recent is not None and now - recent[1] < self._reuse:
             return recent[0]
@@ -46,7 +47,7 @@ class ContextSigner:
                 "aud": AUDIENCE,
                 "sub": grant.org_id,
                 "key_id": grant.key_id,
-                "plan": grant.plan,
+                "plan": plan,
                 "scopes": sorted(grant.scopes),
                 "env": grant.environment,
                 "billable": billable,

@@ -85,7 +85,7 @@ def route_from_context(context: Mapping[str, str]) -> Route:
 
 @dataclass(frozen=True, slots=True)
 class Grant:
-    """What the store knows about one API key: the key, its organisation and the organisation's plan."""
+    """What the store knows about one API key: the key, its organisation and the organisation's billing state."""
 
     key_id: str
     org_id: str
@@ -94,8 +94,46 @@ class Grant:
     expires_at: float | None  # Unix time
     revoked: bool
     org_suspended: bool
-    plan: str
+    plan: str  # the plan the organisation is on; see effective_plan for the one that applies
     billing_status: str
+    past_due_since: float | None = None  # Unix time
+    period_start: float | None = None  # the Stripe subscription's current period, Unix time
+    period_end: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PlanLimits:
+    name: str
+    included_units: int
+    overage: str  # "soft" | "block"
+    hard_cap_percent: int | None = None
+    rate_limit_rps: float | None = None
+
+    @property
+    def unit_cap(self) -> float | None:
+        """Units this plan serves per period; None when it serves without end (a soft plan without a hard cap)."""
+        caps = []
+        if self.overage == "block":
+            caps.append(float(self.included_units))
+        if self.hard_cap_percent is not None:
+            caps.append(self.included_units * self.hard_cap_percent / 100)
+        return min(caps) if caps else None
+
+
+@dataclass(frozen=True, slots=True)
+class BillingPolicy:
+    """What a billing status means for service. `DRIFTLOCK_DUNNING_GRACE_DAYS` sets the grace period."""
+
+    grace_seconds: float = 7 * 86400
+    # False: an overdue organisation keeps full service (dunning is then only Stripe's e-mails).
+    block_billable_when_overdue: bool = True
+    overdue_statuses: frozenset[str] = frozenset({"past_due", "unpaid"})
+    # These mean no paid subscription is in force: the organisation is served as on the fallback plan.
+    fallback_statuses: frozenset[str] = frozenset({"canceled", "incomplete", "incomplete_expired", "paused"})
+    fallback_plan: str = "free"
+
+
+DEFAULT_POLICY = BillingPolicy()
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,8 +159,38 @@ def deny(code: DenyCode) -> Decision:
     return DENY_UNAVAILABLE if code is DenyCode.AUTH_UNAVAILABLE else _DENY[code]
 
 
-def decide(route: Route, grant: Grant, now: float) -> Decision:
-    """The decision for a verified key; key-independent failures (no key, bad key, no store) are decided earlier."""
+def is_billed(route: Route, grant: Grant) -> bool:
+    """Whether this call counts against the organisation: billable routes, live keys only."""
+    return route.billable and grant.environment == "live"
+
+
+def effective_plan(grant: Grant, policy: BillingPolicy = DEFAULT_POLICY) -> str:
+    """The plan that applies: the organisation's, unless no paid subscription is in force."""
+    return policy.fallback_plan if grant.billing_status in policy.fallback_statuses else grant.plan
+
+
+def payment_overdue(grant: Grant, now: float, policy: BillingPolicy = DEFAULT_POLICY) -> bool:
+    """Past the grace period of a failed payment. An overdue status without a start time is still in grace."""
+    if grant.billing_status not in policy.overdue_statuses or grant.past_due_since is None:
+        return False
+    return now >= grant.past_due_since + policy.grace_seconds
+
+
+def decide(
+    route: Route,
+    grant: Grant,
+    now: float,
+    *,
+    policy: BillingPolicy = DEFAULT_POLICY,
+    plan: PlanLimits | None = None,
+    used_units: int = 0,
+    period_end: float | None = None,
+) -> Decision:
+    """The decision for a verified key; key-independent failures (no key, bad key, no store) are decided earlier.
+
+    `used_units` is the organisation's pooled usage this billing period before this request; `plan` the limits
+    of its effective plan (None: no quota is enforced).
+    """
     if grant.revoked:
         return _DENY[DenyCode.REVOKED_API_KEY]
     if grant.expires_at is not None and now >= grant.expires_at:
@@ -131,9 +199,14 @@ def decide(route: Route, grant: Grant, now: float) -> Decision:
         return _DENY[DenyCode.ORG_SUSPENDED]
     if route.scope not in grant.scopes:
         return _DENY[DenyCode.INSUFFICIENT_SCOPE]
+    if not is_billed(route, grant):
+        return ALLOW
+    if policy.block_billable_when_overdue and payment_overdue(grant, now, policy):
+        return _DENY[DenyCode.PAYMENT_REQUIRED]
+    if plan is not None:
+        cap = plan.unit_cap
+        if cap is not None and used_units + route.units > cap:
+            # The quota comes back with the next billing period.
+            wait = max(1, int(period_end - now) + 1) if period_end is not None else 3600
+            return Decision(DenyCode.QUOTA_EXCEEDED, retry_after=wait)
     return ALLOW
-
-
-def is_billed(route: Route, grant: Grant) -> bool:
-    """Whether this call counts against the organisation: billable routes, live keys only."""
-    return route.billable and grant.environment == "live"

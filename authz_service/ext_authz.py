@@ -54,7 +54,7 @@ def allowed_response(
     outcome: Outcome, request: AccessRequest, signer: ContextSigner
 ) -> external_auth_pb2.CheckResponse:
     grant = outcome.grant
-    assert grant is not None
+    assert grant is not None and outcome.plan is not None
     billable = "true" if outcome.billed else "false"
     # Ours are overwritten; any other x-driftlock-* a client sent is removed, as are the credentials.
     spoofed = [name for name in request.headers if name.startswith(CONTEXT_HEADER_PREFIX) and name not in _SET_BY_US]
@@ -64,10 +64,10 @@ def allowed_response(
             headers=[
                 _header("x-driftlock-org-id", grant.org_id),
                 _header("x-driftlock-key-id", grant.key_id),
-                _header("x-driftlock-plan", grant.plan),
+                _header("x-driftlock-plan", outcome.plan),
                 _header("x-driftlock-environment", grant.environment),
                 _header("x-driftlock-billable", billable),
-                _header("x-driftlock-context", signer.token(grant, outcome.billed)),
+                _header("x-driftlock-context", signer.token(grant, outcome.plan, outcome.billed)),
             ],
             headers_to_remove=[*CREDENTIAL_HEADERS, *spoofed],
         ),

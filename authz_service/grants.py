@@ -146,7 +146,10 @@ class GrantStore:
 _GRANT_QUERY = """
     SELECT k.id::text AS key_id, k.org_id::text AS org_id, k.environment, k.scopes,
            extract(epoch FROM k.expires_at)::float8 AS expires_at, k.revoked_at IS NOT NULL AS revoked,
-           o.suspended_at IS NOT NULL AS org_suspended, o.plan_name, o.billing_status
+           o.suspended_at IS NOT NULL AS org_suspended, o.plan_name, o.billing_status,
+           extract(epoch FROM o.past_due_since)::float8 AS past_due_since,
+           extract(epoch FROM o.period_start)::float8 AS period_start,
+           extract(epoch FROM o.period_end)::float8 AS period_end
     FROM driftlock.api_keys k
     JOIN driftlock.organizations o ON o.id = k.org_id
     WHERE k.key_hash = $1
@@ -164,6 +167,9 @@ def grant_from_row(row: asyncpg.Record) -> Grant:
         org_suspended=row["org_suspended"],
         plan=row["plan_name"],
         billing_status=row["billing_status"],
+        past_due_since=row["past_due_since"],
+        period_start=row["period_start"],
+        period_end=row["period_end"],
     )
 
 

@@ -16,6 +16,7 @@ from prometheus_client import start_http_server
 from authz_service import metrics
 from authz_service.authorizer import Authorizer
 from authz_service.context_token import ContextSigner
+from authz_service.decision import BillingPolicy
 from authz_service.ext_authz import AuthorizationServicer
 from authz_service.grants import GrantStore, database_fetch
 from driftlock_gateway import db
@@ -69,7 +70,11 @@ async def serve(settings: Settings) -> None:
         on_state=lambda up: metrics.LISTENER_CONNECTED.set(1 if up else 0),
         application_name="driftlock-authz-listener",
     )
-    authorizer = Authorizer(store)
+    policy = BillingPolicy(
+        grace_seconds=settings.dunning_grace_days * 86400.0,
+        block_billable_when_overdue=settings.dunning_policy == "block",
+    )
+    authorizer = Authorizer(store, policy=policy)
 
     server = grpc.aio.server(
         options=[

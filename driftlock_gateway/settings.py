@@ -55,6 +55,15 @@ def _float(environ: Mapping[str, str], name: str, default: float, *, minimum: fl
     return value
 
 
+def _choice(environ: Mapping[str, str], name: str, choices: tuple[str, ...], default: str) -> str:
+    raw = environ.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw not in choices:
+        raise SettingsError(f"{name} must be one of {', '.join(choices)}, got {raw!r}")
+    return raw
+
+
 def _bool(environ: Mapping[str, str], name: str, default: bool) -> bool:
     raw = environ.get(name, "").strip().lower()
     if not raw:
@@ -76,6 +85,8 @@ class Settings:
     stripe_webhook_secrets: tuple[str, ...] = ()
     backend: HostPort = field(default_factory=lambda: HostPort("127.0.0.1", 8000))
     dunning_grace_days: int = 7
+    # "block": past the grace period, billable routes answer payment_required. "serve": they keep serving.
+    dunning_policy: str = "block"
 
     authz_host: str = "0.0.0.0"
     authz_port: int = 9191
@@ -110,6 +121,7 @@ class Settings:
             stripe_webhook_secrets=secrets,
             backend=parse_host_port(backend, what="DRIFTLOCK_BACKEND") if backend else HostPort("127.0.0.1", 8000),
             dunning_grace_days=_int(env, "DRIFTLOCK_DUNNING_GRACE_DAYS", 7),
+            dunning_policy=_choice(env, "DRIFTLOCK_DUNNING_POLICY", ("block", "serve"), "block"),
             authz_host=env.get("DRIFTLOCK_AUTHZ_HOST", "").strip() or "0.0.0.0",
             authz_port=_int(env, "DRIFTLOCK_AUTHZ_PORT", 9191, minimum=1),
             authz_metrics_port=_int(env, "DRIFTLOCK_AUTHZ_METRICS_PORT", 9464, minimum=1),

@@ -166,3 +166,58 @@ async def test_many_concurrent_checks_are_all_answered(check, make_org, make_key
     _key, secret = await make_key(org.id)
     responses = await asyncio.gather(*(check(bearer(secret), request_id=f"r{i}") for i in range(200)))
     assert all(r.HasField("ok_response") for r in responses)
+
+
+async def test_dunning_grace_then_402_on_billable_only_then_payment_lifts_it(check, make_org, make_key, pool):
+    org = await make_org()
+    _key, secret = await make_key(org.id)
+    async with pool.acquire() as conn:  # failed a day ago: within the default 7-day grace
+        await conn.execute(
+            "UPDATE driftlock.organizations SET billing_status = 'past_due', past_due_since = now() - interval '1 day'"
+            " WHERE id = $1",
+            org.id,
+        )
+    assert denial_code(await check(bearer(secret))) is None
+    async with pool.acquire() as conn:  # and now past it
+        await conn.execute(
+            "UPDATE driftlock.organizations SET past_due_since = now() - interval '8 days' WHERE id = $1", org.id
+        )
+
+    async def blocked_on_both() -> bool:
+        codes = [denial_code(await check(bearer(secret), replica=r)) for r in (0, 1)]
+        return codes == ["payment_required", "payment_required"]
+
+    await eventually(blocked_on_both, within=1.0, what="payment_required on both replicas")
+    assert denial(await check(bearer(secret))) == (402, "payment_required")
+    assert denial_code(await check(bearer(secret), READ)) is None
+    ingest = {"scope": "ingest", "billable": "false", "product": "stream"}
+    assert denial_code(await check(bearer(secret), ingest)) is None
+
+    async with pool.acquire() as conn:
+        await conn.execute(
+            "UPDATE driftlock.organizations SET billing_status = 'active', past_due_since = NULL WHERE id = $1", org.id
+        )
+
+    async def lifted_on_both() -> bool:
+        codes = [denial_code(await check(bearer(secret), replica=r)) for r in (0, 1)]
+        return codes == [None, None]
+
+    await eventually(lifted_on_both, within=1.0, what="payment lifting the block on both replicas")
+
+
+async def test_canceled_subscription_is_served_as_free(check, make_org, make_key, pool):
+    async with pool.acquire() as conn:
+        await conn.execute(
+            "INSERT INTO driftlock.plans (name, included_units) VALUES ('pro-test', 100) ON CONFLICT DO NOTHING"
+        )
+    org = await make_org(plan="pro-test")
+    _key, secret = await make_key(org.id)
+    assert response_headers(await check(bearer(secret)))["x-driftlock-plan"] == "pro-test"
+    async with pool.acquire() as conn:
+        await conn.execute("UPDATE driftlock.organizations SET billing_status = 'canceled' WHERE id = $1", org.id)
+
+    async def free_now() -> bool:
+        response = await check(bearer(secret))
+        return response.HasField("ok_response") and response_headers(response)["x-driftlock-plan"] == "free"
+
+    await eventually(free_now, within=1.0, what="canceled organisation served as free")

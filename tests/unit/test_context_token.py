@@ -18,7 +18,7 @@ class Clock:
 
 def test_token_carries_the_contract_claims():
     clock = Clock()
-    token = ContextSigner(SECRET, clock=clock).token(GRANT, True)
+    token = ContextSigner(SECRET, clock=clock).token(GRANT, "pro", True)
     claims = jwt.decode(
         token,
         SECRET,
@@ -42,7 +42,7 @@ def test_token_carries_the_contract_claims():
 
 
 def test_token_does_not_verify_with_another_secret():
-    token = ContextSigner(SECRET).token(GRANT, False)
+    token = ContextSigner(SECRET).token(GRANT, "pro", False)
     assert verify(token, SECRET)["billable"] is False
     with pytest.raises(jwt.InvalidSignatureError):
         verify(token, b"x" * 32)
@@ -51,30 +51,30 @@ def test_token_does_not_verify_with_another_secret():
 def test_token_is_reused_briefly_then_minted_again():
     clock = Clock()
     signer = ContextSigner(SECRET, clock=clock)
-    first = signer.token(GRANT, True)
+    first = signer.token(GRANT, "pro", True)
     clock.now += 59
-    assert signer.token(GRANT, True) == first
-    assert signer.token(GRANT, False) != first
+    assert signer.token(GRANT, "pro", True) == first
+    assert signer.token(GRANT, "pro", False) != first
     clock.now += 1
-    renewed = signer.token(GRANT, True)
+    renewed = signer.token(GRANT, "pro", True)
     assert renewed != first
     assert jwt.decode(renewed, options={"verify_signature": False})["iat"] == int(clock.now)
 
 
 def test_a_changed_grant_never_reuses_a_token():
     signer = ContextSigner(SECRET)
-    first = signer.token(GRANT, True)
+    first = signer.token(GRANT, "pro", True)
     changed = Grant("key-1", "org-1", "live", frozenset({"read"}), None, False, False, "pro", "active")
-    assert jwt.decode(signer.token(changed, True), options={"verify_signature": False})["scopes"] == ["read"]
-    assert signer.token(GRANT, True) == first
+    assert jwt.decode(signer.token(changed, "pro", True), options={"verify_signature": False})["scopes"] == ["read"]
+    assert signer.token(GRANT, "pro", True) == first
 
 
 def test_a_reused_token_always_has_most_of_its_lifetime_left():
     clock = Clock()
     signer = ContextSigner(SECRET, clock=clock)
-    signer.token(GRANT, True)
+    signer.token(GRANT, "pro", True)
     clock.now += 59
-    claims = jwt.decode(signer.token(GRANT, True), options={"verify_signature": False})
+    claims = jwt.decode(signer.token(GRANT, "pro", True), options={"verify_signature": False})
     assert claims["exp"] - clock.now >= 240
 
 

@@ -37,7 +37,9 @@ def test_allowed_response_sets_context_headers_and_strips_credentials_and_spoofs
         "x-driftlock-admin": "true",
         "x-request-id": "rid-1",
     }
-    response = allowed_response(Outcome(ALLOW, GRANT, ROUTE, billed=True), request(headers), ContextSigner(SECRET))
+    response = allowed_response(
+        Outcome(ALLOW, GRANT, ROUTE, billed=True, plan="pro"), request(headers), ContextSigner(SECRET)
+    )
     ok = response.ok_response
     assert response.status.code == 0
     set_headers = {o.header.key: o.header.value for o in ok.headers}
@@ -52,7 +54,9 @@ def test_allowed_response_sets_context_headers_and_strips_credentials_and_spoofs
 
 
 def test_allowed_response_for_an_unbilled_call_says_so():
-    response = allowed_response(Outcome(ALLOW, GRANT, ROUTE, billed=False), request({}), ContextSigner(SECRET))
+    response = allowed_response(
+        Outcome(ALLOW, GRANT, ROUTE, billed=False, plan="pro"), request({}), ContextSigner(SECRET)
+    )
     values = {o.header.key: o.header.value for o in response.ok_response.headers}
     assert values["x-driftlock-billable"] == "false"
     assert verify(values["x-driftlock-context"], SECRET)["billable"] is False
