@@ -1,28 +1,38 @@
-"""One check, start to finish, in domain terms: route, credential, grant, decision. No protobuf here."""
+"""One check, start to finish, in domain terms. No protobuf here.
+
+route -> credential -> grant -> access -> rate limit -> payment and quota -> count the units -> audit.
+Between reading the organisation's usage and counting this call there is no await, so with one replica a
+quota is cut exactly.
+"""
 
 import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from authz_service import metrics
+from authz_service.audit import AuditEntry, AuditLog, audit_path
 from authz_service.credentials import read_credential
 from authz_service.decision import (
-    DEFAULT_POLICY,
+    ALLOW,
     DENY_UNAVAILABLE,
-    BillingPolicy,
     Decision,
     DenyCode,
     Grant,
     Route,
     RouteError,
-    decide,
+    check_access,
+    check_billing,
     deny,
-    effective_plan,
     is_billed,
     route_from_context,
 )
 from authz_service.grants import GrantStore, StoreUnavailable
+from authz_service.metering import Meter, PeriodFinder
+from authz_service.plan_book import PlanBook
+from authz_service.rate_limit import RateLimiter, RateVerdict
+from driftlock_gateway.billing_rules import DEFAULT_POLICY, BillingPolicy, effective_plan
 
 log = logging.getLogger(__name__)
 
@@ -45,23 +55,43 @@ class Outcome:
     route: Route | None = None
     billed: bool = False
     plan: str | None = None  # the effective plan, as the backend is told
+    rate: RateVerdict | None = None
 
 
 class Authorizer:
     def __init__(
-        self, store: GrantStore, *, policy: BillingPolicy = DEFAULT_POLICY, clock: Callable[[], float] = time.time
+        self,
+        store: GrantStore,
+        plans: PlanBook,
+        *,
+        meter: Meter | None = None,
+        limiter: RateLimiter | None = None,
+        audit: AuditLog | None = None,
+        policy: BillingPolicy = DEFAULT_POLICY,
+        clock: Callable[[], float] = time.time,
     ):
         self._store = store
+        self._plans = plans
+        self._meter = meter
+        self._limiter = limiter or RateLimiter()
+        self._audit = audit
         self._policy = policy
         self._clock = clock
+        self._periods = PeriodFinder()
 
     async def check(self, request: AccessRequest) -> Outcome:
+        outcome = await self._decide(request)
+        if self._audit is not None and (not outcome.decision.allowed or self._audit.wants_allow()):
+            self._audit.add(_audit_entry(request, outcome))
+        return outcome
+
+    async def _decide(self, request: AccessRequest) -> Outcome:
         try:
             route = route_from_context(request.context)
         except RouteError as error:
             # A route table mistake must not open the backend: fail closed, loudly.
             metrics.ROUTE_ERRORS.inc()
-            log.error("refusing %s %s: %s", request.method, request.path.split("?", 1)[0], error)
+            log.error("refusing %s %s: %s", request.method, audit_path(request.path), error)
             return Outcome(DENY_UNAVAILABLE)
         credential = read_credential(request.headers)
         if isinstance(credential, DenyCode):
@@ -72,11 +102,54 @@ class Authorizer:
             return Outcome(DENY_UNAVAILABLE, route=route)
         if grant is None:
             return Outcome(deny(DenyCode.INVALID_API_KEY), route=route)
-        decision = decide(route, grant, self._clock(), policy=self._policy)
-        return Outcome(
-            decision,
-            grant,
-            route,
-            billed=decision.allowed and is_billed(route, grant),
-            plan=effective_plan(grant, self._policy),
+
+        now = self._clock()
+        plan_name = effective_plan(grant.plan, grant.billing_status, self._policy)
+        access = check_access(route, grant, now)
+        if not access.allowed:
+            return Outcome(access, grant, route, plan=plan_name)
+        plan = self._plans.get(plan_name) or await self._plans.require(plan_name)
+        if plan is None:
+            log.error("organisation %s is on plan %r, which does not exist", grant.org_id, plan_name)
+            return Outcome(DENY_UNAVAILABLE, grant, route, plan=plan_name)
+
+        rate = None
+        if plan.rate_limit_rps:
+            rate = self._limiter.take(grant.key_id, plan.rate_limit_rps)
+            if not rate.allowed:
+                limited = Decision(DenyCode.RATE_LIMITED, retry_after=rate.retry_after)
+                return Outcome(limited, grant, route, plan=plan_name, rate=rate)
+
+        if not is_billed(route, grant) or self._meter is None:
+            decision = check_billing(route, grant, now, policy=self._policy)
+            return Outcome(decision, grant, route, plan=plan_name, rate=rate)
+        if self._meter.ledger.seen(request.request_id):
+            # The same request checked again (an Envoy retry): it was decided and counted the first time.
+            metrics.METER_DUPLICATE_REQUESTS.inc()
+            return Outcome(ALLOW, grant, route, billed=True, plan=plan_name, rate=rate)
+
+        period = self._periods.period(grant.period_start, grant.period_end, now)
+        usage_key = (grant.org_id, period.start)
+        used = await self._meter.used(usage_key)
+        # No await from here on: the usage read above and the count below are one step.
+        decision = check_billing(
+            route, grant, now, policy=self._policy, plan=plan, used_units=used, period_end=period.end.timestamp()
         )
+        if decision.allowed:
+            self._meter.record(request.request_id, usage_key, route.product or "", route.units, plan, period.end)
+        return Outcome(decision, grant, route, billed=decision.allowed, plan=plan_name, rate=rate)
+
+
+def _audit_entry(request: AccessRequest, outcome: Outcome) -> AuditEntry:
+    code = outcome.decision.code
+    grant = outcome.grant
+    return AuditEntry(
+        at=datetime.now(UTC),
+        request_id=request.request_id,
+        org_id=grant.org_id if grant else None,
+        key_id=grant.key_id if grant else None,
+        method=request.method[:16],
+        path=audit_path(request.path),
+        decision="allow" if code is None else "deny",
+        code="ok" if code is None else code.value,
+    )

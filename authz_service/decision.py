@@ -8,6 +8,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
+from driftlock_gateway.billing_rules import DEFAULT_POLICY, BillingPolicy, payment_overdue
+
 
 class DenyCode(StrEnum):
     MISSING_API_KEY = "missing_api_key"
@@ -121,22 +123,6 @@ class PlanLimits:
 
 
 @dataclass(frozen=True, slots=True)
-class BillingPolicy:
-    """What a billing status means for service. `DRIFTLOCK_DUNNING_GRACE_DAYS` sets the grace period."""
-
-    grace_seconds: float = 7 * 86400
-    # False: an overdue organisation keeps full service (dunning is then only Stripe's e-mails).
-    block_billable_when_overdue: bool = True
-    overdue_statuses: frozenset[str] = frozenset({"past_due", "unpaid"})
-    # These mean no paid subscription is in force: the organisation is served as on the fallback plan.
-    fallback_statuses: frozenset[str] = frozenset({"canceled", "incomplete", "incomplete_expired", "paused"})
-    fallback_plan: str = "free"
-
-
-DEFAULT_POLICY = BillingPolicy()
-
-
-@dataclass(frozen=True, slots=True)
 class Decision:
     code: DenyCode | None = None  # None: allowed
     retry_after: int | None = None
@@ -164,16 +150,45 @@ def is_billed(route: Route, grant: Grant) -> bool:
     return route.billable and grant.environment == "live"
 
 
-def effective_plan(grant: Grant, policy: BillingPolicy = DEFAULT_POLICY) -> str:
-    """The plan that applies: the organisation's, unless no paid subscription is in force."""
-    return policy.fallback_plan if grant.billing_status in policy.fallback_statuses else grant.plan
+def check_access(route: Route, grant: Grant, now: float) -> Decision:
+    """May this key call this route at all? (Key and organisation state, and the route's scope.)"""
+    if grant.revoked:
+        return _DENY[DenyCode.REVOKED_API_KEY]
+    if grant.expires_at is not None and now >= grant.expires_at:
+        return _DENY[DenyCode.EXPIRED_API_KEY]
+    if grant.org_suspended:
+        return _DENY[DenyCode.ORG_SUSPENDED]
+    if route.scope not in grant.scopes:
+        return _DENY[DenyCode.INSUFFICIENT_SCOPE]
+    return ALLOW
 
 
-def payment_overdue(grant: Grant, now: float, policy: BillingPolicy = DEFAULT_POLICY) -> bool:
-    """Past the grace period of a failed payment. An overdue status without a start time is still in grace."""
-    if grant.billing_status not in policy.overdue_statuses or grant.past_due_since is None:
-        return False
-    return now >= grant.past_due_since + policy.grace_seconds
+def check_billing(
+    route: Route,
+    grant: Grant,
+    now: float,
+    *,
+    policy: BillingPolicy = DEFAULT_POLICY,
+    plan: PlanLimits | None = None,
+    used_units: int = 0,
+    period_end: float | None = None,
+) -> Decision:
+    """May this call be billed? Only billed calls (live key, billable route) are ever refused here.
+
+    `used_units` is the organisation's pooled usage this billing period before this call; `plan` the limits of
+    its effective plan (None: no quota is enforced).
+    """
+    if not is_billed(route, grant):
+        return ALLOW
+    if policy.block_billable_when_overdue and payment_overdue(grant.billing_status, grant.past_due_since, now, policy):
+        return _DENY[DenyCode.PAYMENT_REQUIRED]
+    if plan is not None:
+        cap = plan.unit_cap
+        if cap is not None and used_units + route.units > cap:
+            # The quota comes back with the next billing period.
+            wait = max(1, int(period_end - now) + 1) if period_end is not None else 3600
+            return Decision(DenyCode.QUOTA_EXCEEDED, retry_after=wait)
+    return ALLOW
 
 
 def decide(
@@ -186,27 +201,9 @@ def decide(
     used_units: int = 0,
     period_end: float | None = None,
 ) -> Decision:
-    """The decision for a verified key; key-independent failures (no key, bad key, no store) are decided earlier.
-
-    `used_units` is the organisation's pooled usage this billing period before this request; `plan` the limits
-    of its effective plan (None: no quota is enforced).
-    """
-    if grant.revoked:
-        return _DENY[DenyCode.REVOKED_API_KEY]
-    if grant.expires_at is not None and now >= grant.expires_at:
-        return _DENY[DenyCode.EXPIRED_API_KEY]
-    if grant.org_suspended:
-        return _DENY[DenyCode.ORG_SUSPENDED]
-    if route.scope not in grant.scopes:
-        return _DENY[DenyCode.INSUFFICIENT_SCOPE]
-    if not is_billed(route, grant):
-        return ALLOW
-    if policy.block_billable_when_overdue and payment_overdue(grant, now, policy):
-        return _DENY[DenyCode.PAYMENT_REQUIRED]
-    if plan is not None:
-        cap = plan.unit_cap
-        if cap is not None and used_units + route.units > cap:
-            # The quota comes back with the next billing period.
-            wait = max(1, int(period_end - now) + 1) if period_end is not None else 3600
-            return Decision(DenyCode.QUOTA_EXCEEDED, retry_after=wait)
-    return ALLOW
+    """The whole decision for a verified key, rate limits aside (they need state: see rate_limit.py).
+    Key-independent failures (no key, bad key, no store) are decided before a grant exists."""
+    access = check_access(route, grant, now)
+    if not access.allowed:
+        return access
+    return check_billing(route, grant, now, policy=policy, plan=plan, used_units=used_units, period_end=period_end)

@@ -58,9 +58,12 @@ def allowed_response(
     billable = "true" if outcome.billed else "false"
     # Ours are overwritten; any other x-driftlock-* a client sent is removed, as are the credentials.
     spoofed = [name for name in request.headers if name.startswith(CONTEXT_HEADER_PREFIX) and name not in _SET_BY_US]
+    rate_headers = outcome.rate.headers() if outcome.rate is not None else {}
     return external_auth_pb2.CheckResponse(
         status=_OK_STATUS,
         ok_response=external_auth_pb2.OkHttpResponse(
+            # Sent to the client with the backend's response.
+            response_headers_to_add=[_header(name, value) for name, value in rate_headers.items()],
             headers=[
                 _header("x-driftlock-org-id", grant.org_id),
                 _header("x-driftlock-key-id", grant.key_id),
@@ -78,7 +81,9 @@ def error_body(code: DenyCode, request_id: str) -> str:
     return json.dumps({"error": {"code": code.value, "message": MESSAGES[code], "request_id": request_id}})
 
 
-def denied_response(decision: Decision, request_id: str) -> external_auth_pb2.CheckResponse:
+def denied_response(
+    decision: Decision, request_id: str, extra_headers: dict[str, str] | None = None
+) -> external_auth_pb2.CheckResponse:
     code = decision.code
     assert code is not None
     status = HTTP_STATUS[code]
@@ -87,6 +92,7 @@ def denied_response(decision: Decision, request_id: str) -> external_auth_pb2.Ch
         headers.append(_header("www-authenticate", f'Bearer realm="driftlock", error="{code.value}"'))
     if decision.retry_after is not None:
         headers.append(_header("retry-after", str(decision.retry_after)))
+    headers.extend(_header(name, value) for name, value in (extra_headers or {}).items())
     return external_auth_pb2.CheckResponse(
         status=_DENIED_STATUS,
         denied_response=external_auth_pb2.DeniedHttpResponse(
@@ -110,7 +116,8 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
             if outcome.decision.allowed:
                 response = allowed_response(outcome, access, self._signer)
             else:
-                response = denied_response(outcome.decision, request_id)
+                rate_headers = outcome.rate.headers() if outcome.rate is not None else None
+                response = denied_response(outcome.decision, request_id, rate_headers)
             code = outcome.decision.code
         except Exception:
             log.exception("check failed; answering auth_unavailable")

@@ -2,7 +2,7 @@
 
 - A looked-up key is trusted for `ttl` seconds; an unknown key stays unknown for `negative_ttl`.
 - Many requests missing on the same key at once share one database query.
-- A change pushed by the database (revocation, suspension, plan change) drops the affected entries at once.
+- A change pushed by the database (revocation, suspension, billing change) drops the affected entries at once.
   When the push channel reconnects, everything is marked stale, since changes may have been missed.
 - When the database cannot be reached, a key verified within `stale_for` seconds keeps working; anything else
   raises `StoreUnavailable`. An unverified key is never allowed.
@@ -132,9 +132,6 @@ class GrantStore:
 
     def forget_org(self, org_id: str) -> None:
         self._forget(lambda grant: grant.org_id == org_id)
-
-    def forget_plan(self, plan: str) -> None:
-        self._forget(lambda grant: grant.plan == plan)
 
     def expire_all(self) -> None:
         """Ask the database again before trusting any entry, but keep them as the fallback for an outage."""

@@ -30,3 +30,56 @@ ROUTE_ERRORS = Counter(
     "driftlock_authz_route_config_errors_total",
     "Checks refused because the route's context_extensions were missing or malformed.",
 )
+
+# --- metering -------------------------------------------------------------------------------------------------
+# org_id labels are bounded by the number of organisations; with DRIFTLOCK_METRICS_ORG_LABELS=false they are
+# left empty, which Prometheus treats as no label at all.
+
+USAGE_UNITS = Counter(
+    "driftlock_usage_units_total",
+    "Billable units this replica stored (live keys, billable routes, and backend reports).",
+    ["org_id", "product"],
+)
+USAGE_QUOTA_RATIO = Gauge(
+    "driftlock_usage_quota_ratio",
+    "Pooled usage this billing period over the plan's included units, as last seen by this replica.",
+    ["org_id"],
+)
+USAGE_ALERTS = Counter(
+    "driftlock_usage_alerts_total",
+    "Usage alerts raised by this replica (each alert is raised by exactly one replica).",
+    ["threshold"],
+)
+METER_PENDING_UNITS = Gauge(
+    "driftlock_meter_pending_units",
+    "Units counted by this replica and not yet acknowledged by the database.",
+)
+METER_FLUSHES = Counter(
+    "driftlock_meter_flushes_total",
+    "Flushes of counted units, by outcome: applied, duplicate (found applied after a lost acknowledgement), failed.",
+    ["outcome"],
+)
+METER_FLUSH_DURATION = Histogram(
+    "driftlock_meter_flush_duration_seconds",
+    "Time of one flush statement.",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)
+METER_DUPLICATE_REQUESTS = Counter(
+    "driftlock_meter_duplicate_requests_total",
+    "Billable checks not counted because their request id was counted already.",
+)
+DB_QUERIES = Counter(
+    "driftlock_authz_db_queries_total",
+    "Statements authz sent to the database, by purpose.",
+    ["query"],
+)
+ALERT_DELIVERIES = Counter(
+    "driftlock_alert_webhook_deliveries_total",
+    "Attempts to POST usage alerts to DRIFTLOCK_ALERT_WEBHOOK_URL, by outcome: delivered, retry, gave_up.",
+    ["outcome"],
+)
+AUDIT_WRITTEN = Counter("driftlock_audit_entries_written_total", "Audit log entries written.")
+AUDIT_DROPPED = Counter(
+    "driftlock_audit_entries_dropped_total",
+    "Audit log entries dropped because the queue was full (the database was slow or down).",
+)

@@ -1,12 +1,16 @@
-"""Wiring of the authz process: database pool, key store, invalidation listener, gRPC server, metrics, signals.
+"""Wiring of the authz process: pool, caches, listener, meter, audit, gRPC server, metrics, signals.
 
 SIGTERM (or SIGINT): health turns NOT_SERVING so Envoy stops choosing this replica, in-flight checks get
-`SHUTDOWN_GRACE_SECONDS` to finish, then everything is closed and the process exits 0.
+`SHUTDOWN_GRACE_SECONDS` to finish, then the meter writes everything it counted (or spills it), the audit log
+is written, and the process exits 0.
 """
 
 import asyncio
 import logging
+import os
 import signal
+import socket
+from pathlib import Path
 
 import grpc
 from envoy.service.auth.v3 import external_auth_pb2_grpc
@@ -14,12 +18,19 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import start_http_server
 
 from authz_service import metrics
+from authz_service.alerts import AlertNotifier
+from authz_service.audit import AuditLog
 from authz_service.authorizer import Authorizer
 from authz_service.context_token import ContextSigner
-from authz_service.decision import BillingPolicy
 from authz_service.ext_authz import AuthorizationServicer
 from authz_service.grants import GrantStore, database_fetch
+from authz_service.meter_store import MeterStore
+from authz_service.metering import Meter
+from authz_service.plan_book import PlanBook, database_load
+from authz_service.usage_api import UsageServicer
+from authz_service.usage_ledger import UsageLedger
 from driftlock_gateway import db
+from driftlock_gateway.api.usage.v1 import usage_pb2_grpc
 from driftlock_gateway.listener import ChangeListener
 from driftlock_gateway.logs import configure_logging
 from driftlock_gateway.settings import Settings
@@ -27,11 +38,13 @@ from driftlock_gateway.settings import Settings
 log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE_SECONDS = 5.0
+SHUTDOWN_FLUSH_SECONDS = 15.0
 INVALIDATE_CHANNEL = "driftlock_invalidate"
 AUTHORIZATION_SERVICE = "envoy.service.auth.v3.Authorization"
+USAGE_SERVICE = "driftlock.usage.v1.UsageService"
 
 
-def invalidation_handler(store: GrantStore):
+def invalidation_handler(store: GrantStore, plans: PlanBook):
     def handle(message: dict) -> None:
         table, row_id = message.get("table"), message.get("id")
         if not isinstance(row_id, str):
@@ -41,7 +54,7 @@ def invalidation_handler(store: GrantStore):
         elif table == "organizations":
             store.forget_org(row_id)
         elif table == "plans":
-            store.forget_plan(row_id)
+            plans.reload_soon()
         else:
             return
         metrics.INVALIDATIONS.labels(table=table).inc()
@@ -49,11 +62,29 @@ def invalidation_handler(store: GrantStore):
     return handle
 
 
+def _mark_delivered(pool):
+    async def mark(alert_id: int, delivered: bool) -> None:
+        try:
+            await pool.execute(
+                """UPDATE driftlock.usage_alerts
+                   SET webhook_attempts = webhook_attempts + 1,
+                       webhook_delivered_at = CASE WHEN $2 THEN now() END
+                   WHERE id = $1""",
+                alert_id,
+                delivered,
+            )
+        except Exception as error:  # bookkeeping only; the alert itself is stored
+            log.warning("could not record delivery of alert %s: %s", alert_id, error)
+
+    return mark
+
+
 async def serve(settings: Settings) -> None:
     configure_logging()
     secret = settings.require_jwt_secret()
     url = settings.require_database_url()
     pool = await db.create_pool(url, application_name="driftlock-authz", max_size=4)
+
     store = GrantStore(
         database_fetch(pool),
         ttl=settings.key_cache_ttl_seconds,
@@ -63,18 +94,34 @@ async def serve(settings: Settings) -> None:
         fetch_timeout=settings.database_lookup_timeout_seconds,
         on_result=lambda result: metrics.CACHE_EVENTS.labels(result=result.value).inc(),
     )
+    plans = PlanBook(database_load(pool))
+    notifier = None
+    if settings.alert_webhook_url:
+        notifier = AlertNotifier(settings.alert_webhook_url, on_delivered=_mark_delivered(pool))
+    meter = Meter(
+        UsageLedger(stale_after=settings.usage_refresh_seconds),
+        MeterStore(pool, replica=f"{socket.gethostname()}:{os.getpid()}"),
+        flush_interval=settings.meter_flush_interval_seconds,
+        load_timeout=settings.database_lookup_timeout_seconds,
+        org_labels=settings.org_id_metric_labels,
+        notifier=notifier,
+        spill_dir=Path(settings.meter_spill_dir) if settings.meter_spill_dir else None,
+    )
+    audit = AuditLog(pool, allow_sample_rate=settings.audit_allow_sample_rate)
+    policy = settings.billing_policy()
+    authorizer = Authorizer(store, plans, meter=meter, audit=audit, policy=policy)
+
+    def on_connect() -> None:
+        store.expire_all()
+        plans.reload_soon()
+
     listener = ChangeListener(
         settings.listen_url(),
-        {INVALIDATE_CHANNEL: invalidation_handler(store)},
-        on_connect=store.expire_all,
+        {INVALIDATE_CHANNEL: invalidation_handler(store, plans)},
+        on_connect=on_connect,
         on_state=lambda up: metrics.LISTENER_CONNECTED.set(1 if up else 0),
         application_name="driftlock-authz-listener",
     )
-    policy = BillingPolicy(
-        grace_seconds=settings.dunning_grace_days * 86400.0,
-        block_billable_when_overdue=settings.dunning_policy == "block",
-    )
-    authorizer = Authorizer(store, policy=policy)
 
     server = grpc.aio.server(
         options=[
@@ -84,9 +131,9 @@ async def serve(settings: Settings) -> None:
             ("grpc.http2.min_ping_interval_without_data_ms", 5000),
         ]
     )
-    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
-        AuthorizationServicer(authorizer, ContextSigner(secret)), server
-    )
+    signer = ContextSigner(secret)
+    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(AuthorizationServicer(authorizer, signer), server)
+    usage_pb2_grpc.add_UsageServiceServicer_to_server(UsageServicer(pool, plans, meter, secret, policy=policy), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     address = f"{settings.authz_host}:{settings.authz_port}"
@@ -98,9 +145,14 @@ async def serve(settings: Settings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
 
+    meter.restore_spilled()
     listener.start()
+    meter.start()
+    audit.start()
+    if notifier is not None:
+        notifier.start()
     await server.start()
-    for service in ("", AUTHORIZATION_SERVICE):
+    for service in ("", AUTHORIZATION_SERVICE, USAGE_SERVICE):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     log.info("authz listening on %s (metrics on :%d)", address, settings.authz_metrics_port)
 
@@ -108,6 +160,10 @@ async def serve(settings: Settings) -> None:
     log.info("shutting down: draining for up to %.0fs", SHUTDOWN_GRACE_SECONDS)
     await health_servicer.enter_graceful_shutdown()
     await server.stop(SHUTDOWN_GRACE_SECONDS)
+    await meter.close(SHUTDOWN_FLUSH_SECONDS)
+    await audit.close()
+    if notifier is not None:
+        await notifier.close()
     await listener.stop()
     await pool.close()
     metrics_server.shutdown()

@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 
 import asyncpg
 
-from driftlock_gateway import api_keys, db, migrate, orgs, plans
+from driftlock_gateway import api_keys, db, migrate, orgs, plans, usage
 from driftlock_gateway.durations import parse_duration
 from driftlock_gateway.errors import OperatorError
 from driftlock_gateway.keys import Environment
@@ -194,6 +194,31 @@ async def cmd_keys_revoke(args, settings, out: Printer) -> None:
     out.result(key.as_dict(), f"Key {key.id} ({key.prefix}…) is revoked since {text_value(key.revoked_at)}.")
 
 
+async def cmd_usage(args, settings, out: Printer) -> None:
+    report = await _with_db(
+        settings, lambda conn: usage.org_usage(conn, args.org_id, datetime.now(UTC), settings.billing_policy())
+    )
+    used = report["used"]
+    text = (
+        f"Organisation {report['org_id']} on plan {report['plan']}, period {text_value(report['period_start'])} to "
+        f"{text_value(report['period_end'])}:\n"
+        + "\n".join(f"  {product:<8} {units}" for product, units in used.items() if product != "total")
+        + f"\n  {'total':<8} {used['total']} of {report['included']} included ({report['ratio']:.1%})"
+    )
+    out.result(report, text)
+
+
+async def cmd_alerts_list(args, settings, out: Printer) -> None:
+    alerts = await _with_db(settings, lambda conn: usage.list_alerts(conn, args.org))
+    columns = ["threshold", "period_start", "used_units", "included_units", "plan", "created_at"]
+    out.result({"org_id": args.org, "alerts": alerts}, table(alerts, columns) if alerts else "No alerts raised.")
+
+
+async def cmd_audit_prune(args, settings, out: Printer) -> None:
+    deleted = await _with_db(settings, lambda conn: usage.prune_audit(conn, args.older_than))
+    out.result({"deleted": deleted}, f"Deleted {deleted} audit entries older than {args.older_than}.")
+
+
 async def cmd_authz(args, settings, out: Printer) -> None:
     from authz_service.server import serve
 
@@ -287,6 +312,22 @@ def build_parser() -> argparse.ArgumentParser:
     klist.add_argument("--org", type=_uuid("organisation id"), required=True, metavar="ORG_ID")
     leaf(keys_group, "revoke", cmd_keys_revoke, "revoke a key on every authz replica").add_argument(
         "key_id", type=_uuid("key id")
+    )
+
+    leaf(commands, "usage", cmd_usage, "usage this billing period, pooled over products").add_argument(
+        "org_id", type=_uuid("organisation id")
+    )
+    alerts_group = commands.add_parser("alerts", help="usage-threshold alerts").add_subparsers(
+        dest="alerts_command", metavar="ACTION", required=True
+    )
+    leaf(alerts_group, "list", cmd_alerts_list, "alerts raised for an organisation (70, 90, 100 %)").add_argument(
+        "--org", type=_uuid("organisation id"), required=True, metavar="ORG_ID"
+    )
+    audit_group = commands.add_parser("audit", help="the audit log").add_subparsers(
+        dest="audit_command", metavar="ACTION", required=True
+    )
+    leaf(audit_group, "prune", cmd_audit_prune, "delete audit entries older than a given age").add_argument(
+        "--older-than", type=_duration, required=True, metavar="DURATION", help="e.g. 90d"
     )
 
     leaf(commands, "authz", cmd_authz, "run the ext_authz gRPC service")

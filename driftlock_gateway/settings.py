@@ -4,6 +4,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from driftlock_gateway.billing_rules import BillingPolicy
 from driftlock_gateway.errors import OperatorError
 
 MIN_JWT_SECRET_BYTES = 32
@@ -53,6 +54,22 @@ def _float(environ: Mapping[str, str], name: str, default: float, *, minimum: fl
     if value < minimum:
         raise SettingsError(f"{name} must be at least {minimum}, got {value}")
     return value
+
+
+def _fraction(environ: Mapping[str, str], name: str, default: float) -> float:
+    value = _float(environ, name, default)
+    if value > 1.0:
+        raise SettingsError(f"{name} must be between 0 and 1, got {value}")
+    return value
+
+
+def _url(environ: Mapping[str, str], name: str) -> str | None:
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return None
+    if not raw.startswith(("http://", "https://")):
+        raise SettingsError(f"{name} must be an http:// or https:// URL")
+    return raw
 
 
 def _choice(environ: Mapping[str, str], name: str, choices: tuple[str, ...], default: str) -> str:
@@ -106,6 +123,15 @@ class Settings:
     database_lookup_timeout_seconds: float = 0.5
     org_id_metric_labels: bool = True
 
+    # Metering: how often counted units are written (at most 1 s by default), where units that could not be
+    # written at shutdown are kept for the next start, and how old a replica's view of another replica's usage
+    # may get before it is read again.
+    meter_flush_interval_seconds: float = 1.0
+    meter_spill_dir: str | None = None
+    usage_refresh_seconds: float = 2.0
+    alert_webhook_url: str | None = None
+    audit_allow_sample_rate: float = 0.01
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
         env = os.environ if environ is None else environ
@@ -135,6 +161,17 @@ class Settings:
             key_cache_max_entries=_int(env, "DRIFTLOCK_KEY_CACHE_MAX_ENTRIES", 100_000, minimum=1),
             database_lookup_timeout_seconds=_float(env, "DRIFTLOCK_DB_LOOKUP_TIMEOUT_SECONDS", 0.5, minimum=0.01),
             org_id_metric_labels=_bool(env, "DRIFTLOCK_METRICS_ORG_LABELS", True),
+            meter_flush_interval_seconds=_float(env, "DRIFTLOCK_METER_FLUSH_INTERVAL_SECONDS", 1.0, minimum=0.01),
+            meter_spill_dir=env.get("DRIFTLOCK_METER_SPILL_DIR", "").strip() or None,
+            usage_refresh_seconds=_float(env, "DRIFTLOCK_USAGE_REFRESH_SECONDS", 2.0, minimum=0.1),
+            alert_webhook_url=_url(env, "DRIFTLOCK_ALERT_WEBHOOK_URL"),
+            audit_allow_sample_rate=_fraction(env, "DRIFTLOCK_AUDIT_ALLOW_SAMPLE_RATE", 0.01),
+        )
+
+    def billing_policy(self) -> BillingPolicy:
+        return BillingPolicy(
+            grace_seconds=self.dunning_grace_days * 86400.0,
+            block_billable_when_overdue=self.dunning_policy == "block",
         )
 
     def require_database_url(self) -> str:

@@ -6,6 +6,7 @@ addresses differ.
 
 import asyncio
 import sys
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -28,12 +29,23 @@ class StackPorts:
     backend: int = 8000
 
 
+@dataclass(frozen=True)
+class _Spec:
+    argv: list[str]
+    env: dict[str, str]
+    ready: Callable[[], Callable[[], Awaitable[bool]]]
+    what: str
+
+
 @dataclass
 class Stack:
     ports: StackPorts
     backend: HostPort
     envoy_config_path: Path
+    log_dir: Path | None = None
+    output: IO[str] | None = None
     children: dict[str, Child] = field(default_factory=dict)
+    _specs: dict[str, _Spec] = field(default_factory=dict)
 
     @property
     def envoy_url(self) -> str:
@@ -41,6 +53,31 @@ class Stack:
 
     def authz_target(self, replica: int = 0) -> str:
         return f"{LOOPBACK}:{self.ports.authz[replica]}"
+
+    def authz_names(self) -> list[str]:
+        return [name for name in self._specs if name.startswith("authz")]
+
+    async def launch(self, name: str, spec: _Spec) -> Child:
+        self._specs[name] = spec
+        child = await start_child(
+            name,
+            spec.argv,
+            env=spec.env,
+            log_file=(self.log_dir / f"{name}.log") if self.log_dir else None,
+            prefix_output_to=None if self.log_dir else (self.output or sys.stderr),
+        )
+        self.children[name] = child
+        return child
+
+    async def wait_ready(self, name: str) -> None:
+        spec = self._specs[name]
+        await wait_until(spec.ready(), timeout=READY_TIMEOUT_SECONDS, what=spec.what, child=self.children[name])
+
+    async def restart(self, name: str) -> None:
+        """Start a stopped child again, as it was first started, and wait until it serves."""
+        assert not self.children[name].running, f"{name} is still running"
+        await self.launch(name, self._specs[name])
+        await self.wait_ready(name)
 
     async def stop(self, timeout: float = 10.0) -> dict[str, int]:
         """Stop Envoy first (no new requests), then the services; return each child's exit code."""
@@ -69,12 +106,14 @@ async def start_stack(
 ) -> Stack:
     """Start everything and wait until it serves; on failure, stop what was started and raise ChildFailed.
 
-    Output of each child goes to `log_dir/<name>.log`, or to `output` with a `[name]` prefix.
+    Output of each child goes to `log_dir/<name>.log`, or to `output` with a `[name]` prefix. Units the meter
+    could not write at shutdown are kept in `state_dir/meter-spill` for the next start.
     """
     state_dir.mkdir(parents=True, exist_ok=True)
     common_env = {
         "DATABASE_URL": database_url,
         "DRIFTLOCK_JWT_SECRET": jwt_secret,
+        "DRIFTLOCK_METER_SPILL_DIR": str(state_dir / "meter-spill"),
         "PYTHONUNBUFFERED": "1",
         **(extra_env or {}),
     }
@@ -87,62 +126,46 @@ async def start_stack(
         authz=[HostPort(LOOPBACK, port) for port in ports.authz],
         webhooks=HostPort(LOOPBACK, ports.webhooks),
     )
-    stack = Stack(ports=ports, backend=target_backend, envoy_config_path=envoy_config.write(config, state_dir))
-
-    async def launch(name: str, argv: list[str], env: dict[str, str] | None = None) -> Child:
-        child = await start_child(
-            name,
-            argv,
-            env={**common_env, **(env or {})},
-            log_file=(log_dir / f"{name}.log") if log_dir else None,
-            prefix_output_to=None if log_dir else (output or sys.stderr),
+    stack = Stack(
+        ports=ports,
+        backend=target_backend,
+        envoy_config_path=envoy_config.write(config, state_dir),
+        log_dir=log_dir,
+        output=output,
+    )
+    specs: dict[str, _Spec] = {}
+    if backend is None:
+        specs["backend"] = _Spec(
+            _python("driftlock_gateway.demo_backend", "--host", LOOPBACK, "--port", str(ports.backend)),
+            common_env,
+            lambda: tcp_open(LOOPBACK, ports.backend),
+            "the demo backend to listen",
         )
-        stack.children[name] = child
-        return child
-
+    for replica, (port, metrics_port) in enumerate(zip(ports.authz, ports.authz_metrics, strict=True)):
+        name = "authz" if len(ports.authz) == 1 else f"authz-{replica + 1}"
+        specs[name] = _Spec(
+            _python("driftlock_gateway.cli", "authz"),
+            {
+                **common_env,
+                "DRIFTLOCK_AUTHZ_HOST": LOOPBACK,
+                "DRIFTLOCK_AUTHZ_PORT": str(port),
+                "DRIFTLOCK_AUTHZ_METRICS_PORT": str(metrics_port),
+                # Each replica its own spill file folder, so two replicas never replay each other's.
+                "DRIFTLOCK_METER_SPILL_DIR": str(state_dir / "meter-spill" / name),
+            },
+            lambda port=port: grpc_serving(f"{LOOPBACK}:{port}"),
+            f"{name} to serve",
+        )
+    specs["envoy"] = _Spec(
+        envoy_config.command(stack.envoy_config_path, concurrency=envoy_concurrency),
+        common_env,
+        lambda: http_ok(f"http://{LOOPBACK}:{ports.envoy_admin}/ready"),
+        "Envoy to be ready",
+    )
     try:
-        waits = []
-        if backend is None:
-            child = await launch(
-                "backend", _python("driftlock_gateway.demo_backend", "--host", LOOPBACK, "--port", str(ports.backend))
-            )
-            waits.append(
-                wait_until(
-                    tcp_open(LOOPBACK, ports.backend),
-                    timeout=READY_TIMEOUT_SECONDS,
-                    what="the demo backend to listen",
-                    child=child,
-                )
-            )
-        for replica, (port, metrics_port) in enumerate(zip(ports.authz, ports.authz_metrics, strict=True)):
-            name = "authz" if len(ports.authz) == 1 else f"authz-{replica + 1}"
-            child = await launch(
-                name,
-                _python("driftlock_gateway.cli", "authz"),
-                {
-                    "DRIFTLOCK_AUTHZ_HOST": LOOPBACK,
-                    "DRIFTLOCK_AUTHZ_PORT": str(port),
-                    "DRIFTLOCK_AUTHZ_METRICS_PORT": str(metrics_port),
-                },
-            )
-            waits.append(
-                wait_until(
-                    grpc_serving(f"{LOOPBACK}:{port}"),
-                    timeout=READY_TIMEOUT_SECONDS,
-                    what=f"{name} to serve",
-                    child=child,
-                )
-            )
-        child = await launch("envoy", envoy_config.command(stack.envoy_config_path, concurrency=envoy_concurrency))
-        waits.append(
-            wait_until(
-                http_ok(f"http://{LOOPBACK}:{ports.envoy_admin}/ready"),
-                timeout=READY_TIMEOUT_SECONDS,
-                what="Envoy to be ready",
-                child=child,
-            )
-        )
-        await asyncio.gather(*waits)
+        for name, spec in specs.items():
+            await stack.launch(name, spec)
+        await asyncio.gather(*(stack.wait_ready(name) for name in specs))
     except BaseException:
         await stack.stop()
         raise

@@ -10,12 +10,15 @@ os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 import pytest
 
-from driftlock_gateway import api_keys, db, migrate, orgs
+from driftlock_gateway import api_keys, db, migrate, orgs, plans
 from driftlock_gateway.embedded_db import EmbeddedDatabase
 from driftlock_gateway.keys import Environment
 from tests.support.database import DatabaseFactory
 
 JWT_SECRET = secrets.token_urlsafe(48)
+# Organisations of the tests are on this plan unless a test says otherwise: no rate limit and a soft quota, so
+# that a test meets a limit only when it asks for one.
+TEST_PLAN = "tests-unlimited"
 
 
 @pytest.fixture(scope="session")
@@ -49,6 +52,7 @@ async def database_url(databases) -> str:
     url = await databases.create() if await databases.can_create() else databases.admin_url
     async with db.connection(url) as conn:
         await migrate.migrate(conn)
+        await plans.upsert_plan(conn, TEST_PLAN, included_units=1_000_000_000, overage="soft")
     return url
 
 
@@ -69,7 +73,7 @@ async def pool(database_url):
 
 @pytest.fixture
 def make_org(pool):
-    async def make(*, plan: str = "free", name: str = "Test organisation") -> orgs.Organization:
+    async def make(*, plan: str = TEST_PLAN, name: str = "Test organisation") -> orgs.Organization:
         async with pool.acquire() as conn:
             return await orgs.create_org(conn, name, plan=plan)
 
@@ -95,12 +99,15 @@ def make_key(pool):
 
 
 class Gateway:
-    """Envoy + two authz replicas + a recording backend and webhooks stand-in, on free ports."""
+    """Envoy + two authz replicas + a recording backend, webhooks stand-in and alert receiver, on free ports.
 
-    def __init__(self, stack, backend, webhooks, log_dir):
+    Every allowed check is audited (sample rate 1) so that tests can find their requests in the audit log."""
+
+    def __init__(self, stack, backend, webhooks, alerts, log_dir):
         self.stack = stack
         self.backend = backend
         self.webhooks = webhooks
+        self.alerts = alerts
         self.log_dir = log_dir
 
     @property
@@ -123,6 +130,7 @@ async def gateway(database_url, jwt_secret, tmp_path_factory):
 
     backend = await Recorder().start(free_port())
     webhooks = await Recorder().start(free_port())
+    alerts = await Recorder().start(free_port())
     ports = StackPorts(
         envoy=free_port(),
         envoy_admin=free_port(),
@@ -141,13 +149,18 @@ async def gateway(database_url, jwt_secret, tmp_path_factory):
             ports=ports,
             backend=HostPort("127.0.0.1", backend.port),
             log_dir=log_dir,
+            extra_env={
+                "DRIFTLOCK_ALERT_WEBHOOK_URL": f"http://127.0.0.1:{alerts.port}/alerts",
+                "DRIFTLOCK_AUDIT_ALLOW_SAMPLE_RATE": "1",
+            },
         )
     except Exception:
-        print(Gateway(None, backend, webhooks, log_dir).logs())
+        print(Gateway(None, backend, webhooks, alerts, log_dir).logs())
         raise
-    gateway = Gateway(stack, backend, webhooks, log_dir)
+    gateway = Gateway(stack, backend, webhooks, alerts, log_dir)
     yield gateway
     codes = await stack.stop()
     await backend.stop()
     await webhooks.stop()
+    await alerts.stop()
     assert all(code == 0 for code in codes.values()), f"exit codes {codes}\n{gateway.logs()}"

@@ -10,6 +10,7 @@ import pytest
 from driftlock_gateway import api_keys, orgs
 from driftlock_gateway.context_token import verify
 from driftlock_gateway.keys import Environment, generate_key
+from tests.conftest import TEST_PLAN
 from tests.support.http import raw_request
 from tests.support.net import eventually
 
@@ -52,13 +53,13 @@ async def test_allowed_request_reaches_backend_with_the_contract_headers(gateway
     assert received.path == DETECT
     assert received.header("x-driftlock-org-id") == str(org.id)
     assert received.header("x-driftlock-key-id") == str(key.id)
-    assert received.header("x-driftlock-plan") == "free"
+    assert received.header("x-driftlock-plan") == TEST_PLAN
     assert received.header("x-driftlock-environment") == "live"
     assert received.header("x-driftlock-billable") == "true"
     claims = verify(received.header("x-driftlock-context"), jwt_secret.encode())
     assert claims["sub"] == str(org.id)
     assert claims["key_id"] == str(key.id)
-    assert claims["plan"] == "free" and claims["env"] == "live" and claims["billable"] is True
+    assert claims["plan"] == TEST_PLAN and claims["env"] == "live" and claims["billable"] is True
     assert sorted(claims["scopes"]) == ["detect", "ingest", "read"]
     assert 0 < claims["exp"] - claims["iat"] <= 300
     assert "authorization" not in received.names()
@@ -90,7 +91,7 @@ async def test_spoofed_context_headers_never_reach_the_backend(gateway, send, te
     assert response.status == 200
     received = gateway.backend.by_request_id(response.request_id)
     assert received.header("x-driftlock-org-id") == str(org.id)
-    assert received.header("x-driftlock-plan") == "free"
+    assert received.header("x-driftlock-plan") == TEST_PLAN
     assert received.header("x-driftlock-billable") == "true"
     assert received.header("x-driftlock-environment") == "live"
     assert received.header("x-driftlock-context") != "forged.token.value"

@@ -1,5 +1,7 @@
 """Envoy-shaped CheckRequests, for calling authz over real gRPC without Envoy."""
 
+import uuid
+
 from envoy.service.auth.v3 import external_auth_pb2
 
 STREAM_DETECT = {"scope": "detect", "billable": "true", "product": "stream", "units": "1"}
@@ -14,8 +16,10 @@ def check_request(
     *,
     path: str = "/api/v1/stream/detect",
     method: str = "POST",
-    request_id: str = "req-1",
+    request_id: str | None = None,
 ) -> external_auth_pb2.CheckRequest:
+    """A request as Envoy sends it; each gets a fresh request id, as Envoy assigns, unless one is given."""
+    request_id = request_id or str(uuid.uuid4())
     request = external_auth_pb2.CheckRequest()
     http = request.attributes.request.http
     http.method = method

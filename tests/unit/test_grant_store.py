@@ -95,7 +95,7 @@ async def test_a_cancelled_waiter_does_not_cancel_the_shared_query():
 
 @pytest.mark.parametrize(
     ("forget", "argument", "survivor"),
-    [("forget_key", "k1", b"h2"), ("forget_org", "o1", b"h2"), ("forget_plan", "free", b"h2")],
+    [("forget_key", "k1", b"h2"), ("forget_org", "o1", b"h2")],
 )
 async def test_invalidation_drops_only_matching_entries(forget, argument, survivor):
     rows = {b"h1": grant("k1", "o1", "free"), b"h2": grant("k2", "o2", "pro")}

@@ -1,0 +1,187 @@
+"""The SQL behind metering: one statement per flush, one per cold usage read, one per batch of alerts."""
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import asyncpg
+
+from authz_service.usage_ledger import Batch, Report, UsageKey
+
+# Applies a batch exactly once and reads back the pooled totals of every organisation and period it touched.
+# - The flush id goes into meter_flushes first; if it is there already (a retry after a lost commit
+#   acknowledgement), the counted units are not added again.
+# - Backend reports are idempotent on their own: a request id already stored adds nothing.
+# - Counters are upserted in key order, so two replicas flushing the same organisations lock rows in the same
+#   order and cannot deadlock.
+# - Totals: rows this statement wrote come from RETURNING (the rest of the statement cannot see them), the other
+#   products of the same organisation and period from the statement's snapshot.
+# - Units of an organisation deleted meanwhile are dropped rather than failing the whole flush.
+FLUSH_SQL = """
+WITH flush AS (
+    INSERT INTO driftlock.meter_flushes (flush_id, replica, units) VALUES ($1, $2, $3)
+    ON CONFLICT (flush_id) DO NOTHING
+    RETURNING flush_id
+),
+counted AS (
+    SELECT c.org_id, c.period_start, c.product, c.units
+    FROM unnest($4::uuid[], $5::timestamptz[], $6::text[], $7::bigint[]) AS c(org_id, period_start, product, units)
+    WHERE EXISTS (SELECT 1 FROM flush)
+      AND EXISTS (SELECT 1 FROM driftlock.organizations o WHERE o.id = c.org_id)
+),
+reported AS (
+    INSERT INTO driftlock.usage_reports (request_id, org_id, period_start, product, units)
+    SELECT r.request_id, r.org_id, r.period_start, r.product, r.units
+    FROM unnest($8::text[], $9::uuid[], $10::timestamptz[], $11::text[], $12::bigint[])
+         AS r(request_id, org_id, period_start, product, units)
+    WHERE EXISTS (SELECT 1 FROM driftlock.organizations o WHERE o.id = r.org_id)
+    ON CONFLICT (request_id) DO NOTHING
+    RETURNING org_id, period_start, product, units
+),
+deltas AS (
+    SELECT org_id, period_start, product, sum(units)::bigint AS units
+    FROM (SELECT * FROM counted UNION ALL SELECT * FROM reported) AS d
+    GROUP BY org_id, period_start, product
+),
+upserted AS (
+    INSERT INTO driftlock.usage_counters AS u (org_id, period_start, product, units)
+    SELECT org_id, period_start, product, units FROM deltas ORDER BY org_id, period_start, product
+    ON CONFLICT (org_id, period_start, product) DO UPDATE SET units = u.units + EXCLUDED.units, updated_at = now()
+    RETURNING u.org_id, u.period_start, u.product, u.units
+),
+touched AS (
+    SELECT org_id, period_start FROM unnest($4::uuid[], $5::timestamptz[]) AS t(org_id, period_start)
+    UNION
+    SELECT org_id, period_start FROM unnest($9::uuid[], $10::timestamptz[]) AS t(org_id, period_start)
+),
+totals AS (
+    SELECT org_id, period_start, units FROM upserted
+    UNION ALL
+    SELECT c.org_id, c.period_start, c.units
+    FROM driftlock.usage_counters c JOIN touched t USING (org_id, period_start)
+    WHERE NOT EXISTS (
+        SELECT 1 FROM upserted w
+        WHERE w.org_id = c.org_id AND w.period_start = c.period_start AND w.product = c.product)
+)
+SELECT EXISTS (SELECT 1 FROM flush) AS applied, t.org_id::text AS org_id, t.period_start,
+       coalesce(sum(x.units), 0)::bigint AS total
+FROM touched t LEFT JOIN totals x USING (org_id, period_start)
+GROUP BY t.org_id, t.period_start
+"""
+
+LOAD_SQL = """
+SELECT coalesce(sum(units), 0)::bigint FROM driftlock.usage_counters WHERE org_id = $1 AND period_start = $2
+"""
+
+ALERTS_SQL = """
+INSERT INTO driftlock.usage_alerts (org_id, period_start, period_end, threshold, used_units, included_units, plan_name)
+SELECT * FROM unnest($1::uuid[], $2::timestamptz[], $3::timestamptz[], $4::int[], $5::bigint[], $6::bigint[],
+                     $7::text[])
+ON CONFLICT (org_id, period_start, threshold) DO NOTHING
+RETURNING id, org_id::text AS org_id, period_start, period_end, threshold, used_units, included_units, plan_name,
+          created_at
+"""
+
+
+@dataclass(frozen=True)
+class FlushResult:
+    applied: bool  # False: the database had this flush id already (a retry after a lost acknowledgement)
+    totals: dict[UsageKey, int]
+
+
+@dataclass(frozen=True)
+class AlertCandidate:
+    org_id: str
+    period_start: datetime
+    period_end: datetime
+    threshold: int
+    used_units: int
+    included_units: int
+    plan: str
+
+
+class MeterStore:
+    def __init__(self, pool: asyncpg.Pool, *, replica: str):
+        self._pool = pool
+        self._replica = replica
+
+    async def flush(self, batch: Batch) -> FlushResult:
+        counters = sorted(batch.counters.items())
+        rows = await self._pool.fetch(
+            FLUSH_SQL,
+            batch.flush_id,
+            self._replica,
+            batch.units,
+            [k[0] for k, _ in counters],
+            [k[1] for k, _ in counters],
+            [k[2] for k, _ in counters],
+            [v for _, v in counters],
+            [r.request_id for r in batch.reports],
+            [r.org_id for r in batch.reports],
+            [r.period_start for r in batch.reports],
+            [r.product for r in batch.reports],
+            [r.units for r in batch.reports],
+        )
+        applied = rows[0]["applied"] if rows else True
+        return FlushResult(applied, {(row["org_id"], row["period_start"]): row["total"] for row in rows})
+
+    async def load(self, key: UsageKey) -> int:
+        return await self._pool.fetchval(LOAD_SQL, key[0], key[1])
+
+    async def raise_alerts(self, candidates: list[AlertCandidate]) -> list[dict]:
+        """Insert the alerts not raised yet (by anyone); return the ones this call inserted."""
+        rows = await self._pool.fetch(
+            ALERTS_SQL,
+            [c.org_id for c in candidates],
+            [c.period_start for c in candidates],
+            [c.period_end for c in candidates],
+            [c.threshold for c in candidates],
+            [c.used_units for c in candidates],
+            [c.included_units for c in candidates],
+            [c.plan for c in candidates],
+        )
+        return [dict(row) for row in rows]
+
+
+# --- spilling: what a shutdown could not flush, kept on disk for the next start ---------------------------------
+
+
+def spill(batches: list[Batch], directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"meter-{batches[0].flush_id}.json"
+    document = [
+        {
+            "flush_id": str(batch.flush_id),
+            "counters": [[k[0], k[1].isoformat(), k[2], v] for k, v in batch.counters.items()],
+            "reports": [
+                [r.request_id, r.org_id, r.period_start.isoformat(), r.product, r.units] for r in batch.reports
+            ],
+        }
+        for batch in batches
+    ]
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(document))
+    temporary.replace(path)  # a reader never sees half a file
+    return path
+
+
+def read_spilled(directory: Path) -> list[tuple[Path, list[Batch]]]:
+    import uuid
+
+    found = []
+    for path in sorted(directory.glob("meter-*.json")) if directory.is_dir() else []:
+        batches = []
+        for item in json.loads(path.read_text()):
+            batches.append(
+                Batch(
+                    uuid.UUID(item["flush_id"]),
+                    {(o, datetime.fromisoformat(p), product): units for o, p, product, units in item["counters"]},
+                    [
+                        Report(rid, o, datetime.fromisoformat(p), product, units)
+                        for rid, o, p, product, units in item["reports"]
+                    ],
+                )
+            )
+        found.append((path, batches))
+    return found

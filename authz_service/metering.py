@@ -1,0 +1,270 @@
+"""Metering: count billable units in memory, flush them in batches, exactly once; raise usage alerts.
+
+- `record()` is synchronous and costs a few dict operations; the flush loop writes everything counted since the
+  last flush in one statement, at most every `flush_interval` seconds.
+- A flush that fails keeps its batch and flush id: the next attempt sends the same batch, and the database
+  applies it only if it has not seen the id. A database outage therefore only delays counts.
+- On shutdown (`close`), the meter flushes until its deadline; what still cannot be written is spilled to a file
+  that the next start flushes (with the same flush ids, so a file flushed twice counts once).
+- What a SIGKILL can lose: the units counted since the last acknowledged flush (at most `flush_interval` of
+  traffic while the database is up; everything counted during an outage).
+"""
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import Enum
+from pathlib import Path
+
+import asyncpg
+
+from authz_service import metrics
+from authz_service.alerts import AlertNotifier, thresholds_reached
+from authz_service.decision import PlanLimits
+from authz_service.meter_store import AlertCandidate, MeterStore, read_spilled, spill
+from authz_service.usage_ledger import Report, UsageKey, UsageLedger
+from driftlock_gateway.periods import Period, current_period
+
+log = logging.getLogger(__name__)
+
+DATABASE_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+
+
+class FlushOutcome(Enum):
+    IDLE = "idle"  # nothing to write
+    FLUSHED = "flushed"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class _AlertContext:
+    plan: str
+    included_units: int
+    period_end: datetime
+
+
+class PeriodFinder:
+    """The billing period an organisation is in now, without building datetimes on every check."""
+
+    def __init__(self):
+        self._cache: dict[tuple[float | None, float | None], tuple[Period, float, float]] = {}
+
+    def period(self, subscription_start: float | None, subscription_end: float | None, now: float) -> Period:
+        cache_key = (subscription_start, subscription_end)
+        cached = self._cache.get(cache_key)
+        if cached is not None and cached[1] <= now < cached[2]:
+            return cached[0]
+        period = current_period(_dt(subscription_start), _dt(subscription_end), datetime.fromtimestamp(now, UTC))
+        if len(self._cache) > 10_000:
+            self._cache.clear()
+        self._cache[cache_key] = (period, period.start.timestamp(), period.end.timestamp())
+        return period
+
+
+def _dt(timestamp: float | None) -> datetime | None:
+    return None if timestamp is None else datetime.fromtimestamp(timestamp, UTC)
+
+
+class Meter:
+    def __init__(
+        self,
+        ledger: UsageLedger,
+        store: MeterStore,
+        *,
+        flush_interval: float = 1.0,
+        flush_timeout: float = 10.0,
+        load_timeout: float = 0.5,
+        org_labels: bool = True,
+        notifier: AlertNotifier | None = None,
+        spill_dir: Path | None = None,
+    ):
+        self.ledger = ledger
+        self._store = store
+        self._interval = flush_interval
+        self._flush_timeout = flush_timeout
+        self._load_timeout = load_timeout
+        self._org_labels = org_labels
+        self._notifier = notifier
+        self._spill_dir = spill_dir
+        self._loading: dict[UsageKey, asyncio.Future] = {}
+        self._context: dict[UsageKey, _AlertContext] = {}
+        self._raised: set[tuple[UsageKey, int]] = set()
+        self._spilled_files: dict[Path, set] = {}
+        self._task: asyncio.Task | None = None
+        self._flush_lock = asyncio.Lock()
+        self._last_failure_log = 0.0
+
+    # --- the request path -------------------------------------------------------------------------------------
+
+    async def used(self, key: UsageKey) -> int:
+        """Pooled units of this organisation and period so far; asks the database only for a key never seen
+        (and refreshes a stale one in the background)."""
+        used = self.ledger.used(key)
+        if used is None:
+            await self._load(key)
+            return self.ledger.used(key) or 0
+        if self.ledger.is_stale(key) and key not in self._loading:
+            self._loading[key] = asyncio.ensure_future(self._load_now(key))
+        return used
+
+    def record(self, request_id: str, key: UsageKey, product: str, units: int, plan: PlanLimits, period_end) -> bool:
+        counted = self.ledger.record(request_id, key, product, units)
+        if counted:
+            self._context[key] = _AlertContext(plan.name, plan.included_units, period_end)
+            metrics.METER_PENDING_UNITS.inc(units)
+        else:
+            metrics.METER_DUPLICATE_REQUESTS.inc()
+        return counted
+
+    def report(self, report: Report, plan: PlanLimits, period_end: datetime) -> bool:
+        counted = self.ledger.report(report)
+        if counted:
+            self._context[(report.org_id, report.period_start)] = _AlertContext(
+                plan.name, plan.included_units, period_end
+            )
+            metrics.METER_PENDING_UNITS.inc(report.units)
+        return counted
+
+    async def _load(self, key: UsageKey) -> None:
+        pending = self._loading.get(key)
+        if pending is None:
+            pending = self._loading[key] = asyncio.ensure_future(self._load_now(key))
+        await asyncio.shield(pending)
+
+    async def _load_now(self, key: UsageKey) -> None:
+        epoch = self.ledger.epoch(key)
+        try:
+            metrics.DB_QUERIES.labels(query="usage_load").inc()
+            total = await asyncio.wait_for(self._store.load(key), self._load_timeout)
+            self.ledger.learn(key, total, epoch)
+        except DATABASE_ERRORS as error:
+            # Serve on what this replica counted itself; the next check past the staleness window asks again.
+            log.warning("could not read usage of %s: %s", key[0], error)
+            self.ledger.assume(key, 0)
+        finally:
+            self._loading.pop(key, None)
+
+    # --- flushing -------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="meter-flush")
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            while await self.flush_once() is FlushOutcome.FLUSHED and self.ledger.has_work:
+                pass
+
+    async def flush_once(self) -> FlushOutcome:
+        async with self._flush_lock:
+            batch = self.ledger.next_batch()
+            if batch is None:
+                return FlushOutcome.IDLE
+            started = time.perf_counter()
+            try:
+                metrics.DB_QUERIES.labels(query="meter_flush").inc()
+                result = await asyncio.wait_for(self._store.flush(batch), self._flush_timeout)
+            except DATABASE_ERRORS as error:
+                metrics.METER_FLUSHES.labels(outcome="failed").inc()
+                now = time.monotonic()
+                if now - self._last_failure_log > 10:
+                    self._last_failure_log = now
+                    log.warning("flush of %d units failed (kept, will retry): %s", batch.units, error)
+                return FlushOutcome.FAILED
+            metrics.METER_FLUSH_DURATION.observe(time.perf_counter() - started)
+            metrics.METER_FLUSHES.labels(outcome="applied" if result.applied else "duplicate").inc()
+            self.ledger.acknowledged(batch, result.totals)
+            metrics.METER_PENDING_UNITS.set(self.ledger.pending_units)
+            if result.applied:
+                for (org_id, _period, product), units in batch.counters.items():
+                    metrics.USAGE_UNITS.labels(org_id=self._org_label(org_id), product=product).inc(units)
+                for report in batch.reports:
+                    metrics.USAGE_UNITS.labels(org_id=self._org_label(report.org_id), product=report.product).inc(
+                        report.units
+                    )
+            self._forget_spilled(batch.flush_id)
+        await self._raise_alerts(result.totals)
+        return FlushOutcome.FLUSHED
+
+    def _org_label(self, org_id: str) -> str:
+        return org_id if self._org_labels else ""
+
+    async def _raise_alerts(self, totals: dict[UsageKey, int]) -> None:
+        candidates = []
+        for key, total in totals.items():
+            context = self._context.get(key)
+            if context is None:
+                continue
+            if context.included_units > 0:
+                metrics.USAGE_QUOTA_RATIO.labels(org_id=self._org_label(key[0])).set(total / context.included_units)
+            for threshold in thresholds_reached(total, context.included_units):
+                if (key, threshold) not in self._raised:
+                    candidates.append(
+                        AlertCandidate(
+                            key[0], key[1], context.period_end, threshold, total, context.included_units, context.plan
+                        )
+                    )
+        if not candidates:
+            return
+        try:
+            metrics.DB_QUERIES.labels(query="alerts_insert").inc()
+            inserted = await self._store.raise_alerts(candidates)
+        except DATABASE_ERRORS as error:
+            log.warning("could not raise %d usage alerts (will retry at the next flush): %s", len(candidates), error)
+            return
+        self._raised.update(((c.org_id, c.period_start), c.threshold) for c in candidates)
+        for alert in inserted:
+            metrics.USAGE_ALERTS.labels(threshold=str(alert["threshold"])).inc()
+            log.info("usage alert: organisation %s reached %d%%", alert["org_id"], alert["threshold"])
+            if self._notifier is not None:
+                self._notifier.submit(alert)
+
+    # --- start-up and shutdown ------------------------------------------------------------------------------
+
+    def restore_spilled(self) -> int:
+        """Queue what a previous process spilled; returns the units restored."""
+        if self._spill_dir is None:
+            return 0
+        units = 0
+        for path, batches in read_spilled(self._spill_dir):
+            self.ledger.restore(batches)
+            self._spilled_files[path] = {b.flush_id for b in batches}
+            units += sum(b.units for b in batches)
+        if units:
+            log.info("restored %d units spilled by a previous shutdown", units)
+            metrics.METER_PENDING_UNITS.set(self.ledger.pending_units)
+        return units
+
+    def _forget_spilled(self, flush_id) -> None:
+        for path, ids in list(self._spilled_files.items()):
+            ids.discard(flush_id)
+            if not ids:
+                path.unlink(missing_ok=True)
+                del self._spilled_files[path]
+
+    async def close(self, timeout: float = 15.0) -> None:
+        """Stop the loop and write everything counted; spill what the database does not take in time."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        deadline = time.monotonic() + timeout
+        while self.ledger.has_work and time.monotonic() < deadline:
+            if await self.flush_once() is FlushOutcome.FAILED:
+                await asyncio.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+        for pending in list(self._loading.values()):
+            pending.cancel()
+        if not self.ledger.has_work:
+            log.info("meter flushed everything")
+            return
+        batches = self.ledger.drain()
+        units = sum(b.units for b in batches)
+        if self._spill_dir is not None:
+            path = spill(batches, self._spill_dir)
+            log.error("database unavailable at shutdown: %d units spilled to %s for the next start", units, path)
+        else:
+            log.error("database unavailable at shutdown and no spill directory: %d units lost", units)
+        metrics.METER_PENDING_UNITS.set(0)

@@ -1,0 +1,56 @@
+"""Per-key rate limits: a token bucket per key, in this process.
+
+A bucket holds one second's worth of requests (at least one), refilled at the plan's rate: a client may send a
+second's worth at once, then the rate. With several authz replicas each keeps its own buckets; see
+docs/operations.md for how that composes with Envoy's global rate-limit service.
+"""
+
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class RateVerdict:
+    allowed: bool
+    limit: float  # requests per second
+    remaining: int  # whole requests left in the bucket after this one
+    reset_seconds: int  # until the bucket is full again
+    retry_after: int | None  # when denied: seconds until one request fits
+
+    def headers(self) -> dict[str, str]:
+        limit = int(self.limit) if float(self.limit).is_integer() else self.limit
+        return {
+            "x-ratelimit-limit": str(limit),
+            "x-ratelimit-remaining": str(self.remaining),
+            "x-ratelimit-reset": str(self.reset_seconds),
+        }
+
+
+class RateLimiter:
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic, max_keys: int = 100_000):
+        self._clock = clock
+        self._max_keys = max_keys
+        # key -> (tokens, updated_at); least recently used first, so idle keys are dropped first.
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+
+    def take(self, key: str, rate: float) -> RateVerdict:
+        now = self._clock()
+        capacity = max(1.0, rate)
+        tokens, updated = self._buckets.pop(key, (capacity, now))
+        tokens = min(capacity, tokens + (now - updated) * rate)
+        allowed = tokens >= 1.0
+        if allowed:
+            tokens -= 1.0
+        self._buckets[key] = (tokens, now)
+        if len(self._buckets) > self._max_keys:
+            self._buckets.popitem(last=False)
+        return RateVerdict(
+            allowed=allowed,
+            limit=rate,
+            remaining=int(tokens),
+            reset_seconds=math.ceil((capacity - tokens) / rate),
+            retry_after=None if allowed else max(1, math.ceil((1.0 - tokens) / rate)),
+        )

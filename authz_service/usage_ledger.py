@@ -1,0 +1,195 @@
+"""What one authz replica knows about usage: the database's last word plus what it counted since.
+
+Plain state, no I/O: the meter feeds it database answers and takes batches from it to flush.
+
+- `used()` is the pooled total for an organisation and period: the last total read from the database plus
+  everything this replica counted that is not in that total yet (pending, or in a flush not yet acknowledged).
+  With one replica that is exact; with several, each misses what the others counted since its last read.
+- A batch keeps its flush id until it is acknowledged, so a flush whose outcome is unknown is retried
+  unchanged, and the database recognises it by its id.
+- A request id counted once is not counted again for `dedupe_seconds`.
+"""
+
+import time
+import uuid
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+
+UsageKey = tuple[str, datetime]  # (org_id, period_start): what quotas and alerts pool over
+CounterKey = tuple[str, datetime, str]  # (org_id, period_start, product): what is stored
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    """Units the backend reported for a request it served."""
+
+    request_id: str
+    org_id: str
+    period_start: datetime
+    product: str
+    units: int
+
+
+@dataclass
+class Batch:
+    flush_id: uuid.UUID
+    counters: dict[CounterKey, int] = field(default_factory=dict)
+    reports: list[Report] = field(default_factory=list)
+
+    @property
+    def units(self) -> int:
+        return sum(self.counters.values()) + sum(r.units for r in self.reports)
+
+    def by_usage_key(self) -> dict[UsageKey, int]:
+        pooled: dict[UsageKey, int] = {}
+        for (org_id, period_start, _product), units in self.counters.items():
+            pooled[(org_id, period_start)] = pooled.get((org_id, period_start), 0) + units
+        for r in self.reports:
+            pooled[(r.org_id, r.period_start)] = pooled.get((r.org_id, r.period_start), 0) + r.units
+        return pooled
+
+
+@dataclass(slots=True)
+class _Known:
+    total: int
+    as_of: float
+
+
+class UsageLedger:
+    def __init__(
+        self,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        stale_after: float = 2.0,
+        dedupe_seconds: float = 600.0,
+        dedupe_max: int = 500_000,
+    ):
+        self._clock = clock
+        self._stale_after = stale_after
+        self._dedupe_seconds = dedupe_seconds
+        self._dedupe_max = dedupe_max
+        self._known: dict[UsageKey, _Known] = {}
+        self._pending: dict[CounterKey, int] = {}
+        self._pending_reports: list[Report] = []
+        self._unflushed: dict[UsageKey, int] = {}  # pending + unacknowledged batches, pooled
+        self._unacknowledged: deque[Batch] = deque()
+        self._recent: OrderedDict[str, float] = OrderedDict()
+        # Bumped for a usage key whenever a batch holding it is acknowledged: a database read that started
+        # before may or may not include that batch, so it is not trusted.
+        self._epoch: dict[UsageKey, int] = {}
+
+    # --- reading ------------------------------------------------------------------------------------------
+
+    def used(self, key: UsageKey) -> int | None:
+        """Pooled units this period, or None when the database has not been asked yet."""
+        known = self._known.get(key)
+        if known is None:
+            return None
+        return known.total + self._unflushed.get(key, 0)
+
+    def is_stale(self, key: UsageKey) -> bool:
+        known = self._known.get(key)
+        return known is None or self._clock() - known.as_of > self._stale_after
+
+    def epoch(self, key: UsageKey) -> int:
+        return self._epoch.get(key, 0)
+
+    @property
+    def pending_units(self) -> int:
+        return sum(self._unflushed.values())
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self._pending or self._pending_reports or self._unacknowledged)
+
+    # --- counting -----------------------------------------------------------------------------------------
+
+    def seen(self, request_id: str) -> bool:
+        self._expire_recent()
+        return request_id in self._recent
+
+    def record(self, request_id: str, key: UsageKey, product: str, units: int) -> bool:
+        """Count a served request; False (and nothing counted) when this request id was counted already."""
+        if self.seen(request_id):
+            return False
+        self._recent[request_id] = self._clock()
+        counter = (key[0], key[1], product)
+        self._pending[counter] = self._pending.get(counter, 0) + units
+        self._unflushed[key] = self._unflushed.get(key, 0) + units
+        return True
+
+    def report(self, report: Report) -> bool:
+        """Count units the backend reported; False when this process saw the same request id already.
+        (The database also refuses a request id it stored before, so a report sent to two replicas counts once.)"""
+        report_id = "report:" + report.request_id
+        if self.seen(report_id):
+            return False
+        self._recent[report_id] = self._clock()
+        self._pending_reports.append(report)
+        key = (report.org_id, report.period_start)
+        self._unflushed[key] = self._unflushed.get(key, 0) + report.units
+        return True
+
+    def _expire_recent(self) -> None:
+        horizon = self._clock() - self._dedupe_seconds
+        recent = self._recent
+        while recent and (len(recent) > self._dedupe_max or next(iter(recent.values())) < horizon):
+            recent.popitem(last=False)
+
+    # --- flushing -----------------------------------------------------------------------------------------
+
+    def next_batch(self) -> Batch | None:
+        """The oldest unacknowledged batch (to retry unchanged), else a new one from what is pending."""
+        if not self._unacknowledged and (self._pending or self._pending_reports):
+            self._unacknowledged.append(Batch(uuid.uuid4(), self._pending, self._pending_reports))
+            self._pending, self._pending_reports = {}, []
+        return self._unacknowledged[0] if self._unacknowledged else None
+
+    def acknowledged(self, batch: Batch, totals: dict[UsageKey, int]) -> None:
+        """The batch is in the database (applied now or found applied before); `totals` are the pooled
+        totals read in the same statement, which include it."""
+        assert self._unacknowledged and self._unacknowledged[0] is batch, "batches are acknowledged in order"
+        self._unacknowledged.popleft()
+        now = self._clock()
+        for key, units in batch.by_usage_key().items():
+            left = self._unflushed.get(key, 0) - units
+            if left > 0:
+                self._unflushed[key] = left
+            else:
+                self._unflushed.pop(key, None)
+            self._epoch[key] = self._epoch.get(key, 0) + 1
+        for key, total in totals.items():
+            self._known[key] = _Known(total, now)
+
+    def learn(self, key: UsageKey, total: int, epoch_at_start: int) -> None:
+        """A total read from the database outside a flush; ignored when a flush of this key was acknowledged
+        meanwhile or is still unacknowledged (the read may or may not include it)."""
+        if epoch_at_start != self.epoch(key):
+            return
+        if any(key in batch.by_usage_key() for batch in self._unacknowledged):
+            return
+        self._known[key] = _Known(total, self._clock())
+
+    def assume(self, key: UsageKey, total: int) -> None:
+        """A stand-in when the database cannot be asked: used, but stale at once, so the next check asks."""
+        if key not in self._known:
+            self._known[key] = _Known(total, float("-inf"))
+
+    def restore(self, batches: Iterable[Batch]) -> None:
+        """Batches a previous process could not flush (spilled at shutdown): flushed first, with their ids."""
+        for batch in batches:
+            self._unacknowledged.append(batch)
+            for key, units in batch.by_usage_key().items():
+                self._unflushed[key] = self._unflushed.get(key, 0) + units
+
+    def drain(self) -> list[Batch]:
+        """Everything not yet acknowledged, as batches (for spilling at shutdown); the ledger is left empty."""
+        self.next_batch()
+        batches = list(self._unacknowledged)
+        if self._pending or self._pending_reports:
+            batches.append(Batch(uuid.uuid4(), self._pending, self._pending_reports))
+        self._unacknowledged.clear()
+        self._pending, self._pending_reports, self._unflushed = {}, [], {}
+        return batches

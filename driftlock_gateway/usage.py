@@ -1,0 +1,64 @@
+"""Usage as the CLI reports it: stored counters of the current billing period, alerts, and audit retention."""
+
+import uuid
+from datetime import datetime, timedelta
+
+import asyncpg
+
+from driftlock_gateway.billing_rules import BillingPolicy, effective_plan
+from driftlock_gateway.orgs import get_org
+from driftlock_gateway.plans import get_plan
+
+PRODUCTS = ("stream", "monitor")
+
+
+async def org_usage(conn: asyncpg.Connection, org_id: uuid.UUID, now: datetime, policy: BillingPolicy) -> dict:
+    """Stored usage this billing period, pooled over products. Units an authz replica counted in the last
+    second (its flush interval) may not be stored yet."""
+    org = await get_org(conn, org_id)
+    period = org.billing_period(now)
+    rows = await conn.fetch(
+        "SELECT product, units FROM driftlock.usage_counters WHERE org_id = $1 AND period_start = $2",
+        org_id,
+        period.start,
+    )
+    used = dict.fromkeys(PRODUCTS, 0) | {row["product"]: row["units"] for row in rows}
+    total = sum(used.values())
+    plan = await get_plan(conn, effective_plan(org.plan, org.billing_status, policy))
+    included = plan.included_units if plan else 0
+    return {
+        "org_id": org.id,
+        "plan": plan.name if plan else org.plan,
+        "period_start": period.start,
+        "period_end": period.end,
+        "used": used | {"total": total},
+        "included": included,
+        "ratio": round(total / included, 6) if included else 0.0,
+    }
+
+
+async def list_alerts(conn: asyncpg.Connection, org_id: uuid.UUID) -> list[dict]:
+    await get_org(conn, org_id)
+    rows = await conn.fetch(
+        """SELECT id, org_id, threshold, period_start, period_end, used_units, included_units, plan_name AS plan,
+                  created_at, webhook_delivered_at
+           FROM driftlock.usage_alerts WHERE org_id = $1 ORDER BY period_start, threshold""",
+        org_id,
+    )
+    return [dict(row) for row in rows]
+
+
+async def prune_audit(conn: asyncpg.Connection, older_than: timedelta, *, batch: int = 10_000) -> int:
+    """Delete audit entries older than `older_than`, in batches so that a large table is never locked long."""
+    deleted = 0
+    while True:
+        status = await conn.execute(
+            """DELETE FROM driftlock.audit_log WHERE id IN (
+                   SELECT id FROM driftlock.audit_log WHERE at < now() - $1::interval LIMIT $2)""",
+            older_than,
+            batch,
+        )
+        count = int(status.split()[-1])
+        deleted += count
+        if count < batch:
+            return deleted

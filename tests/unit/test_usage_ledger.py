@@ -1,0 +1,131 @@
+from datetime import UTC, datetime
+
+from authz_service.alerts import thresholds_reached
+from authz_service.usage_ledger import Report, UsageLedger
+
+PERIOD = datetime(2026, 11, 1, tzinfo=UTC)
+KEY = ("org-1", PERIOD)
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def ledger(clock=None, **options) -> UsageLedger:
+    return UsageLedger(clock=clock or Clock(), **options)
+
+
+def test_used_is_unknown_until_the_database_is_asked():
+    book = ledger()
+    assert book.used(KEY) is None
+    book.learn(KEY, 40, book.epoch(KEY))
+    assert book.used(KEY) == 40
+
+
+def test_counted_units_add_to_the_known_total_pooled_over_products():
+    book = ledger()
+    book.learn(KEY, 40, 0)
+    assert book.record("r1", KEY, "stream", 1)
+    assert book.record("r2", KEY, "monitor", 3)
+    assert book.used(KEY) == 44
+    assert book.pending_units == 4
+
+
+def test_a_request_id_is_counted_once():
+    book = ledger()
+    book.learn(KEY, 0, 0)
+    assert book.record("r1", KEY, "stream", 1)
+    assert not book.record("r1", KEY, "stream", 1)
+    assert book.used(KEY) == 1
+
+
+def test_request_ids_are_forgotten_after_the_window():
+    clock = Clock()
+    book = ledger(clock, dedupe_seconds=10)
+    book.record("r1", KEY, "stream", 1)
+    clock.now += 11
+    assert book.record("r1", KEY, "stream", 1)
+
+
+def test_a_batch_holds_everything_pending_and_is_retried_unchanged_until_acknowledged():
+    book = ledger()
+    book.learn(KEY, 10, 0)
+    book.record("r1", KEY, "stream", 2)
+    book.report(Report("q1", "org-1", PERIOD, "monitor", 5))
+    batch = book.next_batch()
+    assert batch.counters == {("org-1", PERIOD, "stream"): 2}
+    assert [r.request_id for r in batch.reports] == ["q1"]
+    book.record("r2", KEY, "stream", 1)
+    assert book.next_batch() is batch  # a failed flush is retried with the same id and content
+    assert book.used(KEY) == 18
+    book.acknowledged(batch, {KEY: 17})  # the database total includes the batch (and 0 from elsewhere)
+    assert book.used(KEY) == 18  # 17 stored + 1 pending
+    second = book.next_batch()
+    assert second is not batch and second.flush_id != batch.flush_id
+    assert second.counters == {("org-1", PERIOD, "stream"): 1}
+
+
+def test_acknowledged_totals_include_other_replicas_usage():
+    book = ledger()
+    book.learn(KEY, 10, 0)
+    book.record("r1", KEY, "stream", 1)
+    book.acknowledged(book.next_batch(), {KEY: 25})  # 14 came from another replica meanwhile
+    assert book.used(KEY) == 25
+
+
+def test_a_read_that_raced_a_flush_is_not_trusted():
+    book = ledger()
+    book.learn(KEY, 10, 0)
+    book.record("r1", KEY, "stream", 1)
+    epoch = book.epoch(KEY)
+    batch = book.next_batch()
+    book.learn(KEY, 11, epoch)  # read while the batch was in flight: may or may not include it
+    assert book.used(KEY) == 11  # ignored: 10 known + 1 unflushed
+    book.acknowledged(batch, {KEY: 11})
+    book.learn(KEY, 10, epoch)  # a read that started before the flush was acknowledged
+    assert book.used(KEY) == 11
+
+
+def test_staleness_follows_the_last_database_answer():
+    clock = Clock()
+    book = ledger(clock, stale_after=2.0)
+    book.learn(KEY, 0, 0)
+    assert not book.is_stale(KEY)
+    clock.now += 2.5
+    assert book.is_stale(KEY)
+
+
+def test_assumed_totals_are_used_but_stale_at_once():
+    book = ledger()
+    book.assume(KEY, 0)
+    assert book.used(KEY) == 0
+    assert book.is_stale(KEY)
+
+
+def test_drain_and_restore_keep_every_unit_and_flush_id():
+    book = ledger()
+    book.learn(KEY, 0, 0)
+    book.record("r1", KEY, "stream", 2)
+    first = book.next_batch()
+    book.record("r2", KEY, "monitor", 3)
+    drained = book.drain()
+    assert [b.units for b in drained] == [2, 3]
+    assert drained[0].flush_id == first.flush_id
+    assert not book.has_work
+    fresh = ledger()
+    fresh.restore(drained)
+    assert fresh.next_batch().flush_id == first.flush_id
+    assert fresh.pending_units == 5
+
+
+def test_thresholds():
+    assert thresholds_reached(69, 100) == ()
+    assert thresholds_reached(70, 100) == (70,)
+    assert thresholds_reached(95, 100) == (70, 90)
+    assert thresholds_reached(250, 100) == (70, 90, 100)
+    assert thresholds_reached(7, 10) == (70,)
+    assert thresholds_reached(5, 0) == ()
