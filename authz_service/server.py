@@ -1,8 +1,9 @@
 """Wiring of the authz process: pool, caches, listener, meter, audit, gRPC server, metrics, signals.
 
-SIGTERM (or SIGINT): health turns NOT_SERVING so Envoy stops choosing this replica, in-flight checks get
-`SHUTDOWN_GRACE_SECONDS` to finish, then the meter writes everything it counted (or spills it), the audit log
-is written, and the process exits 0.
+SIGTERM (or SIGINT): health turns NOT_SERVING and checks are still answered for DRIFTLOCK_AUTHZ_DRAIN_SECONDS,
+until Envoy's health check has taken this replica out of rotation; then the server stops, in-flight checks get
+`SHUTDOWN_GRACE_SECONDS` to finish, the meter writes everything it counted (or spills it), the audit log is
+written, and the process exits 0.
 """
 
 import asyncio
@@ -157,8 +158,9 @@ async def serve(settings: Settings) -> None:
     log.info("authz listening on %s (metrics on :%d)", address, settings.authz_metrics_port)
 
     await stopping.wait()
-    log.info("shutting down: draining for up to %.0fs", SHUTDOWN_GRACE_SECONDS)
+    log.info("shutting down: NOT_SERVING, answering for %.1fs more", settings.authz_drain_seconds)
     await health_servicer.enter_graceful_shutdown()
+    await asyncio.sleep(settings.authz_drain_seconds)
     await server.stop(SHUTDOWN_GRACE_SECONDS)
     await meter.close(SHUTDOWN_FLUSH_SECONDS)
     await audit.close()

@@ -121,6 +121,9 @@ class Settings:
     key_cache_stale_seconds: float = 300.0
     key_cache_max_entries: int = 100_000
     database_lookup_timeout_seconds: float = 0.5
+    # After SIGTERM, authz reports NOT_SERVING and keeps answering this long, so that Envoy's health check
+    # takes it out of rotation before it stops accepting checks.
+    authz_drain_seconds: float = 2.0
     org_id_metric_labels: bool = True
 
     # Metering: how often counted units are written (at most 1 s by default), where units that could not be
@@ -160,6 +163,7 @@ class Settings:
             key_cache_stale_seconds=_float(env, "DRIFTLOCK_KEY_CACHE_STALE_SECONDS", 300.0),
             key_cache_max_entries=_int(env, "DRIFTLOCK_KEY_CACHE_MAX_ENTRIES", 100_000, minimum=1),
             database_lookup_timeout_seconds=_float(env, "DRIFTLOCK_DB_LOOKUP_TIMEOUT_SECONDS", 0.5, minimum=0.01),
+            authz_drain_seconds=_float(env, "DRIFTLOCK_AUTHZ_DRAIN_SECONDS", 2.0),
             org_id_metric_labels=_bool(env, "DRIFTLOCK_METRICS_ORG_LABELS", True),
             meter_flush_interval_seconds=_float(env, "DRIFTLOCK_METER_FLUSH_INTERVAL_SECONDS", 1.0, minimum=0.01),
             meter_spill_dir=env.get("DRIFTLOCK_METER_SPILL_DIR", "").strip() or None,

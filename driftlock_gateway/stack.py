@@ -79,12 +79,14 @@ class Stack:
         await self.launch(name, self._specs[name])
         await self.wait_ready(name)
 
-    async def stop(self, timeout: float = 10.0) -> dict[str, int]:
-        """Stop Envoy first (no new requests), then the services; return each child's exit code."""
-        order = sorted(self.children, key=lambda name: (name != "envoy", name))
+    async def stop(self, timeout: float = 15.0) -> dict[str, int]:
+        """Stop Envoy first (no new requests), then the services together; return each child's exit code."""
         codes = {}
-        for name in order:
-            codes[name] = await self.children[name].stop(timeout)
+        if "envoy" in self.children:
+            codes["envoy"] = await self.children["envoy"].stop(timeout)
+        others = [name for name in self.children if name != "envoy"]
+        results = await asyncio.gather(*(self.children[name].stop(timeout) for name in others))
+        codes.update(zip(others, results, strict=True))
         return codes
 
 

@@ -1,0 +1,99 @@
+"""The usage API (our own proto) on the authz port, over real gRPC."""
+
+import asyncio
+import uuid
+
+import grpc
+import pytest
+
+from driftlock_gateway import plans, protos
+from driftlock_gateway.api.usage.v1 import usage_pb2, usage_pb2_grpc
+from driftlock_gateway.context_token import mint_service_token
+from tests.support.usage import wait_for_usage
+
+
+@pytest.fixture(scope="module")
+async def stubs(gateway):
+    channels = [grpc.aio.insecure_channel(gateway.authz_target(i)) for i in range(2)]
+    yield [usage_pb2_grpc.UsageServiceStub(c) for c in channels]
+    for channel in channels:
+        await channel.close()
+
+
+@pytest.fixture
+def auth(jwt_secret):
+    return [("authorization", f"Bearer {mint_service_token(jwt_secret.encode())}")]
+
+
+def test_generated_stubs_are_up_to_date():
+    assert protos.stale_files() == []
+
+
+async def test_calls_without_a_valid_token_are_refused(stubs, make_org):
+    org = await make_org()
+    request = usage_pb2.GetUsageRequest(org_id=str(org.id))
+    for metadata in (
+        [],
+        [("authorization", "Bearer nonsense")],
+        [("authorization", f"Bearer {mint_service_token(b'x' * 32)}")],
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stubs[0].GetUsage(request, metadata=metadata, timeout=5)
+        assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_get_usage_reports_plan_period_and_usage(stubs, auth, make_org, make_key, pool):
+    async with pool.acquire() as conn:
+        await plans.upsert_plan(conn, "usage-api-block", included_units=200, overage="block", rate_limit_rps=50.0)
+    org = await make_org(plan="usage-api-block")
+    report = await stubs[0].ReportUsage(
+        usage_pb2.ReportUsageRequest(request_id=str(uuid.uuid4()), org_id=str(org.id), product="stream", units=30),
+        metadata=auth,
+        timeout=5,
+    )
+    assert report.accepted and report.used_units == 30
+    await wait_for_usage(pool, org.id, {"stream": 30})
+    usage = await stubs[0].GetUsage(usage_pb2.GetUsageRequest(org_id=str(org.id)), metadata=auth, timeout=5)
+    assert usage.org_id == str(org.id)
+    assert (usage.plan, usage.overage, usage.included_units, usage.unit_cap) == ("usage-api-block", "block", 200, 200)
+    assert usage.used_units == 30 and dict(usage.stored_units_by_product) == {"stream": 30}
+    assert usage.ratio == pytest.approx(0.15)
+    assert usage.rate_limit_rps == 50.0
+    assert usage.period_start.ToDatetime() < usage.period_end.ToDatetime()
+    assert not usage.payment_required
+
+
+async def test_a_report_is_idempotent_by_request_id_even_across_replicas(stubs, auth, make_org, pool):
+    org = await make_org()
+    request = usage_pb2.ReportUsageRequest(
+        request_id=f"req-{uuid.uuid4()}", org_id=str(org.id), product="monitor", units=4
+    )
+    first = await stubs[0].ReportUsage(request, metadata=auth, timeout=5)
+    again = await stubs[0].ReportUsage(request, metadata=auth, timeout=5)
+    other_replica = await stubs[1].ReportUsage(request, metadata=auth, timeout=5)
+    assert first.accepted and not again.accepted
+    assert other_replica.accepted  # it cannot know yet; the database keeps the report once
+    marker = usage_pb2.ReportUsageRequest(
+        request_id=f"req-{uuid.uuid4()}", org_id=str(org.id), product="stream", units=1
+    )
+    await asyncio.gather(*(stub.ReportUsage(marker, metadata=auth, timeout=5) for stub in stubs))
+    await wait_for_usage(pool, org.id, {"monitor": 4, "stream": 1})
+
+
+@pytest.mark.parametrize(
+    ("change", "code"),
+    [
+        ({"org_id": "not-a-uuid"}, grpc.StatusCode.INVALID_ARGUMENT),
+        ({"org_id": str(uuid.UUID(int=1))}, grpc.StatusCode.NOT_FOUND),
+        ({"units": 0}, grpc.StatusCode.INVALID_ARGUMENT),
+        ({"units": 2_000_000}, grpc.StatusCode.INVALID_ARGUMENT),
+        ({"product": "Stream!"}, grpc.StatusCode.INVALID_ARGUMENT),
+        ({"request_id": ""}, grpc.StatusCode.INVALID_ARGUMENT),
+    ],
+)
+async def test_bad_reports_are_refused_with_a_status(stubs, auth, make_org, change, code):
+    org = await make_org()
+    fields = {"request_id": str(uuid.uuid4()), "org_id": str(org.id), "product": "stream", "units": 1} | change
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stubs[0].ReportUsage(usage_pb2.ReportUsageRequest(**fields), metadata=auth, timeout=5)
+    assert caught.value.code() == code
