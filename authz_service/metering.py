@@ -96,6 +96,8 @@ class Meter:
         self._task: asyncio.Task | None = None
         self._flush_lock = asyncio.Lock()
         self._last_failure_log = 0.0
+        # Read at scrape time rather than kept up to date on every check.
+        metrics.METER_PENDING_UNITS.set_function(lambda: self.ledger.pending_units)
 
     # --- the request path -------------------------------------------------------------------------------------
 
@@ -114,7 +116,6 @@ class Meter:
         counted = self.ledger.record(request_id, key, product, units)
         if counted:
             self._context[key] = _AlertContext(plan.name, plan.included_units, period_end)
-            metrics.METER_PENDING_UNITS.inc(units)
         else:
             metrics.METER_DUPLICATE_REQUESTS.inc()
         return counted
@@ -125,7 +126,6 @@ class Meter:
             self._context[(report.org_id, report.period_start)] = _AlertContext(
                 plan.name, plan.included_units, period_end
             )
-            metrics.METER_PENDING_UNITS.inc(report.units)
         return counted
 
     async def _load(self, key: UsageKey) -> None:
@@ -155,8 +155,18 @@ class Meter:
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(self._interval)
-            while await self.flush_once() is FlushOutcome.FLUSHED and self.ledger.has_work:
-                pass
+            await self.flush_cycle()
+
+    async def flush_cycle(self) -> int:
+        """One interval's flushing; returns the statements sent. One flush takes everything counted so far;
+        only batches queued before it (restored from a spill file) are flushed at once after it, never what
+        arrived during the flush, which would turn a busy meter into one statement per few requests."""
+        statements = 0
+        while True:
+            outcome = await self.flush_once()
+            statements += outcome is not FlushOutcome.IDLE
+            if outcome is not FlushOutcome.FLUSHED or not self.ledger.has_unacknowledged:
+                return statements
 
     async def flush_once(self) -> FlushOutcome:
         async with self._flush_lock:
@@ -177,7 +187,6 @@ class Meter:
             metrics.METER_FLUSH_DURATION.observe(time.perf_counter() - started)
             metrics.METER_FLUSHES.labels(outcome="applied" if result.applied else "duplicate").inc()
             self.ledger.acknowledged(batch, result.totals)
-            metrics.METER_PENDING_UNITS.set(self.ledger.pending_units)
             if result.applied:
                 for (org_id, _period, product), units in batch.counters.items():
                     metrics.USAGE_UNITS.labels(org_id=self._org_label(org_id), product=product).inc(units)
@@ -235,7 +244,6 @@ class Meter:
             units += sum(b.units for b in batches)
         if units:
             log.info("restored %d units spilled by a previous shutdown", units)
-            metrics.METER_PENDING_UNITS.set(self.ledger.pending_units)
         return units
 
     def _forget_spilled(self, flush_id) -> None:
@@ -267,4 +275,3 @@ class Meter:
             log.error("database unavailable at shutdown: %d units spilled to %s for the next start", units, path)
         else:
             log.error("database unavailable at shutdown and no spill directory: %d units lost", units)
-        metrics.METER_PENDING_UNITS.set(0)

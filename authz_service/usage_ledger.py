@@ -101,6 +101,10 @@ class UsageLedger:
         return sum(self._unflushed.values())
 
     @property
+    def has_unacknowledged(self) -> bool:
+        return bool(self._unacknowledged)
+
+    @property
     def has_work(self) -> bool:
         return bool(self._pending or self._pending_reports or self._unacknowledged)
 

@@ -193,3 +193,32 @@ async def test_shutdown_during_an_outage_spills_and_the_next_start_flushes_once(
         assert await successor.flush_once() is FlushOutcome.FLUSHED
     assert await stored_usage(pool, org.id) == {"monitor": 6}
     assert list(tmp_path.glob("meter-*.json")) == []
+
+
+class BusyStore(MeterStore):
+    """A store under a busy gateway: more checks are counted while each flush is on its way."""
+
+    def __init__(self, pool, meter_ref: list, org_id: str, **kwargs):
+        super().__init__(pool, **kwargs)
+        self._meter_ref = meter_ref
+        self._org_id = org_id
+        self.statements = 0
+
+    async def flush(self, batch: Batch) -> FlushResult:
+        self.statements += 1
+        await count(self._meter_ref[0], self._org_id, "stream", 10)
+        return await super().flush(batch)
+
+
+async def test_a_busy_meter_sends_one_statement_per_interval(pool, make_org):
+    org = await make_org()
+    meter_ref: list = []
+    store = BusyStore(pool, meter_ref, str(org.id), replica="test")
+    meter = new_meter(pool, store)
+    meter_ref.append(meter)
+    await count(meter, str(org.id), "stream", 10)
+    for cycle in range(1, 6):
+        assert await meter.flush_cycle() == 1
+        assert store.statements == cycle
+    assert await stored_usage(pool, org.id) == {"stream": 50}  # what each flush took; 10 more arrived during the last
+    assert meter.ledger.pending_units == 10
