@@ -2,6 +2,8 @@
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from authz_service.grants import CacheResult
+
 CHECKS = Counter(
     "driftlock_authz_checks_total",
     "ext_authz checks answered, by decision and contract code ('ok' when allowed).",
@@ -17,6 +19,14 @@ CACHE_EVENTS = Counter(
     "Key cache look-ups by result: hit, negative_hit, miss, coalesced, stale, error.",
     ["result"],
 )
+
+
+def cache_event_counter():
+    """`on_result` for the key cache, with the label children resolved once rather than on every check."""
+    children = {result: CACHE_EVENTS.labels(result=result.value) for result in CacheResult}
+    return lambda result: children[result].inc()
+
+
 INVALIDATIONS = Counter(
     "driftlock_authz_invalidations_total",
     "Cache invalidations received from the database, by table.",

@@ -93,7 +93,7 @@ async def serve(settings: Settings) -> None:
         stale_for=settings.key_cache_stale_seconds,
         max_entries=settings.key_cache_max_entries,
         fetch_timeout=settings.database_lookup_timeout_seconds,
-        on_result=lambda result: metrics.CACHE_EVENTS.labels(result=result.value).inc(),
+        on_result=metrics.cache_event_counter(),
     )
     plans = PlanBook(database_load(pool))
     notifier = None

@@ -1,0 +1,356 @@
+"""Side-by-side benchmarks of authz, run in one go so that both sides see the same (noisy, shared) machine.
+
+    python -m bench [--seconds 8] [--rounds 3] [--only inproc,grpc,edge]
+
+- inproc: microseconds per Check inside one process (warm cache), for a billable call, a read, and a
+  malformed key. No network: this is the Python cost of a decision.
+- grpc:   h2load drives authz and a do-nothing ext_authz server directly over gRPC, alternately.
+- edge:   wrk drives Envoy -> {authz | do-nothing ext_authz} -> a zero-cost backend (Envoy direct response),
+          alternately; also reports database statements per 1,000 billable requests.
+
+Each pair runs `--rounds` times, interleaved (A B A B ...); the table shows medians and the ratio.
+Needs `wrk` and `h2load` for the last two (Debian: apt-get install wrk nghttp2-client).
+"""
+
+import argparse
+import asyncio
+import os
+import re
+import secrets
+import shutil
+import statistics
+import struct
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from driftlock_gateway import api_keys, db, envoy_config, migrate, orgs, plans
+from driftlock_gateway.embedded_db import EmbeddedDatabase
+from driftlock_gateway.settings import HostPort
+from driftlock_gateway.supervisor import grpc_serving, http_ok, start_child, tcp_open, wait_until
+
+HERE = Path(__file__).resolve().parent
+BENCH_PLAN = "bench-unlimited"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def check_request_bytes(secret: str, context: dict[str, str]) -> bytes:
+    from envoy.service.auth.v3 import external_auth_pb2
+
+    request = external_auth_pb2.CheckRequest()
+    http = request.attributes.request.http
+    http.method, http.path = "POST", "/api/v1/stream/detect"
+    http.headers.update({"authorization": f"Bearer {secret}", "x-request-id": "bench", "host": "bench"})
+    request.attributes.context_extensions.update(context)
+    return request.SerializeToString()
+
+
+class Fixture:
+    """A database with a plan without limits, an organisation and a live key."""
+
+    def __init__(self, workdir: Path):
+        self.workdir = workdir
+        self.embedded: EmbeddedDatabase | None = None
+        self.url = os.environ.get("DATABASE_URL", "")
+        self.jwt_secret = secrets.token_urlsafe(48)
+        self.secret = ""
+
+    async def __aenter__(self) -> "Fixture":
+        if not self.url:
+            self.embedded = await asyncio.to_thread(EmbeddedDatabase, self.workdir / "pgdata")
+            self.url = self.embedded.url
+        async with db.connection(self.url) as conn:
+            await migrate.migrate(conn)
+            await plans.upsert_plan(conn, BENCH_PLAN, included_units=10**12, overage="soft", rate_limit_rps=None)
+            org = await orgs.create_org(conn, f"bench-{uuid.uuid4().hex[:6]}", plan=BENCH_PLAN)
+            _key, self.secret = await api_keys.create_key(conn, org.id)
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        if self.embedded is not None:
+            await asyncio.to_thread(self.embedded.stop)
+
+    def authz_env(self, port: int) -> dict[str, str]:
+        return {
+            "DATABASE_URL": self.url,
+            "DRIFTLOCK_JWT_SECRET": self.jwt_secret,
+            "DRIFTLOCK_AUTHZ_HOST": "127.0.0.1",
+            "DRIFTLOCK_AUTHZ_PORT": str(port),
+            "DRIFTLOCK_AUTHZ_METRICS_PORT": str(free_port()),
+            "DRIFTLOCK_AUDIT_ALLOW_SAMPLE_RATE": "0",
+            "DRIFTLOCK_LOG_LEVEL": "WARNING",
+        }
+
+
+async def start_authz(fixture: Fixture, name: str, *, null: bool = False):
+    port = free_port()
+    if null:
+        argv = [sys.executable, "-m", "bench.null_authz", "--port", str(port)]
+        env = {}
+    else:
+        argv = [sys.executable, "-m", "driftlock_gateway.cli", "authz"]
+        env = fixture.authz_env(port)
+    child = await start_child(name, argv, env=env, log_file=fixture.workdir / f"{name}.log")
+    await wait_until(grpc_serving(f"127.0.0.1:{port}"), timeout=60, what=f"{name} to serve", child=child)
+    metrics_port = int(env.get("DRIFTLOCK_AUTHZ_METRICS_PORT", 0))
+    return child, port, metrics_port
+
+
+def table(rows: list[tuple[str, str, str, str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    return "\n".join("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in rows)
+
+
+async def run(argv: list[str]) -> str:
+    process = await asyncio.create_subprocess_exec(
+        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    out, _ = await process.communicate()
+    return out.decode(errors="replace")
+
+
+# --- in process ---------------------------------------------------------------------------------------------
+
+
+async def bench_inproc(fixture: Fixture, seconds: float) -> list[tuple[str, str, str, str]]:
+    from envoy.service.auth.v3 import external_auth_pb2
+
+    from authz_service.authorizer import Authorizer
+    from authz_service.context_token import ContextSigner
+    from authz_service.ext_authz import AuthorizationServicer
+    from authz_service.grants import GrantStore, database_fetch
+    from authz_service.meter_store import MeterStore
+    from authz_service.metering import Meter
+    from authz_service.plan_book import PlanBook, database_load
+    from authz_service.usage_ledger import UsageLedger
+
+    pool = await db.create_pool(fixture.url, application_name="bench", max_size=2)
+    store = GrantStore(database_fetch(pool), ttl=300, negative_ttl=5, stale_for=300, max_entries=1000, fetch_timeout=1)
+    meter = Meter(UsageLedger(), MeterStore(pool, replica="bench"))
+    authorizer = Authorizer(store, PlanBook(database_load(pool)), meter=meter)
+    servicer = AuthorizationServicer(authorizer, ContextSigner(fixture.jwt_secret.encode()))
+    cases = {
+        "billable call (metered)": {"scope": "detect", "billable": "true", "product": "stream", "units": "1"},
+        "read call": {"scope": "read", "billable": "false"},
+    }
+    rows = []
+    for label, context in cases.items():
+        request = external_auth_pb2.CheckRequest.FromString(check_request_bytes(fixture.secret, context))
+        headers = request.attributes.request.http.headers
+        await servicer.Check(request, None)  # warm the cache
+        calls, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            for _ in range(500):
+                headers["x-request-id"] = uuid.uuid4().hex
+                await servicer.Check(request, None)
+            calls += 500
+        elapsed = time.perf_counter() - started
+        rows.append(("inproc", label, f"{elapsed / calls * 1e6:.1f} µs/check", f"{calls / elapsed:,.0f} checks/s"))
+        await meter.flush_once()
+    bad = external_auth_pb2.CheckRequest.FromString(check_request_bytes("dlk_live_malformed", cases["read call"]))
+    calls, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds / 2:
+        for _ in range(500):
+            await servicer.Check(bad, None)
+        calls += 500
+    elapsed = time.perf_counter() - started
+    rows.append(("inproc", "malformed key (no database)", f"{elapsed / calls * 1e6:.1f} µs/check", ""))
+    await pool.close()
+    return rows
+
+
+# --- gRPC, no Envoy -------------------------------------------------------------------------------------------
+
+
+def _h2load_rps(output: str) -> float:
+    match = re.search(r"finished in [\d.]+\w*, ([\d.]+) req/s", output)
+    failed = re.search(r"requests: \d+ total, \d+ started, \d+ done, (\d+) succeeded, (\d+) failed", output)
+    if match is None or failed is None:
+        raise RuntimeError(f"could not read h2load's output:\n{output}")
+    if int(failed.group(2)):
+        raise RuntimeError(f"h2load saw failures:\n{output}")
+    return float(match.group(1))
+
+
+async def bench_grpc(fixture: Fixture, seconds: float, rounds: int) -> list[tuple[str, str, str, str]]:
+    body = check_request_bytes(fixture.secret, {"scope": "detect", "billable": "true", "product": "stream"})
+    frame = fixture.workdir / "check.grpc"
+    frame.write_bytes(struct.pack(">?I", False, len(body)) + body)
+    ours, our_port, _ = await start_authz(fixture, "authz-grpc")
+    null, null_port, _ = await start_authz(fixture, "null-grpc", null=True)
+    results: dict[str, list[float]] = {"authz": [], "do-nothing": []}
+    try:
+        for _ in range(rounds):
+            for label, port in (("authz", our_port), ("do-nothing", null_port)):
+                output = await run(
+                    [
+                        "h2load",
+                        "-D",
+                        str(round(seconds)),
+                        "-c",
+                        "8",
+                        "-m",
+                        "16",
+                        "-d",
+                        str(frame),
+                        "-H",
+                        "content-type: application/grpc",
+                        "-H",
+                        "te: trailers",
+                        f"http://127.0.0.1:{port}/envoy.service.auth.v3.Authorization/Check",
+                    ]
+                )
+                results[label].append(_h2load_rps(output))
+    finally:
+        await ours.stop()
+        await null.stop()
+    ours_rps, null_rps = statistics.median(results["authz"]), statistics.median(results["do-nothing"])
+    return [
+        (
+            "grpc",
+            "authz Check (billable, warm cache)",
+            f"{ours_rps:,.0f} req/s",
+            f"{ours_rps / null_rps:.2f}x do-nothing",
+        ),
+        ("grpc", "do-nothing ext_authz", f"{null_rps:,.0f} req/s", "1.00x"),
+    ]
+
+
+# --- through Envoy -------------------------------------------------------------------------------------------
+
+
+async def _metric_total(port: int, name: str) -> float:
+    import aiohttp
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{port}/metrics") as response:
+        text = await response.text()
+    return sum(
+        s.value
+        for f in text_string_to_metric_families(text)
+        if f.name == name
+        for s in f.samples
+        if s.name.endswith("_total")
+    )
+
+
+async def bench_edge(fixture: Fixture, seconds: float, rounds: int) -> list[tuple[str, str, str, str]]:
+    backend_port = free_port()
+    backend_config = fixture.workdir / "backend.yaml"
+    backend_config.write_text((HERE / "backend_envoy.yaml").read_text().replace("PORT", str(backend_port)))
+    backend = await start_child(
+        "backend", envoy_config.command(backend_config), log_file=fixture.workdir / "backend.log"
+    )
+    await wait_until(tcp_open("127.0.0.1", backend_port), timeout=30, what="the backend", child=backend)
+    ours, our_port, metrics_port = await start_authz(fixture, "authz-edge")
+    null, null_port, _ = await start_authz(fixture, "null-edge", null=True)
+    edges = {}
+    children = [backend, ours, null]
+    try:
+        for label, authz_port in (("authz", our_port), ("do-nothing", null_port)):
+            port, admin = free_port(), free_port()
+            folder = fixture.workdir / f"edge-{label}"
+            folder.mkdir()
+            config = envoy_config.render(
+                envoy_config.load_shipped(),
+                listen=HostPort("127.0.0.1", port),
+                admin_port=admin,
+                backend=HostPort("127.0.0.1", backend_port),
+                authz=[HostPort("127.0.0.1", authz_port)],
+                webhooks=HostPort("127.0.0.1", free_port()),
+            )
+            child = await start_child(
+                f"edge-{label}",
+                envoy_config.command(envoy_config.write(config, folder)),
+                log_file=folder / "envoy.log",
+            )
+            children.append(child)
+            await wait_until(http_ok(f"http://127.0.0.1:{admin}/ready"), timeout=30, what="Envoy", child=child)
+            edges[label] = port
+        results: dict[str, list[float]] = {"authz": [], "do-nothing": []}
+        queries_before = await _metric_total(metrics_port, "driftlock_authz_db_queries")
+        served = 0
+        for _ in range(rounds):
+            for label, port in edges.items():
+                output = await run(
+                    [
+                        "wrk",
+                        "-t",
+                        "2",
+                        "-c",
+                        "32",
+                        "-d",
+                        f"{round(seconds)}s",
+                        "-H",
+                        f"Authorization: Bearer {fixture.secret}",
+                        f"http://127.0.0.1:{port}/api/v1/stream/detect",
+                    ]
+                )
+                rps = re.search(r"Requests/sec:\s+([\d.]+)", output)
+                total = re.search(r"(\d+) requests in", output)
+                non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+                if rps is None or total is None:
+                    raise RuntimeError(f"could not read wrk's output:\n{output}")
+                if non_2xx:
+                    raise RuntimeError(f"wrk saw {non_2xx.group(1)} failed responses through {label}")
+                results[label].append(float(rps.group(1)))
+                if label == "authz":
+                    served += int(total.group(1))
+        await asyncio.sleep(1.5)  # let the last flush happen, so its statement is counted
+        statements = await _metric_total(metrics_port, "driftlock_authz_db_queries") - queries_before
+    finally:
+        for child in reversed(children):
+            await child.stop()
+    ours_rps, null_rps = statistics.median(results["authz"]), statistics.median(results["do-nothing"])
+    return [
+        (
+            "edge",
+            "Envoy + authz (billable, metered)",
+            f"{ours_rps:,.0f} req/s",
+            f"{ours_rps / null_rps:.2f}x do-nothing",
+        ),
+        ("edge", "Envoy + do-nothing ext_authz", f"{null_rps:,.0f} req/s", "1.00x"),
+        (
+            "edge",
+            "database statements per 1,000 billable requests",
+            f"{statements / served * 1000:.2f}",
+            f"{statements:.0f} statements, {served:,} requests",
+        ),
+    ]
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=8.0, help="length of each measured run")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per pair")
+    parser.add_argument("--only", default="inproc,grpc,edge")
+    args = parser.parse_args()
+    wanted = set(args.only.split(","))
+    for tool, part in (("h2load", "grpc"), ("wrk", "edge")):
+        if part in wanted and shutil.which(tool) is None:
+            print(f"skipping {part}: {tool} is not installed (apt-get install wrk nghttp2-client)")
+            wanted.discard(part)
+    rows = [("part", "what", "median", "ratio")]
+    with tempfile.TemporaryDirectory(prefix="driftlock-bench-") as scratch:
+        async with Fixture(Path(scratch)) as fixture:
+            if "inproc" in wanted:
+                rows += await bench_inproc(fixture, args.seconds / 2)
+            if "grpc" in wanted:
+                rows += await bench_grpc(fixture, args.seconds, args.rounds)
+            if "edge" in wanted:
+                rows += await bench_edge(fixture, args.seconds, args.rounds)
+    print(f"\n{os.cpu_count()} CPUs; {args.rounds} interleaved rounds of {args.seconds:.0f}s per pair\n")
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
