@@ -27,16 +27,22 @@ def jwt_secret() -> str:
 
 
 @pytest.fixture(scope="session")
-async def pg_admin_url(tmp_path_factory):
-    configured = os.environ.get("DATABASE_URL")
-    if configured:
-        yield configured
+async def embedded_server(tmp_path_factory):
+    """The embedded PostgreSQL server the session started, or None when DATABASE_URL names a server (which the
+    tests must never stop)."""
+    if os.environ.get("DATABASE_URL"):
+        yield None
         return
     server = await asyncio.to_thread(EmbeddedDatabase, tmp_path_factory.mktemp("pg") / "data")
     try:
-        yield server.url
+        yield server
     finally:
         await asyncio.to_thread(server.stop)
+
+
+@pytest.fixture(scope="session")
+def pg_admin_url(embedded_server) -> str:
+    return embedded_server.url if embedded_server is not None else os.environ["DATABASE_URL"]
 
 
 @pytest.fixture(scope="session")

@@ -170,3 +170,28 @@ async def test_database_outage_mid_load_loses_and_doubles_nothing(faulty, make_o
     expected = {p: load.served[p] + warm.get(p, 0) for p in PATHS}
     await wait_for_usage(pool, org.id, expected, within=30)
     report("database outage mid-load", load, await stored_usage(pool, org.id), warm)
+
+
+async def test_database_stopped_and_restarted_mid_load_loses_and_doubles_nothing(
+    faulty, embedded_server, make_org, make_key, pool
+):
+    """The real thing where the tests own the server: PostgreSQL shut down (fast: sessions cut, open
+    transactions rolled back) and started again, under load."""
+    if embedded_server is None:
+        pytest.skip("DATABASE_URL names a server the tests must not stop; the proxy-cut test covers it")
+    stack, _proxy = faulty
+    org, secret, warm = await tenant(make_org, make_key, stack)
+    load = Load(stack.ports.envoy, secret, REQUESTS)
+    running = asyncio.create_task(load.run())
+    await load.reached(0.25)
+    await asyncio.to_thread(embedded_server.stop)
+    served_at_stop = sum(load.served.values())
+    await load.reached(0.6)
+    served_while_stopped = sum(load.served.values()) - served_at_stop
+    await asyncio.to_thread(embedded_server.start)
+    await running
+    assert served_while_stopped > 0
+    assert load.statuses[200] == REQUESTS, dict(load.statuses)
+    expected = {p: load.served[p] + warm.get(p, 0) for p in PATHS}
+    await wait_for_usage(pool, org.id, expected, within=30)
+    report("database stopped and restarted mid-load", load, await stored_usage(pool, org.id), warm)
