@@ -195,6 +195,11 @@ def test_every_command_has_help():
         ("keys", "list"),
         ("keys", "revoke"),
         ("authz",),
+        ("webhooks",),
+        ("webhooks", "events"),
+        ("webhooks", "prune"),
+        ("stripe",),
+        ("stripe", "send-event"),
         ("dev",),
         ("envoy",),
     ):
