@@ -3,6 +3,8 @@ event types outside the handled set count as "other", API versions outside a kno
 
 from prometheus_client import Counter, Histogram
 
+from billing_webhooks.decisions import Problem
+
 EVENTS = Counter(
     "driftlock_webhook_events_total",
     "Signed Stripe events received, by type (handled types, else 'other') and outcome "
@@ -41,3 +43,11 @@ HANDLING_DURATION = Histogram(
     "Time from a delivery's arrival to its answer, for signed events (storing and applying included).",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
 )
+
+# Closed label sets start at 0, so that a rate() or an alert on them works before the first occurrence.
+for _reason in ("missing", "malformed", "mismatch", "expired"):
+    SIGNATURE_FAILURES.labels(reason=_reason)
+for _reason in ("too_large", "malformed_body"):
+    REJECTED.labels(reason=_reason)
+for _problem in Problem:
+    PROBLEMS.labels(problem=_problem.value)
