@@ -49,7 +49,9 @@ SUBSCRIPTION_STATUSES = frozenset(
 # The first API version in which periods live on subscription items and invoices name their parent.
 BASIL = "2025-03-31"
 
-_STRIPE_ID = re.compile(r"[A-Za-z0-9_]{1,255}")
+# Stripe's own ids are letters, digits and underscores, but a legacy plan (and so its price) may carry an id its
+# owner chose, like `gold-monthly`: any printable ASCII without spaces.
+_STRIPE_ID = re.compile(r"[\x21-\x7e]{1,255}")
 
 
 class MalformedEvent(ValueError):

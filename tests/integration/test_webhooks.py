@@ -478,6 +478,18 @@ async def test_a_customer_cannot_be_linked_to_a_second_org(stripe, make_org, poo
     assert (await org_row(pool, second.id))["stripe_customer_id"] is None
 
 
+async def test_a_newer_checkout_relinks_the_customer_and_a_late_older_one_does_not(stripe, make_org, pool):
+    org = await make_org()
+    t = now()
+    first, second, late = ("cus_" + uuid.uuid4().hex[:14] for _ in range(3))
+    await checkout(stripe, org.id, customer_id=first, created=t - 20)
+    await checkout(stripe, org.id, customer_id=second, created=t)
+    assert (await org_row(pool, org.id))["stripe_customer_id"] == second
+    _, reply = await stripe.send("checkout.session.completed", org_id=org.id, customer_id=late, created=t - 10)
+    assert (reply.status, reply.outcome) == (200, "skipped_stale")
+    assert (await org_row(pool, org.id))["stripe_customer_id"] == second
+
+
 async def test_a_malformed_object_is_failed_not_retried(stripe, pool):
     event = fake_stripe.event("customer.subscription.updated", {"id": "sub_x", "object": "subscription"})
     reply = await stripe.deliver(event)

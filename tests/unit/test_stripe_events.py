@@ -167,6 +167,13 @@ def test_deleted_subscription_is_ended_and_items_without_price_fall_back_to_plan
     assert snapshot.price_ids == ("price_1MowQULkdIwHu7ixraBm864M",)
 
 
+def test_a_legacy_plan_with_a_chosen_id_is_a_price():
+    obj = copy.deepcopy(LEGACY_SUBSCRIPTION)
+    obj["items"]["data"][0]["price"] = {"id": "gold-monthly", "object": "price"}
+    snapshot = normalize(envelope(wrap("customer.subscription.updated", obj, api_version="2019-12-03")))
+    assert snapshot.price_ids == ("gold-monthly",)
+
+
 def test_basil_items_with_several_prices_keep_their_order_and_the_first_period():
     obj = copy.deepcopy(BASIL_SUBSCRIPTION)
     second = copy.deepcopy(obj["items"]["data"][0])
