@@ -184,10 +184,18 @@ class WebhookEndpoint:
         metrics.API_VERSIONS.labels(release=release_of(event.api_version)).inc()
         try:
             result = await store_and_apply(self._pool_of(request), event, payload)
-        except STORAGE_ERRORS as error:
+        except (*STORAGE_ERRORS, asyncpg.PostgresError) as error:
+            # Unreachable, or refusing the inbox itself (an unmigrated schema, say): not stored, so Stripe retries.
             metrics.NOT_STORED.inc()
             metrics.HANDLING_DURATION.observe(time.perf_counter() - started)
-            log.warning("stripe event %s (%s) not stored, answered 503: %s", event.id, event.type, type(error).__name__)
+            reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+            log.warning(
+                "stripe event %s (%s) not stored, answered 503: %s %s",
+                event.id,
+                event.type,
+                type(error).__name__,
+                reason,
+            )
             return _error(request, 503, "storage_unavailable", "The event could not be stored; retry later.")
         metrics.EVENTS.labels(type=label, outcome=result.outcome.value).inc()
         for problem in result.problems:

@@ -71,3 +71,14 @@ async def test_the_service_starts_while_the_database_is_down(database_url):
     finally:
         await service.stop()
         await proxy.stop()
+
+
+async def test_a_database_without_the_schema_is_503_so_stripe_retries(fresh_database_url):
+    service = await InProcessWebhooks(fresh_database_url).start(free_port())
+    try:
+        event = fake_stripe.build_event("invoice.payment_failed", org_id="00000000-0000-0000-0000-000000000001")
+        reply = await Stripe(service.webhook_url).deliver(event)
+        assert reply.status == 503
+        assert reply.body["error"]["code"] == "storage_unavailable"
+    finally:
+        await service.stop()
