@@ -178,7 +178,10 @@ def register(commands, leaf) -> None:
         "run the Stripe webhook service (POST /stripe/webhook, /healthz, /metrics); "
         "`webhooks events` lists stored events, `webhooks prune` deletes old ones",
     )
-    actions = webhooks.add_subparsers(dest="webhooks_command", metavar="ACTION", required=False)
+    # Without an action, `webhooks` runs the service (the contract's command); argparse would show the optional
+    # action as required.
+    webhooks.usage = f"{webhooks.prog} [-h] [--json] [{{events,prune}} ...]"
+    actions = webhooks.add_subparsers(dest="webhooks_command", metavar="{events,prune}", required=False)
     prune = leaf(
         actions, "prune", cmd_webhooks_prune, "delete stored Stripe events received longer ago than a duration"
     )
