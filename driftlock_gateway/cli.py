@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 
 import asyncpg
 
-from driftlock_gateway import api_keys, db, migrate, orgs, plans, usage
+from driftlock_gateway import api_keys, cli_webhooks, db, migrate, orgs, plans, usage
 from driftlock_gateway.durations import parse_duration
 from driftlock_gateway.errors import OperatorError
 from driftlock_gateway.keys import Environment
@@ -331,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     leaf(commands, "authz", cmd_authz, "run the ext_authz gRPC service")
+    cli_webhooks.register(commands, leaf)
     envoy = leaf(commands, "envoy", cmd_envoy, "render envoy/envoy.yaml from the environment and run Envoy")
     envoy.add_argument("--print-config", action="store_true", help="print the rendered config and exit")
     envoy.add_argument("envoy_args", nargs=argparse.REMAINDER, help="passed to envoy after --")

@@ -1,8 +1,9 @@
 """`driftlock-gateway dev`: the whole stack on this machine, with one command.
 
 Embedded PostgreSQL (kept in the state directory between runs) unless DATABASE_URL is set; the schema
-migrated; a demo organisation and a fresh demo key; authz, Envoy, and the demo backend unless --backend is
-given. Ctrl-C or SIGTERM stops every child and the embedded database.
+migrated; a demo organisation and a fresh demo key; authz, the Stripe webhook service (with the secrets in
+STRIPE_WEBHOOK_SECRET, else one generated and kept in the state directory), Envoy, and the demo backend unless
+--backend is given. Ctrl-C or SIGTERM stops every child and the embedded database.
 """
 
 import asyncio
@@ -64,6 +65,10 @@ async def run_dev_stack(settings: Settings, *, backend: HostPort | None, state_d
         jwt_secret = settings.jwt_secret or _secret_file(jwt_path, lambda: secrets.token_urlsafe(48))
         if len(jwt_secret.encode()) < MIN_JWT_SECRET_BYTES:
             raise ChildFailed(f"DRIFTLOCK_JWT_SECRET must be at least {MIN_JWT_SECRET_BYTES} bytes")
+        webhook_path = state / "stripe_webhook_secret"
+        webhook_secret = ",".join(settings.stripe_webhook_secrets) or _secret_file(
+            webhook_path, lambda: "whsec_" + secrets.token_urlsafe(32)
+        )
         org_id, key = await _demo_org_and_key(url, state)
         ports = StackPorts(
             envoy=settings.envoy_port,
@@ -80,10 +85,20 @@ async def run_dev_stack(settings: Settings, *, backend: HostPort | None, state_d
             ports=ports,
             backend=backend,
             output=sys.stderr,
+            webhook_secret=webhook_secret,
         )
         try:
             _print_banner(
-                stack.envoy_url, ports, backend, where, url, jwt_path if not settings.jwt_secret else None, org_id, key
+                stack.envoy_url,
+                ports,
+                backend,
+                where,
+                url,
+                jwt_path if not settings.jwt_secret else None,
+                org_id,
+                key,
+                # A secret of the operator's own is not printed; a generated one is, with where it is kept.
+                None if settings.stripe_webhook_secrets else (webhook_secret, webhook_path),
             )
             stopping = asyncio.Event()
             loop = asyncio.get_running_loop()
@@ -106,29 +121,41 @@ async def run_dev_stack(settings: Settings, *, backend: HostPort | None, state_d
     print("Stopped.", flush=True)
 
 
-def _print_banner(envoy_url, ports: StackPorts, backend, where, url, jwt_path, org_id, key) -> None:
+def _print_banner(envoy_url, ports: StackPorts, backend, where, url, jwt_path, org_id, key, webhook) -> None:
     backend_line = f"{backend} (yours)" if backend else f"http://{LOOPBACK}:{ports.backend} (demo: echoes requests)"
     lines = [
         "",
         "DriftLock gateway is running.",
         f"  public API (Envoy)  {envoy_url}",
         f"  authz (gRPC)        {LOOPBACK}:{ports.authz[0]}   metrics http://{LOOPBACK}:{ports.authz_metrics[0]}/metrics",
+        f"  Stripe webhooks     {envoy_url}/stripe/webhook   "
+        f"(service http://{LOOPBACK}:{ports.webhooks}, metrics /metrics)",
         f"  Envoy admin         http://{LOOPBACK}:{ports.envoy_admin}",
         f"  backend             {backend_line}",
         f"  database            {where}",
     ]
     if jwt_path is not None:
         lines.append(f"  JWT secret          generated, in {jwt_path}")
+    if webhook is not None:
+        lines.append(f"  webhook secret      generated, in {webhook[1]}")
     lines += [
         "",
-        "Use the CLI against this database:",
+        "Use the CLI against this stack:",
         f"  export DATABASE_URL='{url}'",
+    ]
+    if webhook is not None:
+        lines.append(f"  export STRIPE_WEBHOOK_SECRET='{webhook[0]}'")
+    lines += [
         "",
         f"Demo key for organisation {org_id} (shown once):",
         f"  {key}",
         "",
         "Try it:",
         f"  curl -H 'Authorization: Bearer {key}' {envoy_url}/api/v1/stream/detect",
+        "",
+        "Play Stripe (a signed event through Envoy; see --help for the other types):",
+        f"  driftlock-gateway stripe send-event checkout.session.completed --org {org_id}",
+        f"  driftlock-gateway stripe send-event invoice.payment_failed --org {org_id} --ago 8d",
         "",
         "Ctrl-C stops everything.",
         "",

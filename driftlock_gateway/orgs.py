@@ -26,6 +26,8 @@ class Organization:
     stripe_subscription_id: str | None
     subscription_period: Period | None
     created_at: datetime
+    trial_end: datetime | None = None
+    cancel_at_period_end: bool = False
 
     @classmethod
     def from_row(cls, row: asyncpg.Record) -> "Organization":
@@ -43,6 +45,9 @@ class Organization:
             stripe_subscription_id=row["stripe_subscription_id"],
             subscription_period=period,
             created_at=row["created_at"],
+            # Kept up to date by the Stripe webhook service (migration 0003).
+            trial_end=row.get("trial_end"),
+            cancel_at_period_end=bool(row.get("cancel_at_period_end")),
         )
 
     def billing_period(self, now: datetime) -> Period:
@@ -63,6 +68,8 @@ class Organization:
             "stripe_subscription_id": self.stripe_subscription_id,
             "period_start": period.start,
             "period_end": period.end,
+            "trial_end": self.trial_end,
+            "cancel_at_period_end": self.cancel_at_period_end,
             "created_at": self.created_at,
         }
 

@@ -1,4 +1,5 @@
-"""The whole gateway as local processes: demo backend, authz replicas, Envoy. Used by `dev` and the tests.
+"""The whole gateway as local processes: demo backend, authz replicas, the webhook service, Envoy. Used by `dev`
+and the tests.
 
 Each service runs as its own process, exactly as `driftlock-gateway authz` would in production; only the
 addresses differ.
@@ -50,6 +51,11 @@ class Stack:
     @property
     def envoy_url(self) -> str:
         return f"http://{LOOPBACK}:{self.ports.envoy}"
+
+    @property
+    def webhooks_url(self) -> str:
+        """The webhook service itself (Stripe reaches it through Envoy, at envoy_url + /stripe/webhook)."""
+        return f"http://{LOOPBACK}:{self.ports.webhooks}"
 
     def authz_target(self, replica: int = 0) -> str:
         return f"{LOOPBACK}:{self.ports.authz[replica]}"
@@ -105,9 +111,12 @@ async def start_stack(
     output: IO[str] | None = None,
     extra_env: dict[str, str] | None = None,
     envoy_concurrency: int = 1,
+    webhook_secret: str | None = None,
 ) -> Stack:
     """Start everything and wait until it serves; on failure, stop what was started and raise ChildFailed.
 
+    The webhook service starts when `webhook_secret` (one or more whsec_ secrets, comma-separated) is given;
+    without it Envoy's `webhooks` cluster points at `ports.webhooks`, where the caller may run something else.
     Output of each child goes to `log_dir/<name>.log`, or to `output` with a `[name]` prefix. Units the meter
     could not write at shutdown are kept in `state_dir/meter-spill` for the next start.
     """
@@ -157,6 +166,18 @@ async def start_stack(
             },
             lambda port=port: grpc_serving(f"{LOOPBACK}:{port}"),
             f"{name} to serve",
+        )
+    if webhook_secret is not None:
+        specs["webhooks"] = _Spec(
+            _python("driftlock_gateway.cli", "webhooks"),
+            {
+                **common_env,
+                "STRIPE_WEBHOOK_SECRET": webhook_secret,
+                "DRIFTLOCK_WEBHOOKS_HOST": LOOPBACK,
+                "DRIFTLOCK_WEBHOOKS_PORT": str(ports.webhooks),
+            },
+            lambda: http_ok(f"{stack.webhooks_url}/healthz"),
+            "the webhook service to be ready",
         )
     specs["envoy"] = _Spec(
         envoy_config.command(stack.envoy_config_path, concurrency=envoy_concurrency),

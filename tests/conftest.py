@@ -105,20 +105,25 @@ def make_key(pool):
 
 
 class Gateway:
-    """Envoy + two authz replicas + a recording backend, webhooks stand-in and alert receiver, on free ports.
+    """Envoy + two authz replicas + the webhook service + a recording backend and alert receiver, on free ports.
 
     Every allowed check is audited (sample rate 1) so that tests can find their requests in the audit log."""
 
-    def __init__(self, stack, backend, webhooks, alerts, log_dir):
+    def __init__(self, stack, backend, webhook_secret, alerts, log_dir):
         self.stack = stack
         self.backend = backend
-        self.webhooks = webhooks
+        self.webhook_secret = webhook_secret
         self.alerts = alerts
         self.log_dir = log_dir
 
     @property
     def port(self) -> int:
         return self.stack.ports.envoy
+
+    @property
+    def webhooks_url(self) -> str:
+        """The webhook service itself, bypassing Envoy (for its /metrics)."""
+        return self.stack.webhooks_url
 
     def authz_target(self, replica: int) -> str:
         return self.stack.authz_target(replica)
@@ -133,16 +138,16 @@ async def gateway(database_url, jwt_secret, tmp_path_factory):
     from driftlock_gateway.stack import StackPorts, start_stack
     from tests.support.net import free_port
     from tests.support.recorder import Recorder
+    from tests.support.stripe import SECRET
 
     backend = await Recorder().start(free_port())
-    webhooks = await Recorder().start(free_port())
     alerts = await Recorder().start(free_port())
     ports = StackPorts(
         envoy=free_port(),
         envoy_admin=free_port(),
         authz=(free_port(), free_port()),
         authz_metrics=(free_port(), free_port()),
-        webhooks=webhooks.port,
+        webhooks=free_port(),
         backend=backend.port,
     )
     state = tmp_path_factory.mktemp("gateway")
@@ -155,18 +160,18 @@ async def gateway(database_url, jwt_secret, tmp_path_factory):
             ports=ports,
             backend=HostPort("127.0.0.1", backend.port),
             log_dir=log_dir,
+            webhook_secret=SECRET,
             extra_env={
                 "DRIFTLOCK_ALERT_WEBHOOK_URL": f"http://127.0.0.1:{alerts.port}/alerts",
                 "DRIFTLOCK_AUDIT_ALLOW_SAMPLE_RATE": "1",
             },
         )
     except Exception:
-        print(Gateway(None, backend, webhooks, alerts, log_dir).logs())
+        print(Gateway(None, backend, SECRET, alerts, log_dir).logs())
         raise
-    gateway = Gateway(stack, backend, webhooks, alerts, log_dir)
+    gateway = Gateway(stack, backend, SECRET, alerts, log_dir)
     yield gateway
     codes = await stack.stop()
     await backend.stop()
-    await webhooks.stop()
     await alerts.stop()
     assert all(code == 0 for code in codes.values()), f"exit codes {codes}\n{gateway.logs()}"

@@ -7,6 +7,7 @@ from datetime import timedelta
 
 import pytest
 
+from billing_webhooks import fake_stripe
 from driftlock_gateway import api_keys, orgs
 from driftlock_gateway.context_token import verify
 from driftlock_gateway.keys import Environment, generate_key
@@ -262,12 +263,24 @@ async def test_healthz_is_answered_by_envoy_without_a_key(gateway, send):
     assert len(gateway.backend.received) == before
 
 
-async def test_stripe_webhook_goes_to_the_webhooks_service_without_a_key(gateway, send):
-    response = await send("/stripe/webhook", headers={"Stripe-Signature": "t=1,v1=x"}, body=b'{"id":"evt_1"}')
-    assert response.status == 200
-    received = gateway.webhooks.by_request_id(response.request_id)
-    assert received.body == b'{"id":"evt_1"}'
-    assert not any(name.startswith("x-driftlock-") for name in received.names())
+async def test_stripe_webhook_goes_to_the_webhooks_service_without_a_key(gateway, send, make_org, pool):
+    # No API key: with ext_authz on this route, Envoy would answer 401 missing_api_key before any service.
+    org = await make_org()
+    event = fake_stripe.build_event("checkout.session.completed", org_id=org.id)
+    body = fake_stripe.encode(event)
+    signed = {"Stripe-Signature": fake_stripe.sign(body, gateway.webhook_secret), "Content-Type": "application/json"}
+    response = await send("/stripe/webhook", headers=signed, body=body)
+    assert response.status == 200, response.body
+    assert response.json()["id"] == event["id"] and response.json()["outcome"] == "applied"
+    async with pool.acquire() as conn:
+        stored = await conn.fetchval("SELECT org_id FROM driftlock.stripe_events WHERE id = $1", event["id"])
+    assert stored == org.id
+    # An unsigned delivery reaches the service too, which refuses it itself (its error, not Envoy's).
+    unsigned = await send("/stripe/webhook", headers={"Stripe-Signature": "t=1,v1=x"}, body=b'{"id":"evt_1"}')
+    assert unsigned.status == 400
+    assert unsigned.json()["error"]["code"] == "invalid_signature"
+    assert unsigned.json()["error"]["request_id"] == unsigned.request_id
+    assert not any(r.path == "/stripe/webhook" for r in gateway.backend.received)
 
 
 async def test_read_routes_are_not_billable(gateway, send, tenant):

@@ -1,0 +1,119 @@
+"""The webhook service: `create_app` (routes and the lifetime of its database pool) and `serve` (the process).
+
+Routes: `POST /stripe/webhook` (webhook.py), `GET /healthz` (200 only while the database answers and the
+service is not draining), `GET /metrics` (Prometheus text format).
+
+SIGTERM or SIGINT: /healthz turns 503, the listener closes, deliveries in flight get `SHUTDOWN_GRACE_SECONDS`
+to finish, the pool closes, and the process exits 0.
+"""
+
+import asyncio
+import logging
+import signal
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import asyncpg
+import prometheus_client
+from aiohttp import web
+
+from billing_webhooks.webhook import MAX_BODY_BYTES, STORAGE_ERRORS, WebhookEndpoint
+from driftlock_gateway import db
+from driftlock_gateway.errors import OperatorError
+from driftlock_gateway.logs import configure_logging
+from driftlock_gateway.settings import Settings
+
+log = logging.getLogger(__name__)
+
+SHUTDOWN_GRACE_SECONDS = 10.0
+HEALTH_TIMEOUT_SECONDS = 2.0
+POOL_MAX_SIZE = 8
+
+
+@dataclass
+class ServiceState:
+    pool: asyncpg.Pool | None = None
+    draining: bool = False
+
+
+STATE = web.AppKey("driftlock_webhooks_state", ServiceState)
+
+
+def create_app(settings: Settings, *, pool: asyncpg.Pool | None = None) -> web.Application:
+    """The aiohttp application. Without `pool`, it opens its own from settings.database_url on start-up (lazily:
+    the service starts while the database is down) and closes it on clean-up; a given pool is the caller's."""
+    secrets = settings.require_webhook_secrets()
+    url = None if pool is not None else settings.require_database_url()
+    # The body is read by WebhookEndpoint with its own limit; aiohttp's own limit only has to be above it.
+    app = web.Application(client_max_size=MAX_BODY_BYTES + 1)
+    state = ServiceState(pool=pool)
+    app[STATE] = state
+
+    async def database(app: web.Application) -> AsyncIterator[None]:
+        if url is None:
+            yield
+            return
+        state.pool = await db.create_pool(url, application_name="driftlock-webhooks", max_size=POOL_MAX_SIZE)
+        try:
+            yield
+        finally:
+            await state.pool.close()
+
+    app.cleanup_ctx.append(database)
+
+    def pool_of(request: web.Request) -> asyncpg.Pool:
+        assert state.pool is not None
+        return state.pool
+
+    async def healthz(request: web.Request) -> web.Response:
+        if state.draining:
+            return web.json_response({"status": "draining"}, status=503)
+        try:
+            async with asyncio.timeout(HEALTH_TIMEOUT_SECONDS):
+                async with pool_of(request).acquire() as conn:
+                    await conn.fetchval("SELECT 1")
+        except (*STORAGE_ERRORS, asyncpg.PostgresError) as error:
+            return web.json_response({"status": "database_unavailable", "error": type(error).__name__}, status=503)
+        return web.json_response({"status": "ok"})
+
+    async def metrics_endpoint(request: web.Request) -> web.Response:
+        return web.Response(
+            body=prometheus_client.generate_latest(), headers={"Content-Type": prometheus_client.CONTENT_TYPE_LATEST}
+        )
+
+    app.router.add_post("/stripe/webhook", WebhookEndpoint(secrets, pool_of).handle)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics_endpoint)
+    return app
+
+
+async def serve(settings: Settings) -> None:
+    """`driftlock-gateway webhooks`: run until SIGTERM/SIGINT, then drain and return."""
+    configure_logging()
+    app = create_app(settings)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE_SECONDS)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, settings.webhooks_host, settings.webhooks_port)
+        try:
+            await site.start()
+        except OSError as error:
+            raise OperatorError(
+                f"cannot listen on {settings.webhooks_host}:{settings.webhooks_port}: {error.strerror or error}"
+            ) from None
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stopping.set)
+        log.info(
+            "webhooks listening on %s:%d (%d signing secret(s))",
+            settings.webhooks_host,
+            settings.webhooks_port,
+            len(settings.stripe_webhook_secrets),
+        )
+        await stopping.wait()
+        log.info("shutting down: draining for up to %.0fs", SHUTDOWN_GRACE_SECONDS)
+        app[STATE].draining = True
+    finally:
+        await runner.cleanup()
+    log.info("webhooks stopped")

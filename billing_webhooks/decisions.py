@@ -1,0 +1,278 @@
+"""What a Stripe event changes, decided over plain values: no database, HTTP or metrics here.
+
+Ordering. Stripe delivers events late, twice and out of order, and its `created` has one-second resolution, so
+events of the same second are common (a subscription's `created` and `updated`, an invoice's payment and the
+subscription update it causes). Every event that reports a subscription's state gets a `Position`:
+
+    (created, rank of the status it reports, event id)
+
+and a part of the stored state is replaced only by an event whose position is greater than the one that wrote
+it. The rank breaks same-second ties in the direction a subscription's life moves (incomplete < trialing <
+active < past_due < unpaid < paused < canceled = incomplete_expired), so the subscription that was created
+`incomplete` and became `active` in the same second ends `active`, and a `deleted` is never undone by an update
+of its own second. The event id breaks what is left, arbitrarily but the same way every time. Positions are a
+total order, so any delivery order of the same events ends in the same state.
+
+A subscription's snapshot (prices, period, ended) and its status have separate positions: invoice events move
+the status without carrying a snapshot, and a late `subscription.updated` may still bring a newer price even
+when a newer payment already set the status.
+"""
+
+import dataclasses
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+
+from billing_webhooks.events import InvoicePayment, SubscriptionSnapshot
+
+FALLBACK_PLAN = "free"
+
+STATUS_RANK: Mapping[str, int] = {
+    "incomplete": 0,
+    "trialing": 1,
+    "active": 2,
+    "past_due": 3,
+    "unpaid": 4,
+    "paused": 5,
+    "canceled": 6,
+    "incomplete_expired": 6,
+}
+# No subscription in force any more; nothing brings it back.
+TERMINAL_STATUSES = frozenset({"canceled", "incomplete_expired"})
+# Payment is overdue: dunning runs from past_due_since.
+OVERDUE_STATUSES = frozenset({"past_due", "unpaid"})
+
+
+class Outcome(StrEnum):
+    """What became of an event; stored with it and used as a metric label."""
+
+    APPLIED = "applied"  # it changed (or confirmed) the billing state
+    DEFERRED = "deferred"  # stored, but no organisation is known for it yet; applied when one is linked
+    IGNORED = "ignored"  # a type we do not handle, or an event that has nothing to change
+    SKIPPED_STALE = "skipped_stale"  # older than what was already applied
+    FAILED = "failed"  # could not be applied (unknown organisation, malformed, an error); see detail
+    DUPLICATE = "duplicate"  # a second delivery of a stored event (never stored as such)
+
+
+class Problem(StrEnum):
+    """Something an operator should look at; a metric label, and part of the event's detail."""
+
+    MALFORMED_ORG_ID = "malformed_org_id"
+    UNKNOWN_ORG = "unknown_org"
+    UNKNOWN_PRICE = "unknown_price"
+    CUSTOMER_CONFLICT = "customer_conflict"
+    MALFORMED_EVENT = "malformed_event"
+    HANDLER_ERROR = "handler_error"
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Position:
+    """Where an event stands in a subscription's history; see the module docstring."""
+
+    created: datetime
+    rank: int
+    event_id: str
+
+
+def position(created: datetime, status: str, event_id: str) -> Position:
+    return Position(created, STATUS_RANK[status], event_id)
+
+
+def is_newer(candidate: Position, applied: Position | None) -> bool:
+    """Whether an event at `candidate` may replace what the event at `applied` wrote."""
+    return applied is None or candidate > applied
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriptionState:
+    """What we hold about one Stripe subscription (a row of driftlock.stripe_subscriptions)."""
+
+    id: str
+    customer_id: str
+    org_id: uuid.UUID | None = None
+    status: str | None = None  # None: only the id is known so far
+    past_due_since: datetime | None = None
+    status_position: Position | None = None
+    price_ids: tuple[str, ...] = ()
+    period_start: datetime | None = None
+    period_end: datetime | None = None
+    trial_end: datetime | None = None
+    cancel_at_period_end: bool = False
+    ended: bool = False
+    snapshot_position: Position | None = None
+
+    @property
+    def in_force(self) -> bool:
+        """Not ended: active, trialing, overdue, incomplete or paused, or not known yet."""
+        return self.status not in TERMINAL_STATUSES and not self.ended
+
+    @property
+    def latest(self) -> Position | None:
+        known = [p for p in (self.status_position, self.snapshot_position) if p is not None]
+        return max(known) if known else None
+
+
+def _overdue_since(state: SubscriptionState, status: str, at: datetime) -> datetime | None:
+    # The grace period runs from when payment first became overdue, not from the latest reminder.
+    if status not in OVERDUE_STATUSES:
+        return None
+    if state.status in OVERDUE_STATUSES and state.past_due_since is not None:
+        return state.past_due_since
+    return at
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    """The state after an event, and which of its parts the event was allowed to change."""
+
+    state: SubscriptionState
+    snapshot: bool = False
+    status: bool = False
+    stale: bool = False  # nothing changed because the event is older than what it would replace
+    reason: str | None = None  # why nothing changed, when nothing did
+
+    @property
+    def changed(self) -> bool:
+        return self.snapshot or self.status
+
+
+def apply_snapshot(state: SubscriptionState | None, event: SubscriptionSnapshot) -> Applied:
+    """A subscription event: its snapshot and its status, each only if newer than what they would replace."""
+    current = state or SubscriptionState(id=event.subscription_id, customer_id=event.customer_id)
+    at = position(event.created, event.status, event.event_id)
+    take_snapshot = is_newer(at, current.snapshot_position)
+    take_status = is_newer(at, current.status_position)
+    if not (take_snapshot or take_status):
+        return Applied(current, stale=True, reason="older than the subscription state already applied")
+    new = current
+    if take_snapshot:
+        has_period = event.period_start is not None and event.period_end is not None
+        new = dataclasses.replace(
+            new,
+            customer_id=event.customer_id,
+            price_ids=event.price_ids,
+            period_start=event.period_start if has_period else current.period_start,
+            period_end=event.period_end if has_period else current.period_end,
+            trial_end=event.trial_end,
+            cancel_at_period_end=event.cancel_at_period_end,
+            ended=event.ended,
+            snapshot_position=at,
+        )
+    if take_status:
+        new = dataclasses.replace(
+            new,
+            status=event.status,
+            past_due_since=_overdue_since(current, event.status, event.created),
+            status_position=at,
+        )
+    return Applied(new, snapshot=take_snapshot, status=take_status)
+
+
+def status_after_payment(status: str | None, succeeded: bool) -> str | None:
+    """The status an invoice payment leaves a subscription in; None when a payment does not change it.
+
+    A payment brings an overdue (or not yet paid) subscription back to active and a failed one makes it
+    past_due, but neither revives an ended subscription, un-pauses one, nor ends a trial early; a failed first
+    payment leaves an incomplete subscription incomplete (it was never in force), and unpaid stays unpaid.
+    """
+    if succeeded:
+        if status in (None, "incomplete", "active", "past_due", "unpaid"):
+            return "active"
+        if status == "trialing":
+            return "trialing"
+        return None
+    if status in (None, "active", "trialing", "past_due"):
+        return "past_due"
+    if status == "unpaid":
+        return "unpaid"
+    return None
+
+
+def apply_payment(state: SubscriptionState | None, event: InvoicePayment) -> Applied:
+    """An invoice payment: moves the status, only in the direction its time allows."""
+    assert event.subscription_id is not None
+    current = state or SubscriptionState(id=event.subscription_id, customer_id=event.customer_id)
+    at = position(event.created, "active" if event.succeeded else "past_due", event.event_id)
+    if not is_newer(at, current.status_position):
+        return Applied(current, stale=True, reason="older than the subscription status already applied")
+    target = status_after_payment(current.status, event.succeeded)
+    if target is None:
+        return Applied(current, reason=f"a payment does not change a {current.status} subscription")
+    new = dataclasses.replace(
+        current,
+        status=target,
+        past_due_since=_overdue_since(current, target, event.created),
+        status_position=at,
+    )
+    return Applied(new, status=True)
+
+
+def choose_current(subscriptions: Iterable[SubscriptionState]) -> SubscriptionState | None:
+    """The subscription an organisation's billing follows: the most recent one still in force, else the most
+    recent one that ended. An organisation that cancels and subscribes again follows the new subscription,
+    whatever order the two subscriptions' events arrive in."""
+    subs = list(subscriptions)
+    if not subs:
+        return None
+
+    def recency(sub: SubscriptionState) -> tuple:
+        latest = sub.latest  # a subscription known by its id only comes before any with events
+        return (0, sub.id) if latest is None else (1, latest.created, latest.rank, latest.event_id, sub.id)
+
+    in_force = [sub for sub in subs if sub.in_force]
+    return max(in_force or subs, key=recency)
+
+
+def pick_plan(price_ids: Iterable[str], plan_by_price: Mapping[str, str]) -> str | None:
+    """The plan the first mapped price selects (items in Stripe's order); None when no price is mapped."""
+    for price in price_ids:
+        if price in plan_by_price:
+            return plan_by_price[price]
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class OrgBilling:
+    """An organisation's billing columns, as stored."""
+
+    id: uuid.UUID
+    plan_name: str
+    billing_status: str
+    past_due_since: datetime | None
+    stripe_customer_id: str | None
+    stripe_subscription_id: str | None
+    period_start: datetime | None
+    period_end: datetime | None
+    trial_end: datetime | None = None
+    cancel_at_period_end: bool = False
+
+
+def org_changes(org: OrgBilling, sub: SubscriptionState | None, plan: str | None) -> dict[str, object]:
+    """The organisation columns to change so that they follow `sub` (its current subscription).
+
+    `plan` is the plan the subscription's prices select (None: none of them is mapped, so the plan is kept).
+    An ended subscription puts the organisation on the free plan and the calendar month. A subscription known
+    only from invoices (no snapshot yet) changes the status, and leaves plan, period and trial as they are.
+    """
+    if sub is None:
+        return {}
+    desired: dict[str, object] = {"stripe_subscription_id": sub.id}
+    if org.stripe_customer_id is None:
+        desired["stripe_customer_id"] = sub.customer_id
+    if sub.status is not None:
+        desired["billing_status"] = sub.status
+        desired["past_due_since"] = sub.past_due_since
+    if sub.ended:
+        desired.update(
+            plan_name=FALLBACK_PLAN, period_start=None, period_end=None, trial_end=None, cancel_at_period_end=False
+        )
+    else:
+        if plan is not None:
+            desired["plan_name"] = plan
+        if sub.period_start is not None and sub.period_end is not None:
+            desired.update(period_start=sub.period_start, period_end=sub.period_end)
+        if sub.snapshot_position is not None:
+            desired.update(trial_end=sub.trial_end, cancel_at_period_end=sub.cancel_at_period_end)
+    return {column: value for column, value in desired.items() if getattr(org, column) != value}

@@ -1,0 +1,262 @@
+"""What each handled Stripe event changes: `handle_<type>(conn, event) -> Result`.
+
+Each handler runs inside the transaction that stored the event. It serialises on the Stripe customer, reads
+the stored state, lets `decisions` say what changes, writes the subscription row, and then brings the linked
+organisation's billing columns in line with its current subscription (`sync_org`). An UPDATE of an
+organisation row reaches every authz replica through the table's NOTIFY trigger.
+"""
+
+import dataclasses
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+
+import asyncpg
+
+from billing_webhooks import decisions, store
+from billing_webhooks.decisions import Outcome, Problem, SubscriptionState
+from billing_webhooks.events import (
+    BillingEvent,
+    CheckoutCompleted,
+    EventType,
+    InvoicePayment,
+    SubscriptionSnapshot,
+    parse_org_id,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    outcome: Outcome
+    detail: str | None = None
+    org_id: uuid.UUID | None = None
+    problems: tuple[Problem, ...] = field(default=())
+
+
+def _detail(*parts: str | None) -> str | None:
+    text = "; ".join(part for part in parts if part)
+    return text or None
+
+
+# --- the organisation follows its current subscription ---------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Synced:
+    changes: Mapping[str, object]
+    current: SubscriptionState | None
+    unknown_prices: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+
+
+async def sync_org(
+    conn: asyncpg.Connection, org_id: uuid.UUID, *, extra: Mapping[str, object] | None = None
+) -> Synced | None:
+    """Make the organisation's billing columns follow its current subscription; None if it no longer exists."""
+    org = await store.load_org(conn, org_id)
+    if org is None:
+        return None
+    extra = {column: value for column, value in (extra or {}).items() if getattr(org, column) != value}
+    org = dataclasses.replace(org, **extra)
+    current = decisions.choose_current(await store.subscriptions_of_org(conn, org_id))
+    plan, unknown = None, ()
+    if current is not None and current.price_ids:
+        plan = decisions.pick_plan(current.price_ids, await store.plans_by_price(conn, current.price_ids))
+        if plan is None and not current.ended:
+            unknown = current.price_ids
+    changes = extra | decisions.org_changes(org, current, plan)
+    notes = []
+    customer = changes.get("stripe_customer_id")
+    if customer is not None:
+        owner = await store.org_of_customer(conn, customer)
+        if owner is not None and owner != org_id:
+            # Another organisation pays through this customer; a subscription linked by metadata must not
+            # take it over.
+            del changes["stripe_customer_id"]
+            notes.append(f"customer {customer} belongs to organisation {owner}; not linked")
+    await store.update_org(conn, org_id, changes)
+    return Synced(changes, current, unknown, tuple(notes))
+
+
+def _sync_detail(synced: Synced, subscription_id: str) -> str | None:
+    parts = list(synced.notes)
+    if synced.unknown_prices:
+        parts.append(f"no plan for price {', '.join(synced.unknown_prices)}: plan kept")
+    if synced.current is not None and synced.current.id != subscription_id:
+        parts.append(f"the organisation follows subscription {synced.current.id}")
+    return _detail(*parts)
+
+
+async def _find_org(
+    conn: asyncpg.Connection, state: SubscriptionState, metadata_org_id: str | None
+) -> tuple[uuid.UUID | None, Problem | None]:
+    """The organisation a subscription belongs to: already linked, named by a checkout, named in the
+    subscription's metadata, or the one paying through its customer."""
+    if state.org_id is not None:
+        return state.org_id, None
+    found = await store.org_of_subscription(conn, state.id)
+    if found is not None:
+        return found, None
+    problem = None
+    if metadata_org_id is not None:
+        named = parse_org_id(metadata_org_id)
+        if named is None:
+            problem = Problem.MALFORMED_ORG_ID
+        elif await store.org_exists(conn, named):
+            return named, None
+        else:
+            problem = Problem.UNKNOWN_ORG
+    return await store.org_of_customer(conn, state.customer_id), problem
+
+
+async def _store_and_sync(
+    conn: asyncpg.Connection, state: SubscriptionState, metadata_org_id: str | None, what: str | None
+) -> Result:
+    org_id, problem = await _find_org(conn, state, metadata_org_id)
+    state = dataclasses.replace(state, org_id=org_id)
+    await store.save_subscription(conn, state)
+    problems = (problem,) if problem else ()
+    metadata_note = None
+    if problem is Problem.MALFORMED_ORG_ID:
+        metadata_note = f"metadata.org_id {metadata_org_id[:64]!r} is not an organisation id"
+    elif problem is Problem.UNKNOWN_ORG:
+        metadata_note = f"metadata.org_id {metadata_org_id} names no organisation"
+    if org_id is None:
+        return Result(
+            Outcome.DEFERRED,
+            _detail(
+                f"no organisation is linked to customer {state.customer_id} yet; kept until a checkout links it",
+                metadata_note,
+            ),
+            None,
+            problems,
+        )
+    synced = await sync_org(conn, org_id)
+    if synced is None:
+        return Result(Outcome.DEFERRED, "the linked organisation no longer exists", None, problems)
+    if synced.unknown_prices and synced.current is not None and synced.current.id == state.id:
+        problems += (Problem.UNKNOWN_PRICE,)
+    return Result(Outcome.APPLIED, _detail(what, metadata_note, _sync_detail(synced, state.id)), org_id, problems)
+
+
+# --- the handlers ------------------------------------------------------------------------------------------
+
+
+async def handle_checkout_session_completed(conn: asyncpg.Connection, event: CheckoutCompleted) -> Result:
+    """Link the Stripe customer (and subscription) to the organisation the session names."""
+    if event.org_reference is None:
+        return Result(
+            Outcome.FAILED,
+            "the session names no organisation (client_reference_id or metadata.org_id)",
+            problems=(Problem.MALFORMED_ORG_ID,),
+        )
+    org_id = parse_org_id(event.org_reference)
+    if org_id is None:
+        return Result(
+            Outcome.FAILED,
+            f"malformed organisation id {event.org_reference[:64]!r} in the session",
+            problems=(Problem.MALFORMED_ORG_ID,),
+        )
+    if not await store.org_exists(conn, org_id):
+        return Result(Outcome.FAILED, f"no organisation with id {org_id}", problems=(Problem.UNKNOWN_ORG,))
+    if event.customer_id is None:
+        return Result(Outcome.IGNORED, "the session has no customer", org_id)
+    await store.lock_customer(conn, event.customer_id)
+    await store.lock_org(conn, org_id)
+    org = await store.load_org(conn, org_id)
+    if org is None:  # deleted meanwhile
+        return Result(Outcome.FAILED, f"no organisation with id {org_id}", problems=(Problem.UNKNOWN_ORG,))
+    owner = await store.org_of_customer(conn, event.customer_id)
+    if owner is not None and owner != org_id:
+        return Result(
+            Outcome.FAILED,
+            f"customer {event.customer_id} already belongs to organisation {owner}",
+            org_id,
+            (Problem.CUSTOMER_CONFLICT,),
+        )
+    if org.stripe_customer_id not in (None, event.customer_id):
+        newest = await store.latest_applied_checkout(conn, org_id, other_than=event.event_id)
+        if newest is not None and newest >= (event.created, event.event_id):
+            return Result(
+                Outcome.SKIPPED_STALE,
+                f"a newer checkout linked customer {org.stripe_customer_id}",
+                org_id,
+            )
+    if event.subscription_id is not None:
+        await store.claim_subscription(conn, event.subscription_id, event.customer_id, org_id)
+    linked = await store.link_customer_subscriptions(conn, event.customer_id, org_id)
+    synced = await sync_org(conn, org_id, extra={"stripe_customer_id": event.customer_id})
+    assert synced is not None  # the row is locked
+    problems = (Problem.UNKNOWN_PRICE,) if synced.unknown_prices else ()
+    what = f"linked customer {event.customer_id}"
+    if linked:
+        what += f" and its earlier subscription(s) {', '.join(linked)}"
+    return Result(Outcome.APPLIED, _detail(what, _sync_detail(synced, event.subscription_id or "")), org_id, problems)
+
+
+async def _subscription_event(conn: asyncpg.Connection, event: SubscriptionSnapshot) -> Result:
+    await store.lock_customer(conn, event.customer_id)
+    state = await store.load_subscription(conn, event.subscription_id)
+    applied = decisions.apply_snapshot(state, event)
+    if not applied.changed:
+        return Result(Outcome.SKIPPED_STALE, applied.reason, state.org_id if state else None)
+    what = None
+    if not applied.status:
+        what = "status kept: a newer event already set it"
+    elif not applied.snapshot:
+        what = "prices and period kept: a newer snapshot was already applied"
+    return await _store_and_sync(conn, applied.state, event.metadata_org_id, what)
+
+
+async def handle_customer_subscription_created(conn: asyncpg.Connection, event: SubscriptionSnapshot) -> Result:
+    return await _subscription_event(conn, event)
+
+
+async def handle_customer_subscription_updated(conn: asyncpg.Connection, event: SubscriptionSnapshot) -> Result:
+    return await _subscription_event(conn, event)
+
+
+async def handle_customer_subscription_deleted(conn: asyncpg.Connection, event: SubscriptionSnapshot) -> Result:
+    """The subscription ended: its organisation goes to the free plan (unless it follows another subscription)."""
+    return await _subscription_event(conn, event)
+
+
+async def handle_customer_subscription_trial_will_end(conn: asyncpg.Connection, event: SubscriptionSnapshot) -> Result:
+    """Three days before a trial ends: nothing to enforce; the event is kept (the notification, for an operator or
+    a mailer to read) and the snapshot it carries is applied like any other."""
+    result = await _subscription_event(conn, event)
+    ends = f"trial ends {event.trial_end.isoformat()}" if event.trial_end else "trial ends (no trial_end given)"
+    return dataclasses.replace(result, detail=_detail(ends, result.detail))
+
+
+async def _invoice_event(conn: asyncpg.Connection, event: InvoicePayment) -> Result:
+    if event.subscription_id is None:
+        return Result(Outcome.IGNORED, "the invoice is not a subscription's")
+    await store.lock_customer(conn, event.customer_id)
+    state = await store.load_subscription(conn, event.subscription_id)
+    applied = decisions.apply_payment(state, event)
+    if not applied.changed:
+        outcome = Outcome.SKIPPED_STALE if applied.stale else Outcome.IGNORED
+        return Result(outcome, applied.reason, state.org_id if state else None)
+    return await _store_and_sync(conn, applied.state, event.metadata_org_id, None)
+
+
+async def handle_invoice_payment_succeeded(conn: asyncpg.Connection, event: InvoicePayment) -> Result:
+    return await _invoice_event(conn, event)
+
+
+async def handle_invoice_payment_failed(conn: asyncpg.Connection, event: InvoicePayment) -> Result:
+    return await _invoice_event(conn, event)
+
+
+Handler = Callable[[asyncpg.Connection, BillingEvent], Awaitable[Result]]
+
+HANDLERS: Mapping[str, Handler] = {
+    EventType.CHECKOUT_SESSION_COMPLETED: handle_checkout_session_completed,
+    EventType.SUBSCRIPTION_CREATED: handle_customer_subscription_created,
+    EventType.SUBSCRIPTION_UPDATED: handle_customer_subscription_updated,
+    EventType.SUBSCRIPTION_DELETED: handle_customer_subscription_deleted,
+    EventType.SUBSCRIPTION_TRIAL_WILL_END: handle_customer_subscription_trial_will_end,
+    EventType.INVOICE_PAYMENT_SUCCEEDED: handle_invoice_payment_succeeded,
+    EventType.INVOICE_PAYMENT_FAILED: handle_invoice_payment_failed,
+}

@@ -1,0 +1,285 @@
+"""SQL of the webhook service: the event inbox, the subscription rows and the organisation billing columns.
+
+Every statement names its schema and takes its values as parameters. Functions take a connection that is
+already inside the caller's transaction.
+"""
+
+import uuid
+from collections.abc import Iterable
+from datetime import datetime
+
+import asyncpg
+
+from billing_webhooks.decisions import OrgBilling, Outcome, Position, SubscriptionState
+from billing_webhooks.events import Envelope
+
+# --- the inbox ---------------------------------------------------------------------------------------------
+
+
+async def insert_event(conn: asyncpg.Connection, event: Envelope, payload: dict) -> bool:
+    """Store a new event; False when its id is already stored (a concurrent insert of the same id waits for the
+    first transaction and then finds it)."""
+    inserted = await conn.fetchval(
+        """INSERT INTO driftlock.stripe_events (id, type, api_version, created, livemode, payload)
+           VALUES ($1, $2, $3, $4, $5, $6)
+           ON CONFLICT (id) DO NOTHING
+           RETURNING id""",
+        event.id,
+        event.type,
+        event.api_version,
+        event.created,
+        event.livemode,
+        payload,
+    )
+    return inserted is not None
+
+
+async def finish_event(
+    conn: asyncpg.Connection, event_id: str, outcome: Outcome, detail: str | None, org_id: uuid.UUID | None
+) -> None:
+    await conn.execute(
+        """UPDATE driftlock.stripe_events
+           SET outcome = $2, detail = $3, org_id = $4, processed_at = now()
+           WHERE id = $1""",
+        event_id,
+        outcome.value,
+        detail,
+        org_id,
+    )
+
+
+async def latest_applied_checkout(
+    conn: asyncpg.Connection, org_id: uuid.UUID, *, other_than: str
+) -> tuple[datetime, str] | None:
+    row = await conn.fetchrow(
+        """SELECT created, id FROM driftlock.stripe_events
+           WHERE org_id = $1 AND type = 'checkout.session.completed' AND outcome = 'applied' AND id <> $2
+           ORDER BY created DESC, id DESC
+           LIMIT 1""",
+        org_id,
+        other_than,
+    )
+    return (row["created"], row["id"]) if row else None
+
+
+async def list_events(
+    conn: asyncpg.Connection,
+    *,
+    org_id: uuid.UUID | None = None,
+    outcome: str | None = None,
+    event_type: str | None = None,
+    limit: int = 50,
+) -> list[dict]:
+    """The most recently received events (without their payloads), newest first."""
+    rows = await conn.fetch(
+        """SELECT id, type, api_version, created, outcome, detail, org_id, received_at, processed_at
+           FROM driftlock.stripe_events
+           WHERE ($1::uuid IS NULL OR org_id = $1)
+             AND ($2::text IS NULL OR outcome = $2)
+             AND ($3::text IS NULL OR type = $3)
+           ORDER BY received_at DESC, id
+           LIMIT $4""",
+        org_id,
+        outcome,
+        event_type,
+        limit,
+    )
+    return [dict(row) for row in rows]
+
+
+async def prune_events(conn: asyncpg.Connection, received_before: datetime, *, batch: int = 5000) -> int:
+    """Delete stored events received before the given time, in batches (short locks); return how many."""
+    total = 0
+    while True:
+        deleted = await conn.fetchval(
+            """WITH doomed AS (
+                   SELECT id FROM driftlock.stripe_events WHERE received_at < $1 LIMIT $2)
+               , gone AS (
+                   DELETE FROM driftlock.stripe_events e USING doomed WHERE e.id = doomed.id RETURNING 1)
+               SELECT count(*) FROM gone""",
+            received_before,
+            batch,
+        )
+        total += deleted
+        if deleted < batch:
+            return total
+
+
+# --- serialising one customer's events -----------------------------------------------------------------------
+
+
+async def lock_customer(conn: asyncpg.Connection, customer_id: str) -> None:
+    """Hold, until the transaction ends, the lock that serialises the events of one Stripe customer.
+
+    Every handler takes it first (before any organisation row), so two events about one customer never decide
+    from the same stale state, and locks are always taken in the same order. Transaction-scoped, so it works
+    through a transaction pooler.
+    """
+    await conn.execute(
+        "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", f"driftlock.stripe_customer:{customer_id}"
+    )
+
+
+async def lock_org(conn: asyncpg.Connection, org_id: uuid.UUID) -> None:
+    await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", f"driftlock.org_billing:{org_id}")
+
+
+# --- subscriptions -----------------------------------------------------------------------------------------
+
+
+def _position(row: asyncpg.Record, prefix: str) -> Position | None:
+    at = row[f"{prefix}_at"]
+    if at is None:
+        return None
+    return Position(at, row[f"{prefix}_rank"], row[f"{prefix}_event_id"])
+
+
+def _subscription(row: asyncpg.Record) -> SubscriptionState:
+    return SubscriptionState(
+        id=row["id"],
+        customer_id=row["customer_id"],
+        org_id=row["org_id"],
+        status=row["status"],
+        past_due_since=row["past_due_since"],
+        status_position=_position(row, "status"),
+        price_ids=tuple(row["price_ids"]),
+        period_start=row["period_start"],
+        period_end=row["period_end"],
+        trial_end=row["trial_end"],
+        cancel_at_period_end=row["cancel_at_period_end"],
+        ended=row["ended"],
+        snapshot_position=_position(row, "snapshot"),
+    )
+
+
+async def load_subscription(conn: asyncpg.Connection, subscription_id: str) -> SubscriptionState | None:
+    row = await conn.fetchrow("SELECT * FROM driftlock.stripe_subscriptions WHERE id = $1 FOR UPDATE", subscription_id)
+    return _subscription(row) if row else None
+
+
+async def subscriptions_of_org(conn: asyncpg.Connection, org_id: uuid.UUID) -> list[SubscriptionState]:
+    rows = await conn.fetch("SELECT * FROM driftlock.stripe_subscriptions WHERE org_id = $1", org_id)
+    return [_subscription(row) for row in rows]
+
+
+async def save_subscription(conn: asyncpg.Connection, sub: SubscriptionState) -> None:
+    status, snapshot = sub.status_position, sub.snapshot_position
+    await conn.execute(
+        """INSERT INTO driftlock.stripe_subscriptions AS s (
+               id, customer_id, org_id, status, past_due_since, status_at, status_rank, status_event_id,
+               price_ids, period_start, period_end, trial_end, cancel_at_period_end, ended,
+               snapshot_at, snapshot_rank, snapshot_event_id)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)
+           ON CONFLICT (id) DO UPDATE SET
+               customer_id = EXCLUDED.customer_id, org_id = EXCLUDED.org_id, status = EXCLUDED.status,
+               past_due_since = EXCLUDED.past_due_since, status_at = EXCLUDED.status_at,
+               status_rank = EXCLUDED.status_rank, status_event_id = EXCLUDED.status_event_id,
+               price_ids = EXCLUDED.price_ids, period_start = EXCLUDED.period_start,
+               period_end = EXCLUDED.period_end, trial_end = EXCLUDED.trial_end,
+               cancel_at_period_end = EXCLUDED.cancel_at_period_end, ended = EXCLUDED.ended,
+               snapshot_at = EXCLUDED.snapshot_at,
+               snapshot_rank = EXCLUDED.snapshot_rank, snapshot_event_id = EXCLUDED.snapshot_event_id,
+               updated_at = now()""",
+        sub.id,
+        sub.customer_id,
+        sub.org_id,
+        sub.status,
+        sub.past_due_since,
+        status.created if status else None,
+        status.rank if status else None,
+        status.event_id if status else None,
+        list(sub.price_ids),
+        sub.period_start,
+        sub.period_end,
+        sub.trial_end,
+        sub.cancel_at_period_end,
+        sub.ended,
+        snapshot.created if snapshot else None,
+        snapshot.rank if snapshot else None,
+        snapshot.event_id if snapshot else None,
+    )
+
+
+async def claim_subscription(conn: asyncpg.Connection, subscription_id: str, customer_id: str, org_id: uuid.UUID):
+    """Record that a checkout named this subscription for this organisation (a row with only its id if no event
+    of it has arrived yet)."""
+    await conn.execute(
+        """INSERT INTO driftlock.stripe_subscriptions (id, customer_id, org_id) VALUES ($1, $2, $3)
+           ON CONFLICT (id) DO UPDATE SET org_id = coalesce(driftlock.stripe_subscriptions.org_id, EXCLUDED.org_id),
+                                          updated_at = now()""",
+        subscription_id,
+        customer_id,
+        org_id,
+    )
+
+
+async def link_customer_subscriptions(conn: asyncpg.Connection, customer_id: str, org_id: uuid.UUID) -> list[str]:
+    """Link the customer's subscriptions that no organisation claimed yet; return their ids."""
+    rows = await conn.fetch(
+        """UPDATE driftlock.stripe_subscriptions SET org_id = $2, updated_at = now()
+           WHERE customer_id = $1 AND org_id IS NULL
+           RETURNING id""",
+        customer_id,
+        org_id,
+    )
+    return sorted(row["id"] for row in rows)
+
+
+# --- organisations -----------------------------------------------------------------------------------------
+
+_ORG_COLUMNS = (
+    "plan_name",
+    "billing_status",
+    "past_due_since",
+    "stripe_customer_id",
+    "stripe_subscription_id",
+    "period_start",
+    "period_end",
+    "trial_end",
+    "cancel_at_period_end",
+)
+
+
+async def load_org(conn: asyncpg.Connection, org_id: uuid.UUID) -> OrgBilling | None:
+    row = await conn.fetchrow(
+        f"SELECT id, {', '.join(_ORG_COLUMNS)} FROM driftlock.organizations WHERE id = $1 FOR UPDATE", org_id
+    )
+    return OrgBilling(**dict(row)) if row else None
+
+
+async def org_exists(conn: asyncpg.Connection, org_id: uuid.UUID) -> bool:
+    return bool(await conn.fetchval("SELECT EXISTS (SELECT 1 FROM driftlock.organizations WHERE id = $1)", org_id))
+
+
+async def org_of_customer(conn: asyncpg.Connection, customer_id: str) -> uuid.UUID | None:
+    return await conn.fetchval("SELECT id FROM driftlock.organizations WHERE stripe_customer_id = $1", customer_id)
+
+
+async def org_of_subscription(conn: asyncpg.Connection, subscription_id: str) -> uuid.UUID | None:
+    return await conn.fetchval(
+        "SELECT id FROM driftlock.organizations WHERE stripe_subscription_id = $1", subscription_id
+    )
+
+
+async def update_org(conn: asyncpg.Connection, org_id: uuid.UUID, changes: dict[str, object]) -> None:
+    """Write the changed billing columns (and so wake every authz replica, through the table's trigger)."""
+    if not changes:
+        return
+    unknown = set(changes) - set(_ORG_COLUMNS)
+    if unknown:
+        raise ValueError(f"not an organisation billing column: {sorted(unknown)}")
+    columns = sorted(changes)
+    assignments = ", ".join(f"{column} = ${i}" for i, column in enumerate(columns, start=2))
+    await conn.execute(
+        f"UPDATE driftlock.organizations SET {assignments}, updated_at = now() WHERE id = $1",
+        org_id,
+        *(changes[column] for column in columns),
+    )
+
+
+async def plans_by_price(conn: asyncpg.Connection, price_ids: Iterable[str]) -> dict[str, str]:
+    rows = await conn.fetch(
+        "SELECT stripe_price_id, plan_name FROM driftlock.plan_prices WHERE stripe_price_id = ANY($1::text[])",
+        list(price_ids),
+    )
+    return {row["stripe_price_id"]: row["plan_name"] for row in rows}

@@ -1,0 +1,217 @@
+"""WIRE: `POST /stripe/webhook`. Raw bytes in, a status code out; what an event changes is handlers.py's.
+
+Status-code policy (Stripe retries every answer but a 2xx, for up to three days):
+
+- 413 past 1 MiB; 400 when Stripe-Signature is missing or verifies against none of the configured secrets (or
+  is older than 300 s), and when a verified body is not a Stripe event. Retrying would not help.
+- 200 once the event is stored and applied, was stored before (a duplicate), is of a type we ignore, or could
+  not be applied for a reason a retry would not fix (unknown organisation, malformed object): it is stored
+  with outcome `failed` and its error, for an operator.
+- 503 only when the event could not be stored (the database is unreachable or refused the transaction):
+  nothing was written, and Stripe's retry applies it.
+
+Storing and applying are one transaction, so an event is either stored and applied, or not stored at all.
+"""
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Sequence
+from enum import StrEnum
+
+import asyncpg
+import stripe
+from aiohttp import web
+
+from billing_webhooks import metrics, store
+from billing_webhooks.decisions import Outcome, Problem
+from billing_webhooks.events import Envelope, MalformedEvent, envelope, normalize, release_of, type_label
+from billing_webhooks.handlers import HANDLERS, Result
+from driftlock_gateway import db
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 1024 * 1024
+SIGNATURE_TOLERANCE_SECONDS = 300
+# A transaction that lost a deadlock or serialisation race is run again, this many times in all.
+ATTEMPTS = 3
+
+# The database could not be reached or refused to work: the event was not stored, so answer 5xx.
+STORAGE_ERRORS = (
+    *db.CONNECTION_ERRORS,
+    db.DatabaseUnavailable,
+    ConnectionError,
+    TimeoutError,
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.OperatorInterventionError,
+    asyncpg.InsufficientResourcesError,
+    asyncpg.TransactionRollbackError,
+)
+
+
+class SignatureFailure(StrEnum):
+    MISSING = "missing"
+    MALFORMED = "malformed"
+    MISMATCH = "mismatch"
+    EXPIRED = "expired"
+
+
+def check_signature(
+    payload: str, header: str | None, secrets: Sequence[str], tolerance: int = SIGNATURE_TOLERANCE_SECONDS
+) -> SignatureFailure | None:
+    """None when the Stripe-Signature header verifies against any of the secrets, else why it does not.
+
+    Several secrets make rotation possible without downtime: Stripe signs with the old and the new secret while
+    both are live, and either verifies.
+    """
+    if not header:
+        return SignatureFailure.MISSING
+    for secret in secrets:
+        try:
+            stripe.WebhookSignature.verify_header(payload, header, secret, tolerance)
+            return None
+        except stripe.SignatureVerificationError:
+            continue
+    fields = [item.partition("=") for item in header.split(",")]
+    if not any(k.strip() == "t" and v.strip().isdigit() for k, _, v in fields) or not any(
+        k.strip() == "v1" for k, _, v in fields
+    ):
+        return SignatureFailure.MALFORMED
+    for secret in secrets:
+        try:
+            stripe.WebhookSignature.verify_header(payload, header, secret, tolerance=None)
+            return SignatureFailure.EXPIRED
+        except stripe.SignatureVerificationError:
+            continue
+    return SignatureFailure.MISMATCH
+
+
+async def read_body(request: web.Request, limit: int = MAX_BODY_BYTES) -> bytes | None:
+    """The request body, or None when it is longer than `limit` (read no further than one byte past it)."""
+    if request.content_length is not None and request.content_length > limit:
+        return None
+    chunks, size = [], 0
+    while True:
+        chunk = await request.content.read(min(65536, limit + 1 - size))
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            return None
+
+
+async def apply_event(conn: asyncpg.Connection, event: Envelope) -> Result:
+    """Normalise and dispatch a stored event. A handler's error (other than the database going away) becomes
+    outcome `failed` with the error, and the handler's writes are undone (a savepoint), the event's row kept."""
+    try:
+        normalized = normalize(event)
+    except MalformedEvent as error:
+        return Result(Outcome.FAILED, f"malformed {event.type} event: {error}", problems=(Problem.MALFORMED_EVENT,))
+    if normalized is None:
+        return Result(Outcome.IGNORED, "event type not handled")
+    try:
+        async with conn.transaction():
+            return await HANDLERS[event.type](conn, normalized)
+    except STORAGE_ERRORS:
+        raise
+    except Exception as error:
+        log.exception("stripe event %s (%s): handler failed", event.id, event.type)
+        message = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
+        return Result(Outcome.FAILED, f"{type(error).__name__}: {message}", problems=(Problem.HANDLER_ERROR,))
+
+
+async def store_and_apply(pool: asyncpg.Pool, event: Envelope, payload: dict) -> Result:
+    """Store the event and apply it in one transaction; Outcome.DUPLICATE when its id was stored before.
+
+    Raises one of STORAGE_ERRORS when the database could not do it (nothing is then stored).
+    """
+    for attempt in range(1, ATTEMPTS + 1):
+        try:
+            async with pool.acquire() as conn, conn.transaction():
+                if not await store.insert_event(conn, event, payload):
+                    return Result(Outcome.DUPLICATE)
+                result = await apply_event(conn, event)
+                await store.finish_event(conn, event.id, result.outcome, result.detail, result.org_id)
+                return result
+        except asyncpg.TransactionRollbackError:
+            if attempt == ATTEMPTS:
+                raise
+            await asyncio.sleep(0.01 * attempt)
+    raise AssertionError("unreachable")
+
+
+def _error(request: web.Request, status: int, code: str, message: str) -> web.Response:
+    body = {"error": {"code": code, "message": message, "request_id": request.headers.get("x-request-id")}}
+    headers = {"Retry-After": "1"} if status == 503 else None
+    return web.json_response(body, status=status, headers=headers)
+
+
+class WebhookEndpoint:
+    def __init__(self, secrets: Sequence[str], pool_of):
+        if not secrets:
+            raise ValueError("at least one webhook secret is required")
+        self._secrets = tuple(secrets)
+        self._pool_of = pool_of  # request -> pool; the pool lives and dies with the application
+
+    async def handle(self, request: web.Request) -> web.Response:
+        started = time.perf_counter()
+        raw = await read_body(request)
+        if raw is None:
+            metrics.REJECTED.labels(reason="too_large").inc()
+            return _error(request, 413, "payload_too_large", f"The body is larger than {MAX_BODY_BYTES} bytes.")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            metrics.REJECTED.labels(reason="malformed_body").inc()
+            return _error(request, 400, "malformed_body", "The body is not UTF-8.")
+        failure = check_signature(text, request.headers.get("Stripe-Signature"), self._secrets)
+        if failure is not None:
+            metrics.SIGNATURE_FAILURES.labels(reason=failure.value).inc()
+            log.info("refused a delivery: signature %s", failure.value)
+            return _error(request, 400, "invalid_signature", f"Stripe-Signature did not verify ({failure.value}).")
+        try:
+            payload = json.loads(text)
+            event = envelope(payload)
+        except (ValueError, MalformedEvent) as error:
+            metrics.REJECTED.labels(reason="malformed_body").inc()
+            reason = str(error) if isinstance(error, MalformedEvent) else "the body is not JSON"
+            return _error(request, 400, "malformed_body", f"Not a Stripe event: {reason}.")
+
+        label = type_label(event.type)
+        metrics.API_VERSIONS.labels(release=release_of(event.api_version)).inc()
+        try:
+            result = await store_and_apply(self._pool_of(request), event, payload)
+        except (*STORAGE_ERRORS, asyncpg.PostgresError) as error:
+            # Unreachable, or refusing the inbox itself (an unmigrated schema, say): not stored, so Stripe retries.
+            metrics.NOT_STORED.inc()
+            metrics.HANDLING_DURATION.observe(time.perf_counter() - started)
+            reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+            log.warning(
+                "stripe event %s (%s) not stored, answered 503: %s %s",
+                event.id,
+                event.type,
+                type(error).__name__,
+                reason,
+            )
+            return _error(request, 503, "storage_unavailable", "The event could not be stored; retry later.")
+        metrics.EVENTS.labels(type=label, outcome=result.outcome.value).inc()
+        for problem in result.problems:
+            metrics.PROBLEMS.labels(problem=problem.value).inc()
+        metrics.HANDLING_DURATION.observe(time.perf_counter() - started)
+        level = logging.WARNING if result.problems or result.outcome is Outcome.FAILED else logging.INFO
+        log.log(
+            level,
+            "stripe event %s (%s): %s%s%s",
+            event.id,
+            event.type,
+            result.outcome.value,
+            f" org={result.org_id}" if result.org_id else "",
+            f" ({result.detail})" if result.detail else "",
+        )
+        return web.json_response(
+            {"id": event.id, "outcome": result.outcome.value, "detail": result.detail, "org_id": result.org_id},
+            dumps=lambda obj: json.dumps(obj, default=str),
+        )

@@ -1,0 +1,238 @@
+"""The CLI commands of the Stripe webhook service: `webhooks` (run it), `webhooks events` (what was received and
+what became of it), `webhooks prune` (retention of stored events) and `stripe send-event` (a signed,
+Stripe-shaped event POSTed to a running service, for `dev` and demos).
+
+cli.py registers them; the service package is imported only when a command runs.
+"""
+
+import argparse
+import json
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+
+from driftlock_gateway import db
+from driftlock_gateway.durations import parse_duration
+from driftlock_gateway.errors import OperatorError
+from driftlock_gateway.output import Printer, iso, table
+
+# Stripe retries a delivery for up to three days; an event pruned sooner could be applied again on a retry.
+MIN_RETENTION = timedelta(days=3)
+SEND_TIMEOUT_SECONDS = 30.0
+
+HANDLED_TYPES = (
+    "checkout.session.completed",
+    "customer.subscription.created",
+    "customer.subscription.updated",
+    "customer.subscription.deleted",
+    "customer.subscription.trial_will_end",
+    "invoice.payment_succeeded",
+    "invoice.payment_failed",
+)
+OUTCOMES = ("applied", "deferred", "ignored", "skipped_stale", "failed")
+SUBSCRIPTION_STATUSES = (
+    "incomplete",
+    "incomplete_expired",
+    "trialing",
+    "active",
+    "past_due",
+    "unpaid",
+    "canceled",
+    "paused",
+)
+
+
+class WebhookCommandError(OperatorError):
+    pass
+
+
+def _retention(text: str) -> timedelta:
+    try:
+        value = parse_duration(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    if value < MIN_RETENTION:
+        raise argparse.ArgumentTypeError(
+            f"must be at least 3d, got {text!r}: Stripe retries a delivery for up to three days, and an event "
+            "pruned sooner could be applied again"
+        )
+    return value
+
+
+def _duration(text: str) -> timedelta:
+    try:
+        return parse_duration(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _org_id(text: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"malformed organisation id {text!r}: expected a UUID") from None
+
+
+def _limit(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 10_000:
+        raise argparse.ArgumentTypeError(f"expected a whole number from 1 to 10000, got {text!r}")
+    return int(text)
+
+
+def _secret(text: str) -> str:
+    if not text.startswith("whsec_"):
+        raise argparse.ArgumentTypeError("a webhook signing secret starts with whsec_")
+    return text
+
+
+# --- commands ---------------------------------------------------------------------------------------------
+
+
+async def cmd_webhooks(args, settings, out: Printer) -> None:
+    from billing_webhooks.app import serve
+
+    await serve(settings)
+
+
+async def cmd_webhooks_prune(args, settings, out: Printer) -> None:
+    from billing_webhooks.store import prune_events
+
+    before = datetime.now(UTC) - args.older_than
+    async with db.connection(settings.require_database_url(), application_name="driftlock-gateway cli") as conn:
+        deleted = await prune_events(conn, before)
+    out.result(
+        {"deleted": deleted, "received_before": before},
+        f"Deleted {deleted} stored Stripe event(s) received before {iso(before)}.",
+    )
+
+
+async def cmd_webhooks_events(args, settings, out: Printer) -> None:
+    from billing_webhooks.store import list_events
+
+    async with db.connection(settings.require_database_url(), application_name="driftlock-gateway cli") as conn:
+        found = await list_events(conn, org_id=args.org, outcome=args.outcome, event_type=args.type, limit=args.limit)
+    columns = ["received_at", "id", "type", "outcome", "org_id", "detail"]
+    out.result({"events": found}, table(found, columns) if found else "No stored events match.")
+
+
+async def cmd_stripe_send_event(args, settings, out: Printer) -> None:
+    import aiohttp
+
+    from billing_webhooks import fake_stripe
+
+    secret = args.secret or (settings.stripe_webhook_secrets[0] if settings.stripe_webhook_secrets else None)
+    if secret is None:
+        raise WebhookCommandError(
+            "no signing secret: set STRIPE_WEBHOOK_SECRET (as the webhook service has it) or pass --secret"
+        )
+    url = args.url or f"http://127.0.0.1:{settings.envoy_port}/stripe/webhook"
+    now = int(time.time())
+    created = now - int(args.ago.total_seconds()) if args.ago else now
+    event = fake_stripe.build_event(
+        args.type,
+        org_id=args.org,
+        api_version=args.api_version,
+        created=created,
+        event_id=args.event_id,
+        customer_id=args.customer,
+        subscription_id=args.subscription,
+        price_ids=tuple(args.price) if args.price else (fake_stripe.DEFAULT_PRICE_ID,),
+        status=args.status,
+        org_metadata=not args.no_org_metadata,
+        cancel_at_period_end=args.cancel_at_period_end,
+    )
+    body = fake_stripe.encode(event)
+    headers = {"Content-Type": "application/json", "Stripe-Signature": fake_stripe.sign(body, secret, now)}
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=SEND_TIMEOUT_SECONDS)) as session,
+            session.post(url, data=body, headers=headers) as response,
+        ):
+            text = await response.text()
+            status = response.status
+    except (aiohttp.ClientError, TimeoutError, OSError) as error:
+        reason = str(error) or type(error).__name__
+        raise WebhookCommandError(f"cannot reach the webhook service at {url}: {reason}") from None
+    try:
+        answer = json.loads(text)
+    except ValueError:
+        answer = {"body": text[:500]}
+    if not 200 <= status < 300:
+        message = answer.get("error", {}).get("message") if isinstance(answer.get("error"), dict) else None
+        raise WebhookCommandError(f"the webhook service at {url} answered {status}: {message or text[:200].strip()}")
+    result = {"id": event["id"], "type": args.type, "url": url, "status": status, "response": answer}
+    outcome = answer.get("outcome", "?")
+    detail = f" ({answer['detail']})" if answer.get("detail") else ""
+    out.result(result, f"Sent {args.type} {event['id']} to {url}: {status}, {outcome}{detail}.")
+
+
+# --- the parser ------------------------------------------------------------------------------------------------
+
+
+def register(commands, leaf) -> None:
+    """Add `webhooks [prune]` and `stripe send-event` to the CLI's command parsers."""
+    webhooks = leaf(
+        commands,
+        "webhooks",
+        cmd_webhooks,
+        "run the Stripe webhook service (POST /stripe/webhook, /healthz, /metrics); "
+        "`webhooks events` lists stored events, `webhooks prune` deletes old ones",
+    )
+    # Without an action, `webhooks` runs the service (the contract's command); argparse would show the optional
+    # action as required.
+    webhooks.usage = f"{webhooks.prog} [-h] [--json] [{{events,prune}} ...]"
+    actions = webhooks.add_subparsers(dest="webhooks_command", metavar="{events,prune}", required=False)
+    prune = leaf(
+        actions, "prune", cmd_webhooks_prune, "delete stored Stripe events received longer ago than a duration"
+    )
+    prune.add_argument(
+        "--older-than", type=_retention, required=True, metavar="DURATION", help="at least 3d, e.g. 30d or 90d"
+    )
+    events = leaf(actions, "events", cmd_webhooks_events, "list stored Stripe events and their outcomes, newest first")
+    events.add_argument("--org", type=_org_id, metavar="ORG_ID", help="only this organisation's")
+    events.add_argument("--outcome", choices=OUTCOMES, help="only this outcome (e.g. failed, deferred)")
+    events.add_argument("--type", metavar="TYPE", help="only this Stripe event type")
+    events.add_argument("--limit", type=_limit, default=50, metavar="N", help="at most N events (default 50)")
+
+    stripe_group = commands.add_parser("stripe", help="local Stripe tools (nothing calls Stripe)").add_subparsers(
+        dest="stripe_command", metavar="ACTION", required=True
+    )
+    send = leaf(
+        stripe_group,
+        "send-event",
+        cmd_stripe_send_event,
+        "build a Stripe-shaped event of a handled type, sign it like Stripe, and POST it to a webhook service",
+    )
+    send.add_argument("type", choices=HANDLED_TYPES, metavar="TYPE", help=", ".join(HANDLED_TYPES))
+    send.add_argument("--org", type=_org_id, required=True, metavar="ORG_ID", help="the organisation it is about")
+    send.add_argument(
+        "--url",
+        help="where to POST (default: Envoy on this machine, http://127.0.0.1:$DRIFTLOCK_ENVOY_PORT/stripe/webhook)",
+    )
+    send.add_argument(
+        "--api-version",
+        default="2025-03-31.basil",
+        help="the API version the event is rendered in; before 2025-03-31 gives the older shape (e.g. 2024-06-20)",
+    )
+    send.add_argument(
+        "--secret", type=_secret, help="whsec_ signing secret (default: the first in STRIPE_WEBHOOK_SECRET)"
+    )
+    send.add_argument(
+        "--status",
+        choices=SUBSCRIPTION_STATUSES,
+        metavar="STATUS",
+        help=f"subscription status, for subscription events: {', '.join(SUBSCRIPTION_STATUSES)}",
+    )
+    send.add_argument("--price", action="append", metavar="PRICE_ID", help="price of a subscription item (repeatable)")
+    send.add_argument("--customer", metavar="CUSTOMER_ID", help="default: one derived from the organisation id")
+    send.add_argument("--subscription", metavar="SUBSCRIPTION_ID", help="default: one derived from the organisation id")
+    send.add_argument(
+        "--cancel-at-period-end",
+        action="store_true",
+        help="the subscription ends with its period (subscription events)",
+    )
+    send.add_argument("--ago", type=_duration, metavar="DURATION", help="date the event this long ago, e.g. 8d")
+    send.add_argument("--event-id", metavar="EVENT_ID", help="reuse an event id (to see a duplicate delivery)")
+    send.add_argument(
+        "--no-org-metadata", action="store_true", help="leave metadata.org_id out of the subscription and invoice"
+    )
