@@ -11,6 +11,8 @@ import time
 import uuid
 from datetime import UTC, datetime, timedelta
 
+from billing_webhooks.decisions import Outcome
+from billing_webhooks.events import EventType
 from driftlock_gateway import db
 from driftlock_gateway.durations import parse_duration
 from driftlock_gateway.errors import OperatorError
@@ -20,16 +22,10 @@ from driftlock_gateway.output import Printer, iso, table
 MIN_RETENTION = timedelta(days=3)
 SEND_TIMEOUT_SECONDS = 30.0
 
-HANDLED_TYPES = (
-    "checkout.session.completed",
-    "customer.subscription.created",
-    "customer.subscription.updated",
-    "customer.subscription.deleted",
-    "customer.subscription.trial_will_end",
-    "invoice.payment_succeeded",
-    "invoice.payment_failed",
-)
-OUTCOMES = ("applied", "deferred", "ignored", "skipped_stale", "failed")
+# The service's own lists, so that the CLI never offers a type or outcome the service does not know. Both
+# modules are plain definitions (no I/O), cheap to import when the parser is built.
+HANDLED_TYPES = tuple(EventType)
+OUTCOMES = tuple(o.value for o in Outcome if o is not Outcome.DUPLICATE)  # a duplicate is never stored
 SUBSCRIPTION_STATUSES = (
     "incomplete",
     "incomplete_expired",
