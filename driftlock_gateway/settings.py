@@ -138,10 +138,8 @@ class Settings:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
         env = os.environ if environ is None else environ
+        # Checked by require_webhook_secrets(), so that a bad webhook secret stops only the webhook service.
         secrets = tuple(s.strip() for s in env.get("STRIPE_WEBHOOK_SECRET", "").split(",") if s.strip())
-        for secret in secrets:
-            if not secret.startswith("whsec_"):
-                raise SettingsError("STRIPE_WEBHOOK_SECRET: every secret must start with whsec_")
         backend = env.get("DRIFTLOCK_BACKEND", "").strip()
         return cls(
             database_url=env.get("DATABASE_URL", "").strip() or None,
@@ -202,4 +200,6 @@ class Settings:
     def require_webhook_secrets(self) -> tuple[str, ...]:
         if not self.stripe_webhook_secrets:
             raise SettingsError("STRIPE_WEBHOOK_SECRET is not set (one or more whsec_ secrets, comma-separated)")
+        if not all(secret.startswith("whsec_") for secret in self.stripe_webhook_secrets):
+            raise SettingsError("STRIPE_WEBHOOK_SECRET: every secret must start with whsec_")
         return self.stripe_webhook_secrets

@@ -213,3 +213,8 @@ def test_every_command_has_help():
 def test_authz_refuses_a_short_jwt_secret(database_url):
     result = run_cli("authz", database_url=database_url, env={"DRIFTLOCK_JWT_SECRET": "short"})
     assert_one_line_error(result, "DRIFTLOCK_JWT_SECRET", "32")
+
+
+def test_a_malformed_webhook_secret_stops_only_the_webhook_service(database_url):
+    result = run_cli("plans", "list", "--json", database_url=database_url, env={"STRIPE_WEBHOOK_SECRET": "sk_live_1"})
+    assert result.code == 0 and result.json()["plans"]
