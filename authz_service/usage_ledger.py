@@ -63,8 +63,8 @@ class UsageLedger:
         *,
         clock: Callable[[], float] = time.monotonic,
         stale_after: float = 2.0,
-        dedupe_seconds: float = 600.0,
-        dedupe_max: int = 500_000,
+        dedupe_seconds: float = 120.0,
+        dedupe_max: int = 200_000,
     ):
         self._clock = clock
         self._stale_after = stale_after
