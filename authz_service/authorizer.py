@@ -46,6 +46,13 @@ class AccessRequest:
     path: str
     headers: Mapping[str, str]
     context: Mapping[str, str]
+    # time.monotonic() by which Envoy stops waiting for the answer (its ext_authz timeout), when known.
+    deadline: float | None = None
+
+
+# A billable call is not counted when less than this is left before Envoy's deadline: Envoy would answer the
+# client 503 while the unit stayed counted. (The rest of a check takes microseconds.)
+DEADLINE_MARGIN_SECONDS = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +139,9 @@ class Authorizer:
         usage_key = (grant.org_id, period.start)
         used = await self._meter.used(usage_key)
         # No await from here on: the usage read above and the count below are one step.
+        if request.deadline is not None and time.monotonic() > request.deadline - DEADLINE_MARGIN_SECONDS:
+            log.warning("answering auth_unavailable: Envoy's deadline passed while usage was read")
+            return Outcome(DENY_UNAVAILABLE, grant, route, plan=plan_name, rate=rate)
         decision = check_billing(
             route, grant, now, policy=self._policy, plan=plan, used_units=used, period_end=period.end.timestamp()
         )

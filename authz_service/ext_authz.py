@@ -38,7 +38,7 @@ def _header(name: str, value: str) -> HeaderValueOption:
     return HeaderValueOption(header=HeaderValue(key=name, value=value), append_action=_OVERWRITE)
 
 
-def access_request(check: external_auth_pb2.CheckRequest) -> AccessRequest:
+def access_request(check: external_auth_pb2.CheckRequest, time_remaining: float | None = None) -> AccessRequest:
     http = check.attributes.request.http
     # A plain dict: every later look-up on the protobuf map would cross into C again.
     headers = dict(http.headers)
@@ -48,6 +48,7 @@ def access_request(check: external_auth_pb2.CheckRequest) -> AccessRequest:
         path=http.path,
         headers=headers,
         context=check.attributes.context_extensions,
+        deadline=None if time_remaining is None else time.monotonic() + time_remaining,
     )
 
 
@@ -150,7 +151,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
         started = time.perf_counter()
         request_id = ""
         try:
-            access = access_request(request)
+            access = access_request(request, context.time_remaining() if context is not None else None)
             request_id = access.request_id
             outcome = await self._authorizer.check(access)
             if outcome.decision.allowed:
