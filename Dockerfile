@@ -9,6 +9,9 @@ COPY driftlock_gateway ./driftlock_gateway
 COPY authz_service ./authz_service
 COPY billing_webhooks ./billing_webhooks
 COPY envoy ./envoy
-RUN pip install --no-cache-dir . && useradd --system --uid 10001 driftlock
+# /var/lib/driftlock/spill is where authz keeps units it could not write at shutdown (a volume in compose); a
+# named volume takes its owner from the image's folder, so it must exist here, owned by the service user.
+RUN pip install --no-cache-dir . && useradd --system --uid 10001 driftlock \
+    && mkdir -p /var/lib/driftlock/spill && chown -R driftlock /var/lib/driftlock
 USER driftlock
 ENTRYPOINT ["driftlock-gateway"]
