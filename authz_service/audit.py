@@ -16,6 +16,7 @@ from datetime import datetime
 import asyncpg
 
 from authz_service import metrics
+from driftlock_gateway import db
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ class AuditLog:
                 [e.decision for e in batch],
                 [e.code for e in batch],
             )
-        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+        except db.QUERY_ERRORS as error:
             log.warning("could not write %d audit entries (kept, will retry): %s", len(batch), error)
             return False
         for _ in batch:

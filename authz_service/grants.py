@@ -19,6 +19,7 @@ from enum import StrEnum
 import asyncpg
 
 from authz_service.decision import Grant
+from driftlock_gateway import db
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ class GrantStore:
     async def _refresh(self, key_hash: bytes, generation: int) -> Grant | None:
         try:
             grant = await asyncio.wait_for(self._fetch(key_hash), self._fetch_timeout)
-        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+        except db.QUERY_ERRORS as error:
             return self._fallback(key_hash, error)
         finally:
             self._inflight.pop(key_hash, None)

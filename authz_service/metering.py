@@ -19,18 +19,15 @@ from datetime import UTC, datetime
 from enum import Enum
 from pathlib import Path
 
-import asyncpg
-
 from authz_service import metrics
 from authz_service.alerts import AlertNotifier, thresholds_reached
 from authz_service.decision import PlanLimits
 from authz_service.meter_store import AlertCandidate, MeterStore, read_spilled, spill
 from authz_service.usage_ledger import Report, UsageKey, UsageLedger
+from driftlock_gateway import db
 from driftlock_gateway.periods import Period, current_period
 
 log = logging.getLogger(__name__)
-
-DATABASE_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
 class FlushOutcome(Enum):
@@ -140,7 +137,7 @@ class Meter:
             metrics.DB_QUERIES.labels(query="usage_load").inc()
             total = await asyncio.wait_for(self._store.load(key), self._load_timeout)
             self.ledger.learn(key, total, epoch)
-        except DATABASE_ERRORS as error:
+        except db.QUERY_ERRORS as error:
             # Serve on what this replica counted itself; the next check past the staleness window asks again.
             log.warning("could not read usage of %s: %s", key[0], error)
             self.ledger.assume(key, 0)
@@ -177,7 +174,7 @@ class Meter:
             try:
                 metrics.DB_QUERIES.labels(query="meter_flush").inc()
                 result = await asyncio.wait_for(self._store.flush(batch), self._flush_timeout)
-            except DATABASE_ERRORS as error:
+            except db.QUERY_ERRORS as error:
                 metrics.METER_FLUSHES.labels(outcome="failed").inc()
                 now = time.monotonic()
                 if now - self._last_failure_log > 10:
@@ -221,7 +218,7 @@ class Meter:
         try:
             metrics.DB_QUERIES.labels(query="alerts_insert").inc()
             inserted = await self._store.raise_alerts(candidates)
-        except DATABASE_ERRORS as error:
+        except db.QUERY_ERRORS as error:
             log.warning("could not raise %d usage alerts (will retry at the next flush): %s", len(candidates), error)
             return
         self._raised.update(((c.org_id, c.period_start), c.threshold) for c in candidates)

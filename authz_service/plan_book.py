@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 import asyncpg
 
 from authz_service.decision import PlanLimits
+from driftlock_gateway import db
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ class PlanBook:
         try:
             self._plans = await self._load()
             self._loaded_at = self._clock()
-        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+        except db.QUERY_ERRORS as error:
             # Keep what we have; the next check past max_age tries again.
             log.warning("could not reload plans: %s", error)
             self._loaded_at = self._clock() - self._max_age + 1.0

@@ -15,9 +15,10 @@ import grpc
 import jwt
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from authz_service.metering import DATABASE_ERRORS, Meter, PeriodFinder
+from authz_service.metering import Meter, PeriodFinder
 from authz_service.plan_book import PlanBook
 from authz_service.usage_ledger import Report
+from driftlock_gateway import db
 from driftlock_gateway.api.usage.v1 import usage_pb2, usage_pb2_grpc
 from driftlock_gateway.billing_rules import DEFAULT_POLICY, BillingPolicy, effective_plan, payment_overdue
 from driftlock_gateway.context_token import verify_service_token
@@ -81,7 +82,7 @@ class UsageServicer(usage_pb2_grpc.UsageServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "org_id must be a UUID")
         try:
             row = await self._pool.fetchrow(_ORG_SQL, org_id)
-        except DATABASE_ERRORS as error:
+        except db.QUERY_ERRORS as error:
             log.warning("usage API could not read an organisation: %s", error)
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the database is unavailable")
         if row is None:
@@ -103,7 +104,7 @@ class UsageServicer(usage_pb2_grpc.UsageServiceServicer):
         used = await self._meter.used((org["org_id"], period.start))
         try:
             stored = await self._pool.fetch(_STORED_SQL, uuid.UUID(org["org_id"]), period.start)
-        except DATABASE_ERRORS:
+        except db.QUERY_ERRORS:
             stored = []
         overdue = payment_overdue(org["billing_status"], org["past_due_since"], self._clock(), self._policy)
         response = usage_pb2.GetUsageResponse(

@@ -29,18 +29,10 @@ from pathlib import Path
 from driftlock_gateway import api_keys, db, envoy_config, migrate, orgs, plans
 from driftlock_gateway.embedded_db import EmbeddedDatabase
 from driftlock_gateway.settings import HostPort
-from driftlock_gateway.supervisor import grpc_serving, http_ok, start_child, tcp_open, wait_until
+from driftlock_gateway.supervisor import free_port, grpc_serving, http_ok, start_child, tcp_open, wait_until
 
 HERE = Path(__file__).resolve().parent
 BENCH_PLAN = "bench-unlimited"
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def check_request_bytes(secret: str, context: dict[str, str]) -> bytes:

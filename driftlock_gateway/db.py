@@ -86,6 +86,11 @@ CONNECTION_ERRORS = (
 )
 
 
+# A statement failed because the database could not be reached, timed out, or refused it: what a service
+# survives by keeping its work and trying again (as opposed to a bug).
+QUERY_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+
+
 async def connect(url: str, *, application_name: str = "driftlock-gateway") -> asyncpg.Connection:
     try:
         conn = await asyncpg.connect(**_connect_kwargs(url, application_name))

@@ -133,6 +133,15 @@ async def wait_until(
         delay = min(delay * 1.5, 0.25)
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on now (the OS's pick), for a child to bind a moment later."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
 def tcp_open(host: str, port: int) -> Callable[[], Awaitable[bool]]:
     async def probe() -> bool:
         _reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 1.0)

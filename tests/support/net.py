@@ -1,15 +1,12 @@
 """Ports and waiting for conditions."""
 
 import asyncio
-import socket
 import time
 from collections.abc import Awaitable, Callable
 
+from driftlock_gateway.supervisor import free_port
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+__all__ = ["eventually", "free_port"]
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], *, within: float, what: str, interval: float = 0.02):
