@@ -131,10 +131,6 @@ class Decision:
     def allowed(self) -> bool:
         return self.code is None
 
-    @property
-    def status(self) -> int:
-        return 200 if self.code is None else HTTP_STATUS[self.code]
-
 
 ALLOW = Decision()
 _DENY = {code: Decision(code) for code in DenyCode}

@@ -60,9 +60,6 @@ class Stack:
     def authz_target(self, replica: int = 0) -> str:
         return f"{LOOPBACK}:{self.ports.authz[replica]}"
 
-    def authz_names(self) -> list[str]:
-        return [name for name in self._specs if name.startswith("authz")]
-
     async def launch(self, name: str, spec: _Spec) -> Child:
         self._specs[name] = spec
         child = await start_child(

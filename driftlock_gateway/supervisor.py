@@ -43,10 +43,6 @@ class Child:
         self._pump = pump
 
     @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    @property
     def running(self) -> bool:
         return self.process.returncode is None
 
