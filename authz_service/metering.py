@@ -103,10 +103,10 @@ class Meter:
         (and refreshes a stale one in the background)."""
         used = self.ledger.used(key)
         if used is None:
-            await self._load(key)
+            await asyncio.shield(self._loading_of(key))
             return self.ledger.used(key) or 0
-        if self.ledger.is_stale(key) and key not in self._loading:
-            self._loading[key] = asyncio.ensure_future(self._load_now(key))
+        if self.ledger.is_stale(key):
+            self._loading_of(key)
         return used
 
     def record(self, request_id: str, key: UsageKey, product: str, units: int, plan: PlanLimits, period_end) -> bool:
@@ -125,11 +125,12 @@ class Meter:
             )
         return counted
 
-    async def _load(self, key: UsageKey) -> None:
+    def _loading_of(self, key: UsageKey) -> asyncio.Future:
+        """The read of this key's stored usage under way, started if there is none: one query per key at a time."""
         pending = self._loading.get(key)
         if pending is None:
             pending = self._loading[key] = asyncio.ensure_future(self._load_now(key))
-        await asyncio.shield(pending)
+        return pending
 
     async def _load_now(self, key: UsageKey) -> None:
         epoch = self.ledger.epoch(key)
