@@ -5,7 +5,9 @@ ENV PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     DRIFTLOCK_ENVOY_CONFIG=/app/envoy/envoy.yaml
 WORKDIR /app
 COPY pyproject.toml README.md ./
-COPY driftlock_gateway ./driftlock_gateway
+COPY driftlock_kernel ./driftlock_kernel
+COPY driftlock_api ./driftlock_api
+COPY driftlock_cli ./driftlock_cli
 COPY authz_service ./authz_service
 COPY billing_webhooks ./billing_webhooks
 COPY envoy ./envoy

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 import aiohttp
 
 from authz_service import metrics
-from driftlock_gateway.output import to_json
+from driftlock_kernel.jsonfmt import to_json
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from datetime import datetime
 import asyncpg
 
 from authz_service import metrics
-from driftlock_gateway import db
+from driftlock_kernel import db
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ from authz_service.grants import GrantStore, StoreUnavailable
 from authz_service.metering import Meter, PeriodFinder
 from authz_service.plan_book import PlanBook
 from authz_service.rate_limit import RateLimiter, RateVerdict
-from driftlock_gateway.billing_rules import DEFAULT_POLICY, BillingPolicy, effective_plan
+from driftlock_kernel.billing_rules import DEFAULT_POLICY, BillingPolicy, effective_plan
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from collections.abc import Callable
 import jwt
 
 from authz_service.decision import Grant
-from driftlock_gateway.context_token import AUDIENCE, ISSUER, MAX_LIFETIME_SECONDS
+from driftlock_kernel.context_token import AUDIENCE, ISSUER, MAX_LIFETIME_SECONDS
 
 
 class ContextSigner:

@@ -3,7 +3,7 @@
 from collections.abc import Mapping
 
 from authz_service.decision import DenyCode
-from driftlock_gateway.keys import ParsedKey, parse_key
+from driftlock_kernel.keys import ParsedKey, parse_key
 
 
 def read_credential(headers: Mapping[str, str]) -> ParsedKey | DenyCode:

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
-from driftlock_gateway.billing_rules import DEFAULT_POLICY, BillingPolicy, payment_overdue
+from driftlock_kernel.billing_rules import DEFAULT_POLICY, BillingPolicy, payment_overdue
 
 
 class DenyCode(StrEnum):

@@ -19,7 +19,7 @@ from enum import StrEnum
 import asyncpg
 
 from authz_service.decision import Grant
-from driftlock_gateway import db
+from driftlock_kernel import db
 
 log = logging.getLogger(__name__)
 

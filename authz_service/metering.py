@@ -24,8 +24,8 @@ from authz_service.alerts import AlertNotifier, thresholds_reached
 from authz_service.decision import PlanLimits
 from authz_service.meter_store import AlertCandidate, MeterStore, read_spilled, spill
 from authz_service.usage_ledger import Report, UsageKey, UsageLedger
-from driftlock_gateway import db
-from driftlock_gateway.periods import Period, current_period
+from driftlock_kernel import db
+from driftlock_kernel.periods import Period, current_period
 
 log = logging.getLogger(__name__)
 

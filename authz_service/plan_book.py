@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 import asyncpg
 
 from authz_service.decision import PlanLimits
-from driftlock_gateway import db
+from driftlock_kernel import db
 
 log = logging.getLogger(__name__)
 

@@ -30,11 +30,11 @@ from authz_service.metering import Meter
 from authz_service.plan_book import PlanBook, database_load
 from authz_service.usage_api import UsageServicer
 from authz_service.usage_ledger import UsageLedger
-from driftlock_gateway import db
-from driftlock_gateway.api.usage.v1 import usage_pb2_grpc
-from driftlock_gateway.listener import ChangeListener
-from driftlock_gateway.logs import configure_logging
-from driftlock_gateway.settings import Settings
+from driftlock_api.usage.v1 import usage_pb2_grpc
+from driftlock_kernel import db
+from driftlock_kernel.listener import ChangeListener
+from driftlock_kernel.logs import configure_logging
+from driftlock_kernel.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""The usage API for the backend (proto/driftlock_gateway/api/usage/v1/usage.proto), on the authz port.
+"""The usage API for the backend (proto/driftlock_api/usage/v1/usage.proto), on the authz port.
 
 It reads and counts through the same meter as ext_authz: a reported unit is pooled, flushed, alerted on and
 enforced exactly like a unit counted at the edge.
@@ -18,10 +18,10 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from authz_service.metering import Meter, PeriodFinder
 from authz_service.plan_book import PlanBook
 from authz_service.usage_ledger import Report
-from driftlock_gateway import db
-from driftlock_gateway.api.usage.v1 import usage_pb2, usage_pb2_grpc
-from driftlock_gateway.billing_rules import DEFAULT_POLICY, BillingPolicy, effective_plan, payment_overdue
-from driftlock_gateway.context_token import verify_service_token
+from driftlock_api.usage.v1 import usage_pb2, usage_pb2_grpc
+from driftlock_kernel import db
+from driftlock_kernel.billing_rules import DEFAULT_POLICY, BillingPolicy, effective_plan, payment_overdue
+from driftlock_kernel.context_token import verify_service_token
 
 log = logging.getLogger(__name__)
 

@@ -26,10 +26,11 @@ import time
 import uuid
 from pathlib import Path
 
-from driftlock_gateway import api_keys, db, envoy_config, migrate, orgs, plans
-from driftlock_gateway.embedded_db import EmbeddedDatabase
-from driftlock_gateway.settings import HostPort
-from driftlock_gateway.supervisor import free_port, grpc_serving, http_ok, start_child, tcp_open, wait_until
+from driftlock_cli import envoy_config
+from driftlock_cli.embedded_db import EmbeddedDatabase
+from driftlock_cli.supervisor import free_port, grpc_serving, http_ok, start_child, tcp_open, wait_until
+from driftlock_kernel import api_keys, db, migrate, orgs, plans
+from driftlock_kernel.settings import HostPort
 
 HERE = Path(__file__).resolve().parent
 BENCH_PLAN = "bench-unlimited"
@@ -89,7 +90,7 @@ async def start_authz(fixture: Fixture, name: str, *, null: bool = False):
         argv = [sys.executable, "-m", "bench.null_authz", "--port", str(port)]
         env = {}
     else:
-        argv = [sys.executable, "-m", "driftlock_gateway.cli", "authz"]
+        argv = [sys.executable, "-m", "driftlock_cli", "authz"]
         env = fixture.authz_env(port)
     child = await start_child(name, argv, env=env, log_file=fixture.workdir / f"{name}.log")
     await wait_until(grpc_serving(f"127.0.0.1:{port}"), timeout=60, what=f"{name} to serve", child=child)

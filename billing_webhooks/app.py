@@ -18,10 +18,10 @@ import prometheus_client
 from aiohttp import web
 
 from billing_webhooks.webhook import MAX_BODY_BYTES, STORAGE_ERRORS, WebhookEndpoint
-from driftlock_gateway import db
-from driftlock_gateway.errors import OperatorError
-from driftlock_gateway.logs import configure_logging
-from driftlock_gateway.settings import Settings
+from driftlock_kernel import db
+from driftlock_kernel.errors import OperatorError
+from driftlock_kernel.logs import configure_logging
+from driftlock_kernel.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from billing_webhooks import metrics, store
 from billing_webhooks.decisions import Outcome, Problem
 from billing_webhooks.events import Envelope, MalformedEvent, envelope, normalize, release_of, type_label
 from billing_webhooks.handlers import HANDLERS, Result
-from driftlock_gateway import db
+from driftlock_kernel import db
 
 log = logging.getLogger(__name__)
 

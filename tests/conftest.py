@@ -10,9 +10,9 @@ os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 import pytest
 
-from driftlock_gateway import api_keys, db, migrate, orgs, plans
-from driftlock_gateway.embedded_db import EmbeddedDatabase
-from driftlock_gateway.keys import Environment
+from driftlock_cli.embedded_db import EmbeddedDatabase
+from driftlock_kernel import api_keys, db, migrate, orgs, plans
+from driftlock_kernel.keys import Environment
 from tests.support.database import DatabaseFactory
 
 JWT_SECRET = secrets.token_urlsafe(48)
@@ -134,8 +134,8 @@ class Gateway:
 
 @pytest.fixture(scope="session")
 async def gateway(database_url, jwt_secret, tmp_path_factory):
-    from driftlock_gateway.settings import HostPort
-    from driftlock_gateway.stack import StackPorts, start_stack
+    from driftlock_cli.stack import StackPorts, start_stack
+    from driftlock_kernel.settings import HostPort
     from tests.support.net import free_port
     from tests.support.recorder import Recorder
     from tests.support.stripe import SECRET

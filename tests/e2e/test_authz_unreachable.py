@@ -3,9 +3,9 @@
 import pytest
 
 from authz_service.decision import MESSAGES, DenyCode
-from driftlock_gateway import envoy_config
-from driftlock_gateway.settings import HostPort
-from driftlock_gateway.supervisor import http_ok, start_child, wait_until
+from driftlock_cli import envoy_config
+from driftlock_cli.supervisor import http_ok, start_child, wait_until
+from driftlock_kernel.settings import HostPort
 from tests.support.http import raw_request
 from tests.support.net import free_port
 from tests.support.recorder import Recorder

@@ -4,7 +4,7 @@ organisation past its dunning grace gets 402 on billable routes, and a payment l
 import asyncio
 import time
 
-from billing_webhooks import fake_stripe
+from driftlock_cli import stripe_player
 from tests.support.http import raw_request
 from tests.support.net import eventually
 from tests.support.stripe import metric
@@ -15,8 +15,8 @@ DAY = 86400
 
 
 async def deliver_through_envoy(gateway, event: dict):
-    body = fake_stripe.encode(event)
-    headers = {"Stripe-Signature": fake_stripe.sign(body, gateway.webhook_secret), "Content-Type": "application/json"}
+    body = stripe_player.encode(event)
+    headers = {"Stripe-Signature": stripe_player.sign(body, gateway.webhook_secret), "Content-Type": "application/json"}
     response = await raw_request(gateway.port, "POST", "/stripe/webhook", headers, body)
     assert response.status == 200, response.body
     return response.json()
@@ -34,9 +34,9 @@ async def test_payment_succeeded_lifts_payment_required_through_envoy_within_a_s
 
     assert set(await statuses()) == {200}  # both replicas now hold the key and its organisation
     now = int(time.time())
-    checkout = fake_stripe.build_event("checkout.session.completed", org_id=org.id, created=now - 9 * DAY)
+    checkout = stripe_player.build_event("checkout.session.completed", org_id=org.id, created=now - 9 * DAY)
     assert (await deliver_through_envoy(gateway, checkout))["outcome"] == "applied"
-    failed = fake_stripe.build_event("invoice.payment_failed", org_id=org.id, created=now - 8 * DAY)
+    failed = stripe_player.build_event("invoice.payment_failed", org_id=org.id, created=now - 8 * DAY)
     assert (await deliver_through_envoy(gateway, failed))["outcome"] == "applied"
 
     async def all_payment_required() -> bool:
@@ -47,7 +47,7 @@ async def test_payment_succeeded_lifts_payment_required_through_envoy_within_a_s
     assert denied.json()["error"]["code"] == "payment_required"
     assert set(await statuses(INGEST)) == {200}  # ingestion keeps working: no customer data is turned away
 
-    succeeded = fake_stripe.build_event("invoice.payment_succeeded", org_id=org.id)
+    succeeded = stripe_player.build_event("invoice.payment_succeeded", org_id=org.id)
     assert (await deliver_through_envoy(gateway, succeeded))["outcome"] == "applied"
 
     async def all_served() -> bool:
@@ -65,8 +65,8 @@ async def test_a_past_due_organisation_within_grace_keeps_full_service(gateway, 
     _key, secret = await make_key(org.id)
     auth = {"Authorization": f"Bearer {secret}"}
     now = int(time.time())
-    await deliver_through_envoy(gateway, fake_stripe.build_event("checkout.session.completed", org_id=org.id))
-    failed = fake_stripe.build_event("invoice.payment_failed", org_id=org.id, created=now - 2 * DAY)
+    await deliver_through_envoy(gateway, stripe_player.build_event("checkout.session.completed", org_id=org.id))
+    failed = stripe_player.build_event("invoice.payment_failed", org_id=org.id, created=now - 2 * DAY)
     assert (await deliver_through_envoy(gateway, failed))["outcome"] == "applied"
     async with pool.acquire() as conn:
         assert await conn.fetchval("SELECT billing_status FROM driftlock.organizations WHERE id = $1", org.id) == (

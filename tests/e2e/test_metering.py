@@ -10,7 +10,7 @@ import pytest
 from envoy.service.auth.v3 import external_auth_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from driftlock_gateway import plans
+from driftlock_kernel import plans
 from tests.support.authz_requests import bearer, check_request
 from tests.support.cli import run_cli
 from tests.support.http import raw_request

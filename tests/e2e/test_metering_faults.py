@@ -11,7 +11,7 @@ import pytest
 from envoy.service.auth.v3 import external_auth_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from driftlock_gateway.stack import StackPorts, start_stack
+from driftlock_cli.stack import StackPorts, start_stack
 from tests.support.authz_requests import READ, bearer, check_request
 from tests.support.net import eventually, free_port
 from tests.support.tcp_proxy import FaultProxy

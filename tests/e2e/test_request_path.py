@@ -7,10 +7,10 @@ from datetime import timedelta
 
 import pytest
 
-from billing_webhooks import fake_stripe
-from driftlock_gateway import api_keys, orgs
-from driftlock_gateway.context_token import verify
-from driftlock_gateway.keys import Environment, generate_key
+from driftlock_cli import stripe_player
+from driftlock_kernel import api_keys, orgs
+from driftlock_kernel.context_token import verify
+from driftlock_kernel.keys import Environment, generate_key
 from tests.conftest import TEST_PLAN
 from tests.support.http import raw_request
 from tests.support.net import eventually
@@ -266,9 +266,9 @@ async def test_healthz_is_answered_by_envoy_without_a_key(gateway, send):
 async def test_stripe_webhook_goes_to_the_webhooks_service_without_a_key(gateway, send, make_org, pool):
     # No API key: with ext_authz on this route, Envoy would answer 401 missing_api_key before any service.
     org = await make_org()
-    event = fake_stripe.build_event("checkout.session.completed", org_id=org.id)
-    body = fake_stripe.encode(event)
-    signed = {"Stripe-Signature": fake_stripe.sign(body, gateway.webhook_secret), "Content-Type": "application/json"}
+    event = stripe_player.build_event("checkout.session.completed", org_id=org.id)
+    body = stripe_player.encode(event)
+    signed = {"Stripe-Signature": stripe_player.sign(body, gateway.webhook_secret), "Content-Type": "application/json"}
     response = await send("/stripe/webhook", headers=signed, body=body)
     assert response.status == 200, response.body
     assert response.json()["id"] == event["id"] and response.json()["outcome"] == "applied"

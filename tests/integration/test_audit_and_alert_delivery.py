@@ -9,7 +9,7 @@ from prometheus_client import REGISTRY
 
 from authz_service.alerts import AlertNotifier
 from authz_service.audit import AuditEntry, AuditLog
-from driftlock_gateway import db
+from driftlock_kernel import db
 from tests.support.net import eventually, free_port
 from tests.support.tcp_proxy import FaultProxy
 

@@ -10,8 +10,8 @@ import pytest
 from envoy.service.auth.v3 import external_auth_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from driftlock_gateway import api_keys
-from driftlock_gateway.supervisor import grpc_serving, start_child, wait_until
+from driftlock_cli.supervisor import grpc_serving, start_child, wait_until
+from driftlock_kernel import api_keys
 from tests.support.authz_requests import bearer, check_request
 from tests.support.net import eventually, free_port
 from tests.support.tcp_proxy import FaultProxy
@@ -29,7 +29,7 @@ async def proxied_authz(database_url, jwt_secret, tmp_path):
     port, metrics_port = free_port(), free_port()
     child = await start_child(
         "authz",
-        [sys.executable, "-m", "driftlock_gateway.cli", "authz"],
+        [sys.executable, "-m", "driftlock_cli", "authz"],
         env={
             "DATABASE_URL": proxy.url(),
             "DRIFTLOCK_JWT_SECRET": jwt_secret,

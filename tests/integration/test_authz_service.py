@@ -10,8 +10,8 @@ import pytest
 from envoy.service.auth.v3 import external_auth_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from driftlock_gateway import api_keys, orgs
-from driftlock_gateway.keys import Environment, generate_key
+from driftlock_kernel import api_keys, orgs
+from driftlock_kernel.keys import Environment, generate_key
 from tests.support.authz_requests import READ, STREAM_DETECT, bearer, check_request, response_headers
 from tests.support.net import eventually
 

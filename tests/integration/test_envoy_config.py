@@ -4,8 +4,8 @@ import copy
 
 import pytest
 
-from driftlock_gateway import envoy_config
-from driftlock_gateway.settings import HostPort
+from driftlock_cli import envoy_config
+from driftlock_kernel.settings import HostPort
 
 
 def hcm(config: dict) -> dict:

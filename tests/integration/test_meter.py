@@ -12,8 +12,8 @@ from authz_service.decision import PlanLimits
 from authz_service.meter_store import FlushResult, MeterStore
 from authz_service.metering import FlushOutcome, Meter
 from authz_service.usage_ledger import Batch, Report, UsageLedger
-from driftlock_gateway import db
-from driftlock_gateway.periods import calendar_month
+from driftlock_kernel import db
+from driftlock_kernel.periods import calendar_month
 from tests.support.net import eventually
 from tests.support.tcp_proxy import FaultProxy
 from tests.support.usage import stored_usage

@@ -2,7 +2,7 @@ import asyncio
 
 import pytest
 
-from driftlock_gateway import db, migrate
+from driftlock_kernel import db, migrate
 from tests.support.cli import run_cli
 
 

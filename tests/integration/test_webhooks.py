@@ -8,8 +8,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from billing_webhooks import fake_stripe
-from driftlock_gateway import plans
+from driftlock_cli import stripe_player
+from driftlock_kernel import plans
 from tests.support.net import free_port
 from tests.support.stripe import OLD_SECRET, UNKNOWN_SECRET, InProcessWebhooks, Stripe, get, metric, now
 
@@ -72,8 +72,8 @@ async def test_checkout_links_customer_and_subscription(stripe, make_org, pool, 
     org = await make_org()
     event = await checkout(stripe, org.id, api_version=api_version)
     row = await org_row(pool, org.id)
-    assert row["stripe_customer_id"] == fake_stripe.customer_for(org.id)
-    assert row["stripe_subscription_id"] == fake_stripe.subscription_for(org.id)
+    assert row["stripe_customer_id"] == stripe_player.customer_for(org.id)
+    assert row["stripe_subscription_id"] == stripe_player.subscription_for(org.id)
     assert row["billing_status"] == "none"  # nothing is known about the subscription yet
     stored = await event_row(pool, event["id"])
     assert stored["type"] == "checkout.session.completed"
@@ -90,11 +90,11 @@ async def test_subscription_created_sets_status_plan_period_and_trial(stripe, ma
     org = await make_org()
     await checkout(stripe, org.id)
     start = now() - 3600
-    event = fake_stripe.event(
+    event = stripe_player.event(
         "customer.subscription.created",
-        fake_stripe.subscription_object(
-            subscription_id=fake_stripe.subscription_for(org.id),
-            customer_id=fake_stripe.customer_for(org.id),
+        stripe_player.subscription_object(
+            subscription_id=stripe_player.subscription_for(org.id),
+            customer_id=stripe_player.customer_for(org.id),
             status="trialing",
             price_ids=(price,),
             period_start=start,
@@ -109,7 +109,7 @@ async def test_subscription_created_sets_status_plan_period_and_trial(stripe, ma
     row = await org_row(pool, org.id)
     assert row["billing_status"] == "trialing"
     assert row["plan_name"] == plan
-    assert (row["period_start"], row["period_end"]) == (at(start), at(start + fake_stripe.MONTH_SECONDS))
+    assert (row["period_start"], row["period_end"]) == (at(start), at(start + stripe_player.MONTH_SECONDS))
     assert row["trial_end"] == at(start + 14 * 86400)
     assert row["cancel_at_period_end"] is True
 
@@ -208,7 +208,7 @@ async def test_payment_succeeded_clears_dunning(stripe, make_org, pool, api_vers
 
 async def test_unhandled_type_is_stored_and_ignored(stripe, service, pool):
     before = await metric(service.base_url, "driftlock_webhook_events_total", type="other", outcome="ignored")
-    event = fake_stripe.event("charge.succeeded", {"id": "ch_3MmlLrLkdIwHu7ix0snN0B15", "object": "charge"})
+    event = stripe_player.event("charge.succeeded", {"id": "ch_3MmlLrLkdIwHu7ix0snN0B15", "object": "charge"})
     reply = await stripe.deliver(event)
     assert (reply.status, reply.outcome) == (200, "ignored")
     assert (await event_row(pool, event["id"]))["outcome"] == "ignored"
@@ -220,10 +220,10 @@ async def test_unhandled_type_is_stored_and_ignored(stripe, service, pool):
 async def test_a_one_off_invoice_is_ignored(stripe, make_org, pool):
     org = await make_org()
     await checkout(stripe, org.id)
-    invoice = fake_stripe.invoice_object(
-        customer_id=fake_stripe.customer_for(org.id), subscription_id=None, paid=False, created=now()
+    invoice = stripe_player.invoice_object(
+        customer_id=stripe_player.customer_for(org.id), subscription_id=None, paid=False, created=now()
     )
-    reply = await stripe.deliver(fake_stripe.event("invoice.payment_failed", invoice))
+    reply = await stripe.deliver(stripe_player.event("invoice.payment_failed", invoice))
     assert (reply.status, reply.outcome) == (200, "ignored")
     assert (await org_row(pool, org.id))["billing_status"] == "none"
 
@@ -234,7 +234,7 @@ async def test_a_one_off_invoice_is_ignored(stripe, make_org, pool):
 async def test_a_second_delivery_changes_nothing(stripe, service, make_org, pool):
     org = await make_org()
     await checkout(stripe, org.id)
-    event = fake_stripe.build_event("invoice.payment_failed", org_id=org.id)
+    event = stripe_player.build_event("invoice.payment_failed", org_id=org.id)
     assert (await stripe.deliver(event)).outcome == "applied"
     # An operator (or a later event) changes the state; the redelivery must not undo that.
     async with pool.acquire() as conn:
@@ -255,7 +255,7 @@ async def test_a_second_delivery_changes_nothing(stripe, service, make_org, pool
 async def test_simultaneous_deliveries_of_one_event_apply_it_once(stripe, make_org, pool):
     org = await make_org()
     await checkout(stripe, org.id)
-    event = fake_stripe.build_event("invoice.payment_failed", org_id=org.id)
+    event = stripe_player.build_event("invoice.payment_failed", org_id=org.id)
     # Watch the organisation's row: a second application would update it again.
     async with pool.acquire() as conn:
         updated_before = (await org_row(pool, org.id))["updated_at"]
@@ -278,7 +278,7 @@ async def test_simultaneous_different_events_of_one_customer_end_in_the_newest_s
     t = now()
     statuses = ["active", "past_due", "unpaid", "active", "past_due", "active"]
     events = [
-        fake_stripe.build_event("customer.subscription.updated", org_id=org.id, status=status, created=t - 60 + i)
+        stripe_player.build_event("customer.subscription.updated", org_id=org.id, status=status, created=t - 60 + i)
         for i, status in enumerate(statuses)
     ]
     replies = await asyncio.gather(*(stripe.deliver(event) for event in events))
@@ -294,8 +294,8 @@ async def test_out_of_order_subscription_updates_keep_the_newest(stripe, make_or
     org = await make_org()
     await checkout(stripe, org.id)
     t = now()
-    newer = fake_stripe.build_event("customer.subscription.updated", org_id=org.id, price_ids=(pro_price,), created=t)
-    older = fake_stripe.build_event(
+    newer = stripe_player.build_event("customer.subscription.updated", org_id=org.id, price_ids=(pro_price,), created=t)
+    older = stripe_player.build_event(
         "customer.subscription.updated", org_id=org.id, price_ids=(basic_price,), status="past_due", created=t - 30
     )
     assert (await stripe.deliver(newer)).outcome == "applied"
@@ -310,8 +310,8 @@ async def test_same_second_created_and_updated_end_active_whichever_arrives_firs
     org = await make_org()
     await checkout(stripe, org.id)
     t = now()
-    created = fake_stripe.build_event("customer.subscription.created", org_id=org.id, status="incomplete", created=t)
-    updated = fake_stripe.build_event("customer.subscription.updated", org_id=org.id, status="active", created=t)
+    created = stripe_player.build_event("customer.subscription.created", org_id=org.id, status="incomplete", created=t)
+    updated = stripe_player.build_event("customer.subscription.updated", org_id=org.id, status="active", created=t)
     assert (await stripe.deliver(updated)).outcome == "applied"
     assert (await stripe.deliver(created)).outcome == "skipped_stale"
     assert (await org_row(pool, org.id))["billing_status"] == "active"
@@ -321,8 +321,8 @@ async def test_old_payment_failure_does_not_reopen_dunning_after_a_newer_payment
     org = await make_org()
     await checkout(stripe, org.id)
     t = now()
-    succeeded = fake_stripe.build_event("invoice.payment_succeeded", org_id=org.id, created=t)
-    failed = fake_stripe.build_event("invoice.payment_failed", org_id=org.id, created=t - 3600)
+    succeeded = stripe_player.build_event("invoice.payment_succeeded", org_id=org.id, created=t)
+    failed = stripe_player.build_event("invoice.payment_failed", org_id=org.id, created=t - 3600)
     assert (await stripe.deliver(succeeded)).outcome == "applied"
     assert (await stripe.deliver(failed)).outcome == "skipped_stale"
     row = await org_row(pool, org.id)
@@ -362,7 +362,7 @@ async def test_subscription_before_checkout_applies_through_metadata_org_id(
     assert (reply.status, reply.outcome) == (200, "applied"), reply.body
     row = await org_row(pool, org.id)
     assert row["plan_name"] == plan and row["billing_status"] == "active"
-    assert row["stripe_customer_id"] == fake_stripe.customer_for(org.id)
+    assert row["stripe_customer_id"] == stripe_player.customer_for(org.id)
     # The checkout arriving afterwards links what is already linked and changes nothing else.
     await checkout(stripe, org.id)
     assert (await org_row(pool, org.id))["plan_name"] == plan
@@ -393,7 +393,7 @@ async def test_subscription_and_invoice_before_checkout_are_kept_and_linked_late
     row = await org_row(pool, org.id)
     assert row["plan_name"] == plan
     assert row["billing_status"] == "past_due" and row["past_due_since"] == at(t - 10)
-    assert row["stripe_subscription_id"] == fake_stripe.subscription_for(org.id)
+    assert row["stripe_subscription_id"] == stripe_player.subscription_for(org.id)
 
 
 # --- what an operator must see -------------------------------------------------------------------------------------
@@ -430,13 +430,13 @@ async def test_unknown_price_keeps_the_plan_and_is_reported(stripe, service, mak
 async def test_checkout_for_an_unknown_or_malformed_org_is_failed_with_2xx(
     stripe, service, pool, caplog, reference, problem
 ):
-    session = fake_stripe.checkout_session_object(
+    session = stripe_player.checkout_session_object(
         customer_id="cus_" + uuid.uuid4().hex[:14],
         subscription_id="sub_" + uuid.uuid4().hex[:14],
         created=now(),
         client_reference_id=reference,
     )
-    event = fake_stripe.event("checkout.session.completed", session)
+    event = stripe_player.event("checkout.session.completed", session)
     before = await metric(service.base_url, "driftlock_webhook_problems_total", problem=problem)
     failed_before = await metric(
         service.base_url, "driftlock_webhook_events_total", type="checkout.session.completed", outcome="failed"
@@ -458,20 +458,20 @@ async def test_checkout_for_an_unknown_or_malformed_org_is_failed_with_2xx(
 
 async def test_checkout_by_metadata_org_id(stripe, make_org, pool):
     org = await make_org()
-    session = fake_stripe.checkout_session_object(
-        customer_id=fake_stripe.customer_for(org.id),
-        subscription_id=fake_stripe.subscription_for(org.id),
+    session = stripe_player.checkout_session_object(
+        customer_id=stripe_player.customer_for(org.id),
+        subscription_id=stripe_player.subscription_for(org.id),
         created=now(),
         metadata={"org_id": str(org.id)},
     )
-    reply = await stripe.deliver(fake_stripe.event("checkout.session.completed", session))
+    reply = await stripe.deliver(stripe_player.event("checkout.session.completed", session))
     assert reply.outcome == "applied"
-    assert (await org_row(pool, org.id))["stripe_customer_id"] == fake_stripe.customer_for(org.id)
+    assert (await org_row(pool, org.id))["stripe_customer_id"] == stripe_player.customer_for(org.id)
 
 
 async def test_a_customer_cannot_be_linked_to_a_second_org(stripe, make_org, pool):
     first, second = await make_org(), await make_org()
-    customer = fake_stripe.customer_for(first.id)
+    customer = stripe_player.customer_for(first.id)
     await checkout(stripe, first.id)
     _, reply = await stripe.send("checkout.session.completed", org_id=second.id, customer_id=customer)
     assert (reply.status, reply.outcome) == (200, "failed")
@@ -491,7 +491,7 @@ async def test_a_newer_checkout_relinks_the_customer_and_a_late_older_one_does_n
 
 
 async def test_a_malformed_object_is_failed_not_retried(stripe, pool):
-    event = fake_stripe.event("customer.subscription.updated", {"id": "sub_x", "object": "subscription"})
+    event = stripe_player.event("customer.subscription.updated", {"id": "sub_x", "object": "subscription"})
     reply = await stripe.deliver(event)
     assert (reply.status, reply.outcome) == (200, "failed")
     assert "malformed" in (await event_row(pool, event["id"]))["detail"]
@@ -516,11 +516,11 @@ async def signature_failures(service, reason: str) -> float:
 )
 async def test_bad_signatures_are_400_and_store_nothing(stripe, service, make_org, pool, tamper, reason):
     org = await make_org()
-    event = fake_stripe.build_event("checkout.session.completed", org_id=org.id)
-    body = fake_stripe.encode(event)
+    event = stripe_player.build_event("checkout.session.completed", org_id=org.id)
+    body = stripe_player.encode(event)
     options: dict = {}
     if tamper == "body":
-        options["signature"] = fake_stripe.sign(body, stripe.secret)
+        options["signature"] = stripe_player.sign(body, stripe.secret)
         body = body.replace(str(org.id).encode(), str(uuid.uuid4()).encode())
     elif tamper == "wrong_secret":
         options["secret"] = UNKNOWN_SECRET
@@ -541,17 +541,17 @@ async def test_bad_signatures_are_400_and_store_nothing(stripe, service, make_or
 
 async def test_the_second_secret_verifies_during_a_rotation(stripe, make_org, pool):
     org = await make_org()
-    event = fake_stripe.build_event("checkout.session.completed", org_id=org.id)
+    event = stripe_player.build_event("checkout.session.completed", org_id=org.id)
     reply = await stripe.deliver(event, secret=OLD_SECRET)
     assert (reply.status, reply.outcome) == (200, "applied")
 
 
 async def test_a_header_signed_with_both_secrets_verifies(stripe, make_org):
     org = await make_org()
-    body = fake_stripe.encode(fake_stripe.build_event("checkout.session.completed", org_id=org.id))
+    body = stripe_player.encode(stripe_player.build_event("checkout.session.completed", org_id=org.id))
     t = now()
-    old = fake_stripe.sign(body, OLD_SECRET, t)
-    unknown = fake_stripe.sign(body, UNKNOWN_SECRET, t)
+    old = stripe_player.sign(body, OLD_SECRET, t)
+    unknown = stripe_player.sign(body, UNKNOWN_SECRET, t)
     header = f"{unknown},{old.split(',')[1]}"
     assert (await stripe.deliver(body, signature=header)).status == 200
 
@@ -571,13 +571,13 @@ async def test_a_signed_body_that_is_not_an_event_is_400(stripe, service, body):
 
 async def test_a_body_past_one_mebibyte_is_413(stripe, make_org, pool):
     org = await make_org()
-    event = fake_stripe.build_event("checkout.session.completed", org_id=org.id)
-    body = fake_stripe.encode(event)
+    event = stripe_player.build_event("checkout.session.completed", org_id=org.id)
+    body = stripe_player.encode(event)
     padded = body[:-1] + b"," + b'"padding":"' + b"x" * (1024 * 1024 - len(body) - 13) + b'"}'
     assert len(padded) == 1024 * 1024
     assert (await stripe.deliver(padded)).status == 200  # exactly 1 MiB is allowed
-    event = fake_stripe.build_event("checkout.session.completed", org_id=org.id)
-    oversized = fake_stripe.encode(event)[:-1] + b',"padding":"' + b"x" * (1024 * 1024) + b'"}'
+    event = stripe_player.build_event("checkout.session.completed", org_id=org.id)
+    oversized = stripe_player.encode(event)[:-1] + b',"padding":"' + b"x" * (1024 * 1024) + b'"}'
     reply = await stripe.deliver(oversized)
     assert reply.status == 413
     async with pool.acquire() as conn:

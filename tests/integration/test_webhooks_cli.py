@@ -8,9 +8,9 @@ import uuid
 
 import pytest
 
-from billing_webhooks import events, fake_stripe
-from driftlock_gateway import cli_webhooks
-from driftlock_gateway.supervisor import http_ok, start_child, wait_until
+from billing_webhooks import events
+from driftlock_cli import stripe_player, webhook_commands
+from driftlock_cli.supervisor import http_ok, start_child, wait_until
 from tests.integration.test_cli import assert_one_line_error
 from tests.support.cli import run_cli
 from tests.support.net import free_port
@@ -23,7 +23,7 @@ async def webhooks_process(database_url, tmp_path_factory):
     log = tmp_path_factory.mktemp("webhooks") / "webhooks.log"
     child = await start_child(
         "webhooks",
-        [sys.executable, "-m", "driftlock_gateway.cli", "webhooks"],
+        [sys.executable, "-m", "driftlock_cli", "webhooks"],
         env={
             "DATABASE_URL": database_url,
             "STRIPE_WEBHOOK_SECRET": SECRET,
@@ -49,8 +49,8 @@ async def org_row(pool, org_id) -> dict:
 
 
 def test_the_cli_knows_every_handled_type():
-    assert set(cli_webhooks.HANDLED_TYPES) == {t.value for t in events.HANDLED_TYPES}
-    assert set(cli_webhooks.SUBSCRIPTION_STATUSES) == events.SUBSCRIPTION_STATUSES
+    assert set(webhook_commands.HANDLED_TYPES) == {t.value for t in events.HANDLED_TYPES}
+    assert set(webhook_commands.SUBSCRIPTION_STATUSES) == events.SUBSCRIPTION_STATUSES
 
 
 @pytest.mark.parametrize(
@@ -178,12 +178,12 @@ async def test_webhooks_events_lists_outcomes(webhooks_process, database_url, ma
     org = await make_org()
     stripe = Stripe(url)
     await stripe.send("checkout.session.completed", org_id=org.id)
-    failed = fake_stripe.event(
+    failed = stripe_player.event(
         "checkout.session.completed",
-        fake_stripe.checkout_session_object(
+        stripe_player.checkout_session_object(
             customer_id="cus_x",
             subscription_id=None,
-            created=fake_stripe.event("x", {})["created"],
+            created=stripe_player.event("x", {})["created"],
             client_reference_id="not-an-org",
         ),
     )
@@ -238,14 +238,14 @@ async def test_orgs_show_reports_the_billing_state_webhooks_keep(webhooks_proces
     shown = (await asyncio.to_thread(run_cli, "orgs", "show", str(org.id), "--json", database_url=database_url)).json()
     assert shown["billing_status"] == "trialing"
     assert shown["trial_end"].endswith("Z") and shown["cancel_at_period_end"] is True
-    assert shown["stripe_customer_id"] == fake_stripe.customer_for(org.id)
+    assert shown["stripe_customer_id"] == stripe_player.customer_for(org.id)
 
 
 async def test_webhooks_process_drains_and_exits_0_on_sigterm(database_url, tmp_path):
     port = free_port()
     child = await start_child(
         "webhooks",
-        [sys.executable, "-m", "driftlock_gateway.cli", "webhooks"],
+        [sys.executable, "-m", "driftlock_cli", "webhooks"],
         env={
             "DATABASE_URL": database_url,
             "STRIPE_WEBHOOK_SECRET": f"{SECRET},whsec_second",

@@ -3,7 +3,7 @@ nothing is half-written, /healthz says so, and the retried delivery applies once
 
 import pytest
 
-from billing_webhooks import fake_stripe
+from driftlock_cli import stripe_player
 from tests.support.net import eventually, free_port
 from tests.support.stripe import InProcessWebhooks, Stripe, get
 from tests.support.tcp_proxy import FaultProxy
@@ -29,7 +29,7 @@ async def test_database_down_is_5xx_and_the_retried_delivery_applies(proxied_ser
     # One delivery first, so the pool holds connections that the outage then breaks.
     _, warm = await stripe.send("checkout.session.completed", org_id=org.id)
     assert (warm.status, warm.outcome) == (200, "applied")
-    event = fake_stripe.build_event("invoice.payment_failed", org_id=org.id)
+    event = stripe_player.build_event("invoice.payment_failed", org_id=org.id)
 
     await proxy.cut()
     for _ in range(2):  # a broken pooled connection, then a refused new one
@@ -76,7 +76,7 @@ async def test_the_service_starts_while_the_database_is_down(database_url):
 async def test_a_database_without_the_schema_is_503_so_stripe_retries(fresh_database_url):
     service = await InProcessWebhooks(fresh_database_url).start(free_port())
     try:
-        event = fake_stripe.build_event("invoice.payment_failed", org_id="00000000-0000-0000-0000-000000000001")
+        event = stripe_player.build_event("invoice.payment_failed", org_id="00000000-0000-0000-0000-000000000001")
         reply = await Stripe(service.webhook_url).deliver(event)
         assert reply.status == 503
         assert reply.body["error"]["code"] == "storage_unavailable"

@@ -24,7 +24,7 @@ def run_cli(*args: str, database_url: str | None, env: dict[str, str] | None = N
         environ["DATABASE_URL"] = database_url
     environ.update(env or {})
     done = subprocess.run(
-        [sys.executable, "-m", "driftlock_gateway.cli", *args],
+        [sys.executable, "-m", "driftlock_cli", *args],
         capture_output=True,
         text=True,
         env=environ,

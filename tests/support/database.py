@@ -5,7 +5,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-from driftlock_gateway import db
+from driftlock_kernel import db
 
 
 def with_database(url: str, name: str) -> str:

@@ -4,7 +4,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
-from driftlock_gateway.supervisor import free_port
+from driftlock_cli.supervisor import free_port
 
 __all__ = ["eventually", "free_port"]
 

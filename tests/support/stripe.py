@@ -10,9 +10,9 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from billing_webhooks import fake_stripe
 from billing_webhooks.app import create_app
-from driftlock_gateway.settings import Settings
+from driftlock_cli import stripe_player
+from driftlock_kernel.settings import Settings
 
 SECRET = "whsec_" + secrets.token_urlsafe(32)
 # The secret being rotated out: Stripe signs with both while both are live.
@@ -46,13 +46,13 @@ class Stripe:
         signature: str | None = None,
         headers: dict[str, str] | None = None,
     ) -> Reply:
-        body = event if isinstance(event, bytes) else fake_stripe.encode(event)
+        body = event if isinstance(event, bytes) else stripe_player.encode(event)
         sent = {
             "Content-Type": "application/json; charset=utf-8",
             "User-Agent": "Stripe/1.0 (+https://stripe.com/docs/webhooks)",
         }
         if signature is None:
-            signature = fake_stripe.sign(body, secret or self.secret, timestamp)
+            signature = stripe_player.sign(body, secret or self.secret, timestamp)
         if signature:
             sent["Stripe-Signature"] = signature
         sent.update(headers or {})
@@ -65,8 +65,8 @@ class Stripe:
         return Reply(response.status, parsed)
 
     async def send(self, event_type: str, **options) -> tuple[dict, Reply]:
-        """Build an event with fake_stripe.build_event and deliver it; return both."""
-        event = fake_stripe.build_event(event_type, **options)
+        """Build an event with stripe_player.build_event and deliver it; return both."""
+        event = stripe_player.build_event(event_type, **options)
         return event, await self.deliver(event)
 
 

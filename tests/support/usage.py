@@ -2,7 +2,7 @@
 
 from datetime import UTC, datetime
 
-from driftlock_gateway.periods import calendar_month
+from driftlock_kernel.periods import calendar_month
 from tests.support.net import eventually
 
 

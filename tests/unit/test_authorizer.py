@@ -9,7 +9,7 @@ from authz_service.meter_store import MeterStore
 from authz_service.metering import Meter
 from authz_service.plan_book import PlanBook
 from authz_service.usage_ledger import UsageLedger
-from driftlock_gateway.keys import Environment, generate_key
+from driftlock_kernel.keys import Environment, generate_key
 from tests.support.authz_requests import STREAM_DETECT
 
 KEY = generate_key(Environment.LIVE)

@@ -3,7 +3,7 @@ import pytest
 
 from authz_service.context_token import ContextSigner
 from authz_service.decision import Grant
-from driftlock_gateway.context_token import verify
+from driftlock_kernel.context_token import verify
 
 SECRET = b"k" * 32
 GRANT = Grant("key-1", "org-1", "live", frozenset({"read", "detect"}), None, False, False, "pro", "active")

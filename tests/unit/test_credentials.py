@@ -2,7 +2,7 @@ import pytest
 
 from authz_service.credentials import read_credential
 from authz_service.decision import DenyCode
-from driftlock_gateway.keys import Environment, generate_key
+from driftlock_kernel.keys import Environment, generate_key
 
 KEY = generate_key(Environment.LIVE)
 OTHER = generate_key(Environment.LIVE)

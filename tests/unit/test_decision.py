@@ -113,7 +113,7 @@ def test_route_from_context_refuses_malformed_extensions(context):
 # --- billing: dunning, effective plan, quotas ------------------------------------------------------------------
 
 from authz_service.decision import PlanLimits  # noqa: E402
-from driftlock_gateway.billing_rules import BillingPolicy, effective_plan, payment_overdue  # noqa: E402
+from driftlock_kernel.billing_rules import BillingPolicy, effective_plan, payment_overdue  # noqa: E402
 
 DAY = 86400.0
 INGEST = Route(scope="ingest", billable=False, product="stream", units=1)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import yaml
 
-from driftlock_gateway.cli import build_parser
+from driftlock_cli.main import build_parser
 
 ROOT = Path(__file__).resolve().parents[2]
 

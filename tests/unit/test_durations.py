@@ -2,7 +2,7 @@ from datetime import timedelta
 
 import pytest
 
-from driftlock_gateway.durations import parse_duration
+from driftlock_kernel.durations import parse_duration
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ from authz_service.context_token import ContextSigner
 from authz_service.decision import ALLOW, HTTP_STATUS, MESSAGES, Decision, DenyCode, Grant, Route, deny
 from authz_service.ext_authz import AllowedResponses, access_request, denied_response
 from authz_service.rate_limit import RateVerdict
-from driftlock_gateway.context_token import verify
+from driftlock_kernel.context_token import verify
 from tests.support.authz_requests import STREAM_DETECT, check_request
 
 SECRET = b"s" * 32

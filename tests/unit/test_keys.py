@@ -2,7 +2,7 @@ import hashlib
 
 import pytest
 
-from driftlock_gateway.keys import CHECKSUM_LENGTH, Environment, display_prefix, generate_key, parse_key
+from driftlock_kernel.keys import CHECKSUM_LENGTH, Environment, display_prefix, generate_key, parse_key
 
 
 @pytest.mark.parametrize("environment", list(Environment))

@@ -1,6 +1,6 @@
 from datetime import UTC, datetime, timedelta
 
-from driftlock_gateway.periods import Period, calendar_month, current_period
+from driftlock_kernel.periods import Period, calendar_month, current_period
 
 
 def at(*args) -> datetime:

@@ -2,15 +2,16 @@
 
 import time
 
-from billing_webhooks import fake_stripe, metrics
+from billing_webhooks import metrics
 from billing_webhooks.webhook import SignatureFailure, check_signature
+from driftlock_cli import stripe_player
 
 NEW, OLD, OTHER = "whsec_new_secret_value", "whsec_old_secret_value", "whsec_someone_else"
 BODY = b'{"id":"evt_1","object":"event"}'
 
 
 def header(secret: str, timestamp: int | None = None, body: bytes = BODY) -> str:
-    return fake_stripe.sign(body, secret, timestamp)
+    return stripe_player.sign(body, secret, timestamp)
 
 
 def check(sig: str | None, secrets=(NEW, OLD)) -> SignatureFailure | None:

@@ -9,7 +9,7 @@ import signal
 import jwt
 from aiohttp import web
 
-from driftlock_gateway.context_token import verify
+from driftlock_kernel.context_token import verify
 
 
 def create_app(jwt_secret: bytes | None) -> web.Application:

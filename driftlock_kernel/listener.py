@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import asyncpg
 
-from driftlock_gateway import db
+from driftlock_kernel import db
 
 log = logging.getLogger(__name__)
 

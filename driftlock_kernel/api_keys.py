@@ -7,8 +7,8 @@ from enum import StrEnum
 
 import asyncpg
 
-from driftlock_gateway.keys import Environment, generate_key
-from driftlock_gateway.orgs import NotFound, get_org
+from driftlock_kernel.keys import Environment, generate_key
+from driftlock_kernel.orgs import NotFound, get_org
 
 
 class Scope(StrEnum):

@@ -1,36 +1,10 @@
 """How the CLI prints: one JSON object with --json, a sentence or a table without."""
 
-import json
 import sys
-import uuid
-from datetime import UTC, datetime
-from decimal import Decimal
-from enum import Enum
+from datetime import datetime
 from typing import Any
 
-
-def iso(moment: datetime | None) -> str | None:
-    if moment is None:
-        return None
-    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
-
-
-def _default(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return iso(value)
-    if isinstance(value, uuid.UUID):
-        return str(value)
-    if isinstance(value, Enum):
-        return value.value
-    if isinstance(value, Decimal):
-        return float(value)
-    if isinstance(value, (set, frozenset, tuple)):
-        return list(value)
-    raise TypeError(f"cannot encode {type(value).__name__}")
-
-
-def to_json(obj: dict) -> str:
-    return json.dumps(obj, default=_default, separators=(",", ":"))
+from driftlock_kernel.jsonfmt import iso, to_json
 
 
 def text_value(value: Any) -> str:

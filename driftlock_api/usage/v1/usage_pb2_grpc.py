@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from driftlock_gateway.api.usage.v1 import usage_pb2 as driftlock__gateway_dot_api_dot_usage_dot_v1_dot_usage__pb2
+from driftlock_api.usage.v1 import usage_pb2 as driftlock__api_dot_usage_dot_v1_dot_usage__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in driftlock_gateway/api/usage/v1/usage_pb2_grpc.py depends on'
+        + ' but the generated code in driftlock_api/usage/v1/usage_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,13 +36,13 @@ class UsageServiceStub:
         """
         self.GetUsage = channel.unary_unary(
                 '/driftlock.usage.v1.UsageService/GetUsage',
-                request_serializer=driftlock__gateway_dot_api_dot_usage_dot_v1_dot_usage__pb2.GetUsageRequest.SerializeToString,
-                response_deserializer=driftlock__gateway_dot_api_dot_usage_dot_v1_dot_usage__pb2.GetUsageResponse.FromString,
+                request_serializer=driftlock__api_dot_usage_dot_v1_dot_usage__pb2.GetUsageRequest.SerializeToString,
+                response_deserializer=driftlock__api_dot_usage_dot_v1_dot_usage__pb2.GetUsageResponse.FromString,
                 _registered_method=True)
         self.ReportUsage = channel.unary_unary(
                 '/driftlock.usage.v1.UsageService/ReportUsage',
-                request_serializer=driftlock__gateway_dot_api_dot_usage_dot_v1_dot_usage__pb2.ReportUsageRequest.SerializeToString,
-                response_deserializer=driftlock__gateway_dot_api_dot_usage_dot_v1_dot_usage__pb2.ReportUsageResponse.FromString,
+                request_serializer=driftlock__api_dot_usage_dot_v1_dot_usage__pb2.ReportUsageRequest.SerializeToString,
+                response_deserializer=driftlock__api_dot_usage_dot_v1_dot_usage__pb2.ReportUsageResponse.FromString,
                 _registered_method=True)
 
 
@@ -68,13 +68,13 @@ def add_UsageServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'GetUsage': grpc.unary_unary_rpc_method_handler(
                     servicer.GetUsage,
-                    request_deserializer=driftlock__gateway_dot_api_dot_usage_dot_v1_dot_usage__pb2.GetUsageRequest.FromString,
-                    response_serializer=driftlock__gateway_dot_api_dot_usage_dot_v1_dot_usage__pb2.GetUsageResponse.SerializeToString,
+                    request_deserializer=driftlock__api_dot_usage_dot_v1_dot_usage__pb2.GetUsageRequest.FromString,
+                    response_serializer=driftlock__api_dot_usage_dot_v1_dot_usage__pb2.GetUsageResponse.SerializeToString,
             ),
             'ReportUsage': grpc.unary_unary_rpc_method_handler(
                     servicer.ReportUsage,
-                    request_deserializer=driftlock__gateway_dot_api_dot_usage_dot_v1_dot_usage__pb2.ReportUsageRequest.FromString,
-                    response_serializer=driftlock__gateway_dot_api_dot_usage_dot_v1_dot_usage__pb2.ReportUsageResponse.SerializeToString,
+                    request_deserializer=driftlock__api_dot_usage_dot_v1_dot_usage__pb2.ReportUsageRequest.FromString,
+                    response_serializer=driftlock__api_dot_usage_dot_v1_dot_usage__pb2.ReportUsageResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -102,8 +102,8 @@ class UsageService:
             request,
             target,
             '/driftlock.usage.v1.UsageService/GetUsage',
-            driftlock__gateway_dot_api_dot_usage_dot_v1_dot_usage__pb2.GetUsageRequest.SerializeToString,
-            driftlock__gateway_dot_api_dot_usage_dot_v1_dot_usage__pb2.GetUsageResponse.FromString,
+            driftlock__api_dot_usage_dot_v1_dot_usage__pb2.GetUsageRequest.SerializeToString,
+            driftlock__api_dot_usage_dot_v1_dot_usage__pb2.GetUsageResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -129,8 +129,8 @@ class UsageService:
             request,
             target,
             '/driftlock.usage.v1.UsageService/ReportUsage',
-            driftlock__gateway_dot_api_dot_usage_dot_v1_dot_usage__pb2.ReportUsageRequest.SerializeToString,
-            driftlock__gateway_dot_api_dot_usage_dot_v1_dot_usage__pb2.ReportUsageResponse.FromString,
+            driftlock__api_dot_usage_dot_v1_dot_usage__pb2.ReportUsageRequest.SerializeToString,
+            driftlock__api_dot_usage_dot_v1_dot_usage__pb2.ReportUsageResponse.FromString,
             options,
             channel_credentials,
             insecure,

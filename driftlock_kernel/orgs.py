@@ -6,8 +6,8 @@ from datetime import datetime
 
 import asyncpg
 
-from driftlock_gateway.errors import OperatorError
-from driftlock_gateway.periods import Period, current_period
+from driftlock_kernel.errors import OperatorError
+from driftlock_kernel.periods import Period, current_period
 
 
 class NotFound(OperatorError):

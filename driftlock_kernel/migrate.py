@@ -11,7 +11,7 @@ from pathlib import Path
 
 import asyncpg
 
-from driftlock_gateway.errors import OperatorError
+from driftlock_kernel.errors import OperatorError
 
 # Any fixed 64-bit number; it names "the driftlock migration lock" among this database's advisory locks.
 MIGRATION_LOCK_ID = 0x0D21F7_10C6

@@ -19,7 +19,7 @@ from typing import IO
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from driftlock_gateway.errors import OperatorError
+from driftlock_kernel.errors import OperatorError
 
 log = logging.getLogger(__name__)
 

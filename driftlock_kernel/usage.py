@@ -5,9 +5,9 @@ from datetime import datetime, timedelta
 
 import asyncpg
 
-from driftlock_gateway.billing_rules import BillingPolicy, effective_plan
-from driftlock_gateway.orgs import get_org
-from driftlock_gateway.plans import get_plan
+from driftlock_kernel.billing_rules import BillingPolicy, effective_plan
+from driftlock_kernel.orgs import get_org
+from driftlock_kernel.plans import get_plan
 
 PRODUCTS = ("stream", "monitor")
 

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from driftlock_gateway import envoy_config
-from driftlock_gateway.settings import HostPort
-from driftlock_gateway.supervisor import Child, grpc_serving, http_ok, start_child, tcp_open, wait_until
+from driftlock_cli import envoy_config
+from driftlock_cli.supervisor import Child, grpc_serving, http_ok, start_child, tcp_open, wait_until
+from driftlock_kernel.settings import HostPort
 
 READY_TIMEOUT_SECONDS = 60.0
 LOOPBACK = "127.0.0.1"
@@ -144,7 +144,7 @@ async def start_stack(
     specs: dict[str, _Spec] = {}
     if backend is None:
         specs["backend"] = _Spec(
-            _python("driftlock_gateway.demo_backend", "--host", LOOPBACK, "--port", str(ports.backend)),
+            _python("driftlock_cli.demo_backend", "--host", LOOPBACK, "--port", str(ports.backend)),
             common_env,
             lambda: tcp_open(LOOPBACK, ports.backend),
             "the demo backend to listen",
@@ -152,7 +152,7 @@ async def start_stack(
     for replica, (port, metrics_port) in enumerate(zip(ports.authz, ports.authz_metrics, strict=True)):
         name = "authz" if len(ports.authz) == 1 else f"authz-{replica + 1}"
         specs[name] = _Spec(
-            _python("driftlock_gateway.cli", "authz"),
+            _python("driftlock_cli", "authz"),
             {
                 **common_env,
                 "DRIFTLOCK_AUTHZ_HOST": LOOPBACK,
@@ -166,7 +166,7 @@ async def start_stack(
         )
     if webhook_secret is not None:
         specs["webhooks"] = _Spec(
-            _python("driftlock_gateway.cli", "webhooks"),
+            _python("driftlock_cli", "webhooks"),
             {
                 **common_env,
                 "STRIPE_WEBHOOK_SECRET": webhook_secret,

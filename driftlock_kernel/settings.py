@@ -4,8 +4,8 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from driftlock_gateway.billing_rules import BillingPolicy
-from driftlock_gateway.errors import OperatorError
+from driftlock_kernel.billing_rules import BillingPolicy
+from driftlock_kernel.errors import OperatorError
 
 MIN_JWT_SECRET_BYTES = 32
 

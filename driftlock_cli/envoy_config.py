@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from driftlock_gateway.settings import HostPort, Settings, SettingsError, parse_host_port
+from driftlock_kernel.settings import HostPort, Settings, SettingsError, parse_host_port
 
 REPO_ENVOY_DIR = Path(__file__).resolve().parent.parent / "envoy"
 

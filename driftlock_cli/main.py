@@ -16,12 +16,13 @@ from typing import Any, NoReturn
 
 import asyncpg
 
-from driftlock_gateway import api_keys, cli_webhooks, db, migrate, orgs, plans, usage
-from driftlock_gateway.durations import parse_duration
-from driftlock_gateway.errors import OperatorError
-from driftlock_gateway.keys import Environment
-from driftlock_gateway.output import Printer, fields, table, text_value
-from driftlock_gateway.settings import Settings, SettingsError, parse_host_port
+from driftlock_cli import webhook_commands
+from driftlock_cli.output import Printer, fields, table, text_value
+from driftlock_kernel import api_keys, db, migrate, orgs, plans, usage
+from driftlock_kernel.durations import parse_duration
+from driftlock_kernel.errors import OperatorError
+from driftlock_kernel.keys import Environment
+from driftlock_kernel.settings import Settings, SettingsError, parse_host_port
 
 PROG = "driftlock-gateway"
 EXIT_ERROR = 1
@@ -226,7 +227,7 @@ async def cmd_authz(args, settings, out: Printer) -> None:
 
 
 async def cmd_envoy(args, settings, out: Printer) -> None:
-    from driftlock_gateway import envoy_config
+    from driftlock_cli import envoy_config
 
     config = envoy_config.render_from_settings(settings)
     if args.print_config:
@@ -236,7 +237,7 @@ async def cmd_envoy(args, settings, out: Printer) -> None:
 
 
 async def cmd_dev(args, settings, out: Printer) -> None:
-    from driftlock_gateway.devstack import run_dev_stack
+    from driftlock_cli.devstack import run_dev_stack
 
     await run_dev_stack(settings, backend=args.backend, state_dir=args.state_dir)
 
@@ -331,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     leaf(commands, "authz", cmd_authz, "run the ext_authz gRPC service")
-    cli_webhooks.register(commands, leaf)
+    webhook_commands.register(commands, leaf)
     envoy = leaf(commands, "envoy", cmd_envoy, "render envoy/envoy.yaml from the environment and run Envoy")
     envoy.add_argument("--print-config", action="store_true", help="print the rendered config and exit")
     envoy.add_argument("envoy_args", nargs=argparse.REMAINDER, help="passed to envoy after --")

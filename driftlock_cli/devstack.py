@@ -14,11 +14,11 @@ import sys
 import uuid
 from pathlib import Path
 
-from driftlock_gateway import api_keys, db, migrate, orgs
-from driftlock_gateway.embedded_db import EmbeddedDatabase
-from driftlock_gateway.settings import MIN_JWT_SECRET_BYTES, HostPort, Settings
-from driftlock_gateway.stack import LOOPBACK, StackPorts, start_stack
-from driftlock_gateway.supervisor import ChildFailed, first_exit
+from driftlock_cli.embedded_db import EmbeddedDatabase
+from driftlock_cli.stack import LOOPBACK, StackPorts, start_stack
+from driftlock_cli.supervisor import ChildFailed, first_exit
+from driftlock_kernel import api_keys, db, migrate, orgs
+from driftlock_kernel.settings import MIN_JWT_SECRET_BYTES, HostPort, Settings
 
 DEMO_ORG_NAME = "Demo organisation"
 

@@ -1,7 +1,7 @@
-"""Regenerates the Python stubs of our own protos (proto/ -> driftlock_gateway/api/) with grpcio-tools.
+"""Regenerates the Python stubs of our own protos (proto/ -> driftlock_kernel/api/) with grpcio-tools.
 
-    python -m driftlock_gateway.protos            # write the stubs
-    python -m driftlock_gateway.protos --check    # exit 1 if the committed stubs are stale
+    python -m driftlock_cli.protos            # write the stubs
+    python -m driftlock_cli.protos --check    # exit 1 if the committed stubs are stale
 
 Generated files are never edited by hand; a test runs --check.
 """
@@ -47,9 +47,9 @@ def generate(output: Path) -> list[Path]:
             written.append(output / f"{stem}{suffix}")
         # Make every generated folder a package.
         folder = output / stem.parent
-        while folder != output and folder.relative_to(output).parts[0] == "driftlock_gateway":
+        while folder != output:
             init = folder / "__init__.py"
-            if not init.exists() and folder != output / "driftlock_gateway":
+            if not init.exists():
                 init.write_text("")
             folder = folder.parent
     return written
@@ -73,7 +73,7 @@ def main() -> None:
     if args.check:
         stale = stale_files()
         if stale:
-            sys.exit("stale generated stubs (run `python -m driftlock_gateway.protos`): " + ", ".join(stale))
+            sys.exit("stale generated stubs (run `python -m driftlock_cli.protos`): " + ", ".join(stale))
         print("generated stubs are up to date")
         return
     for path in generate(ROOT):

@@ -2,7 +2,7 @@
 what became of it), `webhooks prune` (retention of stored events) and `stripe send-event` (a signed,
 Stripe-shaped event POSTed to a running service, for `dev` and demos).
 
-cli.py registers them; the service package is imported only when a command runs.
+main.py registers them; the service package is imported only when a command runs.
 """
 
 import argparse
@@ -13,10 +13,11 @@ from datetime import UTC, datetime, timedelta
 
 from billing_webhooks.decisions import Outcome
 from billing_webhooks.events import EventType
-from driftlock_gateway import db
-from driftlock_gateway.durations import parse_duration
-from driftlock_gateway.errors import OperatorError
-from driftlock_gateway.output import Printer, iso, table
+from driftlock_cli.output import Printer, table
+from driftlock_kernel import db
+from driftlock_kernel.durations import parse_duration
+from driftlock_kernel.errors import OperatorError
+from driftlock_kernel.jsonfmt import iso
 
 # Stripe retries a delivery for up to three days; an event pruned sooner could be applied again on a retry.
 MIN_RETENTION = timedelta(days=3)
@@ -114,7 +115,7 @@ async def cmd_webhooks_events(args, settings, out: Printer) -> None:
 async def cmd_stripe_send_event(args, settings, out: Printer) -> None:
     import aiohttp
 
-    from billing_webhooks import fake_stripe
+    from driftlock_cli import stripe_player
 
     secret = args.secret or (settings.stripe_webhook_secrets[0] if settings.stripe_webhook_secrets else None)
     if secret is None:
@@ -124,7 +125,7 @@ async def cmd_stripe_send_event(args, settings, out: Printer) -> None:
     url = args.url or f"http://127.0.0.1:{settings.envoy_port}/stripe/webhook"
     now = int(time.time())
     created = now - int(args.ago.total_seconds()) if args.ago else now
-    event = fake_stripe.build_event(
+    event = stripe_player.build_event(
         args.type,
         org_id=args.org,
         api_version=args.api_version,
@@ -132,13 +133,13 @@ async def cmd_stripe_send_event(args, settings, out: Printer) -> None:
         event_id=args.event_id,
         customer_id=args.customer,
         subscription_id=args.subscription,
-        price_ids=tuple(args.price) if args.price else (fake_stripe.DEFAULT_PRICE_ID,),
+        price_ids=tuple(args.price) if args.price else (stripe_player.DEFAULT_PRICE_ID,),
         status=args.status,
         org_metadata=not args.no_org_metadata,
         cancel_at_period_end=args.cancel_at_period_end,
     )
-    body = fake_stripe.encode(event)
-    headers = {"Content-Type": "application/json", "Stripe-Signature": fake_stripe.sign(body, secret, now)}
+    body = stripe_player.encode(event)
+    headers = {"Content-Type": "application/json", "Stripe-Signature": stripe_player.sign(body, secret, now)}
     try:
         async with (
             aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=SEND_TIMEOUT_SECONDS)) as session,

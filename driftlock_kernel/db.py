@@ -14,7 +14,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
 
-from driftlock_gateway.errors import OperatorError
+from driftlock_kernel.errors import OperatorError
 
 SCHEMA = "driftlock"
 CONNECT_TIMEOUT_SECONDS = 5.0
