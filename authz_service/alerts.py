@@ -7,7 +7,6 @@ request path. Delivery is at least once; a receiver deduplicates on the alert's 
 """
 
 import asyncio
-import contextlib
 import logging
 import random
 from collections.abc import Awaitable, Callable
@@ -15,6 +14,8 @@ from collections.abc import Awaitable, Callable
 import aiohttp
 
 from authz_service import metrics
+from authz_service.meter_store import RaisedAlert
+from driftlock_kernel.background import BackgroundTask
 from driftlock_kernel.jsonfmt import to_json
 
 log = logging.getLogger(__name__)
@@ -29,18 +30,18 @@ def thresholds_reached(used_units: int, included_units: int) -> tuple[int, ...]:
     return tuple(t for t in THRESHOLDS if used_units * 100 >= t * included_units)
 
 
-def alert_payload(alert: dict) -> dict:
+def alert_payload(alert: RaisedAlert) -> dict[str, object]:
     return {
         "type": "usage.threshold_reached",
-        "id": alert["id"],
-        "org_id": alert["org_id"],
-        "threshold": alert["threshold"],
-        "used_units": alert["used_units"],
-        "included_units": alert["included_units"],
-        "plan": alert["plan_name"],
-        "period_start": alert["period_start"],
-        "period_end": alert["period_end"],
-        "created_at": alert["created_at"],
+        "id": alert.id,
+        "org_id": alert.org_id,
+        "threshold": alert.threshold,
+        "used_units": alert.used_units,
+        "included_units": alert.included_units,
+        "plan": alert.plan,
+        "period_start": alert.period_start,
+        "period_end": alert.period_end,
+        "created_at": alert.created_at,
     }
 
 
@@ -62,20 +63,20 @@ class AlertNotifier:
         self._max_attempts = max_attempts
         self._first_delay = first_delay
         self._max_delay = max_delay
-        self._queue: asyncio.Queue[dict] = asyncio.Queue(queue_size)
-        self._tasks: set[asyncio.Task] = set()
+        self._queue: asyncio.Queue[RaisedAlert] = asyncio.Queue(queue_size)
+        self._tasks: set[asyncio.Task[None]] = set()
         self._session: aiohttp.ClientSession | None = None
-        self._worker: asyncio.Task | None = None
+        self._worker = BackgroundTask("alert-notifier", self._run)
 
     def start(self) -> None:
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
-        self._worker = asyncio.create_task(self._run(), name="alert-notifier")
+        self._worker.start()
 
-    def submit(self, alert: dict) -> None:
+    def submit(self, alert: RaisedAlert) -> None:
         try:
             self._queue.put_nowait(alert)
         except asyncio.QueueFull:
-            log.error("alert queue full; alert %s stays undelivered in the database", alert["id"])
+            log.error("alert queue full; alert %s stays undelivered in the database", alert.id)
 
     async def _run(self) -> None:
         while True:
@@ -85,35 +86,33 @@ class AlertNotifier:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _deliver(self, alert: dict) -> None:
+    async def _deliver(self, alert: RaisedAlert) -> None:
+        if self._session is None:
+            raise RuntimeError("AlertNotifier.start() was not called")
         body = to_json(alert_payload(alert))
         delay = self._first_delay
         for attempt in range(1, self._max_attempts + 1):
             try:
-                assert self._session is not None
                 async with self._session.post(
                     self._url, data=body, headers={"content-type": "application/json"}
                 ) as response:
                     if 200 <= response.status < 300:
                         metrics.ALERT_DELIVERIES.labels(outcome="delivered").inc()
-                        await self._on_delivered(alert["id"], True)
+                        await self._on_delivered(alert.id, True)
                         return
                     reason = f"HTTP {response.status}"
             except (aiohttp.ClientError, TimeoutError) as error:
                 reason = type(error).__name__
             metrics.ALERT_DELIVERIES.labels(outcome="retry").inc()
-            log.warning("alert %s delivery attempt %d failed: %s", alert["id"], attempt, reason)
+            log.warning("alert %s delivery attempt %d failed: %s", alert.id, attempt, reason)
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, self._max_delay)
         metrics.ALERT_DELIVERIES.labels(outcome="gave_up").inc()
-        await self._on_delivered(alert["id"], False)
+        await self._on_delivered(alert.id, False)
 
     async def close(self, timeout: float = 5.0) -> None:
         """Give deliveries under way a moment to finish; the rest stay marked undelivered in the database."""
-        if self._worker is not None:
-            self._worker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._worker
+        await self._worker.stop()
         if self._tasks:
             _done, pending = await asyncio.wait(self._tasks, timeout=timeout)
             for task in pending:

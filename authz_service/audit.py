@@ -6,7 +6,6 @@ never recorded, only their ids; paths without their query string.
 """
 
 import asyncio
-import contextlib
 import logging
 import random
 from collections import deque
@@ -17,6 +16,8 @@ import asyncpg
 
 from authz_service import metrics
 from driftlock_kernel import db
+from driftlock_kernel.background import every
+from driftlock_kernel.errors import one_line
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +61,7 @@ class AuditLog:
         self._queue: deque[AuditEntry] = deque()
         self._max_queue = max_queue
         self._batch_size = batch_size
-        self._interval = flush_interval
-        self._task: asyncio.Task | None = None
+        self._writer = every(flush_interval, self._write_all, name="audit-writer")
 
     def wants_allow(self) -> bool:
         rate = self._allow_sample_rate
@@ -74,13 +74,11 @@ class AuditLog:
         self._queue.append(entry)
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="audit-writer")
+        self._writer.start()
 
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self._interval)
-            while self._queue and await self.write_once():
-                pass
+    async def _write_all(self) -> None:
+        while self._queue and await self.write_once():
+            pass
 
     async def write_once(self) -> bool:
         batch = [self._queue[i] for i in range(min(self._batch_size, len(self._queue)))]
@@ -99,8 +97,8 @@ class AuditLog:
                 [e.decision for e in batch],
                 [e.code for e in batch],
             )
-        except db.QUERY_ERRORS as error:
-            log.warning("could not write %d audit entries (kept, will retry): %s", len(batch), error)
+        except db.DATABASE_ERRORS as error:
+            log.warning("could not write %d audit entries (kept, will retry): %s", len(batch), one_line(error))
             return False
         for _ in batch:
             self._queue.popleft()
@@ -108,10 +106,7 @@ class AuditLog:
         return True
 
     async def close(self, timeout: float = 5.0) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self._writer.stop()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while self._queue and loop.time() < deadline:

@@ -1,8 +1,10 @@
-"""One check, start to finish, in domain terms. No protobuf here.
+"""The decision pipeline: one check, start to finish, in domain terms. No protobuf here.
 
-route -> credential -> grant -> access -> rate limit -> payment and quota -> count the units -> audit.
-Between reading the organisation's usage and counting this call there is no await, so with one replica a
-quota is cut exactly.
+    route -> credential -> grant -> access -> rate -> billing -> record  (then audit)
+
+Each stage is a plain function of decision.py (or a store look-up between them); the first stage that refuses
+ends the check. Production and the unit tests run this same pipeline. Between reading the organisation's usage
+and counting this call there is no await, so with one replica a quota is cut exactly.
 """
 
 import logging
@@ -20,19 +22,22 @@ from authz_service.decision import (
     Decision,
     DenyCode,
     Grant,
+    PlanLimits,
     Route,
     RouteError,
     check_access,
     check_billing,
+    check_rate,
     deny,
     is_billed,
     route_from_context,
 )
 from authz_service.grants import GrantStore, StoreUnavailable
-from authz_service.metering import Meter, PeriodFinder
+from authz_service.metering import Meter
 from authz_service.plan_book import PlanBook
 from authz_service.rate_limit import RateLimiter, RateVerdict
-from driftlock_kernel.billing_rules import DEFAULT_POLICY, BillingPolicy, effective_plan
+from driftlock_kernel.billing import DEFAULT_POLICY, BillingPolicy, effective_plan
+from driftlock_kernel.periods import PeriodFinder
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +61,9 @@ DEADLINE_MARGIN_SECONDS = 0.05
 
 
 @dataclass(frozen=True, slots=True)
-class Outcome:
+class CheckOutcome:
+    """What the pipeline decided, with what the wire needs to answer (headers, token) and the audit to record."""
+
     decision: Decision
     grant: Grant | None = None
     route: Route | None = None
@@ -70,8 +77,8 @@ class Authorizer:
         self,
         store: GrantStore,
         plans: PlanBook,
+        meter: Meter,
         *,
-        meter: Meter | None = None,
         limiter: RateLimiter | None = None,
         audit: AuditLog | None = None,
         policy: BillingPolicy = DEFAULT_POLICY,
@@ -86,71 +93,75 @@ class Authorizer:
         self._clock = clock
         self._periods = PeriodFinder()
 
-    async def check(self, request: AccessRequest) -> Outcome:
+    async def check(self, request: AccessRequest) -> CheckOutcome:
         outcome = await self._decide(request)
         if self._audit is not None and (not outcome.decision.allowed or self._audit.wants_allow()):
             self._audit.add(_audit_entry(request, outcome))
         return outcome
 
-    async def _decide(self, request: AccessRequest) -> Outcome:
+    async def _decide(self, request: AccessRequest) -> CheckOutcome:
+        # route
         try:
             route = route_from_context(request.context)
         except RouteError as error:
             # A route table mistake must not open the backend: fail closed, loudly.
             metrics.ROUTE_ERRORS.inc()
             log.error("refusing %s %s: %s", request.method, audit_path(request.path), error)
-            return Outcome(DENY_UNAVAILABLE)
+            return CheckOutcome(DENY_UNAVAILABLE)
+        # credential
         credential = read_credential(request.headers)
         if isinstance(credential, DenyCode):
-            return Outcome(deny(credential), route=route)
+            return CheckOutcome(deny(credential), route=route)
+        # grant
         try:
             grant = await self._store.get(credential.hash)
         except StoreUnavailable:
-            return Outcome(DENY_UNAVAILABLE, route=route)
+            return CheckOutcome(DENY_UNAVAILABLE, route=route)
         if grant is None:
-            return Outcome(deny(DenyCode.INVALID_API_KEY), route=route)
-
+            return CheckOutcome(deny(DenyCode.INVALID_API_KEY), route=route)
+        # access
         now = self._clock()
         plan_name = effective_plan(grant.plan, grant.billing_status, self._policy)
         access = check_access(route, grant, now)
         if not access.allowed:
-            return Outcome(access, grant, route, plan=plan_name)
+            return CheckOutcome(access, grant, route, plan=plan_name)
         plan = self._plans.get(plan_name) or await self._plans.require(plan_name)
         if plan is None:
             log.error("organisation %s is on plan %r, which does not exist", grant.org_id, plan_name)
-            return Outcome(DENY_UNAVAILABLE, grant, route, plan=plan_name)
+            return CheckOutcome(DENY_UNAVAILABLE, grant, route, plan=plan_name)
+        # rate
+        rate = self._limiter.take(grant.key_id, plan.rate_limit_rps) if plan.rate_limit_rps else None
+        limited = check_rate(rate)
+        if not limited.allowed:
+            return CheckOutcome(limited, grant, route, plan=plan_name, rate=rate)
+        if not is_billed(route, grant):
+            return CheckOutcome(ALLOW, grant, route, plan=plan_name, rate=rate)
+        # billing and record
+        return await self._bill(request, route, grant, plan, now, rate)
 
-        rate = None
-        if plan.rate_limit_rps:
-            rate = self._limiter.take(grant.key_id, plan.rate_limit_rps)
-            if not rate.allowed:
-                limited = Decision(DenyCode.RATE_LIMITED, retry_after=rate.retry_after)
-                return Outcome(limited, grant, route, plan=plan_name, rate=rate)
-
-        if not is_billed(route, grant) or self._meter is None:
-            decision = check_billing(route, grant, now, policy=self._policy)
-            return Outcome(decision, grant, route, plan=plan_name, rate=rate)
-        if self._meter.ledger.seen(request.request_id):
+    async def _bill(
+        self, request: AccessRequest, route: Route, grant: Grant, plan: PlanLimits, now: float, rate: RateVerdict | None
+    ) -> CheckOutcome:
+        if self._meter.counted_already(request.request_id):
             # The same request checked again (an Envoy retry): it was decided and counted the first time.
             metrics.METER_DUPLICATE_REQUESTS.inc()
-            return Outcome(ALLOW, grant, route, billed=True, plan=plan_name, rate=rate)
-
+            return CheckOutcome(ALLOW, grant, route, billed=True, plan=plan.name, rate=rate)
         period = self._periods.period(grant.period_start, grant.period_end, now)
         usage_key = (grant.org_id, period.start)
         used = await self._meter.used(usage_key)
         # No await from here on: the usage read above and the count below are one step.
         if request.deadline is not None and time.monotonic() > request.deadline - DEADLINE_MARGIN_SECONDS:
             log.warning("answering auth_unavailable: Envoy's deadline passed while usage was read")
-            return Outcome(DENY_UNAVAILABLE, grant, route, plan=plan_name, rate=rate)
+            return CheckOutcome(DENY_UNAVAILABLE, grant, route, plan=plan.name, rate=rate)
         decision = check_billing(
-            route, grant, now, policy=self._policy, plan=plan, used_units=used, period_end=period.end.timestamp()
+            route, grant, now, plan, used_units=used, period_end=period.end.timestamp(), policy=self._policy
         )
         if decision.allowed:
             self._meter.record(request.request_id, usage_key, route.product or "", route.units, plan, period.end)
-        return Outcome(decision, grant, route, billed=decision.allowed, plan=plan_name, rate=rate)
+        return CheckOutcome(decision, grant, route, billed=decision.allowed, plan=plan.name, rate=rate)
 
 
-def _audit_entry(request: AccessRequest, outcome: Outcome) -> AuditEntry:
+def _audit_entry(request: AccessRequest, outcome: CheckOutcome) -> AuditEntry:
     code = outcome.decision.code
     grant = outcome.grant
     return AuditEntry(

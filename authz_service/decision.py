@@ -1,4 +1,15 @@
-"""May this request pass? Pure functions over plain values: no gRPC, database, metrics or protobuf here.
+"""May this request pass? The pure stages of the one decision pipeline: no gRPC, database, metrics or protobuf.
+
+`Authorizer.check` (authorizer.py) runs them in this order, with the look-ups between them, for every request;
+the unit tests call the same functions:
+
+    route        route_from_context(context_extensions) -> Route           (or RouteError: fail closed)
+    credential   credentials.read_credential(headers)  -> ParsedKey        (or a DenyCode)
+    grant        GrantStore.get(hash)                  -> Grant            (I/O; None: invalid_api_key)
+    access       check_access(route, grant, now)       -> Decision
+    rate         check_rate(RateLimiter.take(...))     -> Decision
+    billing      check_billing(route, grant, now, ...) -> Decision         (dunning, quota)
+    record       Meter.record(...)                                         (count what was allowed)
 
 Every outcome is one member of `DenyCode` (or an allow), mapped to its HTTP status in one table; the same
 member is the metric label and the `error.code` a client reads.
@@ -8,7 +19,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
-from driftlock_kernel.billing_rules import DEFAULT_POLICY, BillingPolicy, payment_overdue
+from authz_service.rate_limit import RateVerdict
+from driftlock_kernel.billing import DEFAULT_POLICY, BillingPolicy, Overage, payment_blocks_billable
+from driftlock_kernel.keys import Environment, Scope
 
 
 class DenyCode(StrEnum):
@@ -58,7 +71,7 @@ AUTH_UNAVAILABLE_RETRY_AFTER = 1
 class Route:
     """What the route table (Envoy's per-route context_extensions) says about the requested route."""
 
-    scope: str
+    scope: Scope
     billable: bool
     product: str | None
     units: int
@@ -69,9 +82,14 @@ class RouteError(ValueError):
 
 
 def route_from_context(context: Mapping[str, str]) -> Route:
-    scope = context.get("scope", "")
-    if not scope:
+    """Stage `route`: what the route table says the requested route is."""
+    scope_text = context.get("scope", "")
+    if not scope_text:
         raise RouteError("route has no 'scope' context extension")
+    try:
+        scope = Scope(scope_text)
+    except ValueError:
+        raise RouteError(f"route's 'scope' {scope_text!r} is not a scope keys can hold") from None
     billable_text = context.get("billable", "false")
     if billable_text not in ("true", "false"):
         raise RouteError(f"route's 'billable' must be true or false, not {billable_text!r}")
@@ -91,13 +109,13 @@ class Grant:
 
     key_id: str
     org_id: str
-    environment: str  # "live" | "test"
-    scopes: frozenset[str]
+    environment: Environment
+    scopes: frozenset[Scope]
     expires_at: float | None  # Unix time
     revoked: bool
     org_suspended: bool
-    plan: str  # the plan the organisation is on; see effective_plan for the one that applies
-    billing_status: str
+    plan: str  # the plan the organisation is on; see billing.effective_plan for the one that applies
+    billing_status: str  # billing.NO_SUBSCRIPTION or a billing.SubscriptionStatus
     past_due_since: float | None = None  # Unix time
     period_start: float | None = None  # the Stripe subscription's current period, Unix time
     period_end: float | None = None
@@ -107,7 +125,7 @@ class Grant:
 class PlanLimits:
     name: str
     included_units: int
-    overage: str  # "soft" | "block"
+    overage: Overage
     hard_cap_percent: int | None = None
     rate_limit_rps: float | None = None
 
@@ -115,7 +133,7 @@ class PlanLimits:
     def unit_cap(self) -> float | None:
         """Units this plan serves per period; None when it serves without end (a soft plan without a hard cap)."""
         caps = []
-        if self.overage == "block":
+        if self.overage == Overage.BLOCK:
             caps.append(float(self.included_units))
         if self.hard_cap_percent is not None:
             caps.append(self.included_units * self.hard_cap_percent / 100)
@@ -143,11 +161,11 @@ def deny(code: DenyCode) -> Decision:
 
 def is_billed(route: Route, grant: Grant) -> bool:
     """Whether this call counts against the organisation: billable routes, live keys only."""
-    return route.billable and grant.environment == "live"
+    return route.billable and grant.environment == Environment.LIVE
 
 
 def check_access(route: Route, grant: Grant, now: float) -> Decision:
-    """May this key call this route at all? (Key and organisation state, and the route's scope.)"""
+    """Stage `access`: may this key call this route at all? (Key and organisation state, the route's scope.)"""
     if grant.revoked:
         return _DENY[DenyCode.REVOKED_API_KEY]
     if grant.expires_at is not None and now >= grant.expires_at:
@@ -159,47 +177,34 @@ def check_access(route: Route, grant: Grant, now: float) -> Decision:
     return ALLOW
 
 
+def check_rate(verdict: RateVerdict | None) -> Decision:
+    """Stage `rate`: the key's rate limit (None: its plan has none)."""
+    if verdict is None or verdict.allowed:
+        return ALLOW
+    return Decision(DenyCode.RATE_LIMITED, retry_after=verdict.retry_after)
+
+
 def check_billing(
     route: Route,
     grant: Grant,
     now: float,
+    plan: PlanLimits,
     *,
+    used_units: int,
+    period_end: float,
     policy: BillingPolicy = DEFAULT_POLICY,
-    plan: PlanLimits | None = None,
-    used_units: int = 0,
-    period_end: float | None = None,
 ) -> Decision:
-    """May this call be billed? Only billed calls (live key, billable route) are ever refused here.
+    """Stage `billing`: may this call be billed? Only billed calls (live key, billable route) are refused here.
 
-    `used_units` is the organisation's pooled usage this billing period before this call; `plan` the limits of
-    its effective plan (None: no quota is enforced).
+    `plan` is the organisation's effective plan, `used_units` its pooled usage this billing period before this
+    call, and `period_end` (Unix time) when the period, and so an exhausted quota, ends.
     """
     if not is_billed(route, grant):
         return ALLOW
-    if policy.block_billable_when_overdue and payment_overdue(grant.billing_status, grant.past_due_since, now, policy):
+    if payment_blocks_billable(grant.billing_status, grant.past_due_since, now, policy):
         return _DENY[DenyCode.PAYMENT_REQUIRED]
-    if plan is not None:
-        cap = plan.unit_cap
-        if cap is not None and used_units + route.units > cap:
-            # The quota comes back with the next billing period.
-            wait = max(1, int(period_end - now) + 1) if period_end is not None else 3600
-            return Decision(DenyCode.QUOTA_EXCEEDED, retry_after=wait)
+    cap = plan.unit_cap
+    if cap is not None and used_units + route.units > cap:
+        # The quota comes back with the next billing period.
+        return Decision(DenyCode.QUOTA_EXCEEDED, retry_after=max(1, int(period_end - now) + 1))
     return ALLOW
-
-
-def decide(
-    route: Route,
-    grant: Grant,
-    now: float,
-    *,
-    policy: BillingPolicy = DEFAULT_POLICY,
-    plan: PlanLimits | None = None,
-    used_units: int = 0,
-    period_end: float | None = None,
-) -> Decision:
-    """The whole decision for a verified key, rate limits aside (they need state: see rate_limit.py).
-    Key-independent failures (no key, bad key, no store) are decided before a grant exists."""
-    access = check_access(route, grant, now)
-    if not access.allowed:
-        return access
-    return check_billing(route, grant, now, policy=policy, plan=plan, used_units=used_units, period_end=period_end)

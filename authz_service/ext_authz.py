@@ -9,15 +9,17 @@ import json
 import logging
 import time
 
+import grpc
 from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from envoy.type.v3.http_status_pb2 import HttpStatus
 from google.rpc import code_pb2, status_pb2
 
 from authz_service import metrics
-from authz_service.authorizer import AccessRequest, Authorizer, Outcome
-from authz_service.context_token import ContextSigner
+from authz_service.authorizer import AccessRequest, Authorizer, CheckOutcome
+from authz_service.context_signer import ContextSigner
 from authz_service.decision import DENY_UNAVAILABLE, HTTP_STATUS, MESSAGES, Decision, DenyCode
+from driftlock_kernel.caches import LruCache
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +67,12 @@ class AllowedResponses:
 
     def __init__(self, signer: ContextSigner):
         self._signer = signer
-        self._cached: dict[str, external_auth_pb2.CheckResponse] = {}
+        self._cached: LruCache[str, external_auth_pb2.CheckResponse] = LruCache(self.MAX_CACHED)
 
-    def build(self, outcome: Outcome, request: AccessRequest) -> external_auth_pb2.CheckResponse:
+    def build(self, outcome: CheckOutcome, request: AccessRequest) -> external_auth_pb2.CheckResponse:
         grant, plan = outcome.grant, outcome.plan
-        assert grant is not None and plan is not None
+        if grant is None or plan is None:
+            raise ValueError("an allowed outcome must carry its grant and plan")
         token = self._signer.token(grant, plan, outcome.billed)
         # Ours are overwritten; any other x-driftlock-* a client sent is removed, as are the credentials.
         spoofed = [n for n in request.headers if n.startswith(CONTEXT_HEADER_PREFIX) and n not in _SET_BY_US]
@@ -89,9 +92,7 @@ class AllowedResponses:
                     headers_to_remove=CREDENTIAL_HEADERS,
                 ),
             )
-            if len(self._cached) >= self.MAX_CACHED:
-                self._cached.clear()
-            self._cached[token] = base
+            self._cached.put(token, base)
         if not spoofed and outcome.rate is None:
             return base
         response = external_auth_pb2.CheckResponse()
@@ -130,7 +131,8 @@ def denied_response(
     decision: Decision, request_id: str, extra_headers: dict[str, str] | None = None
 ) -> external_auth_pb2.CheckResponse:
     code = decision.code
-    assert code is not None
+    if code is None:
+        raise ValueError("a denied response needs a denial")
     response = external_auth_pb2.CheckResponse()
     response.CopyFrom(_DENIAL_TEMPLATES[code])
     denied = response.denied_response
@@ -147,7 +149,9 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
         self._authorizer = authorizer
         self._allowed = AllowedResponses(signer)
 
-    async def Check(self, request: external_auth_pb2.CheckRequest, context) -> external_auth_pb2.CheckResponse:
+    async def Check(
+        self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext | None
+    ) -> external_auth_pb2.CheckResponse:
         started = time.perf_counter()
         request_id = ""
         try:

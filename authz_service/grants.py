@@ -11,7 +11,6 @@
 import asyncio
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import StrEnum
@@ -20,6 +19,8 @@ import asyncpg
 
 from authz_service.decision import Grant
 from driftlock_kernel import db
+from driftlock_kernel.caches import LruCache, SingleFlight
+from driftlock_kernel.errors import one_line
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +64,11 @@ class GrantStore:
         self._ttl = ttl
         self._negative_ttl = negative_ttl
         self._stale_for = stale_for
-        self._max_entries = max_entries
         self._fetch_timeout = fetch_timeout
         self._clock = clock
         self._on_result = on_result
-        self._entries: OrderedDict[bytes, _Entry] = OrderedDict()
-        self._inflight: dict[bytes, asyncio.Future[Grant | None]] = {}
+        self._entries: LruCache[bytes, _Entry] = LruCache(max_entries)
+        self._fetches: SingleFlight[bytes, Grant | None] = SingleFlight()
         # Bumped by every invalidation: a fetch that straddles one may have read the old row, so its result
         # answers the requests waiting for it but is not cached.
         self._generation = 0
@@ -79,46 +79,38 @@ class GrantStore:
     async def get(self, key_hash: bytes) -> Grant | None:
         entry = self._entries.get(key_hash)
         if entry is not None and self._clock() < entry.fresh_until:
-            self._entries.move_to_end(key_hash)
             self._on_result(CacheResult.HIT if entry.grant is not None else CacheResult.NEGATIVE_HIT)
             return entry.grant
-        pending = self._inflight.get(key_hash)
-        if pending is not None:
+        generation = self._generation
+        pending, joined = self._fetches.join_or_start(key_hash, lambda: self._refresh(key_hash, generation))
+        if joined:
             self._on_result(CacheResult.COALESCED)
-        else:
-            pending = asyncio.ensure_future(self._refresh(key_hash, self._generation))
-            self._inflight[key_hash] = pending
         # shield: a caller that gives up (Envoy's deadline) must not cancel the query others wait on.
         return await asyncio.shield(pending)
 
     async def _refresh(self, key_hash: bytes, generation: int) -> Grant | None:
         try:
             grant = await asyncio.wait_for(self._fetch(key_hash), self._fetch_timeout)
-        except db.QUERY_ERRORS as error:
+        except db.DATABASE_ERRORS as error:
             return self._fallback(key_hash, error)
-        finally:
-            self._inflight.pop(key_hash, None)
         self._on_result(CacheResult.MISS)
         if generation == self._generation:
             self._store(key_hash, grant)
         return grant
 
     def _fallback(self, key_hash: bytes, error: BaseException) -> Grant | None:
-        entry = self._entries.get(key_hash)
+        entry = self._entries.peek(key_hash)
         if entry is not None and self._clock() - entry.fetched_at < self._stale_for:
             self._on_result(CacheResult.STALE)
             return entry.grant
         self._on_result(CacheResult.ERROR)
-        log.warning("key look-up failed and no recent answer is cached: %s: %s", type(error).__name__, error)
+        log.warning("key look-up failed and no recent answer is cached: %s: %s", type(error).__name__, one_line(error))
         raise StoreUnavailable(str(error)) from error
 
     def _store(self, key_hash: bytes, grant: Grant | None) -> None:
         now = self._clock()
         ttl = self._ttl if grant is not None else self._negative_ttl
-        self._entries[key_hash] = _Entry(grant, fetched_at=now, fresh_until=now + ttl)
-        self._entries.move_to_end(key_hash)
-        while len(self._entries) > self._max_entries:
-            self._entries.popitem(last=False)
+        self._entries.put(key_hash, _Entry(grant, fetched_at=now, fresh_until=now + ttl))
 
     # --- invalidation ---------------------------------------------------------------------------------------
 
@@ -126,7 +118,7 @@ class GrantStore:
         self._generation += 1
         doomed = [h for h, e in self._entries.items() if e.grant is not None and matches(e.grant)]
         for key_hash in doomed:
-            del self._entries[key_hash]
+            self._entries.pop(key_hash)
 
     def forget_key(self, key_id: str) -> None:
         self._forget(lambda grant: grant.key_id == key_id)
@@ -144,7 +136,7 @@ class GrantStore:
 _GRANT_QUERY = """
     SELECT k.id::text AS key_id, k.org_id::text AS org_id, k.environment, k.scopes,
            extract(epoch FROM k.expires_at)::float8 AS expires_at, k.revoked_at IS NOT NULL AS revoked,
-           o.suspended_at IS NOT NULL AS org_suspended, o.plan_name, o.billing_status,
+           o.suspended_at IS NOT NULL AS org_suspended, o.plan_name AS plan, o.billing_status,
            extract(epoch FROM o.past_due_since)::float8 AS past_due_since,
            extract(epoch FROM o.period_start)::float8 AS period_start,
            extract(epoch FROM o.period_end)::float8 AS period_end
@@ -154,26 +146,9 @@ _GRANT_QUERY = """
 """
 
 
-def grant_from_row(row: asyncpg.Record) -> Grant:
-    return Grant(
-        key_id=row["key_id"],
-        org_id=row["org_id"],
-        environment=row["environment"],
-        scopes=frozenset(row["scopes"]),
-        expires_at=row["expires_at"],
-        revoked=row["revoked"],
-        org_suspended=row["org_suspended"],
-        plan=row["plan_name"],
-        billing_status=row["billing_status"],
-        past_due_since=row["past_due_since"],
-        period_start=row["period_start"],
-        period_end=row["period_end"],
-    )
-
-
 def database_fetch(pool: asyncpg.Pool) -> Fetch:
     async def fetch(key_hash: bytes) -> Grant | None:
         row = await pool.fetchrow(_GRANT_QUERY, key_hash)
-        return grant_from_row(row) if row is not None else None
+        return db.from_row(Grant, row) if row is not None else None
 
     return fetch

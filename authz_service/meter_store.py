@@ -1,6 +1,9 @@
-"""The SQL behind metering: one statement per flush, one per cold usage read, one per batch of alerts."""
+"""The SQL behind metering: one statement per flush, one per cold usage read, one per batch of alerts; and the
+spill files that keep what a shutdown could not flush."""
 
 import json
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -8,6 +11,7 @@ from pathlib import Path
 import asyncpg
 
 from authz_service.usage_ledger import Batch, Report, UsageKey
+from driftlock_kernel import db
 
 # Applies a batch exactly once and reads back the pooled totals of every organisation and period it touched.
 # - The flush id goes into meter_flushes first; if it is there already (a retry after a lost commit
@@ -79,8 +83,12 @@ INSERT INTO driftlock.usage_alerts (org_id, period_start, period_end, threshold,
 SELECT * FROM unnest($1::uuid[], $2::timestamptz[], $3::timestamptz[], $4::int[], $5::bigint[], $6::bigint[],
                      $7::text[])
 ON CONFLICT (org_id, period_start, threshold) DO NOTHING
-RETURNING id, org_id::text AS org_id, period_start, period_end, threshold, used_units, included_units, plan_name,
-          created_at
+RETURNING id, org_id::text AS org_id, period_start, period_end, threshold, used_units, included_units,
+          plan_name AS plan, created_at
+"""
+
+BY_PRODUCT_SQL = """
+SELECT product, units FROM driftlock.usage_counters WHERE org_id = $1 AND period_start = $2
 """
 
 
@@ -88,6 +96,21 @@ RETURNING id, org_id::text AS org_id, period_start, period_end, threshold, used_
 class FlushResult:
     applied: bool  # False: the database had this flush id already (a retry after a lost acknowledgement)
     totals: dict[UsageKey, int]
+
+
+@dataclass(frozen=True, slots=True)
+class RaisedAlert:
+    """A usage alert as stored: raised once per organisation, period and threshold."""
+
+    id: int
+    org_id: str
+    period_start: datetime
+    period_end: datetime
+    threshold: int
+    used_units: int
+    included_units: int
+    plan: str
+    created_at: datetime
 
 
 @dataclass(frozen=True)
@@ -129,7 +152,12 @@ class MeterStore:
     async def load(self, key: UsageKey) -> int:
         return await self._pool.fetchval(LOAD_SQL, key[0], key[1])
 
-    async def raise_alerts(self, candidates: list[AlertCandidate]) -> list[dict]:
+    async def stored_by_product(self, org_id: str, period_start: datetime) -> dict[str, int]:
+        """What the database holds for this organisation and period, per product (without unflushed units)."""
+        rows = await self._pool.fetch(BY_PRODUCT_SQL, uuid.UUID(org_id), period_start)
+        return {row["product"]: row["units"] for row in rows}
+
+    async def raise_alerts(self, candidates: list[AlertCandidate]) -> list[RaisedAlert]:
         """Insert the alerts not raised yet (by anyone); return the ones this call inserted."""
         rows = await self._pool.fetch(
             ALERTS_SQL,
@@ -141,7 +169,7 @@ class MeterStore:
             [c.included_units for c in candidates],
             [c.plan for c in candidates],
         )
-        return [dict(row) for row in rows]
+        return [db.from_row(RaisedAlert, row) for row in rows]
 
 
 # --- spilling: what a shutdown could not flush, kept on disk for the next start ---------------------------------
@@ -166,22 +194,28 @@ def spill(batches: list[Batch], directory: Path) -> Path:
     return path
 
 
-def read_spilled(directory: Path) -> list[tuple[Path, list[Batch]]]:
-    import uuid
+def _batches(document: object) -> list[Batch]:
+    if not isinstance(document, list):
+        raise ValueError("not a list of batches")
+    return [
+        Batch(
+            uuid.UUID(item["flush_id"]),
+            {(o, datetime.fromisoformat(p), product): int(units) for o, p, product, units in item["counters"]},
+            [
+                Report(rid, o, datetime.fromisoformat(p), product, int(units))
+                for rid, o, p, product, units in item["reports"]
+            ],
+        )
+        for item in document
+    ]
 
+
+def read_spilled(directory: Path, *, on_corrupt: Callable[[Path, Exception], None]) -> list[tuple[Path, list[Batch]]]:
+    """Every spill file's batches; a file that does not parse is handed to `on_corrupt` and skipped."""
     found = []
     for path in sorted(directory.glob("meter-*.json")) if directory.is_dir() else []:
-        batches = []
-        for item in json.loads(path.read_text()):
-            batches.append(
-                Batch(
-                    uuid.UUID(item["flush_id"]),
-                    {(o, datetime.fromisoformat(p), product): units for o, p, product, units in item["counters"]},
-                    [
-                        Report(rid, o, datetime.fromisoformat(p), product, units)
-                        for rid, o, p, product, units in item["reports"]
-                    ],
-                )
-            )
-        found.append((path, batches))
+        try:
+            found.append((path, _batches(json.loads(path.read_text()))))
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            on_corrupt(path, error)
     return found

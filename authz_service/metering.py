@@ -11,11 +11,11 @@
 """
 
 import asyncio
-import contextlib
 import logging
 import time
+import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from enum import Enum
 from pathlib import Path
 
@@ -25,7 +25,9 @@ from authz_service.decision import PlanLimits
 from authz_service.meter_store import AlertCandidate, MeterStore, read_spilled, spill
 from authz_service.usage_ledger import Report, UsageKey, UsageLedger
 from driftlock_kernel import db
-from driftlock_kernel.periods import Period, current_period
+from driftlock_kernel.background import every
+from driftlock_kernel.caches import SingleFlight
+from driftlock_kernel.errors import one_line
 
 log = logging.getLogger(__name__)
 
@@ -43,28 +45,6 @@ class _AlertContext:
     period_end: datetime
 
 
-class PeriodFinder:
-    """The billing period an organisation is in now, without building datetimes on every check."""
-
-    def __init__(self):
-        self._cache: dict[tuple[float | None, float | None], tuple[Period, float, float]] = {}
-
-    def period(self, subscription_start: float | None, subscription_end: float | None, now: float) -> Period:
-        cache_key = (subscription_start, subscription_end)
-        cached = self._cache.get(cache_key)
-        if cached is not None and cached[1] <= now < cached[2]:
-            return cached[0]
-        period = current_period(_dt(subscription_start), _dt(subscription_end), datetime.fromtimestamp(now, UTC))
-        if len(self._cache) > 10_000:
-            self._cache.clear()
-        self._cache[cache_key] = (period, period.start.timestamp(), period.end.timestamp())
-        return period
-
-
-def _dt(timestamp: float | None) -> datetime | None:
-    return None if timestamp is None else datetime.fromtimestamp(timestamp, UTC)
-
-
 class Meter:
     def __init__(
         self,
@@ -80,17 +60,16 @@ class Meter:
     ):
         self.ledger = ledger
         self._store = store
-        self._interval = flush_interval
         self._flush_timeout = flush_timeout
         self._load_timeout = load_timeout
         self._org_labels = org_labels
         self._notifier = notifier
         self._spill_dir = spill_dir
-        self._loading: dict[UsageKey, asyncio.Future] = {}
+        self._loads: SingleFlight[UsageKey, None] = SingleFlight()
         self._context: dict[UsageKey, _AlertContext] = {}
         self._raised: set[tuple[UsageKey, int]] = set()
-        self._spilled_files: dict[Path, set] = {}
-        self._task: asyncio.Task | None = None
+        self._spilled_files: dict[Path, set[uuid.UUID]] = {}
+        self._flusher = every(flush_interval, self.flush_cycle, name="meter-flush")
         self._flush_lock = asyncio.Lock()
         self._last_failure_log = 0.0
         # Read at scrape time rather than kept up to date on every check.
@@ -103,13 +82,23 @@ class Meter:
         (and refreshes a stale one in the background)."""
         used = self.ledger.used(key)
         if used is None:
-            await asyncio.shield(self._loading_of(key))
+            await asyncio.shield(self._load(key))
             return self.ledger.used(key) or 0
         if self.ledger.is_stale(key):
-            self._loading_of(key)
+            self._load(key)
         return used
 
-    def record(self, request_id: str, key: UsageKey, product: str, units: int, plan: PlanLimits, period_end) -> bool:
+    def used_now(self, key: UsageKey) -> int:
+        """What `used` last knew, without waiting for the database."""
+        return self.ledger.used(key) or 0
+
+    def counted_already(self, request_id: str) -> bool:
+        """Whether this request id was counted within the deduplication window (an Envoy retry of a check)."""
+        return self.ledger.seen(request_id)
+
+    def record(
+        self, request_id: str, key: UsageKey, product: str, units: int, plan: PlanLimits, period_end: datetime
+    ) -> bool:
         counted = self.ledger.record(request_id, key, product, units)
         if counted:
             self._context[key] = _AlertContext(plan.name, plan.included_units, period_end)
@@ -125,11 +114,9 @@ class Meter:
             )
         return counted
 
-    def _loading_of(self, key: UsageKey) -> asyncio.Future:
+    def _load(self, key: UsageKey) -> asyncio.Future[None]:
         """The read of this key's stored usage under way, started if there is none: one query per key at a time."""
-        pending = self._loading.get(key)
-        if pending is None:
-            pending = self._loading[key] = asyncio.ensure_future(self._load_now(key))
+        pending, _joined = self._loads.join_or_start(key, lambda: self._load_now(key))
         return pending
 
     async def _load_now(self, key: UsageKey) -> None:
@@ -138,22 +125,15 @@ class Meter:
             metrics.DB_QUERIES.labels(query="usage_load").inc()
             total = await asyncio.wait_for(self._store.load(key), self._load_timeout)
             self.ledger.learn(key, total, epoch)
-        except db.QUERY_ERRORS as error:
+        except db.DATABASE_ERRORS as error:
             # Serve on what this replica counted itself; the next check past the staleness window asks again.
-            log.warning("could not read usage of %s: %s", key[0], error)
+            log.warning("could not read usage of %s: %s", key[0], one_line(error))
             self.ledger.assume(key, 0)
-        finally:
-            self._loading.pop(key, None)
 
     # --- flushing -------------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="meter-flush")
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self._interval)
-            await self.flush_cycle()
+        self._flusher.start()
 
     async def flush_cycle(self) -> int:
         """One interval's flushing; returns the statements sent. One flush takes everything counted so far;
@@ -175,12 +155,12 @@ class Meter:
             try:
                 metrics.DB_QUERIES.labels(query="meter_flush").inc()
                 result = await asyncio.wait_for(self._store.flush(batch), self._flush_timeout)
-            except db.QUERY_ERRORS as error:
+            except db.DATABASE_ERRORS as error:
                 metrics.METER_FLUSHES.labels(outcome="failed").inc()
                 now = time.monotonic()
                 if now - self._last_failure_log > 10:
                     self._last_failure_log = now
-                    log.warning("flush of %d units failed (kept, will retry): %s", batch.units, error)
+                    log.warning("flush of %d units failed (kept, will retry): %s", batch.units, one_line(error))
                 return FlushOutcome.FAILED
             metrics.METER_FLUSH_DURATION.observe(time.perf_counter() - started)
             metrics.METER_FLUSHES.labels(outcome="applied" if result.applied else "duplicate").inc()
@@ -219,13 +199,15 @@ class Meter:
         try:
             metrics.DB_QUERIES.labels(query="alerts_insert").inc()
             inserted = await self._store.raise_alerts(candidates)
-        except db.QUERY_ERRORS as error:
-            log.warning("could not raise %d usage alerts (will retry at the next flush): %s", len(candidates), error)
+        except db.DATABASE_ERRORS as error:
+            log.warning(
+                "could not raise %d usage alerts (will retry at the next flush): %s", len(candidates), one_line(error)
+            )
             return
         self._raised.update(((c.org_id, c.period_start), c.threshold) for c in candidates)
         for alert in inserted:
-            metrics.USAGE_ALERTS.labels(threshold=str(alert["threshold"])).inc()
-            log.info("usage alert: organisation %s reached %d%%", alert["org_id"], alert["threshold"])
+            metrics.USAGE_ALERTS.labels(threshold=str(alert.threshold)).inc()
+            log.info("usage alert: organisation %s reached %d%%", alert.org_id, alert.threshold)
             if self._notifier is not None:
                 self._notifier.submit(alert)
 
@@ -236,7 +218,7 @@ class Meter:
         if self._spill_dir is None:
             return 0
         units = 0
-        for path, batches in read_spilled(self._spill_dir):
+        for path, batches in read_spilled(self._spill_dir, on_corrupt=_set_aside):
             self.ledger.restore(batches)
             self._spilled_files[path] = {b.flush_id for b in batches}
             units += sum(b.units for b in batches)
@@ -244,7 +226,7 @@ class Meter:
             log.info("restored %d units spilled by a previous shutdown", units)
         return units
 
-    def _forget_spilled(self, flush_id) -> None:
+    def _forget_spilled(self, flush_id: uuid.UUID) -> None:
         for path, ids in list(self._spilled_files.items()):
             ids.discard(flush_id)
             if not ids:
@@ -253,16 +235,12 @@ class Meter:
 
     async def close(self, timeout: float = 15.0) -> None:
         """Stop the loop and write everything counted; spill what the database does not take in time."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self._flusher.stop()
         deadline = time.monotonic() + timeout
         while self.ledger.has_work and time.monotonic() < deadline:
             if await self.flush_once() is FlushOutcome.FAILED:
                 await asyncio.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
-        for pending in list(self._loading.values()):
-            pending.cancel()
+        self._loads.cancel_all()
         if not self.ledger.has_work:
             log.info("meter flushed everything")
             return
@@ -273,3 +251,10 @@ class Meter:
             log.error("database unavailable at shutdown: %d units spilled to %s for the next start", units, path)
         else:
             log.error("database unavailable at shutdown and no spill directory: %d units lost", units)
+
+
+def _set_aside(path: Path, error: Exception) -> None:
+    """A spill file that cannot be read is kept, renamed, for an operator; it must not stop authz from starting."""
+    aside = path.with_name(path.name + ".corrupt")
+    path.replace(aside)
+    log.error("spill file %s is unreadable (%s); moved to %s, its units are not replayed", path, one_line(error), aside)

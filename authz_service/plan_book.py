@@ -13,6 +13,8 @@ import asyncpg
 
 from authz_service.decision import PlanLimits
 from driftlock_kernel import db
+from driftlock_kernel.caches import SingleFlight
+from driftlock_kernel.errors import one_line
 
 log = logging.getLogger(__name__)
 
@@ -26,10 +28,10 @@ class PlanBook:
         self._clock = clock
         self._plans: dict[str, PlanLimits] = {}
         self._loaded_at = float("-inf")
-        self._reloading: asyncio.Future | None = None
+        self._reloads: SingleFlight[None, None] = SingleFlight()
 
     def get(self, name: str) -> PlanLimits | None:
-        if self._clock() - self._loaded_at > self._max_age and self._reloading is None:
+        if self._clock() - self._loaded_at > self._max_age:
             self.reload_soon()
         return self._plans.get(name)
 
@@ -41,25 +43,22 @@ class PlanBook:
             plan = self._plans.get(name)
         return plan
 
-    def reload_soon(self) -> None:
-        if self._reloading is None:
-            self._reloading = asyncio.ensure_future(self._reload())
+    def reload_soon(self) -> asyncio.Future[None]:
+        """The reload under way, or a new one: one at a time, however many checks ask."""
+        pending, _joined = self._reloads.join_or_start(None, self._reload)
+        return pending
 
     async def reload(self) -> None:
-        self.reload_soon()
-        assert self._reloading is not None
-        await asyncio.shield(self._reloading)
+        await asyncio.shield(self.reload_soon())
 
     async def _reload(self) -> None:
         try:
             self._plans = await self._load()
             self._loaded_at = self._clock()
-        except db.QUERY_ERRORS as error:
+        except db.DATABASE_ERRORS as error:
             # Keep what we have; the next check past max_age tries again.
-            log.warning("could not reload plans: %s", error)
+            log.warning("could not reload plans: %s", one_line(error))
             self._loaded_at = self._clock() - self._max_age + 1.0
-        finally:
-            self._reloading = None
 
 
 def database_load(pool: asyncpg.Pool) -> Load:
@@ -67,15 +66,6 @@ def database_load(pool: asyncpg.Pool) -> Load:
         rows = await pool.fetch(
             "SELECT name, included_units, overage, hard_cap_percent, rate_limit_rps FROM driftlock.plans"
         )
-        return {
-            row["name"]: PlanLimits(
-                name=row["name"],
-                included_units=row["included_units"],
-                overage=row["overage"],
-                hard_cap_percent=row["hard_cap_percent"],
-                rate_limit_rps=row["rate_limit_rps"],
-            )
-            for row in rows
-        }
+        return {row["name"]: db.from_row(PlanLimits, row) for row in rows}
 
     return load

@@ -7,9 +7,10 @@ docs/operations.md for how that composes with Envoy's global rate-limit service.
 
 import math
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from driftlock_kernel.caches import LruCache
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,21 +33,18 @@ class RateVerdict:
 class RateLimiter:
     def __init__(self, *, clock: Callable[[], float] = time.monotonic, max_keys: int = 100_000):
         self._clock = clock
-        self._max_keys = max_keys
-        # key -> (tokens, updated_at); least recently used first, so idle keys are dropped first.
-        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+        # key -> (tokens, updated_at); an idle key is forgotten first (a full bucket, as if never seen).
+        self._buckets: LruCache[str, tuple[float, float]] = LruCache(max_keys)
 
     def take(self, key: str, rate: float) -> RateVerdict:
         now = self._clock()
         capacity = max(1.0, rate)
-        tokens, updated = self._buckets.pop(key, (capacity, now))
+        tokens, updated = self._buckets.peek(key) or (capacity, now)
         tokens = min(capacity, tokens + (now - updated) * rate)
         allowed = tokens >= 1.0
         if allowed:
             tokens -= 1.0
-        self._buckets[key] = (tokens, now)
-        if len(self._buckets) > self._max_keys:
-            self._buckets.popitem(last=False)
+        self._buckets.put(key, (tokens, now))
         return RateVerdict(
             allowed=allowed,
             limit=rate,

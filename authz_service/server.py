@@ -7,6 +7,7 @@ written, and the process exits 0.
 """
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -15,14 +16,15 @@ from pathlib import Path
 
 import grpc
 from envoy.service.auth.v3 import external_auth_pb2_grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import _async as health_aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import start_http_server
 
 from authz_service import metrics
 from authz_service.alerts import AlertNotifier
 from authz_service.audit import AuditLog
 from authz_service.authorizer import Authorizer
-from authz_service.context_token import ContextSigner
+from authz_service.context_signer import ContextSigner
 from authz_service.ext_authz import AuthorizationServicer
 from authz_service.grants import GrantStore, database_fetch
 from authz_service.meter_store import MeterStore
@@ -32,7 +34,8 @@ from authz_service.usage_api import UsageServicer
 from authz_service.usage_ledger import UsageLedger
 from driftlock_api.usage.v1 import usage_pb2_grpc
 from driftlock_kernel import db
-from driftlock_kernel.listener import ChangeListener
+from driftlock_kernel.errors import OperatorError, one_line
+from driftlock_kernel.listener import ChangeListener, NotificationHandler
 from driftlock_kernel.logs import configure_logging
 from driftlock_kernel.settings import Settings
 
@@ -45,7 +48,7 @@ AUTHORIZATION_SERVICE = "envoy.service.auth.v3.Authorization"
 USAGE_SERVICE = "driftlock.usage.v1.UsageService"
 
 
-def invalidation_handler(store: GrantStore, plans: PlanBook):
+def invalidation_handler(store: GrantStore, plans: PlanBook) -> NotificationHandler:
     def handle(message: dict) -> None:
         table, row_id = message.get("table"), message.get("id")
         if not isinstance(row_id, str):
@@ -74,99 +77,133 @@ def _mark_delivered(pool):
                 alert_id,
                 delivered,
             )
-        except Exception as error:  # bookkeeping only; the alert itself is stored
-            log.warning("could not record delivery of alert %s: %s", alert_id, error)
+        except db.DATABASE_ERRORS as error:  # bookkeeping only; the alert itself is stored
+            log.warning("could not record delivery of alert %s: %s", alert_id, one_line(error))
 
     return mark
 
 
+def _check_can_listen(host: str, port: int) -> None:
+    """Fail with one line when the port is taken, before gRPC's core would log its own multi-line complaint.
+    (SO_REUSEPORT as gRPC binds, so workers that share the port on purpose pass.)"""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            raise OperatorError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
+
+
 async def serve(settings: Settings) -> None:
-    configure_logging()
+    """Run until SIGTERM/SIGINT, then drain and return. Whatever started is stopped in reverse order, also when
+    a later part fails to start: the meter still flushes (or spills) what it counted, the pool still closes."""
+    configure_logging(settings.log_level)
     secret = settings.require_jwt_secret()
     url = settings.require_database_url()
-    pool = await db.create_pool(url, application_name="driftlock-authz", max_size=4)
-
-    store = GrantStore(
-        database_fetch(pool),
-        ttl=settings.key_cache_ttl_seconds,
-        negative_ttl=settings.key_cache_negative_ttl_seconds,
-        stale_for=settings.key_cache_stale_seconds,
-        max_entries=settings.key_cache_max_entries,
-        fetch_timeout=settings.database_lookup_timeout_seconds,
-        on_result=metrics.cache_event_counter(),
-    )
-    plans = PlanBook(database_load(pool))
-    notifier = None
-    if settings.alert_webhook_url:
-        notifier = AlertNotifier(settings.alert_webhook_url, on_delivered=_mark_delivered(pool))
-    meter = Meter(
-        UsageLedger(stale_after=settings.usage_refresh_seconds),
-        MeterStore(pool, replica=f"{socket.gethostname()}:{os.getpid()}"),
-        flush_interval=settings.meter_flush_interval_seconds,
-        load_timeout=settings.database_lookup_timeout_seconds,
-        org_labels=settings.org_id_metric_labels,
-        notifier=notifier,
-        spill_dir=Path(settings.meter_spill_dir) if settings.meter_spill_dir else None,
-    )
-    audit = AuditLog(pool, allow_sample_rate=settings.audit_allow_sample_rate)
-    policy = settings.billing_policy()
-    authorizer = Authorizer(store, plans, meter=meter, audit=audit, policy=policy)
-
-    def on_connect() -> None:
-        store.expire_all()
-        plans.reload_soon()
-
-    listener = ChangeListener(
-        settings.listen_url(),
-        {INVALIDATE_CHANNEL: invalidation_handler(store, plans)},
-        on_connect=on_connect,
-        on_state=lambda up: metrics.LISTENER_CONNECTED.set(1 if up else 0),
-        application_name="driftlock-authz-listener",
-    )
-
-    server = grpc.aio.server(
-        options=[
-            ("grpc.max_concurrent_streams", 1000),
-            # Envoy keeps its connections for a long time; let it ping them to find dead ones.
-            ("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.http2.min_ping_interval_without_data_ms", 5000),
-        ]
-    )
-    signer = ContextSigner(secret)
-    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(AuthorizationServicer(authorizer, signer), server)
-    usage_pb2_grpc.add_UsageServiceServicer_to_server(UsageServicer(pool, plans, meter, secret, policy=policy), server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    address = f"{settings.authz_host}:{settings.authz_port}"
-    server.add_insecure_port(address)
-    metrics_server, _ = start_http_server(settings.authz_metrics_port, addr=settings.authz_host)
-
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
 
-    meter.restore_spilled()
-    listener.start()
-    meter.start()
-    audit.start()
-    if notifier is not None:
-        notifier.start()
-    await server.start()
-    for service in ("", AUTHORIZATION_SERVICE, USAGE_SERVICE):
-        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
-    log.info("authz listening on %s (metrics on :%d)", address, settings.authz_metrics_port)
+    async with contextlib.AsyncExitStack() as stack:
+        pool = await db.create_pool(
+            url,
+            application_name="driftlock-authz",
+            max_size=4,
+            transaction_pooler=settings.database_transaction_pooler,
+        )
+        stack.push_async_callback(pool.close)
 
-    await stopping.wait()
-    log.info("shutting down: NOT_SERVING, answering for %.1fs more", settings.authz_drain_seconds)
-    await health_servicer.enter_graceful_shutdown()
-    await asyncio.sleep(settings.authz_drain_seconds)
-    await server.stop(SHUTDOWN_GRACE_SECONDS)
-    await meter.close(SHUTDOWN_FLUSH_SECONDS)
-    await audit.close()
-    if notifier is not None:
-        await notifier.close()
-    await listener.stop()
-    await pool.close()
-    metrics_server.shutdown()
+        store = GrantStore(
+            database_fetch(pool),
+            ttl=settings.key_cache_ttl_seconds,
+            negative_ttl=settings.key_cache_negative_ttl_seconds,
+            stale_for=settings.key_cache_stale_seconds,
+            max_entries=settings.key_cache_max_entries,
+            fetch_timeout=settings.database_lookup_timeout_seconds,
+            on_result=metrics.cache_event_counter(),
+        )
+        plans = PlanBook(database_load(pool))
+        notifier = None
+        if settings.alert_webhook_url:
+            notifier = AlertNotifier(settings.alert_webhook_url, on_delivered=_mark_delivered(pool))
+        meter_store = MeterStore(pool, replica=f"{socket.gethostname()}:{os.getpid()}")
+        meter = Meter(
+            UsageLedger(stale_after=settings.usage_refresh_seconds),
+            meter_store,
+            flush_interval=settings.meter_flush_interval_seconds,
+            load_timeout=settings.database_lookup_timeout_seconds,
+            org_labels=settings.org_id_metric_labels,
+            notifier=notifier,
+            spill_dir=Path(settings.meter_spill_dir) if settings.meter_spill_dir else None,
+        )
+        audit = AuditLog(pool, allow_sample_rate=settings.audit_allow_sample_rate)
+        policy = settings.billing_policy()
+        authorizer = Authorizer(store, plans, meter, audit=audit, policy=policy)
+
+        def on_connect() -> None:
+            store.expire_all()
+            plans.reload_soon()
+
+        listener = ChangeListener(
+            settings.listen_url(),
+            {INVALIDATE_CHANNEL: invalidation_handler(store, plans)},
+            on_connect=on_connect,
+            on_state=lambda up: metrics.LISTENER_CONNECTED.set(1 if up else 0),
+            application_name="driftlock-authz-listener",
+        )
+
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_concurrent_streams", 1000),
+                # Envoy keeps its connections for a long time; let it ping them to find dead ones.
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+            ]
+        )
+        signer = ContextSigner(secret)
+        external_auth_pb2_grpc.add_AuthorizationServicer_to_server(AuthorizationServicer(authorizer, signer), server)
+        usage_pb2_grpc.add_UsageServiceServicer_to_server(
+            UsageServicer(pool, plans, meter, meter_store, secret, policy=policy), server
+        )
+        health_servicer = health_aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        address = f"{settings.authz_host}:{settings.authz_port}"
+        _check_can_listen(settings.authz_host, settings.authz_port)
+        try:
+            server.add_insecure_port(address)
+        except RuntimeError as error:  # grpc's way of saying the bind failed
+            raise OperatorError(f"cannot listen on {address}: {one_line(error)}") from None
+        try:
+            metrics_server, _ = start_http_server(settings.authz_metrics_port, addr=settings.authz_host)
+        except OSError as error:
+            raise OperatorError(
+                f"cannot serve metrics on {settings.authz_host}:{settings.authz_metrics_port}: {one_line(error)}"
+            ) from None
+        stack.callback(metrics_server.shutdown)
+
+        # Started in this order, stopped in the reverse: the meter and audit log outlive the gRPC server, so
+        # what in-flight checks count is still written; the pool outlives them all.
+        meter.restore_spilled()
+        listener.start()
+        stack.push_async_callback(listener.stop)
+        if notifier is not None:
+            notifier.start()
+            stack.push_async_callback(notifier.close)
+        audit.start()
+        stack.push_async_callback(audit.close)
+        meter.start()
+        stack.push_async_callback(meter.close, SHUTDOWN_FLUSH_SECONDS)
+        await server.start()
+        stack.push_async_callback(server.stop, SHUTDOWN_GRACE_SECONDS)
+        for service in ("", AUTHORIZATION_SERVICE, USAGE_SERVICE):
+            await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+        log.info("authz listening on %s (metrics on :%d)", address, settings.authz_metrics_port)
+
+        await stopping.wait()
+        log.info("shutting down: NOT_SERVING, answering for %.1fs more", settings.authz_drain_seconds)
+        await health_servicer.enter_graceful_shutdown()
+        await asyncio.sleep(settings.authz_drain_seconds)
     log.info("authz stopped")

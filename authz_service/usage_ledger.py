@@ -154,7 +154,8 @@ class UsageLedger:
     def acknowledged(self, batch: Batch, totals: dict[UsageKey, int]) -> None:
         """The batch is in the database (applied now or found applied before); `totals` are the pooled
         totals read in the same statement, which include it."""
-        assert self._unacknowledged and self._unacknowledged[0] is batch, "batches are acknowledged in order"
+        if not self._unacknowledged or self._unacknowledged[0] is not batch:
+            raise RuntimeError("batches are acknowledged in the order they were taken")
         self._unacknowledged.popleft()
         now = self._clock()
         for key, units in batch.by_usage_key().items():

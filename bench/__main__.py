@@ -118,7 +118,7 @@ async def bench_inproc(fixture: Fixture, seconds: float) -> list[tuple[str, str,
     from envoy.service.auth.v3 import external_auth_pb2
 
     from authz_service.authorizer import Authorizer
-    from authz_service.context_token import ContextSigner
+    from authz_service.context_signer import ContextSigner
     from authz_service.ext_authz import AuthorizationServicer
     from authz_service.grants import GrantStore, database_fetch
     from authz_service.meter_store import MeterStore

@@ -17,7 +17,7 @@ import asyncpg
 import prometheus_client
 from aiohttp import web
 
-from billing_webhooks.webhook import MAX_BODY_BYTES, STORAGE_ERRORS, WebhookEndpoint
+from billing_webhooks.webhook import MAX_BODY_BYTES, WebhookEndpoint
 from driftlock_kernel import db
 from driftlock_kernel.errors import OperatorError
 from driftlock_kernel.logs import configure_logging
@@ -62,7 +62,8 @@ def create_app(settings: Settings, *, pool: asyncpg.Pool | None = None) -> web.A
     app.cleanup_ctx.append(database)
 
     def pool_of(request: web.Request) -> asyncpg.Pool:
-        assert state.pool is not None
+        if state.pool is None:
+            raise RuntimeError("the webhook service's database pool is not open")
         return state.pool
 
     async def healthz(request: web.Request) -> web.Response:
@@ -72,7 +73,7 @@ def create_app(settings: Settings, *, pool: asyncpg.Pool | None = None) -> web.A
             async with asyncio.timeout(HEALTH_TIMEOUT_SECONDS):
                 async with pool_of(request).acquire() as conn:
                     await conn.fetchval("SELECT 1")
-        except (*STORAGE_ERRORS, asyncpg.PostgresError) as error:
+        except db.DATABASE_ERRORS as error:
             return web.json_response({"status": "database_unavailable", "error": type(error).__name__}, status=503)
         return web.json_response({"status": "ok"})
 
@@ -81,7 +82,7 @@ def create_app(settings: Settings, *, pool: asyncpg.Pool | None = None) -> web.A
             body=prometheus_client.generate_latest(), headers={"Content-Type": prometheus_client.CONTENT_TYPE_LATEST}
         )
 
-    app.router.add_post("/stripe/webhook", WebhookEndpoint(secrets, pool_of).handle)
+    app.router.add_post("/stripe/webhook", WebhookEndpoint(secrets, pool_of, settings.billing_policy()).handle)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics_endpoint)
     return app
@@ -89,7 +90,7 @@ def create_app(settings: Settings, *, pool: asyncpg.Pool | None = None) -> web.A
 
 async def serve(settings: Settings) -> None:
     """`driftlock-gateway webhooks`: run until SIGTERM/SIGINT, then drain and return."""
-    configure_logging()
+    configure_logging(settings.log_level)
     app = create_app(settings)
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE_SECONDS)
     await runner.setup()

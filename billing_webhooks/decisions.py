@@ -24,28 +24,26 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
+from typing import Any
 
 from billing_webhooks.events import InvoicePayment, SubscriptionSnapshot
+from driftlock_kernel.billing import FREE_PLAN, OVERDUE_STATUSES, TERMINAL_STATUSES, SubscriptionStatus
 
-FALLBACK_PLAN = "free"
-
-STATUS_RANK: Mapping[str, int] = {
-    "incomplete": 0,
-    "trialing": 1,
-    "active": 2,
-    "past_due": 3,
-    "unpaid": 4,
-    "paused": 5,
-    "canceled": 6,
-    "incomplete_expired": 6,
+S = SubscriptionStatus
+# The order of a subscription's life, for events of the same second (see the module docstring).
+STATUS_RANK: Mapping[SubscriptionStatus, int] = {
+    S.INCOMPLETE: 0,
+    S.TRIALING: 1,
+    S.ACTIVE: 2,
+    S.PAST_DUE: 3,
+    S.UNPAID: 4,
+    S.PAUSED: 5,
+    S.CANCELED: 6,
+    S.INCOMPLETE_EXPIRED: 6,
 }
-# No subscription in force any more; nothing brings it back.
-TERMINAL_STATUSES = frozenset({"canceled", "incomplete_expired"})
-# Payment is overdue: dunning runs from past_due_since.
-OVERDUE_STATUSES = frozenset({"past_due", "unpaid"})
 
 
-class Outcome(StrEnum):
+class EventOutcome(StrEnum):
     """What became of an event; stored with it and used as a metric label."""
 
     APPLIED = "applied"  # it changed (or confirmed) the billing state
@@ -76,7 +74,7 @@ class Position:
     event_id: str
 
 
-def position(created: datetime, status: str, event_id: str) -> Position:
+def position(created: datetime, status: SubscriptionStatus, event_id: str) -> Position:
     return Position(created, STATUS_RANK[status], event_id)
 
 
@@ -92,7 +90,7 @@ class SubscriptionState:
     id: str
     customer_id: str
     org_id: uuid.UUID | None = None
-    status: str | None = None  # None: only the id is known so far
+    status: SubscriptionStatus | None = None  # None: only the id is known so far
     past_due_since: datetime | None = None
     status_position: Position | None = None
     price_ids: tuple[str, ...] = ()
@@ -114,7 +112,7 @@ class SubscriptionState:
         return max(known) if known else None
 
 
-def _overdue_since(state: SubscriptionState, status: str, at: datetime) -> datetime | None:
+def _overdue_since(state: SubscriptionState, status: SubscriptionStatus, at: datetime) -> datetime | None:
     # The grace period runs from when payment first became overdue, not from the latest reminder.
     if status not in OVERDUE_STATUSES:
         return None
@@ -170,7 +168,7 @@ def apply_snapshot(state: SubscriptionState | None, event: SubscriptionSnapshot)
     return Applied(new, snapshot=take_snapshot, status=take_status)
 
 
-def status_after_payment(status: str | None, succeeded: bool) -> str | None:
+def status_after_payment(status: SubscriptionStatus | None, succeeded: bool) -> SubscriptionStatus | None:
     """The status an invoice payment leaves a subscription in; None when a payment does not change it.
 
     A payment brings an overdue (or not yet paid) subscription back to active and a failed one makes it
@@ -178,23 +176,24 @@ def status_after_payment(status: str | None, succeeded: bool) -> str | None:
     payment leaves an incomplete subscription incomplete (it was never in force), and unpaid stays unpaid.
     """
     if succeeded:
-        if status in (None, "incomplete", "active", "past_due", "unpaid"):
-            return "active"
-        if status == "trialing":
-            return "trialing"
+        if status in (None, S.INCOMPLETE, S.ACTIVE, S.PAST_DUE, S.UNPAID):
+            return S.ACTIVE
+        if status == S.TRIALING:
+            return S.TRIALING
         return None
-    if status in (None, "active", "trialing", "past_due"):
-        return "past_due"
-    if status == "unpaid":
-        return "unpaid"
+    if status in (None, S.ACTIVE, S.TRIALING, S.PAST_DUE):
+        return S.PAST_DUE
+    if status == S.UNPAID:
+        return S.UNPAID
     return None
 
 
 def apply_payment(state: SubscriptionState | None, event: InvoicePayment) -> Applied:
     """An invoice payment: moves the status, only in the direction its time allows."""
-    assert event.subscription_id is not None
+    if event.subscription_id is None:
+        raise ValueError("an invoice without a subscription changes no subscription")
     current = state or SubscriptionState(id=event.subscription_id, customer_id=event.customer_id)
-    at = position(event.created, "active" if event.succeeded else "past_due", event.event_id)
+    at = position(event.created, S.ACTIVE if event.succeeded else S.PAST_DUE, event.event_id)
     if not is_newer(at, current.status_position):
         return Applied(current, stale=True, reason="older than the subscription status already applied")
     target = status_after_payment(current.status, event.succeeded)
@@ -249,16 +248,18 @@ class OrgBilling:
     cancel_at_period_end: bool = False
 
 
-def org_changes(org: OrgBilling, sub: SubscriptionState | None, plan: str | None) -> dict[str, object]:
+def org_changes(
+    org: OrgBilling, sub: SubscriptionState | None, plan: str | None, fallback_plan: str = FREE_PLAN
+) -> dict[str, Any]:
     """The organisation columns to change so that they follow `sub` (its current subscription).
 
     `plan` is the plan the subscription's prices select (None: none of them is mapped, so the plan is kept).
-    An ended subscription puts the organisation on the free plan and the calendar month. A subscription known
+    An ended subscription puts the organisation on the fallback plan and the calendar month. A subscription known
     only from invoices (no snapshot yet) changes the status, and leaves plan, period and trial as they are.
     """
     if sub is None:
         return {}
-    desired: dict[str, object] = {"stripe_subscription_id": sub.id}
+    desired: dict[str, Any] = {"stripe_subscription_id": sub.id}
     if org.stripe_customer_id is None:
         desired["stripe_customer_id"] = sub.customer_id
     if sub.status is not None:
@@ -266,7 +267,7 @@ def org_changes(org: OrgBilling, sub: SubscriptionState | None, plan: str | None
         desired["past_due_since"] = sub.past_due_since
     if sub.ended:
         desired.update(
-            plan_name=FALLBACK_PLAN, period_start=None, period_end=None, trial_end=None, cancel_at_period_end=False
+            plan_name=fallback_plan, period_start=None, period_end=None, trial_end=None, cancel_at_period_end=False
         )
     else:
         if plan is not None:

@@ -18,6 +18,8 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
+from driftlock_kernel.billing import SubscriptionStatus
+
 
 class EventType(StrEnum):
     """The Stripe event types this service handles; every other type is stored and ignored."""
@@ -39,11 +41,6 @@ SUBSCRIPTION_TYPES = frozenset(
         EventType.SUBSCRIPTION_DELETED,
         EventType.SUBSCRIPTION_TRIAL_WILL_END,
     }
-)
-
-# Stripe's subscription statuses; they are also the values organizations.billing_status accepts.
-SUBSCRIPTION_STATUSES = frozenset(
-    {"incomplete", "incomplete_expired", "trialing", "active", "past_due", "unpaid", "canceled", "paused"}
 )
 
 # The first API version in which periods live on subscription items and invoices name their parent.
@@ -149,7 +146,7 @@ class SubscriptionSnapshot:
     created: datetime
     subscription_id: str
     customer_id: str
-    status: str
+    status: SubscriptionStatus
     price_ids: tuple[str, ...]  # in item order
     # The current billing period (subscription-level before basil; from the items from basil on).
     period_start: datetime | None
@@ -202,9 +199,10 @@ def _checkout(event: Envelope) -> CheckoutCompleted:
 
 def _subscription(event: Envelope) -> SubscriptionSnapshot:
     sub = event.data_object
-    status = sub.get("status")
-    if status not in SUBSCRIPTION_STATUSES:
-        raise MalformedEvent(f"unknown subscription status {str(status)[:40]!r}")
+    try:
+        status = SubscriptionStatus(str(sub.get("status")))
+    except ValueError:
+        raise MalformedEvent(f"unknown subscription status {str(sub.get('status'))[:40]!r}") from None
     customer = _expandable_id(sub.get("customer"))
     if customer is None:
         raise MalformedEvent("the subscription has no customer")
@@ -232,8 +230,10 @@ def _invoice(event: Envelope) -> InvoicePayment:
     if customer is None:
         raise MalformedEvent("the invoice has no customer")
     # From basil on: parent.subscription_details; before: the top-level subscription and subscription_details.
-    parent = invoice.get("parent") if isinstance(invoice.get("parent"), dict) else {}
-    details = parent.get("subscription_details") if isinstance(parent.get("subscription_details"), dict) else None
+    parent = invoice.get("parent")
+    parent = parent if isinstance(parent, dict) else {}
+    details = parent.get("subscription_details")
+    details = details if isinstance(details, dict) else None
     if details is not None:
         subscription = _expandable_id(details.get("subscription"))
         metadata = _metadata(details)

@@ -10,24 +10,24 @@ import dataclasses
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-
-import asyncpg
+from typing import Any
 
 from billing_webhooks import decisions, store
-from billing_webhooks.decisions import Outcome, Problem, SubscriptionState
+from billing_webhooks.decisions import EventOutcome, Problem, SubscriptionState
 from billing_webhooks.events import (
-    BillingEvent,
     CheckoutCompleted,
     EventType,
     InvoicePayment,
     SubscriptionSnapshot,
     parse_org_id,
 )
+from driftlock_kernel import db
+from driftlock_kernel.billing import DEFAULT_POLICY, BillingPolicy
 
 
 @dataclass(frozen=True, slots=True)
 class Result:
-    outcome: Outcome
+    outcome: EventOutcome
     detail: str | None = None
     org_id: uuid.UUID | None = None
     problems: tuple[Problem, ...] = field(default=())
@@ -50,7 +50,11 @@ class Synced:
 
 
 async def sync_org(
-    conn: asyncpg.Connection, org_id: uuid.UUID, *, extra: Mapping[str, object] | None = None
+    conn: db.Connection,
+    org_id: uuid.UUID,
+    policy: BillingPolicy = DEFAULT_POLICY,
+    *,
+    extra: Mapping[str, Any] | None = None,
 ) -> Synced | None:
     """Make the organisation's billing columns follow its current subscription; None if it no longer exists."""
     org = await store.load_org(conn, org_id)
@@ -59,13 +63,14 @@ async def sync_org(
     extra = {column: value for column, value in (extra or {}).items() if getattr(org, column) != value}
     org = dataclasses.replace(org, **extra)
     current = decisions.choose_current(await store.subscriptions_of_org(conn, org_id))
-    plan, unknown = None, ()
+    plan: str | None = None
+    unknown: tuple[str, ...] = ()
     if current is not None and current.price_ids:
         plan = decisions.pick_plan(current.price_ids, await store.plans_by_price(conn, current.price_ids))
         if plan is None and not current.ended:
             unknown = current.price_ids
-    changes = extra | decisions.org_changes(org, current, plan)
-    notes = []
+    changes = extra | decisions.org_changes(org, current, plan, policy.fallback_plan)
+    notes: list[str] = []
     customer = changes.get("stripe_customer_id")
     if customer is not None:
         owner = await store.org_of_customer(conn, customer)
@@ -88,7 +93,7 @@ def _sync_detail(synced: Synced, subscription_id: str) -> str | None:
 
 
 async def _find_org(
-    conn: asyncpg.Connection, state: SubscriptionState, metadata_org_id: str | None
+    conn: db.Connection, state: SubscriptionState, metadata_org_id: str | None
 ) -> tuple[uuid.UUID | None, Problem | None]:
     """The organisation a subscription belongs to: already linked, named by a checkout, named in the
     subscription's metadata, or the one paying through its customer."""
@@ -110,20 +115,24 @@ async def _find_org(
 
 
 async def _store_and_sync(
-    conn: asyncpg.Connection, state: SubscriptionState, metadata_org_id: str | None, what: str | None
+    conn: db.Connection,
+    state: SubscriptionState,
+    metadata_org_id: str | None,
+    what: str | None,
+    policy: BillingPolicy,
 ) -> Result:
     org_id, problem = await _find_org(conn, state, metadata_org_id)
     state = dataclasses.replace(state, org_id=org_id)
     await store.save_subscription(conn, state)
-    problems = (problem,) if problem else ()
+    problems: tuple[Problem, ...] = (problem,) if problem else ()
     metadata_note = None
     if problem is Problem.MALFORMED_ORG_ID:
-        metadata_note = f"metadata.org_id {metadata_org_id[:64]!r} is not an organisation id"
+        metadata_note = f"metadata.org_id {(metadata_org_id or '')[:64]!r} is not an organisation id"
     elif problem is Problem.UNKNOWN_ORG:
         metadata_note = f"metadata.org_id {metadata_org_id} names no organisation"
     if org_id is None:
         return Result(
-            Outcome.DEFERRED,
+            EventOutcome.DEFERRED,
             _detail(
                 f"no organisation is linked to customer {state.customer_id} yet; kept until a checkout links it",
                 metadata_note,
@@ -131,45 +140,47 @@ async def _store_and_sync(
             None,
             problems,
         )
-    synced = await sync_org(conn, org_id)
+    synced = await sync_org(conn, org_id, policy)
     if synced is None:
-        return Result(Outcome.DEFERRED, "the linked organisation no longer exists", None, problems)
+        return Result(EventOutcome.DEFERRED, "the linked organisation no longer exists", None, problems)
     if synced.unknown_prices and synced.current is not None and synced.current.id == state.id:
         problems += (Problem.UNKNOWN_PRICE,)
-    return Result(Outcome.APPLIED, _detail(what, metadata_note, _sync_detail(synced, state.id)), org_id, problems)
+    return Result(EventOutcome.APPLIED, _detail(what, metadata_note, _sync_detail(synced, state.id)), org_id, problems)
 
 
 # --- the handlers ------------------------------------------------------------------------------------------
 
 
-async def handle_checkout_session_completed(conn: asyncpg.Connection, event: CheckoutCompleted) -> Result:
+async def handle_checkout_session_completed(
+    conn: db.Connection, event: CheckoutCompleted, policy: BillingPolicy = DEFAULT_POLICY
+) -> Result:
     """Link the Stripe customer (and subscription) to the organisation the session names."""
     if event.org_reference is None:
         return Result(
-            Outcome.FAILED,
+            EventOutcome.FAILED,
             "the session names no organisation (client_reference_id or metadata.org_id)",
             problems=(Problem.MALFORMED_ORG_ID,),
         )
     org_id = parse_org_id(event.org_reference)
     if org_id is None:
         return Result(
-            Outcome.FAILED,
+            EventOutcome.FAILED,
             f"malformed organisation id {event.org_reference[:64]!r} in the session",
             problems=(Problem.MALFORMED_ORG_ID,),
         )
     if not await store.org_exists(conn, org_id):
-        return Result(Outcome.FAILED, f"no organisation with id {org_id}", problems=(Problem.UNKNOWN_ORG,))
+        return Result(EventOutcome.FAILED, f"no organisation with id {org_id}", problems=(Problem.UNKNOWN_ORG,))
     if event.customer_id is None:
-        return Result(Outcome.IGNORED, "the session has no customer", org_id)
+        return Result(EventOutcome.IGNORED, "the session has no customer", org_id)
     await store.lock_customer(conn, event.customer_id)
     await store.lock_org(conn, org_id)
     org = await store.load_org(conn, org_id)
     if org is None:  # deleted meanwhile
-        return Result(Outcome.FAILED, f"no organisation with id {org_id}", problems=(Problem.UNKNOWN_ORG,))
+        return Result(EventOutcome.FAILED, f"no organisation with id {org_id}", problems=(Problem.UNKNOWN_ORG,))
     owner = await store.org_of_customer(conn, event.customer_id)
     if owner is not None and owner != org_id:
         return Result(
-            Outcome.FAILED,
+            EventOutcome.FAILED,
             f"customer {event.customer_id} already belongs to organisation {owner}",
             org_id,
             (Problem.CUSTOMER_CONFLICT,),
@@ -178,80 +189,97 @@ async def handle_checkout_session_completed(conn: asyncpg.Connection, event: Che
         newest = await store.latest_applied_checkout(conn, org_id, other_than=event.event_id)
         if newest is not None and newest >= (event.created, event.event_id):
             return Result(
-                Outcome.SKIPPED_STALE,
+                EventOutcome.SKIPPED_STALE,
                 f"a newer checkout linked customer {org.stripe_customer_id}",
                 org_id,
             )
     if event.subscription_id is not None:
         await store.claim_subscription(conn, event.subscription_id, event.customer_id, org_id)
     linked = await store.link_customer_subscriptions(conn, event.customer_id, org_id)
-    synced = await sync_org(conn, org_id, extra={"stripe_customer_id": event.customer_id})
-    assert synced is not None  # the row is locked
+    synced = await sync_org(conn, org_id, policy, extra={"stripe_customer_id": event.customer_id})
+    if synced is None:  # cannot happen while the row is locked, but never report a link that was not made
+        return Result(EventOutcome.FAILED, f"organisation {org_id} disappeared while linking", org_id)
     problems = (Problem.UNKNOWN_PRICE,) if synced.unknown_prices else ()
     what = f"linked customer {event.customer_id}"
     if linked:
         what += f" and its earlier subscription(s) {', '.join(linked)}"
-    return Result(Outcome.APPLIED, _detail(what, _sync_detail(synced, event.subscription_id or "")), org_id, problems)
+    return Result(
+        EventOutcome.APPLIED, _detail(what, _sync_detail(synced, event.subscription_id or "")), org_id, problems
+    )
 
 
-async def _subscription_event(conn: asyncpg.Connection, event: SubscriptionSnapshot) -> Result:
+async def _subscription_event(
+    conn: db.Connection, event: SubscriptionSnapshot, policy: BillingPolicy = DEFAULT_POLICY
+) -> Result:
     await store.lock_customer(conn, event.customer_id)
     state = await store.load_subscription(conn, event.subscription_id)
     applied = decisions.apply_snapshot(state, event)
     if not applied.changed:
-        return Result(Outcome.SKIPPED_STALE, applied.reason, state.org_id if state else None)
+        return Result(EventOutcome.SKIPPED_STALE, applied.reason, state.org_id if state else None)
     what = None
     if not applied.status:
         what = "status kept: a newer event already set it"
     elif not applied.snapshot:
         what = "prices and period kept: a newer snapshot was already applied"
-    return await _store_and_sync(conn, applied.state, event.metadata_org_id, what)
+    return await _store_and_sync(conn, applied.state, event.metadata_org_id, what, policy)
 
 
-async def handle_customer_subscription_created(conn: asyncpg.Connection, event: SubscriptionSnapshot) -> Result:
-    return await _subscription_event(conn, event)
+async def handle_customer_subscription_created(
+    conn: db.Connection, event: SubscriptionSnapshot, policy: BillingPolicy = DEFAULT_POLICY
+) -> Result:
+    return await _subscription_event(conn, event, policy)
 
 
-async def handle_customer_subscription_updated(conn: asyncpg.Connection, event: SubscriptionSnapshot) -> Result:
-    return await _subscription_event(conn, event)
+async def handle_customer_subscription_updated(
+    conn: db.Connection, event: SubscriptionSnapshot, policy: BillingPolicy = DEFAULT_POLICY
+) -> Result:
+    return await _subscription_event(conn, event, policy)
 
 
-async def handle_customer_subscription_deleted(conn: asyncpg.Connection, event: SubscriptionSnapshot) -> Result:
+async def handle_customer_subscription_deleted(
+    conn: db.Connection, event: SubscriptionSnapshot, policy: BillingPolicy = DEFAULT_POLICY
+) -> Result:
     """The subscription ended: its organisation goes to the free plan (unless it follows another subscription)."""
-    return await _subscription_event(conn, event)
+    return await _subscription_event(conn, event, policy)
 
 
-async def handle_customer_subscription_trial_will_end(conn: asyncpg.Connection, event: SubscriptionSnapshot) -> Result:
+async def handle_customer_subscription_trial_will_end(
+    conn: db.Connection, event: SubscriptionSnapshot, policy: BillingPolicy = DEFAULT_POLICY
+) -> Result:
     """Three days before a trial ends: nothing to enforce; the event is kept (the notification, for an operator or
     a mailer to read) and the snapshot it carries is applied like any other."""
-    result = await _subscription_event(conn, event)
+    result = await _subscription_event(conn, event, policy)
     ends = f"trial ends {event.trial_end.isoformat()}" if event.trial_end else "trial ends (no trial_end given)"
     return dataclasses.replace(result, detail=_detail(ends, result.detail))
 
 
-async def _invoice_event(conn: asyncpg.Connection, event: InvoicePayment) -> Result:
+async def _invoice_event(conn: db.Connection, event: InvoicePayment, policy: BillingPolicy = DEFAULT_POLICY) -> Result:
     if event.subscription_id is None:
-        return Result(Outcome.IGNORED, "the invoice is not a subscription's")
+        return Result(EventOutcome.IGNORED, "the invoice is not a subscription's")
     await store.lock_customer(conn, event.customer_id)
     state = await store.load_subscription(conn, event.subscription_id)
     applied = decisions.apply_payment(state, event)
     if not applied.changed:
-        outcome = Outcome.SKIPPED_STALE if applied.stale else Outcome.IGNORED
+        outcome = EventOutcome.SKIPPED_STALE if applied.stale else EventOutcome.IGNORED
         return Result(outcome, applied.reason, state.org_id if state else None)
-    return await _store_and_sync(conn, applied.state, event.metadata_org_id, None)
+    return await _store_and_sync(conn, applied.state, event.metadata_org_id, None, policy)
 
 
-async def handle_invoice_payment_succeeded(conn: asyncpg.Connection, event: InvoicePayment) -> Result:
-    return await _invoice_event(conn, event)
+async def handle_invoice_payment_succeeded(
+    conn: db.Connection, event: InvoicePayment, policy: BillingPolicy = DEFAULT_POLICY
+) -> Result:
+    return await _invoice_event(conn, event, policy)
 
 
-async def handle_invoice_payment_failed(conn: asyncpg.Connection, event: InvoicePayment) -> Result:
-    return await _invoice_event(conn, event)
+async def handle_invoice_payment_failed(
+    conn: db.Connection, event: InvoicePayment, policy: BillingPolicy = DEFAULT_POLICY
+) -> Result:
+    return await _invoice_event(conn, event, policy)
 
 
-Handler = Callable[[asyncpg.Connection, BillingEvent], Awaitable[Result]]
+EventHandler = Callable[[db.Connection, Any, BillingPolicy], Awaitable[Result]]
 
-HANDLERS: Mapping[str, Handler] = {
+HANDLERS: Mapping[str, EventHandler] = {
     EventType.CHECKOUT_SESSION_COMPLETED: handle_checkout_session_completed,
     EventType.SUBSCRIPTION_CREATED: handle_customer_subscription_created,
     EventType.SUBSCRIPTION_UPDATED: handle_customer_subscription_updated,

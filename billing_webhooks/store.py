@@ -4,19 +4,21 @@ Every statement names its schema and takes its values as parameters. Functions t
 already inside the caller's transaction.
 """
 
+import dataclasses
 import uuid
 from collections.abc import Iterable
 from datetime import datetime
 
 import asyncpg
 
-from billing_webhooks.decisions import OrgBilling, Outcome, Position, SubscriptionState
+from billing_webhooks.decisions import EventOutcome, OrgBilling, Position, SubscriptionState
 from billing_webhooks.events import Envelope
+from driftlock_kernel import db
 
 # --- the inbox ---------------------------------------------------------------------------------------------
 
 
-async def insert_event(conn: asyncpg.Connection, event: Envelope, payload: dict) -> bool:
+async def insert_event(conn: db.Connection, event: Envelope, payload: dict) -> bool:
     """Store a new event; False when its id is already stored (a concurrent insert of the same id waits for the
     first transaction and then finds it)."""
     inserted = await conn.fetchval(
@@ -35,7 +37,7 @@ async def insert_event(conn: asyncpg.Connection, event: Envelope, payload: dict)
 
 
 async def finish_event(
-    conn: asyncpg.Connection, event_id: str, outcome: Outcome, detail: str | None, org_id: uuid.UUID | None
+    conn: db.Connection, event_id: str, outcome: EventOutcome, detail: str | None, org_id: uuid.UUID | None
 ) -> None:
     await conn.execute(
         """UPDATE driftlock.stripe_events
@@ -49,7 +51,7 @@ async def finish_event(
 
 
 async def latest_applied_checkout(
-    conn: asyncpg.Connection, org_id: uuid.UUID, *, other_than: str
+    conn: db.Connection, org_id: uuid.UUID, *, other_than: str
 ) -> tuple[datetime, str] | None:
     row = await conn.fetchrow(
         """SELECT created, id FROM driftlock.stripe_events
@@ -63,7 +65,7 @@ async def latest_applied_checkout(
 
 
 async def list_events(
-    conn: asyncpg.Connection,
+    conn: db.Connection,
     *,
     org_id: uuid.UUID | None = None,
     outcome: str | None = None,
@@ -87,7 +89,7 @@ async def list_events(
     return [dict(row) for row in rows]
 
 
-async def prune_events(conn: asyncpg.Connection, received_before: datetime, *, batch: int = 5000) -> int:
+async def prune_events(conn: db.Connection, received_before: datetime, *, batch: int = 5000) -> int:
     """Delete stored events received before the given time, in batches (short locks); return how many."""
     total = 0
     while True:
@@ -108,7 +110,7 @@ async def prune_events(conn: asyncpg.Connection, received_before: datetime, *, b
 # --- serialising one customer's events -----------------------------------------------------------------------
 
 
-async def lock_customer(conn: asyncpg.Connection, customer_id: str) -> None:
+async def lock_customer(conn: db.Connection, customer_id: str) -> None:
     """Hold, until the transaction ends, the lock that serialises the events of one Stripe customer.
 
     Every handler takes it first (before any organisation row), so two events about one customer never decide
@@ -120,7 +122,7 @@ async def lock_customer(conn: asyncpg.Connection, customer_id: str) -> None:
     )
 
 
-async def lock_org(conn: asyncpg.Connection, org_id: uuid.UUID) -> None:
+async def lock_org(conn: db.Connection, org_id: uuid.UUID) -> None:
     await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", f"driftlock.org_billing:{org_id}")
 
 
@@ -135,34 +137,24 @@ def _position(row: asyncpg.Record, prefix: str) -> Position | None:
 
 
 def _subscription(row: asyncpg.Record) -> SubscriptionState:
-    return SubscriptionState(
-        id=row["id"],
-        customer_id=row["customer_id"],
-        org_id=row["org_id"],
-        status=row["status"],
-        past_due_since=row["past_due_since"],
+    return dataclasses.replace(
+        db.from_row(SubscriptionState, row),
         status_position=_position(row, "status"),
-        price_ids=tuple(row["price_ids"]),
-        period_start=row["period_start"],
-        period_end=row["period_end"],
-        trial_end=row["trial_end"],
-        cancel_at_period_end=row["cancel_at_period_end"],
-        ended=row["ended"],
         snapshot_position=_position(row, "snapshot"),
     )
 
 
-async def load_subscription(conn: asyncpg.Connection, subscription_id: str) -> SubscriptionState | None:
+async def load_subscription(conn: db.Connection, subscription_id: str) -> SubscriptionState | None:
     row = await conn.fetchrow("SELECT * FROM driftlock.stripe_subscriptions WHERE id = $1 FOR UPDATE", subscription_id)
     return _subscription(row) if row else None
 
 
-async def subscriptions_of_org(conn: asyncpg.Connection, org_id: uuid.UUID) -> list[SubscriptionState]:
+async def subscriptions_of_org(conn: db.Connection, org_id: uuid.UUID) -> list[SubscriptionState]:
     rows = await conn.fetch("SELECT * FROM driftlock.stripe_subscriptions WHERE org_id = $1", org_id)
     return [_subscription(row) for row in rows]
 
 
-async def save_subscription(conn: asyncpg.Connection, sub: SubscriptionState) -> None:
+async def save_subscription(conn: db.Connection, sub: SubscriptionState) -> None:
     status, snapshot = sub.status_position, sub.snapshot_position
     await conn.execute(
         """INSERT INTO driftlock.stripe_subscriptions AS s (
@@ -200,7 +192,7 @@ async def save_subscription(conn: asyncpg.Connection, sub: SubscriptionState) ->
     )
 
 
-async def claim_subscription(conn: asyncpg.Connection, subscription_id: str, customer_id: str, org_id: uuid.UUID):
+async def claim_subscription(conn: db.Connection, subscription_id: str, customer_id: str, org_id: uuid.UUID) -> None:
     """Record that a checkout named this subscription for this organisation (a row with only its id if no event
     of it has arrived yet)."""
     await conn.execute(
@@ -213,7 +205,7 @@ async def claim_subscription(conn: asyncpg.Connection, subscription_id: str, cus
     )
 
 
-async def link_customer_subscriptions(conn: asyncpg.Connection, customer_id: str, org_id: uuid.UUID) -> list[str]:
+async def link_customer_subscriptions(conn: db.Connection, customer_id: str, org_id: uuid.UUID) -> list[str]:
     """Link the customer's subscriptions that no organisation claimed yet; return their ids."""
     rows = await conn.fetch(
         """UPDATE driftlock.stripe_subscriptions SET org_id = $2, updated_at = now()
@@ -240,28 +232,28 @@ _ORG_COLUMNS = (
 )
 
 
-async def load_org(conn: asyncpg.Connection, org_id: uuid.UUID) -> OrgBilling | None:
+async def load_org(conn: db.Connection, org_id: uuid.UUID) -> OrgBilling | None:
     row = await conn.fetchrow(
         f"SELECT id, {', '.join(_ORG_COLUMNS)} FROM driftlock.organizations WHERE id = $1 FOR UPDATE", org_id
     )
-    return OrgBilling(**dict(row)) if row else None
+    return db.from_row(OrgBilling, row) if row else None
 
 
-async def org_exists(conn: asyncpg.Connection, org_id: uuid.UUID) -> bool:
+async def org_exists(conn: db.Connection, org_id: uuid.UUID) -> bool:
     return bool(await conn.fetchval("SELECT EXISTS (SELECT 1 FROM driftlock.organizations WHERE id = $1)", org_id))
 
 
-async def org_of_customer(conn: asyncpg.Connection, customer_id: str) -> uuid.UUID | None:
+async def org_of_customer(conn: db.Connection, customer_id: str) -> uuid.UUID | None:
     return await conn.fetchval("SELECT id FROM driftlock.organizations WHERE stripe_customer_id = $1", customer_id)
 
 
-async def org_of_subscription(conn: asyncpg.Connection, subscription_id: str) -> uuid.UUID | None:
+async def org_of_subscription(conn: db.Connection, subscription_id: str) -> uuid.UUID | None:
     return await conn.fetchval(
         "SELECT id FROM driftlock.organizations WHERE stripe_subscription_id = $1", subscription_id
     )
 
 
-async def update_org(conn: asyncpg.Connection, org_id: uuid.UUID, changes: dict[str, object]) -> None:
+async def update_org(conn: db.Connection, org_id: uuid.UUID, changes: dict[str, object]) -> None:
     """Write the changed billing columns (and so wake every authz replica, through the table's trigger)."""
     if not changes:
         return
@@ -277,7 +269,7 @@ async def update_org(conn: asyncpg.Connection, org_id: uuid.UUID, changes: dict[
     )
 
 
-async def plans_by_price(conn: asyncpg.Connection, price_ids: Iterable[str]) -> dict[str, str]:
+async def plans_by_price(conn: db.Connection, price_ids: Iterable[str]) -> dict[str, str]:
     rows = await conn.fetch(
         "SELECT stripe_price_id, plan_name FROM driftlock.plan_prices WHERE stripe_price_id = ANY($1::text[])",
         list(price_ids),

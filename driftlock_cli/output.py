@@ -2,7 +2,7 @@
 
 import sys
 from datetime import datetime
-from typing import Any
+from typing import IO, Any
 
 from driftlock_kernel.jsonfmt import iso, to_json
 
@@ -34,7 +34,7 @@ def fields(obj: dict, names: list[str] | None = None) -> str:
 
 
 class Printer:
-    def __init__(self, as_json: bool, stream=None):
+    def __init__(self, as_json: bool, stream: IO[str] | None = None):
         self.as_json = as_json
         self.stream = stream or sys.stdout
 

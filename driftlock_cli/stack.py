@@ -6,6 +6,7 @@ addresses differ.
 """
 
 import asyncio
+import functools
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ from typing import IO
 
 from driftlock_cli import envoy_config
 from driftlock_cli.supervisor import Child, grpc_serving, http_ok, start_child, tcp_open, wait_until
-from driftlock_kernel.settings import HostPort
+from driftlock_kernel.settings import HostPort, Settings
 
 READY_TIMEOUT_SECONDS = 60.0
 LOOPBACK = "127.0.0.1"
@@ -22,12 +23,24 @@ LOOPBACK = "127.0.0.1"
 
 @dataclass(frozen=True)
 class StackPorts:
-    envoy: int = 8080
-    envoy_admin: int = 9901
-    authz: tuple[int, ...] = (9191,)
-    authz_metrics: tuple[int, ...] = (9464,)
-    webhooks: int = 8081
-    backend: int = 8000
+    envoy: int
+    envoy_admin: int
+    authz: tuple[int, ...]  # one per replica
+    authz_metrics: tuple[int, ...]
+    webhooks: int
+    backend: int
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "StackPorts":
+        """The ports of a one-replica stack as the settings (and so the contract's defaults) name them."""
+        return cls(
+            envoy=settings.envoy_port,
+            envoy_admin=settings.envoy_admin_port,
+            authz=(settings.authz_port,),
+            authz_metrics=(settings.authz_metrics_port,),
+            webhooks=settings.webhooks_port,
+            backend=settings.backend.port,
+        )
 
 
 @dataclass(frozen=True)
@@ -78,7 +91,8 @@ class Stack:
 
     async def restart(self, name: str) -> None:
         """Start a stopped child again, as it was first started, and wait until it serves."""
-        assert not self.children[name].running, f"{name} is still running"
+        if self.children[name].running:
+            raise RuntimeError(f"{name} is still running")
         await self.launch(name, self._specs[name])
         await self.wait_ready(name)
 
@@ -102,7 +116,7 @@ async def start_stack(
     database_url: str,
     jwt_secret: str,
     state_dir: Path,
-    ports: StackPorts = StackPorts(),
+    ports: StackPorts,
     backend: HostPort | None = None,
     log_dir: Path | None = None,
     output: IO[str] | None = None,
@@ -161,7 +175,7 @@ async def start_stack(
                 # Each replica its own spill file folder, so two replicas never replay each other's.
                 "DRIFTLOCK_METER_SPILL_DIR": str(state_dir / "meter-spill" / name),
             },
-            lambda port=port: grpc_serving(f"{LOOPBACK}:{port}"),
+            functools.partial(grpc_serving, f"{LOOPBACK}:{port}"),
             f"{name} to serve",
         )
     if webhook_secret is not None:

@@ -17,6 +17,7 @@ import uuid
 from typing import Any
 
 from billing_webhooks.events import BASIL, EventType
+from driftlock_kernel.billing import TERMINAL_STATUSES, SubscriptionStatus
 
 DEFAULT_API_VERSION = "2025-03-31.basil"
 LEGACY_API_VERSION = "2024-06-20"
@@ -24,10 +25,10 @@ DEFAULT_PRICE_ID = "price_driftlock_demo"
 MONTH_SECONDS = 30 * 86400
 
 DEFAULT_STATUS = {
-    EventType.SUBSCRIPTION_CREATED: "active",
-    EventType.SUBSCRIPTION_UPDATED: "active",
-    EventType.SUBSCRIPTION_DELETED: "canceled",
-    EventType.SUBSCRIPTION_TRIAL_WILL_END: "trialing",
+    EventType.SUBSCRIPTION_CREATED: SubscriptionStatus.ACTIVE,
+    EventType.SUBSCRIPTION_UPDATED: SubscriptionStatus.ACTIVE,
+    EventType.SUBSCRIPTION_DELETED: SubscriptionStatus.CANCELED,
+    EventType.SUBSCRIPTION_TRIAL_WILL_END: SubscriptionStatus.TRIALING,
 }
 
 _BASE62 = string.digits + string.ascii_letters
@@ -108,7 +109,7 @@ def subscription_object(
             # Before basil, items still carried the legacy `plan` beside `price`.
             item["plan"] = {"id": price_id, "object": "plan", "active": True, "amount": 4900, "interval": "month"}
         items.append(item)
-    ended = status in ("canceled", "incomplete_expired")
+    ended = status in TERMINAL_STATUSES
     sub: dict[str, Any] = {
         "id": subscription_id,
         "object": "subscription",
@@ -358,12 +359,12 @@ def build_event(
             api_version=api_version,
             created=start,
             metadata=metadata,
-            trial_end=created + 3 * 86400 if status == "trialing" else None,
+            trial_end=created + 3 * 86400 if status == SubscriptionStatus.TRIALING else None,
             cancel_at_period_end=cancel_at_period_end,
         )
         previous = None
         if event_type == EventType.SUBSCRIPTION_UPDATED:
-            previous = {"status": "incomplete" if status == "active" else "active"}
+            previous = {"status": "incomplete" if status == SubscriptionStatus.ACTIVE else "active"}
         return event(
             event_type, obj, created=created, api_version=api_version, event_id=event_id, previous_attributes=previous
         )

@@ -63,7 +63,7 @@ class Child:
         if self._pump is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._pump
-        return self.process.returncode
+        return await self.process.wait()
 
 
 async def _pump_lines(name: str, stream: asyncio.StreamReader, sink: IO[str]) -> None:
@@ -83,16 +83,15 @@ async def start_child(
     cwd: Path | None = None,
 ) -> Child:
     """Start `argv`; its output goes to `log_file`, or line by line with a `[name]` prefix to a stream."""
+    out: IO[bytes] | None = None
+    stdout: IO[bytes] | int | None = None
+    stderr: int | None = None
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
         out = log_file.open("ab")
         stdout, stderr = out, asyncio.subprocess.STDOUT
     elif prefix_output_to is not None:
-        out = None
         stdout, stderr = asyncio.subprocess.PIPE, asyncio.subprocess.STDOUT
-    else:
-        out = None
-        stdout = stderr = None
     try:
         process = await asyncio.create_subprocess_exec(
             *argv,

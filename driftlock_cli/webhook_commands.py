@@ -9,15 +9,19 @@ import argparse
 import json
 import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
-from billing_webhooks.decisions import Outcome
+from billing_webhooks.decisions import EventOutcome
 from billing_webhooks.events import EventType
 from driftlock_cli.output import Printer, table
 from driftlock_kernel import db
+from driftlock_kernel.billing import SubscriptionStatus
 from driftlock_kernel.durations import parse_duration
 from driftlock_kernel.errors import OperatorError
 from driftlock_kernel.jsonfmt import iso
+from driftlock_kernel.settings import Settings
 
 # Stripe retries a delivery for up to three days; an event pruned sooner could be applied again on a retry.
 MIN_RETENTION = timedelta(days=3)
@@ -26,17 +30,8 @@ SEND_TIMEOUT_SECONDS = 30.0
 # The service's own lists, so that the CLI never offers a type or outcome the service does not know. Both
 # modules are plain definitions (no I/O), cheap to import when the parser is built.
 HANDLED_TYPES = tuple(EventType)
-OUTCOMES = tuple(o.value for o in Outcome if o is not Outcome.DUPLICATE)  # a duplicate is never stored
-SUBSCRIPTION_STATUSES = (
-    "incomplete",
-    "incomplete_expired",
-    "trialing",
-    "active",
-    "past_due",
-    "unpaid",
-    "canceled",
-    "paused",
-)
+OUTCOMES = tuple(o.value for o in EventOutcome if o is not EventOutcome.DUPLICATE)  # a duplicate is never stored
+SUBSCRIPTION_STATUSES = tuple(SubscriptionStatus)
 
 
 class WebhookCommandError(OperatorError):
@@ -85,13 +80,13 @@ def _secret(text: str) -> str:
 # --- commands ---------------------------------------------------------------------------------------------
 
 
-async def cmd_webhooks(args, settings, out: Printer) -> None:
+async def cmd_webhooks(args: argparse.Namespace, settings: Settings, out: Printer) -> None:
     from billing_webhooks.app import serve
 
     await serve(settings)
 
 
-async def cmd_webhooks_prune(args, settings, out: Printer) -> None:
+async def cmd_webhooks_prune(args: argparse.Namespace, settings: Settings, out: Printer) -> None:
     from billing_webhooks.store import prune_events
 
     before = datetime.now(UTC) - args.older_than
@@ -103,7 +98,7 @@ async def cmd_webhooks_prune(args, settings, out: Printer) -> None:
     )
 
 
-async def cmd_webhooks_events(args, settings, out: Printer) -> None:
+async def cmd_webhooks_events(args: argparse.Namespace, settings: Settings, out: Printer) -> None:
     from billing_webhooks.store import list_events
 
     async with db.connection(settings.require_database_url(), application_name="driftlock-gateway cli") as conn:
@@ -112,7 +107,7 @@ async def cmd_webhooks_events(args, settings, out: Printer) -> None:
     out.result({"events": found}, table(found, columns) if found else "No stored events match.")
 
 
-async def cmd_stripe_send_event(args, settings, out: Printer) -> None:
+async def cmd_stripe_send_event(args: argparse.Namespace, settings: Settings, out: Printer) -> None:
     import aiohttp
 
     from driftlock_cli import stripe_player
@@ -166,7 +161,7 @@ async def cmd_stripe_send_event(args, settings, out: Printer) -> None:
 # --- the parser ------------------------------------------------------------------------------------------------
 
 
-def register(commands, leaf) -> None:
+def register(commands: Any, leaf: Callable[..., argparse.ArgumentParser]) -> None:
     """Add `webhooks [prune]` and `stripe send-event` to the CLI's command parsers."""
     webhooks = leaf(
         commands,

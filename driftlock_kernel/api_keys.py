@@ -3,31 +3,10 @@
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from enum import StrEnum
 
-import asyncpg
-
-from driftlock_kernel.keys import Environment, generate_key
+from driftlock_kernel import db
+from driftlock_kernel.keys import ALL_SCOPES, Environment, Scope, generate_key
 from driftlock_kernel.orgs import NotFound, get_org
-
-
-class Scope(StrEnum):
-    DETECT = "detect"
-    INGEST = "ingest"
-    READ = "read"
-
-
-ALL_SCOPES = tuple(Scope)
-
-
-def parse_scopes(text: str) -> tuple[Scope, ...]:
-    names = [part.strip() for part in text.split(",") if part.strip()]
-    if not names:
-        raise ValueError("at least one scope is needed: detect, ingest or read")
-    unknown = [name for name in names if name not in Scope.__members__.values()]
-    if unknown:
-        raise ValueError(f"unknown scope {unknown[0]!r}: choose from detect, ingest, read")
-    return tuple(dict.fromkeys(Scope(name) for name in names))
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,33 +14,19 @@ class ApiKey:
     id: uuid.UUID
     org_id: uuid.UUID
     name: str | None
-    prefix: str
+    display_prefix: str  # the first characters of the key, to tell keys apart
     environment: Environment
-    scopes: tuple[str, ...]
+    scopes: tuple[Scope, ...]
     expires_at: datetime | None
     revoked_at: datetime | None
     created_at: datetime
-
-    @classmethod
-    def from_row(cls, row: asyncpg.Record) -> "ApiKey":
-        return cls(
-            id=row["id"],
-            org_id=row["org_id"],
-            name=row["name"],
-            prefix=row["display_prefix"],
-            environment=Environment(row["environment"]),
-            scopes=tuple(row["scopes"]),
-            expires_at=row["expires_at"],
-            revoked_at=row["revoked_at"],
-            created_at=row["created_at"],
-        )
 
     def as_dict(self) -> dict:
         return {
             "id": self.id,
             "org_id": self.org_id,
             "name": self.name,
-            "prefix": self.prefix,
+            "prefix": self.display_prefix,
             "environment": self.environment.value,
             "scopes": list(self.scopes),
             "expires_at": self.expires_at,
@@ -71,7 +36,7 @@ class ApiKey:
 
 
 async def create_key(
-    conn: asyncpg.Connection,
+    conn: db.Connection,
     org_id: uuid.UUID,
     *,
     name: str | None = None,
@@ -94,16 +59,16 @@ async def create_key(
         [str(scope) for scope in scopes],
         expires_in,
     )
-    return ApiKey.from_row(row), new.secret
+    return db.from_row(ApiKey, db.returned(row)), new.secret
 
 
-async def list_keys(conn: asyncpg.Connection, org_id: uuid.UUID) -> list[ApiKey]:
+async def list_keys(conn: db.Connection, org_id: uuid.UUID) -> list[ApiKey]:
     await get_org(conn, org_id)
     rows = await conn.fetch("SELECT * FROM driftlock.api_keys WHERE org_id = $1 ORDER BY created_at, id", org_id)
-    return [ApiKey.from_row(row) for row in rows]
+    return [db.from_row(ApiKey, row) for row in rows]
 
 
-async def revoke_key(conn: asyncpg.Connection, key_id: uuid.UUID) -> ApiKey:
+async def revoke_key(conn: db.Connection, key_id: uuid.UUID) -> ApiKey:
     """Revoke the key; revoking it again keeps the first revocation time."""
     row = await conn.fetchrow(
         """UPDATE driftlock.api_keys SET revoked_at = now()
@@ -114,4 +79,4 @@ async def revoke_key(conn: asyncpg.Connection, key_id: uuid.UUID) -> ApiKey:
         row = await conn.fetchrow("SELECT * FROM driftlock.api_keys WHERE id = $1", key_id)
         if row is None:
             raise NotFound(f"no API key with id {key_id}")
-    return ApiKey.from_row(row)
+    return db.from_row(ApiKey, row)

@@ -4,17 +4,23 @@ Every statement in the project names its tables schema-qualified (`driftlock.api
 a session's search_path, which a transaction pooler does not keep between transactions.
 """
 
-import asyncio
 import contextlib
+import dataclasses
+import enum
 import json
-import os
-import socket
-from collections.abc import AsyncIterator
+import types
+import typing
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Any, Protocol, TypeAlias, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
+import asyncpg.pool
 
-from driftlock_kernel.errors import OperatorError
+from driftlock_kernel.errors import OperatorError, one_line
+
+# A connection of its own or one lent by a pool: what every store function takes.
+Connection: TypeAlias = "asyncpg.Connection[asyncpg.Record] | asyncpg.pool.PoolConnectionProxy[asyncpg.Record]"
 
 SCHEMA = "driftlock"
 CONNECT_TIMEOUT_SECONDS = 5.0
@@ -40,12 +46,11 @@ def describe(url: str) -> str:
     return f"{host}:{port}/{dbname}"
 
 
-def uses_transaction_pooler(url: str) -> bool:
-    forced = os.environ.get("DRIFTLOCK_DB_TRANSACTION_POOLER", "").strip().lower()
-    if forced in ("1", "true", "yes", "on"):
-        return True
-    if forced in ("0", "false", "no", "off"):
-        return False
+def uses_transaction_pooler(url: str, configured: bool | None = None) -> bool:
+    """Whether `url` goes through a transaction pooler: as configured (DRIFTLOCK_DB_TRANSACTION_POOLER), else
+    guessed from Supabase's pooler port."""
+    if configured is not None:
+        return configured
     try:
         return urlsplit(url).port == TRANSACTION_POOLER_PORT
     except ValueError:
@@ -57,52 +62,57 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
     await conn.set_type_codec("json", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
 
 
-def _connect_kwargs(url: str, application_name: str) -> dict:
-    kwargs: dict = {
+def _connect_kwargs(url: str, application_name: str, transaction_pooler: bool | None) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {
         "dsn": url,
         "timeout": CONNECT_TIMEOUT_SECONDS,
         "server_settings": {"application_name": application_name},
     }
-    if uses_transaction_pooler(url):
+    if uses_transaction_pooler(url, transaction_pooler):
         # Named prepared statements do not survive a change of server session between transactions.
         kwargs["statement_cache_size"] = 0
     return kwargs
 
 
 def _unavailable(url: str, error: BaseException) -> DatabaseUnavailable:
-    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return DatabaseUnavailable(f"cannot connect to the database at {describe(url)}: {reason}")
+    return DatabaseUnavailable(f"cannot connect to the database at {describe(url)}: {one_line(error)}")
 
 
-CONNECTION_ERRORS = (
-    OSError,
-    socket.gaierror,
-    asyncio.TimeoutError,
+# The database could not be reached, was shut down, ran out of resources, gave up on a transaction (deadlock,
+# serialisation) or refused the connection itself: the same work may succeed later, so a service keeps it and
+# tries again, and a webhook answers 5xx.
+UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,  # refused, reset, unreachable, DNS
+    TimeoutError,
+    DatabaseUnavailable,
+    asyncpg.InterfaceError,  # the connection was closed under the statement
     asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
+    asyncpg.OperatorInterventionError,  # shutting down, cannot connect now
+    asyncpg.InsufficientResourcesError,
+    asyncpg.TransactionRollbackError,  # deadlock or serialisation failure
     asyncpg.InvalidAuthorizationSpecificationError,
     asyncpg.InvalidCatalogNameError,
-    asyncpg.CannotConnectNowError,
 )
+# Any failure of the database to do a statement: unavailable, or refusing it (a constraint, a missing table).
+DATABASE_ERRORS: tuple[type[BaseException], ...] = (*UNAVAILABLE_ERRORS, asyncpg.PostgresError)
 
 
-# A statement failed because the database could not be reached, timed out, or refused it: what a service
-# survives by keeping its work and trying again (as opposed to a bug).
-QUERY_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
-
-
-async def connect(url: str, *, application_name: str = "driftlock-gateway") -> asyncpg.Connection:
+async def connect(
+    url: str, *, application_name: str = "driftlock-gateway", transaction_pooler: bool | None = None
+) -> asyncpg.Connection:
     try:
-        conn = await asyncpg.connect(**_connect_kwargs(url, application_name))
-    except CONNECTION_ERRORS as error:
+        conn = await asyncpg.connect(**_connect_kwargs(url, application_name, transaction_pooler))
+    except UNAVAILABLE_ERRORS as error:
         raise _unavailable(url, error) from error
     await _init_connection(conn)
     return conn
 
 
 @contextlib.asynccontextmanager
-async def connection(url: str, *, application_name: str = "driftlock-gateway") -> AsyncIterator[asyncpg.Connection]:
-    conn = await connect(url, application_name=application_name)
+async def connection(
+    url: str, *, application_name: str = "driftlock-gateway", transaction_pooler: bool | None = None
+) -> AsyncIterator[asyncpg.Connection]:
+    conn = await connect(url, application_name=application_name, transaction_pooler=transaction_pooler)
     try:
         yield conn
     finally:
@@ -116,15 +126,74 @@ async def create_pool(
     min_size: int = 0,
     max_size: int = 4,
     command_timeout: float | None = 10.0,
+    transaction_pooler: bool | None = None,
 ) -> asyncpg.Pool:
     """A pool that connects lazily (min_size 0 by default), so a service can start while the database is down."""
     try:
         return await asyncpg.create_pool(
-            **_connect_kwargs(url, application_name),
+            **_connect_kwargs(url, application_name, transaction_pooler),
             min_size=min_size,
             max_size=max_size,
             command_timeout=command_timeout,
             init=_init_connection,
         )
-    except CONNECTION_ERRORS as error:
+    except UNAVAILABLE_ERRORS as error:
         raise _unavailable(url, error) from error
+
+
+# --- rows to dataclasses ------------------------------------------------------------------------------------
+
+T = TypeVar("T")
+
+
+class Row(Protocol):
+    """What a row gives: asyncpg's Record, or any mapping of column names."""
+
+    def keys(self) -> Iterable[str]: ...
+    def __getitem__(self, key: str, /) -> Any: ...
+
+
+def _converter(annotation: Any) -> Callable[[Any], Any] | None:
+    """How a column's value becomes a field's: enums by value, arrays as tuples or frozensets (of enums)."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        inner = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+        convert = _converter(inner[0]) if len(inner) == 1 else None
+        return None if convert is None else lambda value: None if value is None else convert(value)
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return annotation
+    if origin in (tuple, frozenset):
+        item = _converter(typing.get_args(annotation)[0]) or (lambda value: value)
+        return lambda values: origin(item(value) for value in values or ())
+    return None
+
+
+_COLUMNS: dict[type, tuple[tuple[str, Callable[[Any], Any] | None], ...]] = {}
+
+
+def _columns_of(cls: type) -> tuple[tuple[str, Callable[[Any], Any] | None], ...]:
+    """Each field of the dataclass with its converter, worked out once per class."""
+    columns = _COLUMNS.get(cls)
+    if columns is None:
+        hints = typing.get_type_hints(cls)
+        columns = _COLUMNS[cls] = tuple((f.name, _converter(hints[f.name])) for f in dataclasses.fields(cls))
+    return columns
+
+
+def from_row(cls: type[T], row: Row) -> T:
+    """A dataclass from a row, field by field by column name (alias columns in SQL where names differ).
+    Columns the dataclass lacks are ignored; a field the row lacks keeps its default."""
+    present = set(row.keys())
+    values = {}
+    for name, convert in _columns_of(cls):
+        if name in present:
+            value = row[name]
+            values[name] = convert(value) if convert is not None else value
+    return cls(**values)
+
+
+def returned(row: T | None) -> T:
+    """The row an INSERT or UPDATE ... RETURNING always gives."""
+    if row is None:
+        raise RuntimeError("a RETURNING statement returned no row")
+    return row

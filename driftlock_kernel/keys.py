@@ -1,4 +1,5 @@
-"""The API key format: generation, parsing with checksum, and the stored hash.
+"""What an API key is: its format (generation, parsing with checksum, the stored hash), its environment and the
+scopes it may carry.
 
 A key reads `dlk_<env>_<32 random base62 characters><6 base62 characters of CRC32>`. The random part carries
 about 190 bits, so a plain SHA-256 of the whole key is a safe stored form: there is nothing to brute-force, and
@@ -26,6 +27,28 @@ _KEY = re.compile(rf"dlk_(live|test)_([0-9A-Za-z]{{{RANDOM_LENGTH}}})([0-9A-Za-z
 class Environment(StrEnum):
     LIVE = "live"
     TEST = "test"
+
+
+class Scope(StrEnum):
+    """What a key may call; each route of Envoy's route table names the scope it needs."""
+
+    DETECT = "detect"
+    INGEST = "ingest"
+    READ = "read"
+
+
+ALL_SCOPES = tuple(Scope)
+
+
+def parse_scopes(text: str) -> tuple[Scope, ...]:
+    """`detect,read` -> the scopes, in order, without repeats; ValueError with a message fit for a user."""
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    if not names:
+        raise ValueError("at least one scope is needed: " + ", ".join(ALL_SCOPES))
+    unknown = [name for name in names if name not in ALL_SCOPES]
+    if unknown:
+        raise ValueError(f"unknown scope {unknown[0]!r}: choose from " + ", ".join(ALL_SCOPES))
+    return tuple(dict.fromkeys(Scope(name) for name in names))
 
 
 @dataclass(frozen=True, slots=True)

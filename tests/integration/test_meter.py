@@ -195,6 +195,32 @@ async def test_shutdown_during_an_outage_spills_and_the_next_start_flushes_once(
     assert list(tmp_path.glob("meter-*.json")) == []
 
 
+async def test_a_corrupt_spill_file_is_set_aside_and_the_others_replayed(pool, make_org, tmp_path, caplog):
+    org = await make_org()
+    spill = tmp_path / "meter-good.json"
+    spill.write_text(
+        json.dumps(
+            [
+                {
+                    "flush_id": str(uuid.uuid4()),
+                    "counters": [[str(org.id), PERIOD.start.isoformat(), "stream", 4]],
+                    "reports": [],
+                }
+            ]
+        )
+    )
+    (tmp_path / "meter-torn.json").write_text('[{"flush_id": "')
+    (tmp_path / "meter-odd.json").write_text('{"not": "batches"}')
+
+    successor = new_meter(pool, spill_dir=tmp_path)
+    assert successor.restore_spilled() == 4
+    assert sorted(p.name for p in tmp_path.glob("*.corrupt")) == ["meter-odd.json.corrupt", "meter-torn.json.corrupt"]
+    assert "meter-torn.json is unreadable" in caplog.text
+    while successor.ledger.has_work:
+        assert await successor.flush_once() is FlushOutcome.FLUSHED
+    assert await stored_usage(pool, org.id) == {"stream": 4}
+
+
 class BusyStore(MeterStore):
     """A store under a busy gateway: more checks are counted while each flush is on its way."""
 

@@ -1,8 +1,11 @@
 import asyncio
+import re
 
 import pytest
 
 from driftlock_kernel import db, migrate
+from driftlock_kernel.billing import BILLING_STATUSES, FREE_PLAN, Overage, SubscriptionStatus
+from driftlock_kernel.keys import Environment, Scope
 from tests.support.cli import run_cli
 
 
@@ -19,7 +22,7 @@ async def test_migrate_creates_the_schema_outside_public_and_seeds_free(fresh_da
         free = await conn.fetchrow("SELECT * FROM driftlock.plans WHERE name = 'free'")
         public = await conn.fetchval("SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public'")
     assert {"plans", "organizations", "api_keys", "schema_migrations"} <= await tables(fresh_database_url)
-    assert free is not None and free["included_units"] == migrate.FREE_PLAN["included_units"]
+    assert free is not None and free["included_units"] == migrate.FREE_PLAN_DEFAULTS["included_units"]
     assert public == 0
 
 
@@ -77,3 +80,34 @@ async def test_a_failing_migration_leaves_nothing_behind(fresh_database_url):
         with pytest.raises(Exception, match="division by zero"):
             await migrate.migrate(conn, broken)
         assert await conn.fetchval("SELECT to_regclass('driftlock.plans')") is None
+
+
+def _quoted_values(check: str) -> set[str]:
+    return set(re.findall(r"'([^']*)'", check))
+
+
+async def _check_of(conn, table: str, column: str) -> str:
+    """The CHECK constraint of driftlock.<table> that names <column>, as PostgreSQL prints it."""
+    checks = await conn.fetch(
+        """SELECT pg_get_constraintdef(c.oid) AS definition
+           FROM pg_constraint c JOIN pg_class t ON t.oid = c.conrelid JOIN pg_namespace n ON n.oid = t.relnamespace
+           WHERE n.nspname = 'driftlock' AND t.relname = $1 AND c.contype = 'c'""",
+        table,
+    )
+    (definition,) = [row["definition"] for row in checks if f"({column}" in row["definition"]]
+    return definition
+
+
+async def test_the_schema_accepts_exactly_the_billing_vocabulary_of_the_code(database_url):
+    """The CHECK constraints of the migrations and the enums of driftlock_kernel say the same thing."""
+    async with db.connection(database_url) as conn:
+        assert _quoted_values(await _check_of(conn, "organizations", "billing_status")) == BILLING_STATUSES
+        assert _quoted_values(await _check_of(conn, "stripe_subscriptions", "status")) == set(SubscriptionStatus)
+        assert _quoted_values(await _check_of(conn, "plans", "overage")) == set(Overage)
+        assert _quoted_values(await _check_of(conn, "api_keys", "environment")) == set(Environment)
+        assert _quoted_values(await _check_of(conn, "api_keys", "scopes")) == set(Scope)
+        default_plan = await conn.fetchval(
+            """SELECT column_default FROM information_schema.columns
+               WHERE table_schema = 'driftlock' AND table_name = 'organizations' AND column_name = 'plan_name'"""
+        )
+    assert _quoted_values(default_plan) == {FREE_PLAN}

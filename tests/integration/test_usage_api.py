@@ -9,7 +9,7 @@ import pytest
 from driftlock_api.usage.v1 import usage_pb2, usage_pb2_grpc
 from driftlock_cli import protos
 from driftlock_kernel import plans
-from driftlock_kernel.context_token import mint_service_token
+from driftlock_kernel.tokens import mint_service_token
 from tests.support.usage import wait_for_usage
 
 

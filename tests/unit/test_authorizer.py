@@ -1,6 +1,10 @@
-"""The whole check in process, with the database replaced by in-memory sources (real classes, no mocks)."""
+"""The decision pipeline as production runs it (Authorizer.check), in process, with the database replaced by
+in-memory sources (real classes, no mocks)."""
 
+import dataclasses
 import time
+
+import pytest
 
 from authz_service.authorizer import AccessRequest, Authorizer
 from authz_service.decision import DenyCode, Grant, PlanLimits
@@ -9,27 +13,33 @@ from authz_service.meter_store import MeterStore
 from authz_service.metering import Meter
 from authz_service.plan_book import PlanBook
 from authz_service.usage_ledger import UsageLedger
-from driftlock_kernel.keys import Environment, generate_key
+from driftlock_kernel.billing import Overage
+from driftlock_kernel.keys import Environment, Scope, generate_key
 from tests.support.authz_requests import STREAM_DETECT
 
 KEY = generate_key(Environment.LIVE)
-GRANT = Grant("key-1", "org-1", "live", frozenset({"detect", "read"}), None, False, False, "small", "active")
+GRANT = Grant(
+    "key-1", "org-1", Environment.LIVE, frozenset({Scope.DETECT, Scope.READ}), None, False, False, "small", "active"
+)
+INGEST = {"scope": "ingest", "billable": "false", "product": "stream"}
 
 
 class StoredUsage(MeterStore):
     """Usage as a dict instead of a database."""
 
     def __init__(self, totals=None):
-        super().__init__(pool=None, replica="test")
+        super().__init__(pool=None, replica="test")  # type: ignore[arg-type]
         self.totals = totals or {}
 
     async def load(self, key):
         return self.totals.get(key[0], 0)
 
 
-def authorizer(plan: PlanLimits) -> tuple[Authorizer, Meter]:
+def authorizer(plan: PlanLimits, grant: Grant = GRANT, *, database_down: bool = False) -> tuple[Authorizer, Meter]:
     async def fetch(key_hash):
-        return GRANT if key_hash == KEY.hash else None
+        if database_down:
+            raise TimeoutError("the database does not answer")
+        return grant if key_hash == KEY.hash else None
 
     async def load_plans():
         return {plan.name: plan}
@@ -39,21 +49,72 @@ def authorizer(plan: PlanLimits) -> tuple[Authorizer, Meter]:
     return Authorizer(store, PlanBook(load_plans), meter=meter), meter
 
 
-def request(request_id: str, deadline: float | None = None) -> AccessRequest:
+def request(
+    request_id: str, deadline: float | None = None, *, key: str = KEY.secret, route: dict = STREAM_DETECT
+) -> AccessRequest:
     return AccessRequest(
-        request_id, "POST", "/api/v1/stream/detect", {"authorization": f"Bearer {KEY.secret}"}, STREAM_DETECT, deadline
+        request_id, "POST", "/api/v1/stream/detect", {"authorization": f"Bearer {key}"}, route, deadline
     )
 
 
+SOFT = PlanLimits("small", included_units=100, overage=Overage.SOFT)
+
+
+async def code_of(auth: Authorizer, access: AccessRequest) -> DenyCode | None:
+    return (await auth.check(access)).decision.code
+
+
+async def test_each_stage_refuses_what_it_owns():
+    auth, meter = authorizer(SOFT)
+    assert await code_of(auth, request("r", route={"billable": "true"})) is DenyCode.AUTH_UNAVAILABLE  # route
+    assert await code_of(auth, request("r", key="")) is DenyCode.MISSING_API_KEY  # credential
+    assert await code_of(auth, request("r", key=KEY.secret[:-1] + "x")) is DenyCode.INVALID_API_KEY  # checksum
+    other = generate_key(Environment.LIVE).secret
+    assert await code_of(auth, request("r", key=other)) is DenyCode.INVALID_API_KEY  # grant: unknown key
+    assert meter.ledger.pending_units == 0
+
+
+@pytest.mark.parametrize(
+    ("change", "code"),
+    [
+        ({"revoked": True}, DenyCode.REVOKED_API_KEY),
+        ({"expires_at": 1.0}, DenyCode.EXPIRED_API_KEY),
+        ({"org_suspended": True}, DenyCode.ORG_SUSPENDED),
+        ({"scopes": frozenset({Scope.READ})}, DenyCode.INSUFFICIENT_SCOPE),
+        ({"billing_status": "past_due", "past_due_since": 1.0}, DenyCode.PAYMENT_REQUIRED),
+    ],
+)
+async def test_the_access_and_billing_stages_refuse_and_count_nothing(change, code):
+    auth, meter = authorizer(SOFT, dataclasses.replace(GRANT, **change))
+    outcome = await auth.check(request("r"))
+    assert outcome.decision.code is code and not outcome.billed
+    assert meter.ledger.pending_units == 0
+
+
+async def test_an_overdue_organisation_keeps_ingesting_and_a_test_key_is_never_counted():
+    overdue = dataclasses.replace(GRANT, scopes=frozenset(Scope), billing_status="past_due", past_due_since=1.0)
+    auth, meter = authorizer(SOFT, overdue)
+    assert await code_of(auth, request("ingest", route=INGEST)) is None
+    test_key = dataclasses.replace(GRANT, environment=Environment.TEST)
+    auth, meter = authorizer(SOFT, test_key)
+    outcome = await auth.check(request("detect"))
+    assert outcome.decision.allowed and not outcome.billed and meter.ledger.pending_units == 0
+
+
+async def test_a_database_that_does_not_answer_for_an_unknown_key_is_auth_unavailable():
+    auth, _meter = authorizer(SOFT, database_down=True)
+    assert await code_of(auth, request("r")) is DenyCode.AUTH_UNAVAILABLE
+
+
 async def test_a_block_plan_is_cut_exactly_and_only_served_calls_are_counted():
-    auth, meter = authorizer(PlanLimits("small", included_units=3, overage="block"))
+    auth, meter = authorizer(PlanLimits("small", included_units=3, overage=Overage.BLOCK))
     outcomes = [await auth.check(request(f"r{i}")) for i in range(5)]
     assert [o.decision.code for o in outcomes] == [None, None, None, DenyCode.QUOTA_EXCEEDED, DenyCode.QUOTA_EXCEEDED]
     assert meter.ledger.pending_units == 3
 
 
 async def test_a_call_whose_deadline_has_passed_is_refused_and_not_counted():
-    auth, meter = authorizer(PlanLimits("small", included_units=100, overage="soft"))
+    auth, meter = authorizer(PlanLimits("small", included_units=100, overage=Overage.SOFT))
     late = await auth.check(request("late", deadline=time.monotonic()))
     assert late.decision.code is DenyCode.AUTH_UNAVAILABLE
     assert meter.ledger.pending_units == 0
@@ -63,7 +124,7 @@ async def test_a_call_whose_deadline_has_passed_is_refused_and_not_counted():
 
 
 async def test_a_retried_check_is_allowed_again_but_counted_once():
-    auth, meter = authorizer(PlanLimits("small", included_units=1, overage="block"))
+    auth, meter = authorizer(PlanLimits("small", included_units=1, overage=Overage.BLOCK))
     first = await auth.check(request("same"))
     again = await auth.check(request("same"))
     assert first.decision.allowed and again.decision.allowed
@@ -71,6 +132,6 @@ async def test_a_retried_check_is_allowed_again_but_counted_once():
 
 
 async def test_the_rate_limit_of_the_plan_applies_per_key():
-    auth, _meter = authorizer(PlanLimits("small", included_units=100, overage="soft", rate_limit_rps=2))
+    auth, _meter = authorizer(PlanLimits("small", included_units=100, overage=Overage.SOFT, rate_limit_rps=2))
     codes = [(await auth.check(request(f"r{i}"))).decision.code for i in range(3)]
     assert codes == [None, None, DenyCode.RATE_LIMITED]

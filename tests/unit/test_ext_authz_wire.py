@@ -5,12 +5,12 @@ import json
 import pytest
 from envoy.config.core.v3.base_pb2 import HeaderValueOption
 
-from authz_service.authorizer import AccessRequest, Outcome
-from authz_service.context_token import ContextSigner
+from authz_service.authorizer import AccessRequest, CheckOutcome
+from authz_service.context_signer import ContextSigner
 from authz_service.decision import ALLOW, HTTP_STATUS, MESSAGES, Decision, DenyCode, Grant, Route, deny
 from authz_service.ext_authz import AllowedResponses, access_request, denied_response
 from authz_service.rate_limit import RateVerdict
-from driftlock_kernel.context_token import verify
+from driftlock_kernel.tokens import verify
 from tests.support.authz_requests import STREAM_DETECT, check_request
 
 SECRET = b"s" * 32
@@ -39,7 +39,7 @@ def test_allowed_response_sets_context_headers_and_strips_credentials_and_spoofs
         "x-request-id": "rid-1",
     }
     response = AllowedResponses(ContextSigner(SECRET)).build(
-        Outcome(ALLOW, GRANT, ROUTE, billed=True, plan="pro"), request(headers)
+        CheckOutcome(ALLOW, GRANT, ROUTE, billed=True, plan="pro"), request(headers)
     )
     ok = response.ok_response
     assert response.status.code == 0
@@ -56,7 +56,7 @@ def test_allowed_response_sets_context_headers_and_strips_credentials_and_spoofs
 
 def test_allowed_response_for_an_unbilled_call_says_so():
     response = AllowedResponses(ContextSigner(SECRET)).build(
-        Outcome(ALLOW, GRANT, ROUTE, billed=False, plan="pro"), request({})
+        CheckOutcome(ALLOW, GRANT, ROUTE, billed=False, plan="pro"), request({})
     )
     values = {o.header.key: o.header.value for o in response.ok_response.headers}
     assert values["x-driftlock-billable"] == "false"
@@ -84,10 +84,10 @@ def test_denied_response_has_contract_status_body_and_headers(code):
 
 def test_the_same_grant_reuses_one_response_until_something_differs():
     builder = AllowedResponses(ContextSigner(SECRET))
-    outcome = Outcome(ALLOW, GRANT, ROUTE, billed=True, plan="pro")
+    outcome = CheckOutcome(ALLOW, GRANT, ROUTE, billed=True, plan="pro")
     first = builder.build(outcome, request({"x-request-id": "a"}))
     assert builder.build(outcome, request({"x-request-id": "b"})) is first
-    unbilled = builder.build(Outcome(ALLOW, GRANT, ROUTE, billed=False, plan="pro"), request({}))
+    unbilled = builder.build(CheckOutcome(ALLOW, GRANT, ROUTE, billed=False, plan="pro"), request({}))
     assert unbilled is not first
     spoofed = builder.build(outcome, request({"x-driftlock-admin": "1"}))
     assert "x-driftlock-admin" in spoofed.ok_response.headers_to_remove
@@ -97,8 +97,8 @@ def test_the_same_grant_reuses_one_response_until_something_differs():
 def test_rate_limit_headers_go_to_the_client_on_allowed_calls():
     builder = AllowedResponses(ContextSigner(SECRET))
     rate = RateVerdict(allowed=True, limit=10, remaining=7, reset_seconds=1, retry_after=None)
-    response = builder.build(Outcome(ALLOW, GRANT, ROUTE, billed=True, plan="pro", rate=rate), request({}))
+    response = builder.build(CheckOutcome(ALLOW, GRANT, ROUTE, billed=True, plan="pro", rate=rate), request({}))
     added = {o.header.key: o.header.value for o in response.ok_response.response_headers_to_add}
     assert added == {"x-ratelimit-limit": "10", "x-ratelimit-remaining": "7", "x-ratelimit-reset": "1"}
-    plain = builder.build(Outcome(ALLOW, GRANT, ROUTE, billed=True, plan="pro"), request({}))
+    plain = builder.build(CheckOutcome(ALLOW, GRANT, ROUTE, billed=True, plan="pro"), request({}))
     assert len(plain.ok_response.response_headers_to_add) == 0

@@ -42,10 +42,11 @@ PURE_MODULES = [
     "authz_service/usage_ledger.py",
     "billing_webhooks/decisions.py",
     "billing_webhooks/events.py",
-    "driftlock_kernel/billing_rules.py",
+    "driftlock_kernel/billing.py",
     "driftlock_kernel/periods.py",
     "driftlock_kernel/keys.py",
     "driftlock_kernel/durations.py",
+    "driftlock_kernel/caches.py",
 ]
 
 

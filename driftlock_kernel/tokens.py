@@ -1,4 +1,8 @@
-"""The `x-driftlock-context` token's contract with the backend: an HS256 JWT with these issuer and audience."""
+"""The JWTs of the contract: the `x-driftlock-context` token the backend receives (issued by authz), and the
+service token the backend presents to authz's usage API.
+"""
+
+import time
 
 import jwt
 
@@ -26,8 +30,6 @@ SERVICE_AUDIENCE = "driftlock-gateway"
 
 def mint_service_token(secret: bytes, *, lifetime_seconds: int = MAX_LIFETIME_SECONDS) -> str:
     """What the backend sends as `authorization: Bearer ...` to the usage API (the tests and the CLI mint one too)."""
-    import time
-
     now = int(time.time())
     claims = {"iss": SERVICE_ISSUER, "aud": SERVICE_AUDIENCE, "iat": now, "exp": now + lifetime_seconds}
     return jwt.encode(claims, secret, algorithm="HS256")

@@ -10,7 +10,8 @@ from collections.abc import Callable
 import jwt
 
 from authz_service.decision import Grant
-from driftlock_kernel.context_token import AUDIENCE, ISSUER, MAX_LIFETIME_SECONDS
+from driftlock_kernel.caches import LruCache
+from driftlock_kernel.tokens import AUDIENCE, ISSUER, MAX_LIFETIME_SECONDS
 
 
 class ContextSigner:
@@ -29,10 +30,9 @@ class ContextSigner:
         self._lifetime = lifetime_seconds
         self._reuse = min(reuse_seconds, lifetime_seconds // 2)
         self._clock = clock
-        self._max_entries = max_entries
         # (grant, plan, billable) -> (token, minted_at). A grant is immutable and replaced on every change, so a
         # changed plan, scope or status never reuses an old token.
-        self._recent: dict[tuple[Grant, str, bool], tuple[str, int]] = {}
+        self._recent: LruCache[tuple[Grant, str, bool], tuple[str, int]] = LruCache(max_entries)
 
     def token(self, grant: Grant, plan: str, billable: bool) -> str:
         """The token for a call by this grant; `plan` is the effective plan the backend is told about."""
@@ -57,7 +57,5 @@ class ContextSigner:
             self._secret,
             algorithm="HS256",
         )
-        if len(self._recent) >= self._max_entries:
-            self._recent.clear()
-        self._recent[cache_key] = (token, now)
+        self._recent.put(cache_key, (token, now))
         return token

@@ -1,9 +1,9 @@
 import jwt
 import pytest
 
-from authz_service.context_token import ContextSigner
+from authz_service.context_signer import ContextSigner
 from authz_service.decision import Grant
-from driftlock_kernel.context_token import verify
+from driftlock_kernel.tokens import verify
 
 SECRET = b"k" * 32
 GRANT = Grant("key-1", "org-1", "live", frozenset({"read", "detect"}), None, False, False, "pro", "active")

@@ -1,0 +1,61 @@
+"""Background work that a component owns for as long as it lives: one way to start it, stop it, and survive a
+failing step."""
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class BackgroundTask:
+    """A coroutine run from `start()` until `stop()`, which cancels it and waits for it to end."""
+
+    def __init__(self, name: str, run: Callable[[], Coroutine[Any, Any, None]]):
+        self.name = name
+        self._run = run
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def start(self) -> None:
+        if self._task is not None:
+            raise RuntimeError(f"{self.name} was started already")
+        self._task = asyncio.create_task(self._guarded(), name=self.name)
+
+    async def _guarded(self) -> None:
+        try:
+            await self._run()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("%s stopped by an error", self.name)
+            raise
+
+    async def stop(self) -> None:
+        if self._task is None:
+            return
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await self._task
+
+
+def every(interval: float, step: Callable[[], Awaitable[object]], *, name: str) -> BackgroundTask:
+    """A task that runs `step` every `interval` seconds. A step that raises is logged and the next one runs: one
+    bad batch must not stop the loop that writes everyone's."""
+
+    async def loop() -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await step()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("%s: a step failed; the next runs in %.1fs", name, interval)
+
+    return BackgroundTask(name, loop)

@@ -1,0 +1,85 @@
+"""The billing vocabulary both services speak: subscription statuses and what each means for service, overage
+modes, the free plan, and the rules that follow (which plan applies, when a payment is overdue).
+
+Pure: plain values in, plain values out. The statuses are Stripe's; `organizations.billing_status` and
+`stripe_subscriptions.status` accept exactly these (a test ties the schema's CHECK constraints to this enum).
+The grace period comes from DRIFTLOCK_DUNNING_GRACE_DAYS, whether an overdue organisation is blocked from
+DRIFTLOCK_DUNNING_POLICY and the fallback plan from DRIFTLOCK_FALLBACK_PLAN (see Settings).
+"""
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class SubscriptionStatus(StrEnum):
+    """A Stripe subscription's status."""
+
+    INCOMPLETE = "incomplete"
+    INCOMPLETE_EXPIRED = "incomplete_expired"
+    TRIALING = "trialing"
+    ACTIVE = "active"
+    PAST_DUE = "past_due"
+    UNPAID = "unpaid"
+    CANCELED = "canceled"
+    PAUSED = "paused"
+
+
+# An organisation's billing status is its subscription's, or this while Stripe has reported none.
+NO_SUBSCRIPTION = "none"
+BILLING_STATUSES = frozenset({NO_SUBSCRIPTION, *SubscriptionStatus})
+
+# Ended: no event brings such a subscription back.
+TERMINAL_STATUSES = frozenset({SubscriptionStatus.CANCELED, SubscriptionStatus.INCOMPLETE_EXPIRED})
+# Payment is overdue: dunning runs from the first failed payment of the episode.
+OVERDUE_STATUSES = frozenset({SubscriptionStatus.PAST_DUE, SubscriptionStatus.UNPAID})
+# A paid subscription is in force: its plan applies (while overdue, within the dunning rules).
+IN_FORCE_STATUSES = frozenset(
+    {SubscriptionStatus.TRIALING, SubscriptionStatus.ACTIVE, SubscriptionStatus.PAST_DUE, SubscriptionStatus.UNPAID}
+)
+# No paid subscription is in force (ended, never paid, or paused): the organisation is served as on the
+# fallback plan.
+FALLBACK_STATUSES = frozenset(SubscriptionStatus) - IN_FORCE_STATUSES
+
+# The plan every organisation starts on and falls back to; `migrate` creates it when it is missing.
+FREE_PLAN = "free"
+
+
+class Overage(StrEnum):
+    """What a plan does past its included units."""
+
+    SOFT = "soft"  # keep serving; what is beyond the included units is Stripe's price to charge
+    BLOCK = "block"  # answer quota_exceeded
+
+
+@dataclass(frozen=True, slots=True)
+class BillingPolicy:
+    """What a billing status means for service."""
+
+    grace_seconds: float = 7 * 86400
+    # False: an overdue organisation keeps full service (dunning is then only Stripe's e-mails).
+    block_billable_when_overdue: bool = True
+    fallback_plan: str = FREE_PLAN
+
+
+DEFAULT_POLICY = BillingPolicy()
+
+
+def effective_plan(plan: str, billing_status: str, policy: BillingPolicy = DEFAULT_POLICY) -> str:
+    """The plan that applies: the organisation's, unless no paid subscription is in force."""
+    return policy.fallback_plan if billing_status in FALLBACK_STATUSES else plan
+
+
+def payment_overdue(
+    billing_status: str, past_due_since: float | None, now: float, policy: BillingPolicy = DEFAULT_POLICY
+) -> bool:
+    """Past the grace period of a failed payment. An overdue status without a start time is still in grace."""
+    if billing_status not in OVERDUE_STATUSES or past_due_since is None:
+        return False
+    return now >= past_due_since + policy.grace_seconds
+
+
+def payment_blocks_billable(
+    billing_status: str, past_due_since: float | None, now: float, policy: BillingPolicy = DEFAULT_POLICY
+) -> bool:
+    """Whether billable routes answer payment_required: overdue past grace, under a policy that blocks."""
+    return policy.block_billable_when_overdue and payment_overdue(billing_status, past_due_since, now, policy)

@@ -1,0 +1,79 @@
+"""One configuration surface: every variable read by Settings, each default written once."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+from driftlock_kernel.settings import HostPort, Settings, SettingsError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_an_empty_environment_gives_the_defaults_of_the_dataclass():
+    assert Settings.from_env({}) == Settings()
+
+
+def test_each_variable_is_read():
+    settings = Settings.from_env(
+        {
+            "DRIFTLOCK_DB_TRANSACTION_POOLER": "true",
+            "DRIFTLOCK_FALLBACK_PLAN": "starter",
+            "DRIFTLOCK_AUTHZ_ADDRESS": "10.0.0.1:9191, 10.0.0.2:9191",
+            "DRIFTLOCK_WEBHOOKS_ADDRESS": "webhooks:8081",
+            "DRIFTLOCK_ENVOY_HOST": "127.0.0.1",
+            "DRIFTLOCK_ENVOY_CONFIG": "/etc/envoy.yaml",
+            "DRIFTLOCK_ENVOY_BIN": "/usr/bin/envoy",
+            "DRIFTLOCK_ENVOY_LOG_LEVEL": "info",
+            "DRIFTLOCK_ENVOY_CONCURRENCY": "3",
+            "DRIFTLOCK_LOG_LEVEL": "debug",
+            "DRIFTLOCK_DEBUG": "1",
+            "DRIFTLOCK_DEV_DIR": "/tmp/dev",
+        }
+    )
+    assert settings.database_transaction_pooler is True
+    assert settings.billing_policy().fallback_plan == "starter"
+    assert settings.envoy_authz_addresses() == (HostPort("10.0.0.1", 9191), HostPort("10.0.0.2", 9191))
+    assert settings.envoy_webhooks_address() == HostPort("webhooks", 8081)
+    assert (settings.envoy_host, settings.envoy_config_path, settings.envoy_binary) == (
+        "127.0.0.1",
+        "/etc/envoy.yaml",
+        "/usr/bin/envoy",
+    )
+    assert (settings.envoy_log_level, settings.envoy_concurrency) == ("info", 3)
+    assert (settings.log_level, settings.debug, settings.dev_state_dir) == ("DEBUG", True, "/tmp/dev")
+
+
+def test_service_addresses_default_to_this_hosts_ports():
+    settings = Settings.from_env({"DRIFTLOCK_AUTHZ_PORT": "7000", "DRIFTLOCK_WEBHOOKS_PORT": "7001"})
+    assert settings.envoy_authz_addresses() == (HostPort("127.0.0.1", 7000),)
+    assert settings.envoy_webhooks_address() == HostPort("127.0.0.1", 7001)
+    assert Settings.from_env({}).database_transaction_pooler is None  # guessed from the port
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("DRIFTLOCK_DB_TRANSACTION_POOLER", "maybe"),
+        ("DRIFTLOCK_AUTHZ_ADDRESS", "no-port"),
+        ("DRIFTLOCK_AUTHZ_ADDRESS", ","),
+        ("DRIFTLOCK_LOG_LEVEL", "loud"),
+        ("DRIFTLOCK_ENVOY_CONCURRENCY", "-1"),
+    ],
+)
+def test_a_malformed_value_is_one_line_naming_the_variable(name, value):
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_env({name: value})
+    assert name in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_no_module_but_settings_reads_the_environment():
+    """The children's environment is passed on (supervisor.py), never read for a setting."""
+    allowed = {"driftlock_kernel/settings.py", "driftlock_cli/supervisor.py"}
+    readers = []
+    for package in ("driftlock_kernel", "driftlock_cli", "authz_service", "billing_webhooks"):
+        for path in (ROOT / package).rglob("*.py"):
+            relative = str(path.relative_to(ROOT))
+            if relative not in allowed and re.search(r"os\.environ|getenv\(", path.read_text()):
+                readers.append(relative)
+    assert readers == []
