@@ -1,0 +1,3 @@
+module github.com/driftlock/gateway/go
+
+go 1.19
