@@ -600,6 +600,14 @@ async def test_subscriptions_retrieve_and_list_by_customer_with_pagination(local
     assert [s.id for s in canceled.data] == ["sub_acme2"]
     assert (retrieved.status, retrieved.customer) == ("past_due", CUSTOMER)
     assert retrieved["items"].data[0].price.id == PRICE
+    backwards = await listing(customer=CUSTOMER, limit=1, ending_before="sub_acme0")
+    assert ([s.id for s in backwards.data], backwards.has_more) == (["sub_acme1"], True)
+    with pytest.raises(stripe.InvalidRequestError) as bad_cursor:
+        await listing(customer=CUSTOMER, starting_after="sub_gone")
+    assert (bad_cursor.value.code, bad_cursor.value.param) == ("resource_missing", "starting_after")
+    with pytest.raises(stripe.InvalidRequestError) as bad_limit:
+        await listing(customer=CUSTOMER, limit=101)
+    assert bad_limit.value.param == "limit"
     with pytest.raises(stripe.InvalidRequestError) as missing:
         await call(mode, subscriptions.retrieve_async, subscriptions.retrieve, "sub_missing")
     assert (missing.value.http_status, missing.value.code, missing.value.user_message) == (
