@@ -128,13 +128,31 @@ async def wait_until(
         delay = min(delay * 1.5, 0.25)
 
 
+# Below Linux's ephemeral range (32768-60999), where outgoing connections take their local ports: a port picked
+# there could be taken by any connection before the child binds it.
+_PORT_RANGE = (20000, 32000)
+_handed_out: set[int] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port nothing listens on now (the OS's pick), for a child to bind a moment later."""
+    """A port nothing listens on now, for a child to bind a moment later: picked at random outside the ephemeral
+    range, so that neither outgoing connections nor another test process (picking its own at random) are likely
+    to take it meanwhile, and never the same one twice in this process."""
+    import random
     import socket
 
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+    for _ in range(1000):
+        port = random.randrange(*_PORT_RANGE)
+        if port in _handed_out:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise ChildFailed(f"no free port found in {_PORT_RANGE[0]}-{_PORT_RANGE[1]}")
 
 
 def tcp_open(host: str, port: int) -> Callable[[], Awaitable[bool]]:
