@@ -22,10 +22,11 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"driftlock_api/usage/v1/usage.proto\x12\x12\x64riftlock.usage.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"!\n\x0fGetUsageRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\"\x82\x04\n\x10GetUsageResponse\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x0c\n\x04plan\x18\x02 \x01(\t\x12\x16\n\x0e\x62illing_status\x18\x03 \x01(\t\x12\x30\n\x0cperiod_start\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nperiod_end\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nused_units\x18\x06 \x01(\x03\x12_\n\x17stored_units_by_product\x18\x07 \x03(\x0b\x32>.driftlock.usage.v1.GetUsageResponse.StoredUnitsByProductEntry\x12\x16\n\x0eincluded_units\x18\x08 \x01(\x03\x12\x0f\n\x07overage\x18\t \x01(\t\x12\x15\n\x08unit_cap\x18\n \x01(\x03H\x00\x88\x01\x01\x12\r\n\x05ratio\x18\x0b \x01(\x01\x12\x1b\n\x0erate_limit_rps\x18\x0c \x01(\x01H\x01\x88\x01\x01\x12\x18\n\x10payment_required\x18\r \x01(\x08\x1a;\n\x19StoredUnitsByProductEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x42\x0b\n\t_unit_capB\x11\n\x0f_rate_limit_rps\"X\n\x12ReportUsageRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06org_id\x18\x02 \x01(\t\x12\x0f\n\x07product\x18\x03 \x01(\t\x12\r\n\x05units\x18\x04 \x01(\x03\";\n\x13ReportUsageResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x12\n\nused_units\x18\x02 \x01(\x03\x32\xc5\x01\n\x0cUsageService\x12U\n\x08GetUsage\x12#.driftlock.usage.v1.GetUsageRequest\x1a$.driftlock.usage.v1.GetUsageResponse\x12^\n\x0bReportUsage\x12&.driftlock.usage.v1.ReportUsageRequest\x1a\'.driftlock.usage.v1.ReportUsageResponseB5Z3github.com/driftlock/driftlock/gen/usage/v1;usagev1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"driftlock_api/usage/v1/usage.proto\x12\x12\x64riftlock.usage.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"!\n\x0fGetUsageRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\"\x82\x04\n\x10GetUsageResponse\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x0c\n\x04plan\x18\x02 \x01(\t\x12\x16\n\x0e\x62illing_status\x18\x03 \x01(\t\x12\x30\n\x0cperiod_start\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nperiod_end\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nused_units\x18\x06 \x01(\x03\x12_\n\x17stored_units_by_product\x18\x07 \x03(\x0b\x32>.driftlock.usage.v1.GetUsageResponse.StoredUnitsByProductEntry\x12\x16\n\x0eincluded_units\x18\x08 \x01(\x03\x12\x0f\n\x07overage\x18\t \x01(\t\x12\x15\n\x08unit_cap\x18\n \x01(\x03H\x00\x88\x01\x01\x12\r\n\x05ratio\x18\x0b \x01(\x01\x12\x1b\n\x0erate_limit_rps\x18\x0c \x01(\x01H\x01\x88\x01\x01\x12\x18\n\x10payment_required\x18\r \x01(\x08\x1a;\n\x19StoredUnitsByProductEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x42\x0b\n\t_unit_capB\x11\n\x0f_rate_limit_rps\"X\n\x12ReportUsageRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06org_id\x18\x02 \x01(\t\x12\x0f\n\x07product\x18\x03 \x01(\t\x12\r\n\x05units\x18\x04 \x01(\x03\";\n\x13ReportUsageResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x12\n\nused_units\x18\x02 \x01(\x03\x32\x92\x02\n\x0cUsageService\x12v\n\x08GetUsage\x12#.driftlock.usage.v1.GetUsageRequest\x1a$.driftlock.usage.v1.GetUsageResponse\"\x1f\x82\xd3\xe4\x93\x02\x19\x12\x17/v1/orgs/{org_id}/usage\x12\x89\x01\n\x0bReportUsage\x12&.driftlock.usage.v1.ReportUsageRequest\x1a\'.driftlock.usage.v1.ReportUsageResponse\")\x82\xd3\xe4\x93\x02#\"\x1e/v1/orgs/{org_id}/usage:report:\x01*B5Z3github.com/driftlock/driftlock/gen/usage/v1;usagev1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,16 +36,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._serialized_options = b'Z3github.com/driftlock/driftlock/gen/usage/v1;usagev1'
   _globals['_GETUSAGERESPONSE_STOREDUNITSBYPRODUCTENTRY']._loaded_options = None
   _globals['_GETUSAGERESPONSE_STOREDUNITSBYPRODUCTENTRY']._serialized_options = b'8\001'
-  _globals['_GETUSAGEREQUEST']._serialized_start=91
-  _globals['_GETUSAGEREQUEST']._serialized_end=124
-  _globals['_GETUSAGERESPONSE']._serialized_start=127
-  _globals['_GETUSAGERESPONSE']._serialized_end=641
-  _globals['_GETUSAGERESPONSE_STOREDUNITSBYPRODUCTENTRY']._serialized_start=550
-  _globals['_GETUSAGERESPONSE_STOREDUNITSBYPRODUCTENTRY']._serialized_end=609
-  _globals['_REPORTUSAGEREQUEST']._serialized_start=643
-  _globals['_REPORTUSAGEREQUEST']._serialized_end=731
-  _globals['_REPORTUSAGERESPONSE']._serialized_start=733
-  _globals['_REPORTUSAGERESPONSE']._serialized_end=792
-  _globals['_USAGESERVICE']._serialized_start=795
-  _globals['_USAGESERVICE']._serialized_end=992
+  _globals['_USAGESERVICE'].methods_by_name['GetUsage']._loaded_options = None
+  _globals['_USAGESERVICE'].methods_by_name['GetUsage']._serialized_options = b'\202\323\344\223\002\031\022\027/v1/orgs/{org_id}/usage'
+  _globals['_USAGESERVICE'].methods_by_name['ReportUsage']._loaded_options = None
+  _globals['_USAGESERVICE'].methods_by_name['ReportUsage']._serialized_options = b'\202\323\344\223\002#\"\036/v1/orgs/{org_id}/usage:report:\001*'
+  _globals['_GETUSAGEREQUEST']._serialized_start=121
+  _globals['_GETUSAGEREQUEST']._serialized_end=154
+  _globals['_GETUSAGERESPONSE']._serialized_start=157
+  _globals['_GETUSAGERESPONSE']._serialized_end=671
+  _globals['_GETUSAGERESPONSE_STOREDUNITSBYPRODUCTENTRY']._serialized_start=580
+  _globals['_GETUSAGERESPONSE_STOREDUNITSBYPRODUCTENTRY']._serialized_end=639
+  _globals['_REPORTUSAGEREQUEST']._serialized_start=673
+  _globals['_REPORTUSAGEREQUEST']._serialized_end=761
+  _globals['_REPORTUSAGERESPONSE']._serialized_start=763
+  _globals['_REPORTUSAGERESPONSE']._serialized_end=822
+  _globals['_USAGESERVICE']._serialized_start=825
+  _globals['_USAGESERVICE']._serialized_end=1099
 # @@protoc_insertion_point(module_scope)
