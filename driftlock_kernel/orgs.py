@@ -1,4 +1,4 @@
-"""Organisations: the store behind `orgs create|show|suspend|resume`."""
+"""Organisations: the store behind `orgs create|show|list|set-plan|suspend|resume` and the management API."""
 
 import uuid
 from dataclasses import dataclass
@@ -7,6 +7,7 @@ from datetime import datetime
 from driftlock_kernel import db
 from driftlock_kernel.billing import FREE_PLAN
 from driftlock_kernel.errors import OperatorError
+from driftlock_kernel.paging import Cursor
 from driftlock_kernel.periods import Period, current_period
 
 
@@ -90,5 +91,38 @@ async def set_suspended(conn: db.Connection, org_id: uuid.UUID, suspended: bool)
            RETURNING *""",
         org_id,
         suspended,
+    )
+    return db.from_row(Organization, row) if row else await get_org(conn, org_id)
+
+
+async def list_orgs_page(
+    conn: db.Connection, *, limit: int, after: Cursor | None = None, only: uuid.UUID | None = None
+) -> tuple[list[Organization], Cursor | None]:
+    """Up to `limit` organisations in creation order after `after` (only the one named by `only`, if given);
+    with the cursor of the next page, None on the last."""
+    rows = await conn.fetch(
+        """SELECT * FROM driftlock.organizations
+           WHERE ($1::timestamptz IS NULL OR (created_at, id) > ($1, $2)) AND ($3::uuid IS NULL OR id = $3)
+           ORDER BY created_at, id LIMIT $4""",
+        after.created_at if after else None,
+        after.id if after else None,
+        only,
+        limit + 1,
+    )
+    found = [db.from_row(Organization, row) for row in rows[:limit]]
+    more = len(rows) > limit
+    return found, Cursor(found[-1].created_at, found[-1].id) if more and found else None
+
+
+async def set_plan(conn: db.Connection, org_id: uuid.UUID, plan: str) -> Organization:
+    """Put the organisation on `plan` (every replica serves it within a second). For an organisation billed
+    through Stripe, the subscription's price sets the plan again at its next event."""
+    if not await plan_exists(conn, plan):
+        raise NotFound(f"no plan named {plan!r} (see `driftlock-gateway plans list`)")
+    row = await conn.fetchrow(
+        """UPDATE driftlock.organizations SET plan_name = $2, updated_at = now()
+           WHERE id = $1 AND plan_name IS DISTINCT FROM $2 RETURNING *""",
+        org_id,
+        plan,
     )
     return db.from_row(Organization, row) if row else await get_org(conn, org_id)

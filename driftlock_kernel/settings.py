@@ -100,6 +100,19 @@ def _optional_bool(environ: Mapping[str, str], name: str) -> bool | None:
     return _bool(environ, name, False) if environ.get(name, "").strip() else None
 
 
+CONTEXT_TOKEN_ALGORITHMS = ("EdDSA", "HS256")
+
+
+def _algorithm(environ: Mapping[str, str], name: str, default: str) -> str:
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return default
+    for algorithm in CONTEXT_TOKEN_ALGORITHMS:
+        if raw.lower() == algorithm.lower():
+            return algorithm
+    raise SettingsError(f"{name} must be one of {', '.join(CONTEXT_TOKEN_ALGORITHMS)}, got {raw!r}")
+
+
 def _addresses(environ: Mapping[str, str], name: str, default: tuple[HostPort, ...]) -> tuple[HostPort, ...]:
     raw = environ.get(name, "").strip()
     if not raw:
@@ -175,6 +188,22 @@ class Settings:
     # Where `dev` keeps the embedded database and generated secrets.
     dev_state_dir: str = ".driftlock"
 
+    # --- The management API and context tokens (issue 12) ---
+    # Envoy's management listener (JSON management API, JWKS): loopback unless the operator opens it.
+    admin_host: str = "127.0.0.1"
+    admin_port: int = 8082
+    # Callers of the management API and UsageService sign their HS256 tokens with this; never the secret (or
+    # key) that signs context tokens. Unset: those APIs refuse every call.
+    admin_token_secret: str | None = None
+    # "EdDSA" (Ed25519 keys, published as a JWKS) or "HS256" (DRIFTLOCK_JWT_SECRET, shared with the backend).
+    context_token_algorithm: str = "EdDSA"
+    # Ed25519 signing keys, `kid:key` entries (key: base64url of the 32-byte private key), comma-separated or
+    # one per line in the file; the first signs, all are published. See driftlock_kernel/context_keys.py.
+    context_signing_keys: str | None = None
+    context_signing_keys_file: str | None = None
+    # How often authz writes when each key was last used (never once per request).
+    key_last_used_interval_seconds: float = 10.0
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
         env = os.environ if environ is None else environ
@@ -232,6 +261,15 @@ class Settings:
             ).upper(),
             debug=_bool(env, "DRIFTLOCK_DEBUG", d.debug),
             dev_state_dir=_text(env, "DRIFTLOCK_DEV_DIR", d.dev_state_dir),
+            admin_host=_text(env, "DRIFTLOCK_ADMIN_HOST", d.admin_host),
+            admin_port=_int(env, "DRIFTLOCK_ADMIN_PORT", d.admin_port, minimum=1),
+            admin_token_secret=env.get("DRIFTLOCK_ADMIN_TOKEN_SECRET") or None,
+            context_token_algorithm=_algorithm(env, "DRIFTLOCK_CONTEXT_TOKEN_ALGORITHM", d.context_token_algorithm),
+            context_signing_keys=env.get("DRIFTLOCK_CONTEXT_SIGNING_KEYS", "").strip() or None,
+            context_signing_keys_file=env.get("DRIFTLOCK_CONTEXT_SIGNING_KEYS_FILE", "").strip() or None,
+            key_last_used_interval_seconds=_float(
+                env, "DRIFTLOCK_KEY_LAST_USED_INTERVAL_SECONDS", d.key_last_used_interval_seconds, minimum=0.05
+            ),
         )
 
     def envoy_authz_addresses(self) -> tuple[HostPort, ...]:
@@ -267,6 +305,32 @@ class Settings:
                 f"DRIFTLOCK_JWT_SECRET is {len(secret)} bytes; at least {MIN_JWT_SECRET_BYTES} are required"
             )
         return secret
+
+    def admin_secret(self) -> bytes | None:
+        """The management API's token secret, checked: None when unset (the API then refuses every call)."""
+        if not self.admin_token_secret:
+            return None
+        secret = self.admin_token_secret.encode()
+        if len(secret) < MIN_JWT_SECRET_BYTES:
+            raise SettingsError(
+                f"DRIFTLOCK_ADMIN_TOKEN_SECRET is {len(secret)} bytes; at least {MIN_JWT_SECRET_BYTES} are required"
+            )
+        if self.jwt_secret and secret == self.jwt_secret.encode():
+            raise SettingsError(
+                "DRIFTLOCK_ADMIN_TOKEN_SECRET must differ from DRIFTLOCK_JWT_SECRET: whoever can verify context "
+                "tokens must not be able to call the management API"
+            )
+        return secret
+
+    def require_admin_secret(self) -> bytes:
+        secret = self.admin_secret()
+        if secret is None:
+            raise SettingsError("DRIFTLOCK_ADMIN_TOKEN_SECRET is not set (32 or more random bytes)")
+        return secret
+
+    def optional_jwt_secret(self) -> bytes | None:
+        """DRIFTLOCK_JWT_SECRET when set (checked), else None: only HS256 context tokens need it."""
+        return self.require_jwt_secret() if self.jwt_secret else None
 
     def require_webhook_secrets(self) -> tuple[str, ...]:
         if not self.stripe_webhook_secrets:
