@@ -33,6 +33,7 @@ from authz_service.decision import (
     route_from_context,
 )
 from authz_service.grants import GrantStore, StoreUnavailable
+from authz_service.key_last_used import LastUsedRecorder
 from authz_service.metering import Meter
 from authz_service.plan_book import PlanBook
 from authz_service.rate_limit import RateLimiter, RateVerdict
@@ -83,7 +84,9 @@ class Authorizer:
         audit: AuditLog | None = None,
         policy: BillingPolicy = DEFAULT_POLICY,
         clock: Callable[[], float] = time.time,
+        last_used: LastUsedRecorder | None = None,
     ):
+        self._last_used = last_used
         self._store = store
         self._plans = plans
         self._meter = meter
@@ -121,6 +124,8 @@ class Authorizer:
             return CheckOutcome(deny(DenyCode.INVALID_API_KEY), route=route)
         # access
         now = self._clock()
+        if self._last_used is not None:
+            self._last_used.touch(grant.key_id, now)
         plan_name = effective_plan(grant.plan, grant.billing_status, self._policy)
         access = check_access(route, grant, now)
         if not access.allowed:

@@ -1,7 +1,9 @@
-"""The `x-driftlock-context` token: an HS256 JWT that tells the backend who is calling, signed by us.
+"""The `x-driftlock-context` token: a JWT that tells the backend who is calling, signed by us with Ed25519
+(EdDSA, `kid` in the header, the public key in the JWKS) or, by configuration, HS256.
 
-Signing costs about as much as the rest of a check, so a token is reused for the same grant and route kind for
-up to `reuse_seconds`; every token still expires `lifetime_seconds` (at most 5 minutes) after it was minted.
+Signing costs about as much as the rest of a check (HS256 ~13 µs, EdDSA ~26 µs here in PyJWT), so a token is
+reused for the same grant and route kind for up to `reuse_seconds`; every token still expires
+`lifetime_seconds` (at most 5 minutes) after it was minted.
 """
 
 import time
@@ -11,13 +13,14 @@ import jwt
 
 from authz_service.decision import Grant
 from driftlock_kernel.caches import LruCache
+from driftlock_kernel.context_keys import ContextKeys
 from driftlock_kernel.tokens import AUDIENCE, ISSUER, MAX_LIFETIME_SECONDS
 
 
 class ContextSigner:
     def __init__(
         self,
-        secret: bytes,
+        keys: ContextKeys,
         *,
         lifetime_seconds: int = MAX_LIFETIME_SECONDS,
         reuse_seconds: int = 60,
@@ -26,7 +29,9 @@ class ContextSigner:
     ):
         if not 0 < lifetime_seconds <= MAX_LIFETIME_SECONDS:
             raise ValueError(f"token lifetime must be within 1..{MAX_LIFETIME_SECONDS} seconds")
-        self._secret = secret
+        self._algorithm = keys.algorithm
+        self._key = keys.signing_key()
+        self._headers = {"kid": keys.signing_kid} if keys.signing_kid else None
         self._lifetime = lifetime_seconds
         self._reuse = min(reuse_seconds, lifetime_seconds // 2)
         self._clock = clock
@@ -54,8 +59,9 @@ class ContextSigner:
                 "iat": now,
                 "exp": now + self._lifetime,
             },
-            self._secret,
-            algorithm="HS256",
+            self._key,
+            algorithm=self._algorithm,
+            headers=self._headers,
         )
         self._recent.put(cache_key, (token, now))
         return token

@@ -93,3 +93,16 @@ AUDIT_DROPPED = Counter(
     "driftlock_audit_entries_dropped_total",
     "Audit log entries dropped because the queue was full (the database was slow or down).",
 )
+
+# --- the management API and UsageService -------------------------------------------------------------------
+
+MANAGEMENT_CALLS = Counter(
+    "driftlock_management_calls_total",
+    "Calls to the management API and UsageService, by method and gRPC status code.",
+    ["method", "code"],
+)
+KEY_LAST_USED_WRITES = Counter(
+    "driftlock_key_last_used_writes_total",
+    "Batches of keys' last-use times written, by outcome: written, failed (kept for the next batch).",
+    ["outcome"],
+)

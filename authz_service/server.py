@@ -21,19 +21,23 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import start_http_server
 
 from authz_service import metrics
+from authz_service.admin_api import AdminGate
 from authz_service.alerts import AlertNotifier
 from authz_service.audit import AuditLog
 from authz_service.authorizer import Authorizer
 from authz_service.context_signer import ContextSigner
 from authz_service.ext_authz import AuthorizationServicer
 from authz_service.grants import GrantStore, database_fetch
+from authz_service.key_last_used import LastUsedRecorder
+from authz_service.management_api import KeyServicer, OrganizationServicer, PublicKeyServicer
 from authz_service.meter_store import MeterStore
 from authz_service.metering import Meter
 from authz_service.plan_book import PlanBook, database_load
 from authz_service.usage_api import UsageServicer
 from authz_service.usage_ledger import UsageLedger
+from driftlock_api.management.v1 import jwks_pb2_grpc, keys_pb2_grpc, orgs_pb2_grpc
 from driftlock_api.usage.v1 import usage_pb2_grpc
-from driftlock_kernel import db
+from driftlock_kernel import context_keys, db
 from driftlock_kernel.errors import OperatorError, one_line
 from driftlock_kernel.listener import ChangeListener, NotificationHandler
 from driftlock_kernel.logs import configure_logging
@@ -46,6 +50,11 @@ SHUTDOWN_FLUSH_SECONDS = 15.0
 INVALIDATE_CHANNEL = "driftlock_invalidate"
 AUTHORIZATION_SERVICE = "envoy.service.auth.v3.Authorization"
 USAGE_SERVICE = "driftlock.usage.v1.UsageService"
+MANAGEMENT_SERVICES = (
+    "driftlock.management.v1.KeyService",
+    "driftlock.management.v1.OrganizationService",
+    "driftlock.management.v1.PublicKeyService",
+)
 
 
 def invalidation_handler(store: GrantStore, plans: PlanBook) -> NotificationHandler:
@@ -100,7 +109,10 @@ async def serve(settings: Settings) -> None:
     """Run until SIGTERM/SIGINT, then drain and return. Whatever started is stopped in reverse order, also when
     a later part fails to start: the meter still flushes (or spills) what it counted, the pool still closes."""
     configure_logging(settings.log_level)
-    secret = settings.require_jwt_secret()
+    keys = context_keys.load(settings)
+    admin_secret = settings.admin_secret()
+    if admin_secret is None:
+        log.warning("DRIFTLOCK_ADMIN_TOKEN_SECRET is not set: the management API and UsageService refuse every call")
     url = settings.require_database_url()
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -141,7 +153,8 @@ async def serve(settings: Settings) -> None:
         )
         audit = AuditLog(pool, allow_sample_rate=settings.audit_allow_sample_rate)
         policy = settings.billing_policy()
-        authorizer = Authorizer(store, plans, meter, audit=audit, policy=policy)
+        last_used = LastUsedRecorder(pool, interval=settings.key_last_used_interval_seconds)
+        authorizer = Authorizer(store, plans, meter, audit=audit, policy=policy, last_used=last_used)
 
         def on_connect() -> None:
             store.expire_all()
@@ -163,11 +176,15 @@ async def serve(settings: Settings) -> None:
                 ("grpc.http2.min_ping_interval_without_data_ms", 5000),
             ]
         )
-        signer = ContextSigner(secret)
+        signer = ContextSigner(keys)
         external_auth_pb2_grpc.add_AuthorizationServicer_to_server(AuthorizationServicer(authorizer, signer), server)
+        gate = AdminGate(admin_secret, pool)
         usage_pb2_grpc.add_UsageServiceServicer_to_server(
-            UsageServicer(pool, plans, meter, meter_store, secret, policy=policy), server
+            UsageServicer(pool, plans, meter, meter_store, gate, policy=policy), server
         )
+        keys_pb2_grpc.add_KeyServiceServicer_to_server(KeyServicer(pool, gate), server)
+        orgs_pb2_grpc.add_OrganizationServiceServicer_to_server(OrganizationServicer(pool, gate), server)
+        jwks_pb2_grpc.add_PublicKeyServiceServicer_to_server(PublicKeyServicer(keys), server)
         health_servicer = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         address = f"{settings.authz_host}:{settings.authz_port}"
@@ -194,13 +211,21 @@ async def serve(settings: Settings) -> None:
             stack.push_async_callback(notifier.close)
         audit.start()
         stack.push_async_callback(audit.close)
+        last_used.start()
+        stack.push_async_callback(last_used.close)
         meter.start()
         stack.push_async_callback(meter.close, SHUTDOWN_FLUSH_SECONDS)
         await server.start()
         stack.push_async_callback(server.stop, SHUTDOWN_GRACE_SECONDS)
-        for service in ("", AUTHORIZATION_SERVICE, USAGE_SERVICE):
+        for service in ("", AUTHORIZATION_SERVICE, USAGE_SERVICE, *MANAGEMENT_SERVICES):
             await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
-        log.info("authz listening on %s (metrics on :%d)", address, settings.authz_metrics_port)
+        log.info(
+            "authz listening on %s (metrics on :%d); context tokens %s%s",
+            address,
+            settings.authz_metrics_port,
+            keys.algorithm,
+            f", signing key {keys.signing_kid}" if keys.signing_kid else "",
+        )
 
         await stopping.wait()
         log.info("shutting down: NOT_SERVING, answering for %.1fs more", settings.authz_drain_seconds)

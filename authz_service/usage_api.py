@@ -1,50 +1,32 @@
 """The usage API for the backend (proto/driftlock_api/usage/v1/usage.proto), on the authz port.
 
-WIRE: it reads and counts through the same meter as ext_authz (a reported unit is pooled, flushed, alerted on
-and enforced exactly like a unit counted at the edge), reads organisations through the kernel's store, and
-decides nothing itself: the payment rule is billing.payment_blocks_billable, the one authz enforces.
+WIRE: calls carry the admin token (admin_api.py; one with an `org_id` claim reads and reports for that
+organisation only). It reads and counts through the same meter as ext_authz (a reported unit is pooled, flushed,
+alerted on and enforced exactly like a unit counted at the edge), reads organisations through the kernel's store,
+and decides nothing itself: the payment rule is billing.payment_blocks_billable, the one authz enforces.
 """
 
-import logging
 import re
 import time
-import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import NoReturn
 
 import asyncpg
 import grpc
-import jwt
-from google.protobuf.timestamp_pb2 import Timestamp
 
+from authz_service.admin_api import AdminGate, ApiError, Call, invalid, parse_uuid, timestamp
 from authz_service.decision import PlanLimits
 from authz_service.meter_store import MeterStore
 from authz_service.metering import Meter
 from authz_service.plan_book import PlanBook
 from authz_service.usage_ledger import Report
 from driftlock_api.usage.v1 import usage_pb2, usage_pb2_grpc
-from driftlock_kernel import db, orgs
+from driftlock_kernel import orgs
 from driftlock_kernel.billing import DEFAULT_POLICY, BillingPolicy, effective_plan, payment_blocks_billable
-from driftlock_kernel.errors import one_line
 from driftlock_kernel.periods import Period
-from driftlock_kernel.tokens import verify_service_token
-
-log = logging.getLogger(__name__)
 
 PRODUCT = re.compile(r"[a-z][a-z0-9_]{0,31}")
 MAX_REPORTED_UNITS = 1_000_000
-
-
-def _timestamp(moment: datetime) -> Timestamp:
-    stamp = Timestamp()
-    stamp.FromDatetime(moment)
-    return stamp
-
-
-async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
-    await context.abort(code, message)
-    raise AssertionError("context.abort returns only by raising")  # for the type checker
 
 
 class UsageServicer(usage_pb2_grpc.UsageServiceServicer):
@@ -54,7 +36,7 @@ class UsageServicer(usage_pb2_grpc.UsageServiceServicer):
         plans: PlanBook,
         meter: Meter,
         meter_store: MeterStore,
-        secret: bytes,
+        gate: AdminGate,
         *,
         policy: BillingPolicy = DEFAULT_POLICY,
         clock: Callable[[], float] = time.time,
@@ -63,64 +45,40 @@ class UsageServicer(usage_pb2_grpc.UsageServiceServicer):
         self._plans = plans
         self._meter = meter
         self._meter_store = meter_store
-        self._secret = secret
+        self._gate = gate
         self._policy = policy
         self._clock = clock
 
-    async def _authenticate(self, context: grpc.aio.ServicerContext) -> None:
-        metadata = {key: value for key, value in context.invocation_metadata() or () if isinstance(value, str)}
-        scheme, _, token = metadata.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not token:
-            await _abort(context, grpc.StatusCode.UNAUTHENTICATED, "a bearer token is required")
-        try:
-            verify_service_token(token.strip(), self._secret)
-        except jwt.PyJWTError as error:
-            await _abort(context, grpc.StatusCode.UNAUTHENTICATED, f"invalid token: {error}")
+    async def _organisation(self, call: Call, org_id_text: str) -> orgs.Organization:
+        org_id = parse_uuid(org_id_text, "org_id")
+        call.require_org(org_id)
+        async with self._pool.acquire() as conn:
+            return await orgs.get_org(conn, org_id)
 
-    async def _unavailable(self, context: grpc.aio.ServicerContext, error: BaseException) -> NoReturn:
-        log.warning("usage API: the database failed: %s: %s", type(error).__name__, one_line(error))
-        await _abort(context, grpc.StatusCode.UNAVAILABLE, "the database is unavailable; retry shortly")
-
-    async def _organisation(self, org_id_text: str, context: grpc.aio.ServicerContext) -> orgs.Organization:
-        try:
-            org_id = uuid.UUID(org_id_text)
-        except ValueError:
-            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "org_id must be a UUID")
-        try:
-            async with self._pool.acquire() as conn:
-                return await orgs.get_org(conn, org_id)
-        except orgs.NotFound:
-            await _abort(context, grpc.StatusCode.NOT_FOUND, f"no organisation with id {org_id}")
-        except db.DATABASE_ERRORS as error:
-            await self._unavailable(context, error)
-
-    async def _plan_and_period(
-        self, org: orgs.Organization, context: grpc.aio.ServicerContext
-    ) -> tuple[PlanLimits, Period]:
+    async def _plan_and_period(self, org: orgs.Organization) -> tuple[PlanLimits, Period]:
         plan_name = effective_plan(org.plan, org.billing_status, self._policy)
         plan = await self._plans.require(plan_name)
         if plan is None:
-            await _abort(context, grpc.StatusCode.FAILED_PRECONDITION, f"plan {plan_name!r} does not exist")
+            raise ApiError(grpc.StatusCode.FAILED_PRECONDITION, "unknown_plan", f"plan {plan_name!r} does not exist")
         return plan, org.billing_period(datetime.fromtimestamp(self._clock(), UTC))
 
     async def GetUsage(
         self, request: usage_pb2.GetUsageRequest, context: grpc.aio.ServicerContext
     ) -> usage_pb2.GetUsageResponse:
-        await self._authenticate(context)
-        org = await self._organisation(request.org_id, context)
-        plan, period = await self._plan_and_period(org, context)
+        return await self._gate.run(context, "usage.get", lambda call: self._get_usage(call, request))
+
+    async def _get_usage(self, call: Call, request: usage_pb2.GetUsageRequest) -> usage_pb2.GetUsageResponse:
+        org = await self._organisation(call, request.org_id)
+        plan, period = await self._plan_and_period(org)
         used = await self._meter.used((str(org.id), period.start))
-        try:
-            stored = await self._meter_store.stored_by_product(str(org.id), period.start)
-        except db.DATABASE_ERRORS as error:
-            await self._unavailable(context, error)
+        stored = await self._meter_store.stored_by_product(str(org.id), period.start)
         past_due_since = org.past_due_since.timestamp() if org.past_due_since else None
         response = usage_pb2.GetUsageResponse(
             org_id=str(org.id),
             plan=plan.name,
             billing_status=org.billing_status,
-            period_start=_timestamp(period.start),
-            period_end=_timestamp(period.end),
+            period_start=timestamp(period.start),
+            period_end=timestamp(period.end),
             used_units=used,
             stored_units_by_product=stored,
             included_units=plan.included_units,
@@ -137,15 +95,17 @@ class UsageServicer(usage_pb2_grpc.UsageServiceServicer):
     async def ReportUsage(
         self, request: usage_pb2.ReportUsageRequest, context: grpc.aio.ServicerContext
     ) -> usage_pb2.ReportUsageResponse:
-        await self._authenticate(context)
+        return await self._gate.run(context, "usage.report", lambda call: self._report_usage(call, request))
+
+    async def _report_usage(self, call: Call, request: usage_pb2.ReportUsageRequest) -> usage_pb2.ReportUsageResponse:
         if not 1 <= len(request.request_id) <= 200:
-            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "request_id must be 1 to 200 characters")
+            raise invalid("request_id must be 1 to 200 characters")
         if not PRODUCT.fullmatch(request.product):
-            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "product must be a lower-case name like 'stream'")
+            raise invalid("product must be a lower-case name like 'stream'")
         if not 1 <= request.units <= MAX_REPORTED_UNITS:
-            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"units must be 1 to {MAX_REPORTED_UNITS}")
-        org = await self._organisation(request.org_id, context)
-        plan, period = await self._plan_and_period(org, context)
+            raise invalid(f"units must be 1 to {MAX_REPORTED_UNITS}")
+        org = await self._organisation(call, request.org_id)
+        plan, period = await self._plan_and_period(org)
         key = (str(org.id), period.start)
         await self._meter.used(key)  # know the stored total before adding to it
         report = Report(request.request_id, str(org.id), period.start, request.product, request.units)

@@ -29,7 +29,7 @@ from pathlib import Path
 from driftlock_cli import envoy_config
 from driftlock_cli.embedded_db import EmbeddedDatabase
 from driftlock_cli.supervisor import free_port, grpc_serving, http_ok, start_child, tcp_open, wait_until
-from driftlock_kernel import api_keys, db, migrate, orgs, plans
+from driftlock_kernel import api_keys, context_keys, db, migrate, orgs, plans
 from driftlock_kernel.settings import HostPort
 
 HERE = Path(__file__).resolve().parent
@@ -55,6 +55,7 @@ class Fixture:
         self.embedded: EmbeddedDatabase | None = None
         self.url = os.environ.get("DATABASE_URL", "")
         self.jwt_secret = secrets.token_urlsafe(48)
+        self.signing_key = context_keys.Ed25519Key.generate("bench")
         self.secret = ""
 
     async def __aenter__(self) -> "Fixture":
@@ -76,6 +77,8 @@ class Fixture:
         return {
             "DATABASE_URL": self.url,
             "DRIFTLOCK_JWT_SECRET": self.jwt_secret,
+            # EdDSA context tokens, as authz signs them by default.
+            "DRIFTLOCK_CONTEXT_SIGNING_KEYS": self.signing_key.entry(),
             "DRIFTLOCK_AUTHZ_HOST": "127.0.0.1",
             "DRIFTLOCK_AUTHZ_PORT": str(port),
             "DRIFTLOCK_AUTHZ_METRICS_PORT": str(free_port()),
@@ -130,7 +133,8 @@ async def bench_inproc(fixture: Fixture, seconds: float) -> list[tuple[str, str,
     store = GrantStore(database_fetch(pool), ttl=300, negative_ttl=5, stale_for=300, max_entries=1000, fetch_timeout=1)
     meter = Meter(UsageLedger(), MeterStore(pool, replica="bench"))
     authorizer = Authorizer(store, PlanBook(database_load(pool)), meter=meter)
-    servicer = AuthorizationServicer(authorizer, ContextSigner(fixture.jwt_secret.encode()))
+    keys = context_keys.ContextKeys(context_keys.EDDSA, (fixture.signing_key,))
+    servicer = AuthorizationServicer(authorizer, ContextSigner(keys))
     cases = {
         "billable call (metered)": {"scope": "detect", "billable": "true", "product": "stream", "units": "1"},
         "read call": {"scope": "read", "billable": "false"},
