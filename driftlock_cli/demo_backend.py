@@ -1,5 +1,6 @@
 """A stand-in for the Go backend, for `dev` and the end-to-end tests: it answers every request with what it
-received (method, path, headers) and, given the JWT secret, the verified claims of the context token."""
+received (method, path, headers) and the verified claims of the context token, checked the way the gateway is
+configured to sign it (EdDSA with the public halves of its signing keys, or HS256 with the shared secret)."""
 
 import argparse
 import asyncio
@@ -8,18 +9,20 @@ import signal
 import jwt
 from aiohttp import web
 
+from driftlock_kernel import context_keys
+from driftlock_kernel.context_keys import ContextKeys
+from driftlock_kernel.errors import OperatorError
 from driftlock_kernel.settings import Settings
-from driftlock_kernel.tokens import verify
 
 
-def create_app(jwt_secret: bytes | None) -> web.Application:
+def create_app(keys: ContextKeys | None) -> web.Application:
     async def echo(request: web.Request) -> web.Response:
         body = await request.read()
         claims = None
         token = request.headers.get("x-driftlock-context")
-        if token and jwt_secret:
+        if token and keys is not None:
             try:
-                claims = verify(token, jwt_secret)
+                claims = keys.verify(token)
             except jwt.PyJWTError as error:
                 claims = {"invalid": str(error)}
         return web.json_response(
@@ -37,8 +40,8 @@ def create_app(jwt_secret: bytes | None) -> web.Application:
     return app
 
 
-async def run(host: str, port: int, jwt_secret: bytes | None) -> None:
-    runner = web.AppRunner(create_app(jwt_secret), access_log=None)
+async def run(host: str, port: int, keys: ContextKeys | None) -> None:
+    runner = web.AppRunner(create_app(keys), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
     stopping = asyncio.Event()
@@ -54,8 +57,12 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     args = parser.parse_args()
-    secret = Settings.from_env().jwt_secret
-    asyncio.run(run(args.host, args.port, secret.encode() if secret else None))
+    try:
+        keys: ContextKeys | None = context_keys.load(Settings.from_env())
+    except OperatorError as error:  # it still echoes, without claims
+        print(f"demo backend: context tokens will not be verified: {error}", flush=True)
+        keys = None
+    asyncio.run(run(args.host, args.port, keys))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from pathlib import Path
 from driftlock_cli.embedded_db import EmbeddedDatabase
 from driftlock_cli.stack import LOOPBACK, StackPorts, start_stack
 from driftlock_cli.supervisor import ChildFailed, first_exit
-from driftlock_kernel import api_keys, db, migrate, orgs
+from driftlock_kernel import api_keys, context_keys, db, migrate, orgs
 from driftlock_kernel.settings import MIN_JWT_SECRET_BYTES, HostPort, Settings
 
 DEMO_ORG_NAME = "Demo organisation"
@@ -66,6 +66,9 @@ async def run_dev_stack(settings: Settings, *, backend: HostPort | None, state_d
         jwt_secret = settings.jwt_secret or _secret_file(jwt_path, lambda: secrets.token_urlsafe(48))
         if len(jwt_secret.encode()) < MIN_JWT_SECRET_BYTES:
             raise ChildFailed(f"DRIFTLOCK_JWT_SECRET must be at least {MIN_JWT_SECRET_BYTES} bytes")
+        admin_path = state / "admin_token_secret"
+        admin_secret = settings.admin_token_secret or _secret_file(admin_path, lambda: secrets.token_urlsafe(48))
+        keys_path, keys_env = _context_keys(settings, state)
         webhook_path = state / "stripe_webhook_secret"
         webhook_secret = ",".join(settings.stripe_webhook_secrets) or _secret_file(
             webhook_path, lambda: "whsec_" + secrets.token_urlsafe(32)
@@ -80,6 +83,9 @@ async def run_dev_stack(settings: Settings, *, backend: HostPort | None, state_d
             backend=backend,
             output=sys.stderr,
             webhook_secret=webhook_secret,
+            admin_token_secret=admin_secret,
+            context_signing_keys=keys_path,
+            extra_env=keys_env,
         )
         try:
             _print_banner(
@@ -93,6 +99,10 @@ async def run_dev_stack(settings: Settings, *, backend: HostPort | None, state_d
                 key,
                 # A secret of the operator's own is not printed; a generated one is, with where it is kept.
                 None if settings.stripe_webhook_secrets else (webhook_secret, webhook_path),
+                stack.management_url,
+                None if settings.admin_token_secret else admin_path,
+                keys_path if keys_path is not None and not settings.context_signing_keys_file else None,
+                settings.context_token_algorithm,
             )
             stopping = asyncio.Event()
             loop = asyncio.get_running_loop()
@@ -115,6 +125,19 @@ async def run_dev_stack(settings: Settings, *, backend: HostPort | None, state_d
     print("Stopped.", flush=True)
 
 
+def _context_keys(settings: Settings, state: Path) -> tuple[Path | None, dict[str, str]]:
+    """The signing key file of the stack (the operator's, or one generated and kept in the state directory) and
+    the environment that says so."""
+    if settings.context_signing_keys:  # the operator's keys, inherited from the environment: no file
+        return None, {"DRIFTLOCK_CONTEXT_SIGNING_KEYS_FILE": ""}
+    if settings.context_signing_keys_file:
+        return Path(settings.context_signing_keys_file), {}
+    path = state / "context_signing_keys"
+    if not path.exists():
+        context_keys.write_key_file(path, (context_keys.Ed25519Key.generate(kid="dev-1"),))
+    return path, {}
+
+
 def _print_banner(
     envoy_url: str,
     ports: StackPorts,
@@ -125,6 +148,10 @@ def _print_banner(
     org_id: uuid.UUID,
     key: str,
     webhook: tuple[str, Path] | None,
+    management_url: str,
+    admin_path: Path | None,
+    keys_path: Path | None,
+    algorithm: str,
 ) -> None:
     backend_line = f"{backend} (yours)" if backend else f"http://{LOOPBACK}:{ports.backend} (demo: echoes requests)"
     lines = [
@@ -134,6 +161,8 @@ def _print_banner(
         f"  authz (gRPC)        {LOOPBACK}:{ports.authz[0]}   metrics http://{LOOPBACK}:{ports.authz_metrics[0]}/metrics",
         f"  Stripe webhooks     {envoy_url}/stripe/webhook   "
         f"(service http://{LOOPBACK}:{ports.webhooks}, metrics /metrics)",
+        f"  management API      {management_url}   (JSON; docs/management-api.md)",
+        f"  JWKS                {management_url}/.well-known/jwks.json   (context tokens: {algorithm})",
         f"  Envoy admin         http://{LOOPBACK}:{ports.envoy_admin}",
         f"  backend             {backend_line}",
         f"  database            {where}",
@@ -142,6 +171,10 @@ def _print_banner(
         lines.append(f"  JWT secret          generated, in {jwt_path}")
     if webhook is not None:
         lines.append(f"  webhook secret      generated, in {webhook[1]}")
+    if admin_path is not None:
+        lines.append(f"  admin token secret  generated, in {admin_path}")
+    if keys_path is not None:
+        lines.append(f"  context signing key generated, in {keys_path}")
     lines += [
         "",
         "Use the CLI against this stack:",
@@ -149,6 +182,10 @@ def _print_banner(
     ]
     if webhook is not None:
         lines.append(f"  export STRIPE_WEBHOOK_SECRET='{webhook[0]}'")
+    if admin_path is not None:
+        lines.append(f'  export DRIFTLOCK_ADMIN_TOKEN_SECRET="$(cat {admin_path})"')
+    if keys_path is not None:
+        lines.append(f"  export DRIFTLOCK_CONTEXT_SIGNING_KEYS_FILE='{keys_path}'")
     lines += [
         "",
         f"Demo key for organisation {org_id} (shown once):",
@@ -156,6 +193,9 @@ def _print_banner(
         "",
         "Try it:",
         f"  curl -H 'Authorization: Bearer {key}' {envoy_url}/api/v1/stream/detect",
+        "",
+        "The management API (JSON; an admin token lasts 5 minutes):",
+        f'  curl -H "Authorization: Bearer $(driftlock-gateway admin-token)" {management_url}/v1/orgs/{org_id}/keys',
         "",
         "Play Stripe (a signed event through Envoy; see --help for the other types):",
         f"  driftlock-gateway stripe send-event checkout.session.completed --org {org_id}",

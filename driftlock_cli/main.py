@@ -15,9 +15,9 @@ from typing import Any, NoReturn
 
 import asyncpg
 
-from driftlock_cli import webhook_commands
+from driftlock_cli import management_commands, webhook_commands
 from driftlock_cli.output import Printer, fields, table, text_value
-from driftlock_kernel import api_keys, db, keys, migrate, orgs, plans, usage
+from driftlock_kernel import admin_audit, api_keys, db, keys, migrate, orgs, plans, usage
 from driftlock_kernel.billing import FREE_PLAN, Overage
 from driftlock_kernel.durations import parse_duration
 from driftlock_kernel.errors import OperatorError
@@ -141,8 +141,23 @@ async def cmd_plans_list(args: argparse.Namespace, settings: Settings, out: Prin
     out.result({"plans": rows}, table(rows, columns))
 
 
+async def _audited(settings: Settings, action: str, work: Callable[[db.Connection], Coroutine[Any, Any, Any]]) -> Any:
+    """Run a change and record it in the audit log (the local user as the caller), in one transaction."""
+
+    async def run(conn: db.Connection) -> Any:
+        async with conn.transaction():
+            result = await work(conn)
+            key = result[0] if isinstance(result, tuple) else result
+            key_id = key.id if isinstance(key, api_keys.ApiKey) else None
+            org_id = key.org_id if isinstance(key, api_keys.ApiKey) else getattr(key, "id", None)
+            await admin_audit.record(conn, admin_audit.cli_actor(), action, org_id=org_id, key_id=key_id)
+            return result
+
+    return await _with_db(settings, run)
+
+
 async def cmd_orgs_create(args: argparse.Namespace, settings: Settings, out: Printer) -> None:
-    org = await _with_db(settings, lambda conn: orgs.create_org(conn, args.name, plan=args.plan))
+    org = await _audited(settings, "orgs.create", lambda conn: orgs.create_org(conn, args.name, plan=args.plan))
     obj = org.as_dict(datetime.now(UTC))
     out.result(obj, f"Created organisation {org.id} ({org.name}) on plan {org.plan}.")
 
@@ -155,7 +170,8 @@ async def cmd_orgs_show(args: argparse.Namespace, settings: Settings, out: Print
 
 def _cmd_orgs_suspension(suspended: bool) -> CommandHandler:
     async def command(args: argparse.Namespace, settings: Settings, out: Printer) -> None:
-        org = await _with_db(settings, lambda conn: orgs.set_suspended(conn, args.org_id, suspended))
+        action = "orgs.suspend" if suspended else "orgs.resume"
+        org = await _audited(settings, action, lambda conn: orgs.set_suspended(conn, args.org_id, suspended))
         state = "suspended" if org.suspended_at else "serving"
         out.result(
             {"id": org.id, "suspended": org.suspended_at is not None, "suspended_at": org.suspended_at},
@@ -166,8 +182,9 @@ def _cmd_orgs_suspension(suspended: bool) -> CommandHandler:
 
 
 async def cmd_keys_create(args: argparse.Namespace, settings: Settings, out: Printer) -> None:
-    key, secret = await _with_db(
+    key, secret = await _audited(
         settings,
+        "keys.create",
         lambda conn: api_keys.create_key(
             conn,
             args.org,
@@ -195,7 +212,7 @@ async def cmd_keys_list(args: argparse.Namespace, settings: Settings, out: Print
 
 
 async def cmd_keys_revoke(args: argparse.Namespace, settings: Settings, out: Printer) -> None:
-    key = await _with_db(settings, lambda conn: api_keys.revoke_key(conn, args.key_id))
+    key = await _audited(settings, "keys.revoke", lambda conn: api_keys.revoke_key(conn, args.key_id))
     out.result(key.as_dict(), f"Key {key.id} ({key.display_prefix}…) is revoked since {text_value(key.revoked_at)}.")
 
 
@@ -339,6 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     leaf(commands, "authz", cmd_authz, "run the ext_authz gRPC service")
     webhook_commands.register(commands, leaf)
+    management_commands.register(commands, leaf, keys_group=keys_group, orgs_group=orgs_group)
     envoy = leaf(commands, "envoy", cmd_envoy, "render envoy/envoy.yaml from the environment and run Envoy")
     envoy.add_argument("--print-config", action="store_true", help="print the rendered config and exit")
     envoy.add_argument("envoy_args", nargs=argparse.REMAINDER, help="passed to envoy after --")

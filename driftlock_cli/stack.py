@@ -6,6 +6,7 @@ addresses differ.
 """
 
 import asyncio
+import dataclasses
 import functools
 import sys
 from collections.abc import Awaitable, Callable
@@ -14,7 +15,8 @@ from pathlib import Path
 from typing import IO
 
 from driftlock_cli import envoy_config
-from driftlock_cli.supervisor import Child, grpc_serving, http_ok, start_child, tcp_open, wait_until
+from driftlock_cli.supervisor import Child, free_port, grpc_serving, http_ok, start_child, tcp_open, wait_until
+from driftlock_kernel import context_keys
 from driftlock_kernel.settings import HostPort, Settings
 
 READY_TIMEOUT_SECONDS = 60.0
@@ -29,6 +31,8 @@ class StackPorts:
     authz_metrics: tuple[int, ...]
     webhooks: int
     backend: int
+    # Envoy's management listener (JSON management API, JWKS); None: a free port, chosen at start.
+    admin: int | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "StackPorts":
@@ -40,6 +44,7 @@ class StackPorts:
             authz_metrics=(settings.authz_metrics_port,),
             webhooks=settings.webhooks_port,
             backend=settings.backend.port,
+            admin=settings.admin_port,
         )
 
 
@@ -64,6 +69,11 @@ class Stack:
     @property
     def envoy_url(self) -> str:
         return f"http://{LOOPBACK}:{self.ports.envoy}"
+
+    @property
+    def management_url(self) -> str:
+        """Envoy's management listener: the JSON management API and /.well-known/jwks.json."""
+        return f"http://{LOOPBACK}:{self.ports.admin}"
 
     @property
     def webhooks_url(self) -> str:
@@ -114,7 +124,7 @@ def _python(*args: str) -> list[str]:
 async def start_stack(
     *,
     database_url: str,
-    jwt_secret: str,
+    jwt_secret: str | None,
     state_dir: Path,
     ports: StackPorts,
     backend: HostPort | None = None,
@@ -123,6 +133,8 @@ async def start_stack(
     extra_env: dict[str, str] | None = None,
     envoy_concurrency: int = 1,
     webhook_secret: str | None = None,
+    admin_token_secret: str | None = None,
+    context_signing_keys: Path | None = None,
 ) -> Stack:
     """Start everything and wait until it serves; on failure, stop what was started and raise ChildFailed.
 
@@ -130,13 +142,25 @@ async def start_stack(
     without it Envoy's `webhooks` cluster points at `ports.webhooks`, where the caller may run something else.
     Output of each child goes to `log_dir/<name>.log`, or to `output` with a `[name]` prefix. Units the meter
     could not write at shutdown are kept in `state_dir/meter-spill` for the next start.
+
+    The management API answers when `admin_token_secret` is given (and refuses every call without it).
+    Context tokens are EdDSA, signed by the key file `context_signing_keys` (a fresh key in
+    `state_dir/context_signing_keys` when None), unless `extra_env` sets DRIFTLOCK_CONTEXT_TOKEN_ALGORITHM=HS256.
     """
     state_dir.mkdir(parents=True, exist_ok=True)
+    admin_port = ports.admin or free_port()
+    ports = dataclasses.replace(ports, admin=admin_port)
+    if context_signing_keys is None:
+        context_signing_keys = state_dir / "context_signing_keys"
+        if not context_signing_keys.exists():
+            context_keys.write_key_file(context_signing_keys, (context_keys.Ed25519Key.generate(),))
     common_env = {
         "DATABASE_URL": database_url,
-        "DRIFTLOCK_JWT_SECRET": jwt_secret,
+        "DRIFTLOCK_CONTEXT_SIGNING_KEYS_FILE": str(context_signing_keys),
         "DRIFTLOCK_METER_SPILL_DIR": str(state_dir / "meter-spill"),
         "PYTHONUNBUFFERED": "1",
+        **({"DRIFTLOCK_JWT_SECRET": jwt_secret} if jwt_secret else {}),
+        **({"DRIFTLOCK_ADMIN_TOKEN_SECRET": admin_token_secret} if admin_token_secret else {}),
         **(extra_env or {}),
     }
     target_backend = backend or HostPort(LOOPBACK, ports.backend)
@@ -147,6 +171,7 @@ async def start_stack(
         backend=target_backend,
         authz=[HostPort(LOOPBACK, port) for port in ports.authz],
         webhooks=HostPort(LOOPBACK, ports.webhooks),
+        management=HostPort(LOOPBACK, admin_port),
     )
     stack = Stack(
         ports=ports,
