@@ -16,6 +16,7 @@ from driftlock_kernel.keys import ALL_SCOPES, Environment, Scope
 from tests.support.database import DatabaseFactory
 
 JWT_SECRET = secrets.token_urlsafe(48)
+ADMIN_TOKEN_SECRET = secrets.token_urlsafe(48)
 # Organisations of the tests are on this plan unless a test says otherwise: no rate limit and a soft quota, so
 # that a test meets a limit only when it asks for one.
 TEST_PLAN = "tests-unlimited"
@@ -24,6 +25,23 @@ TEST_PLAN = "tests-unlimited"
 @pytest.fixture(scope="session")
 def jwt_secret() -> str:
     return JWT_SECRET
+
+
+@pytest.fixture(scope="session")
+def admin_secret() -> str:
+    """DRIFTLOCK_ADMIN_TOKEN_SECRET of the session's gateway: what management API callers sign tokens with."""
+    return ADMIN_TOKEN_SECRET
+
+
+@pytest.fixture(scope="session")
+def context_signing_keys(tmp_path_factory):
+    """The session gateway's context-token keys: two, as during a rotation (the first signs, both published)."""
+    from driftlock_kernel import context_keys
+
+    keys = (context_keys.Ed25519Key.generate("tests-current"), context_keys.Ed25519Key.generate("tests-next"))
+    path = tmp_path_factory.mktemp("context-keys") / "context_signing_keys"
+    context_keys.write_key_file(path, keys)
+    return context_keys.ContextKeys(context_keys.EDDSA, keys), path
 
 
 @pytest.fixture(scope="session")
@@ -107,7 +125,9 @@ def make_key(pool):
 class Gateway:
     """Envoy + two authz replicas + the webhook service + a recording backend and alert receiver, on free ports.
 
-    Every allowed check is audited (sample rate 1) so that tests can find their requests in the audit log."""
+    Every allowed check is audited (sample rate 1) so that tests can find their requests in the audit log.
+    Context tokens are EdDSA (the `context_signing_keys` fixture); the management API answers on
+    `management_port` to tokens signed with the `admin_secret` fixture."""
 
     def __init__(self, stack, backend, webhook_secret, alerts, log_dir):
         self.stack = stack
@@ -119,6 +139,10 @@ class Gateway:
     @property
     def port(self) -> int:
         return self.stack.ports.envoy
+
+    @property
+    def management_port(self) -> int:
+        return self.stack.ports.admin
 
     @property
     def webhooks_url(self) -> str:
@@ -133,7 +157,7 @@ class Gateway:
 
 
 @pytest.fixture(scope="session")
-async def gateway(database_url, jwt_secret, tmp_path_factory):
+async def gateway(database_url, jwt_secret, admin_secret, context_signing_keys, tmp_path_factory):
     from driftlock_cli.stack import StackPorts, start_stack
     from driftlock_kernel.settings import HostPort
     from tests.support.net import free_port
@@ -149,6 +173,7 @@ async def gateway(database_url, jwt_secret, tmp_path_factory):
         authz_metrics=(free_port(), free_port()),
         webhooks=free_port(),
         backend=backend.port,
+        admin=free_port(),
     )
     state = tmp_path_factory.mktemp("gateway")
     log_dir = state / "logs"
@@ -161,9 +186,12 @@ async def gateway(database_url, jwt_secret, tmp_path_factory):
             backend=HostPort("127.0.0.1", backend.port),
             log_dir=log_dir,
             webhook_secret=SECRET,
+            admin_token_secret=admin_secret,
+            context_signing_keys=context_signing_keys[1],
             extra_env={
                 "DRIFTLOCK_ALERT_WEBHOOK_URL": f"http://127.0.0.1:{alerts.port}/alerts",
                 "DRIFTLOCK_AUDIT_ALLOW_SAMPLE_RATE": "1",
+                "DRIFTLOCK_KEY_LAST_USED_INTERVAL_SECONDS": "0.5",
             },
         )
     except Exception:

@@ -10,7 +10,6 @@ import pytest
 from driftlock_cli import stripe_player
 from driftlock_kernel import api_keys, orgs
 from driftlock_kernel.keys import Environment, generate_key
-from driftlock_kernel.tokens import verify
 from tests.conftest import TEST_PLAN
 from tests.support.http import raw_request
 from tests.support.net import eventually
@@ -46,7 +45,7 @@ def assert_error(response, status: int, code: str) -> None:
         assert int(response.headers["retry-after"]) >= 1
 
 
-async def test_allowed_request_reaches_backend_with_the_contract_headers(gateway, send, tenant, jwt_secret):
+async def test_allowed_request_reaches_backend_with_the_contract_headers(gateway, send, tenant, context_signing_keys):
     org, key, secret = tenant
     response = await send(headers={"Authorization": f"Bearer {secret}"})
     assert response.status == 200
@@ -57,7 +56,7 @@ async def test_allowed_request_reaches_backend_with_the_contract_headers(gateway
     assert received.header("x-driftlock-plan") == TEST_PLAN
     assert received.header("x-driftlock-environment") == "live"
     assert received.header("x-driftlock-billable") == "true"
-    claims = verify(received.header("x-driftlock-context"), jwt_secret.encode())
+    claims = context_signing_keys[0].verify(received.header("x-driftlock-context"))
     assert claims["sub"] == str(org.id)
     assert claims["key_id"] == str(key.id)
     assert claims["plan"] == TEST_PLAN and claims["env"] == "live" and claims["billable"] is True

@@ -12,6 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from driftlock_cli.supervisor import grpc_serving, start_child, wait_until
 from driftlock_kernel import api_keys
+from tests.support.admin import signing_key_env
 from tests.support.authz_requests import bearer, check_request
 from tests.support.net import eventually, free_port
 from tests.support.tcp_proxy import FaultProxy
@@ -33,6 +34,7 @@ async def proxied_authz(database_url, jwt_secret, tmp_path):
         env={
             "DATABASE_URL": proxy.url(),
             "DRIFTLOCK_JWT_SECRET": jwt_secret,
+            **signing_key_env(),
             "DRIFTLOCK_AUTHZ_HOST": "127.0.0.1",
             "DRIFTLOCK_AUTHZ_PORT": str(port),
             "DRIFTLOCK_AUTHZ_METRICS_PORT": str(metrics_port),

@@ -5,6 +5,7 @@ import uuid
 
 import pytest
 
+from tests.support.admin import signing_key_env
 from tests.support.cli import run_cli
 from tests.support.net import free_port
 
@@ -232,7 +233,7 @@ def test_authz_on_a_port_in_use_says_so_in_one_line_and_exits(database_url, jwt_
         result = run_cli(
             "authz",
             database_url=database_url,
-            env={"DRIFTLOCK_JWT_SECRET": jwt_secret, "DRIFTLOCK_AUTHZ_HOST": "127.0.0.1", **ports},
+            env={"DRIFTLOCK_JWT_SECRET": jwt_secret, **signing_key_env(), "DRIFTLOCK_AUTHZ_HOST": "127.0.0.1", **ports},
             timeout=60,
         )
     assert_one_line_error(result, "cannot")

@@ -1,6 +1,7 @@
 """The shipped Envoy configuration: valid for the real binary, and a route table that says what each path is."""
 
 import copy
+from pathlib import Path
 
 import pytest
 
@@ -8,8 +9,8 @@ from driftlock_cli import envoy_config
 from driftlock_kernel.settings import HostPort, Settings
 
 
-def hcm(config: dict) -> dict:
-    (listener,) = config["static_resources"]["listeners"]
+def hcm(config: dict, name: str = "public") -> dict:
+    (listener,) = [item for item in config["static_resources"]["listeners"] if item["name"] == name]
     return listener["filter_chains"][0]["filters"][0]["typed_config"]
 
 
@@ -35,7 +36,18 @@ def rendered(shipped) -> dict:
         backend=HostPort("backend.internal", 9000),
         authz=[HostPort("127.0.0.1", 19191), HostPort("127.0.0.1", 19192)],
         webhooks=HostPort("127.0.0.1", 18081),
+        management=HostPort("127.0.0.1", 18082),
     )
+
+
+def listener(config: dict, name: str) -> dict:
+    (found,) = [item for item in config["static_resources"]["listeners"] if item["name"] == name]
+    return found
+
+
+def transcoder(config: dict) -> dict:
+    (found,) = [f for f in hcm(config, "management")["http_filters"] if f["name"] == envoy_config.TRANSCODER]
+    return found["typed_config"]
 
 
 def test_shipped_config_passes_envoy_validate():
@@ -61,12 +73,57 @@ def test_rendering_changes_addresses_and_nothing_else(shipped):
     assert config["admin"]["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": 19901}
     stripped = copy.deepcopy(config)
     original = copy.deepcopy(shipped)
+    assert listener(config, "management")["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": 18082}
+    assert Path(transcoder(config)["proto_descriptor"]) == envoy_config.descriptor_set_path()
     for c in (stripped, original):
         c["admin"]["address"] = None
-        c["static_resources"]["listeners"][0]["address"] = None
+        for item in c["static_resources"]["listeners"]:
+            item["address"] = None
+        transcoder(c)["proto_descriptor"] = None
         for cluster in c["static_resources"]["clusters"]:
             cluster["load_assignment"] = None
     assert stripped == original
+
+
+def test_an_envoy_rendered_without_a_management_address_has_no_management_listener(shipped):
+    config = envoy_config.render(
+        shipped,
+        listen=HostPort("127.0.0.1", 18080),
+        admin_port=19901,
+        backend=HostPort("127.0.0.1", 9000),
+        authz=[HostPort("127.0.0.1", 19191)],
+        webhooks=HostPort("127.0.0.1", 18081),
+    )
+    assert [item["name"] for item in config["static_resources"]["listeners"]] == ["public"]
+
+
+def test_the_management_listener_is_loopback_and_reaches_only_our_grpc_services(shipped):
+    assert listener(shipped, "management")["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": 8082}
+    management = hcm(shipped, "management")
+    assert "envoy.filters.http.ext_authz" not in [f["name"] for f in management["http_filters"]]
+    (vhost,) = management["route_config"]["virtual_hosts"]
+    assert {route["route"]["cluster"] for route in vhost["routes"]} == {"authz"}
+    for route in vhost["routes"]:
+        assert route["match"]["grpc"] == {}
+        assert route["match"]["safe_regex"]["regex"].startswith("/driftlock\\.(management|usage)")
+    # The public listener never reaches the management API.
+    public_clusters = {r["route"]["cluster"] for r in routes(shipped).values() if "route" in r}
+    assert "authz" not in public_clusters
+
+
+def test_the_transcoder_serves_every_service_of_our_protos(shipped):
+    from google.protobuf import descriptor_pb2
+
+    descriptor = descriptor_pb2.FileDescriptorSet.FromString(envoy_config.descriptor_set_path().read_bytes())
+    ours = {
+        f"{file.package}.{service.name}"
+        for file in descriptor.file
+        if file.package.startswith("driftlock.")
+        for service in file.service
+    }
+    config = transcoder(shipped)
+    assert set(config["services"]) == ours
+    assert config["convert_grpc_status"] is True and config["auto_mapping"] is False
 
 
 def test_admin_listens_on_loopback_only(shipped):

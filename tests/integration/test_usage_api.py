@@ -1,15 +1,17 @@
 """The usage API (our own proto) on the authz port, over real gRPC."""
 
 import asyncio
+import time
 import uuid
 
 import grpc
+import jwt
 import pytest
 
 from driftlock_api.usage.v1 import usage_pb2, usage_pb2_grpc
 from driftlock_cli import protos
 from driftlock_kernel import plans
-from driftlock_kernel.tokens import mint_service_token
+from tests.support.admin import admin_metadata, admin_token
 from tests.support.usage import wait_for_usage
 
 
@@ -22,25 +24,54 @@ async def stubs(gateway):
 
 
 @pytest.fixture
-def auth(jwt_secret):
-    return [("authorization", f"Bearer {mint_service_token(jwt_secret.encode())}")]
+def auth(admin_secret):
+    return admin_metadata(admin_secret)
+
+
+def old_style_service_token(jwt_secret: str) -> str:
+    """What callers of UsageService sent before it moved to DRIFTLOCK_ADMIN_TOKEN_SECRET."""
+    now = int(time.time())
+    claims = {"iss": "driftlock-backend", "aud": "driftlock-gateway", "iat": now, "exp": now + 300}
+    return jwt.encode(claims, jwt_secret.encode(), algorithm="HS256")
 
 
 def test_generated_stubs_are_up_to_date():
     assert protos.stale_files() == []
 
 
-async def test_calls_without_a_valid_token_are_refused(stubs, make_org):
+async def test_calls_without_a_valid_token_are_refused(stubs, make_org, jwt_secret, admin_secret):
     org = await make_org()
     request = usage_pb2.GetUsageRequest(org_id=str(org.id))
     for metadata in (
         [],
         [("authorization", "Bearer nonsense")],
-        [("authorization", f"Bearer {mint_service_token(b'x' * 32)}")],
+        [("authorization", f"Bearer {admin_token('x' * 32)}")],
+        # The token signed with the context-token secret, as UsageService took before: refused now.
+        [("authorization", f"Bearer {old_style_service_token(jwt_secret)}")],
+        [("authorization", f"Bearer {admin_token(admin_secret, lifetime_seconds=3600)}")],
     ):
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stubs[0].GetUsage(request, metadata=metadata, timeout=5)
         assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_a_token_for_another_organisation_is_refused(stubs, make_org, admin_secret):
+    mine, theirs = await make_org(), await make_org()
+    metadata = admin_metadata(admin_secret, org_id=mine.id)
+    assert (await stubs[0].GetUsage(usage_pb2.GetUsageRequest(org_id=str(mine.id)), metadata=metadata)).org_id
+    for call in (
+        stubs[0].GetUsage(usage_pb2.GetUsageRequest(org_id=str(theirs.id)), metadata=metadata, timeout=5),
+        stubs[1].ReportUsage(
+            usage_pb2.ReportUsageRequest(
+                request_id=str(uuid.uuid4()), org_id=str(theirs.id), product="stream", units=1
+            ),
+            metadata=metadata,
+            timeout=5,
+        ),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call
+        assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
 async def test_get_usage_reports_plan_period_and_usage(stubs, auth, make_org, make_key, pool):

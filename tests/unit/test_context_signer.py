@@ -3,10 +3,14 @@ import pytest
 
 from authz_service.context_signer import ContextSigner
 from authz_service.decision import Grant
+from driftlock_kernel.context_keys import EDDSA, HS256, ContextKeys, Ed25519Key, verify_with_jwks
 from driftlock_kernel.tokens import verify
 
 SECRET = b"k" * 32
 GRANT = Grant("key-1", "org-1", "live", frozenset({"read", "detect"}), None, False, False, "pro", "active")
+HS = ContextKeys(HS256, hs256_secret=SECRET)
+SIGNING, NEXT = Ed25519Key.generate("current"), Ed25519Key.generate("next")
+ED = ContextKeys(EDDSA, (SIGNING, NEXT))
 
 
 class Clock:
@@ -16,17 +20,15 @@ class Clock:
         return self.now
 
 
-def test_token_carries_the_contract_claims():
+def unverified(token: str) -> dict:
+    return jwt.decode(token, options={"verify_signature": False})
+
+
+@pytest.mark.parametrize("keys", [ED, HS], ids=["EdDSA", "HS256"])
+def test_token_carries_the_contract_claims(keys):
     clock = Clock()
-    token = ContextSigner(SECRET, clock=clock).token(GRANT, "pro", True)
-    claims = jwt.decode(
-        token,
-        SECRET,
-        algorithms=["HS256"],
-        audience="driftlock-backend",
-        options={"verify_exp": False, "verify_iat": False},
-    )
-    assert claims == {
+    token = ContextSigner(keys, clock=clock).token(GRANT, "pro", True)
+    assert unverified(token) == {
         "iss": "driftlock-gateway",
         "aud": "driftlock-backend",
         "sub": "org-1",
@@ -38,19 +40,32 @@ def test_token_carries_the_contract_claims():
         "iat": int(clock.now),
         "exp": int(clock.now) + 300,
     }
-    assert jwt.get_unverified_header(token)["alg"] == "HS256"
 
 
-def test_token_does_not_verify_with_another_secret():
-    token = ContextSigner(SECRET).token(GRANT, "pro", False)
+def test_an_eddsa_token_names_the_signing_key_and_verifies_with_the_published_jwks():
+    token = ContextSigner(ED).token(GRANT, "pro", False)
+    assert jwt.get_unverified_header(token) == {"alg": "EdDSA", "kid": "current", "typ": "JWT"}
+    assert verify_with_jwks(token, ED.jwks())["billable"] is False
+    assert [key["kid"] for key in ED.jwks()["keys"]] == ["current", "next"]
+    # Not with the key being rotated in, and not as HS256 with anything public.
+    with pytest.raises(jwt.InvalidSignatureError):
+        verify(token, NEXT.public_key, algorithm=EDDSA)
+    with pytest.raises(jwt.InvalidAlgorithmError):
+        verify(token, SECRET)
+
+
+def test_an_hs256_token_does_not_verify_with_another_secret_and_has_no_kid():
+    token = ContextSigner(HS).token(GRANT, "pro", False)
+    assert "kid" not in jwt.get_unverified_header(token)
     assert verify(token, SECRET)["billable"] is False
     with pytest.raises(jwt.InvalidSignatureError):
         verify(token, b"x" * 32)
+    assert HS.jwks() == {"keys": []}
 
 
 def test_token_is_reused_briefly_then_minted_again():
     clock = Clock()
-    signer = ContextSigner(SECRET, clock=clock)
+    signer = ContextSigner(ED, clock=clock)
     first = signer.token(GRANT, "pro", True)
     clock.now += 59
     assert signer.token(GRANT, "pro", True) == first
@@ -58,26 +73,26 @@ def test_token_is_reused_briefly_then_minted_again():
     clock.now += 1
     renewed = signer.token(GRANT, "pro", True)
     assert renewed != first
-    assert jwt.decode(renewed, options={"verify_signature": False})["iat"] == int(clock.now)
+    assert unverified(renewed)["iat"] == int(clock.now)
 
 
 def test_a_changed_grant_never_reuses_a_token():
-    signer = ContextSigner(SECRET)
+    signer = ContextSigner(ED)
     first = signer.token(GRANT, "pro", True)
     changed = Grant("key-1", "org-1", "live", frozenset({"read"}), None, False, False, "pro", "active")
-    assert jwt.decode(signer.token(changed, "pro", True), options={"verify_signature": False})["scopes"] == ["read"]
+    assert unverified(signer.token(changed, "pro", True))["scopes"] == ["read"]
     assert signer.token(GRANT, "pro", True) == first
 
 
 def test_a_reused_token_always_has_most_of_its_lifetime_left():
     clock = Clock()
-    signer = ContextSigner(SECRET, clock=clock)
+    signer = ContextSigner(ED, clock=clock)
     signer.token(GRANT, "pro", True)
     clock.now += 59
-    claims = jwt.decode(signer.token(GRANT, "pro", True), options={"verify_signature": False})
+    claims = unverified(signer.token(GRANT, "pro", True))
     assert claims["exp"] - clock.now >= 240
 
 
 def test_lifetime_above_five_minutes_is_refused():
     with pytest.raises(ValueError):
-        ContextSigner(SECRET, lifetime_seconds=301)
+        ContextSigner(ED, lifetime_seconds=301)

@@ -10,10 +10,12 @@ from authz_service.context_signer import ContextSigner
 from authz_service.decision import ALLOW, HTTP_STATUS, MESSAGES, Decision, DenyCode, Grant, Route, deny
 from authz_service.ext_authz import AllowedResponses, access_request, denied_response
 from authz_service.rate_limit import RateVerdict
+from driftlock_kernel.context_keys import HS256, ContextKeys
 from driftlock_kernel.tokens import verify
 from tests.support.authz_requests import STREAM_DETECT, check_request
 
 SECRET = b"s" * 32
+HS256_KEYS = ContextKeys(HS256, hs256_secret=SECRET)
 GRANT = Grant("key-1", "org-1", "live", frozenset({"detect"}), None, False, False, "pro", "active")
 ROUTE = Route("detect", True, "stream", 1)
 
@@ -38,7 +40,7 @@ def test_allowed_response_sets_context_headers_and_strips_credentials_and_spoofs
         "x-driftlock-admin": "true",
         "x-request-id": "rid-1",
     }
-    response = AllowedResponses(ContextSigner(SECRET)).build(
+    response = AllowedResponses(ContextSigner(HS256_KEYS)).build(
         CheckOutcome(ALLOW, GRANT, ROUTE, billed=True, plan="pro"), request(headers)
     )
     ok = response.ok_response
@@ -55,7 +57,7 @@ def test_allowed_response_sets_context_headers_and_strips_credentials_and_spoofs
 
 
 def test_allowed_response_for_an_unbilled_call_says_so():
-    response = AllowedResponses(ContextSigner(SECRET)).build(
+    response = AllowedResponses(ContextSigner(HS256_KEYS)).build(
         CheckOutcome(ALLOW, GRANT, ROUTE, billed=False, plan="pro"), request({})
     )
     values = {o.header.key: o.header.value for o in response.ok_response.headers}
@@ -83,7 +85,7 @@ def test_denied_response_has_contract_status_body_and_headers(code):
 
 
 def test_the_same_grant_reuses_one_response_until_something_differs():
-    builder = AllowedResponses(ContextSigner(SECRET))
+    builder = AllowedResponses(ContextSigner(HS256_KEYS))
     outcome = CheckOutcome(ALLOW, GRANT, ROUTE, billed=True, plan="pro")
     first = builder.build(outcome, request({"x-request-id": "a"}))
     assert builder.build(outcome, request({"x-request-id": "b"})) is first
@@ -95,7 +97,7 @@ def test_the_same_grant_reuses_one_response_until_something_differs():
 
 
 def test_rate_limit_headers_go_to_the_client_on_allowed_calls():
-    builder = AllowedResponses(ContextSigner(SECRET))
+    builder = AllowedResponses(ContextSigner(HS256_KEYS))
     rate = RateVerdict(allowed=True, limit=10, remaining=7, reset_seconds=1, retry_after=None)
     response = builder.build(CheckOutcome(ALLOW, GRANT, ROUTE, billed=True, plan="pro", rate=rate), request({}))
     added = {o.header.key: o.header.value for o in response.ok_response.response_headers_to_add}
