@@ -111,8 +111,6 @@ async def serve(settings: Settings) -> None:
     configure_logging(settings.log_level)
     keys = context_keys.load(settings)
     admin_secret = settings.admin_secret()
-    if admin_secret is None:
-        log.warning("DRIFTLOCK_ADMIN_TOKEN_SECRET is not set: the management API and UsageService refuse every call")
     url = settings.require_database_url()
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -226,6 +224,10 @@ async def serve(settings: Settings) -> None:
             keys.algorithm,
             f", signing key {keys.signing_kid}" if keys.signing_kid else "",
         )
+        if admin_secret is None:
+            log.warning(
+                "DRIFTLOCK_ADMIN_TOKEN_SECRET is not set: the management API and UsageService refuse every call"
+            )
 
         await stopping.wait()
         log.info("shutting down: NOT_SERVING, answering for %.1fs more", settings.authz_drain_seconds)

@@ -31,3 +31,14 @@ def run_cli(*args: str, database_url: str | None, env: dict[str, str] | None = N
         timeout=timeout,
     )
     return CliResult(done.returncode, done.stdout, done.stderr)
+
+
+def assert_one_line_error(result: CliResult, *fragments: str) -> None:
+    """What every user mistake gets: nothing on stdout, one line on stderr naming the problem, no traceback."""
+    assert result.code != 0
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]

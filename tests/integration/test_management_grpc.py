@@ -1,0 +1,106 @@
+"""The management services over real gRPC on the authz port (no Envoy): each method, and its errors as statuses
+with a google.rpc.ErrorInfo detail."""
+
+import uuid
+
+import grpc
+import pytest
+from google.protobuf.struct_pb2 import Struct
+from google.rpc import error_details_pb2, status_pb2
+
+from driftlock_api.management.v1 import jwks_pb2, jwks_pb2_grpc, keys_pb2, keys_pb2_grpc, orgs_pb2, orgs_pb2_grpc
+from tests.conftest import TEST_PLAN
+from tests.support.admin import admin_metadata
+
+
+@pytest.fixture(scope="module")
+async def channel(gateway):
+    async with grpc.aio.insecure_channel(gateway.authz_target(1)) as opened:
+        yield opened
+
+
+@pytest.fixture
+def auth(admin_secret):
+    return admin_metadata(admin_secret)
+
+
+def error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
+    details = dict(error.trailing_metadata() or ())["grpc-status-details-bin"]
+    status = status_pb2.Status.FromString(details)
+    info = error_details_pb2.ErrorInfo()
+    assert status.details[0].Unpack(info)
+    return info
+
+
+async def test_every_key_and_organisation_method(channel, auth):
+    keys = keys_pb2_grpc.KeyServiceStub(channel)
+    orgs = orgs_pb2_grpc.OrganizationServiceStub(channel)
+    org = await orgs.CreateOrganization(
+        orgs_pb2.CreateOrganizationRequest(name="gRPC org", plan=TEST_PLAN), metadata=auth
+    )
+    assert (await orgs.GetOrganization(orgs_pb2.GetOrganizationRequest(org_id=org.id), metadata=auth)) == org
+    metadata = Struct()
+    metadata.update({"team": "billing"})
+    created = await keys.CreateKey(
+        keys_pb2.CreateKeyRequest(org_id=org.id, name="k", scopes=["read"], metadata=metadata), metadata=auth
+    )
+    assert created.key.startswith("dlk_live_") and created.api_key.scopes == ["read"]
+    got = await keys.GetKey(keys_pb2.GetKeyRequest(key_id=created.api_key.id), metadata=auth)
+    assert got.id == created.api_key.id and got.metadata["team"] == "billing"
+    assert not got.HasField("expires_at")
+    listed = await keys.ListKeys(keys_pb2.ListKeysRequest(org_id=org.id, page_size=10), metadata=auth)
+    assert [k.id for k in listed.keys] == [got.id] and listed.next_page_token == ""
+
+    updated = await keys.UpdateKey(
+        keys_pb2.UpdateKeyRequest(key_id=got.id, name="", expires_in_seconds=60), metadata=auth
+    )
+    assert updated.name == "" and updated.HasField("expires_at")
+    forever = await keys.UpdateKey(keys_pb2.UpdateKeyRequest(key_id=got.id, never_expires=True), metadata=auth)
+    assert not forever.HasField("expires_at") and forever.scopes == ["read"]
+
+    rolled = await keys.RollKey(keys_pb2.RollKeyRequest(key_id=got.id, overlap_seconds=3600), metadata=auth)
+    assert rolled.old_key_id == got.id and rolled.api_key.id != got.id and rolled.key != created.key
+    assert rolled.api_key.metadata["team"] == "billing"
+    assert rolled.old_expires_at.ToSeconds() - rolled.api_key.created_at.ToSeconds() == pytest.approx(3600, abs=5)
+    revoked = await keys.RevokeKey(keys_pb2.RevokeKeyRequest(key_id=rolled.api_key.id), metadata=auth)
+    assert revoked.HasField("revoked_at")
+
+    assert (await orgs.SetPlan(orgs_pb2.SetPlanRequest(org_id=org.id, plan="free"), metadata=auth)).plan == "free"
+    suspended = await orgs.SuspendOrganization(orgs_pb2.SuspendOrganizationRequest(org_id=org.id), metadata=auth)
+    assert suspended.suspended and suspended.HasField("suspended_at")
+    resumed = await orgs.ResumeOrganization(orgs_pb2.ResumeOrganizationRequest(org_id=org.id), metadata=auth)
+    assert not resumed.suspended
+    alerts = await orgs.ListAlerts(orgs_pb2.ListAlertsRequest(org_id=org.id), metadata=auth)
+    assert alerts.org_id == org.id and list(alerts.alerts) == []
+    await orgs.CreateOrganization(orgs_pb2.CreateOrganizationRequest(name="another"), metadata=auth)
+    page = await orgs.ListOrganizations(orgs_pb2.ListOrganizationsRequest(page_size=1), metadata=auth)
+    assert len(page.orgs) == 1 and page.next_page_token
+
+
+async def test_errors_are_statuses_with_a_reason(channel, auth, admin_secret):
+    keys = keys_pb2_grpc.KeyServiceStub(channel)
+    cases = [
+        (keys.GetKey(keys_pb2.GetKeyRequest(key_id=str(uuid.uuid4())), metadata=auth), "NOT_FOUND", "not_found"),
+        (keys.GetKey(keys_pb2.GetKeyRequest(key_id="x"), metadata=auth), "INVALID_ARGUMENT", "invalid_argument"),
+        (keys.GetKey(keys_pb2.GetKeyRequest(key_id=str(uuid.uuid4()))), "UNAUTHENTICATED", "missing_token"),
+        (
+            keys.ListKeys(
+                keys_pb2.ListKeysRequest(org_id=str(uuid.uuid4())),
+                metadata=admin_metadata(admin_secret, org_id=uuid.uuid4()),
+            ),
+            "PERMISSION_DENIED",
+            "wrong_organisation",
+        ),
+    ]
+    for call, code, reason in cases:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call
+        assert caught.value.code().name == code
+        info = error_info(caught.value)
+        assert (info.reason, info.domain) == (reason, "driftlock-gateway") and info.metadata["request_id"]
+
+
+async def test_the_jwks_needs_no_token(channel, context_signing_keys):
+    jwks = await jwks_pb2_grpc.PublicKeyServiceStub(channel).GetJwks(jwks_pb2.GetJwksRequest())
+    assert [key.kid for key in jwks.keys] == ["tests-current", "tests-next"]
+    assert {key.x for key in jwks.keys} == {key["x"] for key in context_signing_keys[0].jwks()["keys"]}
