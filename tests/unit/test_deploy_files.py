@@ -38,3 +38,11 @@ def test_prometheus_scrapes_the_metrics_ports():
     config = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     assert jobs["driftlock-authz"]["dns_sd_configs"][0]["port"] == 9464
+
+
+def test_compose_requires_the_management_secrets_and_never_publishes_the_management_listener():
+    text = (ROOT / "docker-compose.yml").read_text()
+    assert "${DRIFTLOCK_ADMIN_TOKEN_SECRET:?" in text and "${DRIFTLOCK_CONTEXT_SIGNING_KEYS:?" in text
+    envoy = compose()["services"]["envoy"]
+    assert envoy["environment"]["DRIFTLOCK_ADMIN_HOST"] == "0.0.0.0"
+    assert not any("8082" in port for port in envoy["ports"]) and "8082" in envoy["expose"]
