@@ -38,6 +38,7 @@ from authz_service.metering import Meter
 from authz_service.plan_book import PlanBook
 from authz_service.rate_limit import RateLimiter, RateVerdict
 from driftlock_kernel.billing import DEFAULT_POLICY, BillingPolicy, effective_plan
+from driftlock_kernel.logs import bind_org
 from driftlock_kernel.periods import PeriodFinder
 
 log = logging.getLogger(__name__)
@@ -122,6 +123,7 @@ class Authorizer:
             return CheckOutcome(DENY_UNAVAILABLE, route=route)
         if grant is None:
             return CheckOutcome(deny(DenyCode.INVALID_API_KEY), route=route)
+        bind_org(grant.org_id)
         # access
         now = self._clock()
         if self._last_used is not None:

@@ -20,6 +20,7 @@ from authz_service.authorizer import AccessRequest, Authorizer, CheckOutcome
 from authz_service.context_signer import ContextSigner
 from authz_service.decision import DENY_UNAVAILABLE, HTTP_STATUS, MESSAGES, Decision, DenyCode
 from driftlock_kernel.caches import LruCache
+from driftlock_kernel.logs import bind_request
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +158,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
         try:
             access = access_request(request, context.time_remaining() if context is not None else None)
             request_id = access.request_id
+            bind_request(request_id)
             outcome = await self._authorizer.check(access)
             if outcome.decision.allowed:
                 response = self._allowed.build(outcome, access)

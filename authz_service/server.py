@@ -108,7 +108,7 @@ def _check_can_listen(host: str, port: int) -> None:
 async def serve(settings: Settings) -> None:
     """Run until SIGTERM/SIGINT, then drain and return. Whatever started is stopped in reverse order, also when
     a later part fails to start: the meter still flushes (or spills) what it counted, the pool still closes."""
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     keys = context_keys.load(settings)
     admin_secret = settings.admin_secret()
     url = settings.require_database_url()

@@ -90,7 +90,7 @@ def create_app(settings: Settings, *, pool: asyncpg.Pool | None = None) -> web.A
 
 async def serve(settings: Settings) -> None:
     """`driftlock-gateway webhooks`: run until SIGTERM/SIGINT, then drain and return."""
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     app = create_app(settings)
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE_SECONDS)
     await runner.setup()

@@ -31,6 +31,7 @@ from billing_webhooks.handlers import HANDLERS, Result
 from driftlock_kernel import db
 from driftlock_kernel.billing import DEFAULT_POLICY, BillingPolicy
 from driftlock_kernel.errors import one_line
+from driftlock_kernel.logs import bind_org, bind_request
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +160,7 @@ class WebhookEndpoint:
 
     async def handle(self, request: web.Request) -> web.Response:
         started = time.perf_counter()
+        bind_request(request.headers.get("x-request-id"))
         raw = await read_body(request)
         if raw is None:
             metrics.REJECTED.labels(reason="too_large").inc()
@@ -198,6 +200,7 @@ class WebhookEndpoint:
             )
             return _error(request, 503, "storage_unavailable", "The event could not be stored; retry later.")
         metrics.EVENTS.labels(type=label, outcome=result.outcome.value).inc()
+        bind_org(str(result.org_id) if result.org_id else None)
         for problem in result.problems:
             metrics.PROBLEMS.labels(problem=problem.value).inc()
         metrics.HANDLING_DURATION.observe(time.perf_counter() - started)

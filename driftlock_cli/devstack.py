@@ -85,7 +85,8 @@ async def run_dev_stack(settings: Settings, *, backend: HostPort | None, state_d
             webhook_secret=webhook_secret,
             admin_token_secret=admin_secret,
             context_signing_keys=keys_path,
-            extra_env=keys_env,
+            # Production logs one JSON object per line; a terminal reads better as text.
+            extra_env={**keys_env, "DRIFTLOCK_LOG_FORMAT": "text"},
         )
         try:
             _print_banner(
