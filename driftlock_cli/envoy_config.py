@@ -72,6 +72,29 @@ def _endpoints(addresses: Sequence[HostPort]) -> list[dict]:
     return [{"endpoint": {"address": {"socket_address": {"address": a.host, "port_value": a.port}}}} for a in addresses]
 
 
+STATS_LISTENER = "stats"
+ADMIN_CLUSTER = "envoy_admin"
+# Envoy's own log lines as JSON objects (spdlog pattern; %j is the message escaped as a JSON string).
+JSON_LOG_FORMAT = '{"time":"%Y-%m-%dT%T.%e%z","level":"%l","logger":"envoy.%n","message":"%j"}'
+
+
+def tls_transport_socket(cert_path: str, key_path: str) -> dict:
+    """Envoy's downstream TLS for the public listener: TLS 1.2 or newer, HTTP/2 offered by ALPN."""
+    return {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+            "common_tls_context": {
+                "tls_params": {"tls_minimum_protocol_version": "TLSv1_2"},
+                "alpn_protocols": ["h2", "http/1.1"],
+                "tls_certificates": [
+                    {"certificate_chain": {"filename": cert_path}, "private_key": {"filename": key_path}}
+                ],
+            },
+        },
+    }
+
+
 def render(
     base: dict,
     *,
@@ -81,14 +104,28 @@ def render(
     authz: Sequence[HostPort],
     webhooks: HostPort,
     management: HostPort | None = None,
+    stats: HostPort | None = None,
+    tls: tuple[str, str] | None = None,
 ) -> dict:
     """The config for these addresses. The management listener (and its descriptor set's installed path) only
-    with `management`; without it that listener is left out, so that an Envoy for another purpose never takes
-    the management port."""
+    with `management`, the stats listener only with `stats`; without them those listeners are left out, so that
+    an Envoy for another purpose (or several on one host) never takes their ports. With `tls` (certificate, key:
+    PEM files) the public listener speaks HTTPS only."""
     config = copy.deepcopy(base)
     config["admin"]["address"]["socket_address"]["port_value"] = admin_port
-    (listener,) = [item for item in config["static_resources"]["listeners"] if item["name"] == "public"]
+    resources = config["static_resources"]
+    (listener,) = [item for item in resources["listeners"] if item["name"] == "public"]
     listener["address"]["socket_address"] = {"address": listen.host, "port_value": listen.port}
+    if tls is not None:
+        for chain in listener["filter_chains"]:
+            chain["transport_socket"] = tls_transport_socket(*tls)
+    if stats is None:
+        resources["listeners"] = [item for item in resources["listeners"] if item["name"] != STATS_LISTENER]
+        resources["clusters"] = [item for item in resources["clusters"] if item["name"] != ADMIN_CLUSTER]
+    else:
+        for item in resources["listeners"]:
+            if item["name"] == STATS_LISTENER:
+                item["address"]["socket_address"] = {"address": stats.host, "port_value": stats.port}
     managing = _management_listener(config)
     if managing is not None:
         if management is None:
@@ -96,7 +133,12 @@ def render(
         else:
             managing["address"]["socket_address"] = {"address": management.host, "port_value": management.port}
             _transcoder(managing)["proto_descriptor"] = str(descriptor_set_path())
-    targets = {"backend": [backend], "authz": list(authz), "webhooks": [webhooks]}
+    targets = {
+        "backend": [backend],
+        "authz": list(authz),
+        "webhooks": [webhooks],
+        ADMIN_CLUSTER: [HostPort("127.0.0.1", admin_port)],
+    }
     for cluster in config["static_resources"]["clusters"]:
         if cluster["name"] in targets:
             cluster["load_assignment"]["endpoints"] = [{"lb_endpoints": _endpoints(targets[cluster["name"]])}]
@@ -112,6 +154,8 @@ def render_from_settings(settings: Settings) -> dict:
         authz=settings.envoy_authz_addresses(),
         webhooks=settings.envoy_webhooks_address(),
         management=HostPort(settings.admin_host, settings.admin_port),
+        stats=HostPort(settings.envoy_host, settings.envoy_stats_port),
+        tls=settings.tls(),
     )
 
 
@@ -127,7 +171,12 @@ def write(config: dict, directory: Path | None = None) -> Path:
 
 
 def command(
-    config_path: Path, *, concurrency: int = 1, extra_args: Sequence[str] = (), settings: Settings = DEFAULTS
+    config_path: Path,
+    *,
+    concurrency: int = 1,
+    extra_args: Sequence[str] = (),
+    settings: Settings = DEFAULTS,
+    json_logs: bool = False,
 ) -> list[str]:
     return [
         envoy_binary(settings),
@@ -139,6 +188,7 @@ def command(
         "--disable-hot-restart",
         "--log-level",
         settings.envoy_log_level,
+        *(["--log-format", JSON_LOG_FORMAT] if json_logs else []),
         *extra_args,
     ]
 
@@ -168,5 +218,7 @@ def exec_envoy(config: dict, settings: Settings, *, extra_args: Sequence[str] = 
     path = write(config)
     args = [a for a in extra_args if a != "--"]
     concurrency = settings.envoy_concurrency or os.cpu_count() or 1
-    argv = command(path, concurrency=concurrency, extra_args=args, settings=settings)
+    argv = command(
+        path, concurrency=concurrency, extra_args=args, settings=settings, json_logs=settings.log_format == "json"
+    )
     os.execv(argv[0], argv)

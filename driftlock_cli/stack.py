@@ -33,6 +33,8 @@ class StackPorts:
     backend: int
     # Envoy's management listener (JSON management API, JWKS); None: a free port, chosen at start.
     admin: int | None = None
+    # Envoy's stats listener (/stats/prometheus, /ready); None: no such listener.
+    envoy_stats: int | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "StackPorts":
@@ -45,6 +47,7 @@ class StackPorts:
             webhooks=settings.webhooks_port,
             backend=settings.backend.port,
             admin=settings.admin_port,
+            envoy_stats=settings.envoy_stats_port,
         )
 
 
@@ -63,12 +66,23 @@ class Stack:
     envoy_config_path: Path
     log_dir: Path | None = None
     output: IO[str] | None = None
+    tls: bool = False
     children: dict[str, Child] = field(default_factory=dict)
     _specs: dict[str, _Spec] = field(default_factory=dict)
 
     @property
     def envoy_url(self) -> str:
-        return f"http://{LOOPBACK}:{self.ports.envoy}"
+        return f"{'https' if self.tls else 'http'}://{LOOPBACK}:{self.ports.envoy}"
+
+    @property
+    def envoy_stats_url(self) -> str | None:
+        """Envoy's Prometheus endpoint, through its stats listener."""
+        if self.ports.envoy_stats is None:
+            return None
+        return f"http://{LOOPBACK}:{self.ports.envoy_stats}/stats/prometheus"
+
+    def authz_metrics_url(self, replica: int = 0) -> str:
+        return f"http://{LOOPBACK}:{self.ports.authz_metrics[replica]}/metrics"
 
     @property
     def management_url(self) -> str:
@@ -135,13 +149,15 @@ async def start_stack(
     webhook_secret: str | None = None,
     admin_token_secret: str | None = None,
     context_signing_keys: Path | None = None,
+    tls: tuple[str, str] | None = None,
 ) -> Stack:
     """Start everything and wait until it serves; on failure, stop what was started and raise ChildFailed.
 
     The webhook service starts when `webhook_secret` (one or more whsec_ secrets, comma-separated) is given;
     without it Envoy's `webhooks` cluster points at `ports.webhooks`, where the caller may run something else.
     Output of each child goes to `log_dir/<name>.log`, or to `output` with a `[name]` prefix. Units the meter
-    could not write at shutdown are kept in `state_dir/meter-spill` for the next start.
+    could not write at shutdown are kept in `state_dir/meter-spill` for the next start. With `tls` (certificate
+    and key files) Envoy's public listener speaks HTTPS.
 
     The management API answers when `admin_token_secret` is given (and refuses every call without it).
     Context tokens are EdDSA, signed by the key file `context_signing_keys` (a fresh key in
@@ -172,6 +188,8 @@ async def start_stack(
         authz=[HostPort(LOOPBACK, port) for port in ports.authz],
         webhooks=HostPort(LOOPBACK, ports.webhooks),
         management=HostPort(LOOPBACK, admin_port),
+        stats=None if ports.envoy_stats is None else HostPort(LOOPBACK, ports.envoy_stats),
+        tls=tls,
     )
     stack = Stack(
         ports=ports,
@@ -179,6 +197,7 @@ async def start_stack(
         envoy_config_path=envoy_config.write(config, state_dir),
         log_dir=log_dir,
         output=output,
+        tls=tls is not None,
     )
     specs: dict[str, _Spec] = {}
     if backend is None:
@@ -216,7 +235,11 @@ async def start_stack(
             "the webhook service to be ready",
         )
     specs["envoy"] = _Spec(
-        envoy_config.command(stack.envoy_config_path, concurrency=envoy_concurrency),
+        envoy_config.command(
+            stack.envoy_config_path,
+            concurrency=envoy_concurrency,
+            json_logs=common_env.get("DRIFTLOCK_LOG_FORMAT", "json") == "json",
+        ),
         common_env,
         lambda: http_ok(f"http://{LOOPBACK}:{ports.envoy_admin}/ready"),
         "Envoy to be ready",

@@ -3,8 +3,10 @@
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 from driftlock_kernel.billing import FREE_PLAN, BillingPolicy
+from driftlock_kernel.durations import parse_duration
 from driftlock_kernel.errors import OperatorError
 
 MIN_JWT_SECRET_BYTES = 32
@@ -113,6 +115,31 @@ def _algorithm(environ: Mapping[str, str], name: str, default: str) -> str:
     raise SettingsError(f"{name} must be one of {', '.join(CONTEXT_TOKEN_ALGORITHMS)}, got {raw!r}")
 
 
+def _retention(
+    environ: Mapping[str, str], name: str, default: timedelta | None, *, minimum: timedelta, why: str
+) -> timedelta | None:
+    """A retention written as a duration (`30d`), or `off` to keep everything."""
+    raw = environ.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw == "off":
+        return None
+    try:
+        value = parse_duration(raw)
+    except ValueError as error:
+        raise SettingsError(f"{name}: {error}, or off") from None
+    if value < minimum:
+        raise SettingsError(f"{name} must be at least {minimum.days}d ({why}), got {raw}")
+    return value
+
+
+def _redis_url(environ: Mapping[str, str], name: str) -> str | None:
+    raw = environ.get(name, "").strip()
+    if raw and not raw.startswith(("redis://", "rediss://", "unix://")):
+        raise SettingsError(f"{name} must be a redis://, rediss:// or unix:// URL")
+    return raw or None
+
+
 def _addresses(environ: Mapping[str, str], name: str, default: tuple[HostPort, ...]) -> tuple[HostPort, ...]:
     raw = environ.get(name, "").strip()
     if not raw:
@@ -203,6 +230,29 @@ class Settings:
     context_signing_keys_file: str | None = None
     # How often authz writes when each key was last used (never once per request).
     key_last_used_interval_seconds: float = 10.0
+    # --- production kit: log format, edge metrics and TLS, shared rate limits, retention, Stripe look-ups ---
+    # "json": one JSON object per line (production); "text": readable lines (`dev` sets it).
+    log_format: str = "json"
+    # Envoy's listener that serves only /stats/prometheus and /ready from the (loopback-only) admin interface.
+    envoy_stats_port: int = 9902
+    # Envoy terminates TLS on the public listener when both are set (PEM files).
+    tls_cert_path: str | None = None
+    tls_key_path: str | None = None
+    # When set, every authz replica shares each key's rate limit through Redis; a Redis call slower than the
+    # timeout (or failing) falls back to this replica's own buckets.
+    redis_url: str | None = None
+    redis_timeout_seconds: float = 0.05
+    # How long append-only tables keep their rows (None: forever), and how often one replica prunes them.
+    # meter_flushes must outlive any retry of a flush (spill files included); usage_reports deduplicate the
+    # backend's reports by request id; stripe_events dedupe Stripe's deliveries (retried up to three days).
+    retention_meter_flushes: timedelta | None = timedelta(days=30)
+    retention_usage_reports: timedelta | None = timedelta(days=35)
+    retention_audit_log: timedelta | None = timedelta(days=90)
+    retention_stripe_events: timedelta | None = timedelta(days=90)
+    prune_interval_seconds: float = 3600.0
+    # For `doctor`: whether the Stripe prices plans are mapped to exist.
+    stripe_api_key: str | None = None
+    stripe_api_base: str | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -270,6 +320,45 @@ class Settings:
             key_last_used_interval_seconds=_float(
                 env, "DRIFTLOCK_KEY_LAST_USED_INTERVAL_SECONDS", d.key_last_used_interval_seconds, minimum=0.05
             ),
+            log_format=_choice(env, "DRIFTLOCK_LOG_FORMAT", ("json", "text"), d.log_format),
+            envoy_stats_port=_int(env, "DRIFTLOCK_ENVOY_STATS_PORT", d.envoy_stats_port, minimum=1),
+            tls_cert_path=env.get("DRIFTLOCK_TLS_CERT", "").strip() or None,
+            tls_key_path=env.get("DRIFTLOCK_TLS_KEY", "").strip() or None,
+            redis_url=_redis_url(env, "DRIFTLOCK_REDIS_URL"),
+            redis_timeout_seconds=_float(
+                env, "DRIFTLOCK_REDIS_TIMEOUT_SECONDS", d.redis_timeout_seconds, minimum=0.001
+            ),
+            retention_meter_flushes=_retention(
+                env,
+                "DRIFTLOCK_RETENTION_METER_FLUSHES",
+                d.retention_meter_flushes,
+                minimum=timedelta(days=1),
+                why="a retried or spilled flush must still find its id",
+            ),
+            retention_usage_reports=_retention(
+                env,
+                "DRIFTLOCK_RETENTION_USAGE_REPORTS",
+                d.retention_usage_reports,
+                minimum=timedelta(days=1),
+                why="a retried usage report must still find its request id",
+            ),
+            retention_audit_log=_retention(
+                env,
+                "DRIFTLOCK_RETENTION_AUDIT_LOG",
+                d.retention_audit_log,
+                minimum=timedelta(days=1),
+                why="less is most likely a typo",
+            ),
+            retention_stripe_events=_retention(
+                env,
+                "DRIFTLOCK_RETENTION_STRIPE_EVENTS",
+                d.retention_stripe_events,
+                minimum=timedelta(days=3),
+                why="Stripe retries a delivery for up to three days",
+            ),
+            prune_interval_seconds=_float(env, "DRIFTLOCK_PRUNE_INTERVAL_SECONDS", d.prune_interval_seconds),
+            stripe_api_key=env.get("STRIPE_API_KEY", "").strip() or None,
+            stripe_api_base=_url(env, "STRIPE_API_BASE"),
         )
 
     def envoy_authz_addresses(self) -> tuple[HostPort, ...]:
@@ -331,6 +420,12 @@ class Settings:
     def optional_jwt_secret(self) -> bytes | None:
         """DRIFTLOCK_JWT_SECRET when set (checked), else None: only HS256 context tokens need it."""
         return self.require_jwt_secret() if self.jwt_secret else None
+
+    def tls(self) -> tuple[str, str] | None:
+        """The edge's certificate and key files, or None for plain HTTP; one without the other is a mistake."""
+        if bool(self.tls_cert_path) != bool(self.tls_key_path):
+            raise SettingsError("set both DRIFTLOCK_TLS_CERT and DRIFTLOCK_TLS_KEY (PEM files), or neither")
+        return (self.tls_cert_path, self.tls_key_path) if self.tls_cert_path and self.tls_key_path else None
 
     def require_webhook_secrets(self) -> tuple[str, ...]:
         if not self.stripe_webhook_secrets:

@@ -174,6 +174,7 @@ async def gateway(database_url, jwt_secret, admin_secret, context_signing_keys, 
         webhooks=free_port(),
         backend=backend.port,
         admin=free_port(),
+        envoy_stats=free_port(),
     )
     state = tmp_path_factory.mktemp("gateway")
     log_dir = state / "logs"

@@ -28,7 +28,7 @@ def shipped() -> dict:
     return envoy_config.load_shipped()
 
 
-def rendered(shipped) -> dict:
+def rendered(shipped, **options) -> dict:
     return envoy_config.render(
         shipped,
         listen=HostPort("127.0.0.1", 18080),
@@ -37,10 +37,12 @@ def rendered(shipped) -> dict:
         authz=[HostPort("127.0.0.1", 19191), HostPort("127.0.0.1", 19192)],
         webhooks=HostPort("127.0.0.1", 18081),
         management=HostPort("127.0.0.1", 18082),
+        stats=HostPort("0.0.0.0", 19902),
+        **options,
     )
 
 
-def listener(config: dict, name: str) -> dict:
+def listener(config: dict, name: str = "public") -> dict:
     (found,) = [item for item in config["static_resources"]["listeners"] if item["name"] == name]
     return found
 
@@ -71,6 +73,9 @@ def test_rendering_changes_addresses_and_nothing_else(shipped):
     ]
     assert authz_endpoints == [19191, 19192]
     assert config["admin"]["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": 19901}
+    assert listener(config, "stats")["address"]["socket_address"] == {"address": "0.0.0.0", "port_value": 19902}
+    admin_endpoint = clusters["envoy_admin"]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+    assert admin_endpoint["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": 19901}
     stripped = copy.deepcopy(config)
     original = copy.deepcopy(shipped)
     assert listener(config, "management")["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": 18082}
@@ -124,6 +129,44 @@ def test_the_transcoder_serves_every_service_of_our_protos(shipped):
     config = transcoder(shipped)
     assert set(config["services"]) == ours
     assert config["convert_grpc_status"] is True and config["auto_mapping"] is False
+
+
+def test_without_a_stats_port_the_stats_listener_is_dropped(shipped):
+    config = envoy_config.render(
+        shipped,
+        listen=HostPort("127.0.0.1", 18080),
+        admin_port=19901,
+        backend=HostPort("backend.internal", 9000),
+        authz=[HostPort("127.0.0.1", 19191)],
+        webhooks=HostPort("127.0.0.1", 18081),
+    )
+    assert [item["name"] for item in config["static_resources"]["listeners"]] == ["public"]
+    assert "envoy_admin" not in {c["name"] for c in config["static_resources"]["clusters"]}
+
+
+def test_the_stats_listener_routes_only_prometheus_and_ready_to_the_admin_interface(shipped):
+    (vhost,) = hcm(shipped, "stats")["route_config"]["virtual_hosts"]
+    exposed = {(r["match"]["path"], r["match"]["headers"][0]["string_match"]["exact"]) for r in vhost["routes"]}
+    assert exposed == {("/stats/prometheus", "GET"), ("/ready", "GET")}
+    assert {r["route"]["cluster"] for r in vhost["routes"]} == {"envoy_admin"}
+    assert all(set(r["match"]) == {"path", "headers"} for r in vhost["routes"]), "exact paths only, no prefixes"
+
+
+def test_every_forwarding_route_has_its_own_stats(shipped):
+    for name, route in routes(shipped).items():
+        if "route" in route:
+            assert route.get("stat_prefix") == name
+
+
+def test_tls_rendering_passes_envoy_validate(shipped, tmp_path):
+    from tests.support.tls import self_signed
+
+    cert, key = self_signed(tmp_path)
+    config = rendered(shipped, tls=(str(cert), str(key)))
+    socket = listener(config)["filter_chains"][0]["transport_socket"]
+    assert socket["name"] == "envoy.transport_sockets.tls"
+    result = envoy_config.validate(envoy_config.write(config, tmp_path))
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_admin_listens_on_loopback_only(shipped):
