@@ -36,7 +36,7 @@ from authz_service.grants import GrantStore, StoreUnavailable
 from authz_service.key_last_used import LastUsedRecorder
 from authz_service.metering import Meter
 from authz_service.plan_book import PlanBook
-from authz_service.rate_limit import RateLimiter, RateVerdict
+from authz_service.rate_limit import RateLimiter, RateVerdict, SharedLimits
 from driftlock_kernel.billing import DEFAULT_POLICY, BillingPolicy, effective_plan
 from driftlock_kernel.logs import bind_org
 from driftlock_kernel.periods import PeriodFinder
@@ -82,6 +82,7 @@ class Authorizer:
         meter: Meter,
         *,
         limiter: RateLimiter | None = None,
+        shared_limits: SharedLimits | None = None,
         audit: AuditLog | None = None,
         policy: BillingPolicy = DEFAULT_POLICY,
         clock: Callable[[], float] = time.time,
@@ -92,6 +93,7 @@ class Authorizer:
         self._plans = plans
         self._meter = meter
         self._limiter = limiter or RateLimiter()
+        self._shared_limits = shared_limits
         self._audit = audit
         self._policy = policy
         self._clock = clock
@@ -137,7 +139,12 @@ class Authorizer:
             log.error("organisation %s is on plan %r, which does not exist", grant.org_id, plan_name)
             return CheckOutcome(DENY_UNAVAILABLE, grant, route, plan=plan_name)
         # rate
-        rate = self._limiter.take(grant.key_id, plan.rate_limit_rps) if plan.rate_limit_rps else None
+        rate = None
+        if plan.rate_limit_rps:
+            if self._shared_limits is not None:
+                rate = await self._shared_limits.take(grant.key_id, plan.rate_limit_rps)
+            else:
+                rate = self._limiter.take(grant.key_id, plan.rate_limit_rps)
         limited = check_rate(rate)
         if not limited.allowed:
             return CheckOutcome(limited, grant, route, plan=plan_name, rate=rate)

@@ -106,3 +106,16 @@ KEY_LAST_USED_WRITES = Counter(
     "Batches of keys' last-use times written, by outcome: written, failed (kept for the next batch).",
     ["outcome"],
 )
+
+# --- shared rate limits (DRIFTLOCK_REDIS_URL) -------------------------------------------------------------------
+
+RATE_LIMIT_FALLBACKS = Counter(
+    "driftlock_rate_limit_fallbacks_total",
+    "Rate-limit decisions made with this replica's own buckets because Redis could not be used, by reason: "
+    "timeout, error, backoff (Redis failed within the last second and is not asked meanwhile).",
+    ["reason"],
+)
+RATE_LIMIT_REDIS_UP = Gauge(
+    "driftlock_rate_limit_redis_up",
+    "1 while rate limits are shared through Redis, 0 while this replica limits on its own (absent without Redis).",
+)

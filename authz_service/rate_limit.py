@@ -1,14 +1,15 @@
 """Per-key rate limits: a token bucket per key, in this process.
 
 A bucket holds one second's worth of requests (at least one), refilled at the plan's rate: a client may send a
-second's worth at once, then the rate. With several authz replicas each keeps its own buckets; see
-docs/operations.md for how that composes with Envoy's global rate-limit service.
+second's worth at once, then the rate. With several authz replicas each keeps its own buckets, unless they
+share them through Redis (shared_rate_limit.py), where these buckets are the fallback.
 """
 
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from driftlock_kernel.caches import LruCache
 
@@ -30,6 +31,17 @@ class RateVerdict:
         }
 
 
+class SharedLimits(Protocol):
+    """Buckets that every replica shares (shared_rate_limit.SharedRateLimiter), asked over the network."""
+
+    async def take(self, key: str, rate: float) -> RateVerdict: ...
+
+
+def bucket_capacity(rate: float) -> float:
+    """Requests a full bucket lets through at once: one second's worth, at least one."""
+    return max(1.0, rate)
+
+
 class RateLimiter:
     def __init__(self, *, clock: Callable[[], float] = time.monotonic, max_keys: int = 100_000):
         self._clock = clock
@@ -38,7 +50,7 @@ class RateLimiter:
 
     def take(self, key: str, rate: float) -> RateVerdict:
         now = self._clock()
-        capacity = max(1.0, rate)
+        capacity = bucket_capacity(rate)
         tokens, updated = self._buckets.peek(key) or (capacity, now)
         tokens = min(capacity, tokens + (now - updated) * rate)
         allowed = tokens >= 1.0

@@ -33,6 +33,8 @@ from authz_service.management_api import KeyServicer, OrganizationServicer, Publ
 from authz_service.meter_store import MeterStore
 from authz_service.metering import Meter
 from authz_service.plan_book import PlanBook, database_load
+from authz_service.rate_limit import RateLimiter
+from authz_service.shared_rate_limit import SharedRateLimiter
 from authz_service.usage_api import UsageServicer
 from authz_service.usage_ledger import UsageLedger
 from driftlock_api.management.v1 import jwks_pb2_grpc, keys_pb2_grpc, orgs_pb2_grpc
@@ -152,7 +154,23 @@ async def serve(settings: Settings) -> None:
         audit = AuditLog(pool, allow_sample_rate=settings.audit_allow_sample_rate)
         policy = settings.billing_policy()
         last_used = LastUsedRecorder(pool, interval=settings.key_last_used_interval_seconds)
-        authorizer = Authorizer(store, plans, meter, audit=audit, policy=policy, last_used=last_used)
+        limiter = RateLimiter()
+        shared_limits = None
+        if settings.redis_url:
+            shared_limits = SharedRateLimiter.from_url(
+                settings.redis_url, limiter, timeout=settings.redis_timeout_seconds
+            )
+            stack.push_async_callback(shared_limits.close)
+        authorizer = Authorizer(
+            store,
+            plans,
+            meter,
+            limiter=limiter,
+            shared_limits=shared_limits,
+            audit=audit,
+            policy=policy,
+            last_used=last_used,
+        )
 
         def on_connect() -> None:
             store.expire_all()
@@ -218,9 +236,10 @@ async def serve(settings: Settings) -> None:
         for service in ("", AUTHORIZATION_SERVICE, USAGE_SERVICE, *MANAGEMENT_SERVICES):
             await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info(
-            "authz listening on %s (metrics on :%d); context tokens %s%s",
+            "authz listening on %s (metrics on :%d; rate limits %s); context tokens %s%s",
             address,
             settings.authz_metrics_port,
+            "shared through Redis" if shared_limits else "per replica",
             keys.algorithm,
             f", signing key {keys.signing_kid}" if keys.signing_kid else "",
         )

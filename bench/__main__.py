@@ -1,12 +1,16 @@
 """Side-by-side benchmarks of authz, run in one go so that both sides see the same (noisy, shared) machine.
 
-    python -m bench [--seconds 8] [--rounds 3] [--only inproc,grpc,edge]
+    python -m bench [--seconds 8] [--rounds 3] [--only inproc,grpc,edge,redis]
 
 - inproc: microseconds per Check inside one process (warm cache), for a billable call, a read, and a
   malformed key. No network: this is the Python cost of a decision.
 - grpc:   h2load drives authz and a do-nothing ext_authz server directly over gRPC, alternately.
 - edge:   wrk drives Envoy -> {authz | do-nothing ext_authz} -> a zero-cost backend (Envoy direct response),
           alternately; also reports database statements per 1,000 billable requests.
+
+- redis:  what sharing rate limits through Redis (DRIFTLOCK_REDIS_URL) costs per check, in process: a
+          rate-limited read with the local buckets against the same with the Lua script in Redis, one at a time
+          (the round trip) and 64 at once (throughput); needs Redis at $DRIFTLOCK_REDIS_URL or 127.0.0.1:6379.
 
 Each pair runs `--rounds` times, interleaved (A B A B ...); the table shows medians and the ratio.
 Needs `wrk` and `h2load` for the last two (Debian: apt-get install wrk nghttp2-client).
@@ -162,6 +166,78 @@ async def bench_inproc(fixture: Fixture, seconds: float) -> list[tuple[str, str,
     elapsed = time.perf_counter() - started
     rows.append(("inproc", "malformed key (no database)", f"{elapsed / calls * 1e6:.1f} µs/check", ""))
     await pool.close()
+    return rows
+
+
+# --- rate limits through Redis -------------------------------------------------------------------------------
+
+
+async def bench_redis(fixture: Fixture, seconds: float, rounds: int) -> list[tuple[str, str, str, str]]:
+    from envoy.service.auth.v3 import external_auth_pb2
+
+    from authz_service.authorizer import Authorizer
+    from authz_service.context_signer import ContextSigner
+    from authz_service.ext_authz import AuthorizationServicer
+    from authz_service.grants import GrantStore, database_fetch
+    from authz_service.meter_store import MeterStore
+    from authz_service.metering import Meter
+    from authz_service.plan_book import PlanBook, database_load
+    from authz_service.rate_limit import RateLimiter
+    from authz_service.shared_rate_limit import SharedRateLimiter
+    from authz_service.usage_ledger import UsageLedger
+
+    redis_url = os.environ.get("DRIFTLOCK_REDIS_URL", "redis://127.0.0.1:6379/0")
+    pool = await db.create_pool(fixture.url, application_name="bench", max_size=2)
+    async with pool.acquire() as conn:
+        # A limit no benchmark reaches, so that every check runs the limiter and is allowed.
+        await plans.upsert_plan(conn, "bench-rate-limited", included_units=10**12, overage="soft", rate_limit_rps=1e9)
+        org = await orgs.create_org(conn, f"bench-{uuid.uuid4().hex[:6]}", plan="bench-rate-limited")
+        _key, secret = await api_keys.create_key(conn, org.id)
+    shared = SharedRateLimiter.from_url(redis_url, RateLimiter(), timeout=1.0)
+    signer = ContextSigner(fixture.jwt_secret.encode())
+
+    def servicer(shared_limits):
+        store = GrantStore(
+            database_fetch(pool), ttl=300, negative_ttl=5, stale_for=300, max_entries=1000, fetch_timeout=1
+        )
+        meter = Meter(UsageLedger(), MeterStore(pool, replica="bench"))
+        return AuthorizationServicer(
+            Authorizer(store, PlanBook(database_load(pool)), meter=meter, shared_limits=shared_limits), signer
+        )
+
+    request = external_auth_pb2.CheckRequest.FromString(
+        check_request_bytes(secret, {"scope": "read", "billable": "false"})
+    )
+    sides = {"local buckets": servicer(None), "Redis (GCRA script)": servicer(shared)}
+    for side in sides.values():
+        response = await side.Check(request, None)  # warm the key cache and the script
+        if response.status.code != 0:
+            raise SystemExit(f"bench check was refused: {response}")
+    results: dict[tuple[str, int], list[float]] = {}
+    for _ in range(rounds):
+        for label, side in sides.items():
+            for in_flight in (1, 64):
+                calls, started = 0, time.perf_counter()
+                while time.perf_counter() - started < seconds / 4:
+                    await asyncio.gather(*(side.Check(request, None) for _ in range(in_flight)))
+                    calls += in_flight
+                results.setdefault((label, in_flight), []).append(calls / (time.perf_counter() - started))
+    await shared.close()
+    await pool.close()
+    rows = []
+    for in_flight in (1, 64):
+        local = statistics.median(results[("local buckets", in_flight)])
+        remote = statistics.median(results[("Redis (GCRA script)", in_flight)])
+        what = "one at a time" if in_flight == 1 else "64 in flight"
+        rows.append(("redis", f"local buckets, {what}", f"{1e6 / local:.1f} µs/check", f"{local:,.0f} checks/s"))
+        rows.append(
+            (
+                "redis",
+                f"Redis, {what}",
+                f"{1e6 / remote:.1f} µs/check",
+                f"{remote:,.0f} checks/s, +{1e6 / remote - 1e6 / local:.0f} µs per check",
+            )
+        )
     return rows
 
 
@@ -329,7 +405,7 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=8.0, help="length of each measured run")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per pair")
-    parser.add_argument("--only", default="inproc,grpc,edge")
+    parser.add_argument("--only", default="inproc,grpc,edge,redis")
     args = parser.parse_args()
     wanted = set(args.only.split(","))
     for tool, part in (("h2load", "grpc"), ("wrk", "edge")):
@@ -345,6 +421,8 @@ async def main() -> None:
                 rows += await bench_grpc(fixture, args.seconds, args.rounds)
             if "edge" in wanted:
                 rows += await bench_edge(fixture, args.seconds, args.rounds)
+            if "redis" in wanted:
+                rows += await bench_redis(fixture, args.seconds, args.rounds)
     print(f"\n{os.cpu_count()} CPUs; {args.rounds} interleaved rounds of {args.seconds:.0f}s per pair\n")
     print(table(rows))
 
