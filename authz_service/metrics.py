@@ -119,3 +119,18 @@ RATE_LIMIT_REDIS_UP = Gauge(
     "driftlock_rate_limit_redis_up",
     "1 while rate limits are shared through Redis, 0 while this replica limits on its own (absent without Redis).",
 )
+
+# --- retention ---------------------------------------------------------------------------------------------------
+
+RETENTION_PRUNED = Counter(
+    "driftlock_retention_pruned_rows_total",
+    "Rows of append-only tables deleted past their retention by this replica, by table.",
+    ["table"],
+)
+RETENTION_RUNS = Counter(
+    "driftlock_retention_runs_total",
+    "Pruning runs by outcome: pruned (this replica ran it), skipped (another replica had it), failed.",
+    ["outcome"],
+)
+for _outcome in ("pruned", "skipped", "failed"):
+    RETENTION_RUNS.labels(outcome=_outcome)

@@ -43,6 +43,7 @@ from driftlock_kernel import context_keys, db
 from driftlock_kernel.errors import OperatorError, one_line
 from driftlock_kernel.listener import ChangeListener, NotificationHandler
 from driftlock_kernel.logs import configure_logging
+from driftlock_kernel.retention import Pruner
 from driftlock_kernel.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -141,7 +142,8 @@ async def serve(settings: Settings) -> None:
         notifier = None
         if settings.alert_webhook_url:
             notifier = AlertNotifier(settings.alert_webhook_url, on_delivered=_mark_delivered(pool))
-        meter_store = MeterStore(pool, replica=f"{socket.gethostname()}:{os.getpid()}")
+        replica = f"{socket.gethostname()}:{os.getpid()}"
+        meter_store = MeterStore(pool, replica=replica)
         meter = Meter(
             UsageLedger(stale_after=settings.usage_refresh_seconds),
             meter_store,
@@ -229,6 +231,21 @@ async def serve(settings: Settings) -> None:
         stack.push_async_callback(audit.close)
         last_used.start()
         stack.push_async_callback(last_used.close)
+        pruner = Pruner(
+            pool,
+            {
+                "meter_flushes": settings.retention_meter_flushes,
+                "usage_reports": settings.retention_usage_reports,
+                "audit_log": settings.retention_audit_log,
+                "stripe_events": settings.retention_stripe_events,
+            },
+            interval=settings.prune_interval_seconds,
+            replica=replica,
+            on_pruned=lambda table, rows: metrics.RETENTION_PRUNED.labels(table=table).inc(rows),
+            on_run=lambda outcome: metrics.RETENTION_RUNS.labels(outcome=outcome).inc(),
+        )
+        pruner.start()
+        stack.push_async_callback(pruner.close)
         meter.start()
         stack.push_async_callback(meter.close, SHUTDOWN_FLUSH_SECONDS)
         await server.start()

@@ -53,7 +53,12 @@ def create_app(settings: Settings, *, pool: asyncpg.Pool | None = None) -> web.A
         if url is None:
             yield
             return
-        state.pool = await db.create_pool(url, application_name="driftlock-webhooks", max_size=POOL_MAX_SIZE)
+        state.pool = await db.create_pool(
+            url,
+            application_name="driftlock-webhooks",
+            max_size=POOL_MAX_SIZE,
+            transaction_pooler=settings.database_transaction_pooler,
+        )
         try:
             yield
         finally:

@@ -89,24 +89,6 @@ async def list_events(
     return [dict(row) for row in rows]
 
 
-async def prune_events(conn: db.Connection, received_before: datetime, *, batch: int = 5000) -> int:
-    """Delete stored events received before the given time, in batches (short locks); return how many."""
-    total = 0
-    while True:
-        deleted = await conn.fetchval(
-            """WITH doomed AS (
-                   SELECT id FROM driftlock.stripe_events WHERE received_at < $1 LIMIT $2)
-               , gone AS (
-                   DELETE FROM driftlock.stripe_events e USING doomed WHERE e.id = doomed.id RETURNING 1)
-               SELECT count(*) FROM gone""",
-            received_before,
-            batch,
-        )
-        total += deleted
-        if deleted < batch:
-            return total
-
-
 # --- serialising one customer's events -----------------------------------------------------------------------
 
 

@@ -15,7 +15,7 @@ from typing import Any, NoReturn
 
 import asyncpg
 
-from driftlock_cli import management_commands, webhook_commands
+from driftlock_cli import management_commands, retention_commands, webhook_commands
 from driftlock_cli.output import Printer, fields, table, text_value
 from driftlock_kernel import admin_audit, api_keys, db, keys, migrate, orgs, plans, usage
 from driftlock_kernel.billing import FREE_PLAN, Overage
@@ -354,6 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--older-than", type=_duration, required=True, metavar="DURATION", help="e.g. 90d"
     )
 
+    retention_commands.register(commands, leaf)
     leaf(commands, "authz", cmd_authz, "run the ext_authz gRPC service")
     webhook_commands.register(commands, leaf)
     management_commands.register(commands, leaf, keys_group=keys_group, orgs_group=orgs_group)

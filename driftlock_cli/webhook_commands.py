@@ -16,7 +16,7 @@ from typing import Any
 from billing_webhooks.decisions import EventOutcome
 from billing_webhooks.events import EventType
 from driftlock_cli.output import Printer, table
-from driftlock_kernel import db
+from driftlock_kernel import db, retention
 from driftlock_kernel.billing import SubscriptionStatus
 from driftlock_kernel.durations import parse_duration
 from driftlock_kernel.errors import OperatorError
@@ -87,11 +87,13 @@ async def cmd_webhooks(args: argparse.Namespace, settings: Settings, out: Printe
 
 
 async def cmd_webhooks_prune(args: argparse.Namespace, settings: Settings, out: Printer) -> None:
-    from billing_webhooks.store import prune_events
-
     before = datetime.now(UTC) - args.older_than
-    async with db.connection(settings.require_database_url(), application_name="driftlock-gateway cli") as conn:
-        deleted = await prune_events(conn, before)
+    async with db.connection(
+        settings.require_database_url(),
+        application_name="driftlock-gateway cli",
+        transaction_pooler=settings.database_transaction_pooler,
+    ) as conn:
+        deleted = await retention.prune_table(conn, retention.TABLES["stripe_events"], args.older_than)
     out.result(
         {"deleted": deleted, "received_before": before},
         f"Deleted {deleted} stored Stripe event(s) received before {iso(before)}.",
@@ -101,7 +103,11 @@ async def cmd_webhooks_prune(args: argparse.Namespace, settings: Settings, out: 
 async def cmd_webhooks_events(args: argparse.Namespace, settings: Settings, out: Printer) -> None:
     from billing_webhooks.store import list_events
 
-    async with db.connection(settings.require_database_url(), application_name="driftlock-gateway cli") as conn:
+    async with db.connection(
+        settings.require_database_url(),
+        application_name="driftlock-gateway cli",
+        transaction_pooler=settings.database_transaction_pooler,
+    ) as conn:
         found = await list_events(conn, org_id=args.org, outcome=args.outcome, event_type=args.type, limit=args.limit)
     columns = ["received_at", "id", "type", "outcome", "org_id", "detail"]
     out.result({"events": found}, table(found, columns) if found else "No stored events match.")

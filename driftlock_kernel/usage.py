@@ -4,7 +4,7 @@ import uuid
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 
-from driftlock_kernel import db
+from driftlock_kernel import db, retention
 from driftlock_kernel.billing import BillingPolicy, effective_plan
 from driftlock_kernel.orgs import get_org
 from driftlock_kernel.plans import get_plan
@@ -85,15 +85,4 @@ async def list_alerts(conn: db.Connection, org_id: uuid.UUID) -> list[UsageAlert
 
 async def prune_audit(conn: db.Connection, older_than: timedelta, *, batch: int = 10_000) -> int:
     """Delete audit entries older than `older_than`, in batches so that a large table is never locked long."""
-    deleted = 0
-    while True:
-        status = await conn.execute(
-            """DELETE FROM driftlock.audit_log WHERE id IN (
-                   SELECT id FROM driftlock.audit_log WHERE at < now() - $1::interval LIMIT $2)""",
-            older_than,
-            batch,
-        )
-        count = int(status.split()[-1])
-        deleted += count
-        if count < batch:
-            return deleted
+    return await retention.prune_table(conn, retention.TABLES["audit_log"], older_than, batch=batch)

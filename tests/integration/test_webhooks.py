@@ -624,7 +624,7 @@ async def test_api_versions_are_counted_by_release(stripe, service, make_org):
 
 
 async def test_prune_deletes_only_events_received_before_the_cutoff(stripe, make_org, pool):
-    from billing_webhooks.store import prune_events
+    from driftlock_kernel.retention import TABLES, prune_table
 
     org = await make_org()
     old = await checkout(stripe, org.id)
@@ -633,7 +633,7 @@ async def test_prune_deletes_only_events_received_before_the_cutoff(stripe, make
         await conn.execute(
             "UPDATE driftlock.stripe_events SET received_at = now() - interval '40 days' WHERE id = $1", old["id"]
         )
-        deleted = await prune_events(conn, datetime.now(UTC) - timedelta(days=30), batch=1)
+        deleted = await prune_table(conn, TABLES["stripe_events"], timedelta(days=30), batch=1)
         remaining = {
             row["id"]
             for row in await conn.fetch(

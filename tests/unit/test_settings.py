@@ -77,3 +77,64 @@ def test_no_module_but_settings_reads_the_environment():
             if relative not in allowed and re.search(r"os\.environ|getenv\(", path.read_text()):
                 readers.append(relative)
     assert readers == []
+
+
+def test_the_production_kit_settings_are_read():
+    from datetime import timedelta
+
+    settings = Settings.from_env(
+        {
+            "DRIFTLOCK_LOG_FORMAT": "text",
+            "DRIFTLOCK_ENVOY_STATS_PORT": "9999",
+            "DRIFTLOCK_TLS_CERT": "/tls/cert.pem",
+            "DRIFTLOCK_TLS_KEY": "/tls/key.pem",
+            "DRIFTLOCK_REDIS_URL": "redis://redis:6379/0",
+            "DRIFTLOCK_REDIS_TIMEOUT_SECONDS": "0.2",
+            "DRIFTLOCK_RETENTION_METER_FLUSHES": "10d",
+            "DRIFTLOCK_RETENTION_USAGE_REPORTS": "off",
+            "DRIFTLOCK_RETENTION_AUDIT_LOG": "30d",
+            "DRIFTLOCK_RETENTION_STRIPE_EVENTS": "3d",
+            "DRIFTLOCK_PRUNE_INTERVAL_SECONDS": "0",
+            "STRIPE_API_KEY": "sk_test_x",
+            "STRIPE_API_BASE": "http://127.0.0.1:12111",
+        }
+    )
+    assert (settings.log_format, settings.envoy_stats_port) == ("text", 9999)
+    assert settings.tls() == ("/tls/cert.pem", "/tls/key.pem")
+    assert (settings.redis_url, settings.redis_timeout_seconds) == ("redis://redis:6379/0", 0.2)
+    assert settings.retention_meter_flushes == timedelta(days=10)
+    assert settings.retention_usage_reports is None
+    assert (settings.retention_audit_log, settings.retention_stripe_events) == (timedelta(days=30), timedelta(days=3))
+    assert settings.prune_interval_seconds == 0
+    assert (settings.stripe_api_key, settings.stripe_api_base) == ("sk_test_x", "http://127.0.0.1:12111")
+    assert Settings().tls() is None
+
+
+@pytest.mark.parametrize(
+    ("environ", "named"),
+    [
+        ({"DRIFTLOCK_LOG_FORMAT": "xml"}, "DRIFTLOCK_LOG_FORMAT"),
+        ({"DRIFTLOCK_REDIS_URL": "http://redis"}, "DRIFTLOCK_REDIS_URL"),
+        ({"DRIFTLOCK_RETENTION_STRIPE_EVENTS": "2d"}, "DRIFTLOCK_RETENTION_STRIPE_EVENTS"),
+        ({"DRIFTLOCK_RETENTION_METER_FLUSHES": "12h"}, "DRIFTLOCK_RETENTION_METER_FLUSHES"),
+        ({"DRIFTLOCK_RETENTION_AUDIT_LOG": "soon"}, "DRIFTLOCK_RETENTION_AUDIT_LOG"),
+    ],
+)
+def test_malformed_production_kit_settings_name_the_variable(environ, named):
+    with pytest.raises(SettingsError, match=named):
+        Settings.from_env(environ)
+
+
+def test_a_certificate_without_its_key_is_refused():
+    with pytest.raises(SettingsError, match="DRIFTLOCK_TLS_KEY"):
+        Settings.from_env({"DRIFTLOCK_TLS_CERT": "/tls/cert.pem"}).tls()
+
+
+def test_retention_minimums_match_the_pruned_tables():
+    """Settings refuse what the pruner would refuse, so a bad value stops a service at start-up, not later."""
+    from driftlock_kernel.retention import TABLES
+
+    for name, table in TABLES.items():
+        too_short = f"{table.minimum.days * 24 - 1}h"
+        with pytest.raises(SettingsError):
+            Settings.from_env({f"DRIFTLOCK_RETENTION_{name.upper()}": too_short})

@@ -1,0 +1,179 @@
+"""Retention of the append-only tables: what each keeps, pruning in batches, and one replica at a time.
+
+| table | kept for (default) | why it exists |
+|---|---|---|
+| meter_flushes | 30 days | a retried (or spilled and replayed) flush finds its id and adds nothing |
+| usage_reports | 35 days | a backend report sent again finds its request id and adds nothing |
+| audit_log | 90 days | who called what, denials and a sample of allows |
+| stripe_events | 90 days (at least 3) | a delivery Stripe retries (up to three days) is found and not applied twice |
+
+Deduplication therefore holds for as long as a table keeps its rows; every retention is far longer than any
+retry. `deferred` Stripe events wait for their organisation and are never pruned. Each batch is one DELETE of
+at most `batch` rows (locked rows are skipped, never waited for), so no lock is held long and a transaction
+pooler is fine. `Pruner` runs in every authz replica; a conditional UPDATE of `maintenance_runs` lets one of
+them claim each interval's run.
+"""
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+
+import asyncpg
+
+from driftlock_kernel import db
+from driftlock_kernel.background import BackgroundTask
+from driftlock_kernel.errors import OperatorError, one_line
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BATCH = 5000
+TASK = "prune"
+
+
+@dataclass(frozen=True)
+class PrunedTable:
+    name: str  # as the CLI and metrics name it
+    table: str
+    time_column: str
+    key_column: str
+    keep_condition: str | None = None  # rows matching it are never pruned
+    minimum: timedelta = timedelta(days=1)
+
+    def delete_sql(self) -> str:
+        keep = f" AND NOT ({self.keep_condition})" if self.keep_condition else ""
+        # Identifiers come from this module's constants, never from input; the values are parameters.
+        return f"""
+            WITH doomed AS (
+                SELECT {self.key_column} FROM {self.table}
+                WHERE {self.time_column} < now() - $1::interval{keep}
+                LIMIT $2 FOR UPDATE SKIP LOCKED)
+            DELETE FROM {self.table} t USING doomed WHERE t.{self.key_column} = doomed.{self.key_column}"""
+
+
+TABLES: dict[str, PrunedTable] = {
+    t.name: t
+    for t in (
+        PrunedTable("meter_flushes", "driftlock.meter_flushes", "flushed_at", "flush_id"),
+        PrunedTable("usage_reports", "driftlock.usage_reports", "reported_at", "request_id"),
+        PrunedTable("audit_log", "driftlock.audit_log", "at", "id"),
+        PrunedTable(
+            "stripe_events",
+            "driftlock.stripe_events",
+            "received_at",
+            "id",
+            keep_condition="outcome = 'deferred'",
+            minimum=timedelta(days=3),
+        ),
+    )
+}
+
+
+class RetentionError(OperatorError):
+    pass
+
+
+def check_retention(table: PrunedTable, older_than: timedelta) -> None:
+    if older_than < table.minimum:
+        raise RetentionError(
+            f"{table.name} must be kept at least {table.minimum.days}d, not {older_than}: deduplication needs its rows"
+        )
+
+
+async def prune_table(
+    conn: db.Connection, table: PrunedTable, older_than: timedelta, *, batch: int = DEFAULT_BATCH
+) -> int:
+    """Delete the table's rows older than `older_than`, a batch per statement; return how many."""
+    check_retention(table, older_than)
+    sql = table.delete_sql()
+    total = 0
+    while True:
+        status = await conn.execute(sql, older_than, batch)
+        deleted = int(status.split()[-1])
+        total += deleted
+        if deleted < batch:
+            return total
+
+
+async def claim_run(conn: db.Connection, replica: str, interval: timedelta) -> bool:
+    """Whether this replica won this interval's run (no other replica started one within `interval`)."""
+    row = await conn.fetchrow(
+        """UPDATE driftlock.maintenance_runs SET started_at = now(), finished_at = NULL, replica = $2
+           WHERE task = $1 AND started_at < now() - $3::interval
+           RETURNING task""",
+        TASK,
+        replica,
+        interval,
+    )
+    return row is not None
+
+
+async def finish_run(conn: db.Connection, deleted: dict[str, int]) -> None:
+    await conn.execute(
+        "UPDATE driftlock.maintenance_runs SET finished_at = now(), detail = $2 WHERE task = $1",
+        TASK,
+        {"deleted": deleted},  # the connection's jsonb codec encodes it
+    )
+
+
+class Pruner:
+    """Every `interval`, prunes each table past its retention, if this replica claims the run."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        retentions: dict[str, timedelta | None],
+        *,
+        interval: float,
+        replica: str,
+        batch: int = DEFAULT_BATCH,
+        on_pruned: Callable[[str, int], None] = lambda table, rows: None,
+        on_run: Callable[[str], None] = lambda outcome: None,
+    ):
+        unknown = set(retentions) - set(TABLES)
+        if unknown:
+            raise ValueError(f"no such pruned table: {', '.join(sorted(unknown))}")
+        self._pool = pool
+        self._retentions = {name: keep for name, keep in retentions.items() if keep is not None}
+        self._interval = interval
+        self._replica = replica
+        self._batch = batch
+        self._on_pruned = on_pruned
+        self._on_run = on_run
+        self._task = BackgroundTask("retention", self._loop)
+
+    def start(self) -> None:
+        if self._interval > 0 and self._retentions:
+            self._task.start()
+
+    async def close(self) -> None:
+        await self._task.stop()
+
+    async def _loop(self) -> None:
+        # Not at once: a fleet restarting together would all try in the same second.
+        await asyncio.sleep(min(60.0, self._interval))
+        while True:
+            await self.run_once()
+            await asyncio.sleep(self._interval)
+
+    async def run_once(self) -> dict[str, int] | None:
+        """One run: None when another replica had claimed it (or it failed), else rows deleted per table."""
+        try:
+            async with self._pool.acquire() as conn:
+                if not await claim_run(conn, self._replica, timedelta(seconds=self._interval * 0.9)):
+                    self._on_run("skipped")
+                    return None
+                deleted = {}
+                for name, keep in self._retentions.items():
+                    deleted[name] = await prune_table(conn, TABLES[name], keep, batch=self._batch)
+                    self._on_pruned(name, deleted[name])
+                await finish_run(conn, deleted)
+        except db.DATABASE_ERRORS as error:
+            self._on_run("failed")
+            log.warning("pruning old rows failed (next try in %.0fs): %s", self._interval, one_line(error))
+            return None
+        self._on_run("pruned")
+        if any(deleted.values()):
+            log.info("pruned rows past their retention: %s", ", ".join(f"{k}={v}" for k, v in deleted.items()))
+        return deleted

@@ -1,0 +1,158 @@
+"""Retention: rows past their table's retention go, recent ones stay, deduplication still holds inside the
+window, `deferred` Stripe events are kept, and one replica at a time runs each interval's pruning.
+
+On a database of its own: the shared session database has authz replicas whose own pruners may run."""
+
+import asyncio
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from authz_service.meter_store import MeterStore
+from authz_service.usage_ledger import Batch, Report
+from driftlock_kernel import db, migrate, orgs, retention
+from tests.support.cli import run_cli
+
+OLD = timedelta(days=400)
+RECENT = timedelta(hours=1)
+KEEP = {"meter_flushes": timedelta(days=30), "usage_reports": timedelta(days=35), "audit_log": timedelta(days=90),
+        "stripe_events": timedelta(days=90)}  # fmt: skip
+
+
+@pytest.fixture
+async def retention_db(fresh_database_url):
+    async with db.connection(fresh_database_url) as conn:
+        await migrate.migrate(conn)
+    pool = await db.create_pool(fresh_database_url, application_name="retention-tests", max_size=4)
+    yield fresh_database_url, pool
+    await pool.close()
+
+
+async def plant(conn, org_id, age: timedelta) -> dict[str, str]:
+    """One row of each pruned table, `age` old; returns their keys."""
+    at = datetime.now(UTC) - age
+    flush_id, request_id, event_id = uuid.uuid4(), f"req-{uuid.uuid4()}", f"evt_{uuid.uuid4().hex}"
+    await conn.execute(
+        "INSERT INTO driftlock.meter_flushes (flush_id, replica, units, flushed_at) VALUES ($1, 'r', 1, $2)",
+        flush_id,
+        at,
+    )
+    await conn.execute(
+        """INSERT INTO driftlock.usage_reports (request_id, org_id, period_start, product, units, reported_at)
+           VALUES ($1, $2, $3, 'stream', 1, $4)""",
+        request_id,
+        org_id,
+        at,
+        at,
+    )
+    audit_id = await conn.fetchval(
+        "INSERT INTO driftlock.audit_log (at, decision, code) VALUES ($1, 'deny', 'invalid_api_key') RETURNING id",
+        at,
+    )
+    await conn.execute(
+        """INSERT INTO driftlock.stripe_events (id, type, created, payload, outcome, received_at)
+           VALUES ($1, 'invoice.paid', $2, '{}'::jsonb, 'applied', $2)""",
+        event_id,
+        at,
+    )
+    return {"meter_flushes": str(flush_id), "usage_reports": request_id, "audit_log": str(audit_id),
+            "stripe_events": event_id}  # fmt: skip
+
+
+async def present(conn, keys: dict[str, str]) -> set[str]:
+    found = set()
+    for name, key in keys.items():
+        table = retention.TABLES[name]
+        if await conn.fetchval(f"SELECT count(*) FROM {table.table} WHERE {table.key_column}::text = $1", key):
+            found.add(name)
+    return found
+
+
+def pruner(pool, replica: str = "replica-a") -> retention.Pruner:
+    return retention.Pruner(pool, dict(KEEP), interval=3600, replica=replica, batch=2)
+
+
+async def test_old_rows_go_recent_rows_stay(retention_db):
+    _url, pool = retention_db
+    async with pool.acquire() as conn:
+        org = await orgs.create_org(conn, "Retention")
+        old = [await plant(conn, org.id, OLD) for _ in range(3)]  # more than one batch of 2
+        recent = await plant(conn, org.id, RECENT)
+    deleted = await pruner(pool).run_once()
+    assert deleted == dict.fromkeys(KEEP, 3)
+    async with pool.acquire() as conn:
+        assert [await present(conn, keys) for keys in old] == [set()] * 3
+        assert await present(conn, recent) == set(KEEP)
+        detail = await conn.fetchval("SELECT detail FROM driftlock.maintenance_runs WHERE task = 'prune'")
+    assert detail == {"deleted": deleted}
+
+
+async def test_deduplication_still_holds_inside_the_window(retention_db):
+    _url, pool = retention_db
+    async with pool.acquire() as conn:
+        org = await orgs.create_org(conn, "Dedupe")
+        old = await plant(conn, org.id, OLD)
+        recent = await plant(conn, org.id, timedelta(days=20))
+    await pruner(pool).run_once()
+    store = MeterStore(pool, replica="replica-a")
+    period = datetime(2026, 1, 1, tzinfo=UTC)
+    # A flush retried with an id the table still holds adds nothing ...
+    again = await store.flush(Batch(uuid.UUID(recent["meter_flushes"]), {(str(org.id), period, "stream"): 5}))
+    assert not again.applied
+    # ... nor does a backend report sent again with a request id still kept.
+    report = Report(recent["usage_reports"], str(org.id), period, "stream", 7)
+    await store.flush(Batch(uuid.uuid4(), {}, [report]))
+    assert await store.stored_by_product(str(org.id), period) == {}
+    # A pruned flush id is unknown again: that is why retention is far longer than any retry.
+    assert (await store.flush(Batch(uuid.UUID(old["meter_flushes"]), {(str(org.id), period, "stream"): 1}))).applied
+
+
+async def test_deferred_stripe_events_are_kept(retention_db):
+    _url, pool = retention_db
+    async with pool.acquire() as conn:
+        await conn.execute(
+            """INSERT INTO driftlock.stripe_events (id, type, created, payload, outcome, received_at)
+               VALUES ('evt_waiting', 'customer.subscription.updated', now() - interval '400 days', '{}'::jsonb,
+                       'deferred', now() - interval '400 days')"""
+        )
+    await pruner(pool).run_once()
+    async with pool.acquire() as conn:
+        assert await conn.fetchval("SELECT outcome FROM driftlock.stripe_events WHERE id = 'evt_waiting'") == "deferred"
+
+
+async def test_one_replica_runs_each_intervals_pruning(retention_db):
+    _url, pool = retention_db
+    results = await asyncio.gather(*(pruner(pool, f"replica-{i}").run_once() for i in range(4)))
+    assert sum(result is not None for result in results) == 1
+    assert await pruner(pool, "replica-late").run_once() is None  # claimed within the interval
+    async with pool.acquire() as conn:
+        await conn.execute("UPDATE driftlock.maintenance_runs SET started_at = now() - interval '2 hours'")
+    assert await pruner(pool, "replica-late").run_once() is not None
+
+
+async def test_a_retention_below_the_minimum_is_refused():
+    with pytest.raises(retention.RetentionError, match="at least 3d"):
+        retention.check_retention(retention.TABLES["stripe_events"], timedelta(days=2))
+
+
+async def test_the_prune_command_prunes_each_table_or_all(retention_db):
+    url, pool = retention_db
+    async with pool.acquire() as conn:
+        org = await orgs.create_org(conn, "CLI")
+        old = await plant(conn, org.id, OLD)
+        recent = await plant(conn, org.id, timedelta(days=10))
+    one = await asyncio.to_thread(run_cli, "prune", "meter-flushes", "--older-than", "5d", "--json", database_url=url)
+    assert one.code == 0, one.stderr
+    assert one.json()["deleted"] == {"meter_flushes": 2}  # the old row and the 10-day-old one
+    everything = await asyncio.to_thread(
+        run_cli, "prune", "all", "--json", database_url=url, env={"DRIFTLOCK_RETENTION_AUDIT_LOG": "off"}
+    )
+    assert everything.code == 0, everything.stderr
+    assert everything.json() == {"deleted": {"meter_flushes": 0, "usage_reports": 1, "stripe_events": 1},
+                                 "kept": ["audit_log"]}  # fmt: skip
+    async with pool.acquire() as conn:
+        assert await present(conn, old) == {"audit_log"}
+        assert await present(conn, recent) == {"usage_reports", "audit_log", "stripe_events"}
+    too_short = await asyncio.to_thread(run_cli, "prune", "stripe-events", "--older-than", "1d", database_url=url)
+    assert too_short.code == 1 and "at least 3d" in too_short.stderr and "\n" not in too_short.stderr.strip()
