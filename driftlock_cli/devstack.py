@@ -34,9 +34,9 @@ def _secret_file(path: Path, make: Callable[[], str]) -> str:
     return value
 
 
-async def _demo_org_and_key(url: str, state_dir: Path) -> tuple[uuid.UUID, str]:
+async def _demo_org_and_key(url: str, state_dir: Path, pooler: bool | None) -> tuple[uuid.UUID, str]:
     org_file = state_dir / "demo_org_id"
-    async with db.connection(url, application_name="driftlock-dev") as conn:
+    async with db.connection(url, application_name="driftlock-dev", transaction_pooler=pooler) as conn:
         await migrate.migrate(conn)
         org = None
         if org_file.exists():
@@ -73,7 +73,7 @@ async def run_dev_stack(settings: Settings, *, backend: HostPort | None, state_d
         webhook_secret = ",".join(settings.stripe_webhook_secrets) or _secret_file(
             webhook_path, lambda: "whsec_" + secrets.token_urlsafe(32)
         )
-        org_id, key = await _demo_org_and_key(url, state)
+        org_id, key = await _demo_org_and_key(url, state, settings.database_transaction_pooler)
         ports = StackPorts.from_settings(settings)
         stack = await start_stack(
             database_url=url,

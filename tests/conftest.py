@@ -13,6 +13,7 @@ import pytest
 from driftlock_cli.embedded_db import EmbeddedDatabase
 from driftlock_kernel import api_keys, db, migrate, orgs, plans
 from driftlock_kernel.keys import ALL_SCOPES, Environment, Scope
+from tests.support import pgbouncer
 from tests.support.database import DatabaseFactory
 
 JWT_SECRET = secrets.token_urlsafe(48)
@@ -71,8 +72,29 @@ async def databases(pg_admin_url):
 
 
 @pytest.fixture(scope="session")
-async def database_url(databases) -> str:
-    """One migrated database for the session; tests keep apart by creating their own organisations."""
+async def pooler(pg_admin_url):
+    """PgBouncer in transaction mode in front of the server when DRIFTLOCK_TEST_PGBOUNCER=1, else None."""
+    if not pgbouncer.ENABLED:
+        yield None
+        return
+    bouncer = await pgbouncer.PgBouncer(pg_admin_url).start()
+    # Every process the tests start (services, CLI) is told it is behind a transaction pooler.
+    os.environ["DRIFTLOCK_DB_TRANSACTION_POOLER"] = "true"
+    try:
+        yield bouncer
+    finally:
+        await bouncer.stop()
+
+
+@pytest.fixture(scope="session")
+def transaction_pooler(pooler) -> bool | None:
+    """What the tests' own connections pass as `transaction_pooler` (None: guessed, as the services do)."""
+    return True if pooler is not None else None
+
+
+@pytest.fixture(scope="session")
+async def direct_database_url(databases) -> str:
+    """The session's database, migrated, reached directly (what DATABASE_LISTEN_URL names behind a pooler)."""
     url = await databases.create() if await databases.can_create() else databases.admin_url
     async with db.connection(url) as conn:
         await migrate.migrate(conn)
@@ -80,17 +102,36 @@ async def database_url(databases) -> str:
     return url
 
 
-@pytest.fixture
-async def fresh_database_url(databases) -> str:
-    """An empty database of its own, for tests of the schema itself."""
-    if not await databases.can_create():
-        pytest.skip("the server named by DATABASE_URL does not let this user create databases")
-    return await databases.create("driftlock_fresh")
+@pytest.fixture(scope="session")
+def database_url(direct_database_url, pooler) -> str:
+    """One migrated database for the session; tests keep apart by creating their own organisations. Behind
+    PgBouncer when DRIFTLOCK_TEST_PGBOUNCER=1 (LISTEN then goes to DATABASE_LISTEN_URL, direct)."""
+    if pooler is None:
+        return direct_database_url
+    os.environ["DATABASE_LISTEN_URL"] = direct_database_url
+    return pooler.pooled(direct_database_url)
 
 
 @pytest.fixture(scope="session")
-async def pool(database_url):
-    pool = await db.create_pool(database_url, application_name="driftlock-tests", max_size=4)
+def listen_url(direct_database_url) -> str:
+    """Where a test LISTENs: never through a transaction pooler."""
+    return direct_database_url
+
+
+@pytest.fixture
+async def fresh_database_url(databases, pooler) -> str:
+    """An empty database of its own, for tests of the schema itself (through PgBouncer when it runs)."""
+    if not await databases.can_create():
+        pytest.skip("the server named by DATABASE_URL does not let this user create databases")
+    url = await databases.create("driftlock_fresh")
+    return url if pooler is None else pooler.pooled(url)
+
+
+@pytest.fixture(scope="session")
+async def pool(database_url, transaction_pooler):
+    pool = await db.create_pool(
+        database_url, application_name="driftlock-tests", max_size=4, transaction_pooler=transaction_pooler
+    )
     yield pool
     await pool.close()
 

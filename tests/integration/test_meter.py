@@ -126,7 +126,7 @@ async def test_two_replicas_racing_across_thresholds_raise_each_alert_once(pool,
         assert row["used_units"] * 100 >= row["threshold"] * row["included_units"]
 
 
-async def test_alerts_are_published_with_notify(pool, make_org, database_url):
+async def test_alerts_are_published_with_notify(pool, make_org, listen_url):
     org = await make_org()
     received: list[dict] = []
 
@@ -135,7 +135,7 @@ async def test_alerts_are_published_with_notify(pool, make_org, database_url):
         if message["org_id"] == str(org.id):
             received.append(message)
 
-    listener = await db.connect(database_url)
+    listener = await db.connect(listen_url)  # LISTEN needs a session of its own: never a transaction pooler
     await listener.add_listener("driftlock_usage_alert", on_alert)
     try:
         meter = new_meter(pool)

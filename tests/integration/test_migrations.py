@@ -3,20 +3,21 @@ import re
 
 import pytest
 
-from driftlock_kernel import db, migrate
+from driftlock_kernel import migrate
 from driftlock_kernel.billing import BILLING_STATUSES, FREE_PLAN, Overage, SubscriptionStatus
 from driftlock_kernel.keys import Environment, Scope
+from tests.support import database
 from tests.support.cli import run_cli
 
 
 async def tables(url: str) -> set[str]:
-    async with db.connection(url) as conn:
+    async with database.connection(url) as conn:
         rows = await conn.fetch("SELECT table_name FROM information_schema.tables WHERE table_schema = 'driftlock'")
     return {row["table_name"] for row in rows}
 
 
 async def test_migrate_creates_the_schema_outside_public_and_seeds_free(fresh_database_url):
-    async with db.connection(fresh_database_url) as conn:
+    async with database.connection(fresh_database_url) as conn:
         applied = await migrate.migrate(conn)
         assert applied == [m.version for m in migrate.load_migrations()]
         free = await conn.fetchrow("SELECT * FROM driftlock.plans WHERE name = 'free'")
@@ -27,14 +28,14 @@ async def test_migrate_creates_the_schema_outside_public_and_seeds_free(fresh_da
 
 
 async def test_migrate_twice_applies_nothing_the_second_time(fresh_database_url):
-    async with db.connection(fresh_database_url) as conn:
+    async with database.connection(fresh_database_url) as conn:
         assert await migrate.migrate(conn)
         assert await migrate.migrate(conn) == []
         assert await conn.fetchval("SELECT count(*) FROM driftlock.plans WHERE name = 'free'") == 1
 
 
 async def test_migrate_keeps_an_existing_free_plan(fresh_database_url):
-    async with db.connection(fresh_database_url) as conn:
+    async with database.connection(fresh_database_url) as conn:
         await migrate.migrate(conn)
         await conn.execute("UPDATE driftlock.plans SET included_units = 42 WHERE name = 'free'")
         await migrate.migrate(conn)
@@ -42,7 +43,7 @@ async def test_migrate_keeps_an_existing_free_plan(fresh_database_url):
 
 
 async def test_concurrent_migrations_apply_each_version_once(fresh_database_url):
-    connections = [await db.connect(fresh_database_url) for _ in range(4)]
+    connections = [await database.connect(fresh_database_url) for _ in range(4)]
     try:
         results = await asyncio.gather(*(migrate.migrate(conn) for conn in connections))
         versions = await connections[0].fetch("SELECT version FROM driftlock.schema_migrations")
@@ -68,7 +69,7 @@ def test_two_cli_processes_migrating_at_once_both_succeed(fresh_database_url):
 async def test_an_edited_released_migration_is_refused(fresh_database_url):
     originals = migrate.load_migrations()
     edited = [migrate.Migration(originals[0].version, originals[0].sql + "\n-- edited\n"), *originals[1:]]
-    async with db.connection(fresh_database_url) as conn:
+    async with database.connection(fresh_database_url) as conn:
         await migrate.migrate(conn, originals)
         with pytest.raises(migrate.MigrationError, match="changed after it was applied"):
             await migrate.migrate(conn, edited)
@@ -76,7 +77,7 @@ async def test_an_edited_released_migration_is_refused(fresh_database_url):
 
 async def test_a_failing_migration_leaves_nothing_behind(fresh_database_url):
     broken = [*migrate.load_migrations(), migrate.Migration("9999_broken", "CREATE TABLE driftlock.x (); SELECT 1/0;")]
-    async with db.connection(fresh_database_url) as conn:
+    async with database.connection(fresh_database_url) as conn:
         with pytest.raises(Exception, match="division by zero"):
             await migrate.migrate(conn, broken)
         assert await conn.fetchval("SELECT to_regclass('driftlock.plans')") is None
@@ -100,7 +101,7 @@ async def _check_of(conn, table: str, column: str) -> str:
 
 async def test_the_schema_accepts_exactly_the_billing_vocabulary_of_the_code(database_url):
     """The CHECK constraints of the migrations and the enums of driftlock_kernel say the same thing."""
-    async with db.connection(database_url) as conn:
+    async with database.connection(database_url) as conn:
         assert _quoted_values(await _check_of(conn, "organizations", "billing_status")) == BILLING_STATUSES
         assert _quoted_values(await _check_of(conn, "stripe_subscriptions", "status")) == set(SubscriptionStatus)
         assert _quoted_values(await _check_of(conn, "plans", "overage")) == set(Overage)

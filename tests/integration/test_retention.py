@@ -21,10 +21,12 @@ KEEP = {"meter_flushes": timedelta(days=30), "usage_reports": timedelta(days=35)
 
 
 @pytest.fixture
-async def retention_db(fresh_database_url):
-    async with db.connection(fresh_database_url) as conn:
+async def retention_db(fresh_database_url, transaction_pooler):
+    async with db.connection(fresh_database_url, transaction_pooler=transaction_pooler) as conn:
         await migrate.migrate(conn)
-    pool = await db.create_pool(fresh_database_url, application_name="retention-tests", max_size=4)
+    pool = await db.create_pool(
+        fresh_database_url, application_name="retention-tests", max_size=4, transaction_pooler=transaction_pooler
+    )
     yield fresh_database_url, pool
     await pool.close()
 

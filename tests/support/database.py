@@ -1,5 +1,6 @@
 """Test databases: a fresh, migrated database per test session (or per test, where the test needs one)."""
 
+import os
 import uuid
 from urllib.parse import urlsplit, urlunsplit
 
@@ -44,3 +45,17 @@ class DatabaseFactory:
                 except asyncpg.PostgresError:
                     pass
         self.created.clear()
+
+
+def transaction_pooler() -> bool | None:
+    """Whether the tests run behind PgBouncer (the `pooler` fixture sets DRIFTLOCK_DB_TRANSACTION_POOLER for every
+    process): the tests' own connections then turn prepared statements off, as the services do."""
+    return True if os.environ.get("DRIFTLOCK_DB_TRANSACTION_POOLER") == "true" else None
+
+
+def connection(url: str):
+    return db.connection(url, transaction_pooler=transaction_pooler())
+
+
+async def connect(url: str):
+    return await db.connect(url, transaction_pooler=transaction_pooler())

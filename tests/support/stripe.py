@@ -74,7 +74,11 @@ class InProcessWebhooks:
     """create_app() served by aiohttp on 127.0.0.1:port, as `driftlock-gateway webhooks` would serve it."""
 
     def __init__(self, database_url: str, secrets_: tuple[str, ...] = (SECRET, OLD_SECRET)):
-        self.settings = Settings(database_url=database_url, stripe_webhook_secrets=secrets_)
+        # Behind a transaction pooler exactly when the services the tests start are (DRIFTLOCK_DB_TRANSACTION_POOLER).
+        pooler = Settings.from_env().database_transaction_pooler
+        self.settings = Settings(
+            database_url=database_url, stripe_webhook_secrets=secrets_, database_transaction_pooler=pooler
+        )
         self._runner: web.AppRunner | None = None
         self.port = 0
 

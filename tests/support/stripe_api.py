@@ -5,10 +5,10 @@ process by the tests (`await LocalStripe().start()`) and as a process by `dev`
 
 Endpoints: `POST /v1/billing/meter_events`, `GET /v1/billing/meters`, `GET /v1/billing/meters/{id}`,
 `GET /v1/billing/meters/{id}/event_summaries`, `GET /v1/customers/{id}`, `GET /v1/subscriptions/{id}`,
-`GET /v1/subscriptions`. Anything else is Stripe's 404 "Unrecognized request URL". Under `/_local/` (a prefix
-no Stripe path uses) is a JSON control surface, unauthenticated and not logged, for a test that drives the
-server as a separate process: `POST /_local/meters|customers|subscriptions|faults`, `DELETE /_local/faults`,
-`GET /_local/events|totals|requests`.
+`GET /v1/subscriptions`, `GET /v1/prices/{id}`. Anything else is Stripe's 404 "Unrecognized request URL".
+Under `/_local/` (a prefix no Stripe path uses) is a JSON control surface, unauthenticated and not logged, for
+a test that drives the server as a separate process: `POST /_local/meters|customers|subscriptions|prices|faults`,
+`DELETE /_local/faults`, `GET /_local/events|totals|requests`.
 
 Faithful to Stripe (its docs, or the library's own code, say so):
 - Errors are `{"error": {"type", "message", "code"?, "param"?, "doc_url"?, "request_log_url"}}`; every answer
@@ -315,6 +315,7 @@ class LocalStripe:
         self._meters: dict[str, Meter] = {}
         self._customers: dict[str, dict] = {}
         self._subscriptions: dict[str, dict] = {}
+        self._prices: dict[str, dict] = {}
         self._events: list[MeterEvent] = []
         self._identifiers: dict[str, float] = {}
         self._saved: dict[str, _Saved] = {}
@@ -339,9 +340,11 @@ class LocalStripe:
                 web.get("/v1/customers/{id}", self._retrieve_customer),
                 web.get("/v1/subscriptions", self._list_subscriptions),
                 web.get("/v1/subscriptions/{id}", self._retrieve_subscription),
+                web.get("/v1/prices/{id}", self._retrieve_price),
                 web.post(CONTROL + "meters", self._control_meters),
                 web.post(CONTROL + "customers", self._control_customers),
                 web.post(CONTROL + "subscriptions", self._control_subscriptions),
+                web.post(CONTROL + "prices", self._control_prices),
                 web.post(CONTROL + "faults", self._control_add_fault),
                 web.delete(CONTROL + "faults", self._control_clear_faults),
                 web.get(CONTROL + "events", self._control_events),
@@ -445,6 +448,28 @@ class LocalStripe:
             raise ValueError("a subscription needs an id 'sub_…' and a customer")
         self._subscriptions[obj["id"]] = copy.deepcopy(obj)
         return copy.deepcopy(obj)
+
+    def put_price(self, id: str, *, active: bool = True, **fields: Any) -> dict:
+        """Create or replace a recurring test-mode price; `fields` override the defaults."""
+        price = {
+            "id": id,
+            "object": "price",
+            "active": active,
+            "billing_scheme": "per_unit",
+            "created": int(self.now()),
+            "currency": "usd",
+            "livemode": False,
+            "lookup_key": None,
+            "metadata": {},
+            "nickname": None,
+            "product": "prod_" + id.removeprefix("price_"),
+            "recurring": {"interval": "month", "interval_count": 1, "meter": None, "usage_type": "licensed"},
+            "type": "recurring",
+            "unit_amount": 1000,
+        }
+        price.update(copy.deepcopy(fields))
+        self._prices[id] = price
+        return copy.deepcopy(price)
 
     # --- inspection ---------------------------------------------------------------------------------------
 
@@ -882,6 +907,13 @@ class LocalStripe:
             raise _no_such("customer", request.match_info["id"])
         return self._json(customer)
 
+    async def _retrieve_price(self, request: web.Request) -> web.Response:
+        _only(request[PARAMS], {"expand"})
+        price = self._prices.get(request.match_info["id"])
+        if price is None:
+            raise _no_such("price", request.match_info["id"])
+        return self._json(price)
+
     async def _retrieve_subscription(self, request: web.Request) -> web.Response:
         _only(request[PARAMS], {"expand"})
         subscription = self._subscriptions.get(request.match_info["id"])
@@ -954,6 +986,10 @@ class LocalStripe:
     async def _control_customers(self, request: web.Request) -> web.Response:
         body = await request.json()
         return self._json(self.put_customer(body.pop("id", None), **body))
+
+    async def _control_prices(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        return self._json(self.put_price(body.pop("id"), **body))
 
     async def _control_subscriptions(self, request: web.Request) -> web.Response:
         try:
