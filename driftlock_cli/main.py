@@ -15,7 +15,7 @@ from typing import Any, NoReturn
 
 import asyncpg
 
-from driftlock_cli import management_commands, retention_commands, webhook_commands
+from driftlock_cli import doctor, management_commands, retention_commands, webhook_commands
 from driftlock_cli.output import Printer, fields, table, text_value
 from driftlock_kernel import admin_audit, api_keys, db, keys, migrate, orgs, plans, usage
 from driftlock_kernel.billing import FREE_PLAN, Overage
@@ -355,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     retention_commands.register(commands, leaf)
+    doctor.register(commands, leaf)
     leaf(commands, "authz", cmd_authz, "run the ext_authz gRPC service")
     webhook_commands.register(commands, leaf)
     management_commands.register(commands, leaf, keys_group=keys_group, orgs_group=orgs_group)
@@ -382,10 +383,13 @@ def main(argv: list[str] | None = None) -> int:
     out = Printer(as_json=getattr(args, "json", False) or args.json_global)
     settings = None
     try:
-        settings = Settings.from_env()
+        # doctor reports a malformed setting as one of its checks instead of stopping at it.
+        settings = Settings() if getattr(args, "reads_settings_itself", False) else Settings.from_env()
         asyncio.run(args.handler(args, settings, out))
     except KeyboardInterrupt:
         return 130
+    except doctor.Unhealthy:
+        return EXIT_ERROR  # the report, printed already, names every problem
     except OperatorError as error:
         return _fail(str(error))
     except asyncpg.UndefinedTableError:

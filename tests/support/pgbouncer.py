@@ -36,7 +36,7 @@ class PgBouncer:
     def __init__(self, upstream_url: str):
         parts = urlsplit(upstream_url)
         if not parts.hostname or parts.hostname.startswith("/"):
-            raise RuntimeError("DRIFTLOCK_TEST_PGBOUNCER needs DATABASE_URL to name a TCP server (host:port)")
+            raise RuntimeError("PgBouncer needs DATABASE_URL to name a TCP server (host:port), not a socket")
         self.upstream_host = parts.hostname
         self.upstream_port = parts.port or 5432
         self.user = parts.username or "postgres"
