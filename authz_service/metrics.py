@@ -1,6 +1,6 @@
 """Every Prometheus object of the authz service. Label values come from closed enums, never from a request."""
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 
 from authz_service.grants import CacheResult
 
@@ -115,10 +115,23 @@ RATE_LIMIT_FALLBACKS = Counter(
     "timeout, error, backoff (Redis failed within the last second and is not asked meanwhile).",
     ["reason"],
 )
+# Registered only by a replica configured with Redis (expose_redis_state), so that a replica without Redis
+# exports no 0 that an alert would read as "Redis is down".
 RATE_LIMIT_REDIS_UP = Gauge(
     "driftlock_rate_limit_redis_up",
     "1 while rate limits are shared through Redis, 0 while this replica limits on its own (absent without Redis).",
+    registry=None,
 )
+
+
+_exposed: set[str] = set()
+
+
+def expose_redis_state() -> None:
+    if "redis" not in _exposed:
+        REGISTRY.register(RATE_LIMIT_REDIS_UP)
+        _exposed.add("redis")
+
 
 # --- retention ---------------------------------------------------------------------------------------------------
 

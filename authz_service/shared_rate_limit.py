@@ -87,6 +87,7 @@ class SharedRateLimiter:
         self._fallbacks = {
             reason: metrics.RATE_LIMIT_FALLBACKS.labels(reason=reason) for reason in ("timeout", "error", "backoff")
         }
+        metrics.expose_redis_state()
         metrics.RATE_LIMIT_REDIS_UP.set(1)
 
     @classmethod

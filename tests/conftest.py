@@ -201,6 +201,7 @@ class Gateway:
 async def gateway(database_url, jwt_secret, admin_secret, context_signing_keys, tmp_path_factory):
     from driftlock_cli.stack import StackPorts, start_stack
     from driftlock_kernel.settings import HostPort
+    from tests.support.log_scan import scan_logs
     from tests.support.net import free_port
     from tests.support.recorder import Recorder
     from tests.support.stripe import SECRET
@@ -245,3 +246,6 @@ async def gateway(database_url, jwt_secret, admin_secret, context_signing_keys, 
     await backend.stop()
     await alerts.stop()
     assert all(code == 0 for code in codes.values()), f"exit codes {codes}\n{gateway.logs()}"
+    # Every line the whole run made the gateway log, now that it is complete: no key, secret or token.
+    leaked = scan_logs(log_dir, known=(jwt_secret, SECRET))
+    assert leaked == [], "secrets in the gateway's logs:\n" + "\n".join(leaked[:20])
