@@ -417,11 +417,10 @@ async def check_authz(target: HostPort) -> Check:
     return passed(name, f"{target} is SERVING")
 
 
-async def check_webhooks(target: HostPort) -> Check:
+async def check_webhooks(target: HostPort, *, path: str = "/healthz", name: str = "webhooks_health") -> Check:
     import aiohttp
 
-    name = "webhooks_health"
-    url = f"http://{target}/healthz"
+    url = f"http://{target}{path}"
     fix = "start `driftlock-gateway webhooks` there; a 503 names what it waits for (usually the database)"
     try:
         async with (
@@ -434,6 +433,21 @@ async def check_webhooks(target: HostPort) -> Check:
     if response.status != 200:
         return failed(name, f"GET {url} answered {response.status}: {_first_line(body)[:200]}", fix)
     return passed(name, f"GET {url} answered 200")
+
+
+async def cmd_health(args: argparse.Namespace, settings: Settings, out: Printer) -> None:
+    """One service's health, for container health checks: exit 0 when it serves."""
+    defaults = {"authz": settings.authz_port, "webhooks": settings.webhooks_port, "envoy": settings.envoy_stats_port}
+    target = args.address or HostPort("127.0.0.1", defaults[args.service])
+    if args.service == "authz":
+        check = await check_authz(target)
+    elif args.service == "webhooks":
+        check = await check_webhooks(target)
+    else:
+        check = await check_webhooks(target, path="/ready", name="envoy_health")
+    out.result({"ok": check.ok, "detail": check.detail}, check.detail)
+    if not check.ok:
+        raise Unhealthy
 
 
 # --- the command ---------------------------------------------------------------------------------------------
@@ -535,4 +549,14 @@ def register(commands: Any, leaf: Callable[..., argparse.ArgumentParser]) -> Non
         type=_target,
         metavar="HOST:PORT",
         help="the webhook service to health-check (default: DRIFTLOCK_WEBHOOKS_ADDRESS when set)",
+    )
+    health = leaf(
+        commands,
+        "health",
+        cmd_health,
+        "exit 0 when a service serves: authz (gRPC health), webhooks (/healthz), envoy (/ready on the stats port)",
+    )
+    health.add_argument("service", choices=["authz", "webhooks", "envoy"])
+    health.add_argument(
+        "--address", type=_target, metavar="HOST:PORT", help="default: 127.0.0.1 and the service's configured port"
     )

@@ -93,3 +93,11 @@ async def test_two_replicas_sharing_redis_hold_a_keys_rate_limit(redis_stack, po
     assert abs(error) < TOLERANCE, (
         f"served {served}, expected about {expected:.0f} (per-replica limits: ~{2 * expected:.0f})"
     )
+
+
+async def test_a_replica_with_redis_exports_the_families_listed_for_it(redis_stack):
+    from tests.support.observability import metric_list
+    from tests.support.scrape import family_names, scrape_text
+
+    families = family_names(await scrape_text(redis_stack.authz_metrics_url(0)))
+    assert set(metric_list()["exported"]["authz_with_redis"]) <= families

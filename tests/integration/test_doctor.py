@@ -238,3 +238,19 @@ def test_weakness_lets_real_random_secrets_through():
     for _ in range(20):
         assert weakness(secrets.token_urlsafe(32)) is None
         assert weakness(secrets.token_hex(32)) is None
+
+
+async def test_health_answers_for_each_running_service_and_fails_for_a_dead_one(gateway):
+    stack = gateway.stack
+    targets = {
+        "authz": stack.authz_target(0),
+        "webhooks": f"127.0.0.1:{stack.ports.webhooks}",
+        "envoy": f"127.0.0.1:{stack.ports.envoy_stats}",
+    }
+    for service, address in targets.items():
+        result = await asyncio.to_thread(run_cli, "health", service, "--address", address, "--json", database_url=None)
+        assert result.code == 0 and json.loads(result.stdout)["ok"], (service, result.stdout, result.stderr)
+    dead = await asyncio.to_thread(
+        run_cli, "health", "authz", "--address", f"127.0.0.1:{free_port()}", database_url=None
+    )
+    assert dead.code == 1 and "no answer" in dead.stdout
