@@ -165,11 +165,10 @@ async def check_database(settings: Settings) -> tuple[list[Check], asyncpg.Conne
             )
         ], None
     try:
+        # Prepared statements off whatever the settings say: doctor must work through the very pooler it is
+        # about to report as undeclared.
         conn = await asyncio.wait_for(
-            db.connect(
-                url, application_name="driftlock-doctor", transaction_pooler=settings.database_transaction_pooler
-            ),
-            TIMEOUT_SECONDS,
+            db.connect(url, application_name="driftlock-doctor", transaction_pooler=True), TIMEOUT_SECONDS
         )
     except db.DATABASE_ERRORS as error:
         return [
@@ -465,12 +464,18 @@ async def run_checks(settings: Settings, *, authz: list[HostPort], webhooks: Hos
     checks += database
     if conn is not None:
         try:
-            checks.append(await check_migrations(conn))
-            checks.append(await check_listen(conn, settings))
-            try:
-                checks += await check_stripe(conn, settings)
-            except asyncpg.UndefinedTableError:
-                pass  # reported by the migrations check
+            for name, step in (
+                ("migrations", lambda: check_migrations(conn)),
+                ("listen", lambda: check_listen(conn, settings)),
+                ("stripe", lambda: check_stripe(conn, settings)),
+            ):
+                try:
+                    found = await step()
+                except asyncpg.UndefinedTableError:
+                    continue  # no schema: the migrations check says so
+                except db.DATABASE_ERRORS as error:
+                    found = failed(name, f"the database failed the check: {one_line(error)}", "see the database's log")
+                checks += found if isinstance(found, list) else [found]
         finally:
             await conn.close()
     checks.append(await check_envoy(settings))
