@@ -88,17 +88,66 @@ def weakness(secret: str) -> str | None:
 GENERATE = "`openssl rand -base64 48`"
 
 
-def check_jwt_secret(settings: Settings) -> Check:
-    name = "jwt_secret"
-    fix = f"set DRIFTLOCK_JWT_SECRET to {MIN_JWT_SECRET_BYTES} or more random bytes, e.g. {GENERATE}"
-    try:
-        secret = settings.require_jwt_secret().decode()
-    except SettingsError as error:
-        return failed(name, str(error), fix)
-    problem = weakness(secret)
+def _secret_check(name: str, variable: str, value: str | None, *, required: bool, why_optional: str) -> Check:
+    fix = f"set {variable} to {MIN_JWT_SECRET_BYTES} or more random bytes, e.g. {GENERATE}"
+    if not value:
+        return failed(name, f"{variable} is not set", fix) if required else passed(name, why_optional)
+    if len(value.encode()) < MIN_JWT_SECRET_BYTES:
+        return failed(
+            name, f"{variable} is {len(value.encode())} bytes; at least {MIN_JWT_SECRET_BYTES} are required", fix
+        )
+    problem = weakness(value)
     if problem:
-        return failed(name, f"DRIFTLOCK_JWT_SECRET {problem}", fix)
-    return passed(name, f"DRIFTLOCK_JWT_SECRET is {len(secret.encode())} bytes and not guessable")
+        return failed(name, f"{variable} {problem}", fix)
+    return passed(name, f"{variable} is {len(value.encode())} bytes and not guessable")
+
+
+def check_jwt_secret(settings: Settings) -> Check:
+    return _secret_check(
+        "jwt_secret",
+        "DRIFTLOCK_JWT_SECRET",
+        settings.jwt_secret,
+        required=settings.context_token_algorithm == "HS256",
+        why_optional="not set: not needed with EdDSA context tokens",
+    )
+
+
+def check_context_keys(settings: Settings) -> Check:
+    from driftlock_kernel import context_keys
+
+    name = "context_keys"
+    try:
+        keys = context_keys.load(settings)
+    except (SettingsError, ValueError) as error:
+        return failed(
+            name,
+            one_line(error),
+            "`driftlock-gateway jwks generate-key --kid gw-1` makes a key; put its entry in "
+            "DRIFTLOCK_CONTEXT_SIGNING_KEYS (or a file named by DRIFTLOCK_CONTEXT_SIGNING_KEYS_FILE)",
+        )
+    if keys.algorithm == "HS256":
+        return passed(name, "HS256 context tokens, signed with DRIFTLOCK_JWT_SECRET (the backend shares it)")
+    return passed(name, f"EdDSA context tokens signed by {keys.signing_kid}; {len(keys.ed25519)} key(s) published")
+
+
+def check_admin_secret(settings: Settings) -> Check:
+    name = "admin_token_secret"
+    check = _secret_check(
+        name, "DRIFTLOCK_ADMIN_TOKEN_SECRET", settings.admin_token_secret, required=True, why_optional=""
+    )
+    if not check.ok:
+        if settings.admin_token_secret is None:
+            return failed(
+                name,
+                "DRIFTLOCK_ADMIN_TOKEN_SECRET is not set: the management API and UsageService refuse every call",
+                check.fix or "",
+            )
+        return check
+    try:
+        settings.admin_secret()
+    except SettingsError as error:
+        return failed(name, str(error), f"give DRIFTLOCK_ADMIN_TOKEN_SECRET its own random value, e.g. {GENERATE}")
+    return check
 
 
 def check_webhook_secrets(settings: Settings) -> Check:
@@ -456,6 +505,8 @@ async def run_checks(settings: Settings, *, authz: list[HostPort], webhooks: Hos
     checks = [
         passed("settings", "every setting parses"),
         check_jwt_secret(settings),
+        check_context_keys(settings),
+        check_admin_secret(settings),
         check_webhook_secrets(settings),
         check_stripe_key(settings),
         check_tls(settings),

@@ -12,6 +12,7 @@ import pytest
 
 from driftlock_cli.doctor import weakness
 from driftlock_kernel import db, migrate, plans
+from driftlock_kernel.context_keys import Ed25519Key
 from tests.support import pgbouncer
 from tests.support.cli import run_cli
 from tests.support.net import free_port
@@ -19,7 +20,9 @@ from tests.support.redis_server import REDIS_URL, redis_answers
 from tests.support.stripe_api import LocalStripe
 
 STRONG = secrets.token_urlsafe(48)
+ADMIN = secrets.token_urlsafe(48)
 WHSEC = "whsec_" + secrets.token_urlsafe(32)
+SIGNING_KEY = Ed25519Key.generate("gw-doctor").entry()
 
 
 @pytest.fixture
@@ -29,6 +32,10 @@ def doctor(database_url, listen_url):
     async def run(*args: str, env: dict[str, str | None] | None = None, url: str | None = database_url):
         environ = {
             "DRIFTLOCK_JWT_SECRET": STRONG,
+            "DRIFTLOCK_ADMIN_TOKEN_SECRET": ADMIN,
+            "DRIFTLOCK_CONTEXT_SIGNING_KEYS": SIGNING_KEY,
+            "DRIFTLOCK_CONTEXT_SIGNING_KEYS_FILE": "",
+            "DRIFTLOCK_CONTEXT_TOKEN_ALGORITHM": "",
             "STRIPE_WEBHOOK_SECRET": WHSEC,
             "DATABASE_LISTEN_URL": listen_url,
             # What the suite runs behind (PgBouncer or not) stays as it is.
@@ -58,18 +65,27 @@ async def test_a_sound_configuration_passes_every_check(doctor):
     report = await doctor()
     assert report["ok"], failing(report)
     names = {check["name"] for check in report["checks"]}
-    assert {"settings", "jwt_secret", "webhook_secrets", "database", "migrations", "listen", "envoy_config"} <= names
+    assert {
+        "settings", "jwt_secret", "context_keys", "admin_token_secret", "webhook_secrets", "database", "migrations",
+        "listen", "envoy_config",
+    } <= names  # fmt: skip
 
 
 async def test_text_output_is_one_line_per_check_and_a_verdict(database_url, listen_url):
-    env = {"DRIFTLOCK_JWT_SECRET": "short", "STRIPE_WEBHOOK_SECRET": WHSEC, "DATABASE_LISTEN_URL": listen_url}
+    env = {
+        "DRIFTLOCK_JWT_SECRET": STRONG,
+        "DRIFTLOCK_ADMIN_TOKEN_SECRET": "short-admin",
+        "DRIFTLOCK_CONTEXT_SIGNING_KEYS": SIGNING_KEY,
+        "STRIPE_WEBHOOK_SECRET": WHSEC,
+        "DATABASE_LISTEN_URL": listen_url,
+    }
     result = await asyncio.to_thread(run_cli, "doctor", database_url=database_url, env=env)
     assert result.code == 1
     lines = result.stdout.splitlines()
-    assert any(line.startswith("FAIL  jwt_secret") for line in lines)
-    assert any("fix: set DRIFTLOCK_JWT_SECRET" in line for line in lines)
-    assert lines[-1] == "1 problem(s): jwt_secret."
-    assert "short" not in result.stdout  # a secret is never echoed
+    assert any(line.startswith("FAIL  admin_token_secret") for line in lines)
+    assert any("fix: set DRIFTLOCK_ADMIN_TOKEN_SECRET" in line for line in lines)
+    assert lines[-1] == "1 problem(s): admin_token_secret."
+    assert "short-admin" not in result.stdout and STRONG not in result.stdout  # a secret is never echoed
 
 
 async def test_a_malformed_setting_is_named(doctor):
@@ -91,6 +107,27 @@ async def test_a_weak_jwt_secret_is_named(doctor, secret, why):
     report = await doctor(env={"DRIFTLOCK_JWT_SECRET": secret})
     problem = failing(report)["jwt_secret"]
     assert why in problem["detail"] and "openssl rand" in problem["fix"]
+
+
+async def test_without_a_signing_key_for_eddsa_context_tokens_it_is_named(doctor):
+    report = await doctor(env={"DRIFTLOCK_CONTEXT_SIGNING_KEYS": None})
+    problem = failing(report)["context_keys"]
+    assert "signing key" in problem["detail"] and "jwks generate-key" in problem["fix"]
+    hs256 = await doctor(env={"DRIFTLOCK_CONTEXT_SIGNING_KEYS": None, "DRIFTLOCK_CONTEXT_TOKEN_ALGORITHM": "HS256"})
+    assert "context_keys" not in failing(hs256) and "jwt_secret" not in failing(hs256)
+    missing = await doctor(env={"DRIFTLOCK_JWT_SECRET": None, "DRIFTLOCK_CONTEXT_TOKEN_ALGORITHM": "HS256"})
+    assert "not set" in failing(missing)["jwt_secret"]["detail"]
+    eddsa_only = await doctor(env={"DRIFTLOCK_JWT_SECRET": None})
+    assert "jwt_secret" not in failing(eddsa_only)
+
+
+@pytest.mark.parametrize(
+    ("value", "why"),
+    [(None, "refuse every call"), ("x" * 12, "at least 32"), (STRONG, "must differ from DRIFTLOCK_JWT_SECRET")],
+)
+async def test_a_missing_weak_or_shared_admin_token_secret_is_named(doctor, value, why):
+    report = await doctor(env={"DRIFTLOCK_ADMIN_TOKEN_SECRET": value})
+    assert why in failing(report)["admin_token_secret"]["detail"]
 
 
 @pytest.mark.parametrize(

@@ -376,11 +376,17 @@ def test_envoy_is_ready_through_its_stats_listener_and_keeps_admin_on_loopback(m
     env = env_of(envoy)
     stats = int(env["DRIFTLOCK_ENVOY_STATS_PORT"])
     assert envoy["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "stats"}
-    assert {p["name"]: p["containerPort"] for p in envoy["ports"]} == {
+    ports = {p["name"]: p["containerPort"] for p in envoy["ports"]}
+    assert ports == {
         "http": int(env["DRIFTLOCK_ENVOY_PORT"]),
         "stats": stats,
+        "management": int(env["DRIFTLOCK_ADMIN_PORT"]),
     }
-    assert int(env["DRIFTLOCK_ENVOY_ADMIN_PORT"]) not in {p["containerPort"] for p in envoy["ports"]}
+    assert int(env["DRIFTLOCK_ENVOY_ADMIN_PORT"]) not in ports.values()
+    services = by_kind(manifests, "Service")
+    public = {p["targetPort"] for p in services["driftlock-envoy"]["spec"]["ports"]}
+    assert "management" not in public, "the management API is never on the public Service"
+    assert [p["targetPort"] for p in services["driftlock-management"]["spec"]["ports"]] == ["management"]
 
 
 def test_the_migrate_job_runs_ddl_on_a_session(manifests):
