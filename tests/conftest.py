@@ -4,6 +4,8 @@ session, and factories for organisations and keys."""
 import asyncio
 import os
 import secrets
+import shutil
+import tempfile
 
 # The tests use gRPC and then start processes; gRPC's fork handlers would only print warnings about it.
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
@@ -15,6 +17,24 @@ from driftlock_kernel import api_keys, db, migrate, orgs, plans
 from driftlock_kernel.keys import ALL_SCOPES, Environment, Scope
 from tests.support import pgbouncer
 from tests.support.database import DatabaseFactory
+
+_OWN_BASETEMP = pytest.StashKey[str]()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    # A temporary folder of this session's own: pytest's shared /tmp/pytest-of-<user> keeps only the last three
+    # sessions' folders, so a fourth test run on the same machine would delete the embedded database under ours.
+    if config.option.basetemp is None:
+        config.option.basetemp = tempfile.mkdtemp(prefix="driftlock-tests-")
+        config.stash[_OWN_BASETEMP] = config.option.basetemp
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    own = config.stash.get(_OWN_BASETEMP, None)
+    if own is not None and not os.environ.get("DRIFTLOCK_KEEP_TEST_TMP"):
+        shutil.rmtree(own, ignore_errors=True)
+
 
 JWT_SECRET = secrets.token_urlsafe(48)
 ADMIN_TOKEN_SECRET = secrets.token_urlsafe(48)
