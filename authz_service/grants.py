@@ -11,9 +11,10 @@
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from enum import StrEnum
+from enum import Enum, StrEnum
 
 import asyncpg
 
@@ -69,9 +70,11 @@ class GrantStore:
         self._on_result = on_result
         self._entries: LruCache[bytes, _Entry] = LruCache(max_entries)
         self._fetches: SingleFlight[bytes, Grant | None] = SingleFlight()
-        # Bumped by every invalidation: a fetch that straddles one may have read the old row, so its result
-        # answers the requests waiting for it but is not cached.
-        self._generation = 0
+        # The invalidations of late, numbered: a fetch that straddles one of its own key or organisation may have
+        # read the old row, so its answer serves the requests waiting for it but is not cached; one that straddles
+        # a reconnection of the listener (when changes may have been missed) is cached as stale.
+        self._invalidations = 0
+        self._recent: deque[tuple[int, _Invalidated, str]] = deque(maxlen=_RECENT_INVALIDATIONS)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -81,22 +84,42 @@ class GrantStore:
         if entry is not None and self._clock() < entry.fresh_until:
             self._on_result(CacheResult.HIT if entry.grant is not None else CacheResult.NEGATIVE_HIT)
             return entry.grant
-        generation = self._generation
-        pending, joined = self._fetches.join_or_start(key_hash, lambda: self._refresh(key_hash, generation))
+        since = self._invalidations
+        pending, joined = self._fetches.join_or_start(key_hash, lambda: self._refresh(key_hash, since))
         if joined:
             self._on_result(CacheResult.COALESCED)
         # shield: a caller that gives up (Envoy's deadline) must not cancel the query others wait on.
         return await asyncio.shield(pending)
 
-    async def _refresh(self, key_hash: bytes, generation: int) -> Grant | None:
+    async def _refresh(self, key_hash: bytes, since: int) -> Grant | None:
         try:
             grant = await asyncio.wait_for(self._fetch(key_hash), self._fetch_timeout)
         except db.DATABASE_ERRORS as error:
             return self._fallback(key_hash, error)
         self._on_result(CacheResult.MISS)
-        if generation == self._generation:
+        straddled = self._straddled(since, grant)
+        if straddled is None:
             self._store(key_hash, grant)
+        elif straddled is _Invalidated.ALL and grant is not None:
+            self._store(key_hash, grant, fresh=False)
         return grant
+
+    def _straddled(self, since: int, grant: Grant | None) -> "_Invalidated | None":
+        """The invalidation since `since` that concerns this answer (the most severe), or None."""
+        if since == self._invalidations:
+            return None
+        if not self._recent or self._recent[0][0] > since + 1:
+            return _Invalidated.KEY  # lost track of what happened meanwhile: trust nothing
+        found = None
+        for number, kind, row_id in self._recent:
+            if number <= since:
+                continue
+            if kind is _Invalidated.ALL:
+                found = kind
+            elif grant is None or row_id in (grant.key_id, grant.org_id):
+                # An unknown key may be the very key just created: its insert is an invalidation too.
+                return kind
+        return found
 
     def _fallback(self, key_hash: bytes, error: BaseException) -> Grant | None:
         entry = self._entries.peek(key_hash)
@@ -107,30 +130,45 @@ class GrantStore:
         log.warning("key look-up failed and no recent answer is cached: %s: %s", type(error).__name__, one_line(error))
         raise StoreUnavailable(str(error)) from error
 
-    def _store(self, key_hash: bytes, grant: Grant | None) -> None:
+    def _store(self, key_hash: bytes, grant: Grant | None, *, fresh: bool = True) -> None:
         now = self._clock()
         ttl = self._ttl if grant is not None else self._negative_ttl
-        self._entries.put(key_hash, _Entry(grant, fetched_at=now, fresh_until=now + ttl))
+        self._entries.put(key_hash, _Entry(grant, fetched_at=now, fresh_until=now + ttl if fresh else 0.0))
 
     # --- invalidation ---------------------------------------------------------------------------------------
 
+    def _note(self, kind: "_Invalidated", row_id: str) -> None:
+        self._invalidations += 1
+        self._recent.append((self._invalidations, kind, row_id))
+
     def _forget(self, matches: Callable[[Grant], bool]) -> None:
-        self._generation += 1
         doomed = [h for h, e in self._entries.items() if e.grant is not None and matches(e.grant)]
         for key_hash in doomed:
             self._entries.pop(key_hash)
 
     def forget_key(self, key_id: str) -> None:
+        self._note(_Invalidated.KEY, key_id)
         self._forget(lambda grant: grant.key_id == key_id)
 
     def forget_org(self, org_id: str) -> None:
+        self._note(_Invalidated.ORG, org_id)
         self._forget(lambda grant: grant.org_id == org_id)
 
     def expire_all(self) -> None:
         """Ask the database again before trusting any entry, but keep them as the fallback for an outage."""
-        self._generation += 1
+        self._note(_Invalidated.ALL, "")
         for entry in self._entries.values():
             entry.fresh_until = 0.0
+
+
+class _Invalidated(Enum):
+    KEY = "key"
+    ORG = "org"
+    ALL = "all"  # the listener (re)connected: anything may have changed meanwhile
+
+
+# How many invalidations are remembered for the fetches under way; a fetch that saw more go by trusts nothing.
+_RECENT_INVALIDATIONS = 10_000
 
 
 _GRANT_QUERY = """

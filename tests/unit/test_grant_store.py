@@ -124,6 +124,51 @@ async def test_a_result_read_before_an_invalidation_is_not_cached():
     assert source.calls == 2
 
 
+async def straddle(store: GrantStore, source: Source, key_hash: bytes, invalidate) -> None:
+    """Look `key_hash` up with `invalidate()` happening while the query is in flight."""
+    source.gate = asyncio.Event()
+    pending = asyncio.create_task(store.get(key_hash))
+    await asyncio.sleep(0)
+    invalidate()
+    source.gate.set()
+    await pending
+    source.gate = None
+
+
+async def test_a_result_that_straddles_an_invalidation_of_another_key_or_org_is_cached():
+    source, clock = Source({b"h1": grant()}), Clock()
+    store = make_store(source, clock)
+    await straddle(store, source, b"h1", lambda: (store.forget_key("k2"), store.forget_org("o2")))
+    await store.get(b"h1")
+    assert source.calls == 1
+
+
+async def test_a_result_that_straddles_its_organisations_invalidation_is_not_cached():
+    source, clock = Source({b"h1": grant()}), Clock()
+    store = make_store(source, clock)
+    await straddle(store, source, b"h1", lambda: store.forget_org("o1"))
+    await store.get(b"h1")
+    assert source.calls == 2
+
+
+async def test_an_unknown_key_that_straddles_any_key_invalidation_is_not_cached_as_unknown():
+    """It may be the very key just created (the insert's NOTIFY is a key invalidation)."""
+    source, clock = Source({}), Clock()
+    store = make_store(source, clock)
+    await straddle(store, source, b"new", lambda: store.forget_key("k9"))
+    source.rows[b"new"] = grant("k9")
+    assert await store.get(b"new") == grant("k9")
+
+
+async def test_a_result_that_straddles_a_reconnection_is_kept_as_stale_for_an_outage():
+    source, clock, results = Source({b"h1": grant()}), Clock(), []
+    store = make_store(source, clock, results)
+    await straddle(store, source, b"h1", store.expire_all)
+    source.failing = True
+    assert await store.get(b"h1") == grant()  # asked again (not trusted as fresh), served as the fallback
+    assert source.calls == 2 and results[-1] is CacheResult.STALE
+
+
 async def test_outage_serves_a_recently_verified_key_but_not_an_unknown_one():
     source, clock, results = Source({b"h1": grant()}), Clock(), []
     store = make_store(source, clock, results)
