@@ -8,6 +8,7 @@
 - edge:   wrk drives Envoy -> {authz | do-nothing ext_authz} -> a zero-cost backend (Envoy direct response),
           alternately; also reports database statements per 1,000 billable requests.
 
+- flood:  one client flooding through real Envoy beside a paying one (bench/flood.py).
 - redis:  what sharing rate limits through Redis (DRIFTLOCK_REDIS_URL) costs per check, in process: a
           rate-limited read with the local buckets against the same with the Lua script in Redis, one at a time
           (the round trip) and 64 at once (throughput); needs Redis at $DRIFTLOCK_REDIS_URL or 127.0.0.1:6379.
@@ -20,24 +21,17 @@ import argparse
 import asyncio
 import os
 import re
-import secrets
 import shutil
 import statistics
 import struct
-import sys
 import tempfile
 import time
 import uuid
 from pathlib import Path
 
-from driftlock_cli import envoy_config
-from driftlock_cli.embedded_db import EmbeddedDatabase
-from driftlock_cli.supervisor import free_port, grpc_serving, http_ok, start_child, tcp_open, wait_until
-from driftlock_kernel import api_keys, context_keys, db, migrate, orgs, plans
-from driftlock_kernel.settings import HostPort
-
-HERE = Path(__file__).resolve().parent
-BENCH_PLAN = "bench-unlimited"
+from bench.flood import bench_flood
+from bench.harness import Fixture, metric_total, run, start_authz, start_backend, start_edge, table
+from driftlock_kernel import api_keys, context_keys, db, orgs, plans
 
 
 def check_request_bytes(secret: str, context: dict[str, str]) -> bytes:
@@ -49,73 +43,6 @@ def check_request_bytes(secret: str, context: dict[str, str]) -> bytes:
     http.headers.update({"authorization": f"Bearer {secret}", "x-request-id": "bench", "host": "bench"})
     request.attributes.context_extensions.update(context)
     return request.SerializeToString()
-
-
-class Fixture:
-    """A database with a plan without limits, an organisation and a live key."""
-
-    def __init__(self, workdir: Path):
-        self.workdir = workdir
-        self.embedded: EmbeddedDatabase | None = None
-        self.url = os.environ.get("DATABASE_URL", "")
-        self.jwt_secret = secrets.token_urlsafe(48)
-        self.signing_key = context_keys.Ed25519Key.generate("bench")
-        self.secret = ""
-
-    async def __aenter__(self) -> "Fixture":
-        if not self.url:
-            self.embedded = await asyncio.to_thread(EmbeddedDatabase, self.workdir / "pgdata")
-            self.url = self.embedded.url
-        async with db.connection(self.url) as conn:
-            await migrate.migrate(conn)
-            await plans.upsert_plan(conn, BENCH_PLAN, included_units=10**12, overage="soft", rate_limit_rps=None)
-            org = await orgs.create_org(conn, f"bench-{uuid.uuid4().hex[:6]}", plan=BENCH_PLAN)
-            _key, self.secret = await api_keys.create_key(conn, org.id)
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        if self.embedded is not None:
-            await asyncio.to_thread(self.embedded.stop)
-
-    def authz_env(self, port: int) -> dict[str, str]:
-        return {
-            "DATABASE_URL": self.url,
-            "DRIFTLOCK_JWT_SECRET": self.jwt_secret,
-            # EdDSA context tokens, as authz signs them by default.
-            "DRIFTLOCK_CONTEXT_SIGNING_KEYS": self.signing_key.entry(),
-            "DRIFTLOCK_AUTHZ_HOST": "127.0.0.1",
-            "DRIFTLOCK_AUTHZ_PORT": str(port),
-            "DRIFTLOCK_AUTHZ_METRICS_PORT": str(free_port()),
-            "DRIFTLOCK_AUDIT_ALLOW_SAMPLE_RATE": "0",
-            "DRIFTLOCK_LOG_LEVEL": "WARNING",
-        }
-
-
-async def start_authz(fixture: Fixture, name: str, *, null: bool = False):
-    port = free_port()
-    if null:
-        argv = [sys.executable, "-m", "bench.null_authz", "--port", str(port)]
-        env = {}
-    else:
-        argv = [sys.executable, "-m", "driftlock_cli", "authz"]
-        env = fixture.authz_env(port)
-    child = await start_child(name, argv, env=env, log_file=fixture.workdir / f"{name}.log")
-    await wait_until(grpc_serving(f"127.0.0.1:{port}"), timeout=60, what=f"{name} to serve", child=child)
-    metrics_port = int(env.get("DRIFTLOCK_AUTHZ_METRICS_PORT", 0))
-    return child, port, metrics_port
-
-
-def table(rows: list[tuple[str, str, str, str]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    return "\n".join("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in rows)
-
-
-async def run(argv: list[str]) -> str:
-    process = await asyncio.create_subprocess_exec(
-        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
-    )
-    out, _ = await process.communicate()
-    return out.decode(errors="replace")
 
 
 # --- in process ---------------------------------------------------------------------------------------------
@@ -301,56 +228,21 @@ async def bench_grpc(fixture: Fixture, seconds: float, rounds: int) -> list[tupl
 # --- through Envoy -------------------------------------------------------------------------------------------
 
 
-async def _metric_total(port: int, name: str) -> float:
-    import aiohttp
-    from prometheus_client.parser import text_string_to_metric_families
-
-    async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{port}/metrics") as response:
-        text = await response.text()
-    return sum(
-        s.value
-        for f in text_string_to_metric_families(text)
-        if f.name == name
-        for s in f.samples
-        if s.name.endswith("_total")
-    )
-
-
 async def bench_edge(fixture: Fixture, seconds: float, rounds: int) -> list[tuple[str, str, str, str]]:
-    backend_port = free_port()
-    backend_config = fixture.workdir / "backend.yaml"
-    backend_config.write_text((HERE / "backend_envoy.yaml").read_text().replace("PORT", str(backend_port)))
-    backend = await start_child(
-        "backend", envoy_config.command(backend_config), log_file=fixture.workdir / "backend.log"
-    )
-    await wait_until(tcp_open("127.0.0.1", backend_port), timeout=30, what="the backend", child=backend)
+    backend, backend_port = await start_backend(fixture)
     ours, our_port, metrics_port = await start_authz(fixture, "authz-edge")
     null, null_port, _ = await start_authz(fixture, "null-edge", null=True)
     edges = {}
     children = [backend, ours, null]
     try:
         for label, authz_port in (("authz", our_port), ("do-nothing", null_port)):
-            port, admin = free_port(), free_port()
-            folder = fixture.workdir / f"edge-{label}"
-            folder.mkdir()
-            config = envoy_config.render(
-                envoy_config.load_shipped(),
-                listen=HostPort("127.0.0.1", port),
-                admin_port=admin,
-                backend=HostPort("127.0.0.1", backend_port),
-                authz=[HostPort("127.0.0.1", authz_port)],
-                webhooks=HostPort("127.0.0.1", free_port()),
-            )
-            child = await start_child(
-                f"edge-{label}",
-                envoy_config.command(envoy_config.write(config, folder)),
-                log_file=folder / "envoy.log",
+            child, port, _admin = await start_edge(
+                fixture, label, backend_port=backend_port, authz_ports=[authz_port], requests_per_source=0
             )
             children.append(child)
-            await wait_until(http_ok(f"http://127.0.0.1:{admin}/ready"), timeout=30, what="Envoy", child=child)
             edges[label] = port
         results: dict[str, list[float]] = {"authz": [], "do-nothing": []}
-        queries_before = await _metric_total(metrics_port, "driftlock_authz_db_queries")
+        queries_before = await metric_total(metrics_port, "driftlock_authz_db_queries")
         served = 0
         for _ in range(rounds):
             for label, port in edges.items():
@@ -379,7 +271,7 @@ async def bench_edge(fixture: Fixture, seconds: float, rounds: int) -> list[tupl
                 if label == "authz":
                     served += int(total.group(1))
         await asyncio.sleep(1.5)  # let the last flush happen, so its statement is counted
-        statements = await _metric_total(metrics_port, "driftlock_authz_db_queries") - queries_before
+        statements = await metric_total(metrics_port, "driftlock_authz_db_queries") - queries_before
     finally:
         for child in reversed(children):
             await child.stop()
@@ -405,10 +297,10 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=8.0, help="length of each measured run")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per pair")
-    parser.add_argument("--only", default="inproc,grpc,edge,redis")
+    parser.add_argument("--only", default="inproc,grpc,edge,redis", help="any of inproc,grpc,edge,redis,flood")
     args = parser.parse_args()
     wanted = set(args.only.split(","))
-    for tool, part in (("h2load", "grpc"), ("wrk", "edge")):
+    for tool, part in (("h2load", "grpc"), ("wrk", "edge"), ("wrk", "flood")):
         if part in wanted and shutil.which(tool) is None:
             print(f"skipping {part}: {tool} is not installed (apt-get install wrk nghttp2-client)")
             wanted.discard(part)
@@ -423,6 +315,8 @@ async def main() -> None:
                 rows += await bench_edge(fixture, args.seconds, args.rounds)
             if "redis" in wanted:
                 rows += await bench_redis(fixture, args.seconds, args.rounds)
+            if "flood" in wanted:
+                rows += await bench_flood(fixture, args.seconds)
     print(f"\n{os.cpu_count()} CPUs; {args.rounds} interleaved rounds of {args.seconds:.0f}s per pair\n")
     print(table(rows))
 

@@ -1,0 +1,153 @@
+"""What every benchmark part stands on: a database with a key, the real processes, and reading their metrics."""
+
+import asyncio
+import os
+import secrets
+import sys
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+from driftlock_cli import envoy_config
+from driftlock_cli.embedded_db import EmbeddedDatabase
+from driftlock_cli.supervisor import Child, free_port, grpc_serving, http_ok, start_child, tcp_open, wait_until
+from driftlock_kernel import api_keys, db, migrate, orgs, plans
+from driftlock_kernel.settings import HostPort, Settings
+
+HERE = Path(__file__).resolve().parent
+BENCH_PLAN = "bench-unlimited"
+DEFAULT_REQUESTS_PER_SOURCE = Settings().edge_requests_per_source
+
+
+class Fixture:
+    """A database with a plan without limits, an organisation and a live key."""
+
+    def __init__(self, workdir: Path):
+        self.workdir = workdir
+        self.embedded: EmbeddedDatabase | None = None
+        self.url = os.environ.get("DATABASE_URL", "")
+        self.jwt_secret = secrets.token_urlsafe(48)
+        self.ext_authz_secret = secrets.token_urlsafe(48)
+        self.secret = ""
+
+    async def __aenter__(self) -> "Fixture":
+        if not self.url:
+            self.embedded = await asyncio.to_thread(EmbeddedDatabase, self.workdir / "pgdata")
+            self.url = self.embedded.url
+        async with db.connection(self.url) as conn:
+            await migrate.migrate(conn)
+            await plans.upsert_plan(conn, BENCH_PLAN, included_units=10**12, overage="soft", rate_limit_rps=None)
+            org = await orgs.create_org(conn, f"bench-{uuid.uuid4().hex[:6]}", plan=BENCH_PLAN)
+            _key, self.secret = await api_keys.create_key(conn, org.id)
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        if self.embedded is not None:
+            await asyncio.to_thread(self.embedded.stop)
+
+    def authz_env(self, port: int, metrics_port: int, **overrides: str) -> dict[str, str]:
+        return {
+            "DATABASE_URL": self.url,
+            "DRIFTLOCK_JWT_SECRET": self.jwt_secret,
+            "DRIFTLOCK_EXT_AUTHZ_SECRET": self.ext_authz_secret,
+            "DRIFTLOCK_AUTHZ_HOST": "127.0.0.1",
+            "DRIFTLOCK_AUTHZ_PORT": str(port),
+            "DRIFTLOCK_AUTHZ_METRICS_PORT": str(metrics_port),
+            "DRIFTLOCK_AUDIT_ALLOW_SAMPLE_RATE": "0",
+            "DRIFTLOCK_LOG_LEVEL": "WARNING",
+            **overrides,
+        }
+
+
+async def start_authz(fixture: Fixture, name: str, *, null: bool = False, **env_overrides: str):
+    """authz (or the do-nothing server) on free ports: (child, port, metrics port)."""
+    port, metrics_port = free_port(), free_port()
+    if null:
+        argv = [sys.executable, "-m", "bench.null_authz", "--port", str(port)]
+        env: dict[str, str] = {}
+        metrics_port = 0
+    else:
+        argv = [sys.executable, "-m", "driftlock_cli", "authz"]
+        env = fixture.authz_env(port, metrics_port, **env_overrides)
+    child = await start_child(name, argv, env=env, log_file=fixture.workdir / f"{name}.log")
+    await wait_until(grpc_serving(f"127.0.0.1:{port}"), timeout=60, what=f"{name} to serve", child=child)
+    return child, port, metrics_port
+
+
+async def start_backend(fixture: Fixture) -> tuple[Child, int]:
+    """A backend that costs next to nothing: an Envoy answering 200 itself (backend_envoy.yaml)."""
+    port = free_port()
+    config = fixture.workdir / f"backend-{port}.yaml"
+    config.write_text((HERE / "backend_envoy.yaml").read_text().replace("PORT", str(port)))
+    child = await start_child(f"backend-{port}", envoy_config.command(config), log_file=fixture.workdir / "backend.log")
+    await wait_until(tcp_open("127.0.0.1", port), timeout=30, what="the backend", child=child)
+    return child, port
+
+
+async def start_edge(
+    fixture: Fixture,
+    label: str,
+    *,
+    backend_port: int,
+    authz_ports: Sequence[int],
+    webhooks_port: int | None = None,
+    concurrency: int = 1,
+    requests_per_source: int = DEFAULT_REQUESTS_PER_SOURCE,
+) -> tuple[Child, int, int]:
+    """Envoy with the shipped configuration, rendered for these ports: (child, port, admin port). A throughput
+    run sends everything from one address, so it passes `requests_per_source=0`; a flood keeps the limit."""
+    port, admin = free_port(), free_port()
+    folder = fixture.workdir / f"edge-{label}"
+    folder.mkdir()
+    config = envoy_config.render(
+        envoy_config.load_shipped(),
+        listen=HostPort("127.0.0.1", port),
+        admin_port=admin,
+        backend=HostPort("127.0.0.1", backend_port),
+        authz=[HostPort("127.0.0.1", p) for p in authz_ports],
+        webhooks=HostPort("127.0.0.1", webhooks_port or free_port()),
+        ext_authz_secret=fixture.ext_authz_secret,
+        requests_per_source=requests_per_source,
+    )
+    child = await start_child(
+        f"edge-{label}",
+        envoy_config.command(envoy_config.write(config, folder), concurrency=concurrency),
+        log_file=folder / "envoy.log",
+    )
+    await wait_until(http_ok(f"http://127.0.0.1:{admin}/ready"), timeout=30, what="Envoy", child=child)
+    return child, port, admin
+
+
+async def run(argv: list[str]) -> str:
+    process = await asyncio.create_subprocess_exec(
+        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    out, _ = await process.communicate()
+    return out.decode(errors="replace")
+
+
+async def metric_samples(port: int, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    """Every `<name>_total` sample a Prometheus endpoint serves, by its labels."""
+    import aiohttp
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{port}/metrics") as response:
+        text = await response.text()
+    return {
+        tuple(sorted(s.labels.items())): s.value
+        for f in text_string_to_metric_families(text)
+        if f.name == name
+        for s in f.samples
+        if s.name.endswith("_total")
+    }
+
+
+async def metric_total(port: int, name: str, **labels: str) -> float:
+    """The sum of a counter's samples whose labels include `labels`."""
+    samples = await metric_samples(port, name)
+    return sum(value for key, value in samples.items() if set(labels.items()) <= set(key))
+
+
+def table(rows: list[tuple[str, str, str, str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    return "\n".join("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in rows)
