@@ -237,6 +237,7 @@ async def serve(settings: Settings) -> None:
                 "meter_flushes": settings.retention_meter_flushes,
                 "usage_reports": settings.retention_usage_reports,
                 "audit_log": settings.retention_audit_log,
+                "audit_denials": settings.retention_audit_denials,
                 "stripe_events": settings.retention_stripe_events,
             },
             interval=settings.prune_interval_seconds,

@@ -21,6 +21,7 @@ def configured_retentions(settings: Settings) -> dict[str, timedelta | None]:
         "meter_flushes": settings.retention_meter_flushes,
         "usage_reports": settings.retention_usage_reports,
         "audit_log": settings.retention_audit_log,
+        "audit_denials": settings.retention_audit_denials,
         "stripe_events": settings.retention_stripe_events,
     }
 

@@ -4,7 +4,8 @@
 |---|---|---|
 | meter_flushes | 30 days | a retried (or spilled and replayed) flush finds its id and adds nothing |
 | usage_reports | 35 days | a backend report sent again finds its request id and adds nothing |
-| audit_log | 90 days | who called what, denials and a sample of allows |
+| audit_log | 90 days | who called what, denials of known keys and a sample of allows |
+| audit_denials | 90 days | denials that name no known key, counted per minute, client address and code |
 | stripe_events | 90 days (at least 3) | a delivery Stripe retries (up to three days) is found and not applied twice |
 
 Deduplication therefore holds for as long as a table keeps its rows; every retention is far longer than any
@@ -58,6 +59,7 @@ TABLES: dict[str, PrunedTable] = {
         PrunedTable("meter_flushes", "driftlock.meter_flushes", "flushed_at", "flush_id"),
         PrunedTable("usage_reports", "driftlock.usage_reports", "reported_at", "request_id"),
         PrunedTable("audit_log", "driftlock.audit_log", "at", "id"),
+        PrunedTable("audit_denials", "driftlock.audit_denials", "minute", "id"),
         PrunedTable(
             "stripe_events",
             "driftlock.stripe_events",

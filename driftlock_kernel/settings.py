@@ -1,15 +1,19 @@
 """Every setting read from the environment, in one place, validated with one clear message per problem."""
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 
+from driftlock_kernel import secret_strength
 from driftlock_kernel.billing import FREE_PLAN, BillingPolicy
 from driftlock_kernel.durations import parse_duration
 from driftlock_kernel.errors import OperatorError
 
 MIN_JWT_SECRET_BYTES = 32
+# What follows `whsec_` in a Stripe signing secret (Stripe's own have 32 characters or more).
+MIN_WEBHOOK_SECRET_BODY_BYTES = 24
 
 
 class SettingsError(OperatorError):
@@ -140,6 +144,28 @@ def _redis_url(environ: Mapping[str, str], name: str) -> str | None:
     return raw or None
 
 
+_ORIGIN = re.compile(r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?")
+
+
+def _origins(environ: Mapping[str, str], name: str) -> tuple[str, ...]:
+    """Comma-separated origins (`https://app.example.com`, scheme and host and an optional port), or `*`."""
+    found = tuple(part.strip() for part in environ.get(name, "").split(",") if part.strip())
+    for origin in found:
+        if origin != "*" and not _ORIGIN.fullmatch(origin):
+            raise SettingsError(f"{name}: {origin!r} is not an origin (scheme://host[:port], no path) nor *")
+    return found
+
+
+def require_strong_secret(name: str, value: str | None, *, min_bytes: int = MIN_JWT_SECRET_BYTES) -> bytes:
+    """The secret as bytes, or SettingsError when it is unset or can be guessed, saying how to make one."""
+    if not value:
+        raise SettingsError(f"{name} is not set: {secret_strength.HOW_TO_MAKE_ONE}")
+    weakness = secret_strength.weakness(value, min_bytes=min_bytes)
+    if weakness is not None:
+        raise SettingsError(f"{name} is {weakness}: {secret_strength.HOW_TO_MAKE_ONE}")
+    return value.encode()
+
+
 def _addresses(environ: Mapping[str, str], name: str, default: tuple[HostPort, ...]) -> tuple[HostPort, ...]:
     raw = environ.get(name, "").strip()
     if not raw:
@@ -253,6 +279,19 @@ class Settings:
     # For `doctor`: whether the Stripe prices plans are mapped to exist.
     stripe_api_key: str | None = None
     stripe_api_base: str | None = None
+    # --- Abuse resistance (issue 9) ---
+    # The secret only Envoy shows authz with each check; CORS at the edge (off until
+    # origins are named); the requests per second one client address may send through one Envoy (0: no limit);
+    # what looking up keys that do not exist may cost the database, per second overall and per client address;
+    # how many such keys the cache remembers, apart from the verified ones; and how long the counts of denials that
+    # name no known key are kept (as long as the audit log by default).
+    ext_authz_secret: str | None = None
+    cors_allowed_origins: tuple[str, ...] = ()
+    edge_requests_per_source: int = 1000
+    unknown_key_lookups_per_second: float = 200.0
+    unknown_key_lookups_per_source_per_second: float = 10.0
+    key_cache_unknown_max_entries: int = 10_000
+    retention_audit_denials: timedelta | None = timedelta(days=90)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -359,6 +398,28 @@ class Settings:
             prune_interval_seconds=_float(env, "DRIFTLOCK_PRUNE_INTERVAL_SECONDS", d.prune_interval_seconds),
             stripe_api_key=env.get("STRIPE_API_KEY", "").strip() or None,
             stripe_api_base=_url(env, "STRIPE_API_BASE"),
+            ext_authz_secret=env.get("DRIFTLOCK_EXT_AUTHZ_SECRET") or None,
+            cors_allowed_origins=_origins(env, "DRIFTLOCK_CORS_ALLOWED_ORIGINS"),
+            edge_requests_per_source=_int(env, "DRIFTLOCK_EDGE_REQUESTS_PER_SOURCE", d.edge_requests_per_source),
+            unknown_key_lookups_per_second=_float(
+                env, "DRIFTLOCK_UNKNOWN_KEY_LOOKUPS_PER_SECOND", d.unknown_key_lookups_per_second, minimum=0.1
+            ),
+            unknown_key_lookups_per_source_per_second=_float(
+                env,
+                "DRIFTLOCK_UNKNOWN_KEY_LOOKUPS_PER_SOURCE_PER_SECOND",
+                d.unknown_key_lookups_per_source_per_second,
+                minimum=0.1,
+            ),
+            key_cache_unknown_max_entries=_int(
+                env, "DRIFTLOCK_KEY_CACHE_UNKNOWN_MAX_ENTRIES", d.key_cache_unknown_max_entries, minimum=1
+            ),
+            retention_audit_denials=_retention(
+                env,
+                "DRIFTLOCK_RETENTION_AUDIT_DENIALS",
+                d.retention_audit_denials,
+                minimum=timedelta(days=1),
+                why="less is most likely a typo",
+            ),
         )
 
     def envoy_authz_addresses(self) -> tuple[HostPort, ...]:
@@ -386,14 +447,11 @@ class Settings:
         return self.database_listen_url or self.require_database_url()
 
     def require_jwt_secret(self) -> bytes:
-        if not self.jwt_secret:
-            raise SettingsError("DRIFTLOCK_JWT_SECRET is not set")
-        secret = self.jwt_secret.encode()
-        if len(secret) < MIN_JWT_SECRET_BYTES:
-            raise SettingsError(
-                f"DRIFTLOCK_JWT_SECRET is {len(secret)} bytes; at least {MIN_JWT_SECRET_BYTES} are required"
-            )
-        return secret
+        return require_strong_secret("DRIFTLOCK_JWT_SECRET", self.jwt_secret)
+
+    def require_ext_authz_secret(self) -> bytes:
+        """The secret Envoy shows authz with every check (authz and `driftlock-gateway envoy` both need it)."""
+        return require_strong_secret("DRIFTLOCK_EXT_AUTHZ_SECRET", self.ext_authz_secret)
 
     def admin_secret(self) -> bytes | None:
         """The management API's token secret, checked: None when unset (the API then refuses every call)."""
@@ -432,4 +490,13 @@ class Settings:
             raise SettingsError("STRIPE_WEBHOOK_SECRET is not set (one or more whsec_ secrets, comma-separated)")
         if not all(secret.startswith("whsec_") for secret in self.stripe_webhook_secrets):
             raise SettingsError("STRIPE_WEBHOOK_SECRET: every secret must start with whsec_")
+        for number, secret in enumerate(self.stripe_webhook_secrets, start=1):
+            weakness = secret_strength.weakness(secret.removeprefix("whsec_"), min_bytes=MIN_WEBHOOK_SECRET_BODY_BYTES)
+            if weakness is not None:
+                which = f"secret {number}" if len(self.stripe_webhook_secrets) > 1 else "the secret"
+                raise SettingsError(
+                    f"STRIPE_WEBHOOK_SECRET: {which} after whsec_ is {weakness}: copy the endpoint's signing "
+                    "secret from the Stripe Dashboard (Developers, Webhooks, the endpoint, Signing secret) or "
+                    "from `stripe listen`"
+                )
         return self.stripe_webhook_secrets

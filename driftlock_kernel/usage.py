@@ -84,5 +84,11 @@ async def list_alerts(conn: db.Connection, org_id: uuid.UUID) -> list[UsageAlert
 
 
 async def prune_audit(conn: db.Connection, older_than: timedelta, *, batch: int = 10_000) -> int:
-    """Delete audit entries older than `older_than`, in batches so that a large table is never locked long."""
-    return await retention.prune_table(conn, retention.TABLES["audit_log"], older_than, batch=batch)
+    """Delete audit entries (and counted denials) older than `older_than`, in batches so that a large table is never
+    locked long."""
+    return sum(
+        [
+            await retention.prune_table(conn, retention.TABLES[name], older_than, batch=batch)
+            for name in ("audit_log", "audit_denials")
+        ]
+    )

@@ -14,7 +14,7 @@ from driftlock_cli.supervisor import http_ok, start_child, wait_until
 from tests.integration.test_cli import assert_one_line_error
 from tests.support.cli import run_cli
 from tests.support.net import free_port
-from tests.support.stripe import SECRET, Stripe
+from tests.support.stripe import OLD_SECRET, SECRET, Stripe
 
 
 @pytest.fixture(scope="module")
@@ -247,7 +247,7 @@ async def test_webhooks_process_drains_and_exits_0_on_sigterm(database_url, tmp_
         [sys.executable, "-m", "driftlock_cli", "webhooks"],
         env={
             "DATABASE_URL": database_url,
-            "STRIPE_WEBHOOK_SECRET": f"{SECRET},whsec_second",
+            "STRIPE_WEBHOOK_SECRET": f"{SECRET},{OLD_SECRET}",
             "DRIFTLOCK_WEBHOOKS_HOST": "127.0.0.1",
             "DRIFTLOCK_WEBHOOKS_PORT": str(port),
         },
@@ -258,4 +258,4 @@ async def test_webhooks_process_drains_and_exits_0_on_sigterm(database_url, tmp_
     assert await asyncio.wait_for(child.process.wait(), 30) == 0
     log = (tmp_path / "webhooks.log").read_text()
     assert "webhooks stopped" in log
-    assert SECRET not in log and "whsec_second" not in log
+    assert SECRET not in log and OLD_SECRET not in log
