@@ -12,12 +12,14 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from authz_service import metrics
 from authz_service.audit import AuditEntry, AuditLog, audit_path
 from authz_service.credentials import read_credential
 from authz_service.decision import (
     ALLOW,
+    BILLABLE_METHODS,
     DENY_UNAVAILABLE,
     Decision,
     DenyCode,
@@ -40,6 +42,7 @@ from authz_service.rate_limit import RateLimiter, RateVerdict, SharedLimits
 from driftlock_kernel.billing import DEFAULT_POLICY, BillingPolicy, effective_plan
 from driftlock_kernel.logs import bind_org
 from driftlock_kernel.periods import PeriodFinder
+from driftlock_kernel.repeated_logs import RepeatedLog
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +58,18 @@ class AccessRequest:
     context: Mapping[str, str]
     # time.monotonic() by which Envoy stops waiting for the answer (its ext_authz timeout), when known.
     deadline: float | None = None
+    # Envoy's CheckRequest.attributes, kept so that `source` is read from it only when a check needs it (the
+    # look-up of a key this replica does not know, an audit entry): the protobuf look-ups cost more than a
+    # cached valid key should pay.
+    attributes: Any = None
+
+    @property
+    def source(self) -> str:
+        """The client's address as Envoy saw it (the peer, or the address x-forwarded-for names when Envoy trusts
+        a proxy in front); '' when unknown."""
+        if self.attributes is None:
+            return ""
+        return self.attributes.source.address.socket_address.address
 
 
 # A billable call is not counted when less than this is left before Envoy's deadline: Envoy would answer the
@@ -98,6 +113,7 @@ class Authorizer:
         self._policy = policy
         self._clock = clock
         self._periods = PeriodFinder()
+        self._late = RepeatedLog(log)
 
     async def check(self, request: AccessRequest) -> CheckOutcome:
         outcome = await self._decide(request)
@@ -114,13 +130,24 @@ class Authorizer:
             metrics.ROUTE_ERRORS.inc()
             log.error("refusing %s %s: %s", request.method, audit_path(request.path), error)
             return CheckOutcome(DENY_UNAVAILABLE)
+        if route.billable and request.method not in BILLABLE_METHODS:
+            # The route table answers other methods on billable routes itself (405); one that reaches here is a
+            # route table mistake, and must not become a free call (HEAD runs a GET handler in many backends).
+            metrics.ROUTE_ERRORS.inc()
+            log.error(
+                "refusing %s %s: a billable route takes only %s",
+                request.method,
+                audit_path(request.path),
+                ", ".join(sorted(BILLABLE_METHODS)),
+            )
+            return CheckOutcome(DENY_UNAVAILABLE, route=route)
         # credential
         credential = read_credential(request.headers)
         if isinstance(credential, DenyCode):
             return CheckOutcome(deny(credential), route=route)
         # grant
         try:
-            grant = await self._store.get(credential.hash)
+            grant = await self._store.get(credential.hash, request)
         except StoreUnavailable:
             return CheckOutcome(DENY_UNAVAILABLE, route=route)
         if grant is None:
@@ -165,7 +192,7 @@ class Authorizer:
         used = await self._meter.used(usage_key)
         # No await from here on: the usage read above and the count below are one step.
         if request.deadline is not None and time.monotonic() > request.deadline - DEADLINE_MARGIN_SECONDS:
-            log.warning("answering auth_unavailable: Envoy's deadline passed while usage was read")
+            self._late.warning("deadline", "answering auth_unavailable: Envoy's deadline passed while usage was read")
             return CheckOutcome(DENY_UNAVAILABLE, grant, route, plan=plan.name, rate=rate)
         decision = check_billing(
             route, grant, now, plan, used_units=used, period_end=period.end.timestamp(), policy=self._policy
@@ -187,4 +214,5 @@ def _audit_entry(request: AccessRequest, outcome: CheckOutcome) -> AuditEntry:
         path=audit_path(request.path),
         decision="allow" if code is None else "deny",
         code="ok" if code is None else code.value,
+        source=request.source,
     )

@@ -66,6 +66,9 @@ MESSAGES: Mapping[DenyCode, str] = {
 # Seconds a client should wait before retrying when authentication itself is unavailable.
 AUTH_UNAVAILABLE_RETRY_AFTER = 1
 
+# The methods a billable route bills; the route table answers any other (HEAD, OPTIONS, ...) there itself.
+BILLABLE_METHODS = frozenset({"GET", "POST"})
+
 
 @dataclass(frozen=True, slots=True)
 class Route:

@@ -1,13 +1,20 @@
 """The gRPC edge: Envoy's CheckRequest in, CheckResponse out. Nothing is decided here, and nothing raises.
 
+Only Envoy may call Check: a call without the secret Envoy sends as gRPC metadata (DRIFTLOCK_EXT_AUTHZ_SECRET,
+rendered into envoy.yaml's ext_authz `initial_metadata`) is refused with UNAUTHENTICATED before anything else,
+so nothing else that reaches the port can have keys checked, nor have a context token signed for context
+extensions of its own choosing (`billable: false`, say).
+
 On allow the backend gets the contract's `x-driftlock-*` headers and the signed context token, and loses the
 credential headers and every `x-driftlock-*` header the client sent. On deny the client gets the contract's
 status, JSON body and headers.
 """
 
+import hmac
 import json
 import logging
 import time
+from collections.abc import Iterable
 
 import grpc
 from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
@@ -21,8 +28,12 @@ from authz_service.context_signer import ContextSigner
 from authz_service.decision import DENY_UNAVAILABLE, HTTP_STATUS, MESSAGES, Decision, DenyCode
 from driftlock_kernel.caches import LruCache
 from driftlock_kernel.logs import bind_request
+from driftlock_kernel.repeated_logs import RepeatedLog
 
 log = logging.getLogger(__name__)
+
+# The gRPC metadata that carries the secret Envoy shows with every check (envoy.yaml, ext_authz initial_metadata).
+CALLER_SECRET_METADATA = "x-driftlock-ext-authz-secret"
 
 CONTEXT_HEADER_PREFIX = "x-driftlock-"
 CREDENTIAL_HEADERS = ("authorization", "x-api-key")
@@ -42,7 +53,8 @@ def _header(name: str, value: str) -> HeaderValueOption:
 
 
 def access_request(check: external_auth_pb2.CheckRequest, time_remaining: float | None = None) -> AccessRequest:
-    http = check.attributes.request.http
+    attributes = check.attributes
+    http = attributes.request.http
     # A plain dict: every later look-up on the protobuf map would cross into C again.
     headers = dict(http.headers)
     return AccessRequest(
@@ -50,9 +62,19 @@ def access_request(check: external_auth_pb2.CheckRequest, time_remaining: float 
         method=http.method,
         path=http.path,
         headers=headers,
-        context=check.attributes.context_extensions,
+        context=attributes.context_extensions,
         deadline=None if time_remaining is None else time.monotonic() + time_remaining,
+        attributes=attributes,
     )
+
+
+def shows_secret(metadata: Iterable[tuple[str, str | bytes]] | None, secret: bytes) -> bool:
+    """Whether the call's metadata carries the caller secret (compared in constant time)."""
+    for key, value in metadata or ():
+        if key == CALLER_SECRET_METADATA:
+            presented = value.encode() if isinstance(value, str) else value
+            return hmac.compare_digest(presented, secret)
+    return False
 
 
 class AllowedResponses:
@@ -146,13 +168,27 @@ def denied_response(
 
 
 class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
-    def __init__(self, authorizer: Authorizer, signer: ContextSigner):
+    """`caller_secret`: what a caller must show (see the module's docstring); None only in process (the tests'
+    and the benchmark's direct calls, which have no gRPC context)."""
+
+    def __init__(self, authorizer: Authorizer, signer: ContextSigner, *, caller_secret: bytes | None = None):
         self._authorizer = authorizer
         self._allowed = AllowedResponses(signer)
+        self._caller_secret = caller_secret
+        self._refusals = RepeatedLog(log)
 
     async def Check(
         self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext | None
     ) -> external_auth_pb2.CheckResponse:
+        if self._caller_secret is not None and (
+            context is None or not shows_secret(context.invocation_metadata(), self._caller_secret)
+        ):
+            metrics.UNAUTHENTICATED_CALLS.inc()
+            peer = context.peer() if context is not None else "in process"
+            self._refusals.warning("caller", "refused a Check call without the ext_authz secret (from %s)", peer)
+            if context is not None:
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, "only the gateway's Envoy may call Check")
+            raise PermissionError("Check called without the ext_authz secret")
         started = time.perf_counter()
         request_id = ""
         try:

@@ -1,6 +1,12 @@
 """Key grants: a bounded in-process cache in front of PostgreSQL, kept honest by push invalidation.
 
 - A looked-up key is trusted for `ttl` seconds; an unknown key stays unknown for `negative_ttl`.
+- Verified keys and unknown keys live in two bounded caches: keys made up by a client (as many as it likes)
+  only ever evict other unknown keys, never a verified one, so they cannot flush the entries that carry
+  customers through a database outage.
+- Looking up a key this replica has not verified is rationed (`LookupBudget`: overall and per source address,
+  spent only by look-ups that find nothing); past the budget the answer is `LookupRationed`, a kind of
+  `StoreUnavailable`, without a query. A verified key is looked up again whenever its TTL asks, unrationed.
 - Many requests missing on the same key at once share one database query.
 - A change pushed by the database (revocation, suspension, billing change) drops the affected entries at once.
   When the push channel reconnects, everything is marked stale, since changes may have been missed.
@@ -15,13 +21,16 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import Enum, StrEnum
+from typing import Protocol
 
 import asyncpg
 
 from authz_service.decision import Grant
+from authz_service.lookup_budget import LookupBudget
 from driftlock_kernel import db
 from driftlock_kernel.caches import LruCache, SingleFlight
 from driftlock_kernel.errors import one_line
+from driftlock_kernel.repeated_logs import RepeatedLog
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +41,18 @@ class StoreUnavailable(Exception):
     """The key is not in the cache (or too old to trust) and the database did not answer."""
 
 
+class LookupRationed(StoreUnavailable):
+    """The key is unknown to this replica and the budget for looking up unknown keys is spent (for its source,
+    or overall): no query was sent."""
+
+
+class Requester(Protocol):
+    """Who asks: only the look-up of a key unknown to this replica reads `source`."""
+
+    @property
+    def source(self) -> str: ...
+
+
 class CacheResult(StrEnum):
     HIT = "hit"
     NEGATIVE_HIT = "negative_hit"
@@ -39,6 +60,7 @@ class CacheResult(StrEnum):
     COALESCED = "coalesced"
     STALE = "stale"
     ERROR = "error"
+    RATIONED = "rationed"
 
 
 @dataclass(slots=True)
@@ -58,6 +80,8 @@ class GrantStore:
         stale_for: float,
         max_entries: int,
         fetch_timeout: float,
+        max_unknown_entries: int = 10_000,
+        budget: LookupBudget | None = None,
         clock: Callable[[], float] = time.monotonic,
         on_result: Callable[[CacheResult], None] = lambda result: None,
     ):
@@ -68,35 +92,58 @@ class GrantStore:
         self._fetch_timeout = fetch_timeout
         self._clock = clock
         self._on_result = on_result
-        self._entries: LruCache[bytes, _Entry] = LruCache(max_entries)
+        self._budget = budget
+        self._known: LruCache[bytes, _Entry] = LruCache(max_entries)
+        self._unknown: LruCache[bytes, _Entry] = LruCache(max_unknown_entries)
         self._fetches: SingleFlight[bytes, Grant | None] = SingleFlight()
         # The invalidations of late, numbered: a fetch that straddles one of its own key or organisation may have
         # read the old row, so its answer serves the requests waiting for it but is not cached; one that straddles
         # a reconnection of the listener (when changes may have been missed) is cached as stale.
         self._invalidations = 0
         self._recent: deque[tuple[int, _Invalidated, str]] = deque(maxlen=_RECENT_INVALIDATIONS)
+        self._failures = RepeatedLog(log)
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._known) + len(self._unknown)
 
-    async def get(self, key_hash: bytes) -> Grant | None:
-        entry = self._entries.get(key_hash)
-        if entry is not None and self._clock() < entry.fresh_until:
-            self._on_result(CacheResult.HIT if entry.grant is not None else CacheResult.NEGATIVE_HIT)
-            return entry.grant
-        since = self._invalidations
-        pending, joined = self._fetches.join_or_start(key_hash, lambda: self._refresh(key_hash, since))
-        if joined:
+    @property
+    def verified_entries(self) -> int:
+        return len(self._known)
+
+    async def get(self, key_hash: bytes, requester: Requester | None = None) -> Grant | None:
+        known = self._known.get(key_hash)
+        if known is not None and self._clock() < known.fresh_until:
+            self._on_result(CacheResult.HIT)
+            return known.grant
+        if known is None:
+            unknown = self._unknown.get(key_hash)
+            if unknown is not None and self._clock() < unknown.fresh_until:
+                self._on_result(CacheResult.NEGATIVE_HIT)
+                return None
+        pending = self._fetches.running(key_hash)
+        if pending is not None:
             self._on_result(CacheResult.COALESCED)
+        else:
+            # A key this replica has not verified: the look-up is paid from the budget, unless the key exists.
+            source = None
+            if known is None and self._budget is not None:
+                source = requester.source if requester is not None else ""
+                if not self._budget.reserve(source):
+                    self._on_result(CacheResult.RATIONED)
+                    raise LookupRationed("the budget for looking up unknown keys is spent")
+            since = self._invalidations
+            pending, _joined = self._fetches.join_or_start(key_hash, lambda: self._refresh(key_hash, since, source))
         # shield: a caller that gives up (Envoy's deadline) must not cancel the query others wait on.
         return await asyncio.shield(pending)
 
-    async def _refresh(self, key_hash: bytes, since: int) -> Grant | None:
+    async def _refresh(self, key_hash: bytes, since: int, rationed_source: str | None) -> Grant | None:
         try:
             grant = await asyncio.wait_for(self._fetch(key_hash), self._fetch_timeout)
         except db.DATABASE_ERRORS as error:
             return self._fallback(key_hash, error)
         self._on_result(CacheResult.MISS)
+        if grant is not None and rationed_source is not None and self._budget is not None:
+            self._budget.refund(rationed_source)
         straddled = self._straddled(since, grant)
         if straddled is None:
             self._store(key_hash, grant)
@@ -122,18 +169,28 @@ class GrantStore:
         return found
 
     def _fallback(self, key_hash: bytes, error: BaseException) -> Grant | None:
-        entry = self._entries.peek(key_hash)
+        entry = self._known.peek(key_hash) or self._unknown.peek(key_hash)
         if entry is not None and self._clock() - entry.fetched_at < self._stale_for:
             self._on_result(CacheResult.STALE)
             return entry.grant
         self._on_result(CacheResult.ERROR)
-        log.warning("key look-up failed and no recent answer is cached: %s: %s", type(error).__name__, one_line(error))
+        # During an outage this happens for every unknown key: one line now, then a count a minute.
+        self._failures.warning(
+            type(error).__name__,
+            "key look-up failed and no recent answer is cached: %s: %s",
+            type(error).__name__,
+            one_line(error),
+        )
         raise StoreUnavailable(str(error)) from error
 
     def _store(self, key_hash: bytes, grant: Grant | None, *, fresh: bool = True) -> None:
         now = self._clock()
-        ttl = self._ttl if grant is not None else self._negative_ttl
-        self._entries.put(key_hash, _Entry(grant, fetched_at=now, fresh_until=now + ttl if fresh else 0.0))
+        if grant is None:
+            self._known.pop(key_hash)
+            self._unknown.put(key_hash, _Entry(None, fetched_at=now, fresh_until=now + self._negative_ttl))
+        else:
+            self._unknown.pop(key_hash)
+            self._known.put(key_hash, _Entry(grant, fetched_at=now, fresh_until=now + self._ttl if fresh else 0.0))
 
     # --- invalidation ---------------------------------------------------------------------------------------
 
@@ -142,9 +199,9 @@ class GrantStore:
         self._recent.append((self._invalidations, kind, row_id))
 
     def _forget(self, matches: Callable[[Grant], bool]) -> None:
-        doomed = [h for h, e in self._entries.items() if e.grant is not None and matches(e.grant)]
+        doomed = [h for h, e in self._known.items() if e.grant is not None and matches(e.grant)]
         for key_hash in doomed:
-            self._entries.pop(key_hash)
+            self._known.pop(key_hash)
 
     def forget_key(self, key_id: str) -> None:
         self._note(_Invalidated.KEY, key_id)
@@ -157,8 +214,9 @@ class GrantStore:
     def expire_all(self) -> None:
         """Ask the database again before trusting any entry, but keep them as the fallback for an outage."""
         self._note(_Invalidated.ALL, "")
-        for entry in self._entries.values():
-            entry.fresh_until = 0.0
+        for cache in (self._known, self._unknown):
+            for entry in cache.values():
+                entry.fresh_until = 0.0
 
 
 class _Invalidated(Enum):

@@ -28,6 +28,7 @@ from driftlock_kernel import db
 from driftlock_kernel.background import every
 from driftlock_kernel.caches import SingleFlight
 from driftlock_kernel.errors import one_line
+from driftlock_kernel.repeated_logs import RepeatedLog
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,7 @@ class Meter:
         self._flusher = every(flush_interval, self.flush_cycle, name="meter-flush")
         self._flush_lock = asyncio.Lock()
         self._last_failure_log = 0.0
+        self._load_failures = RepeatedLog(log)
         # Read at scrape time rather than kept up to date on every check.
         metrics.METER_PENDING_UNITS.set_function(lambda: self.ledger.pending_units)
 
@@ -127,7 +129,8 @@ class Meter:
             self.ledger.learn(key, total, epoch)
         except db.DATABASE_ERRORS as error:
             # Serve on what this replica counted itself; the next check past the staleness window asks again.
-            log.warning("could not read usage of %s: %s", key[0], one_line(error))
+            # During an outage this is every billable check: one line, then a count a minute.
+            self._load_failures.warning(type(error).__name__, "could not read usage of %s: %s", key[0], one_line(error))
             self.ledger.assume(key, 0)
 
     # --- flushing -------------------------------------------------------------------------------------------

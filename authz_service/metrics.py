@@ -36,6 +36,10 @@ LISTENER_CONNECTED = Gauge(
     "driftlock_authz_invalidation_listener_up",
     "1 while the LISTEN connection that carries invalidations is up.",
 )
+UNAUTHENTICATED_CALLS = Counter(
+    "driftlock_authz_unauthenticated_calls_total",
+    "Check calls refused because they did not carry the ext_authz secret (anything but the gateway's Envoy).",
+)
 ROUTE_ERRORS = Counter(
     "driftlock_authz_route_config_errors_total",
     "Checks refused because the route's context_extensions were missing or malformed.",
@@ -89,6 +93,10 @@ ALERT_DELIVERIES = Counter(
     ["outcome"],
 )
 AUDIT_WRITTEN = Counter("driftlock_audit_entries_written_total", "Audit log entries written.")
+AUDIT_DENIALS_COUNTED = Counter(
+    "driftlock_audit_denials_counted_total",
+    "Denials that named no known key, stored as counts per minute, source and code (driftlock.audit_denials).",
+)
 AUDIT_DROPPED = Counter(
     "driftlock_audit_entries_dropped_total",
     "Audit log entries dropped because the queue was full (the database was slow or down).",

@@ -29,6 +29,7 @@ from authz_service.context_signer import ContextSigner
 from authz_service.ext_authz import AuthorizationServicer
 from authz_service.grants import GrantStore, database_fetch
 from authz_service.key_last_used import LastUsedRecorder
+from authz_service.lookup_budget import LookupBudget
 from authz_service.management_api import KeyServicer, OrganizationServicer, PublicKeyServicer
 from authz_service.meter_store import MeterStore
 from authz_service.metering import Meter
@@ -114,6 +115,7 @@ async def serve(settings: Settings) -> None:
     configure_logging(settings.log_level, settings.log_format)
     keys = context_keys.load(settings)
     admin_secret = settings.admin_secret()
+    caller_secret = settings.require_ext_authz_secret()
     url = settings.require_database_url()
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -135,6 +137,11 @@ async def serve(settings: Settings) -> None:
             negative_ttl=settings.key_cache_negative_ttl_seconds,
             stale_for=settings.key_cache_stale_seconds,
             max_entries=settings.key_cache_max_entries,
+            max_unknown_entries=settings.key_cache_unknown_max_entries,
+            budget=LookupBudget(
+                overall=settings.unknown_key_lookups_per_second,
+                per_source=settings.unknown_key_lookups_per_source_per_second,
+            ),
             fetch_timeout=settings.database_lookup_timeout_seconds,
             on_result=metrics.cache_event_counter(),
         )
@@ -195,7 +202,9 @@ async def serve(settings: Settings) -> None:
             ]
         )
         signer = ContextSigner(keys)
-        external_auth_pb2_grpc.add_AuthorizationServicer_to_server(AuthorizationServicer(authorizer, signer), server)
+        external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
+            AuthorizationServicer(authorizer, signer, caller_secret=caller_secret), server
+        )
         gate = AdminGate(admin_secret, pool)
         usage_pb2_grpc.add_UsageServiceServicer_to_server(
             UsageServicer(pool, plans, meter, meter_store, gate, policy=policy), server

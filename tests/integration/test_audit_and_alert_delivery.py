@@ -20,7 +20,9 @@ def dropped() -> float:
 
 
 def entry(request_id: str) -> AuditEntry:
-    return AuditEntry(datetime.now(UTC), request_id, None, None, "POST", "/api/v1/stream/detect", "deny", "x")
+    """A denial of a known key: one row each (denials that name no key are counted instead)."""
+    org_id, key_id = str(uuid.uuid4()), str(uuid.uuid4())
+    return AuditEntry(datetime.now(UTC), request_id, org_id, key_id, "POST", "/api/v1/stream/detect", "deny", "x")
 
 
 async def test_a_full_audit_queue_drops_and_counts_then_writes_the_rest(database_url, pool):

@@ -5,15 +5,15 @@ import json
 import sys
 
 import aiohttp
-import grpc
 import pytest
 from envoy.service.auth.v3 import external_auth_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from driftlock_cli.supervisor import grpc_serving, start_child, wait_until
 from driftlock_kernel import api_keys
+from driftlock_kernel.keys import Environment, generate_key
 from tests.support.admin import signing_key_env
-from tests.support.authz_requests import bearer, check_request
+from tests.support.authz_requests import EXT_AUTHZ_SECRET, authz_channel, bearer, check_request
 from tests.support.net import eventually, free_port
 from tests.support.tcp_proxy import FaultProxy
 
@@ -35,6 +35,7 @@ async def proxied_authz(database_url, jwt_secret, tmp_path):
             "DATABASE_URL": proxy.url(),
             "DRIFTLOCK_JWT_SECRET": jwt_secret,
             **signing_key_env(),
+            "DRIFTLOCK_EXT_AUTHZ_SECRET": EXT_AUTHZ_SECRET,
             "DRIFTLOCK_AUTHZ_HOST": "127.0.0.1",
             "DRIFTLOCK_AUTHZ_PORT": str(port),
             "DRIFTLOCK_AUTHZ_METRICS_PORT": str(metrics_port),
@@ -47,7 +48,7 @@ async def proxied_authz(database_url, jwt_secret, tmp_path):
         log_file=tmp_path / "authz.log",
     )
     await wait_until(grpc_serving(f"127.0.0.1:{port}"), timeout=30, what="authz to serve", child=child)
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    channel = authz_channel(f"127.0.0.1:{port}")
     stub = external_auth_pb2_grpc.AuthorizationStub(channel)
 
     async def check(secret: str) -> str:
@@ -63,14 +64,14 @@ async def proxied_authz(database_url, jwt_secret, tmp_path):
                     return sample.value
         return 0.0
 
-    yield check, proxy, stale_answers
+    yield check, proxy, stale_answers, tmp_path / "authz.log"
     await channel.close()
     assert await child.stop() == 0, (tmp_path / "authz.log").read_text()
     await proxy.stop()
 
 
 async def test_outage_keeps_recent_keys_and_refuses_unknown_ones(proxied_authz, make_org, make_key, pool):
-    check, proxy, stale_answers = proxied_authz
+    check, proxy, stale_answers, _log = proxied_authz
     org = await make_org()
     _seen_key, seen = await make_key(org.id)
     unseen_key, unseen = await make_key(org.id)
@@ -103,3 +104,25 @@ async def test_outage_keeps_recent_keys_and_refuses_unknown_ones(proxied_authz, 
         return await check(unseen) == "revoked_api_key"
 
     await eventually(revoked, within=5, what="revocation after the outage")
+
+
+async def test_an_outage_is_a_few_log_lines_not_one_per_check(proxied_authz, make_org, make_key):
+    """Billable checks of a known key (each asking for usage the database cannot give) and checks of keys never
+    seen (each a failed look-up), 400 in all while the database is away: each kind of failure is one line, the
+    rest counted (and written when the minute ends)."""
+    check, proxy, _stale_answers, log = proxied_authz
+    org = await make_org()
+    _key, known = await make_key(org.id)
+    assert await check(known) == "ok"
+    await proxy.cut()
+    before = log.read_text().splitlines()
+    for _ in range(200):
+        assert await check(known) == "ok"
+        assert await check(generate_key(Environment.LIVE).secret) == "auth_unavailable"
+    during = log.read_text().splitlines()[len(before) :]
+    warnings = [line for line in during if "WARNING" in line]
+    print(f"\n400 checks during an outage: {len(during)} log lines, {len(warnings)} warnings")
+    assert len([line for line in warnings if "key look-up failed" in line]) <= 1
+    assert len([line for line in warnings if "could not read usage" in line]) <= 1
+    assert len(during) <= 10
+    await proxy.restore()

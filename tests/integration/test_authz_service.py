@@ -12,13 +12,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from driftlock_kernel import api_keys, orgs
 from driftlock_kernel.keys import Environment, generate_key
-from tests.support.authz_requests import READ, STREAM_DETECT, bearer, check_request, response_headers
+from tests.support.authz_requests import READ, STREAM_DETECT, authz_channel, bearer, check_request, response_headers
 from tests.support.net import eventually
 
 
 @pytest.fixture(scope="module")
 async def channels(gateway):
-    opened = [grpc.aio.insecure_channel(gateway.authz_target(i)) for i in range(2)]
+    opened = [authz_channel(gateway.authz_target(i)) for i in range(2)]
     yield opened
     for channel in opened:
         await channel.close()
@@ -221,3 +221,22 @@ async def test_canceled_subscription_is_served_as_free(check, make_org, make_key
         return response.HasField("ok_response") and response_headers(response)["x-driftlock-plan"] == "free"
 
     await eventually(free_now, within=1.0, what="canceled organisation served as free")
+
+
+@pytest.mark.parametrize("secret", [None, "not-the-secret-" + "x" * 40])
+async def test_only_a_caller_with_the_ext_authz_secret_may_call_check(gateway, make_org, make_key, secret):
+    """Anything else that reaches the port (another container, another pod) can neither have keys checked nor get
+    a context token signed for context extensions of its own choosing."""
+    org = await make_org()
+    _key, key = await make_key(org.id)
+    request = check_request(bearer(key), {"scope": "detect", "billable": "false"})
+    channel = (
+        authz_channel(gateway.authz_target(0), secret) if secret else grpc.aio.insecure_channel(gateway.authz_target(0))
+    )
+    async with channel:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await external_auth_pb2_grpc.AuthorizationStub(channel).Check(request, timeout=5)
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        # Health stays open to Envoy's health checks, which carry no secret.
+        reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING

@@ -68,7 +68,8 @@ async def test_each_stage_refuses_what_it_owns():
     auth, meter = authorizer(SOFT)
     assert await code_of(auth, request("r", route={"billable": "true"})) is DenyCode.AUTH_UNAVAILABLE  # route
     assert await code_of(auth, request("r", key="")) is DenyCode.MISSING_API_KEY  # credential
-    assert await code_of(auth, request("r", key=KEY.secret[:-1] + "x")) is DenyCode.INVALID_API_KEY  # checksum
+    broken = KEY.secret[:-1] + ("x" if KEY.secret[-1] != "x" else "y")  # the last checksum character changed
+    assert await code_of(auth, request("r", key=broken)) is DenyCode.INVALID_API_KEY  # checksum
     other = generate_key(Environment.LIVE).secret
     assert await code_of(auth, request("r", key=other)) is DenyCode.INVALID_API_KEY  # grant: unknown key
     assert meter.ledger.pending_units == 0
@@ -135,3 +136,22 @@ async def test_the_rate_limit_of_the_plan_applies_per_key():
     auth, _meter = authorizer(PlanLimits("small", included_units=100, overage=Overage.SOFT, rate_limit_rps=2))
     codes = [(await auth.check(request(f"r{i}"))).decision.code for i in range(3)]
     assert codes == [None, None, DenyCode.RATE_LIMITED]
+
+
+@pytest.mark.parametrize("method", ["HEAD", "OPTIONS", "DELETE", "TRACE"])
+async def test_a_billable_route_asked_with_another_method_is_refused_and_never_counted(method):
+    """The route table answers these itself (405); one that reaches authz is a route-table mistake."""
+    auth, meter = authorizer(SOFT)
+    head = dataclasses.replace(request("r-1"), method=method)
+    assert await code_of(auth, head) is DenyCode.AUTH_UNAVAILABLE
+    assert meter.ledger.pending_units == 0
+    assert await code_of(auth, dataclasses.replace(head, method="GET", request_id="r-2")) is None
+    assert meter.ledger.pending_units == 1
+
+
+async def test_the_client_address_is_read_from_the_check_request_only_when_asked():
+    from tests.support.authz_requests import check_request
+
+    attributes = check_request({}, source="203.0.113.7").attributes
+    assert dataclasses.replace(request("r"), attributes=attributes).source == "203.0.113.7"
+    assert request("r").source == ""

@@ -5,7 +5,8 @@ import asyncio
 import pytest
 
 from authz_service.decision import Grant
-from authz_service.grants import CacheResult, GrantStore, StoreUnavailable
+from authz_service.grants import CacheResult, GrantStore, LookupRationed, StoreUnavailable
+from authz_service.lookup_budget import LookupBudget
 
 
 def grant(key_id="k1", org_id="o1", plan="free") -> Grant:
@@ -235,3 +236,101 @@ async def test_cache_is_bounded_and_evicts_the_least_recently_used():
     assert source.calls == calls
     await store.get(b"h1")
     assert source.calls == calls + 1
+
+
+# --- keys nobody holds: a cache of their own, and a budget for looking them up ---------------------------------
+
+
+class From:
+    def __init__(self, source: str):
+        self.source = source
+
+
+async def test_unknown_keys_never_evict_verified_ones():
+    """2,500 invented keys through a cache of 2,000 verified ones, then the database goes: every verified key is
+    still served from what was cached (the documented outage fallback)."""
+    rows = {f"k{i}".encode(): grant(f"k{i}") for i in range(2000)}
+    source, clock = Source(rows), Clock()
+    store = make_store(source, clock, max_entries=2000, max_unknown_entries=500)
+    for key_hash in rows:
+        await store.get(key_hash)
+    for n in range(2500):
+        assert await store.get(f"invented-{n}".encode()) is None
+    assert store.verified_entries == 2000
+    source.failing = True
+    clock.now += 31.0  # past the TTL: each verified key asks the database, which is down
+    for key_hash, expected in rows.items():
+        assert await store.get(key_hash) == expected
+
+
+async def test_lookups_of_unknown_keys_are_rationed_per_source():
+    source, clock, results = Source(), Clock(), []
+    store = make_store(
+        source, clock, results, budget=LookupBudget(burst_seconds=1, overall=1000, per_source=5, clock=clock)
+    )
+    flooder = From("203.0.113.9")
+    rationed = 0
+    for n in range(100):
+        try:
+            await store.get(f"invented-{n}".encode(), flooder)
+        except LookupRationed:
+            rationed += 1
+    assert source.calls == 5 and rationed == 95
+    assert results.count(CacheResult.RATIONED) == 95
+    # Another client is not held back by the flooder's spending.
+    assert await store.get(b"someone-else", From("198.51.100.7")) is None
+    assert source.calls == 6
+
+
+async def test_a_rationed_lookup_is_unavailable_not_invalid():
+    source, clock = Source({b"valid": grant()}), Clock()
+    store = make_store(source, clock, budget=LookupBudget(burst_seconds=1, overall=1000, per_source=1, clock=clock))
+    await store.get(b"invented", From("203.0.113.9"))
+    with pytest.raises(StoreUnavailable):  # the key may well be valid: we did not ask
+        await store.get(b"valid", From("203.0.113.9"))
+
+
+async def test_keys_that_exist_do_not_spend_the_budget():
+    """A replica starting cold, or a client with many keys, looks all of them up."""
+    rows = {f"k{i}".encode(): grant(f"k{i}") for i in range(200)}
+    source, clock = Source(rows), Clock()
+    store = make_store(source, clock, budget=LookupBudget(burst_seconds=1, overall=10, per_source=2, clock=clock))
+    client = From("198.51.100.7")
+    for key_hash, expected in rows.items():
+        assert await store.get(key_hash, client) == expected
+    assert source.calls == 200
+
+
+async def test_a_verified_key_is_looked_up_again_whatever_the_budget():
+    source, clock = Source({b"h1": grant()}), Clock()
+    store = make_store(source, clock, budget=LookupBudget(burst_seconds=1, overall=1, per_source=1, clock=clock))
+    client = From("198.51.100.7")
+    await store.get(b"h1", client)
+    await store.get(b"invented", client)  # spends the source's (and the overall) budget
+    clock.now += 30.0
+    assert await store.get(b"h1", client) == grant()  # its TTL asks the database again, unrationed
+    assert source.calls == 3
+
+
+async def test_joining_a_lookup_under_way_costs_nothing():
+    source, clock = Source(), Clock()
+    source.gate = asyncio.Event()
+    store = make_store(source, clock, budget=LookupBudget(burst_seconds=1, overall=1000, per_source=1, clock=clock))
+    client = From("203.0.113.9")
+    waiters = [asyncio.create_task(store.get(b"invented", client)) for _ in range(20)]
+    await asyncio.sleep(0)
+    source.gate.set()
+    assert await asyncio.gather(*waiters) == [None] * 20
+    assert source.calls == 1
+
+
+async def test_a_key_that_disappears_moves_to_the_unknown_cache():
+    source, clock = Source({b"h1": grant()}), Clock()
+    store = make_store(source, clock)
+    await store.get(b"h1")
+    del source.rows[b"h1"]
+    clock.now += 30.0
+    assert await store.get(b"h1") is None
+    assert store.verified_entries == 0
+    assert await store.get(b"h1") is None  # answered from the unknown cache
+    assert source.calls == 2
