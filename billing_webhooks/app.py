@@ -17,7 +17,7 @@ import asyncpg
 import prometheus_client
 from aiohttp import web
 
-from billing_webhooks.webhook import MAX_BODY_BYTES, WebhookEndpoint
+from billing_webhooks.webhook import BODY_TIMEOUT_SECONDS, MAX_BODY_BYTES, WebhookEndpoint
 from driftlock_kernel import db
 from driftlock_kernel.errors import OperatorError
 from driftlock_kernel.logs import configure_logging
@@ -28,6 +28,10 @@ log = logging.getLogger(__name__)
 SHUTDOWN_GRACE_SECONDS = 10.0
 HEALTH_TIMEOUT_SECONDS = 2.0
 POOL_MAX_SIZE = 8
+# A connection that has not sent a whole request head within this long, or stays idle this long between
+# requests, is closed (aiohttp's keep-alive timer also runs from the connection's start). Envoy's webhooks
+# cluster closes its idle connections sooner (5 s), so it never sends on one being closed here.
+HEADER_TIMEOUT_SECONDS = 15.0
 
 
 @dataclass
@@ -39,7 +43,9 @@ class ServiceState:
 STATE = web.AppKey("driftlock_webhooks_state", ServiceState)
 
 
-def create_app(settings: Settings, *, pool: asyncpg.Pool | None = None) -> web.Application:
+def create_app(
+    settings: Settings, *, pool: asyncpg.Pool | None = None, body_timeout: float = BODY_TIMEOUT_SECONDS
+) -> web.Application:
     """The aiohttp application. Without `pool`, it opens its own from settings.database_url on start-up (lazily:
     the service starts while the database is down) and closes it on clean-up; a given pool is the caller's."""
     secrets = settings.require_webhook_secrets()
@@ -87,17 +93,34 @@ def create_app(settings: Settings, *, pool: asyncpg.Pool | None = None) -> web.A
             body=prometheus_client.generate_latest(), headers={"Content-Type": prometheus_client.CONTENT_TYPE_LATEST}
         )
 
-    app.router.add_post("/stripe/webhook", WebhookEndpoint(secrets, pool_of, settings.billing_policy()).handle)
+    endpoint = WebhookEndpoint(secrets, pool_of, settings.billing_policy(), body_timeout=body_timeout)
+
+    async def flush_logs(app: web.Application) -> None:
+        endpoint.flush_logs()
+
+    app.on_shutdown.append(flush_logs)
+    app.router.add_post("/stripe/webhook", endpoint.handle)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics_endpoint)
     return app
+
+
+def app_runner(app: web.Application, *, header_timeout: float = HEADER_TIMEOUT_SECONDS) -> web.AppRunner:
+    """The runner `serve` uses (and the tests): no access log, its own signal handling, a header-read timeout."""
+    return web.AppRunner(
+        app,
+        access_log=None,
+        handle_signals=False,
+        shutdown_timeout=SHUTDOWN_GRACE_SECONDS,
+        keepalive_timeout=header_timeout,
+    )
 
 
 async def serve(settings: Settings) -> None:
     """`driftlock-gateway webhooks`: run until SIGTERM/SIGINT, then drain and return."""
     configure_logging(settings.log_level, settings.log_format)
     app = create_app(settings)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE_SECONDS)
+    runner = app_runner(app)
     await runner.setup()
     try:
         site = web.TCPSite(runner, settings.webhooks_host, settings.webhooks_port)

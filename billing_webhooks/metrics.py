@@ -19,7 +19,8 @@ SIGNATURE_FAILURES = Counter(
 )
 REJECTED = Counter(
     "driftlock_webhook_rejected_total",
-    "Deliveries refused before any signature check or after it for their body: too_large (413), malformed_body (400).",
+    "Deliveries refused before any signature check or after it for their body: too_large (413), malformed_body "
+    "(400), body_timeout (408).",
     ["reason"],
 )
 NOT_STORED = Counter(
@@ -47,7 +48,7 @@ HANDLING_DURATION = Histogram(
 # Closed label sets start at 0, so that a rate() or an alert on them works before the first occurrence.
 for _reason in ("missing", "malformed", "mismatch", "expired"):
     SIGNATURE_FAILURES.labels(reason=_reason)
-for _reason in ("too_large", "malformed_body"):
+for _reason in ("too_large", "malformed_body", "body_timeout"):
     REJECTED.labels(reason=_reason)
 for _problem in Problem:
     PROBLEMS.labels(problem=_problem.value)

@@ -4,6 +4,8 @@ Status-code policy (Stripe retries every answer but a 2xx, for up to three days)
 
 - 413 past 1 MiB; 400 when Stripe-Signature is missing or verifies against none of the configured secrets (or
   is older than 300 s), and when a verified body is not a Stripe event. Retrying would not help.
+- 408 when the body has not arrived within `BODY_TIMEOUT_SECONDS`: the route takes no credential, so a client
+  may send slowly on purpose; Stripe sends a delivery at once.
 - 200 once the event is stored and applied, was stored before (a duplicate), is of a type we ignore, or could
   not be applied for a reason a retry would not fix (unknown organisation, malformed object): it is stored
   with outcome `failed` and its error, for an operator.
@@ -32,10 +34,12 @@ from driftlock_kernel import db
 from driftlock_kernel.billing import DEFAULT_POLICY, BillingPolicy
 from driftlock_kernel.errors import one_line
 from driftlock_kernel.logs import bind_org, bind_request
+from driftlock_kernel.repeated_logs import RepeatedLog
 
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 1024 * 1024
+BODY_TIMEOUT_SECONDS = 10.0
 SIGNATURE_TOLERANCE_SECONDS = 300
 # A transaction that lost a deadlock or serialisation race is run again, this many times in all.
 ATTEMPTS = 3
@@ -151,17 +155,31 @@ class WebhookEndpoint:
         secrets: Sequence[str],
         pool_of: Callable[[web.Request], asyncpg.Pool],
         policy: BillingPolicy = DEFAULT_POLICY,
+        *,
+        body_timeout: float = BODY_TIMEOUT_SECONDS,
     ):
         if not secrets:
             raise ValueError("at least one webhook secret is required")
         self._secrets = tuple(secrets)
         self._policy = policy
         self._pool_of = pool_of  # request -> pool; the pool lives and dies with the application
+        self._body_timeout = body_timeout
+        # Refusals cost the sender nothing: one line per reason, then a count a minute (the metric counts all).
+        self._refusals = RepeatedLog(log)
+
+    def flush_logs(self) -> None:
+        self._refusals.flush()
 
     async def handle(self, request: web.Request) -> web.Response:
         started = time.perf_counter()
         bind_request(request.headers.get("x-request-id"))
-        raw = await read_body(request)
+        try:
+            async with asyncio.timeout(self._body_timeout):
+                raw = await read_body(request)
+        except TimeoutError:
+            metrics.REJECTED.labels(reason="body_timeout").inc()
+            self._refusals.info("body_timeout", "refused a delivery: the body did not arrive in time")
+            return _error(request, 408, "request_timeout", "The body did not arrive in time.")
         if raw is None:
             metrics.REJECTED.labels(reason="too_large").inc()
             return _error(request, 413, "payload_too_large", f"The body is larger than {MAX_BODY_BYTES} bytes.")
@@ -173,7 +191,7 @@ class WebhookEndpoint:
         failure = check_signature(text, request.headers.get("Stripe-Signature"), self._secrets)
         if failure is not None:
             metrics.SIGNATURE_FAILURES.labels(reason=failure.value).inc()
-            log.info("refused a delivery: signature %s", failure.value)
+            self._refusals.info(failure, "refused a delivery: signature %s", failure.value)
             return _error(request, 400, "invalid_signature", f"Stripe-Signature did not verify ({failure.value}).")
         try:
             payload = json.loads(text)
