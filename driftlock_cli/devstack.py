@@ -17,9 +17,9 @@ from pathlib import Path
 
 from driftlock_cli.embedded_db import EmbeddedDatabase
 from driftlock_cli.stack import LOOPBACK, StackPorts, start_stack
-from driftlock_cli.supervisor import ChildFailed, first_exit
+from driftlock_cli.supervisor import first_exit
 from driftlock_kernel import api_keys, context_keys, db, migrate, orgs
-from driftlock_kernel.settings import MIN_JWT_SECRET_BYTES, HostPort, Settings
+from driftlock_kernel.settings import HostPort, Settings, require_strong_secret
 
 DEMO_ORG_NAME = "Demo organisation"
 
@@ -64,8 +64,9 @@ async def run_dev_stack(settings: Settings, *, backend: HostPort | None, state_d
     try:
         jwt_path = state / "jwt_secret"
         jwt_secret = settings.jwt_secret or _secret_file(jwt_path, lambda: secrets.token_urlsafe(48))
-        if len(jwt_secret.encode()) < MIN_JWT_SECRET_BYTES:
-            raise ChildFailed(f"DRIFTLOCK_JWT_SECRET must be at least {MIN_JWT_SECRET_BYTES} bytes")
+        require_strong_secret("DRIFTLOCK_JWT_SECRET", jwt_secret)
+        if settings.ext_authz_secret:
+            settings.require_ext_authz_secret()
         admin_path = state / "admin_token_secret"
         admin_secret = settings.admin_token_secret or _secret_file(admin_path, lambda: secrets.token_urlsafe(48))
         keys_path, keys_env = _context_keys(settings, state)
@@ -87,6 +88,9 @@ async def run_dev_stack(settings: Settings, *, backend: HostPort | None, state_d
             context_signing_keys=keys_path,
             # Production logs one JSON object per line; a terminal reads better as text.
             extra_env={**keys_env, "DRIFTLOCK_LOG_FORMAT": "text"},
+            ext_authz_secret=settings.ext_authz_secret,
+            cors_origins=settings.cors_allowed_origins,
+            requests_per_source=settings.edge_requests_per_source,
         )
         try:
             _print_banner(

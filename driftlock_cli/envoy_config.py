@@ -1,7 +1,8 @@
 """Rendering `envoy/envoy.yaml` for a given set of addresses, and running the `envoy` binary.
 
-The route table is never rewritten: only the listener and admin ports and the cluster endpoints change, so
-what runs in dev, in the tests and in production is the same table.
+The route table is never rewritten: only the listener and admin ports, the cluster endpoints, the secret Envoy
+shows authz with every check, the CORS policy (when origins are configured) and the per-source request limit
+change, so what runs in dev, in the tests and in production is the same table.
 """
 
 import copy
@@ -42,6 +43,45 @@ def _transcoder(listener: dict) -> dict:
     hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
     (transcoder,) = [f for f in hcm["http_filters"] if f["name"] == TRANSCODER]
     return transcoder["typed_config"]
+
+
+PUBLIC_LISTENER = "public"
+EXT_AUTHZ_FILTER = "envoy.filters.http.ext_authz"
+CORS_FILTER = "envoy.filters.http.cors"
+PER_SOURCE_FILTER = "envoy.filters.http.local_ratelimit"
+# What a browser may send and read across origins: the credentials and the contract's answer headers.
+CORS_ALLOW_METHODS = "GET, POST, PUT, PATCH, DELETE"
+CORS_ALLOW_HEADERS = "authorization, x-api-key, content-type"
+CORS_EXPOSE_HEADERS = (
+    "x-request-id, retry-after, www-authenticate, x-ratelimit-limit, x-ratelimit-remaining, x-ratelimit-reset"
+)
+CORS_MAX_AGE_SECONDS = 600
+# Envoy's CORS filter answers only on a route that forwards (it skips direct responses), so with CORS on,
+# preflights get a route of their own, before the refusals that would answer them 401 or 405. The filter answers
+# every preflight there itself (forward_not_matching_preflights: false), for any origin: an allowed one gets the
+# CORS headers, another none, and nothing reaches authz or the backend. Should one ever pass the filter, ext_authz
+# is on and the request has no key: refused, never forwarded. Without CORS this route does not exist, so a
+# preflight is refused like any request without a key.
+CORS_PREFLIGHT_ROUTE = {
+    "name": "cors_preflight",
+    "match": {
+        "prefix": "/api/",
+        "headers": [
+            {"name": ":method", "string_match": {"exact": "OPTIONS"}},
+            {"name": "origin", "present_match": True},
+            {"name": "access-control-request-method", "present_match": True},
+        ],
+    },
+    "route": {"cluster": "backend", "timeout": "1s"},
+    "typed_per_filter_config": {
+        EXT_AUTHZ_FILTER: {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute",
+            "check_settings": {"context_extensions": {"scope": "read", "billable": "false"}},
+        }
+    },
+}
+# Refused before any route, a preflight included.
+ROUTES_BEFORE_PREFLIGHT = ("healthz", "stripe_webhook", "unsafe_path")
 
 
 def shipped_config_path(settings: Settings) -> Path:
@@ -106,15 +146,19 @@ def render(
     management: HostPort | None = None,
     stats: HostPort | None = None,
     tls: tuple[str, str] | None = None,
+    ext_authz_secret: str | None = None,
+    cors_origins: Sequence[str] = (),
+    requests_per_source: int = DEFAULTS.edge_requests_per_source,
 ) -> dict:
     """The config for these addresses. The management listener (and its descriptor set's installed path) only
     with `management`, the stats listener only with `stats`; without them those listeners are left out, so that
     an Envoy for another purpose (or several on one host) never takes their ports. With `tls` (certificate, key:
-    PEM files) the public listener speaks HTTPS only."""
+    PEM files) the public listener speaks HTTPS only. Without `ext_authz_secret` the shipped placeholder stays, and
+    authz refuses every check; `requests_per_source` 0 takes the per-source limit out."""
     config = copy.deepcopy(base)
     config["admin"]["address"]["socket_address"]["port_value"] = admin_port
     resources = config["static_resources"]
-    (listener,) = [item for item in resources["listeners"] if item["name"] == "public"]
+    listener = _public_listener(config)
     listener["address"]["socket_address"] = {"address": listen.host, "port_value": listen.port}
     if tls is not None:
         for chain in listener["filter_chains"]:
@@ -142,6 +186,12 @@ def render(
     for cluster in config["static_resources"]["clusters"]:
         if cluster["name"] in targets:
             cluster["load_assignment"]["endpoints"] = [{"lb_endpoints": _endpoints(targets[cluster["name"]])}]
+    manager = _connection_manager(listener)
+    if ext_authz_secret is not None:
+        _set_ext_authz_secret(manager, ext_authz_secret)
+    if cors_origins:
+        _set_cors(manager, cors_origins)
+    _set_requests_per_source(manager, requests_per_source)
     return config
 
 
@@ -156,7 +206,73 @@ def render_from_settings(settings: Settings) -> dict:
         management=HostPort(settings.admin_host, settings.admin_port),
         stats=HostPort(settings.envoy_host, settings.envoy_stats_port),
         tls=settings.tls(),
+        ext_authz_secret=settings.require_ext_authz_secret().decode(),
+        cors_origins=settings.cors_allowed_origins,
+        requests_per_source=settings.edge_requests_per_source,
     )
+
+
+# --- the parts of the public listener that rendering sets ---------------------------------------------------
+
+
+def _public_listener(config: dict) -> dict:
+    (listener,) = [item for item in config["static_resources"]["listeners"] if item["name"] == PUBLIC_LISTENER]
+    return listener
+
+
+def _connection_manager(listener: dict) -> dict:
+    return listener["filter_chains"][0]["filters"][0]["typed_config"]
+
+
+def _http_filter(manager: dict, name: str) -> dict | None:
+    return next((f for f in manager["http_filters"] if f["name"] == name), None)
+
+
+def _set_ext_authz_secret(manager: dict, secret: str) -> None:
+    ext_authz = _http_filter(manager, EXT_AUTHZ_FILTER)
+    if ext_authz is None:
+        raise SettingsError("the Envoy config has no ext_authz filter to give the secret to")
+    (entry,) = ext_authz["typed_config"]["grpc_service"]["initial_metadata"]
+    entry["value"] = secret
+
+
+def _set_cors(manager: dict, origins: Sequence[str]) -> None:
+    """The public virtual host's CORS policy: preflights from these origins are answered by Envoy."""
+    matchers = [{"safe_regex": {"regex": ".*"}} if origin == "*" else {"exact": origin} for origin in origins]
+    policy = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.cors.v3.CorsPolicy",
+        "allow_origin_string_match": matchers,
+        "allow_methods": CORS_ALLOW_METHODS,
+        "allow_headers": CORS_ALLOW_HEADERS,
+        "expose_headers": CORS_EXPOSE_HEADERS,
+        "max_age": str(CORS_MAX_AGE_SECONDS),
+        # Keys travel in headers, never in cookies: a browser need not send credentials.
+        "allow_credentials": False,
+        "forward_not_matching_preflights": False,
+    }
+    for host in manager["route_config"]["virtual_hosts"]:
+        host.setdefault("typed_per_filter_config", {})[CORS_FILTER] = policy
+        routes = host["routes"]
+        after = max(i for i, route in enumerate(routes) if route.get("name") in ROUTES_BEFORE_PREFLIGHT)
+        routes.insert(after + 1, copy.deepcopy(CORS_PREFLIGHT_ROUTE))
+
+
+def _set_requests_per_source(manager: dict, per_second: int) -> None:
+    limiter = _http_filter(manager, PER_SOURCE_FILTER)
+    if limiter is None:
+        return
+    if per_second <= 0:
+        manager["http_filters"].remove(limiter)
+        return
+    (descriptor,) = limiter["typed_config"]["descriptors"]
+    # A second's worth at once, refilled ten times a second when the rate divides, so that a client just under
+    # the limit is not refused at a second's edge.
+    tenths = per_second % 10 == 0
+    descriptor["token_bucket"] = {
+        "max_tokens": per_second,
+        "tokens_per_fill": per_second // 10 if tenths else per_second,
+        "fill_interval": "0.1s" if tenths else "1s",
+    }
 
 
 def dump(config: dict) -> str:
@@ -164,8 +280,11 @@ def dump(config: dict) -> str:
 
 
 def write(config: dict, directory: Path | None = None) -> Path:
+    """The rendered config, readable by this user only: it holds the secret Envoy shows authz."""
     directory = directory or Path(tempfile.mkdtemp(prefix="driftlock-envoy-"))
     path = Path(directory) / "envoy.yaml"
+    path.touch(mode=0o600)
+    path.chmod(0o600)
     path.write_text(dump(config))
     return path
 

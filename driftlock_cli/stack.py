@@ -8,8 +8,9 @@ addresses differ.
 import asyncio
 import dataclasses
 import functools
+import secrets
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -21,6 +22,7 @@ from driftlock_kernel.settings import HostPort, Settings
 
 READY_TIMEOUT_SECONDS = 60.0
 LOOPBACK = "127.0.0.1"
+DEFAULT_REQUESTS_PER_SOURCE = Settings().edge_requests_per_source
 
 
 @dataclass(frozen=True)
@@ -150,6 +152,9 @@ async def start_stack(
     admin_token_secret: str | None = None,
     context_signing_keys: Path | None = None,
     tls: tuple[str, str] | None = None,
+    ext_authz_secret: str | None = None,
+    cors_origins: Sequence[str] = (),
+    requests_per_source: int = DEFAULT_REQUESTS_PER_SOURCE,
 ) -> Stack:
     """Start everything and wait until it serves; on failure, stop what was started and raise ChildFailed.
 
@@ -162,8 +167,11 @@ async def start_stack(
     The management API answers when `admin_token_secret` is given (and refuses every call without it).
     Context tokens are EdDSA, signed by the key file `context_signing_keys` (a fresh key in
     `state_dir/context_signing_keys` when None), unless `extra_env` sets DRIFTLOCK_CONTEXT_TOKEN_ALGORITHM=HS256.
+    The secret Envoy shows authz with every check is `ext_authz_secret`, or one made for this stack. Every
+    listener is on loopback.
     """
     state_dir.mkdir(parents=True, exist_ok=True)
+    ext_authz_secret = ext_authz_secret or secrets.token_urlsafe(48)
     admin_port = ports.admin or free_port()
     ports = dataclasses.replace(ports, admin=admin_port)
     if context_signing_keys is None:
@@ -173,6 +181,7 @@ async def start_stack(
     common_env = {
         "DATABASE_URL": database_url,
         "DRIFTLOCK_CONTEXT_SIGNING_KEYS_FILE": str(context_signing_keys),
+        "DRIFTLOCK_EXT_AUTHZ_SECRET": ext_authz_secret,
         "DRIFTLOCK_METER_SPILL_DIR": str(state_dir / "meter-spill"),
         "PYTHONUNBUFFERED": "1",
         **({"DRIFTLOCK_JWT_SECRET": jwt_secret} if jwt_secret else {}),
@@ -182,7 +191,8 @@ async def start_stack(
     target_backend = backend or HostPort(LOOPBACK, ports.backend)
     config = envoy_config.render(
         envoy_config.load_shipped(),
-        listen=HostPort("0.0.0.0", ports.envoy),
+        # Loopback, like every other listener here: a development stack is not a public service.
+        listen=HostPort(LOOPBACK, ports.envoy),
         admin_port=ports.envoy_admin,
         backend=target_backend,
         authz=[HostPort(LOOPBACK, port) for port in ports.authz],
@@ -190,6 +200,9 @@ async def start_stack(
         management=HostPort(LOOPBACK, admin_port),
         stats=None if ports.envoy_stats is None else HostPort(LOOPBACK, ports.envoy_stats),
         tls=tls,
+        ext_authz_secret=ext_authz_secret,
+        cors_origins=cors_origins,
+        requests_per_source=requests_per_source,
     )
     stack = Stack(
         ports=ports,

@@ -38,6 +38,8 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 JWT_SECRET = secrets.token_urlsafe(48)
 ADMIN_TOKEN_SECRET = secrets.token_urlsafe(48)
+# The one origin the tests' gateway answers CORS preflights for.
+CORS_ORIGIN = "https://app.example.test"
 # Organisations of the tests are on this plan unless a test says otherwise: no rate limit and a soft quota, so
 # that a test meets a limit only when it asks for one.
 TEST_PLAN = "tests-unlimited"
@@ -188,7 +190,7 @@ class Gateway:
 
     Every allowed check is audited (sample rate 1) so that tests can find their requests in the audit log.
     Context tokens are EdDSA (the `context_signing_keys` fixture); the management API answers on
-    `management_port` to tokens signed with the `admin_secret` fixture."""
+    `management_port` to tokens signed with the `admin_secret` fixture. CORS is on for CORS_ORIGIN."""
 
     def __init__(self, stack, backend, webhook_secret, alerts, log_dir):
         self.stack = stack
@@ -213,6 +215,21 @@ class Gateway:
     def authz_target(self, replica: int) -> str:
         return self.stack.authz_target(replica)
 
+    async def authz_checks(self) -> float:
+        """Checks both authz replicas answered so far (driftlock_authz_checks_total)."""
+        import aiohttp
+        from prometheus_client.parser import text_string_to_metric_families
+
+        total = 0.0
+        async with aiohttp.ClientSession() as session:
+            for port in self.stack.ports.authz_metrics:
+                async with session.get(f"http://127.0.0.1:{port}/metrics") as response:
+                    text = await response.text()
+                for family in text_string_to_metric_families(text):
+                    if family.name == "driftlock_authz_checks":
+                        total += sum(s.value for s in family.samples if s.name.endswith("_total"))
+        return total
+
     def logs(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text()[-4000:]}" for p in sorted(self.log_dir.glob("*.log")))
 
@@ -221,6 +238,7 @@ class Gateway:
 async def gateway(database_url, jwt_secret, admin_secret, context_signing_keys, tmp_path_factory):
     from driftlock_cli.stack import StackPorts, start_stack
     from driftlock_kernel.settings import HostPort
+    from tests.support.authz_requests import EXT_AUTHZ_SECRET
     from tests.support.log_scan import scan_logs
     from tests.support.net import free_port
     from tests.support.recorder import Recorder
@@ -251,6 +269,8 @@ async def gateway(database_url, jwt_secret, admin_secret, context_signing_keys, 
             webhook_secret=SECRET,
             admin_token_secret=admin_secret,
             context_signing_keys=context_signing_keys[1],
+            ext_authz_secret=EXT_AUTHZ_SECRET,
+            cors_origins=(CORS_ORIGIN,),
             extra_env={
                 "DRIFTLOCK_ALERT_WEBHOOK_URL": f"http://127.0.0.1:{alerts.port}/alerts",
                 "DRIFTLOCK_AUDIT_ALLOW_SAMPLE_RATE": "1",

@@ -5,6 +5,7 @@ import pytest
 from authz_service.decision import MESSAGES, DenyCode
 from driftlock_cli import envoy_config
 from driftlock_cli.supervisor import http_ok, start_child, wait_until
+from driftlock_kernel.keys import Environment, generate_key
 from driftlock_kernel.settings import HostPort
 from tests.support.http import raw_request
 from tests.support.net import free_port
@@ -34,7 +35,9 @@ async def envoy_without_authz(tmp_path):
 
 async def test_unreachable_authz_is_a_json_503_and_nothing_is_forwarded(envoy_without_authz):
     port, backend = envoy_without_authz
-    response = await raw_request(port, "POST", "/api/v1/stream/detect", {"Authorization": "Bearer dlk_live_x"})
+    # A well-formed key with a valid checksum: Envoy answers anything less itself, without asking authz.
+    key = generate_key(Environment.LIVE).secret
+    response = await raw_request(port, "POST", "/api/v1/stream/detect", {"Authorization": f"Bearer {key}"})
     assert response.status == 503
     assert response.headers["content-type"] == "application/json"
     assert response.headers["retry-after"] == "1"

@@ -5,13 +5,12 @@ import json
 import uuid
 
 import aiohttp
-import grpc
 import pytest
 from envoy.service.auth.v3 import external_auth_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from driftlock_kernel import plans
-from tests.support.authz_requests import bearer, check_request
+from tests.support.authz_requests import authz_channel, bearer, check_request
 from tests.support.cli import run_cli
 from tests.support.http import raw_request
 from tests.support.net import eventually
@@ -42,7 +41,7 @@ def plan_factory(pool):
 
 @pytest.fixture(scope="module")
 async def authz_stubs(gateway):
-    channels = [grpc.aio.insecure_channel(gateway.authz_target(i)) for i in range(2)]
+    channels = [authz_channel(gateway.authz_target(i)) for i in range(2)]
     yield [external_auth_pb2_grpc.AuthorizationStub(c) for c in channels]
     for channel in channels:
         await channel.close()

@@ -6,13 +6,12 @@ import collections
 import signal
 
 import aiohttp
-import grpc
 import pytest
 from envoy.service.auth.v3 import external_auth_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from driftlock_cli.stack import StackPorts, start_stack
-from tests.support.authz_requests import READ, bearer, check_request
+from tests.support.authz_requests import EXT_AUTHZ_SECRET, READ, authz_channel, bearer, check_request
 from tests.support.net import eventually, free_port
 from tests.support.tcp_proxy import FaultProxy
 from tests.support.usage import stored_usage, wait_for_usage
@@ -41,6 +40,9 @@ async def faulty(database_url, jwt_secret, tmp_path_factory):
         ),
         log_dir=state / "logs",
         extra_env={"DRIFTLOCK_AUDIT_ALLOW_SAMPLE_RATE": "0"},
+        ext_authz_secret=EXT_AUTHZ_SECRET,
+        # The load comes from one address, faster than the edge lets one client send: this is about metering.
+        requests_per_source=0,
     )
     yield stack, proxy
     if proxy._server is None:
@@ -117,7 +119,7 @@ async def tenant(make_org, make_key, stack):
     org = await make_org(name="load")
     _key, secret = await make_key(org.id)
     for replica in range(len(stack.ports.authz)):
-        async with grpc.aio.insecure_channel(stack.authz_target(replica)) as channel:
+        async with authz_channel(stack.authz_target(replica)) as channel:
             stub = external_auth_pb2_grpc.AuthorizationStub(channel)
             response = await stub.Check(check_request(bearer(secret), READ, path="/api/v1/models"), timeout=10)
             assert response.HasField("ok_response")

@@ -6,6 +6,7 @@ import uuid
 import pytest
 
 from tests.support.admin import signing_key_env
+from tests.support.authz_requests import EXT_AUTHZ_SECRET
 from tests.support.cli import run_cli
 from tests.support.net import free_port
 
@@ -218,6 +219,34 @@ def test_authz_refuses_a_short_jwt_secret(database_url):
     assert_one_line_error(result, "DRIFTLOCK_JWT_SECRET", "32")
 
 
+@pytest.mark.parametrize("weak", [" " * 32, "a" * 32, "changeme" * 4])
+def test_authz_refuses_a_guessable_jwt_secret_and_says_how_to_make_one(database_url, weak):
+    result = run_cli("authz", database_url=database_url, env={"DRIFTLOCK_JWT_SECRET": weak})
+    assert_one_line_error(result, "DRIFTLOCK_JWT_SECRET", "openssl rand")
+
+
+def test_authz_refuses_to_start_without_the_ext_authz_secret(database_url, jwt_secret):
+    result = run_cli(
+        "authz", database_url=database_url, env={"DRIFTLOCK_JWT_SECRET": jwt_secret, "DRIFTLOCK_EXT_AUTHZ_SECRET": ""}
+    )
+    assert_one_line_error(result, "DRIFTLOCK_EXT_AUTHZ_SECRET is not set", "openssl rand")
+
+
+@pytest.mark.parametrize("weak", ["whsec_", "whsec_" + "a" * 32])
+def test_webhooks_refuse_a_guessable_signing_secret(database_url, weak):
+    result = run_cli("webhooks", database_url=database_url, env={"STRIPE_WEBHOOK_SECRET": weak})
+    assert_one_line_error(result, "STRIPE_WEBHOOK_SECRET", "Stripe Dashboard")
+
+
+def test_envoy_renders_the_ext_authz_secret_and_refuses_to_run_without_it():
+    result = run_cli("envoy", "--print-config", database_url=None, env={"DRIFTLOCK_EXT_AUTHZ_SECRET": ""})
+    assert_one_line_error(result, "DRIFTLOCK_EXT_AUTHZ_SECRET")
+    rendered = run_cli(
+        "envoy", "--print-config", database_url=None, env={"DRIFTLOCK_EXT_AUTHZ_SECRET": EXT_AUTHZ_SECRET}
+    )
+    assert rendered.code == 0 and EXT_AUTHZ_SECRET in rendered.stdout
+
+
 def test_a_malformed_webhook_secret_stops_only_the_webhook_service(database_url):
     result = run_cli("plans", "list", "--json", database_url=database_url, env={"STRIPE_WEBHOOK_SECRET": "sk_live_1"})
     assert result.code == 0 and result.json()["plans"]
@@ -233,7 +262,13 @@ def test_authz_on_a_port_in_use_says_so_in_one_line_and_exits(database_url, jwt_
         result = run_cli(
             "authz",
             database_url=database_url,
-            env={"DRIFTLOCK_JWT_SECRET": jwt_secret, **signing_key_env(), "DRIFTLOCK_AUTHZ_HOST": "127.0.0.1", **ports},
+            env={
+                "DRIFTLOCK_JWT_SECRET": jwt_secret,
+                **signing_key_env(),
+                "DRIFTLOCK_EXT_AUTHZ_SECRET": EXT_AUTHZ_SECRET,
+                "DRIFTLOCK_AUTHZ_HOST": "127.0.0.1",
+                **ports,
+            },
             timeout=60,
         )
     assert_one_line_error(result, "cannot")

@@ -1,11 +1,16 @@
 """The shipped Envoy configuration: valid for the real binary, and a route table that says what each path is."""
 
 import copy
+import re
 from pathlib import Path
 
 import pytest
 
+from authz_service.credentials import read_credential
+from authz_service.decision import DenyCode
+from authz_service.ext_authz import CALLER_SECRET_METADATA
 from driftlock_cli import envoy_config
+from driftlock_kernel.keys import Environment, ParsedKey, generate_key
 from driftlock_kernel.settings import HostPort, Settings
 
 
@@ -216,3 +221,145 @@ def test_edge_settings_that_metering_depends_on(shipped):
     assert settings["failure_mode_allow"] is False
     assert settings["status_on_error"] == {"code": "ServiceUnavailable"}
     assert settings["grpc_service"]["timeout"]
+
+
+# --- abuse resistance (issue 9) ------------------------------------------------------------------------------
+
+
+def test_rendering_sets_the_ext_authz_secret_cors_and_the_per_source_limit_and_envoy_accepts_it(shipped, tmp_path):
+    config = envoy_config.render(
+        shipped,
+        listen=HostPort("127.0.0.1", 18080),
+        admin_port=19901,
+        backend=HostPort("127.0.0.1", 9000),
+        authz=[HostPort("127.0.0.1", 19191)],
+        webhooks=HostPort("127.0.0.1", 18081),
+        ext_authz_secret="s" * 10,
+        cors_origins=("https://app.example.com", "*"),
+        requests_per_source=250,
+    )
+    result = envoy_config.validate(envoy_config.write(config, tmp_path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    manager = hcm(config)
+    (authz_filter,) = [f for f in manager["http_filters"] if f["name"] == "envoy.filters.http.ext_authz"]
+    assert authz_filter["typed_config"]["grpc_service"]["initial_metadata"] == [
+        {"key": CALLER_SECRET_METADATA, "value": "s" * 10}
+    ]
+    (limiter,) = [f for f in manager["http_filters"] if f["name"] == "envoy.filters.http.local_ratelimit"]
+    assert limiter["typed_config"]["descriptors"][0]["token_bucket"] == {
+        "max_tokens": 250,
+        "tokens_per_fill": 25,
+        "fill_interval": "0.1s",
+    }
+    (vhost,) = manager["route_config"]["virtual_hosts"]
+    policy = vhost["typed_per_filter_config"]["envoy.filters.http.cors"]
+    assert policy["allow_origin_string_match"] == [
+        {"exact": "https://app.example.com"},
+        {"safe_regex": {"regex": ".*"}},
+    ]
+    assert policy["forward_not_matching_preflights"] is False
+    names = [route["name"] for route in vhost["routes"]]
+    assert names.index("cors_preflight") == names.index("unsafe_path") + 1
+    assert (tmp_path / "envoy.yaml").stat().st_mode & 0o077 == 0  # the secret is readable by its owner only
+
+
+def test_cors_is_off_and_the_per_source_limit_on_as_shipped(shipped):
+    (vhost,) = hcm(shipped)["route_config"]["virtual_hosts"]
+    assert "envoy.filters.http.cors" not in vhost.get("typed_per_filter_config", {})
+    assert "cors_preflight" not in routes(shipped)
+    names = [f["name"] for f in hcm(shipped)["http_filters"]]
+    # CORS first (preflights), then the per-source limit and the key checksum, before ext_authz; the router last.
+    assert names == [
+        "envoy.filters.http.cors",
+        "envoy.filters.http.local_ratelimit",
+        "envoy.filters.http.lua",
+        "envoy.filters.http.ext_authz",
+        "envoy.filters.http.buffer",
+        "envoy.filters.http.router",
+    ]
+    without_limit = envoy_config.render(
+        shipped,
+        listen=HostPort("127.0.0.1", 18080),
+        admin_port=19901,
+        backend=HostPort("127.0.0.1", 9000),
+        authz=[HostPort("127.0.0.1", 19191)],
+        webhooks=HostPort("127.0.0.1", 18081),
+        requests_per_source=0,
+    )
+    assert "envoy.filters.http.local_ratelimit" not in [f["name"] for f in hcm(without_limit)["http_filters"]]
+
+
+def test_every_refusal_of_the_route_table_names_its_code_and_message(shipped):
+    for name, route in routes(shipped).items():
+        answer = route.get("direct_response")
+        if answer is None or answer["status"] < 400:
+            continue
+        assert route["metadata"]["filter_metadata"]["driftlock"]["code"], name
+        assert answer["body"]["inline_string"], name
+        assert ext_authz(route)["disabled"] is True, name
+    for name, route in routes(shipped).items():
+        if route.get("route", {}).get("cluster") == "backend":
+            # The key checksum runs here; its refusal is invalid_api_key.
+            assert "envoy.filters.http.lua" in route["typed_per_filter_config"], name
+            assert route["metadata"]["filter_metadata"]["driftlock"]["code"] == "invalid_api_key", name
+
+
+def test_the_route_tables_credential_patterns_let_through_every_key_authz_accepts(shipped):
+    """The refusal routes may turn away only what authz would turn away: checked against credentials.py on keys
+    and spellings of all kinds (RE2 and Python agree on these patterns)."""
+    table = routes(shipped)
+
+    def refused_by(route_name: str, headers: dict[str, str]) -> bool:
+        matchers = table[route_name]["match"]["headers"]
+        for matcher in matchers:
+            value = headers.get(matcher["name"], "")
+            matched = re.fullmatch(matcher["string_match"]["safe_regex"]["regex"], value) is not None
+            if matched == matcher.get("invert_match", False):
+                return False
+        return True
+
+    keys = [generate_key(Environment.LIVE).secret for _ in range(50)] + [
+        generate_key(Environment.TEST).secret for _ in range(50)
+    ]
+    cases = [{}, {"authorization": "Bearer"}, {"authorization": "Basic abc"}, {"x-api-key": "junk"}]
+    for key in keys:
+        cases += [
+            {"authorization": f"Bearer {key}"},
+            {"authorization": f"bearer  {key}"},
+            {"authorization": f"BEARER {key}"},
+            {"x-api-key": key},
+            {"authorization": "Basic abc", "x-api-key": key},
+            {"authorization": f"Bearer {key[:-1]}"},
+            {"authorization": f"Bearer {key}x"},
+            {"x-api-key": key.replace("dlk_", "dlx_")},
+        ]
+    for headers in cases:
+        read = read_credential(headers)
+        if read is DenyCode.MISSING_API_KEY:
+            assert refused_by("missing_api_key", headers), headers
+        elif isinstance(read, ParsedKey):
+            assert not refused_by("missing_api_key", headers), headers
+            assert not refused_by("malformed_api_key", headers), headers
+
+
+def test_the_unsafe_path_pattern(shipped):
+    pattern = routes(shipped)["unsafe_path"]["match"]["safe_regex"]["regex"]
+    refused = [
+        "/api/v1/stream;x/detect",
+        "/api/v1/stream%3Bx/detect",
+        "/api/v1/stream/%2564etect",
+        "/api/v1/stream%20/detect",
+        "/api/v1/models/%7f",
+        "/api/v1/models/%1B",
+    ]
+    allowed = ["/api/v1/stream/detect", "/api/v1/models/abc-123", "/api/v1/models/caf%C3%A9", "/api/v1/x%2Dy"]
+    assert [p for p in refused if not re.fullmatch(pattern, p)] == []
+    assert [p for p in allowed if re.fullmatch(pattern, p)] == []
+
+
+def test_the_webhook_route_buffers_bodies_and_cuts_slow_clients(shipped):
+    route = routes(shipped)["stripe_webhook"]
+    assert route["typed_per_filter_config"]["envoy.filters.http.buffer"]["buffer"]["max_request_bytes"] == 1024 * 1024
+    assert route["route"]["idle_timeout"] and route["route"]["max_stream_duration"]["max_stream_duration"]
+    clusters = {c["name"]: c for c in shipped["static_resources"]["clusters"]}
+    assert clusters["webhooks"]["circuit_breakers"]["thresholds"][0]["max_requests"] <= 1024

@@ -27,8 +27,10 @@ async def raw_request(
     headers: dict[str, str] | list[tuple[str, str]] = (),
     body: bytes = b"",
     host: str = "127.0.0.1",
+    source: str | None = None,
 ) -> RawResponse:
-    reader, writer = await asyncio.open_connection(host, port)
+    """`source`: the local address to send from (another client, as far as Envoy can tell)."""
+    reader, writer = await asyncio.open_connection(host, port, local_addr=(source, 0) if source else None)
     try:
         pairs = list(headers.items()) if isinstance(headers, dict) else list(headers)
         lines = [
@@ -45,7 +47,9 @@ async def raw_request(
         parsed = [(k.strip().lower(), v.strip()) for k, _, v in (line.partition(":") for line in header_lines)]
         parsed_headers = dict(parsed)
         # Read exactly the body: Envoy may hold a connection open for a moment after a local reply.
-        if "content-length" in parsed_headers:
+        if method == "HEAD" or status_line.split()[1] in ("204", "304"):
+            rest = b""
+        elif "content-length" in parsed_headers:
             rest = await asyncio.wait_for(reader.readexactly(int(parsed_headers["content-length"])), 30)
         else:
             rest = await asyncio.wait_for(reader.read(), 30)
