@@ -1,5 +1,6 @@
 """Context-token keys: how they are configured, published and checked."""
 
+import secrets
 import uuid
 from datetime import UTC, datetime
 
@@ -64,8 +65,9 @@ def test_load_from_the_environment_or_a_file(tmp_path):
     context_keys.write_key_file(path, (key,))
     assert path.stat().st_mode & 0o777 == 0o600
     assert context_keys.load(env(context_signing_keys_file=str(path))).jwks() == ContextKeys(EDDSA, (key,)).jwks()
-    hs = context_keys.load(env(context_token_algorithm="hs256", jwt_secret="s" * 32))
-    assert (hs.algorithm, hs.hs256_secret, hs.jwks()) == (HS256, b"s" * 32, {"keys": []})
+    shared = secrets.token_urlsafe(32)  # a JWT secret must be random (secret_strength)
+    hs = context_keys.load(env(context_token_algorithm="hs256", jwt_secret=shared))
+    assert (hs.algorithm, hs.hs256_secret, hs.jwks()) == (HS256, shared.encode(), {"keys": []})
 
 
 @pytest.mark.parametrize(

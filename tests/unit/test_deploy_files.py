@@ -4,6 +4,7 @@ config they produce passes `envoy --mode validate`. The end-to-end tests are the
 
 import copy
 import re
+import secrets
 import shutil
 import subprocess
 from pathlib import Path
@@ -32,6 +33,7 @@ NOT_IN_COMPOSE = {
 # What the compose files need set to interpolate (the `:?` ones), as an operator's .env would.
 REQUIRED = {
     "DRIFTLOCK_JWT_SECRET": "j" * 48,
+    "DRIFTLOCK_EXT_AUTHZ_SECRET": secrets.token_urlsafe(48),  # rendered into Envoy's config, so checked
     "DRIFTLOCK_ADMIN_TOKEN_SECRET": "a" * 48,
     "DRIFTLOCK_CONTEXT_SIGNING_KEYS": "gw-1:" + "k" * 43,
     "STRIPE_WEBHOOK_SECRET": "whsec_" + "s" * 32,
