@@ -407,3 +407,30 @@ def test_the_kubernetes_scrape_config_names_jobs_after_the_pods(manifests):
         labels = deployment["spec"]["template"]["metadata"]["labels"]
         if "prometheus.io/scrape" in deployment["spec"]["template"]["metadata"].get("annotations", {}):
             assert labels["app.kubernetes.io/part-of"] == part_of["regex"]
+
+
+def test_only_envoy_and_the_backend_reach_authz_and_only_envoy_the_webhook_service(manifests):
+    """Issue 9: the network says what the ext_authz secret says (and Prometheus may scrape)."""
+    policies = {d["metadata"]["name"]: d["spec"] for d in manifests if d["kind"] == "NetworkPolicy"}
+    deployments = {d["metadata"]["name"]: d for d in manifests if d["kind"] == "Deployment"}
+
+    def sources(spec: dict, port: int) -> list[dict]:
+        return [
+            peer
+            for rule in spec["ingress"]
+            if {"protocol": "TCP", "port": port} in rule["ports"]
+            for peer in rule["from"]
+        ]
+
+    for name in ("driftlock-authz", "driftlock-webhooks"):
+        labels = deployments[name]["spec"]["template"]["metadata"]["labels"]
+        assert policies[name]["podSelector"]["matchLabels"].items() <= labels.items()
+        assert policies[name]["policyTypes"] == ["Ingress"]
+    envoy = {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "driftlock-envoy"}}}
+    backend = {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "driftlock-backend"}}}
+    assert sources(policies["driftlock-authz"], 9191) == [envoy, backend]
+    assert sources(policies["driftlock-webhooks"], 8081)[0] == envoy
+    envoy_env = {
+        e["name"]: e for e in deployments["driftlock-envoy"]["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
+    assert envoy_env["DRIFTLOCK_EXT_AUTHZ_SECRET"]["valueFrom"]["secretKeyRef"]["name"].startswith("driftlock-secrets")
