@@ -112,6 +112,13 @@ def check_jwt_secret(settings: Settings) -> Check:
     )
 
 
+def check_ext_authz_secret(settings: Settings) -> Check:
+    """What Envoy shows authz with every check: authz and Envoy both refuse to start without it."""
+    return _secret_check(
+        "ext_authz_secret", "DRIFTLOCK_EXT_AUTHZ_SECRET", settings.ext_authz_secret, required=True, why_optional=""
+    )
+
+
 def check_context_keys(settings: Settings) -> Check:
     from driftlock_kernel import context_keys
 
@@ -505,6 +512,7 @@ async def run_checks(settings: Settings, *, authz: list[HostPort], webhooks: Hos
     checks = [
         passed("settings", "every setting parses"),
         check_jwt_secret(settings),
+        check_ext_authz_secret(settings),
         check_context_keys(settings),
         check_admin_secret(settings),
         check_webhook_secrets(settings),

@@ -45,7 +45,7 @@ def weakness(secret: str, *, min_bytes: int) -> str | None:
     """Why the secret can be guessed (a phrase for "… is …"), or None when it passes."""
     size = len(secret.encode())
     if size < min_bytes:
-        return f"{size} bytes long; at least {min_bytes} are needed"
+        return f"too short ({size} bytes; at least {min_bytes} are needed)"
     if not secret.strip():
         return "only whitespace"
     if _repeats_a_pattern(secret):

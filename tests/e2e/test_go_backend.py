@@ -23,6 +23,7 @@ from driftlock_kernel.context_keys import Ed25519Key
 from driftlock_kernel.settings import HostPort
 from driftlock_kernel.tokens import AUDIENCE, ISSUER
 from tests.conftest import TEST_PLAN
+from tests.support.authz_requests import EXT_AUTHZ_SECRET
 from tests.support.http import raw_request
 from tests.support.net import free_port
 
@@ -77,6 +78,7 @@ async def echo(gateway, tmp_path_factory):
         backend=HostPort("127.0.0.1", echo_port),
         authz=[HostPort("127.0.0.1", int(gateway.authz_target(i).rsplit(":", 1)[1])) for i in range(2)],
         webhooks=HostPort("127.0.0.1", free_port()),
+        ext_authz_secret=EXT_AUTHZ_SECRET,
     )
     envoy = await start_child(
         "envoy-go", envoy_config.command(envoy_config.write(config, work)), log_file=work / "envoy.log"

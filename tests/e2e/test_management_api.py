@@ -6,14 +6,13 @@ import asyncio
 import time
 import uuid
 
-import grpc
 import pytest
 from envoy.service.auth.v3 import external_auth_pb2_grpc
 
 from driftlock_kernel import admin_audit, context_keys
 from tests.conftest import TEST_PLAN
 from tests.support.admin import JsonApi, admin_token
-from tests.support.authz_requests import bearer, check_request
+from tests.support.authz_requests import authz_channel, bearer, check_request
 from tests.support.http import raw_request
 from tests.support.net import eventually
 
@@ -35,7 +34,7 @@ def public(gateway):
 
 @pytest.fixture(scope="module")
 async def replicas(gateway):
-    channels = [grpc.aio.insecure_channel(gateway.authz_target(i)) for i in range(2)]
+    channels = [authz_channel(gateway.authz_target(i)) for i in range(2)]
     yield [external_auth_pb2_grpc.AuthorizationStub(channel) for channel in channels]
     for channel in channels:
         await channel.close()

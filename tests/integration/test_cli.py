@@ -227,7 +227,9 @@ def test_authz_refuses_a_guessable_jwt_secret_and_says_how_to_make_one(database_
 
 def test_authz_refuses_to_start_without_the_ext_authz_secret(database_url, jwt_secret):
     result = run_cli(
-        "authz", database_url=database_url, env={"DRIFTLOCK_JWT_SECRET": jwt_secret, "DRIFTLOCK_EXT_AUTHZ_SECRET": ""}
+        "authz",
+        database_url=database_url,
+        env={"DRIFTLOCK_JWT_SECRET": jwt_secret, **signing_key_env(), "DRIFTLOCK_EXT_AUTHZ_SECRET": ""},
     )
     assert_one_line_error(result, "DRIFTLOCK_EXT_AUTHZ_SECRET is not set", "openssl rand")
 

@@ -21,6 +21,7 @@ from tests.support.stripe_api import LocalStripe
 
 STRONG = secrets.token_urlsafe(48)
 ADMIN = secrets.token_urlsafe(48)
+EXT_AUTHZ = secrets.token_urlsafe(48)
 WHSEC = "whsec_" + secrets.token_urlsafe(32)
 SIGNING_KEY = Ed25519Key.generate("gw-doctor").entry()
 
@@ -33,6 +34,7 @@ def doctor(database_url, listen_url):
         environ = {
             "DRIFTLOCK_JWT_SECRET": STRONG,
             "DRIFTLOCK_ADMIN_TOKEN_SECRET": ADMIN,
+            "DRIFTLOCK_EXT_AUTHZ_SECRET": EXT_AUTHZ,
             "DRIFTLOCK_CONTEXT_SIGNING_KEYS": SIGNING_KEY,
             "DRIFTLOCK_CONTEXT_SIGNING_KEYS_FILE": "",
             "DRIFTLOCK_CONTEXT_TOKEN_ALGORITHM": "",
@@ -75,6 +77,7 @@ async def test_text_output_is_one_line_per_check_and_a_verdict(database_url, lis
     env = {
         "DRIFTLOCK_JWT_SECRET": STRONG,
         "DRIFTLOCK_ADMIN_TOKEN_SECRET": "short-admin",
+        "DRIFTLOCK_EXT_AUTHZ_SECRET": EXT_AUTHZ,
         "DRIFTLOCK_CONTEXT_SIGNING_KEYS": SIGNING_KEY,
         "STRIPE_WEBHOOK_SECRET": WHSEC,
         "DATABASE_LISTEN_URL": listen_url,

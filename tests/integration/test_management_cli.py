@@ -2,6 +2,7 @@
 admin-token; each change in the audit log with the operator as the caller."""
 
 import json
+import secrets
 import time
 import uuid
 
@@ -103,7 +104,11 @@ async def test_jwks_prints_what_the_gateway_serves(cli, gateway, context_signing
     assert printed.code == 0, printed.stderr
     served = await raw_request(gateway.management_port, "GET", "/.well-known/jwks.json")
     assert json.loads(printed.stdout) == served.json() == context_signing_keys[0].jwks()
-    hs256 = cli("jwks", "--json", env={"DRIFTLOCK_CONTEXT_TOKEN_ALGORITHM": "HS256", "DRIFTLOCK_JWT_SECRET": "s" * 32})
+    hs256 = cli(
+        "jwks",
+        "--json",
+        env={"DRIFTLOCK_CONTEXT_TOKEN_ALGORITHM": "HS256", "DRIFTLOCK_JWT_SECRET": secrets.token_urlsafe(32)},
+    )
     assert hs256.json() == {"keys": []}
     assert_one_line_error(cli("jwks", env={"DRIFTLOCK_CONTEXT_SIGNING_KEYS_FILE": "/nonexistent"}), "cannot read")
 
