@@ -64,6 +64,19 @@ async def proxied_authz(database_url, jwt_secret, tmp_path):
                     return sample.value
         return 0.0
 
+    async def invalidations() -> float:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{metrics_port}/metrics") as response:
+                text = await response.text()
+        return sum(
+            sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == "driftlock_authz_invalidations_total"
+        )
+
+    check.invalidations = invalidations  # type: ignore[attr-defined]
+
     yield check, proxy, stale_answers, tmp_path / "authz.log"
     await channel.close()
     assert await child.stop() == 0, (tmp_path / "authz.log").read_text()
@@ -111,8 +124,14 @@ async def test_an_outage_is_a_few_log_lines_not_one_per_check(proxied_authz, mak
     seen (each a failed look-up), 400 in all while the database is away: each kind of failure is one line, the
     rest counted (and written when the minute ends)."""
     check, proxy, _stale_answers, log = proxied_authz
+    before = await check.invalidations()
     org = await make_org()
     _key, known = await make_key(org.id)
+
+    async def creation_pushed() -> bool:  # else it could drop the cached key after the check below
+        return await check.invalidations() >= before + 1  # the key row inserted
+
+    await eventually(creation_pushed, within=10, what="the new key's invalidation to arrive")
     assert await check(known) == "ok"
     await proxy.cut()
     before = log.read_text().splitlines()
