@@ -106,11 +106,13 @@ def render(
     management: HostPort | None = None,
     stats: HostPort | None = None,
     tls: tuple[str, str] | None = None,
+    backend_timeout: str | None = None,
 ) -> dict:
     """The config for these addresses. The management listener (and its descriptor set's installed path) only
     with `management`, the stats listener only with `stats`; without them those listeners are left out, so that
     an Envoy for another purpose (or several on one host) never takes their ports. With `tls` (certificate, key:
-    PEM files) the public listener speaks HTTPS only."""
+    PEM files) the public listener speaks HTTPS only. `backend_timeout` (tests only: a timeout they can wait
+    for) replaces the timeout of every route to the backend."""
     config = copy.deepcopy(base)
     config["admin"]["address"]["socket_address"]["port_value"] = admin_port
     resources = config["static_resources"]
@@ -142,6 +144,12 @@ def render(
     for cluster in config["static_resources"]["clusters"]:
         if cluster["name"] in targets:
             cluster["load_assignment"]["endpoints"] = [{"lb_endpoints": _endpoints(targets[cluster["name"]])}]
+    if backend_timeout is not None:
+        manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
+        for host in manager["route_config"]["virtual_hosts"]:
+            for route in host["routes"]:
+                if route.get("route", {}).get("cluster") == "backend":
+                    route["route"]["timeout"] = backend_timeout
     return config
 
 

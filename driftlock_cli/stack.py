@@ -150,6 +150,7 @@ async def start_stack(
     admin_token_secret: str | None = None,
     context_signing_keys: Path | None = None,
     tls: tuple[str, str] | None = None,
+    backend_timeout: str | None = None,
 ) -> Stack:
     """Start everything and wait until it serves; on failure, stop what was started and raise ChildFailed.
 
@@ -190,6 +191,7 @@ async def start_stack(
         management=HostPort(LOOPBACK, admin_port),
         stats=None if ports.envoy_stats is None else HostPort(LOOPBACK, ports.envoy_stats),
         tls=tls,
+        backend_timeout=backend_timeout,
     )
     stack = Stack(
         ports=ports,
