@@ -24,7 +24,17 @@ from driftlock_kernel.settings import Settings
 
 EXPORT_STATES = ("pending", "sent", "failed", "skipped")
 REPLAYABLE_OUTCOMES = ("failed", "deferred")
-EXPORT_COLUMNS = ["created_at", "org_id", "period_start", "units", "state", "attempts", "identifier", "error"]
+EXPORT_COLUMNS = [
+    "created_at",
+    "org_id",
+    "period_start",
+    "units",
+    "state",
+    "attempts",
+    "identifier",
+    "stripe_request_id",
+    "error",
+]
 
 
 class StripeCommandError(OperatorError):
