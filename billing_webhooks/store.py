@@ -340,13 +340,13 @@ async def linked_orgs(conn: db.Connection, org_id: uuid.UUID | None = None) -> l
 
 
 async def claim_job(conn: db.Connection, name: str, interval_seconds: float, runner: str) -> bool:
-    """Whether this replica runs the job now: it is the one that moved `started_at` past the interval."""
+    """Whether this replica runs the job now: it is the one that moved the job's `started_at` past the interval
+    (`driftlock.maintenance_runs`, shared with retention; one statement, so a transaction pooler is fine)."""
     claimed = await conn.fetchval(
-        """INSERT INTO driftlock.billing_jobs (name, started_at, runner) VALUES ($1, now(), $3)
-           ON CONFLICT (name) DO UPDATE SET started_at = now(), runner = EXCLUDED.runner, finished_at = NULL,
-                                            detail = NULL
-           WHERE driftlock.billing_jobs.started_at <= now() - make_interval(secs => $2)
-           RETURNING name""",
+        """INSERT INTO driftlock.maintenance_runs AS m (task, started_at, replica) VALUES ($1, now(), $3)
+           ON CONFLICT (task) DO UPDATE SET started_at = now(), replica = EXCLUDED.replica, finished_at = NULL
+           WHERE m.started_at <= now() - make_interval(secs => $2)
+           RETURNING task""",
         name,
         interval_seconds,
         runner,
@@ -354,9 +354,9 @@ async def claim_job(conn: db.Connection, name: str, interval_seconds: float, run
     return claimed is not None
 
 
-async def finish_job(conn: db.Connection, name: str, runner: str, detail: str) -> None:
+async def finish_job(conn: db.Connection, name: str, runner: str, detail: dict) -> None:
     await conn.execute(
-        "UPDATE driftlock.billing_jobs SET finished_at = now(), detail = $3 WHERE name = $1 AND runner = $2",
+        "UPDATE driftlock.maintenance_runs SET finished_at = now(), detail = $3 WHERE task = $1 AND replica = $2",
         name,
         runner,
         detail,

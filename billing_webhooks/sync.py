@@ -12,7 +12,8 @@ and an event from before the read, arriving late, finds itself older and is skip
 what it says.
 
 The webhook service runs a sync every DRIFTLOCK_STRIPE_SYNC_INTERVAL_SECONDS on one replica at a time
-(`SyncJob`: the replica that moves the job's start time past the interval runs it).
+(`SyncJob`: the replica that moves the job's start time in `driftlock.maintenance_runs` past the interval runs
+it).
 """
 
 import asyncio
@@ -236,13 +237,18 @@ class SyncJob:
             metrics.SYNC_RUNS.labels(outcome="failed").inc()
             with contextlib.suppress(*db.DATABASE_ERRORS):
                 async with self._pool.acquire() as conn:
-                    await store.finish_job(conn, self._name, self._runner, f"failed: {one_line(error)}")
+                    await store.finish_job(conn, self._name, self._runner, {"failed": one_line(error)})
             raise
         metrics.SYNC_RUNS.labels(outcome="completed").inc()
-        summary = f"{report.checked} subscriptions read, {len(report.changed)} changed, {len(report.errors)} errors"
+        summary = {"read": report.checked, "changed": len(report.changed), "errors": len(report.errors)}
         async with self._pool.acquire() as conn:
             await store.finish_job(conn, self._name, self._runner, summary)
-        log.info("stripe sync: %s", summary)
+        log.info(
+            "stripe sync: %d subscriptions read, %d changed, %d errors",
+            report.checked,
+            len(report.changed),
+            len(report.errors),
+        )
         return report
 
     def start(self) -> None:

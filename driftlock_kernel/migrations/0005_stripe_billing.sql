@@ -101,6 +101,8 @@ CREATE UNIQUE INDEX stripe_exports_one_pending_idx ON driftlock.stripe_exports (
     WHERE state = 'pending';
 CREATE INDEX stripe_exports_due_idx ON driftlock.stripe_exports (next_attempt_at) WHERE state = 'pending';
 CREATE INDEX stripe_exports_created_at_idx ON driftlock.stripe_exports (created_at);
+-- Not an append-only log to prune: what a period's rows cover is what the next decision subtracts, so a row must
+-- outlive its period's reporting (the exporter looks 40 days back).
 
 -- What the exporter may report of an open period. A counted unit waits for the refund of its call before it is
 -- reported: every pass takes a candidate (the period's stored total, when, and the snapshot it was read in), and
@@ -127,13 +129,3 @@ ALTER TABLE driftlock.stripe_events
     ADD COLUMN attempts integer NOT NULL DEFAULT 1,
     ADD COLUMN replayed_at timestamptz,
     ADD CONSTRAINT stripe_events_payload_present CHECK ((payload IS NULL) <> (payload_text IS NULL));
-
--- Periodic work that one replica of a service does at a time (`stripe sync`): a replica runs it when it can
--- move `started_at` forward past the interval, so replicas agree without a lock held across the run.
-CREATE TABLE driftlock.billing_jobs (
-    name         text PRIMARY KEY,
-    started_at   timestamptz NOT NULL,
-    runner       text,
-    finished_at  timestamptz,
-    detail       text
-);

@@ -183,6 +183,6 @@ async def test_the_periodic_sync_runs_on_one_replica_per_interval(pool, api):
     reports = await asyncio.gather(*(job.run_if_due() for job in replicas))
     assert sum(report is not None for report in reports) == 1
     assert [await job.run_if_due() for job in replicas] == [None, None, None]
-    row = await pool.fetchrow("SELECT * FROM driftlock.billing_jobs WHERE name = $1", name)
-    assert row["finished_at"] is not None and "subscriptions read" in row["detail"]
+    row = await pool.fetchrow("SELECT * FROM driftlock.maintenance_runs WHERE task = $1", name)
+    assert row["finished_at"] is not None and set(row["detail"]) == {"read", "changed", "errors"}
     assert row["started_at"] <= datetime.now(UTC)
