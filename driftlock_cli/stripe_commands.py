@@ -138,7 +138,11 @@ async def cmd_stripe_exports_list(args: argparse.Namespace, settings: Settings, 
     from billing_webhooks import export_store
     from billing_webhooks.exports import ExportState
 
-    async with db.connection(settings.require_database_url(), application_name="driftlock-gateway cli") as conn:
+    async with db.connection(
+        settings.require_database_url(),
+        application_name="driftlock-gateway cli",
+        transaction_pooler=settings.database_transaction_pooler,
+    ) as conn:
         rows = await export_store.list_exports(
             conn, org_id=args.org, state=ExportState(args.state) if args.state else None, limit=args.limit
         )

@@ -252,13 +252,13 @@ class Settings:
     prune_interval_seconds: float = 3600.0
     # --- Usage to Stripe, refunds and Stripe state that heals (issue 11) ---
     # The webhook service reports usage and reads subscriptions with stripe_api_key (None: nothing calls
-    # Stripe; `doctor` checks prices with it too) at stripe_api_base, every stripe_export_interval_seconds. A counted unit waits stripe_settle_seconds for the refund of its call
-    # before it is reported (longer than any call lasts at the edge, plus the access log's and the meter's
-    # flushes), and so does a billing period's final report after the period ends; units of a period are still
-    # reported until stripe_finalization_grace_seconds after its end (Stripe's invoice finalisation grace
-    # period, 1 h unless changed in the Dashboard). Subscriptions are pulled from Stripe every
-    # stripe_sync_interval_seconds. authz refunds billable calls the backend failed unless refund_failed_calls is
-    # off.
+    # Stripe; `doctor` checks prices with it too) at stripe_api_base, every stripe_export_interval_seconds. A
+    # counted unit waits stripe_settle_seconds for the refund of its call before it is reported (longer than any
+    # call lasts at the edge, plus the access log's and the meter's flushes), and so does a billing period's
+    # final report after the period ends; units of a period are still reported until
+    # stripe_finalization_grace_seconds after its end (Stripe's invoice finalisation grace period, 1 h unless
+    # changed in the Dashboard). Subscriptions are pulled from Stripe every stripe_sync_interval_seconds. authz
+    # refunds billable calls the backend failed unless refund_failed_calls is off.
     stripe_api_key: str | None = field(default=None, repr=False)
     stripe_api_base: str = "https://api.stripe.com"
     stripe_export_interval_seconds: float = 60.0

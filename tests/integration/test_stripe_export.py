@@ -29,14 +29,18 @@ RULES = ExportRules(settle=timedelta(0), finalization_grace=timedelta(hours=1))
 
 
 @pytest.fixture(scope="module")
-async def export_db(databases):
+async def export_db(databases, pooler, transaction_pooler):
+    """A database of this module's own, reached as the session's is (through PgBouncer when it runs)."""
     if not await databases.can_create():
         pytest.skip("the server named by DATABASE_URL does not let this user create databases")
-    url = await databases.create("driftlock_export")
-    async with db.connection(url) as conn:
+    direct = await databases.create("driftlock_export")
+    async with db.connection(direct) as conn:
         await migrate.migrate(conn)
         await plans.upsert_plan(conn, PLAN, included_units=10, stripe_meter=METER)
-    pool = await db.create_pool(url, application_name="driftlock-tests", max_size=8)
+    url = direct if pooler is None else pooler.pooled(direct)
+    pool = await db.create_pool(
+        url, application_name="driftlock-tests", max_size=8, transaction_pooler=transaction_pooler
+    )
     yield url, pool
     await pool.close()
 

@@ -24,6 +24,7 @@ from authz_service.refunds import (
     refund_reason,
 )
 from driftlock_cli.envoy_config import load_shipped
+from driftlock_kernel.context_keys import HS256, ContextKeys
 from tests.support.authz_requests import STREAM_DETECT
 
 PERIOD = datetime(2026, 11, 1, tzinfo=UTC)
@@ -125,7 +126,7 @@ def test_the_wire_reads_no_status_as_none_and_other_filters_metadata_as_not_bill
 def test_an_allowed_billed_check_hands_envoy_what_it_counted():
     grant = Grant("key-1", "org-1", "live", frozenset({"detect"}), None, False, False, "pro", "active")
     outcome = CheckOutcome(ALLOW, grant, Route("detect", True, "stream", 2), billed=True, plan="pro", usage=BILLED)
-    responses = AllowedResponses(ContextSigner(b"s" * 32))
+    responses = AllowedResponses(ContextSigner(ContextKeys(HS256, hs256_secret=b"s" * 32)))
     request = AccessRequest("rid-1", "POST", "/api/v1/stream/detect", {}, STREAM_DETECT)
     response = responses.build(outcome, request)
     assert billed_from_metadata(json_format.MessageToDict(response.dynamic_metadata)) == BILLED
