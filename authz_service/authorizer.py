@@ -39,6 +39,7 @@ from authz_service.key_last_used import LastUsedRecorder
 from authz_service.metering import Meter
 from authz_service.plan_book import PlanBook
 from authz_service.rate_limit import RateLimiter, RateVerdict, SharedLimits
+from authz_service.refunds import BilledUsage
 from driftlock_kernel.billing import DEFAULT_POLICY, BillingPolicy, effective_plan
 from driftlock_kernel.logs import bind_org
 from driftlock_kernel.periods import PeriodFinder
@@ -87,6 +88,8 @@ class CheckOutcome:
     billed: bool = False
     plan: str | None = None  # the effective plan, as the backend is told
     rate: RateVerdict | None = None
+    # What this call was counted as (handed to Envoy, whose access log brings it back for a refund).
+    usage: BilledUsage | None = None
 
 
 class Authorizer:
@@ -183,11 +186,12 @@ class Authorizer:
     async def _bill(
         self, request: AccessRequest, route: Route, grant: Grant, plan: PlanLimits, now: float, rate: RateVerdict | None
     ) -> CheckOutcome:
+        period = self._periods.period(grant.period_start, grant.period_end, now)
+        usage = BilledUsage(grant.org_id, period.start, route.product or "", route.units)
         if self._meter.counted_already(request.request_id):
             # The same request checked again (an Envoy retry): it was decided and counted the first time.
             metrics.METER_DUPLICATE_REQUESTS.inc()
-            return CheckOutcome(ALLOW, grant, route, billed=True, plan=plan.name, rate=rate)
-        period = self._periods.period(grant.period_start, grant.period_end, now)
+            return CheckOutcome(ALLOW, grant, route, billed=True, plan=plan.name, rate=rate, usage=usage)
         usage_key = (grant.org_id, period.start)
         used = await self._meter.used(usage_key)
         # No await from here on: the usage read above and the count below are one step.
@@ -197,9 +201,10 @@ class Authorizer:
         decision = check_billing(
             route, grant, now, plan, used_units=used, period_end=period.end.timestamp(), policy=self._policy
         )
-        if decision.allowed:
-            self._meter.record(request.request_id, usage_key, route.product or "", route.units, plan, period.end)
-        return CheckOutcome(decision, grant, route, billed=decision.allowed, plan=plan.name, rate=rate)
+        if not decision.allowed:
+            return CheckOutcome(decision, grant, route, plan=plan.name, rate=rate)
+        self._meter.record(request.request_id, usage_key, usage.product, route.units, plan, period.end)
+        return CheckOutcome(decision, grant, route, billed=True, plan=plan.name, rate=rate, usage=usage)
 
 
 def _audit_entry(request: AccessRequest, outcome: CheckOutcome) -> AuditEntry:

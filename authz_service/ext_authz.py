@@ -6,8 +6,9 @@ so nothing else that reaches the port can have keys checked, nor have a context 
 extensions of its own choosing (`billable: false`, say).
 
 On allow the backend gets the contract's `x-driftlock-*` headers and the signed context token, and loses the
-credential headers and every `x-driftlock-*` header the client sent. On deny the client gets the contract's
-status, JSON body and headers.
+credential headers and every `x-driftlock-*` header the client sent; a counted call also carries what it was
+counted as in the response's dynamic metadata, which Envoy hands its access log (refunds.py). On deny the
+client gets the contract's status, JSON body and headers.
 """
 
 import hmac
@@ -26,6 +27,7 @@ from authz_service import metrics
 from authz_service.authorizer import AccessRequest, Authorizer, CheckOutcome
 from authz_service.context_signer import ContextSigner
 from authz_service.decision import DENY_UNAVAILABLE, HTTP_STATUS, MESSAGES, Decision, DenyCode
+from authz_service.refunds import BilledUsage
 from driftlock_kernel.caches import LruCache
 from driftlock_kernel.logs import bind_request
 from driftlock_kernel.repeated_logs import RepeatedLog
@@ -78,10 +80,11 @@ def shows_secret(metadata: Iterable[tuple[str, str | bytes]] | None, secret: byt
 
 
 class AllowedResponses:
-    """Builds allow responses, reusing one finished response per context token.
+    """Builds allow responses, reusing one finished response per context token and billed usage.
 
     Every header of an allow follows from the token (grant, plan, billability), and the token is reused for up
-    to a minute, so the usual request gets a response built once: building one costs ~10 µs in Python, about a
+    to a minute; the dynamic metadata follows from what the call was counted as (organisation, period, product,
+    units), so the usual request gets a response built once: building one costs ~10 µs in Python, about a
     third of a whole check. gRPC only serialises what it is given, so sharing the object is safe. Requests that
     carry spoofed context headers or get rate-limit headers have responses of their own.
     """
@@ -90,7 +93,9 @@ class AllowedResponses:
 
     def __init__(self, signer: ContextSigner):
         self._signer = signer
-        self._cached: LruCache[str, external_auth_pb2.CheckResponse] = LruCache(self.MAX_CACHED)
+        self._cached: LruCache[tuple[str, BilledUsage | None], external_auth_pb2.CheckResponse] = LruCache(
+            self.MAX_CACHED
+        )
 
     def build(self, outcome: CheckOutcome, request: AccessRequest) -> external_auth_pb2.CheckResponse:
         grant, plan = outcome.grant, outcome.plan
@@ -99,7 +104,8 @@ class AllowedResponses:
         token = self._signer.token(grant, plan, outcome.billed)
         # Ours are overwritten; any other x-driftlock-* a client sent is removed, as are the credentials.
         spoofed = [n for n in request.headers if n.startswith(CONTEXT_HEADER_PREFIX) and n not in _SET_BY_US]
-        base = self._cached.get(token)
+        cache_key = (token, outcome.usage)
+        base = self._cached.get(cache_key)
         if base is None:
             base = external_auth_pb2.CheckResponse(
                 status=_OK_STATUS,
@@ -115,7 +121,9 @@ class AllowedResponses:
                     headers_to_remove=CREDENTIAL_HEADERS,
                 ),
             )
-            self._cached.put(token, base)
+            if outcome.usage is not None:
+                base.dynamic_metadata.update(outcome.usage.as_metadata())
+            self._cached.put(cache_key, base)
         if not spoofed and outcome.rate is None:
             return base
         response = external_auth_pb2.CheckResponse()

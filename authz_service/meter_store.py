@@ -4,19 +4,21 @@ spill files that keep what a shutdown could not flush."""
 import json
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
 import asyncpg
 
+from authz_service.refunds import Refund
 from authz_service.usage_ledger import Batch, Report, UsageKey
 from driftlock_kernel import db
 
 # Applies a batch exactly once and reads back the pooled totals of every organisation and period it touched.
 # - The flush id goes into meter_flushes first; if it is there already (a retry after a lost commit
 #   acknowledgement), the counted units are not added again.
-# - Backend reports are idempotent on their own: a request id already stored adds nothing.
+# - Backend reports and refunds are idempotent on their own: a request id already stored adds (or takes back)
+#   nothing. A refund takes its units back from the counter of the period and product it was billed to.
 # - Counters are upserted in key order, so two replicas flushing the same organisations lock rows in the same
 #   order and cannot deadlock.
 # - Totals: rows this statement wrote come from RETURNING (the rest of the statement cannot see them), the other
@@ -43,9 +45,19 @@ reported AS (
     ON CONFLICT (request_id) DO NOTHING
     RETURNING org_id, period_start, product, units
 ),
+refunded AS (
+    INSERT INTO driftlock.usage_refunds (request_id, org_id, period_start, product, units, reason)
+    SELECT f.request_id, f.org_id, f.period_start, f.product, f.units, f.reason
+    FROM unnest($13::text[], $14::uuid[], $15::timestamptz[], $16::text[], $17::bigint[], $18::text[])
+         AS f(request_id, org_id, period_start, product, units, reason)
+    WHERE EXISTS (SELECT 1 FROM driftlock.organizations o WHERE o.id = f.org_id)
+    ON CONFLICT (request_id) DO NOTHING
+    RETURNING org_id, period_start, product, units
+),
 deltas AS (
     SELECT org_id, period_start, product, sum(units)::bigint AS units
-    FROM (SELECT * FROM counted UNION ALL SELECT * FROM reported) AS d
+    FROM (SELECT * FROM counted UNION ALL SELECT * FROM reported
+          UNION ALL SELECT org_id, period_start, product, -units FROM refunded) AS d
     GROUP BY org_id, period_start, product
 ),
 upserted AS (
@@ -58,6 +70,8 @@ touched AS (
     SELECT org_id, period_start FROM unnest($4::uuid[], $5::timestamptz[]) AS t(org_id, period_start)
     UNION
     SELECT org_id, period_start FROM unnest($9::uuid[], $10::timestamptz[]) AS t(org_id, period_start)
+    UNION
+    SELECT org_id, period_start FROM unnest($14::uuid[], $15::timestamptz[]) AS t(org_id, period_start)
 ),
 totals AS (
     SELECT org_id, period_start, units FROM upserted
@@ -69,7 +83,8 @@ totals AS (
         WHERE w.org_id = c.org_id AND w.period_start = c.period_start AND w.product = c.product)
 )
 SELECT EXISTS (SELECT 1 FROM flush) AS applied, t.org_id::text AS org_id, t.period_start,
-       coalesce(sum(x.units), 0)::bigint AS total
+       coalesce(sum(x.units), 0)::bigint AS total,
+       (SELECT coalesce(json_agg(json_build_array(r.product, r.units)), '[]'::json) FROM refunded r) AS refunded
 FROM touched t LEFT JOIN totals x USING (org_id, period_start)
 GROUP BY t.org_id, t.period_start
 """
@@ -96,6 +111,8 @@ SELECT product, units FROM driftlock.usage_counters WHERE org_id = $1 AND period
 class FlushResult:
     applied: bool  # False: the database had this flush id already (a retry after a lost acknowledgement)
     totals: dict[UsageKey, int]
+    # Units this flush took back, per product (refunds the database had not applied before).
+    refunded: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,9 +162,18 @@ class MeterStore:
             [r.period_start for r in batch.reports],
             [r.product for r in batch.reports],
             [r.units for r in batch.reports],
+            [f.request_id for f in batch.refunds],
+            [f.org_id for f in batch.refunds],
+            [f.period_start for f in batch.refunds],
+            [f.product for f in batch.refunds],
+            [f.units for f in batch.refunds],
+            [f.reason for f in batch.refunds],
         )
         applied = rows[0]["applied"] if rows else True
-        return FlushResult(applied, {(row["org_id"], row["period_start"]): row["total"] for row in rows})
+        refunded: dict[str, int] = {}
+        for product, units in rows[0]["refunded"] if rows else ():
+            refunded[product] = refunded.get(product, 0) + units
+        return FlushResult(applied, {(row["org_id"], row["period_start"]): row["total"] for row in rows}, refunded)
 
     async def load(self, key: UsageKey) -> int:
         return await self._pool.fetchval(LOAD_SQL, key[0], key[1])
@@ -185,6 +211,10 @@ def spill(batches: list[Batch], directory: Path) -> Path:
             "reports": [
                 [r.request_id, r.org_id, r.period_start.isoformat(), r.product, r.units] for r in batch.reports
             ],
+            "refunds": [
+                [f.request_id, f.org_id, f.period_start.isoformat(), f.product, f.units, f.reason]
+                for f in batch.refunds
+            ],
         }
         for batch in batches
     ]
@@ -204,6 +234,11 @@ def _batches(document: object) -> list[Batch]:
             [
                 Report(rid, o, datetime.fromisoformat(p), product, int(units))
                 for rid, o, p, product, units in item["reports"]
+            ],
+            [
+                # Spill files written before refunds existed have none.
+                Refund(rid, o, datetime.fromisoformat(p), product, int(units), reason)
+                for rid, o, p, product, units, reason in item.get("refunds", [])
             ],
         )
         for item in document

@@ -23,6 +23,7 @@ from authz_service import metrics
 from authz_service.alerts import AlertNotifier, thresholds_reached
 from authz_service.decision import PlanLimits
 from authz_service.meter_store import AlertCandidate, MeterStore, read_spilled, spill
+from authz_service.refunds import Refund
 from authz_service.usage_ledger import Report, UsageKey, UsageLedger
 from driftlock_kernel import db
 from driftlock_kernel.background import every
@@ -116,6 +117,10 @@ class Meter:
             )
         return counted
 
+    def refund(self, refund: Refund) -> bool:
+        """Take back the units of a billed call the backend failed (once per request id)."""
+        return self.ledger.refund(refund)
+
     def _load(self, key: UsageKey) -> asyncio.Future[None]:
         """The read of this key's stored usage under way, started if there is none: one query per key at a time."""
         pending, _joined = self._loads.join_or_start(key, lambda: self._load_now(key))
@@ -175,6 +180,9 @@ class Meter:
                     metrics.USAGE_UNITS.labels(org_id=self._org_label(report.org_id), product=report.product).inc(
                         report.units
                     )
+            # Refunds are applied by their own request ids, also in a batch whose counts were applied before.
+            for product, units in result.refunded.items():
+                metrics.USAGE_REFUNDED_UNITS.labels(product=product).inc(units)
             self._forget_spilled(batch.flush_id)
         await self._raise_alerts(result.totals)
         return FlushOutcome.FLUSHED

@@ -64,6 +64,18 @@ USAGE_ALERTS = Counter(
     "Usage alerts raised by this replica (each alert is raised by exactly one replica).",
     ["threshold"],
 )
+USAGE_REFUNDED_UNITS = Counter(
+    "driftlock_usage_refunded_units_total",
+    "Billable units taken back because the backend failed the call (5xx, upstream timeout, reset or connection "
+    "failure, or a global rate-limit refusal), as stored by this replica's flushes.",
+    ["product"],
+)
+ACCESS_LOG_ENTRIES = Counter(
+    "driftlock_access_log_entries_total",
+    "Access log entries Envoy streamed to this replica, by result: refunded, charged (the call counts), "
+    "not_billed (no billing metadata), duplicate (refunded already), disabled (refunds are switched off).",
+    ["result"],
+)
 METER_PENDING_UNITS = Gauge(
     "driftlock_meter_pending_units",
     "Units counted by this replica and not yet acknowledged by the database.",

@@ -15,12 +15,14 @@ import socket
 from pathlib import Path
 
 import grpc
+from envoy.service.accesslog.v3 import als_pb2_grpc
 from envoy.service.auth.v3 import external_auth_pb2_grpc
 from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import start_http_server
 
 from authz_service import metrics
+from authz_service.access_log import AccessLogServicer
 from authz_service.admin_api import AdminGate
 from authz_service.alerts import AlertNotifier
 from authz_service.audit import AuditLog
@@ -204,6 +206,10 @@ async def serve(settings: Settings) -> None:
         signer = ContextSigner(keys)
         external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
             AuthorizationServicer(authorizer, signer, caller_secret=caller_secret), server
+        )
+        # Envoy's access log of billed calls that failed: the refunds.
+        als_pb2_grpc.add_AccessLogServiceServicer_to_server(
+            AccessLogServicer(meter, refunds_enabled=settings.refund_failed_calls, caller_secret=caller_secret), server
         )
         gate = AdminGate(admin_secret, pool)
         usage_pb2_grpc.add_UsageServiceServicer_to_server(

@@ -8,6 +8,9 @@ Plain state, no I/O: the meter feeds it database answers and takes batches from 
 - A batch keeps its flush id until it is acknowledged, so a flush whose outcome is unknown is retried
   unchanged, and the database recognises it by its id.
 - A request id counted once is not counted again for `dedupe_seconds`.
+- A refund (a billed call the backend failed) goes through the same batches with negative units; the database
+  applies it once per request id, whichever replica flushes it. It may reach one replica before the count it
+  takes back is flushed by another, so a total can be below what was counted for a moment.
 """
 
 import time
@@ -16,6 +19,8 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
+
+from authz_service.refunds import Refund
 
 UsageKey = tuple[str, datetime]  # (org_id, period_start): what quotas and alerts pool over
 CounterKey = tuple[str, datetime, str]  # (org_id, period_start, product): what is stored
@@ -37,10 +42,12 @@ class Batch:
     flush_id: uuid.UUID
     counters: dict[CounterKey, int] = field(default_factory=dict)
     reports: list[Report] = field(default_factory=list)
+    refunds: list[Refund] = field(default_factory=list)
 
     @property
     def units(self) -> int:
-        return sum(self.counters.values()) + sum(r.units for r in self.reports)
+        """Net units: counted and reported, less refunded."""
+        return sum(self.counters.values()) + sum(r.units for r in self.reports) - sum(r.units for r in self.refunds)
 
     def by_usage_key(self) -> dict[UsageKey, int]:
         pooled: dict[UsageKey, int] = {}
@@ -48,6 +55,8 @@ class Batch:
             pooled[(org_id, period_start)] = pooled.get((org_id, period_start), 0) + units
         for r in self.reports:
             pooled[(r.org_id, r.period_start)] = pooled.get((r.org_id, r.period_start), 0) + r.units
+        for f in self.refunds:
+            pooled[(f.org_id, f.period_start)] = pooled.get((f.org_id, f.period_start), 0) - f.units
         return pooled
 
 
@@ -73,6 +82,7 @@ class UsageLedger:
         self._known: dict[UsageKey, _Known] = {}
         self._pending: dict[CounterKey, int] = {}
         self._pending_reports: list[Report] = []
+        self._pending_refunds: list[Refund] = []
         self._unflushed: dict[UsageKey, int] = {}  # pending + unacknowledged batches, pooled
         self._unacknowledged: deque[Batch] = deque()
         self._recent: OrderedDict[str, float] = OrderedDict()
@@ -106,7 +116,7 @@ class UsageLedger:
 
     @property
     def has_work(self) -> bool:
-        return bool(self._pending or self._pending_reports or self._unacknowledged)
+        return bool(self._pending or self._pending_reports or self._pending_refunds or self._unacknowledged)
 
     # --- counting -----------------------------------------------------------------------------------------
 
@@ -136,6 +146,18 @@ class UsageLedger:
         self._unflushed[key] = self._unflushed.get(key, 0) + report.units
         return True
 
+    def refund(self, refund: Refund) -> bool:
+        """Take back a billed call's units; False when this process took back the same request id already.
+        (The database also refuses a request id refunded before, so a refund sent to two replicas counts once.)"""
+        refund_id = "refund:" + refund.request_id
+        if self.seen(refund_id):
+            return False
+        self._recent[refund_id] = self._clock()
+        self._pending_refunds.append(refund)
+        key = (refund.org_id, refund.period_start)
+        self._unflushed[key] = self._unflushed.get(key, 0) - refund.units
+        return True
+
     def _expire_recent(self) -> None:
         horizon = self._clock() - self._dedupe_seconds
         recent = self._recent
@@ -146,9 +168,11 @@ class UsageLedger:
 
     def next_batch(self) -> Batch | None:
         """The oldest unacknowledged batch (to retry unchanged), else a new one from what is pending."""
-        if not self._unacknowledged and (self._pending or self._pending_reports):
-            self._unacknowledged.append(Batch(uuid.uuid4(), self._pending, self._pending_reports))
-            self._pending, self._pending_reports = {}, []
+        if not self._unacknowledged and (self._pending or self._pending_reports or self._pending_refunds):
+            self._unacknowledged.append(
+                Batch(uuid.uuid4(), self._pending, self._pending_reports, self._pending_refunds)
+            )
+            self._pending, self._pending_reports, self._pending_refunds = {}, [], []
         return self._unacknowledged[0] if self._unacknowledged else None
 
     def acknowledged(self, batch: Batch, totals: dict[UsageKey, int]) -> None:
@@ -160,7 +184,7 @@ class UsageLedger:
         now = self._clock()
         for key, units in batch.by_usage_key().items():
             left = self._unflushed.get(key, 0) - units
-            if left > 0:
+            if left:  # below zero too: refunds still pending
                 self._unflushed[key] = left
             else:
                 self._unflushed.pop(key, None)
@@ -193,8 +217,8 @@ class UsageLedger:
         """Everything not yet acknowledged, as batches (for spilling at shutdown); the ledger is left empty."""
         self.next_batch()
         batches = list(self._unacknowledged)
-        if self._pending or self._pending_reports:
-            batches.append(Batch(uuid.uuid4(), self._pending, self._pending_reports))
+        if self._pending or self._pending_reports or self._pending_refunds:
+            batches.append(Batch(uuid.uuid4(), self._pending, self._pending_reports, self._pending_refunds))
         self._unacknowledged.clear()
-        self._pending, self._pending_reports, self._unflushed = {}, [], {}
+        self._pending, self._pending_reports, self._pending_refunds, self._unflushed = {}, [], [], {}
         return batches

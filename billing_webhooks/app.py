@@ -3,20 +3,31 @@
 Routes: `POST /stripe/webhook` (webhook.py), `GET /healthz` (200 only while the database answers and the
 service is not draining), `GET /metrics` (Prometheus text format).
 
+With STRIPE_API_KEY set, the service is also the one that talks to Stripe: it reports usage to Stripe Billing
+Meters (exporter.py) and pulls subscriptions from Stripe's API every hour on one replica (sync.py). Both start
+after the pool and stop before it, letting a call to Stripe in flight finish.
+
 SIGTERM or SIGINT: /healthz turns 503, the listener closes, deliveries in flight get `SHUTDOWN_GRACE_SECONDS`
 to finish, the pool closes, and the process exits 0.
 """
 
 import asyncio
 import logging
+import os
 import signal
-from collections.abc import AsyncIterator
+import socket
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from datetime import timedelta
 
 import asyncpg
 import prometheus_client
 from aiohttp import web
 
+from billing_webhooks.exporter import Exporter
+from billing_webhooks.exports import ExportRules
+from billing_webhooks.stripe_client import StripeApi
+from billing_webhooks.sync import SyncJob
 from billing_webhooks.webhook import BODY_TIMEOUT_SECONDS, MAX_BODY_BYTES, WebhookEndpoint
 from driftlock_kernel import db
 from driftlock_kernel.errors import OperatorError
@@ -71,6 +82,10 @@ def create_app(
             await state.pool.close()
 
     app.cleanup_ctx.append(database)
+    if settings.stripe_api_key:
+        app.cleanup_ctx.append(_stripe_work(settings, state))
+    else:
+        log.info("STRIPE_API_KEY is not set: usage is not reported to Stripe and subscriptions are not synced")
 
     def pool_of(request: web.Request) -> asyncpg.Pool:
         if state.pool is None:
@@ -114,6 +129,64 @@ def app_runner(app: web.Application, *, header_timeout: float = HEADER_TIMEOUT_S
         shutdown_timeout=SHUTDOWN_GRACE_SECONDS,
         keepalive_timeout=header_timeout,
     )
+
+
+def export_rules(settings: Settings) -> ExportRules:
+    return ExportRules(
+        settle=timedelta(seconds=settings.stripe_settle_seconds),
+        finalization_grace=timedelta(seconds=settings.stripe_finalization_grace_seconds),
+    )
+
+
+def stripe_api(settings: Settings) -> StripeApi:
+    return StripeApi(
+        settings.require_stripe_api_key(), api_base=settings.stripe_api_base, timeout=settings.stripe_timeout_seconds
+    )
+
+
+def export_lease(settings: Settings) -> timedelta:
+    """How long a claimed row stays a sender's: longer than a call to Stripe can take, however it ends."""
+    return timedelta(seconds=settings.stripe_timeout_seconds * 3 + 1)
+
+
+def runner_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _stripe_work(settings: Settings, state: ServiceState) -> Callable[[web.Application], AsyncIterator[None]]:
+    settings.require_stripe_api_key()  # a malformed key stops the service at start, with one line
+
+    async def work(app: web.Application) -> AsyncIterator[None]:
+        if state.pool is None:
+            raise RuntimeError("the webhook service's database pool is not open")
+        api = stripe_api(settings)
+        policy = settings.billing_policy()
+        exporter = Exporter(
+            state.pool,
+            api,
+            policy=policy,
+            rules=export_rules(settings),
+            interval=settings.stripe_export_interval_seconds,
+            lease=export_lease(settings),
+            runner=runner_name(),
+        )
+        syncer = SyncJob(
+            state.pool, api, interval=settings.stripe_sync_interval_seconds, runner=runner_name(), policy=policy
+        )
+        exporter.start()
+        syncer.start()
+        log.info(
+            "reporting usage to Stripe every %.0fs; syncing subscriptions every %.0fs",
+            settings.stripe_export_interval_seconds,
+            settings.stripe_sync_interval_seconds,
+        )
+        try:
+            yield
+        finally:
+            await asyncio.gather(exporter.stop(SHUTDOWN_GRACE_SECONDS), syncer.stop(SHUTDOWN_GRACE_SECONDS))
+            await api.close()
+
+    return work
 
 
 async def serve(settings: Settings) -> None:

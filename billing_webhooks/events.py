@@ -31,6 +31,10 @@ class EventType(StrEnum):
     SUBSCRIPTION_TRIAL_WILL_END = "customer.subscription.trial_will_end"
     INVOICE_PAYMENT_SUCCEEDED = "invoice.payment_succeeded"
     INVOICE_PAYMENT_FAILED = "invoice.payment_failed"
+    # Stripe recommends it over payment_succeeded; an invoice paid out of band sends only this one.
+    INVOICE_PAID = "invoice.paid"
+    SUBSCRIPTION_PAUSED = "customer.subscription.paused"
+    SUBSCRIPTION_RESUMED = "customer.subscription.resumed"
 
 
 HANDLED_TYPES = frozenset(EventType)
@@ -40,7 +44,12 @@ SUBSCRIPTION_TYPES = frozenset(
         EventType.SUBSCRIPTION_UPDATED,
         EventType.SUBSCRIPTION_DELETED,
         EventType.SUBSCRIPTION_TRIAL_WILL_END,
+        EventType.SUBSCRIPTION_PAUSED,
+        EventType.SUBSCRIPTION_RESUMED,
     }
+)
+INVOICE_TYPES = frozenset(
+    {EventType.INVOICE_PAYMENT_SUCCEEDED, EventType.INVOICE_PAYMENT_FAILED, EventType.INVOICE_PAID}
 )
 
 # The first API version in which periods live on subscription items and invoices name their parent.
@@ -64,6 +73,20 @@ def type_label(event_type: str) -> str:
 # 2024-09-30 have a date only.
 RELEASES = ("acacia", "basil", "clover", "dahlia", "endive")
 _API_VERSION = re.compile(r"(\d{4}-\d{2}-\d{2})(?:\.([a-z]+))?")
+# What is kept of an event's api_version: printable ASCII, as Stripe writes it.
+_API_VERSION_TEXT = re.compile(r"[\x20-\x7e]{1,64}")
+
+
+def contains_nul(value: Any) -> bool:
+    """Whether a parsed JSON value holds U+0000 in a string (key or value): PostgreSQL's jsonb and text refuse it,
+    although JSON allows it (written \\u0000)."""
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(contains_nul(k) or contains_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(contains_nul(item) for item in value)
+    return False
 
 
 def release_of(api_version: str | None) -> str:
@@ -102,7 +125,7 @@ def envelope(payload: Any) -> Envelope:
     if not isinstance(event_id, str) or not _STRIPE_ID.fullmatch(event_id):
         raise MalformedEvent("the event has no valid 'id'")
     event_type = payload.get("type")
-    if not isinstance(event_type, str) or not 0 < len(event_type) <= 255:
+    if not isinstance(event_type, str) or not 0 < len(event_type) <= 255 or "\x00" in event_type:
         raise MalformedEvent("the event has no 'type'")
     created = _timestamp(payload.get("created"))
     if created is None:
@@ -115,7 +138,7 @@ def envelope(payload: Any) -> Envelope:
     return Envelope(
         id=event_id,
         type=event_type,
-        api_version=api_version if isinstance(api_version, str) and len(api_version) <= 64 else None,
+        api_version=api_version if isinstance(api_version, str) and _API_VERSION_TEXT.fullmatch(api_version) else None,
         created=created,
         livemode=payload.get("livemode") is True,
         data_object=data_object,
@@ -177,7 +200,7 @@ def normalize(event: Envelope) -> BillingEvent | None:
         return _checkout(event)
     if event.type in SUBSCRIPTION_TYPES:
         return _subscription(event)
-    if event.type in (EventType.INVOICE_PAYMENT_SUCCEEDED, EventType.INVOICE_PAYMENT_FAILED):
+    if event.type in INVOICE_TYPES:
         return _invoice(event)
     return None
 
@@ -247,7 +270,7 @@ def _invoice(event: Envelope) -> InvoicePayment:
         invoice_id=_required_id(invoice, "id", "invoice"),
         customer_id=customer,
         subscription_id=subscription,
-        succeeded=event.type == EventType.INVOICE_PAYMENT_SUCCEEDED,
+        succeeded=event.type != EventType.INVOICE_PAYMENT_FAILED,
         metadata_org_id=_text(metadata.get("org_id")),
     )
 

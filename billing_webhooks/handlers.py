@@ -208,6 +208,15 @@ async def handle_checkout_session_completed(
     )
 
 
+async def _link_stored(
+    conn: db.Connection, state: SubscriptionState, metadata_org_id: str | None, policy: BillingPolicy
+) -> Result:
+    """An event no newer than what is stored, for a subscription stored while no organisation was known (its event
+    was deferred, and is delivered again or replayed): the stored state stands, and its organisation may be
+    found now."""
+    return await _store_and_sync(conn, state, metadata_org_id, "subscription stored earlier, linked now", policy)
+
+
 async def _subscription_event(
     conn: db.Connection, event: SubscriptionSnapshot, policy: BillingPolicy = DEFAULT_POLICY
 ) -> Result:
@@ -215,6 +224,8 @@ async def _subscription_event(
     state = await store.load_subscription(conn, event.subscription_id)
     applied = decisions.apply_snapshot(state, event)
     if not applied.changed:
+        if state is not None and state.org_id is None:
+            return await _link_stored(conn, state, event.metadata_org_id, policy)
         return Result(EventOutcome.SKIPPED_STALE, applied.reason, state.org_id if state else None)
     what = None
     if not applied.status:
@@ -259,6 +270,8 @@ async def _invoice_event(conn: db.Connection, event: InvoicePayment, policy: Bil
     await store.lock_customer(conn, event.customer_id)
     state = await store.load_subscription(conn, event.subscription_id)
     applied = decisions.apply_payment(state, event)
+    if applied.stale and state is not None and state.org_id is None:
+        return await _link_stored(conn, state, event.metadata_org_id, policy)
     if not applied.changed:
         outcome = EventOutcome.SKIPPED_STALE if applied.stale else EventOutcome.IGNORED
         return Result(outcome, applied.reason, state.org_id if state else None)
@@ -277,6 +290,28 @@ async def handle_invoice_payment_failed(
     return await _invoice_event(conn, event, policy)
 
 
+async def handle_invoice_paid(
+    conn: db.Connection, event: InvoicePayment, policy: BillingPolicy = DEFAULT_POLICY
+) -> Result:
+    """The invoice is paid, by a charge or out of band (marked paid, a bank transfer): like a successful
+    payment. Stripe sends it beside payment_succeeded for a charge; the second of the two changes nothing."""
+    return await _invoice_event(conn, event, policy)
+
+
+async def handle_customer_subscription_paused(
+    conn: db.Connection, event: SubscriptionSnapshot, policy: BillingPolicy = DEFAULT_POLICY
+) -> Result:
+    """A trial ended without a payment method (or collection was paused): no paid subscription is in force, so
+    the organisation is served on the fallback plan until it resumes."""
+    return await _subscription_event(conn, event, policy)
+
+
+async def handle_customer_subscription_resumed(
+    conn: db.Connection, event: SubscriptionSnapshot, policy: BillingPolicy = DEFAULT_POLICY
+) -> Result:
+    return await _subscription_event(conn, event, policy)
+
+
 EventHandler = Callable[[db.Connection, Any, BillingPolicy], Awaitable[Result]]
 
 HANDLERS: Mapping[str, EventHandler] = {
@@ -287,4 +322,7 @@ HANDLERS: Mapping[str, EventHandler] = {
     EventType.SUBSCRIPTION_TRIAL_WILL_END: handle_customer_subscription_trial_will_end,
     EventType.INVOICE_PAYMENT_SUCCEEDED: handle_invoice_payment_succeeded,
     EventType.INVOICE_PAYMENT_FAILED: handle_invoice_payment_failed,
+    EventType.INVOICE_PAID: handle_invoice_paid,
+    EventType.SUBSCRIPTION_PAUSED: handle_customer_subscription_paused,
+    EventType.SUBSCRIPTION_RESUMED: handle_customer_subscription_resumed,
 }

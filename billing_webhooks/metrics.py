@@ -1,7 +1,7 @@
 """Every Prometheus object of the webhook service. Label values come from closed sets, never from a request:
 event types outside the handled set count as "other", API versions outside a known list as "other"."""
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from billing_webhooks.decisions import Problem
 
@@ -52,3 +52,42 @@ for _reason in ("too_large", "malformed_body", "body_timeout"):
     REJECTED.labels(reason=_reason)
 for _problem in Problem:
     PROBLEMS.labels(problem=_problem.value)
+
+# --- usage to Stripe, and stripe sync ------------------------------------------------------------------------
+
+EXPORT_UNITS = Counter(
+    "driftlock_stripe_export_units_total",
+    "Units of usage-export rows that reached a final state, by outcome: sent (Stripe has them), failed (Stripe "
+    "refused them; they are included again in a later row once the cause is fixed), skipped (never sent: the "
+    "period's invoice was final, or an old attempt could not be confirmed).",
+    ["outcome"],
+)
+EXPORT_LAG = Gauge(
+    "driftlock_stripe_export_lag_units",
+    "Counted billable units of metered organisations that Stripe does not have yet (as of this replica's last "
+    "decision pass; skipped units excluded).",
+)
+EXPORT_ATTEMPTS = Counter(
+    "driftlock_stripe_export_attempts_total",
+    "Meter event calls and reconciliations, by result: accepted, duplicate (Stripe had it already), no_answer, "
+    "rate_limited, in_progress, server_error, unauthorized, rejected, confirmed, absent, ambiguous.",
+    ["result"],
+)
+SYNC_RUNS = Counter(
+    "driftlock_stripe_sync_runs_total",
+    "Runs of stripe sync by this replica, by outcome: completed, failed.",
+    ["outcome"],
+)
+SYNC_CHANGES = Counter(
+    "driftlock_stripe_sync_changes_total",
+    "Subscriptions stripe sync found different at Stripe and applied.",
+)
+SYNC_ERRORS = Counter(
+    "driftlock_stripe_sync_errors_total",
+    "Organisations whose subscriptions stripe sync could not read or apply.",
+)
+
+for _outcome in ("sent", "failed", "skipped"):
+    EXPORT_UNITS.labels(outcome=_outcome)
+for _outcome in ("completed", "failed"):
+    SYNC_RUNS.labels(outcome=_outcome)

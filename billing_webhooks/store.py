@@ -5,6 +5,7 @@ already inside the caller's transaction.
 """
 
 import dataclasses
+import json
 import uuid
 from collections.abc import Iterable
 from datetime import datetime
@@ -12,28 +13,42 @@ from datetime import datetime
 import asyncpg
 
 from billing_webhooks.decisions import EventOutcome, OrgBilling, Position, SubscriptionState
-from billing_webhooks.events import Envelope
+from billing_webhooks.events import Envelope, contains_nul
 from driftlock_kernel import db
 
 # --- the inbox ---------------------------------------------------------------------------------------------
 
 
-async def insert_event(conn: db.Connection, event: Envelope, payload: dict) -> bool:
-    """Store a new event; False when its id is already stored (a concurrent insert of the same id waits for the
-    first transaction and then finds it)."""
+async def insert_event(conn: db.Connection, event: Envelope, payload: dict, raw: str | None = None) -> bool:
+    """Store a new event, or take back one stored as `failed` to apply it again (a resend from Stripe's Dashboard
+    carries the same id); False when its id is stored with any other outcome (a duplicate). A concurrent insert
+    of the same id waits for the first transaction and then decides on what it left.
+
+    A payload with U+0000 in a string, which jsonb refuses, is kept as the text received (`raw`, else as
+    re-encoded), losslessly."""
+    as_text = contains_nul(payload)
     inserted = await conn.fetchval(
-        """INSERT INTO driftlock.stripe_events (id, type, api_version, created, livemode, payload)
-           VALUES ($1, $2, $3, $4, $5, $6)
-           ON CONFLICT (id) DO NOTHING
+        """INSERT INTO driftlock.stripe_events (id, type, api_version, created, livemode, payload, payload_text)
+           VALUES ($1, $2, $3, $4, $5, $6, $7)
+           ON CONFLICT (id) DO UPDATE SET
+               payload = EXCLUDED.payload, payload_text = EXCLUDED.payload_text,
+               attempts = driftlock.stripe_events.attempts + 1, replayed_at = now()
+           WHERE driftlock.stripe_events.outcome = 'failed'
            RETURNING id""",
         event.id,
         event.type,
         event.api_version,
         event.created,
         event.livemode,
-        payload,
+        None if as_text else payload,
+        (raw if raw is not None else json.dumps(payload)) if as_text else None,
     )
     return inserted is not None
+
+
+def _storable(text: str | None) -> str | None:
+    # A detail may quote what an event carried; text columns refuse U+0000.
+    return None if text is None else text.replace("\x00", "\\u0000")
 
 
 async def finish_event(
@@ -45,9 +60,51 @@ async def finish_event(
            WHERE id = $1""",
         event_id,
         outcome.value,
-        detail,
+        _storable(detail),
         org_id,
     )
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StoredEvent:
+    id: str
+    type: str
+    outcome: str
+    detail: str | None
+    payload: dict
+
+
+async def lock_stored_event(conn: db.Connection, event_id: str) -> StoredEvent | None:
+    """A stored event with its payload, locked until the transaction ends (a delivery of it waits)."""
+    row = await conn.fetchrow(
+        """SELECT id, type, outcome, detail, payload, payload_text FROM driftlock.stripe_events
+           WHERE id = $1 FOR UPDATE""",
+        event_id,
+    )
+    if row is None:
+        return None
+    payload = row["payload"] if row["payload"] is not None else json.loads(row["payload_text"])
+    return StoredEvent(row["id"], row["type"], row["outcome"], row["detail"], payload)
+
+
+async def record_replay(conn: db.Connection, event_id: str) -> None:
+    await conn.execute(
+        "UPDATE driftlock.stripe_events SET attempts = attempts + 1, replayed_at = now() WHERE id = $1", event_id
+    )
+
+
+async def event_ids(conn: db.Connection, *, outcome: str, received_since: datetime | None, limit: int) -> list[str]:
+    """Stored events with this outcome, oldest first (by Stripe's time), so that a replay keeps their order."""
+    rows = await conn.fetch(
+        """SELECT id FROM driftlock.stripe_events
+           WHERE outcome = $1 AND ($2::timestamptz IS NULL OR received_at >= $2)
+           ORDER BY created, id
+           LIMIT $3""",
+        outcome,
+        received_since,
+        limit,
+    )
+    return [row["id"] for row in rows]
 
 
 async def latest_applied_checkout(
@@ -74,7 +131,8 @@ async def list_events(
 ) -> list[dict]:
     """The most recently received events (without their payloads), newest first."""
     rows = await conn.fetch(
-        """SELECT id, type, api_version, created, outcome, detail, org_id, received_at, processed_at
+        """SELECT id, type, api_version, created, outcome, detail, org_id, received_at, processed_at, attempts,
+                  replayed_at
            FROM driftlock.stripe_events
            WHERE ($1::uuid IS NULL OR org_id = $1)
              AND ($2::text IS NULL OR outcome = $2)
@@ -257,3 +315,49 @@ async def plans_by_price(conn: db.Connection, price_ids: Iterable[str]) -> dict[
         list(price_ids),
     )
     return {row["stripe_price_id"]: row["plan_name"] for row in rows}
+
+
+# --- stripe sync -----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LinkedOrg:
+    id: uuid.UUID
+    stripe_customer_id: str | None
+    stripe_subscription_id: str | None
+
+
+async def linked_orgs(conn: db.Connection, org_id: uuid.UUID | None = None) -> list[LinkedOrg]:
+    """Organisations with a Stripe customer or subscription (or the one asked for, linked or not)."""
+    rows = await conn.fetch(
+        """SELECT id, stripe_customer_id, stripe_subscription_id FROM driftlock.organizations
+           WHERE ($1::uuid IS NULL AND (stripe_customer_id IS NOT NULL OR stripe_subscription_id IS NOT NULL))
+              OR id = $1
+           ORDER BY id""",
+        org_id,
+    )
+    return [db.from_row(LinkedOrg, row) for row in rows]
+
+
+async def claim_job(conn: db.Connection, name: str, interval_seconds: float, runner: str) -> bool:
+    """Whether this replica runs the job now: it is the one that moved the job's `started_at` past the interval
+    (`driftlock.maintenance_runs`, shared with retention; one statement, so a transaction pooler is fine)."""
+    claimed = await conn.fetchval(
+        """INSERT INTO driftlock.maintenance_runs AS m (task, started_at, replica) VALUES ($1, now(), $3)
+           ON CONFLICT (task) DO UPDATE SET started_at = now(), replica = EXCLUDED.replica, finished_at = NULL
+           WHERE m.started_at <= now() - make_interval(secs => $2)
+           RETURNING task""",
+        name,
+        interval_seconds,
+        runner,
+    )
+    return claimed is not None
+
+
+async def finish_job(conn: db.Connection, name: str, runner: str, detail: dict) -> None:
+    await conn.execute(
+        "UPDATE driftlock.maintenance_runs SET finished_at = now(), detail = $3 WHERE task = $1 AND replica = $2",
+        name,
+        runner,
+        detail,
+    )

@@ -122,16 +122,17 @@ async def apply_event(conn: db.Connection, event: Envelope, policy: BillingPolic
 
 
 async def store_and_apply(
-    pool: asyncpg.Pool, event: Envelope, payload: dict, policy: BillingPolicy = DEFAULT_POLICY
+    pool: asyncpg.Pool, event: Envelope, payload: dict, policy: BillingPolicy = DEFAULT_POLICY, raw: str | None = None
 ) -> Result:
-    """Store the event and apply it in one transaction; EventOutcome.DUPLICATE when its id was stored before.
+    """Store the event and apply it in one transaction; EventOutcome.DUPLICATE when its id was stored before
+    (unless it was stored as `failed`: then it is applied again, and the new outcome replaces the old).
 
     Raises one of db.DATABASE_ERRORS when the database could not do it (nothing is then stored).
     """
     for attempt in range(1, ATTEMPTS + 1):
         try:
             async with pool.acquire() as conn, conn.transaction():
-                if not await store.insert_event(conn, event, payload):
+                if not await store.insert_event(conn, event, payload, raw):
                     return Result(EventOutcome.DUPLICATE)
                 result = await apply_event(conn, event, policy)
                 await store.finish_event(conn, event.id, result.outcome, result.detail, result.org_id)
@@ -204,7 +205,7 @@ class WebhookEndpoint:
         label = type_label(event.type)
         metrics.API_VERSIONS.labels(release=release_of(event.api_version)).inc()
         try:
-            result = await store_and_apply(self._pool_of(request), event, payload, self._policy)
+            result = await store_and_apply(self._pool_of(request), event, payload, self._policy, raw=text)
         except db.DATABASE_ERRORS as error:
             # Unreachable, or refusing the inbox itself (an unmigrated schema, say): not stored, so Stripe retries.
             metrics.NOT_STORED.inc()

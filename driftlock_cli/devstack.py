@@ -3,7 +3,10 @@
 Embedded PostgreSQL (kept in the state directory between runs) unless DATABASE_URL is set; the schema
 migrated; a demo organisation and a fresh demo key; authz, the Stripe webhook service (with the secrets in
 STRIPE_WEBHOOK_SECRET, else one generated and kept in the state directory), Envoy, and the demo backend unless
---backend is given. Ctrl-C or SIGTERM stops every child and the embedded database.
+--backend is given. Without STRIPE_API_KEY, a local Stripe API (tests/support/stripe_api.py, run from the
+repository) stands in for Stripe's: the demo organisation is put on a metered plan with a linked customer, so
+its calls become meter events there (`stripe exports list`). Ctrl-C or SIGTERM stops every child and the
+embedded database.
 """
 
 import asyncio
@@ -14,14 +17,72 @@ import sys
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 
+from driftlock_cli import stripe_player
 from driftlock_cli.embedded_db import EmbeddedDatabase
 from driftlock_cli.stack import LOOPBACK, StackPorts, start_stack
-from driftlock_cli.supervisor import first_exit
-from driftlock_kernel import api_keys, context_keys, db, migrate, orgs
+from driftlock_cli.supervisor import Child, ChildFailed, first_exit, free_port, start_child, tcp_open, wait_until
+from driftlock_kernel import api_keys, context_keys, db, migrate, orgs, plans
+from driftlock_kernel.billing import Overage
 from driftlock_kernel.settings import HostPort, Settings, require_strong_secret
 
 DEMO_ORG_NAME = "Demo organisation"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+# The local Stripe API: a test-mode key it accepts, the meter it creates, and the plan the demo organisation is
+# put on so that its usage is reported there.
+LOCAL_STRIPE_KEY = "sk_test_driftlock_local_dev"
+LOCAL_STRIPE_PORT = 12111
+DEV_METER = "driftlock_api_calls"
+DEV_PLAN = "dev-metered"
+# Quicker than production, so that a call shows at the local Stripe within half a minute: the demo backend
+# answers at once, so its refunds (of calls it fails) are in long before.
+DEV_EXPORT_INTERVAL_SECONDS = "10"
+DEV_SETTLE_SECONDS = "15"
+
+
+async def _start_local_stripe(log_to: IO[str]) -> tuple[Child, str]:
+    """`python -m tests.support.stripe_api` from the repository (tests is not an installed package)."""
+    if not (REPO_ROOT / "tests" / "support" / "stripe_api.py").is_file():
+        raise ChildFailed(
+            "STRIPE_API_KEY is not set and the local Stripe API (tests/support/stripe_api.py) is not here: run dev "
+            "from a clone of the repository, or set STRIPE_API_KEY to a test-mode key"
+        )
+    port = LOCAL_STRIPE_PORT
+    with contextlib.suppress(Exception):
+        if await tcp_open(LOOPBACK, port)():
+            port = free_port()
+    argv = [sys.executable, "-m", "tests.support.stripe_api", "--port", str(port), "--meter", DEV_METER]
+    child = await start_child(
+        "stripe", [*argv, "--auto-customers"], cwd=REPO_ROOT, prefix_output_to=log_to, env={"PYTHONUNBUFFERED": "1"}
+    )
+    try:
+        await wait_until(tcp_open(LOOPBACK, port), timeout=30, what="the local Stripe API to listen", child=child)
+    except BaseException:
+        await child.stop()
+        raise
+    return child, f"http://{LOOPBACK}:{port}"
+
+
+async def _meter_the_demo_org(url: str, org_id: uuid.UUID, pooler: bool | None) -> None:
+    """Put the demo organisation on a metered plan, linked to the customer `stripe send-event` uses for it."""
+    async with db.connection(url, application_name="driftlock-dev", transaction_pooler=pooler) as conn:
+        await plans.upsert_plan(
+            conn,
+            DEV_PLAN,
+            included_units=1000,
+            overage=Overage.SOFT,
+            stripe_price_ids=[stripe_player.DEFAULT_PRICE_ID],
+            stripe_meter=DEV_METER,
+        )
+        await conn.execute(
+            """UPDATE driftlock.organizations
+               SET plan_name = $2, stripe_customer_id = coalesce(stripe_customer_id, $3), updated_at = now()
+               WHERE id = $1""",
+            org_id,
+            DEV_PLAN,
+            stripe_player.customer_for(org_id),
+        )
 
 
 def _secret_file(path: Path, make: Callable[[], str]) -> str:
@@ -76,22 +137,41 @@ async def run_dev_stack(settings: Settings, *, backend: HostPort | None, state_d
         )
         org_id, key = await _demo_org_and_key(url, state, settings.database_transaction_pooler)
         ports = StackPorts.from_settings(settings)
-        stack = await start_stack(
-            database_url=url,
-            jwt_secret=jwt_secret,
-            state_dir=state,
-            ports=ports,
-            backend=backend,
-            output=sys.stderr,
-            webhook_secret=webhook_secret,
-            admin_token_secret=admin_secret,
-            context_signing_keys=keys_path,
-            # Production logs one JSON object per line; a terminal reads better as text.
-            extra_env={**keys_env, "DRIFTLOCK_LOG_FORMAT": "text"},
-            ext_authz_secret=settings.ext_authz_secret,
-            cors_origins=settings.cors_allowed_origins,
-            requests_per_source=settings.edge_requests_per_source,
-        )
+        local_stripe: Child | None = None
+        stripe_env: dict[str, str] = {}
+        if not settings.stripe_api_key:
+            local_stripe, stripe_url = await _start_local_stripe(sys.stderr)
+            await _meter_the_demo_org(url, org_id, settings.database_transaction_pooler)
+            defaults = Settings()
+            stripe_env = {"STRIPE_API_KEY": LOCAL_STRIPE_KEY, "STRIPE_API_BASE": stripe_url}
+            # The operator's own timings win.
+            if settings.stripe_export_interval_seconds == defaults.stripe_export_interval_seconds:
+                stripe_env["DRIFTLOCK_STRIPE_EXPORT_INTERVAL_SECONDS"] = DEV_EXPORT_INTERVAL_SECONDS
+            if settings.stripe_settle_seconds == defaults.stripe_settle_seconds:
+                stripe_env["DRIFTLOCK_STRIPE_SETTLE_SECONDS"] = DEV_SETTLE_SECONDS
+        try:
+            stack = await start_stack(
+                database_url=url,
+                jwt_secret=jwt_secret,
+                state_dir=state,
+                ports=ports,
+                backend=backend,
+                output=sys.stderr,
+                webhook_secret=webhook_secret,
+                admin_token_secret=admin_secret,
+                context_signing_keys=keys_path,
+                # Production logs one JSON object per line; a terminal reads better as text.
+                extra_env={**keys_env, **stripe_env, "DRIFTLOCK_LOG_FORMAT": "text"},
+                ext_authz_secret=settings.ext_authz_secret,
+                cors_origins=settings.cors_allowed_origins,
+                requests_per_source=settings.edge_requests_per_source,
+            )
+        except BaseException:
+            if local_stripe is not None:
+                await local_stripe.stop()
+            raise
+        if local_stripe is not None:
+            stack.children["stripe"] = local_stripe
         try:
             _print_banner(
                 stack.envoy_url,
@@ -108,6 +188,7 @@ async def run_dev_stack(settings: Settings, *, backend: HostPort | None, state_d
                 None if settings.admin_token_secret else admin_path,
                 keys_path if keys_path is not None and not settings.context_signing_keys_file else None,
                 settings.context_token_algorithm,
+                stripe_env.get("STRIPE_API_BASE"),
             )
             stopping = asyncio.Event()
             loop = asyncio.get_running_loop()
@@ -157,6 +238,7 @@ def _print_banner(
     admin_path: Path | None,
     keys_path: Path | None,
     algorithm: str,
+    local_stripe: str | None,
 ) -> None:
     backend_line = f"{backend} (yours)" if backend else f"http://{LOOPBACK}:{ports.backend} (demo: echoes requests)"
     lines = [
@@ -180,6 +262,8 @@ def _print_banner(
         lines.append(f"  admin token secret  generated, in {admin_path}")
     if keys_path is not None:
         lines.append(f"  context signing key generated, in {keys_path}")
+    if local_stripe is not None:
+        lines.append(f"  Stripe API          {local_stripe} (local, test mode; meter {DEV_METER})")
     lines += [
         "",
         "Use the CLI against this stack:",
@@ -191,6 +275,8 @@ def _print_banner(
         lines.append(f'  export DRIFTLOCK_ADMIN_TOKEN_SECRET="$(cat {admin_path})"')
     if keys_path is not None:
         lines.append(f"  export DRIFTLOCK_CONTEXT_SIGNING_KEYS_FILE='{keys_path}'")
+    if local_stripe is not None:
+        lines.append(f"  export STRIPE_API_KEY='{LOCAL_STRIPE_KEY}' STRIPE_API_BASE='{local_stripe}'")
     lines += [
         "",
         f"Demo key for organisation {org_id} (shown once):",
@@ -202,6 +288,14 @@ def _print_banner(
         "The management API (JSON; an admin token lasts 5 minutes):",
         f'  curl -H "Authorization: Bearer $(driftlock-gateway admin-token)" {management_url}/v1/orgs/{org_id}/keys',
         "",
+    ]
+    if local_stripe is not None:
+        lines += [
+            f"Its calls reach the local Stripe API within half a minute (plan {DEV_PLAN}, meter {DEV_METER}):",
+            f"  driftlock-gateway stripe exports list --org {org_id}",
+            "",
+        ]
+    lines += [
         "Play Stripe (a signed event through Envoy; see --help for the other types):",
         f"  driftlock-gateway stripe send-event checkout.session.completed --org {org_id}",
         f"  driftlock-gateway stripe send-event invoice.payment_failed --org {org_id} --ago 8d",

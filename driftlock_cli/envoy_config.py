@@ -149,12 +149,14 @@ def render(
     ext_authz_secret: str | None = None,
     cors_origins: Sequence[str] = (),
     requests_per_source: int = DEFAULTS.edge_requests_per_source,
+    backend_timeout: str | None = None,
 ) -> dict:
     """The config for these addresses. The management listener (and its descriptor set's installed path) only
     with `management`, the stats listener only with `stats`; without them those listeners are left out, so that
     an Envoy for another purpose (or several on one host) never takes their ports. With `tls` (certificate, key:
     PEM files) the public listener speaks HTTPS only. Without `ext_authz_secret` the shipped placeholder stays, and
-    authz refuses every check; `requests_per_source` 0 takes the per-source limit out."""
+    authz refuses every check; `requests_per_source` 0 takes the per-source limit out. `backend_timeout` (tests
+    only: a timeout they can wait for) replaces the timeout of every route to the backend."""
     config = copy.deepcopy(base)
     config["admin"]["address"]["socket_address"]["port_value"] = admin_port
     resources = config["static_resources"]
@@ -192,6 +194,11 @@ def render(
     if cors_origins:
         _set_cors(manager, cors_origins)
     _set_requests_per_source(manager, requests_per_source)
+    if backend_timeout is not None:
+        for host in manager["route_config"]["virtual_hosts"]:
+            for route in host["routes"]:
+                if route.get("route", {}).get("cluster") == "backend":
+                    route["route"]["timeout"] = backend_timeout
     return config
 
 
@@ -229,11 +236,15 @@ def _http_filter(manager: dict, name: str) -> dict | None:
 
 
 def _set_ext_authz_secret(manager: dict, secret: str) -> None:
+    """The secret Envoy shows authz: with every check, and on the stream of access-log entries (refunds)."""
     ext_authz = _http_filter(manager, EXT_AUTHZ_FILTER)
     if ext_authz is None:
         raise SettingsError("the Envoy config has no ext_authz filter to give the secret to")
-    (entry,) = ext_authz["typed_config"]["grpc_service"]["initial_metadata"]
-    entry["value"] = secret
+    services = [ext_authz["typed_config"]["grpc_service"]]
+    services += [log["typed_config"]["common_config"]["grpc_service"] for log in manager.get("access_log", [])]
+    for service in services:
+        (entry,) = service["initial_metadata"]
+        entry["value"] = secret
 
 
 def _set_cors(manager: dict, origins: Sequence[str]) -> None:

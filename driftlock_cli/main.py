@@ -89,6 +89,15 @@ def _rps_or_none(text: str) -> float | None:
     return value
 
 
+def _meter_or_none(text: str) -> str | None:
+    if text.lower() == "none":
+        return None
+    try:
+        return plans.check_stripe_meter(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def _host_port(text: str) -> HostPort:
     try:
         return parse_host_port(text, what="--backend")
@@ -128,6 +137,7 @@ async def cmd_plans_upsert(args: argparse.Namespace, settings: Settings, out: Pr
             hard_cap_percent=args.hard_cap_percent,
             rate_limit_rps=args.rate_limit,
             stripe_price_ids=plans.UNCHANGED if args.stripe_price is None else args.stripe_price,
+            stripe_meter=args.stripe_meter,
         ),
     )
     obj = plan.as_dict() | {"created": created}
@@ -137,7 +147,15 @@ async def cmd_plans_upsert(args: argparse.Namespace, settings: Settings, out: Pr
 async def cmd_plans_list(args: argparse.Namespace, settings: Settings, out: Printer) -> None:
     found = await _with_db(settings, plans.list_plans)
     rows = [plan.as_dict() for plan in found]
-    columns = ["name", "included_units", "overage", "hard_cap_percent", "rate_limit_rps", "stripe_price_ids"]
+    columns = [
+        "name",
+        "included_units",
+        "overage",
+        "hard_cap_percent",
+        "rate_limit_rps",
+        "stripe_price_ids",
+        "stripe_meter",
+    ]
     out.result({"plans": rows}, table(rows, columns))
 
 
@@ -218,7 +236,10 @@ async def cmd_keys_revoke(args: argparse.Namespace, settings: Settings, out: Pri
 
 async def cmd_usage(args: argparse.Namespace, settings: Settings, out: Printer) -> None:
     report = await _with_db(
-        settings, lambda conn: usage.org_usage(conn, args.org_id, datetime.now(UTC), settings.billing_policy())
+        settings,
+        lambda conn: usage.org_usage(
+            conn, args.org_id, datetime.now(UTC), settings.billing_policy(), usage.Which(args.period)
+        ),
     )
     used = report.used
     text = (
@@ -308,6 +329,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="RPS",
         help="requests per second per key ('none' to remove)",
     )
+    upsert.add_argument(
+        "--stripe-meter",
+        type=_meter_or_none,
+        default=plans.UNCHANGED,
+        metavar="EVENT_NAME",
+        help="report the plan's billable units to the Stripe meter with this event_name ('none' to stop)",
+    )
     leaf(plans_group, "list", cmd_plans_list, "list plans")
 
     orgs_group = commands.add_parser("orgs", help="manage organisations").add_subparsers(
@@ -338,8 +366,13 @@ def build_parser() -> argparse.ArgumentParser:
         "key_id", type=_uuid("key id")
     )
 
-    leaf(commands, "usage", cmd_usage, "usage this billing period, pooled over products").add_argument(
-        "org_id", type=_uuid("organisation id")
+    usage_command = leaf(commands, "usage", cmd_usage, "usage of a billing period, pooled over products")
+    usage_command.add_argument("org_id", type=_uuid("organisation id"))
+    usage_command.add_argument(
+        "--period",
+        choices=[str(w) for w in usage.Which],
+        default=str(usage.Which.CURRENT),
+        help="the current billing period (default), or the closed one before it",
     )
     alerts_group = commands.add_parser("alerts", help="usage-threshold alerts").add_subparsers(
         dest="alerts_command", metavar="ACTION", required=True

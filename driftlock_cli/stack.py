@@ -155,6 +155,7 @@ async def start_stack(
     ext_authz_secret: str | None = None,
     cors_origins: Sequence[str] = (),
     requests_per_source: int = DEFAULT_REQUESTS_PER_SOURCE,
+    backend_timeout: str | None = None,
 ) -> Stack:
     """Start everything and wait until it serves; on failure, stop what was started and raise ChildFailed.
 
@@ -203,6 +204,7 @@ async def start_stack(
         ext_authz_secret=ext_authz_secret,
         cors_origins=cors_origins,
         requests_per_source=requests_per_source,
+        backend_timeout=backend_timeout,
     )
     stack = Stack(
         ports=ports,

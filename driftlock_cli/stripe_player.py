@@ -29,6 +29,8 @@ DEFAULT_STATUS = {
     EventType.SUBSCRIPTION_UPDATED: SubscriptionStatus.ACTIVE,
     EventType.SUBSCRIPTION_DELETED: SubscriptionStatus.CANCELED,
     EventType.SUBSCRIPTION_TRIAL_WILL_END: SubscriptionStatus.TRIALING,
+    EventType.SUBSCRIPTION_PAUSED: SubscriptionStatus.PAUSED,
+    EventType.SUBSCRIPTION_RESUMED: SubscriptionStatus.ACTIVE,
 }
 
 _BASE62 = string.digits + string.ascii_letters
@@ -368,11 +370,11 @@ def build_event(
         return event(
             event_type, obj, created=created, api_version=api_version, event_id=event_id, previous_attributes=previous
         )
-    if event_type in (EventType.INVOICE_PAYMENT_SUCCEEDED, EventType.INVOICE_PAYMENT_FAILED):
+    if event_type in (EventType.INVOICE_PAYMENT_SUCCEEDED, EventType.INVOICE_PAYMENT_FAILED, EventType.INVOICE_PAID):
         obj = invoice_object(
             customer_id=customer_id,
             subscription_id=subscription_id,
-            paid=event_type == EventType.INVOICE_PAYMENT_SUCCEEDED,
+            paid=event_type != EventType.INVOICE_PAYMENT_FAILED,
             created=created,
             api_version=api_version,
             price_id=price_ids[0] if price_ids else DEFAULT_PRICE_ID,

@@ -15,6 +15,7 @@ from typing import Any
 
 from billing_webhooks.decisions import EventOutcome
 from billing_webhooks.events import EventType
+from driftlock_cli import stripe_commands
 from driftlock_cli.output import Printer, table
 from driftlock_kernel import db, retention
 from driftlock_kernel.billing import SubscriptionStatus
@@ -174,12 +175,13 @@ def register(commands: Any, leaf: Callable[..., argparse.ArgumentParser]) -> Non
         "webhooks",
         cmd_webhooks,
         "run the Stripe webhook service (POST /stripe/webhook, /healthz, /metrics); "
-        "`webhooks events` lists stored events, `webhooks prune` deletes old ones",
+        "`webhooks events` lists stored events, `webhooks prune` deletes old ones, `webhooks replay` applies "
+        "them again",
     )
     # Without an action, `webhooks` runs the service (the contract's command); argparse would show the optional
     # action as required.
-    webhooks.usage = f"{webhooks.prog} [-h] [--json] [{{events,prune}} ...]"
-    actions = webhooks.add_subparsers(dest="webhooks_command", metavar="{events,prune}", required=False)
+    webhooks.usage = f"{webhooks.prog} [-h] [--json] [{{events,prune,replay}} ...]"
+    actions = webhooks.add_subparsers(dest="webhooks_command", metavar="{events,prune,replay}", required=False)
     prune = leaf(
         actions, "prune", cmd_webhooks_prune, "delete stored Stripe events received longer ago than a duration"
     )
@@ -192,9 +194,10 @@ def register(commands: Any, leaf: Callable[..., argparse.ArgumentParser]) -> Non
     events.add_argument("--type", metavar="TYPE", help="only this Stripe event type")
     events.add_argument("--limit", type=_limit, default=50, metavar="N", help="at most N events (default 50)")
 
-    stripe_group = commands.add_parser("stripe", help="local Stripe tools (nothing calls Stripe)").add_subparsers(
-        dest="stripe_command", metavar="ACTION", required=True
-    )
+    stripe_group = commands.add_parser(
+        "stripe", help="usage to Stripe, stripe sync, and local Stripe tools (send-event calls no Stripe)"
+    ).add_subparsers(dest="stripe_command", metavar="ACTION", required=True)
+    stripe_commands.register(actions, stripe_group, leaf)
     send = leaf(
         stripe_group,
         "send-event",

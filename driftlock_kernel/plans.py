@@ -1,5 +1,6 @@
 """Plans: what an organisation's subscription includes, and the store for them."""
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -17,6 +18,8 @@ class Plan:
     hard_cap_percent: int | None
     rate_limit_rps: float | None
     stripe_price_ids: tuple[str, ...] = ()
+    # The Stripe meter (its event_name) the plan's billable units are reported to; None: not reported.
+    stripe_meter: str | None = None
 
     def as_dict(self) -> dict:
         return {
@@ -26,11 +29,25 @@ class Plan:
             "hard_cap_percent": self.hard_cap_percent,
             "rate_limit_rps": self.rate_limit_rps,
             "stripe_price_ids": list(self.stripe_price_ids),
+            "stripe_meter": self.stripe_meter,
         }
 
 
+# What the schema accepts as a Stripe meter's event_name (Stripe allows at most 100 characters).
+STRIPE_METER_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,100}")
+
+
+def check_stripe_meter(name: str) -> str:
+    """A meter event name as `plans upsert --stripe-meter` takes it; ValueError with a message for the user."""
+    if not STRIPE_METER_NAME.fullmatch(name):
+        raise ValueError(
+            f"malformed Stripe meter event name {name!r}: the meter's event_name, up to 100 letters, digits and _.:-"
+        )
+    return name
+
+
 _SELECT = """
-    SELECT p.name, p.included_units, p.overage, p.hard_cap_percent, p.rate_limit_rps,
+    SELECT p.name, p.included_units, p.overage, p.hard_cap_percent, p.rate_limit_rps, p.stripe_meter,
            coalesce(array_agg(pp.stripe_price_id ORDER BY pp.stripe_price_id)
                     FILTER (WHERE pp.stripe_price_id IS NOT NULL), '{}') AS stripe_price_ids
     FROM driftlock.plans p LEFT JOIN driftlock.plan_prices pp ON pp.plan_name = p.name
@@ -65,6 +82,7 @@ async def upsert_plan(
     hard_cap_percent: int | Unchanged | None = UNCHANGED,
     rate_limit_rps: float | Unchanged | None = UNCHANGED,
     stripe_price_ids: Sequence[str] | Unchanged = UNCHANGED,
+    stripe_meter: str | Unchanged | None = UNCHANGED,
 ) -> tuple[Plan, bool]:
     """Create the plan, or update it keeping every option passed as UNCHANGED; return (plan, created).
 
@@ -79,17 +97,19 @@ async def upsert_plan(
             return current[column] if current else default
 
         await conn.execute(
-            """INSERT INTO driftlock.plans (name, included_units, overage, hard_cap_percent, rate_limit_rps)
-               VALUES ($1, $2, $3, $4, $5)
+            """INSERT INTO driftlock.plans (name, included_units, overage, hard_cap_percent, rate_limit_rps,
+                                              stripe_meter)
+               VALUES ($1, $2, $3, $4, $5, $6)
                ON CONFLICT (name) DO UPDATE SET
                    included_units = EXCLUDED.included_units, overage = EXCLUDED.overage,
                    hard_cap_percent = EXCLUDED.hard_cap_percent, rate_limit_rps = EXCLUDED.rate_limit_rps,
-                   updated_at = now()""",
+                   stripe_meter = EXCLUDED.stripe_meter, updated_at = now()""",
             name,
             included_units,
             str(pick(overage, "overage", Overage.SOFT)),
             pick(hard_cap_percent, "hard_cap_percent", None),
             pick(rate_limit_rps, "rate_limit_rps", None),
+            pick(stripe_meter, "stripe_meter", None),
         )
         if stripe_price_ids is not UNCHANGED:
             await conn.execute(

@@ -276,9 +276,23 @@ class Settings:
     retention_audit_log: timedelta | None = timedelta(days=90)
     retention_stripe_events: timedelta | None = timedelta(days=90)
     prune_interval_seconds: float = 3600.0
-    # For `doctor`: whether the Stripe prices plans are mapped to exist.
-    stripe_api_key: str | None = None
-    stripe_api_base: str | None = None
+    # --- Usage to Stripe, refunds and Stripe state that heals (issue 11) ---
+    # The webhook service reports usage and reads subscriptions with stripe_api_key (None: nothing calls
+    # Stripe; `doctor` checks prices with it too) at stripe_api_base, every stripe_export_interval_seconds. A
+    # counted unit waits stripe_settle_seconds for the refund of its call before it is reported (longer than any
+    # call lasts at the edge, plus the access log's and the meter's flushes), and so does a billing period's
+    # final report after the period ends; units of a period are still reported until
+    # stripe_finalization_grace_seconds after its end (Stripe's invoice finalisation grace period, 1 h unless
+    # changed in the Dashboard). Subscriptions are pulled from Stripe every stripe_sync_interval_seconds. authz
+    # refunds billable calls the backend failed unless refund_failed_calls is off.
+    stripe_api_key: str | None = field(default=None, repr=False)
+    stripe_api_base: str = "https://api.stripe.com"
+    stripe_export_interval_seconds: float = 60.0
+    stripe_settle_seconds: float = 180.0
+    stripe_finalization_grace_seconds: float = 3600.0
+    stripe_timeout_seconds: float = 20.0
+    stripe_sync_interval_seconds: float = 3600.0
+    refund_failed_calls: bool = True
     # --- Abuse resistance (issue 9) ---
     # The secret only Envoy shows authz with each check; CORS at the edge (off until
     # origins are named); the requests per second one client address may send through one Envoy (0: no limit);
@@ -396,8 +410,23 @@ class Settings:
                 why="Stripe retries a delivery for up to three days",
             ),
             prune_interval_seconds=_float(env, "DRIFTLOCK_PRUNE_INTERVAL_SECONDS", d.prune_interval_seconds),
+            # Checked by require_stripe_api_key(), so that a bad key stops only what calls Stripe.
             stripe_api_key=env.get("STRIPE_API_KEY", "").strip() or None,
-            stripe_api_base=_url(env, "STRIPE_API_BASE"),
+            stripe_api_base=(_url(env, "STRIPE_API_BASE") or d.stripe_api_base).rstrip("/"),
+            stripe_export_interval_seconds=_float(
+                env, "DRIFTLOCK_STRIPE_EXPORT_INTERVAL_SECONDS", d.stripe_export_interval_seconds, minimum=0.1
+            ),
+            stripe_settle_seconds=_float(env, "DRIFTLOCK_STRIPE_SETTLE_SECONDS", d.stripe_settle_seconds),
+            stripe_finalization_grace_seconds=_float(
+                env, "DRIFTLOCK_STRIPE_FINALIZATION_GRACE_SECONDS", d.stripe_finalization_grace_seconds
+            ),
+            stripe_timeout_seconds=_float(
+                env, "DRIFTLOCK_STRIPE_TIMEOUT_SECONDS", d.stripe_timeout_seconds, minimum=0.1
+            ),
+            stripe_sync_interval_seconds=_float(
+                env, "DRIFTLOCK_STRIPE_SYNC_INTERVAL_SECONDS", d.stripe_sync_interval_seconds, minimum=1.0
+            ),
+            refund_failed_calls=_bool(env, "DRIFTLOCK_REFUND_FAILED_CALLS", d.refund_failed_calls),
             ext_authz_secret=env.get("DRIFTLOCK_EXT_AUTHZ_SECRET") or None,
             cors_allowed_origins=_origins(env, "DRIFTLOCK_CORS_ALLOWED_ORIGINS"),
             edge_requests_per_source=_int(env, "DRIFTLOCK_EDGE_REQUESTS_PER_SOURCE", d.edge_requests_per_source),
@@ -484,6 +513,17 @@ class Settings:
         if bool(self.tls_cert_path) != bool(self.tls_key_path):
             raise SettingsError("set both DRIFTLOCK_TLS_CERT and DRIFTLOCK_TLS_KEY (PEM files), or neither")
         return (self.tls_cert_path, self.tls_key_path) if self.tls_cert_path and self.tls_key_path else None
+
+    def require_stripe_api_key(self) -> str:
+        if not self.stripe_api_key:
+            raise SettingsError(
+                "STRIPE_API_KEY is not set (a restricted key with Billing meter events write, Billing meters read and "
+                "Subscriptions read suffices; see docs/operations.md)"
+            )
+        # Never echo the value: it is a secret.
+        if not self.stripe_api_key.startswith(("sk_live_", "sk_test_", "rk_live_", "rk_test_")):
+            raise SettingsError("STRIPE_API_KEY must be a Stripe secret (sk_...) or restricted (rk_...) key")
+        return self.stripe_api_key
 
     def require_webhook_secrets(self) -> tuple[str, ...]:
         if not self.stripe_webhook_secrets:

@@ -1,12 +1,15 @@
-"""Usage as the CLI reports it: stored counters of the current billing period, alerts, and audit retention."""
+"""Usage as the CLI reports it: stored counters of a billing period (the current one or the closed one before it),
+alerts, and audit retention."""
 
 import uuid
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
+from enum import StrEnum
 
 from driftlock_kernel import db, retention
 from driftlock_kernel.billing import BillingPolicy, effective_plan
-from driftlock_kernel.orgs import get_org
+from driftlock_kernel.orgs import Organization, get_org
+from driftlock_kernel.periods import Period, calendar_month
 from driftlock_kernel.plans import get_plan
 
 PRODUCTS = ("stream", "monitor")
@@ -50,11 +53,43 @@ class UsageAlert:
         return asdict(self)
 
 
-async def org_usage(conn: db.Connection, org_id: uuid.UUID, now: datetime, policy: BillingPolicy) -> OrgUsage:
-    """Stored usage this billing period, pooled over products. Units an authz replica counted in the last
-    second (its flush interval) may not be stored yet."""
+class Which(StrEnum):
+    """Which billing period a usage report is about."""
+
+    CURRENT = "current"
+    PREVIOUS = "previous"  # the closed period before the current one
+
+
+async def previous_period(conn: db.Connection, org: Organization, current: Period) -> Period:
+    """The closed period before `current`: the latest period Stripe reported (billing_periods) or usage was
+    counted in that started before it, ending where it was recorded to end (else where `current` starts); the
+    calendar month before, when there is none."""
+    row = await conn.fetchrow(
+        """SELECT period_start, max(period_end) AS period_end FROM (
+               SELECT period_start, period_end FROM driftlock.billing_periods
+               WHERE org_id = $1 AND period_start < $2
+               UNION ALL
+               SELECT period_start, NULL FROM driftlock.usage_counters WHERE org_id = $1 AND period_start < $2
+           ) AS known
+           GROUP BY period_start ORDER BY period_start DESC LIMIT 1""",
+        org.id,
+        current.start,
+    )
+    if row is None:
+        return calendar_month(current.start - timedelta(microseconds=1))
+    end = row["period_end"] if row["period_end"] is not None and row["period_end"] <= current.start else current.start
+    return Period(row["period_start"], end)
+
+
+async def org_usage(
+    conn: db.Connection, org_id: uuid.UUID, now: datetime, policy: BillingPolicy, which: Which = Which.CURRENT
+) -> OrgUsage:
+    """Stored usage of a billing period, pooled over products. Units an authz replica counted in the last second
+    (its flush interval) may not be stored yet; refunds reach the counters the same way."""
     org = await get_org(conn, org_id)
     period = org.billing_period(now)
+    if which is Which.PREVIOUS:
+        period = await previous_period(conn, org, period)
     rows = await conn.fetch(
         "SELECT product, units FROM driftlock.usage_counters WHERE org_id = $1 AND period_start = $2",
         org_id,

@@ -185,19 +185,31 @@ def make_key(pool):
 # --- the running gateway ----------------------------------------------------------------------------------------
 
 
+# The gateway reports usage to a local Stripe API with this key and meter; its timings are shortened so that the
+# tests can wait for them: the backend gets 2 s before Envoy answers 504, counted units wait 4 s for their
+# refunds (longer than a call can last, plus the flushes), a pass runs every second, and calls to Stripe get 1 s
+# (a dead sender's claim expires 4 s later).
+GATEWAY_STRIPE_KEY = "sk_test_driftlock_gateway"
+GATEWAY_METER = "driftlock_api_calls"
+GATEWAY_BACKEND_TIMEOUT_SECONDS = 2
+GATEWAY_SETTLE_SECONDS = 4
+
+
 class Gateway:
-    """Envoy + two authz replicas + the webhook service + a recording backend and alert receiver, on free ports.
+    """Envoy + two authz replicas + the webhook service + a recording backend and alert receiver, on free ports,
+    and the local Stripe API the webhook service reports usage to and syncs from.
 
     Every allowed check is audited (sample rate 1) so that tests can find their requests in the audit log.
     Context tokens are EdDSA (the `context_signing_keys` fixture); the management API answers on
     `management_port` to tokens signed with the `admin_secret` fixture. CORS is on for CORS_ORIGIN."""
 
-    def __init__(self, stack, backend, webhook_secret, alerts, log_dir):
+    def __init__(self, stack, backend, webhook_secret, alerts, log_dir, stripe=None):
         self.stack = stack
         self.backend = backend
         self.webhook_secret = webhook_secret
         self.alerts = alerts
         self.log_dir = log_dir
+        self.stripe = stripe
 
     @property
     def port(self) -> int:
@@ -243,9 +255,12 @@ async def gateway(database_url, jwt_secret, admin_secret, context_signing_keys, 
     from tests.support.net import free_port
     from tests.support.recorder import Recorder
     from tests.support.stripe import SECRET
+    from tests.support.stripe_api import LocalStripe
 
     backend = await Recorder().start(free_port())
     alerts = await Recorder().start(free_port())
+    stripe = await LocalStripe(api_key=GATEWAY_STRIPE_KEY).start()
+    stripe.add_meter(GATEWAY_METER)
     ports = StackPorts(
         envoy=free_port(),
         envoy_admin=free_port(),
@@ -275,16 +290,24 @@ async def gateway(database_url, jwt_secret, admin_secret, context_signing_keys, 
                 "DRIFTLOCK_ALERT_WEBHOOK_URL": f"http://127.0.0.1:{alerts.port}/alerts",
                 "DRIFTLOCK_AUDIT_ALLOW_SAMPLE_RATE": "1",
                 "DRIFTLOCK_KEY_LAST_USED_INTERVAL_SECONDS": "0.5",
+                "STRIPE_API_KEY": GATEWAY_STRIPE_KEY,
+                "STRIPE_API_BASE": stripe.url,
+                "DRIFTLOCK_STRIPE_EXPORT_INTERVAL_SECONDS": "1",
+                "DRIFTLOCK_STRIPE_SETTLE_SECONDS": str(GATEWAY_SETTLE_SECONDS),
+                "DRIFTLOCK_STRIPE_TIMEOUT_SECONDS": "1",
             },
+            backend_timeout=f"{GATEWAY_BACKEND_TIMEOUT_SECONDS}s",
         )
     except Exception:
         print(Gateway(None, backend, SECRET, alerts, log_dir).logs())
+        await stripe.stop()
         raise
-    gateway = Gateway(stack, backend, SECRET, alerts, log_dir)
+    gateway = Gateway(stack, backend, SECRET, alerts, log_dir, stripe)
     yield gateway
     codes = await stack.stop()
     await backend.stop()
     await alerts.stop()
+    await stripe.stop()
     assert all(code == 0 for code in codes.values()), f"exit codes {codes}\n{gateway.logs()}"
     # Every line the whole run made the gateway log, now that it is complete: no key, secret or token.
     leaked = scan_logs(log_dir, known=(jwt_secret, SECRET))

@@ -45,6 +45,8 @@ def test_plans_upsert_creates_then_updates_keeping_options(cli):
         "150",
         "--rate-limit",
         "25",
+        "--stripe-meter",
+        "api_calls",
         "--json",
     ).json()
     assert created == {
@@ -54,15 +56,27 @@ def test_plans_upsert_creates_then_updates_keeping_options(cli):
         "hard_cap_percent": 150,
         "rate_limit_rps": 25.0,
         "stripe_price_ids": [f"price_{name}"],
+        "stripe_meter": "api_calls",
         "created": True,
     }
     updated = cli("plans", "upsert", name, "--included-units", "6000", "--json").json()
     assert updated["included_units"] == 6000
     assert (updated["overage"], updated["hard_cap_percent"], updated["rate_limit_rps"]) == ("block", 150, 25.0)
-    assert updated["stripe_price_ids"] == [f"price_{name}"]
+    assert (updated["stripe_price_ids"], updated["stripe_meter"]) == ([f"price_{name}"], "api_calls")
     assert updated["created"] is False
-    cleared = cli("plans", "upsert", name, "--included-units", "6000", "--hard-cap-percent", "none", "--json").json()
-    assert cleared["hard_cap_percent"] is None
+    cleared = cli(
+        "plans",
+        "upsert",
+        name,
+        "--included-units",
+        "6000",
+        "--hard-cap-percent",
+        "none",
+        "--stripe-meter",
+        "none",
+        "--json",
+    ).json()
+    assert (cleared["hard_cap_percent"], cleared["stripe_meter"]) == (None, None)
     listed = cli("plans", "list", "--json").json()["plans"]
     assert {p["name"] for p in listed} >= {"free", name}
 
@@ -207,11 +221,70 @@ def test_every_command_has_help():
         ("webhooks", "prune"),
         ("stripe",),
         ("stripe", "send-event"),
+        ("stripe", "export"),
+        ("stripe", "exports", "list"),
+        ("stripe", "sync"),
+        ("webhooks", "replay"),
         ("dev",),
         ("envoy",),
     ):
         result = run_cli(*args, "--help", database_url=None)
         assert result.code == 0 and "usage:" in result.stdout, args
+
+
+async def test_usage_of_the_previous_period_is_the_closed_period_before_the_current_one(make_org, pool, database_url):
+    from datetime import UTC, datetime, timedelta
+
+    from driftlock_kernel.periods import calendar_month
+
+    async def counted(org_id, start, product, units):
+        await pool.execute(
+            "INSERT INTO driftlock.usage_counters (org_id, period_start, product, units) VALUES ($1, $2, $3, $4)",
+            org_id,
+            start,
+            product,
+            units,
+        )
+
+    month = calendar_month(datetime.now(UTC))
+    last_month = calendar_month(month.start - timedelta(days=1))
+    org = await make_org()
+    await counted(org.id, last_month.start, "stream", 7)
+    await counted(org.id, last_month.start, "monitor", 2)
+    await counted(org.id, month.start, "stream", 1)
+    previous = run_cli("usage", str(org.id), "--period", "previous", "--json", database_url=database_url).json()
+    assert previous["used"] == {"stream": 7, "monitor": 2, "total": 9}
+    assert (previous["period_start"], previous["period_end"]) == (
+        last_month.start.isoformat().replace("+00:00", "Z"),
+        month.start.isoformat().replace("+00:00", "Z"),
+    )
+    assert run_cli("usage", str(org.id), "--json", database_url=database_url).json()["used"]["total"] == 1
+
+    # A Stripe subscription's periods: the previous one is the one Stripe reported before the current one.
+    subscribed = await make_org()
+    now = datetime.now(UTC).replace(microsecond=0)
+    first = (now - timedelta(days=40), now - timedelta(days=10))
+    for start, end in (first, (first[1], first[1] + timedelta(days=30))):
+        await pool.execute(
+            "UPDATE driftlock.organizations SET period_start = $2, period_end = $3 WHERE id = $1",
+            subscribed.id,
+            start,
+            end,
+        )
+    await counted(subscribed.id, first[0], "stream", 4)
+    previous = run_cli("usage", str(subscribed.id), "--period", "previous", "--json", database_url=database_url).json()
+    assert previous["used"]["total"] == 4
+    assert previous["period_start"] == first[0].isoformat().replace("+00:00", "Z")
+    bad = run_cli("usage", str(org.id), "--period", "last", database_url=database_url)
+    assert bad.code == 2 and "invalid choice" in bad.stderr
+
+
+def test_a_malformed_stripe_api_key_stops_only_what_calls_stripe(database_url):
+    env = {"STRIPE_API_KEY": "pk_live_publishable"}
+    assert run_cli("plans", "list", "--json", database_url=database_url, env=env).code == 0
+    result = run_cli("stripe", "export", "--once", database_url=database_url, env=env)
+    assert_one_line_error(result, "STRIPE_API_KEY", "secret")
+    assert "pk_live_publishable" not in result.stderr
 
 
 def test_authz_refuses_a_short_jwt_secret(database_url):

@@ -1,5 +1,9 @@
-"""An in-process HTTP server that records every request it gets and echoes it back as JSON."""
+"""An in-process HTTP server that records every request it gets and echoes it back as JSON.
 
+A request may ask for a failure with `x-test-respond`: a status (`503`), `reset` (the connection is closed without
+an answer) or `sleep:<seconds>` (answered late, for Envoy's route timeout)."""
+
+import asyncio
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -31,7 +35,15 @@ class Recorder:
         body = await request.read()
         entry = Received(request.method, request.raw_path, [(k.lower(), v) for k, v in request.headers.items()], body)
         self.received.append(entry)
-        return web.json_response({"path": entry.path, "headers": dict(entry.headers)})
+        respond = request.headers.get("x-test-respond", "")
+        if respond == "reset":
+            if request.transport is not None:
+                request.transport.close()
+            return web.Response(status=500)  # never written: the connection is gone
+        if respond.startswith("sleep:"):
+            await asyncio.sleep(float(respond.removeprefix("sleep:")))
+        status = int(respond) if respond.isdigit() else 200
+        return web.json_response({"path": entry.path, "headers": dict(entry.headers)}, status=status)
 
     async def start(self, port: int) -> "Recorder":
         app = web.Application()

@@ -29,6 +29,14 @@ def test_each_variable_is_read():
             "DRIFTLOCK_LOG_LEVEL": "debug",
             "DRIFTLOCK_DEBUG": "1",
             "DRIFTLOCK_DEV_DIR": "/tmp/dev",
+            "STRIPE_API_KEY": "rk_live_abc",
+            "STRIPE_API_BASE": "http://127.0.0.1:12111/",
+            "DRIFTLOCK_STRIPE_EXPORT_INTERVAL_SECONDS": "5",
+            "DRIFTLOCK_STRIPE_SETTLE_SECONDS": "30",
+            "DRIFTLOCK_STRIPE_FINALIZATION_GRACE_SECONDS": "7200",
+            "DRIFTLOCK_STRIPE_TIMEOUT_SECONDS": "3",
+            "DRIFTLOCK_STRIPE_SYNC_INTERVAL_SECONDS": "600",
+            "DRIFTLOCK_REFUND_FAILED_CALLS": "false",
         }
     )
     assert settings.database_transaction_pooler is True
@@ -42,6 +50,20 @@ def test_each_variable_is_read():
     )
     assert (settings.envoy_log_level, settings.envoy_concurrency) == ("info", 3)
     assert (settings.log_level, settings.debug, settings.dev_state_dir) == ("DEBUG", True, "/tmp/dev")
+    assert (settings.require_stripe_api_key(), settings.stripe_api_base) == ("rk_live_abc", "http://127.0.0.1:12111")
+    assert (settings.stripe_export_interval_seconds, settings.stripe_settle_seconds) == (5.0, 30.0)
+    assert (settings.stripe_finalization_grace_seconds, settings.stripe_timeout_seconds) == (7200.0, 3.0)
+    assert (settings.stripe_sync_interval_seconds, settings.refund_failed_calls) == (600.0, False)
+
+
+def test_the_stripe_key_is_checked_where_it_is_needed_and_never_shown():
+    settings = Settings.from_env({"STRIPE_API_KEY": "pk_live_secretish"})
+    with pytest.raises(SettingsError) as caught:
+        settings.require_stripe_api_key()
+    assert "pk_live_secretish" not in str(caught.value)
+    assert "pk_live_secretish" not in repr(settings)
+    with pytest.raises(SettingsError, match="STRIPE_API_KEY is not set"):
+        Settings.from_env({}).require_stripe_api_key()
 
 
 def test_service_addresses_default_to_this_hosts_ports():
@@ -59,6 +81,9 @@ def test_service_addresses_default_to_this_hosts_ports():
         ("DRIFTLOCK_AUTHZ_ADDRESS", ","),
         ("DRIFTLOCK_LOG_LEVEL", "loud"),
         ("DRIFTLOCK_ENVOY_CONCURRENCY", "-1"),
+        ("STRIPE_API_BASE", "api.stripe.com"),
+        ("DRIFTLOCK_STRIPE_EXPORT_INTERVAL_SECONDS", "0"),
+        ("DRIFTLOCK_REFUND_FAILED_CALLS", "sometimes"),
     ],
 )
 def test_a_malformed_value_is_one_line_naming_the_variable(name, value):

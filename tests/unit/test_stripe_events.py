@@ -206,6 +206,8 @@ def test_expanded_customer_object_is_read_by_its_id():
     [
         ("invoice.payment_failed", LEGACY_INVOICE, "2024-06-20", False),
         ("invoice.payment_succeeded", BASIL_INVOICE, "2025-03-31.basil", True),
+        ("invoice.paid", BASIL_INVOICE, "2025-03-31.basil", True),
+        ("invoice.paid", LEGACY_INVOICE, "2024-06-20", True),
     ],
 )
 def test_invoice_of_either_shape_names_its_subscription(event_type, obj, api_version, succeeded):
@@ -254,6 +256,30 @@ def test_checkout_names_the_org_by_client_reference_id_else_metadata():
     assert (
         normalize(envelope(wrap("checkout.session.completed", neither, api_version="2024-06-20"))).org_reference is None
     )
+
+
+@pytest.mark.parametrize(
+    ("event_type", "status"), [("customer.subscription.paused", "paused"), ("customer.subscription.resumed", "active")]
+)
+def test_paused_and_resumed_subscriptions_are_snapshots_of_their_status(event_type, status):
+    snapshot = normalize(
+        envelope(wrap(event_type, {**BASIL_SUBSCRIPTION, "status": status}, api_version="2025-03-31.basil"))
+    )
+    assert isinstance(snapshot, SubscriptionSnapshot)
+    assert (snapshot.status, snapshot.ended) == (status, False)
+
+
+def test_a_nul_character_anywhere_in_a_payload_is_found():
+    assert not events.contains_nul({"a": ["b", {"c": 1, "d": None}]})
+    assert events.contains_nul({"a": ["b", {"c": "x\x00y"}]})
+    assert events.contains_nul({"k\x00": 1})
+
+
+def test_an_envelope_keeps_no_nul_from_the_fields_it_stores():
+    payload = wrap("customer.subscription.updated", BASIL_SUBSCRIPTION, api_version="2025-03-31\x00.basil")
+    assert envelope(payload).api_version is None
+    with pytest.raises(MalformedEvent):
+        envelope({**payload, "type": "customer.subscription.updated\x00"})
 
 
 def test_unhandled_types_normalise_to_none():
@@ -327,4 +353,7 @@ def test_handled_types_are_the_contract_list():
         "customer.subscription.trial_will_end",
         "invoice.payment_succeeded",
         "invoice.payment_failed",
+        "invoice.paid",
+        "customer.subscription.paused",
+        "customer.subscription.resumed",
     }

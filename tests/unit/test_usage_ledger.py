@@ -1,6 +1,8 @@
 from datetime import UTC, datetime
 
 from authz_service.alerts import thresholds_reached
+from authz_service.meter_store import read_spilled, spill
+from authz_service.refunds import Refund
 from authz_service.usage_ledger import Report, UsageLedger
 
 PERIOD = datetime(2026, 11, 1, tzinfo=UTC)
@@ -120,6 +122,56 @@ def test_drain_and_restore_keep_every_unit_and_flush_id():
     fresh.restore(drained)
     assert fresh.next_batch().flush_id == first.flush_id
     assert fresh.pending_units == 5
+
+
+def refund(request_id: str = "r1", units: int = 1) -> Refund:
+    return Refund(request_id, "org-1", PERIOD, "stream", units, "status_5xx")
+
+
+def test_a_refund_takes_units_back_in_the_same_batches():
+    book = ledger()
+    book.learn(KEY, 10, 0)
+    book.record("r1", KEY, "stream", 2)
+    assert book.refund(refund("r1", 2))
+    assert book.used(KEY) == 10
+    batch = book.next_batch()
+    assert (batch.counters, batch.refunds, batch.units) == ({("org-1", PERIOD, "stream"): 2}, [refund("r1", 2)], 0)
+    assert batch.by_usage_key() == {KEY: 0}
+
+
+def test_a_request_is_refunded_once_per_replica():
+    book = ledger()
+    book.learn(KEY, 10, 0)
+    assert book.refund(refund())
+    assert not book.refund(refund())
+    assert book.used(KEY) == 9
+
+
+def test_a_refund_flushed_before_its_count_keeps_the_pending_units_below_zero():
+    """The count of the call was made by another replica: this one holds only the refund."""
+    book = ledger()
+    book.learn(KEY, 10, 0)
+    book.refund(refund("r1"))
+    first = book.next_batch()
+    book.refund(refund("r2"))
+    book.acknowledged(first, {KEY: 9})
+    assert book.used(KEY) == 8  # 9 stored, 1 refund still pending
+    assert book.pending_units == -1
+    assert book.has_work
+
+
+def test_spilled_refunds_come_back_and_old_spill_files_without_refunds_still_read(tmp_path):
+    book = ledger()
+    book.learn(KEY, 0, 0)
+    book.record("r1", KEY, "stream", 3)
+    book.refund(refund("r1", 3))
+    path = spill(book.drain(), tmp_path)
+    ((_, batches),) = read_spilled(tmp_path, on_corrupt=lambda path, error: None)
+    assert batches[0].refunds == [refund("r1", 3)]
+    old = '[{"flush_id": "00000000-0000-0000-0000-000000000001", "counters": [], "reports": []}]'
+    path.write_text(old)
+    ((_, batches),) = read_spilled(tmp_path, on_corrupt=lambda path, error: None)
+    assert batches[0].refunds == []
 
 
 def test_thresholds():

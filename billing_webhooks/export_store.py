@@ -1,0 +1,331 @@
+"""SQL of the usage outbox (`driftlock.stripe_exports`): what the decisions read, the rows they write, and the
+claims under which senders send them.
+
+Deciding runs in one transaction under a transaction-scoped advisory lock, so two replicas never decide the
+same units twice (the second waits, then sees the first's rows), and it works through a transaction pooler.
+Sending takes rows with `FOR UPDATE SKIP LOCKED` and a lease instead of holding a transaction open across a call
+to Stripe: a sender that dies leaves its claim to expire, and the next one sends the same identifier again.
+"""
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import asyncpg
+
+from billing_webhooks.exports import ExportState, Marks, NewExport
+from driftlock_kernel import db
+
+# Any fixed 64-bit number: "the driftlock usage-export decision lock" among the database's advisory locks.
+DECISION_LOCK_ID = 0x0D21F7_E4B0
+# Counters untouched for longer cannot hold anything Stripe would still accept (35 days), plus margin.
+LOOKBACK = timedelta(days=40)
+
+
+@dataclass(frozen=True, slots=True)
+class PeriodRow:
+    """An organisation's period as the decision reads it (before its end is resolved and its target chosen)."""
+
+    org_id: uuid.UUID
+    period_start: datetime
+    stored_units: int
+    sent_units: int
+    pending_units: int
+    skipped_units: int
+    next_seq: int
+    last_state: str | None
+    last_finished_at: datetime | None
+    recorded_meter: str | None
+    recorded_customer: str | None
+    recorded_end: datetime | None  # the period's end as Stripe reported it (billing_periods)
+    stripe_customer_id: str | None
+    org_period_start: datetime | None
+    org_period_end: datetime | None
+    plan_name: str
+    billing_status: str
+    observed_at: datetime  # the database's time of this read
+    observed_snapshot: str  # and the snapshot it read in
+    candidate_at: datetime | None = None
+    candidate_units: int = 0
+    candidate_snapshot: str | None = None
+    settled_at: datetime | None = None
+    settled_units: int = 0
+    settled_snapshot: str | None = None
+    refunds_since_candidate: int = 0  # refunds the candidate's snapshot did not see
+    refunds_since_settled: int = 0
+
+
+_PERIODS_SQL = """
+WITH touched AS (
+    SELECT org_id, period_start FROM driftlock.usage_counters WHERE updated_at > now() - $1::interval
+    UNION
+    SELECT org_id, period_start FROM driftlock.stripe_exports
+    WHERE state IN ('pending', 'failed') AND created_at > now() - $1::interval
+)
+SELECT t.org_id, t.period_start,
+       coalesce((SELECT sum(c.units) FROM driftlock.usage_counters c
+                 WHERE c.org_id = t.org_id AND c.period_start = t.period_start), 0)::bigint AS stored_units,
+       x.sent_units, x.pending_units, x.skipped_units, x.next_seq, x.last_state, x.last_finished_at,
+       x.recorded_meter, x.recorded_customer, bp.period_end AS recorded_end,
+       o.stripe_customer_id, o.period_start AS org_period_start, o.period_end AS org_period_end, o.plan_name,
+       o.billing_status, now() AS observed_at, pg_current_snapshot()::text AS observed_snapshot,
+       m.candidate_at, coalesce(m.candidate_units, 0) AS candidate_units, m.candidate_snapshot::text,
+       m.settled_at, coalesce(m.settled_units, 0) AS settled_units, m.settled_snapshot::text,
+       (SELECT coalesce(sum(r.units), 0) FROM driftlock.usage_refunds r
+        WHERE r.org_id = t.org_id AND r.period_start = t.period_start
+          AND NOT pg_visible_in_snapshot(r.xid, m.candidate_snapshot))::bigint AS refunds_since_candidate,
+       (SELECT coalesce(sum(r.units), 0) FROM driftlock.usage_refunds r
+        WHERE r.org_id = t.org_id AND r.period_start = t.period_start
+          AND NOT pg_visible_in_snapshot(r.xid, m.settled_snapshot))::bigint AS refunds_since_settled
+FROM touched t
+JOIN driftlock.organizations o ON o.id = t.org_id
+LEFT JOIN driftlock.billing_periods bp ON bp.org_id = t.org_id AND bp.period_start = t.period_start
+LEFT JOIN driftlock.stripe_export_marks m ON m.org_id = t.org_id AND m.period_start = t.period_start
+CROSS JOIN LATERAL (
+    SELECT coalesce(sum(e.units) FILTER (WHERE e.state = 'sent'), 0)::bigint AS sent_units,
+           coalesce(sum(e.units) FILTER (WHERE e.state = 'pending'), 0)::bigint AS pending_units,
+           coalesce(sum(e.units) FILTER (WHERE e.state = 'skipped'), 0)::bigint AS skipped_units,
+           coalesce(max(e.seq), 0) + 1 AS next_seq,
+           (array_agg(e.state ORDER BY e.seq DESC))[1] AS last_state,
+           (array_agg(e.finished_at ORDER BY e.seq DESC))[1] AS last_finished_at,
+           (array_agg(e.event_name ORDER BY e.seq DESC))[1] AS recorded_meter,
+           (array_agg(e.stripe_customer_id ORDER BY e.seq DESC))[1] AS recorded_customer
+    FROM driftlock.stripe_exports e WHERE e.org_id = t.org_id AND e.period_start = t.period_start
+) x
+WHERE o.stripe_customer_id IS NOT NULL OR x.next_seq > 1
+ORDER BY t.org_id, t.period_start
+"""
+
+
+async def lock_decisions(conn: db.Connection) -> None:
+    """Serialise deciding across replicas until the transaction ends."""
+    await conn.execute("SELECT pg_advisory_xact_lock($1)", DECISION_LOCK_ID)
+
+
+async def period_rows(conn: db.Connection, lookback: timedelta = LOOKBACK) -> list[PeriodRow]:
+    rows = await conn.fetch(_PERIODS_SQL, lookback)
+    return [db.from_row(PeriodRow, row) for row in rows]
+
+
+async def save_marks(conn: db.Connection, marks: Sequence[tuple[uuid.UUID, datetime, Marks]]) -> None:
+    if not marks:
+        return
+    await conn.execute(
+        """INSERT INTO driftlock.stripe_export_marks AS m (
+               org_id, period_start, candidate_at, candidate_units, candidate_snapshot, settled_at, settled_units,
+               settled_snapshot)
+           SELECT o, p, ca, cu, cs::pg_snapshot, sa, su, ss::pg_snapshot
+           FROM unnest($1::uuid[], $2::timestamptz[], $3::timestamptz[], $4::bigint[], $5::text[],
+                       $6::timestamptz[], $7::bigint[], $8::text[]) AS x(o, p, ca, cu, cs, sa, su, ss)
+           ON CONFLICT (org_id, period_start) DO UPDATE SET
+               candidate_at = EXCLUDED.candidate_at, candidate_units = EXCLUDED.candidate_units,
+               candidate_snapshot = EXCLUDED.candidate_snapshot, settled_at = EXCLUDED.settled_at,
+               settled_units = EXCLUDED.settled_units, settled_snapshot = EXCLUDED.settled_snapshot""",
+        [org for org, _, _ in marks],
+        [start for _, start, _ in marks],
+        [m.candidate_at for _, _, m in marks],
+        [m.candidate_units for _, _, m in marks],
+        [m.candidate_snapshot for _, _, m in marks],
+        [m.settled_at for _, _, m in marks],
+        [m.settled_units if m.settled_at is not None else None for _, _, m in marks],
+        [m.settled_snapshot for _, _, m in marks],
+    )
+
+
+async def plan_meters(conn: db.Connection) -> dict[str, str | None]:
+    rows = await conn.fetch("SELECT name, stripe_meter FROM driftlock.plans")
+    return {row["name"]: row["stripe_meter"] for row in rows}
+
+
+async def insert_exports(conn: db.Connection, exports: Sequence[NewExport]) -> list[int]:
+    if not exports:
+        return []
+    rows = await conn.fetch(
+        """INSERT INTO driftlock.stripe_exports (
+               org_id, period_start, period_end, seq, identifier, event_name, stripe_customer_id, units,
+               event_timestamp, state, error, finished_at)
+           SELECT x.org_id, x.period_start, x.period_end, x.seq, x.identifier, x.event_name, x.customer, x.units,
+                  x.ts, x.state, x.error, CASE WHEN x.state = 'pending' THEN NULL ELSE now() END
+           FROM unnest($1::uuid[], $2::timestamptz[], $3::timestamptz[], $4::int[], $5::text[], $6::text[],
+                       $7::text[], $8::bigint[], $9::timestamptz[], $10::text[], $11::text[])
+                AS x(org_id, period_start, period_end, seq, identifier, event_name, customer, units, ts, state, error)
+           RETURNING id""",
+        [e.org_id for e in exports],
+        [e.period.start for e in exports],
+        [e.period.end for e in exports],
+        [e.seq for e in exports],
+        [e.identifier for e in exports],
+        [e.event_name for e in exports],
+        [e.customer for e in exports],
+        [e.units for e in exports],
+        [e.timestamp for e in exports],
+        [e.state.value for e in exports],
+        [e.error for e in exports],
+    )
+    return [row["id"] for row in rows]
+
+
+# --- sending ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedExport:
+    id: int
+    org_id: uuid.UUID
+    period_start: datetime
+    period_end: datetime
+    seq: int
+    identifier: str
+    event_name: str
+    stripe_customer_id: str
+    units: int
+    event_timestamp: datetime
+    attempts: int
+    first_attempt_at: datetime | None
+    claim_token: uuid.UUID
+
+
+async def claim_due(
+    pool: asyncpg.Pool, *, runner: str, lease: timedelta, limit: int, token: uuid.UUID
+) -> list[ClaimedExport]:
+    """Take up to `limit` pending rows that are due and not claimed by a live sender. The claim counts as an
+    attempt and records when the identifier may first have reached Stripe, before anything is sent."""
+    rows = await pool.fetch(
+        """UPDATE driftlock.stripe_exports e
+           SET claim_token = $1, claimed_by = $2, claimed_until = now() + $3::interval,
+               attempts = e.attempts + 1, last_attempt_at = now(),
+               first_attempt_at = coalesce(e.first_attempt_at, now())
+           WHERE e.id IN (
+               SELECT id FROM driftlock.stripe_exports
+               WHERE state = 'pending' AND next_attempt_at <= now()
+                 AND (claimed_until IS NULL OR claimed_until < now())
+               ORDER BY next_attempt_at, id
+               LIMIT $4
+               FOR UPDATE SKIP LOCKED)
+           RETURNING e.id, e.org_id, e.period_start, e.period_end, e.seq, e.identifier, e.event_name,
+                     e.stripe_customer_id, e.units, e.event_timestamp, e.attempts, e.first_attempt_at,
+                     e.claim_token""",
+        token,
+        runner,
+        lease,
+        limit,
+    )
+    return [db.from_row(ClaimedExport, row) for row in rows]
+
+
+async def mark_finished(
+    pool: asyncpg.Pool,
+    export_id: int,
+    state: ExportState,
+    *,
+    token: uuid.UUID | None,
+    error: str | None = None,
+    request_id: str | None = None,
+) -> bool:
+    """Finish a pending row: `sent` by whoever learns that Stripe has it (a stale claimant too, token None);
+    `failed` or `skipped` only by the current claimant. False when the row was no longer there to finish."""
+    status = await pool.execute(
+        """UPDATE driftlock.stripe_exports
+           SET state = $2, error = $4, stripe_request_id = coalesce($5, stripe_request_id),
+               finished_at = now(), claim_token = NULL, claimed_until = NULL
+           WHERE id = $1 AND state = 'pending' AND ($3::uuid IS NULL OR claim_token = $3)""",
+        export_id,
+        state.value,
+        token,
+        error,
+        request_id,
+    )
+    return status.endswith(" 1")
+
+
+async def mark_retry(
+    pool: asyncpg.Pool,
+    export_id: int,
+    token: uuid.UUID,
+    error: str | None,
+    retry_in: timedelta,
+    *,
+    attempted: bool = True,
+    restart_window: bool = False,
+) -> None:
+    """Give the row back, due again in `retry_in`. `attempted=False`: nothing was sent under this claim (the
+    attempt is not counted); `restart_window`: Stripe was found not to have it, so its 24 hours start anew."""
+    await pool.execute(
+        """UPDATE driftlock.stripe_exports
+           SET error = coalesce($3, error), next_attempt_at = now() + $4::interval,
+               attempts = attempts - CASE WHEN $5 THEN 0 ELSE 1 END,
+               first_attempt_at = CASE WHEN $6 THEN NULL ELSE first_attempt_at END,
+               claim_token = NULL, claimed_until = NULL
+           WHERE id = $1 AND state = 'pending' AND claim_token = $2""",
+        export_id,
+        token,
+        error,
+        retry_in,
+        attempted,
+        restart_window,
+    )
+
+
+async def sent_in_period(
+    pool: asyncpg.Pool, org_id: uuid.UUID, period_start: datetime, event_name: str, customer: str
+) -> tuple[int, datetime | None]:
+    """Units of the period's rows Stripe has (for this meter and customer), and when the latest was sent."""
+    row = await pool.fetchrow(
+        """SELECT coalesce(sum(units), 0)::bigint AS units, max(finished_at) AS latest
+           FROM driftlock.stripe_exports
+           WHERE org_id = $1 AND period_start = $2 AND event_name = $3 AND stripe_customer_id = $4
+             AND state = 'sent'""",
+        org_id,
+        period_start,
+        event_name,
+        customer,
+    )
+    return (row["units"], row["latest"]) if row else (0, None)
+
+
+# --- reading ---------------------------------------------------------------------------------------------------
+
+_EXPORT_COLUMNS = """
+    id, org_id, period_start, period_end, seq, identifier, event_name, stripe_customer_id, units, event_timestamp,
+    state, attempts, first_attempt_at, last_attempt_at, next_attempt_at, stripe_request_id, error, created_at,
+    finished_at
+"""
+
+
+async def list_exports(
+    conn: db.Connection,
+    *,
+    org_id: uuid.UUID | None = None,
+    state: ExportState | None = None,
+    limit: int = 100,
+) -> list[dict]:
+    """The most recent rows, newest first."""
+    rows = await conn.fetch(
+        f"""SELECT {_EXPORT_COLUMNS} FROM driftlock.stripe_exports
+            WHERE ($1::uuid IS NULL OR org_id = $1) AND ($2::text IS NULL OR state = $2)
+            ORDER BY created_at DESC, id DESC
+            LIMIT $3""",
+        org_id,
+        state.value if state else None,
+        limit,
+    )
+    return [dict(row) for row in rows]
+
+
+async def exports_by_id(conn: db.Connection, ids: Sequence[int]) -> list[dict]:
+    rows = await conn.fetch(
+        f"SELECT {_EXPORT_COLUMNS} FROM driftlock.stripe_exports WHERE id = ANY($1::bigint[]) ORDER BY id", list(ids)
+    )
+    return [dict(row) for row in rows]
+
+
+async def exported_units(conn: db.Connection, org_id: uuid.UUID, period_start: datetime) -> dict[str, int]:
+    """Units of a period's rows by state."""
+    rows = await conn.fetch(
+        """SELECT state, sum(units)::bigint AS units FROM driftlock.stripe_exports
+           WHERE org_id = $1 AND period_start = $2 GROUP BY state""",
+        org_id,
+        period_start,
+    )
+    return {state.value: 0 for state in ExportState} | {row["state"]: row["units"] for row in rows}

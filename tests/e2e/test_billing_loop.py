@@ -1,0 +1,340 @@
+"""The billing loop end to end: billable calls through real Envoy and two authz replicas, counted in real
+PostgreSQL, reported by the webhook service through the real `stripe` library to the local Stripe API, with faults
+at every step; failed calls refunded through Envoy's gRPC access log; a period that closes mid-test; Stripe state
+repaired by replay and sync. Each scenario prints its figures: calls, units stored, units at Stripe, refunds."""
+
+import asyncio
+import contextlib
+import signal
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import aiohttp
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from driftlock_cli import stripe_player
+from driftlock_kernel import plans
+from driftlock_kernel.periods import Period, calendar_month
+from tests.conftest import GATEWAY_BACKEND_TIMEOUT_SECONDS, GATEWAY_METER, GATEWAY_STRIPE_KEY
+from tests.support.cli import run_cli
+from tests.support.http import raw_request
+from tests.support.net import eventually
+from tests.support.stripe import Stripe
+from tests.support.usage import wait_for_usage
+
+DETECT = "/api/v1/stream/detect"
+PLAN = "tests-metered"
+
+
+@pytest.fixture(scope="module")
+async def metered_plan(pool):
+    async with pool.acquire() as conn:
+        await plans.upsert_plan(conn, PLAN, included_units=10, overage="soft", stripe_meter=GATEWAY_METER)
+    yield PLAN
+    # Later tests (doctor) judge the session database's plans without a Stripe key.
+    async with pool.acquire() as conn:
+        await plans.upsert_plan(conn, PLAN, included_units=10, stripe_meter=None)
+
+
+@pytest.fixture
+def metered_org(gateway, make_org, make_key, pool, metered_plan):
+    async def make():
+        org = await make_org(plan=metered_plan, name="metered")
+        customer = stripe_player.customer_for(org.id)
+        gateway.stripe.put_customer(customer)
+        await pool.execute("UPDATE driftlock.organizations SET stripe_customer_id = $2 WHERE id = $1", org.id, customer)
+        _key, secret = await make_key(org.id)
+        return org.id, customer, secret
+
+    return make
+
+
+async def call(gateway, secret: str, respond: str | None = None, path: str = DETECT) -> int:
+    headers = {"Authorization": f"Bearer {secret}"}
+    if respond:
+        headers["x-test-respond"] = respond
+    try:
+        return (await raw_request(gateway.port, "POST", path, headers, b"{}")).status
+    except (asyncio.IncompleteReadError, ConnectionError):
+        return 0
+
+
+async def calls(gateway, secret: str, n: int, respond: str | None = None) -> list[int]:
+    return list(await asyncio.gather(*(call(gateway, secret, respond) for _ in range(n))))
+
+
+def stripe_total(gateway, customer: str, period: Period | None = None) -> int:
+    period = period or calendar_month(datetime.now(UTC))
+    return int(
+        gateway.stripe.total(customer, GATEWAY_METER, int(period.start.timestamp()), int(period.end.timestamp()))
+    )
+
+
+async def wait_for_stripe(gateway, customer: str, expected: int, period: Period | None = None, within: float = 40):
+    async def reached() -> bool:
+        return stripe_total(gateway, customer, period) == expected
+
+    try:
+        await eventually(reached, within=within, what=f"{expected} units at Stripe", interval=0.1)
+    except AssertionError:
+        raise AssertionError(
+            f"{stripe_total(gateway, customer, period)} units at Stripe, expected {expected}\n{gateway.logs()}"
+        ) from None
+
+
+async def rows_of(pool, org_id) -> list[dict]:
+    return [
+        dict(r)
+        for r in await pool.fetch(
+            "SELECT * FROM driftlock.stripe_exports WHERE org_id = $1 ORDER BY period_start, seq", org_id
+        )
+    ]
+
+
+async def refunds_of(pool, org_id) -> list[dict]:
+    return [dict(r) for r in await pool.fetch("SELECT * FROM driftlock.usage_refunds WHERE org_id = $1", org_id)]
+
+
+async def stored_total(pool, org_id, period_start: datetime | None = None) -> int:
+    start = period_start or calendar_month(datetime.now(UTC)).start
+    return await pool.fetchval(
+        "SELECT coalesce(sum(units), 0) FROM driftlock.usage_counters WHERE org_id = $1 AND period_start = $2",
+        org_id,
+        start,
+    )
+
+
+async def authz_metric(gateway, name: str, **labels: str) -> float:
+    total = 0.0
+    async with aiohttp.ClientSession() as session:
+        for port in gateway.stack.ports.authz_metrics:
+            async with session.get(f"http://127.0.0.1:{port}/metrics") as response:
+                text = await response.text()
+            for family in text_string_to_metric_families(text):
+                for sample in family.samples:
+                    if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                        total += sample.value
+    return total
+
+
+def figures(scenario: str, *, calls_made: int, stored: int, at_stripe: int, refunds: int) -> None:
+    print(f"\n{scenario}: calls {calls_made}; units stored {stored}; units at Stripe {at_stripe}; refunds {refunds}")
+
+
+# --- refunds ---------------------------------------------------------------------------------------------------
+
+
+async def test_calls_the_backend_failed_are_refunded_and_never_reach_stripe(gateway, metered_org, make_key, pool):
+    org_id, customer, secret = await metered_org()
+    refunded_before = await authz_metric(gateway, "driftlock_usage_refunded_units_total", product="stream")
+    answered = await asyncio.gather(
+        calls(gateway, secret, 5),
+        calls(gateway, secret, 3, "404"),
+        calls(gateway, secret, 4, "503"),
+        calls(gateway, secret, 2, "reset"),
+        calls(gateway, secret, 1, f"sleep:{GATEWAY_BACKEND_TIMEOUT_SECONDS + 2}"),
+    )
+    assert answered == [[200] * 5, [404] * 3, [503] * 4, [503] * 2, [504]]
+    # A test key's failures: never billed, so nothing to refund.
+    _key, test_secret = await make_key(org_id, test=True)
+    assert await calls(gateway, test_secret, 2, "503") == [503, 503]
+
+    async def all_refunded() -> bool:
+        return len(await refunds_of(pool, org_id)) == 7
+
+    await eventually(all_refunded, within=20, what="seven refunds stored")
+    await wait_for_usage(pool, org_id, {"stream": 8})  # the 200s and the 404s
+    refunds = await refunds_of(pool, org_id)
+    assert sorted(r["reason"] for r in refunds) == ["UC", "UC", "UT", *["status_5xx"] * 4]
+    assert {r["units"] for r in refunds} == {1}
+    await wait_for_stripe(gateway, customer, 8)
+    assert await authz_metric(gateway, "driftlock_usage_refunded_units_total", product="stream") - refunded_before == 7
+    await asyncio.sleep(1.5)  # another export pass or two: nothing more goes
+    assert stripe_total(gateway, customer) == 8
+    figures("refunds through Envoy's access log", calls_made=15, stored=8, at_stripe=8, refunds=len(refunds))
+
+
+# --- exactly once, whatever fails ------------------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def retries_due_at_once(pool, org_id):
+    """Skip the exporter's backoff for this organisation's rows (the clock is the one fake): each fault then costs
+    a pass, not its wait."""
+
+    async def hurry() -> None:
+        while True:
+            await pool.execute(
+                """UPDATE driftlock.stripe_exports SET next_attempt_at = now()
+                   WHERE org_id = $1 AND state = 'pending' AND next_attempt_at > now()""",
+                org_id,
+            )
+            await asyncio.sleep(0.2)
+
+    task = asyncio.create_task(hurry())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def test_stripes_total_equals_the_calls_made_through_every_fault(gateway, metered_org, pool, database_url):
+    org_id, customer, secret = await metered_org()
+    stripe = gateway.stripe
+    made = 0
+
+    async def wave(n: int) -> None:
+        nonlocal made
+        assert await calls(gateway, secret, n) == [200] * n
+        made += n
+
+    async def held() -> bool:
+        return stripe.held == 1
+
+    async with retries_due_at_once(pool, org_id):
+        # Stripe answers 500 twice, then 429, then records the event and loses the reply.
+        stripe.fail_next(2)
+        stripe.rate_limit_next(1, retry_after=1)
+        stripe.lose_reply_next(1)
+        await wave(10)
+        await wait_for_stripe(gateway, customer, made)
+
+        # The exporter killed (SIGKILL) while Stripe holds its call, which completes at Stripe after it died.
+        webhooks = gateway.stack.children["webhooks"]
+        stripe.delay_next(1, 60)
+        await wave(10)
+        await eventually(held, within=20, what="Stripe holding the exporter's call")
+        webhooks.signal(signal.SIGKILL)
+        await webhooks.process.wait()
+        stripe.release_delays()
+        await gateway.stack.restart("webhooks")
+        await wait_for_stripe(gateway, customer, made)
+
+        # SIGTERM while a call is in flight (the service lets it finish, records it and exits 0); meanwhile and
+        # after, a second exporter (the CLI) runs beside the service's, while calls keep coming.
+        webhooks = gateway.stack.children["webhooks"]
+        stripe.delay_next(1, 2)
+        await wave(10)
+        await eventually(held, within=20, what="Stripe holding the exporter's call")
+        webhooks.signal(signal.SIGTERM)
+        env = {
+            "STRIPE_API_KEY": GATEWAY_STRIPE_KEY,
+            "STRIPE_API_BASE": stripe.url,
+            "DRIFTLOCK_STRIPE_SETTLE_SECONDS": "0",
+        }
+
+        async def second_exporter() -> None:
+            for _ in range(3):
+                result = await asyncio.to_thread(
+                    run_cli, "stripe", "export", "--once", database_url=database_url, env=env
+                )
+                assert result.code == 0, result.stderr
+
+        assert await webhooks.process.wait() == 0
+        await asyncio.gather(gateway.stack.restart("webhooks"), second_exporter(), second_exporter(), wave(10))
+        await wave(5)
+        await wait_for_stripe(gateway, customer, made)
+
+    await wait_for_usage(pool, org_id, {"stream": made})
+    rows = await rows_of(pool, org_id)
+    assert {r["state"] for r in rows} == {"sent"}
+    assert sum(r["units"] for r in rows) == made == 45
+    events = stripe.events(customer)
+    assert sorted(e.identifier for e in events) == sorted(r["identifier"] for r in rows)  # each row once at Stripe
+    assert stripe_total(gateway, customer) == made == await stored_total(pool, org_id)
+    figures(
+        "500s, 429, lost reply, SIGKILL and SIGTERM mid-call, two exporters",
+        calls_made=made,
+        stored=await stored_total(pool, org_id),
+        at_stripe=stripe_total(gateway, customer),
+        refunds=len(await refunds_of(pool, org_id)),
+    )
+    print(f"  rows {len(rows)}, attempts {sum(r['attempts'] for r in rows)}, events at Stripe {len(events)}")
+
+
+async def test_a_period_that_closes_mid_test_is_reported_per_period_with_its_final_report(gateway, metered_org, pool):
+    org_id, customer, secret = await metered_org()
+    # A Stripe period of one minute that ends a few seconds from now (authz rolls it forward by its length).
+    end = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=5)
+    first = Period(end - timedelta(minutes=1), end)
+    second = Period(end, end + timedelta(minutes=1))
+    await pool.execute(
+        "UPDATE driftlock.organizations SET period_start = $2, period_end = $3 WHERE id = $1", org_id, first.start, end
+    )
+    await asyncio.sleep(1)  # every authz replica drops its cached grant (NOTIFY) within a second
+    before = await calls(gateway, secret, 6)
+    await calls(gateway, secret, 2, "503")  # refunded in the first period
+
+    async def ended() -> bool:
+        return datetime.now(UTC) >= end + timedelta(milliseconds=500)
+
+    await eventually(ended, within=20, what="the first period to end")
+    gateway.stripe.fail_next(1)  # the final report's first attempt fails
+    after = await calls(gateway, secret, 4)
+    assert before == [200] * 6 and after == [200] * 4
+    await wait_for_stripe(gateway, customer, 6, first)
+    await wait_for_stripe(gateway, customer, 4, second)
+    assert await stored_total(pool, org_id, first.start) == 6
+    assert await stored_total(pool, org_id, second.start) == 4
+    rows = await rows_of(pool, org_id)
+    assert {(r["period_start"], r["period_end"]) for r in rows} == {
+        (first.start, first.end),
+        (second.start, second.end),
+    }
+    assert all(first.start <= r["event_timestamp"] < first.end for r in rows if r["period_start"] == first.start)
+    figures(
+        "a period that closes mid-test",
+        calls_made=12,
+        stored=await stored_total(pool, org_id, first.start) + await stored_total(pool, org_id, second.start),
+        at_stripe=stripe_total(gateway, customer, first) + stripe_total(gateway, customer, second),
+        refunds=len(await refunds_of(pool, org_id)),
+    )
+
+
+# --- Stripe state that heals ---------------------------------------------------------------------------------------
+
+
+async def test_a_failed_event_is_fixed_and_replayed_and_a_missed_update_is_repaired_by_sync(
+    gateway, make_org, pool, database_url
+):
+    stripe = Stripe(f"http://127.0.0.1:{gateway.port}/stripe/webhook", gateway.webhook_secret)
+    owner, org = await make_org(), await make_org()
+    customer = f"cus_{uuid.uuid4().hex[:14]}"
+    await pool.execute("UPDATE driftlock.organizations SET stripe_customer_id = $2 WHERE id = $1", owner.id, customer)
+    event, reply = await stripe.send("checkout.session.completed", org_id=org.id, customer_id=customer)
+    assert (reply.status, reply.outcome) == (200, "failed")
+    await pool.execute("UPDATE driftlock.organizations SET stripe_customer_id = NULL WHERE id = $1", owner.id)
+    replayed = (
+        await asyncio.to_thread(run_cli, "webhooks", "replay", event["id"], "--json", database_url=database_url)
+    ).json()["replayed"]
+    assert [(r["previous_outcome"], r["outcome"]) for r in replayed] == [("failed", "applied")]
+
+    subscription = stripe_player.subscription_for(org.id)
+    _event, created = await stripe.send(
+        "customer.subscription.created",
+        org_id=org.id,
+        customer_id=customer,
+        created=int(datetime.now(UTC).timestamp()) - 600,
+    )
+    assert created.outcome == "applied"
+    # At Stripe the subscription went past_due; that webhook never came.
+    gateway.stripe.put_subscription(
+        stripe_player.subscription_object(
+            subscription_id=subscription,
+            customer_id=customer,
+            status="past_due",
+            period_start=int(datetime.now(UTC).timestamp()) - 86400,
+            metadata={"org_id": str(org.id)},
+        )
+    )
+    env = {"STRIPE_API_KEY": GATEWAY_STRIPE_KEY, "STRIPE_API_BASE": gateway.stripe.url}
+    synced = (
+        await asyncio.to_thread(
+            run_cli, "stripe", "sync", "--org", str(org.id), "--json", database_url=database_url, env=env
+        )
+    ).json()
+    assert [c["changes"]["billing_status"] for c in synced["changed"]] == [{"from": "active", "to": "past_due"}]
+    assert await pool.fetchval("SELECT billing_status FROM driftlock.organizations WHERE id = $1", org.id) == "past_due"
