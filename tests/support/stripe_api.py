@@ -1067,6 +1067,8 @@ async def _serve(args: argparse.Namespace) -> None:
     server = LocalStripe(api_key=args.api_key, auto_customers=args.auto_customers)
     for event_name in args.meter:
         server.add_meter(event_name)
+    for price_id in args.price:
+        server.put_price(price_id)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -1085,6 +1087,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument(
         "--meter", action="append", default=[], metavar="EVENT_NAME", help="create an active meter (repeatable)"
+    )
+    parser.add_argument(
+        "--price", action="append", default=[], metavar="PRICE_ID", help="create an active price (repeatable)"
     )
     parser.add_argument("--api-key", help="accept only this key (default: any sk_test_… or rk_test_… key)")
     parser.add_argument(

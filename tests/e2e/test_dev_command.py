@@ -1,0 +1,110 @@
+"""The README's first command, `driftlock-gateway dev`, as a new user runs it: the stack comes up, the printed curl
+line is served, the printed exports make the CLI (and `doctor`) work against it, and Ctrl-C stops everything."""
+
+import asyncio
+import os
+import re
+import shlex
+import signal
+import sys
+import time
+
+import aiohttp
+import pytest
+
+from driftlock_cli.supervisor import free_port
+from tests.support.cli import run_cli
+
+BANNER_TIMEOUT_SECONDS = 120
+
+
+async def read_banner(process: asyncio.subprocess.Process, seen: list[str]) -> None:
+    assert process.stdout is not None
+    deadline = time.monotonic() + BANNER_TIMEOUT_SECONDS
+    while time.monotonic() < deadline:
+        line = await asyncio.wait_for(process.stdout.readline(), deadline - time.monotonic())
+        if not line:
+            raise AssertionError("dev exited before it was ready:\n" + "".join(seen[-40:]))
+        seen.append(line.decode(errors="replace"))
+        if "Ctrl-C stops everything." in seen[-1]:
+            return
+    raise AssertionError("dev printed no banner in time:\n" + "".join(seen[-40:]))
+
+
+def exports_of(banner: str) -> dict[str, str]:
+    """The `export NAME=VALUE` lines the banner prints, evaluated as a shell would."""
+    found = {}
+    for line in banner.splitlines():
+        line = line.strip()
+        if not line.startswith("export "):
+            continue
+        for word in shlex.split(line.removeprefix("export ")):
+            name, _, value = word.partition("=")
+            cat = re.fullmatch(r"\$\(cat (.+)\)", value)
+            found[name] = open(cat.group(1)).read().strip() if cat else value
+    return found
+
+
+@pytest.fixture
+def dev_ports() -> dict[str, str]:
+    return {
+        "DRIFTLOCK_ENVOY_PORT": str(free_port()),
+        "DRIFTLOCK_ENVOY_ADMIN_PORT": str(free_port()),
+        "DRIFTLOCK_ENVOY_STATS_PORT": str(free_port()),
+        "DRIFTLOCK_ADMIN_PORT": str(free_port()),
+        "DRIFTLOCK_AUTHZ_PORT": str(free_port()),
+        "DRIFTLOCK_AUTHZ_METRICS_PORT": str(free_port()),
+        "DRIFTLOCK_WEBHOOKS_PORT": str(free_port()),
+        "DRIFTLOCK_BACKEND": f"127.0.0.1:{free_port()}",
+    }
+
+
+async def test_dev_serves_the_printed_curl_and_stops_everything_on_ctrl_c(database_url, dev_ports, tmp_path):
+    environ = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("DRIFTLOCK_", "STRIPE_")) and k not in ("DATABASE_URL", "DATABASE_LISTEN_URL")
+    }
+    environ |= dev_ports | {"DATABASE_URL": database_url, "PYTHONUNBUFFERED": "1"}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "driftlock_cli",
+        "dev",
+        "--state-dir",
+        str(tmp_path / "state"),
+        env=environ,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    seen: list[str] = []
+    try:
+        await read_banner(process, seen)
+        banner = "".join(seen)
+        key = re.search(r"\b(dlk_live_[0-9A-Za-z]{38})\b", banner).group(1)
+        curl = re.search(r"curl -H 'Authorization: Bearer (\S+)' (http://\S+)", banner)
+        assert curl is not None and curl.group(1) == key
+        assert curl.group(2).startswith(f"http://127.0.0.1:{dev_ports['DRIFTLOCK_ENVOY_PORT']}/")
+        async with aiohttp.ClientSession() as session:
+            async with session.get(curl.group(2), headers={"Authorization": f"Bearer {key}"}) as response:
+                assert response.status == 200, await response.text()
+                assert (await response.json())["headers"]["x-driftlock-billable"] == "true"
+
+        cli_env = {k: v for k, v in environ.items() if k != "DATABASE_URL"} | exports_of(banner)
+        org_id = re.search(r"Demo key for organisation ([0-9a-f-]{36})", banner).group(1)
+        shown = run_cli("orgs", "show", org_id, "--json", database_url=cli_env["DATABASE_URL"], env=cli_env)
+        assert shown.json()["id"] == org_id
+        doctor = run_cli("doctor", "--json", database_url=cli_env["DATABASE_URL"], env=cli_env, timeout=120)
+        failed = [check for check in doctor.json()["checks"] if not check["ok"]]
+        assert failed == [] and doctor.code == 0, failed
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGINT)  # what Ctrl-C sends
+        rest, _ = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 0, "".join(seen) + rest.decode(errors="replace")
+    assert "Stopped." in rest.decode(errors="replace")
+    # Every child went with it: nothing answers on the stack's ports any more.
+    for name in ("DRIFTLOCK_ENVOY_PORT", "DRIFTLOCK_AUTHZ_PORT", "DRIFTLOCK_WEBHOOKS_PORT"):
+        with pytest.raises(OSError):
+            _reader, writer = await asyncio.open_connection("127.0.0.1", int(dev_ports[name]))
+            writer.close()
