@@ -12,7 +12,8 @@ counted. All written in batches off the request path.
 
 `add()` never waits: rows queue in memory; when the queue is full (the database slow or down for long), new
 rows are dropped and counted in `driftlock_audit_entries_dropped_total` rather than slowing checks. Counts are
-merged in memory until written. Keys are never recorded, only their ids; paths without their query string.
+merged in memory until written. Keys are never recorded, only their ids; paths without their query string and
+with anything of the key format redacted.
 """
 
 import asyncio
@@ -28,6 +29,7 @@ from authz_service import metrics
 from driftlock_kernel import db
 from driftlock_kernel.background import every
 from driftlock_kernel.errors import one_line
+from driftlock_kernel.keys import redact_keys
 from driftlock_kernel.repeated_logs import RepeatedLog
 
 log = logging.getLogger(__name__)
@@ -88,7 +90,9 @@ CountKey = tuple[datetime, str, str]  # minute, source, code
 
 
 def audit_path(path: str) -> str:
-    return path.split("?", 1)[0][:MAX_PATH]
+    """The path as stored and logged: without its query string, without anything of the key format (a client
+    may put its key in a path segment), and bounded."""
+    return redact_keys(path.split("?", 1)[0])[:MAX_PATH]
 
 
 def count_key(entry: AuditEntry) -> CountKey:

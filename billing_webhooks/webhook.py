@@ -16,6 +16,7 @@ Storing and applying are one transaction, so an event is either stored and appli
 """
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -33,6 +34,7 @@ from billing_webhooks.handlers import HANDLERS, Result
 from driftlock_kernel import db
 from driftlock_kernel.billing import DEFAULT_POLICY, BillingPolicy
 from driftlock_kernel.errors import one_line
+from driftlock_kernel.keys import redact_keys
 from driftlock_kernel.logs import bind_org, bind_request
 from driftlock_kernel.repeated_logs import RepeatedLog
 
@@ -135,6 +137,10 @@ async def store_and_apply(
                 if not await store.insert_event(conn, event, payload, raw):
                     return Result(EventOutcome.DUPLICATE)
                 result = await apply_event(conn, event, policy)
+                if result.detail:
+                    # A detail quotes what the event carried (a malformed org id, say): never a key, if one was
+                    # pasted there.
+                    result = dataclasses.replace(result, detail=redact_keys(result.detail))
                 await store.finish_event(conn, event.id, result.outcome, result.detail, result.org_id)
                 return result
         except asyncpg.TransactionRollbackError:

@@ -22,6 +22,11 @@ CHECKSUM_LENGTH = 6
 DISPLAY_RANDOM_CHARS = 6
 
 _KEY = re.compile(rf"dlk_(live|test)_([0-9A-Za-z]{{{RANDOM_LENGTH}}})([0-9A-Za-z]{{{CHECKSUM_LENGTH}}})")
+# Anything that looks like a key, well-formed or not (a typo of a real key is still most of a secret): the
+# prefix, also percent-encoded or in another letter case, and the base62 characters after it (and any
+# percent-escapes among them).
+_KEY_LIKE = re.compile(r"dlk(?:_|%5f)(live|test)(?:_|%5f)[0-9a-z%]*", re.IGNORECASE)
+REDACTED = "[redacted]"
 
 
 class Environment(StrEnum):
@@ -105,3 +110,11 @@ def parse_key(candidate: str) -> ParsedKey | None:
     if not secrets.compare_digest(_checksum(candidate[:body_length]), match.group(3)):
         return None
     return ParsedKey(environment=Environment(match.group(1)), hash=hash_key(candidate))
+
+
+def redact_keys(text: str) -> str:
+    """`text` with everything of the key format replaced by its environment prefix and `[redacted]`, so that a
+    key a client put in a path, a query or a header value never reaches a log line or a stored row."""
+    if "dlk" not in text.lower():
+        return text
+    return _KEY_LIKE.sub(lambda m: f"dlk_{m.group(1).lower()}_{REDACTED}", text)

@@ -5,6 +5,10 @@ In production (`DRIFTLOCK_LOG_FORMAT=json`, the default) each line is one JSON o
 (bound with `bind_request` / `bind_org`, which follow the request's asyncio task), plus `exception` for a
 traceback. `dev` asks for readable text lines instead. A message is never a secret: keys, signing secrets and
 tokens are not logged anywhere (an end-to-end test greps every line).
+
+Every record passes `RedactKeys` on its way out: anything of the API key format in a message, its arguments or
+an exception's text (a key a client put in a path, say) is replaced before any formatter sees it, whoever
+logged it (our code or a library).
 """
 
 import contextvars
@@ -17,6 +21,24 @@ _REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("driftl
 _ORG_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("driftlock_org_id", default=None)
 # Fields a caller may pass with `extra=`; anything else in a record's dict is logging's own.
 CONTEXT_FIELDS = ("request_id", "org_id")
+
+from driftlock_kernel.keys import redact_keys
+
+
+class RedactKeys(logging.Filter):
+    """Replaces API keys in a record's message and exception text (the record is changed in place)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = redact_keys(message)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact_keys(record.exc_text)
+            record.exc_info = None  # so that every formatter writes the redacted text, not the traceback anew
+        return True
 
 
 def bind_request(request_id: str | None) -> None:
@@ -79,6 +101,7 @@ class TextFormatter(logging.Formatter):
 def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.addFilter(RedactKeys())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper() if level.upper() in logging.getLevelNamesMapping() else "INFO")

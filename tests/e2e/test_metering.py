@@ -288,3 +288,29 @@ async def test_cli_audit_prune_deletes_only_old_entries(pool, database_url):
     assert result["deleted"] >= 1
     assert await pool.fetchval("SELECT count(*) FROM driftlock.audit_log WHERE at < now() - interval '30 days'") == 0
     assert await pool.fetchval("SELECT count(*) FROM driftlock.audit_log WHERE code = 'y'") >= 1
+
+
+async def test_a_key_in_a_path_segment_is_never_stored_nor_logged(gateway, send, make_org, make_key, pool):
+    org = await make_org()
+    _key, secret = await make_key(org.id, scopes=("read",))
+    denied = await send(secret, f"/api/v1/stream/detect/{secret}")
+    allowed = await send(secret, f"/api/v1/models/{secret}/runs")
+    assert (denied.status, allowed.status) == (403, 200)
+
+    async def both_written() -> bool:
+        count = await pool.fetchval(
+            "SELECT count(*) FROM driftlock.audit_log WHERE request_id = ANY($1::text[])",
+            [denied.request_id, allowed.request_id],
+        )
+        return count == 2
+
+    await eventually(both_written, within=10, what="audit entries written")
+    paths = await pool.fetch(
+        "SELECT path FROM driftlock.audit_log WHERE request_id = ANY($1::text[]) ORDER BY path",
+        [denied.request_id, allowed.request_id],
+    )
+    assert [row["path"] for row in paths] == [
+        "/api/v1/models/dlk_live_[redacted]/runs",
+        "/api/v1/stream/detect/dlk_live_[redacted]",
+    ]
+    assert secret[9:] not in gateway.logs()
