@@ -12,8 +12,10 @@ import logging
 import os
 import signal
 import socket
+import time
 from pathlib import Path
 
+import asyncpg
 import grpc
 from envoy.service.accesslog.v3 import als_pb2_grpc
 from envoy.service.auth.v3 import external_auth_pb2_grpc
@@ -43,6 +45,7 @@ from authz_service.usage_ledger import UsageLedger
 from driftlock_api.management.v1 import jwks_pb2_grpc, keys_pb2_grpc, orgs_pb2_grpc
 from driftlock_api.usage.v1 import usage_pb2_grpc
 from driftlock_kernel import context_keys, db
+from driftlock_kernel.background import BackgroundTask
 from driftlock_kernel.errors import OperatorError, one_line
 from driftlock_kernel.listener import ChangeListener, NotificationHandler
 from driftlock_kernel.logs import configure_logging
@@ -61,6 +64,8 @@ MANAGEMENT_SERVICES = (
     "driftlock.management.v1.OrganizationService",
     "driftlock.management.v1.PublicKeyService",
 )
+# What the health service answers for: the whole server ("") and each service on it.
+HEALTH_SERVICES = ("", AUTHORIZATION_SERVICE, USAGE_SERVICE, *MANAGEMENT_SERVICES)
 
 
 def invalidation_handler(store: GrantStore, plans: PlanBook) -> NotificationHandler:
@@ -96,6 +101,42 @@ def _mark_delivered(pool):
             log.warning("could not record delivery of alert %s: %s", alert_id, one_line(error))
 
     return mark
+
+
+READINESS_QUERY = "SELECT count(*) FROM driftlock.plans"
+READINESS_LOG_EVERY_SECONDS = 10.0
+
+
+async def _serve_once_the_database_answers(
+    pool: asyncpg.Pool, url: str, health: health_aio.HealthServicer, plans: PlanBook, timeout: float = 5.0
+) -> None:
+    """Report SERVING from the first time the database answers a query on the schema; until then say, in the
+    log, why not (at once, then every READINESS_LOG_EVERY_SECONDS)."""
+    delay, last_logged = 0.1, float("-inf")
+    while True:
+        try:
+            await asyncio.wait_for(pool.fetchval(READINESS_QUERY), timeout)
+            break
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # whatever it is (refused, DNS, a malformed DSN, no schema), keep trying
+            now = time.monotonic()
+            if now - last_logged >= READINESS_LOG_EVERY_SECONDS:
+                last_logged = now
+                hint = " (run `driftlock-gateway migrate`)" if isinstance(error, asyncpg.UndefinedTableError) else ""
+                log.warning(
+                    "NOT_SERVING: the database at %s has not answered yet: %s: %s%s",
+                    db.describe(url),
+                    type(error).__name__,
+                    one_line(error),
+                    hint,
+                )
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 2.0)
+    plans.reload_soon()
+    for service in HEALTH_SERVICES:
+        await health.set(service, health_pb2.HealthCheckResponse.SERVING)
+    log.info("the database answered; SERVING")
 
 
 def _check_can_listen(host: str, port: int) -> None:
@@ -266,8 +307,16 @@ async def serve(settings: Settings) -> None:
         stack.push_async_callback(meter.close, SHUTDOWN_FLUSH_SECONDS)
         await server.start()
         stack.push_async_callback(server.stop, SHUTDOWN_GRACE_SECONDS)
-        for service in ("", AUTHORIZATION_SERVICE, USAGE_SERVICE, *MANAGEMENT_SERVICES):
-            await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+        # NOT_SERVING until the database has answered once: a replica that never reached it (unreachable,
+        # unparseable DATABASE_URL, no schema) could only answer 503, so it must not join rotation. After
+        # that, health stays SERVING through outages: the key cache's stale window decides what is served.
+        for service in HEALTH_SERVICES:
+            await health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        readiness = BackgroundTask(
+            "readiness", lambda: _serve_once_the_database_answers(pool, url, health_servicer, plans)
+        )
+        readiness.start()
+        stack.push_async_callback(readiness.stop)
         log.info(
             "authz listening on %s (metrics on :%d; rate limits %s); context tokens %s%s",
             address,

@@ -145,3 +145,74 @@ async def test_an_outage_is_a_few_log_lines_not_one_per_check(proxied_authz, mak
     assert len([line for line in warnings if "could not read usage" in line]) <= 1
     assert len(during) <= 10
     await proxy.restore()
+async def _health(port: int) -> str:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service="envoy.service.auth.v3.Authorization"), timeout=2
+        )
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
+async def _start_authz(database_url: str, jwt_secret: str, log_file):
+    port = free_port()
+    child = await start_child(
+        "authz",
+        [sys.executable, "-m", "driftlock_cli", "authz"],
+        env={
+            "DATABASE_URL": database_url,
+            "DRIFTLOCK_JWT_SECRET": jwt_secret,
+            "DRIFTLOCK_AUTHZ_HOST": "127.0.0.1",
+            "DRIFTLOCK_AUTHZ_PORT": str(port),
+            "DRIFTLOCK_AUTHZ_METRICS_PORT": str(free_port()),
+        },
+        log_file=log_file,
+    )
+
+    async def answers_health() -> bool:
+        return await _health(port) in ("SERVING", "NOT_SERVING")
+
+    await wait_until(answers_health, timeout=30, what="authz to answer health checks", child=child)
+    return child, port
+
+
+async def test_authz_never_reached_the_database_is_not_serving_until_it_does(database_url, jwt_secret, tmp_path):
+    proxy = await FaultProxy(database_url).start()
+    await proxy.cut()
+    log_file = tmp_path / "authz.log"
+    child, port = await _start_authz(proxy.url(), jwt_secret, log_file)
+    try:
+
+        async def says_why() -> bool:
+            return "NOT_SERVING: the database at 127.0.0.1" in log_file.read_text()
+
+        await eventually(says_why, within=10, what="a log line saying why authz is not serving")
+        assert await _health(port) == "NOT_SERVING"
+        await proxy.restore()
+
+        async def serving() -> bool:
+            return await _health(port) == "SERVING"
+
+        await eventually(serving, within=10, what="SERVING once the database answered")
+        # From then on the cache's stale window decides: an outage does not take it out of rotation.
+        await proxy.cut()
+        for _ in range(5):
+            assert await _health(port) == "SERVING"
+    finally:
+        assert await child.stop() == 0, log_file.read_text()
+        await proxy.stop()
+
+
+async def test_authz_with_an_unparseable_database_url_is_not_serving_and_says_why(jwt_secret, tmp_path):
+    log_file = tmp_path / "authz.log"
+    child, port = await _start_authz("postgresql://[not-a-host", jwt_secret, log_file)
+    try:
+
+        async def says_why() -> bool:
+            return "NOT_SERVING" in log_file.read_text() and "ValueError" in log_file.read_text()
+
+        await eventually(says_why, within=10, what="a log line saying why authz is not serving")
+        assert await _health(port) == "NOT_SERVING"
+    finally:
+        assert await child.stop() == 0, log_file.read_text()
