@@ -16,6 +16,14 @@ total order, so any delivery order of the same events ends in the same state.
 A subscription's snapshot (prices, period, ended) and its status have separate positions: invoice events move
 the status without carrying a snapshot, and a late `subscription.updated` may still bring a newer price even
 when a newer payment already set the status.
+
+The status is not replaced but derived. Every event that speaks about the status (a subscription event's
+status, an invoice payment's result) is kept in the subscription's history (`StatusReport`, a row of
+driftlock.stripe_subscription_history), and the status, `past_due_since` and the status position are the
+fold of that history in position order (`status_from_history`). A payment's effect depends on the status
+before it (a success leaves a trial a trial), and an overdue episode starts at its earliest failure: both
+only come out the same for every delivery order when the events are replayed in their own order, so a failure
+that arrives after a later one still moves the start of the episode back to itself.
 """
 
 import dataclasses
@@ -100,6 +108,9 @@ class SubscriptionState:
     cancel_at_period_end: bool = False
     ended: bool = False
     snapshot_position: Position | None = None
+    # Every status report received, in position order, one per event id; `status`, `past_due_since` and
+    # `status_position` are its fold.
+    history: tuple["StatusReport", ...] = ()
 
     @property
     def in_force(self) -> bool:
@@ -112,13 +123,58 @@ class SubscriptionState:
         return max(known) if known else None
 
 
-def _overdue_since(state: SubscriptionState, status: SubscriptionStatus, at: datetime) -> datetime | None:
-    # The grace period runs from when payment first became overdue, not from the latest reminder.
-    if status not in OVERDUE_STATUSES:
-        return None
-    if state.status in OVERDUE_STATUSES and state.past_due_since is not None:
-        return state.past_due_since
-    return at
+@dataclass(frozen=True, slots=True)
+class StatusReport:
+    """What one event said about a subscription's status: a subscription event's status, or an invoice
+    payment's result (exactly one of the two)."""
+
+    at: Position
+    status: SubscriptionStatus | None = None
+    payment_succeeded: bool | None = None
+
+    def __post_init__(self) -> None:
+        if (self.status is None) == (self.payment_succeeded is None):
+            raise ValueError("a status report carries a status or a payment result, not both or neither")
+
+
+@dataclass(frozen=True, slots=True)
+class StatusFold:
+    status: SubscriptionStatus | None = None
+    past_due_since: datetime | None = None
+    position: Position | None = None
+
+
+def status_from_history(history: Iterable[StatusReport]) -> StatusFold:
+    """The status the reports leave a subscription in, replayed in position order whatever order they came in.
+
+    A subscription event sets its status; a payment moves the status before it (`status_after_payment`) or, when
+    it changes nothing (a payment on a paused or ended subscription), is passed over. An overdue episode starts
+    at the first report that made the subscription overdue and lasts until a report makes it not overdue.
+    """
+    fold = StatusFold()
+    for report in sorted(history, key=lambda r: r.at):
+        if report.status is not None:
+            target: SubscriptionStatus | None = report.status
+        else:
+            target = status_after_payment(fold.status, bool(report.payment_succeeded))
+        if target is None:
+            continue
+        if target not in OVERDUE_STATUSES:
+            since = None
+        elif fold.status in OVERDUE_STATUSES and fold.past_due_since is not None:
+            since = fold.past_due_since  # the episode goes on: dunning runs from its first failure
+        else:
+            since = report.at.created
+        fold = StatusFold(target, since, report.at)
+    return fold
+
+
+def with_report(history: tuple[StatusReport, ...], report: StatusReport) -> tuple[StatusReport, ...]:
+    """The history with one more report, kept in position order and once per event id (a redelivery of an
+    event adds nothing)."""
+    if any(r.at.event_id == report.at.event_id for r in history):
+        return history
+    return tuple(sorted((*history, report), key=lambda r: r.at))
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,20 +186,35 @@ class Applied:
     status: bool = False
     stale: bool = False  # nothing changed because the event is older than what it would replace
     reason: str | None = None  # why nothing changed, when nothing did
+    report: StatusReport | None = None  # what the event adds to the subscription's history
 
     @property
     def changed(self) -> bool:
         return self.snapshot or self.status
 
 
+def _with_status(state: SubscriptionState, report: StatusReport) -> tuple[SubscriptionState, bool]:
+    """The state with the report in its history and the status re-derived; whether the status part changed."""
+    history = with_report(state.history, report)
+    fold = status_from_history(history)
+    new = dataclasses.replace(
+        state, history=history, status=fold.status, past_due_since=fold.past_due_since, status_position=fold.position
+    )
+    changed = (new.status, new.past_due_since, new.status_position) != (
+        state.status,
+        state.past_due_since,
+        state.status_position,
+    )
+    return new, changed
+
+
 def apply_snapshot(state: SubscriptionState | None, event: SubscriptionSnapshot) -> Applied:
-    """A subscription event: its snapshot and its status, each only if newer than what they would replace."""
+    """A subscription event: its snapshot if newer than the one it would replace, and its status into the
+    history."""
     current = state or SubscriptionState(id=event.subscription_id, customer_id=event.customer_id)
     at = position(event.created, event.status, event.event_id)
+    report = StatusReport(at, status=event.status)
     take_snapshot = is_newer(at, current.snapshot_position)
-    take_status = is_newer(at, current.status_position)
-    if not (take_snapshot or take_status):
-        return Applied(current, stale=True, reason="older than the subscription state already applied")
     new = current
     if take_snapshot:
         has_period = event.period_start is not None and event.period_end is not None
@@ -158,14 +229,10 @@ def apply_snapshot(state: SubscriptionState | None, event: SubscriptionSnapshot)
             ended=event.ended,
             snapshot_position=at,
         )
-    if take_status:
-        new = dataclasses.replace(
-            new,
-            status=event.status,
-            past_due_since=_overdue_since(current, event.status, event.created),
-            status_position=at,
-        )
-    return Applied(new, snapshot=take_snapshot, status=take_status)
+    new, status_changed = _with_status(new, report)
+    if not (take_snapshot or status_changed):
+        return Applied(new, stale=True, reason="older than the subscription state already applied", report=report)
+    return Applied(new, snapshot=take_snapshot, status=status_changed, report=report)
 
 
 def status_after_payment(status: SubscriptionStatus | None, succeeded: bool) -> SubscriptionStatus | None:
@@ -189,23 +256,18 @@ def status_after_payment(status: SubscriptionStatus | None, succeeded: bool) -> 
 
 
 def apply_payment(state: SubscriptionState | None, event: InvoicePayment) -> Applied:
-    """An invoice payment: moves the status, only in the direction its time allows."""
+    """An invoice payment: into the subscription's history, which then says what the status is."""
     if event.subscription_id is None:
         raise ValueError("an invoice without a subscription changes no subscription")
     current = state or SubscriptionState(id=event.subscription_id, customer_id=event.customer_id)
     at = position(event.created, S.ACTIVE if event.succeeded else S.PAST_DUE, event.event_id)
-    if not is_newer(at, current.status_position):
-        return Applied(current, stale=True, reason="older than the subscription status already applied")
-    target = status_after_payment(current.status, event.succeeded)
-    if target is None:
-        return Applied(current, reason=f"a payment does not change a {current.status} subscription")
-    new = dataclasses.replace(
-        current,
-        status=target,
-        past_due_since=_overdue_since(current, target, event.created),
-        status_position=at,
-    )
-    return Applied(new, status=True)
+    report = StatusReport(at, payment_succeeded=event.succeeded)
+    new, changed = _with_status(current, report)
+    if changed:
+        return Applied(new, status=True, report=report)
+    if current.status_position is not None and at < current.status_position:
+        return Applied(new, stale=True, reason="older than the subscription status already applied", report=report)
+    return Applied(new, reason=f"a payment does not change a {current.status} subscription", report=report)
 
 
 def choose_current(subscriptions: Iterable[SubscriptionState]) -> SubscriptionState | None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from billing_webhooks import decisions, store
-from billing_webhooks.decisions import EventOutcome, Problem, SubscriptionState
+from billing_webhooks.decisions import EventOutcome, Problem, StatusReport, SubscriptionState
 from billing_webhooks.events import (
     CheckoutCompleted,
     EventType,
@@ -117,6 +117,7 @@ async def _find_org(
 async def _store_and_sync(
     conn: db.Connection,
     state: SubscriptionState,
+    report: StatusReport | None,
     metadata_org_id: str | None,
     what: str | None,
     policy: BillingPolicy,
@@ -124,6 +125,8 @@ async def _store_and_sync(
     org_id, problem = await _find_org(conn, state, metadata_org_id)
     state = dataclasses.replace(state, org_id=org_id)
     await store.save_subscription(conn, state)
+    if report is not None:
+        await store.add_report(conn, state.id, report)
     problems: tuple[Problem, ...] = (problem,) if problem else ()
     metadata_note = None
     if problem is Problem.MALFORMED_ORG_ID:
@@ -209,12 +212,18 @@ async def handle_checkout_session_completed(
 
 
 async def _link_stored(
-    conn: db.Connection, state: SubscriptionState, metadata_org_id: str | None, policy: BillingPolicy
+    conn: db.Connection,
+    state: SubscriptionState,
+    report: StatusReport | None,
+    metadata_org_id: str | None,
+    policy: BillingPolicy,
 ) -> Result:
     """An event no newer than what is stored, for a subscription stored while no organisation was known (its event
-    was deferred, and is delivered again or replayed): the stored state stands, and its organisation may be
-    found now."""
-    return await _store_and_sync(conn, state, metadata_org_id, "subscription stored earlier, linked now", policy)
+    was deferred, and is delivered again or replayed): the stored state stands (the event's report joins its
+    history), and its organisation may be found now."""
+    return await _store_and_sync(
+        conn, state, report, metadata_org_id, "subscription stored earlier, linked now", policy
+    )
 
 
 async def _subscription_event(
@@ -225,14 +234,17 @@ async def _subscription_event(
     applied = decisions.apply_snapshot(state, event)
     if not applied.changed:
         if state is not None and state.org_id is None:
-            return await _link_stored(conn, state, event.metadata_org_id, policy)
+            return await _link_stored(conn, state, applied.report, event.metadata_org_id, policy)
+        if state is not None and applied.report is not None:
+            # Kept all the same: a report that changes nothing now may matter once an earlier event arrives.
+            await store.add_report(conn, state.id, applied.report)
         return Result(EventOutcome.SKIPPED_STALE, applied.reason, state.org_id if state else None)
     what = None
     if not applied.status:
         what = "status kept: a newer event already set it"
     elif not applied.snapshot:
         what = "prices and period kept: a newer snapshot was already applied"
-    return await _store_and_sync(conn, applied.state, event.metadata_org_id, what, policy)
+    return await _store_and_sync(conn, applied.state, applied.report, event.metadata_org_id, what, policy)
 
 
 async def handle_customer_subscription_created(
@@ -271,11 +283,15 @@ async def _invoice_event(conn: db.Connection, event: InvoicePayment, policy: Bil
     state = await store.load_subscription(conn, event.subscription_id)
     applied = decisions.apply_payment(state, event)
     if applied.stale and state is not None and state.org_id is None:
-        return await _link_stored(conn, state, event.metadata_org_id, policy)
+        return await _link_stored(conn, state, applied.report, event.metadata_org_id, policy)
     if not applied.changed:
+        if state is not None and applied.report is not None:
+            await store.add_report(conn, state.id, applied.report)
         outcome = EventOutcome.SKIPPED_STALE if applied.stale else EventOutcome.IGNORED
         return Result(outcome, applied.reason, state.org_id if state else None)
-    return await _store_and_sync(conn, applied.state, event.metadata_org_id, None, policy)
+    late = state is not None and state.status_position is not None and event.created < state.status_position.created
+    what = "an earlier payment arriving late: the status was replayed in event order" if late else None
+    return await _store_and_sync(conn, applied.state, applied.report, event.metadata_org_id, what, policy)
 
 
 async def handle_invoice_payment_succeeded(

@@ -12,9 +12,10 @@ from datetime import datetime
 
 import asyncpg
 
-from billing_webhooks.decisions import EventOutcome, OrgBilling, Position, SubscriptionState
+from billing_webhooks.decisions import EventOutcome, OrgBilling, Position, StatusReport, SubscriptionState
 from billing_webhooks.events import Envelope, contains_nul
 from driftlock_kernel import db
+from driftlock_kernel.billing import SubscriptionStatus
 
 # --- the inbox ---------------------------------------------------------------------------------------------
 
@@ -185,8 +186,40 @@ def _subscription(row: asyncpg.Record) -> SubscriptionState:
 
 
 async def load_subscription(conn: db.Connection, subscription_id: str) -> SubscriptionState | None:
+    """The subscription with its status history (the row locked until the transaction ends)."""
     row = await conn.fetchrow("SELECT * FROM driftlock.stripe_subscriptions WHERE id = $1 FOR UPDATE", subscription_id)
-    return _subscription(row) if row else None
+    if row is None:
+        return None
+    reports = await conn.fetch(
+        """SELECT at, rank, event_id, status, payment_succeeded FROM driftlock.stripe_subscription_history
+           WHERE subscription_id = $1 ORDER BY at, rank, event_id""",
+        subscription_id,
+    )
+    history = tuple(
+        StatusReport(
+            Position(r["at"], r["rank"], r["event_id"]),
+            status=SubscriptionStatus(r["status"]) if r["status"] is not None else None,
+            payment_succeeded=r["payment_succeeded"],
+        )
+        for r in reports
+    )
+    return dataclasses.replace(_subscription(row), history=history)
+
+
+async def add_report(conn: db.Connection, subscription_id: str, report: StatusReport) -> None:
+    """Keep what an event said about the subscription's status (once per event id)."""
+    await conn.execute(
+        """INSERT INTO driftlock.stripe_subscription_history
+               (subscription_id, event_id, at, rank, status, payment_succeeded)
+           VALUES ($1, $2, $3, $4, $5, $6)
+           ON CONFLICT (subscription_id, event_id) DO NOTHING""",
+        subscription_id,
+        report.at.event_id,
+        report.at.created,
+        report.at.rank,
+        report.status,
+        report.payment_succeeded,
+    )
 
 
 async def subscriptions_of_org(conn: db.Connection, org_id: uuid.UUID) -> list[SubscriptionState]:

@@ -88,8 +88,11 @@ class _Unchanged(Exception):
 
 
 def _comparable(state: SubscriptionState | None) -> SubscriptionState | None:
-    # Positions always move forward with a newer read; only what they guard counts as a change.
-    return None if state is None else dataclasses.replace(state, status_position=None, snapshot_position=None)
+    # Positions always move forward with a newer read (and each read adds a report to the status history); only
+    # what they guard counts as a change.
+    return (
+        None if state is None else dataclasses.replace(state, status_position=None, snapshot_position=None, history=())
+    )
 
 
 def _org_diff(before: OrgBilling | None, after: OrgBilling | None) -> dict[str, list[Any]]:

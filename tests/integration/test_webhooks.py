@@ -642,3 +642,34 @@ async def test_prune_deletes_only_events_received_before_the_cutoff(stripe, make
         }
     assert deleted >= 1
     assert remaining == {recent["id"]}
+
+
+async def test_dunning_starts_at_the_earliest_failure_whatever_the_delivery_order(stripe, make_org, pool):
+    """Failures 9, 6 and 4 days ago and the past_due update they cause, delivered in every order: the episode
+    starts 9 days ago each time, so with a 7-day grace billable calls are refused in every order."""
+    import itertools
+
+    from driftlock_kernel.billing import DEFAULT_POLICY, payment_blocks_billable
+
+    t, day = now(), 86400
+    starts = set()
+    for order in itertools.permutations(range(4)):
+        org = await make_org()
+        await checkout(stripe, org.id, created=t - 40 * day)
+        await stripe.send("customer.subscription.created", org_id=org.id, created=t - 30 * day, status="active")
+        story = [
+            stripe_player.build_event("invoice.payment_failed", org_id=org.id, created=t - 9 * day),
+            stripe_player.build_event(
+                "customer.subscription.updated", org_id=org.id, status="past_due", created=t - 9 * day + 1
+            ),
+            stripe_player.build_event("invoice.payment_failed", org_id=org.id, created=t - 6 * day),
+            stripe_player.build_event("invoice.payment_failed", org_id=org.id, created=t - 4 * day),
+        ]
+        for index in order:
+            reply = await stripe.deliver(story[index])
+            assert reply.status == 200 and reply.outcome in ("applied", "skipped_stale"), reply.body
+        row = await org_row(pool, org.id)
+        assert row["billing_status"] == "past_due"
+        starts.add(row["past_due_since"])
+        assert payment_blocks_billable("past_due", row["past_due_since"].timestamp(), t, DEFAULT_POLICY)
+    assert starts == {at(t - 9 * day)}

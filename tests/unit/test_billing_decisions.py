@@ -1,6 +1,7 @@
 """decisions.py: ordering of Stripe events, what a payment does to a status, which subscription an organisation
 follows, and what changes on the organisation. Plain values in, plain values out."""
 
+import dataclasses
 import itertools
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -103,7 +104,8 @@ def test_handle_subscription_updated_older_event_is_skipped():
     state = run([snap("evt_2", 20, "past_due")])
     result = apply_snapshot(state, snap("evt_1", 10, "active"))
     assert result.stale and not result.changed
-    assert result.state == state
+    assert dataclasses.replace(result.state, history=state.history) == state
+    assert len(result.state.history) == 2  # kept: an even earlier event may still arrive
 
 
 def test_newer_snapshot_replaces_prices_period_and_status():
@@ -324,3 +326,30 @@ def test_a_subscription_known_only_by_id_links_but_does_not_touch_billing():
         "stripe_subscription_id": SUB,
         "stripe_customer_id": CUS,
     }
+
+
+def test_the_overdue_episode_starts_at_its_earliest_failure_in_every_delivery_order():
+    """Failures 9, 6 and 4 days ago and the past_due update of the first: latest-first used to start the
+    episode 4 days ago (inside a 7-day grace, so served) instead of 9 (past it: payment_required)."""
+    day = 86400
+    story = [
+        snap("evt_created", -30 * day, "active"),
+        pay("evt_failed_9", -9 * day, succeeded=False),
+        snap("evt_past_due", -9 * day + 1, "past_due"),
+        pay("evt_failed_6", -6 * day, succeeded=False),
+        pay("evt_failed_4", -4 * day, succeeded=False),
+    ]
+    starts = {run(order).past_due_since for order in itertools.permutations(story)}
+    assert starts == {t(-9 * day)}
+
+
+def test_a_late_failure_before_a_recovery_belongs_to_the_earlier_episode():
+    story = [pay("evt_f1", 10, False), pay("evt_ok", 20, True), pay("evt_f2", 30, False), pay("evt_f0", 5, False)]
+    for order in itertools.permutations(story):
+        state = run(order)
+        assert (state.status, state.past_due_since) == ("past_due", t(30))
+
+
+def test_a_trial_stays_a_trial_after_a_payment_in_any_order():
+    story = [snap("evt_trial", 10, "trialing"), pay("evt_paid", 20, succeeded=True)]
+    assert {run(order).status for order in itertools.permutations(story)} == {"trialing"}

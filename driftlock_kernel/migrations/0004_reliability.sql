@@ -1,0 +1,32 @@
+-- Correctness under faults (issue 8): the status history of each Stripe subscription, so that dunning does not
+-- depend on the order events are delivered in.
+
+-- Every event's word on a subscription's status: a subscription event's status, or an invoice payment's
+-- result. The subscription's status, past_due_since and status position (stripe_subscriptions.status*) are the
+-- fold of these rows in position order (billing_webhooks.decisions.status_from_history), so a failed payment
+-- that arrives after a later one still starts the overdue episode at its own time.
+CREATE TABLE driftlock.stripe_subscription_history (
+    subscription_id    text NOT NULL REFERENCES driftlock.stripe_subscriptions (id) ON DELETE CASCADE,
+    event_id           text NOT NULL,
+    at                 timestamptz NOT NULL,
+    rank               smallint NOT NULL,
+    status             text CHECK (status IN (
+                           'incomplete', 'incomplete_expired', 'trialing', 'active',
+                           'past_due', 'unpaid', 'canceled', 'paused')),
+    payment_succeeded  boolean,
+    received_at        timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (subscription_id, event_id),
+    CONSTRAINT stripe_subscription_history_one_kind CHECK (num_nulls(status, payment_succeeded) = 1)
+);
+
+-- Subscriptions stored before this history existed: their current status (and the start of an overdue
+-- episode) become its first reports, so the fold starts from what was known.
+INSERT INTO driftlock.stripe_subscription_history (subscription_id, event_id, at, rank, status)
+SELECT id, status_event_id, status_at, status_rank, status
+FROM driftlock.stripe_subscriptions
+WHERE status IS NOT NULL AND status_at IS NOT NULL;
+INSERT INTO driftlock.stripe_subscription_history (subscription_id, event_id, at, rank, status)
+SELECT id, 'migrated:past_due_since:' || id, past_due_since, 3, 'past_due'
+FROM driftlock.stripe_subscriptions
+WHERE status IN ('past_due', 'unpaid') AND past_due_since IS NOT NULL AND past_due_since < status_at
+ON CONFLICT DO NOTHING;
