@@ -2,6 +2,7 @@
 spill files that keep what a shutdown could not flush."""
 
 import json
+import os
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -201,9 +202,11 @@ class MeterStore:
 # --- spilling: what a shutdown could not flush, kept on disk for the next start ---------------------------------
 
 
-def spill(batches: list[Batch], directory: Path) -> Path:
+def spill(batches: list[Batch], directory: Path, path: Path | None = None) -> Path:
+    """Write the batches to `path` (by default a new file in `directory`), atomically and durably: a reader
+    sees the old file or the new one, never half of one, and the file is on disk when this returns."""
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"meter-{batches[0].flush_id}.json"
+    path = path or directory / f"meter-{batches[0].flush_id}.json"
     document = [
         {
             "flush_id": str(batch.flush_id),
@@ -219,8 +222,16 @@ def spill(batches: list[Batch], directory: Path) -> Path:
         for batch in batches
     ]
     temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(document))
-    temporary.replace(path)  # a reader never sees half a file
+    with temporary.open("w") as out:
+        out.write(json.dumps(document))
+        out.flush()
+        os.fsync(out.fileno())
+    temporary.replace(path)
+    directory_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(directory_fd)  # the rename itself survives a crash of the machine
+    finally:
+        os.close(directory_fd)
     return path
 
 

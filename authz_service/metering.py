@@ -4,10 +4,14 @@
   last flush in one statement, at most every `flush_interval` seconds.
 - A flush that fails keeps its batch and flush id: the next attempt sends the same batch, and the database
   applies it only if it has not seen the id. A database outage therefore only delays counts.
-- On shutdown (`close`), the meter flushes until its deadline; what still cannot be written is spilled to a file
-  that the next start flushes (with the same flush ids, so a file flushed twice counts once).
-- What a SIGKILL can lose: the units counted since the last acknowledged flush (at most `flush_interval` of
-  traffic while the database is up; everything counted during an outage).
+- Spill first: at SIGTERM (`spill_now`, before the drain), at `close`, and every `flush_interval` while flushes
+  fail, everything not acknowledged is written to this process's spill file (atomically, fsync'd) with the
+  flush ids it will be sent with; flushing goes on from memory, and the file is rewritten as batches are
+  acknowledged and removed once all are. The next start flushes any file left behind, and a flush id the
+  database has seen counts nothing, so a file replayed twice (or after its batches were applied) counts once.
+- What a SIGKILL can lose: the units counted in the last `flush_interval` (not yet flushed while the database
+  is up, not yet spilled while it is down). A SIGTERM followed by a SIGKILL at any time after the gRPC server
+  stopped loses nothing.
 """
 
 import asyncio
@@ -71,7 +75,14 @@ class Meter:
         self._context: dict[UsageKey, _AlertContext] = {}
         self._raised: set[tuple[UsageKey, int]] = set()
         self._spilled_files: dict[Path, set[uuid.UUID]] = {}
+        # This process's own spill file, once written; rewritten as batches are acknowledged.
+        self._spill_path = spill_dir / f"meter-{uuid.uuid4()}.json" if spill_dir is not None else None
+        self._spill_written = False
+        self._failing = False  # the last flush failed: keep the spill file up to date
+        self._flush_interval = flush_interval
+        self._in_flight_since: float | None = None  # monotonic start of the flush on its way, if any
         self._flusher = every(flush_interval, self.flush_cycle, name="meter-flush")
+        self._spiller = every(flush_interval, self._spill_step, name="meter-spill")
         self._flush_lock = asyncio.Lock()
         self._last_failure_log = 0.0
         self._load_failures = RepeatedLog(log)
@@ -142,6 +153,7 @@ class Meter:
 
     def start(self) -> None:
         self._flusher.start()
+        self._spiller.start()
 
     async def flush_cycle(self) -> int:
         """One interval's flushing; returns the statements sent. One flush takes everything counted so far;
@@ -160,16 +172,21 @@ class Meter:
             if batch is None:
                 return FlushOutcome.IDLE
             started = time.perf_counter()
+            batch.attempted = True
+            self._in_flight_since = time.monotonic()
             try:
                 metrics.DB_QUERIES.labels(query="meter_flush").inc()
                 result = await asyncio.wait_for(self._store.flush(batch), self._flush_timeout)
             except db.DATABASE_ERRORS as error:
+                self._in_flight_since = None
+                self._failing = True
                 metrics.METER_FLUSHES.labels(outcome="failed").inc()
                 now = time.monotonic()
                 if now - self._last_failure_log > 10:
                     self._last_failure_log = now
                     log.warning("flush of %d units failed (kept, will retry): %s", batch.units, one_line(error))
                 return FlushOutcome.FAILED
+            self._failing, self._in_flight_since = False, None
             metrics.METER_FLUSH_DURATION.observe(time.perf_counter() - started)
             metrics.METER_FLUSHES.labels(outcome="applied" if result.applied else "duplicate").inc()
             self.ledger.acknowledged(batch, result.totals)
@@ -184,6 +201,7 @@ class Meter:
             for product, units in result.refunded.items():
                 metrics.USAGE_REFUNDED_UNITS.labels(product=product).inc(units)
             self._forget_spilled(batch.flush_id)
+            self._rewrite_own_spill()
         await self._raise_alerts(result.totals)
         return FlushOutcome.FLUSHED
 
@@ -244,9 +262,65 @@ class Meter:
                 path.unlink(missing_ok=True)
                 del self._spilled_files[path]
 
+    # --- spilling ---------------------------------------------------------------------------------------------
+
+    def spill_now(self) -> int:
+        """Write everything not acknowledged to this process's spill file now; returns the units on disk.
+
+        Synchronous on purpose: no check is counted between sealing the pending units into a batch and writing
+        it, so the file holds exactly what memory will flush, under the same flush ids."""
+        if self._spill_path is None:
+            return 0
+        self.ledger.seal()
+        batches = self.ledger.unacknowledged()
+        if not batches:
+            self._remove_own_spill()
+            return 0
+        try:
+            spill(batches, self._spill_path.parent, self._spill_path)
+        except OSError as error:
+            log.error("could not write the spill file %s: %s", self._spill_path, one_line(error))
+            return 0
+        self._spill_written = True
+        # The restored files' batches are in this file now.
+        for path in self._spilled_files:
+            path.unlink(missing_ok=True)
+        self._spilled_files.clear()
+        return sum(b.units for b in batches)
+
+    async def _spill_step(self) -> None:
+        # Independent of the flush loop, whose attempt may hang for flush_timeout in an outage.
+        started = self._in_flight_since
+        hanging = started is not None and time.monotonic() - started > self._flush_interval
+        if (self._failing or hanging) and self.ledger.has_work:
+            self.spill_now()
+
+    def _rewrite_own_spill(self) -> None:
+        """After an acknowledgement: the file keeps only what is still unacknowledged (gone when nothing is)."""
+        if not self._spill_written or self._spill_path is None:
+            return
+        batches = self.ledger.unacknowledged()
+        if not batches:
+            self._remove_own_spill()
+            return
+        try:
+            spill(batches, self._spill_path.parent, self._spill_path)
+        except OSError as error:
+            log.error("could not rewrite the spill file %s: %s", self._spill_path, one_line(error))
+
+    def _remove_own_spill(self) -> None:
+        if self._spill_written and self._spill_path is not None:
+            self._spill_path.unlink(missing_ok=True)
+            self._spill_written = False
+
     async def close(self, timeout: float = 15.0) -> None:
-        """Stop the loop and write everything counted; spill what the database does not take in time."""
+        """Stop the loops, put everything counted on disk at once, then flush it until `timeout`; what the
+        database did not take stays in the spill file for the next start."""
         await self._flusher.stop()
+        await self._spiller.stop()
+        on_disk = self.spill_now()
+        if on_disk:
+            log.info("shutting down: %d units on disk in %s until they are flushed", on_disk, self._spill_path)
         deadline = time.monotonic() + timeout
         while self.ledger.has_work and time.monotonic() < deadline:
             if await self.flush_once() is FlushOutcome.FAILED:
@@ -255,11 +329,11 @@ class Meter:
         if not self.ledger.has_work:
             log.info("meter flushed everything")
             return
-        batches = self.ledger.drain()
-        units = sum(b.units for b in batches)
-        if self._spill_dir is not None:
-            path = spill(batches, self._spill_dir)
-            log.error("database unavailable at shutdown: %d units spilled to %s for the next start", units, path)
+        units = self.ledger.pending_units
+        if self._spill_path is not None and self.spill_now():
+            log.error(
+                "database unavailable at shutdown: %d units kept in %s for the next start", units, self._spill_path
+            )
         else:
             log.error("database unavailable at shutdown and no spill directory: %d units lost", units)
 

@@ -43,6 +43,9 @@ class Batch:
     counters: dict[CounterKey, int] = field(default_factory=dict)
     reports: list[Report] = field(default_factory=list)
     refunds: list[Refund] = field(default_factory=list)
+    # Sent to the database at least once (or restored from a spill file): it may be applied already, so it is
+    # retried exactly as it is and never grows again.
+    attempted: bool = False
 
     @property
     def units(self) -> int:
@@ -175,6 +178,24 @@ class UsageLedger:
             self._pending, self._pending_reports, self._pending_refunds = {}, [], []
         return self._unacknowledged[0] if self._unacknowledged else None
 
+    def seal(self) -> None:
+        """Close what is pending into a batch now, with the flush id it will be sent with (so that a spill file
+        holds exactly what will be flushed). Pending units join the last batch while that was never sent, so a
+        long outage keeps two batches, not one per interval."""
+        if not (self._pending or self._pending_reports):
+            return
+        last = self._unacknowledged[-1] if self._unacknowledged else None
+        if last is not None and not last.attempted:
+            for counter, units in self._pending.items():
+                last.counters[counter] = last.counters.get(counter, 0) + units
+            last.reports.extend(self._pending_reports)
+        else:
+            self._unacknowledged.append(Batch(uuid.uuid4(), self._pending, self._pending_reports))
+        self._pending, self._pending_reports = {}, []
+
+    def unacknowledged(self) -> list[Batch]:
+        return list(self._unacknowledged)
+
     def acknowledged(self, batch: Batch, totals: dict[UsageKey, int]) -> None:
         """The batch is in the database (applied now or found applied before); `totals` are the pooled
         totals read in the same statement, which include it."""
@@ -209,6 +230,7 @@ class UsageLedger:
     def restore(self, batches: Iterable[Batch]) -> None:
         """Batches a previous process could not flush (spilled at shutdown): flushed first, with their ids."""
         for batch in batches:
+            batch.attempted = True  # the previous process may have sent it
             self._unacknowledged.append(batch)
             for key, units in batch.by_usage_key().items():
                 self._unflushed[key] = self._unflushed.get(key, 0) + units

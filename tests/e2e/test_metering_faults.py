@@ -214,3 +214,26 @@ async def test_database_stopped_and_restarted_mid_load_loses_and_doubles_nothing
     expected = {p: load.served[p] for p in PATHS}
     await wait_for_usage(pool, org.id, expected, within=30)
     report("database stopped and restarted mid-load", load, await stored_usage(pool, org.id))
+
+
+async def test_sigterm_then_sigkill_10s_later_during_an_outage_loses_nothing(faulty, make_org, make_key, pool):
+    """docker's stop: SIGTERM, then SIGKILL 10 s later, while the database is away. The replica spills first,
+    so what it counted is on disk long before the kill; its next start flushes it."""
+    stack, proxy = faulty
+    org, secret = await tenant(make_org, make_key, stack)
+    load = Load(stack.ports.envoy, secret, 1200)
+    running = asyncio.create_task(load.run())
+    await load.reached(0.2)
+    await proxy.cut()
+    await load.reached(0.5)
+    replica = stack.children["authz-1"]
+    replica.signal(signal.SIGTERM)
+    await asyncio.sleep(10)  # the stop timeout itself, not a wait for a condition
+    replica.signal(signal.SIGKILL)
+    assert await replica.process.wait() == -signal.SIGKILL, "authz-1 should still be retrying its flush"
+    await running
+    await proxy.restore()
+    await stack.restart("authz-1")
+    expected = {p: load.served[p] for p in PATHS}
+    await wait_for_usage(pool, org.id, expected, within=30)
+    report("SIGTERM then SIGKILL 10 s later, database down", load, await stored_usage(pool, org.id))

@@ -248,3 +248,67 @@ async def test_a_busy_meter_sends_one_statement_per_interval(pool, make_org):
         assert store.statements == cycle
     assert await stored_usage(pool, org.id) == {"stream": 50}  # what each flush took; 10 more arrived during the last
     assert meter.ledger.pending_units == 10
+
+
+class HangingStore(MeterStore):
+    """A database that accepts the connection and never answers: the flush hangs until its timeout."""
+
+    async def flush(self, batch: Batch) -> FlushResult:
+        await asyncio.sleep(3600)
+        raise AssertionError("unreachable")
+
+
+async def test_close_puts_every_unit_on_disk_at_once_while_the_flush_hangs(pool, make_org, tmp_path):
+    """SIGTERM then SIGKILL 10 s later (docker's stop timeout) during an outage: the units must be on disk long
+    before the flush gives up."""
+    org = await make_org()
+    meter = new_meter(pool, HangingStore(pool, replica="test"), spill_dir=tmp_path, flush_timeout=60)
+    key = (str(org.id), PERIOD.start)
+    meter.ledger.learn(key, 0, meter.ledger.epoch(key))
+    for _ in range(7):
+        meter.record(str(uuid.uuid4()), key, "stream", 1, PLAN, PERIOD.end)
+    closing = asyncio.create_task(meter.close(timeout=30))
+
+    async def on_disk() -> bool:
+        return len(list(tmp_path.glob("meter-*.json"))) == 1
+
+    await eventually(on_disk, within=1.0, what="the spill file written when close begins")
+    closing.cancel()  # the SIGKILL: the process ends here
+    successor = new_meter(pool, spill_dir=tmp_path)
+    assert successor.restore_spilled() == 7
+    while successor.ledger.has_work:
+        assert await successor.flush_once() is FlushOutcome.FLUSHED
+    assert await stored_usage(pool, org.id) == {"stream": 7}
+    assert list(tmp_path.glob("meter-*.json")) == []
+
+
+async def test_an_outage_keeps_the_spill_file_current_and_the_file_goes_once_flushed(
+    proxied_pool, pool, make_org, tmp_path
+):
+    """A SIGKILL without SIGTERM during an outage loses at most the last interval: everything older is on
+    disk. When the database returns, the file is removed once its batches are flushed."""
+    proxy, proxied = proxied_pool
+    org = await make_org()
+    meter = new_meter(proxied, flush_timeout=1, spill_dir=tmp_path)
+    await count(meter, str(org.id), "stream", 3)
+    await proxy.cut()
+    await count(meter, str(org.id), "stream", 4)
+    assert await meter.flush_once() is FlushOutcome.FAILED
+    await meter._spill_step()  # one interval of the spill loop
+    await count(meter, str(org.id), "monitor", 2)
+    await meter._spill_step()
+    files = list(tmp_path.glob("meter-*.json"))
+    assert len(files) == 1
+    # What a successor would replay if this process were killed now: all 9 units, in at most two batches.
+    replayed = new_meter(pool, spill_dir=tmp_path)
+    assert replayed.restore_spilled() == 9
+    assert len(replayed.ledger.unacknowledged()) <= 2
+    await proxy.restore()
+    while meter.ledger.has_work:
+        assert await meter.flush_once() is not FlushOutcome.FAILED
+    assert list(tmp_path.glob("meter-*.json")) == []
+    assert await stored_usage(pool, org.id) == {"stream": 7, "monitor": 2}
+    # The copy the successor holds is the same batches: replaying it now adds nothing.
+    while replayed.ledger.has_work:
+        await replayed.flush_once()
+    assert await stored_usage(pool, org.id) == {"stream": 7, "monitor": 2}

@@ -434,3 +434,20 @@ def test_only_envoy_and_the_backend_reach_authz_and_only_envoy_the_webhook_servi
         e["name"]: e for e in deployments["driftlock-envoy"]["spec"]["template"]["spec"]["containers"][0]["env"]
     }
     assert envoy_env["DRIFTLOCK_EXT_AUTHZ_SECRET"]["valueFrom"]["secretKeyRef"]["name"].startswith("driftlock-secrets")
+
+
+def _seconds(text: str) -> float:
+    assert text.endswith("s"), text
+    return float(text[:-1])
+
+
+def test_each_service_gets_the_stop_grace_period_its_drain_needs():
+    from authz_service import server
+    from billing_webhooks import app
+    from driftlock_kernel.settings import Settings
+
+    services = compose()["services"]
+    authz_needs = Settings().authz_drain_seconds + server.SHUTDOWN_GRACE_SECONDS + server.SHUTDOWN_FLUSH_SECONDS
+    assert _seconds(services["authz"]["stop_grace_period"]) >= authz_needs + 5
+    assert _seconds(services["webhooks"]["stop_grace_period"]) >= app.SHUTDOWN_GRACE_SECONDS + 3
+    assert _seconds(services["envoy"]["stop_grace_period"]) >= 5
