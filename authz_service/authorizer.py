@@ -3,8 +3,10 @@
     route -> credential -> grant -> access -> rate -> billing -> record  (then audit)
 
 Each stage is a plain function of decision.py (or a store look-up between them); the first stage that refuses
-ends the check. Production and the unit tests run this same pipeline. Between reading the organisation's usage
-and counting this call there is no await, so with one replica a quota is cut exactly.
+ends the check. Production and the unit tests run this same pipeline. Far from a cap, there is no await between
+reading the organisation's usage and counting this call, so one replica cuts exactly; within the exact margin
+of a cap, the call is counted by one atomic statement in the database before it is allowed, so any number of
+replicas together cut exactly.
 """
 
 import logging
@@ -32,11 +34,13 @@ from authz_service.decision import (
     check_rate,
     deny,
     is_billed,
+    quota_exceeded,
+    reservation_cap,
     route_from_context,
 )
 from authz_service.grants import GrantStore, StoreUnavailable
 from authz_service.key_last_used import LastUsedRecorder
-from authz_service.metering import Meter
+from authz_service.metering import Meter, Reserved
 from authz_service.plan_book import PlanBook
 from authz_service.rate_limit import RateLimiter, RateVerdict, SharedLimits
 from authz_service.refunds import BilledUsage
@@ -105,6 +109,8 @@ class Authorizer:
         policy: BillingPolicy = DEFAULT_POLICY,
         clock: Callable[[], float] = time.time,
         last_used: LastUsedRecorder | None = None,
+        exact_margin_units: int = 1000,
+        reserve_timeout: float = 0.5,
     ):
         self._last_used = last_used
         self._store = store
@@ -115,6 +121,8 @@ class Authorizer:
         self._audit = audit
         self._policy = policy
         self._clock = clock
+        self._exact_margin = exact_margin_units
+        self._reserve_timeout = reserve_timeout
         self._periods = PeriodFinder()
         self._late = RepeatedLog(log)
 
@@ -194,7 +202,7 @@ class Authorizer:
             return CheckOutcome(ALLOW, grant, route, billed=True, plan=plan.name, rate=rate, usage=usage)
         usage_key = (grant.org_id, period.start)
         used = await self._meter.used(usage_key)
-        # No await from here on: the usage read above and the count below are one step.
+        # No await from here on in the in-memory path: the usage read above and the count below are one step.
         if request.deadline is not None and time.monotonic() > request.deadline - DEADLINE_MARGIN_SECONDS:
             self._late.warning("deadline", "answering auth_unavailable: Envoy's deadline passed while usage was read")
             return CheckOutcome(DENY_UNAVAILABLE, grant, route, plan=plan.name, rate=rate)
@@ -203,8 +211,23 @@ class Authorizer:
         )
         if not decision.allowed:
             return CheckOutcome(decision, grant, route, plan=plan.name, rate=rate)
-        self._meter.record(request.request_id, usage_key, usage.product, route.units, plan, period.end)
-        return CheckOutcome(decision, grant, route, billed=True, plan=plan.name, rate=rate, usage=usage)
+        cap = reservation_cap(plan, used, route.units, self._exact_margin)
+        if cap is None:
+            self._meter.record(request.request_id, usage_key, usage.product, route.units, plan, period.end)
+            return CheckOutcome(ALLOW, grant, route, billed=True, plan=plan.name, rate=rate, usage=usage)
+        # Near the cap: what the other replicas counted since this one last read may be all that is left, so the
+        # database decides, atomically, before the call is allowed.
+        timeout = self._reserve_timeout
+        if request.deadline is not None:
+            timeout = min(timeout, request.deadline - DEADLINE_MARGIN_SECONDS - time.monotonic())
+            if timeout <= 0:
+                return CheckOutcome(DENY_UNAVAILABLE, grant, route, plan=plan.name, rate=rate)
+        reserved = await self._meter.reserve(
+            request.request_id, usage_key, usage.product, route.units, plan, period.end, cap, timeout
+        )
+        if reserved is Reserved.REFUSED:
+            return CheckOutcome(quota_exceeded(now, period.end.timestamp()), grant, route, plan=plan.name, rate=rate)
+        return CheckOutcome(ALLOW, grant, route, billed=True, plan=plan.name, rate=rate, usage=usage)
 
 
 def _audit_entry(request: AccessRequest, outcome: CheckOutcome) -> AuditEntry:

@@ -9,7 +9,9 @@ the unit tests call the same functions:
     access       check_access(route, grant, now)       -> Decision
     rate         check_rate(RateLimiter.take(...))     -> Decision
     billing      check_billing(route, grant, now, ...) -> Decision         (dunning, quota)
-    record       Meter.record(...)                                         (count what was allowed)
+    record       Meter.record(...)                                         (count what was allowed; within
+                 or Meter.reserve(...) near a cap                           reservation_cap's margin of a cap,
+                                                                            counted in the database first)
 
 Every outcome is one member of `DenyCode` (or an allow), mapped to its HTTP status in one table; the same
 member is the metric label and the `error.code` a client reads.
@@ -208,6 +210,19 @@ def check_billing(
         return _DENY[DenyCode.PAYMENT_REQUIRED]
     cap = plan.unit_cap
     if cap is not None and used_units + route.units > cap:
-        # The quota comes back with the next billing period.
-        return Decision(DenyCode.QUOTA_EXCEEDED, retry_after=max(1, int(period_end - now) + 1))
+        return quota_exceeded(now, period_end)
     return ALLOW
+
+
+def quota_exceeded(now: float, period_end: float) -> Decision:
+    # The quota comes back with the next billing period.
+    return Decision(DenyCode.QUOTA_EXCEEDED, retry_after=max(1, int(period_end - now) + 1))
+
+
+def reservation_cap(plan: PlanLimits, used_units: int, units: int, margin: int) -> int | None:
+    """The cap to reserve against when this call comes within `margin` units of it, else None (the in-memory
+    path: far from the cap, what other replicas counted lately cannot carry the total past it)."""
+    cap = plan.unit_cap
+    if cap is None or cap - (used_units + units) >= margin:
+        return None
+    return int(cap)

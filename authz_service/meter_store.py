@@ -25,6 +25,8 @@ from driftlock_kernel import db
 # - Totals: rows this statement wrote come from RETURNING (the rest of the statement cannot see them), the other
 #   products of the same organisation and period from the statement's snapshot.
 # - Units of an organisation deleted meanwhile are dropped rather than failing the whole flush.
+# - usage_totals (the pooled total per organisation and period, which RESERVE_SQL checks caps against) moves by
+#   exactly what the counters move by, in the same statement.
 FLUSH_SQL = """
 WITH flush AS (
     INSERT INTO driftlock.meter_flushes (flush_id, replica, units) VALUES ($1, $2, $3)
@@ -61,9 +63,20 @@ deltas AS (
           UNION ALL SELECT org_id, period_start, product, -units FROM refunded) AS d
     GROUP BY org_id, period_start, product
 ),
+pooled AS (
+    INSERT INTO driftlock.usage_totals AS p (org_id, period_start, units)
+    SELECT org_id, period_start, sum(units)::bigint FROM deltas GROUP BY org_id, period_start
+    ORDER BY org_id, period_start
+    ON CONFLICT (org_id, period_start) DO UPDATE SET units = p.units + EXCLUDED.units, updated_at = now()
+    RETURNING 1
+),
 upserted AS (
     INSERT INTO driftlock.usage_counters AS u (org_id, period_start, product, units)
-    SELECT org_id, period_start, product, units FROM deltas ORDER BY org_id, period_start, product
+    SELECT org_id, period_start, product, units FROM deltas
+    -- The pooled totals first (an init plan runs `pooled` to its end before the first counter row), in the
+    -- order RESERVE_SQL takes them: the two statements lock the same rows in the same order.
+    WHERE (SELECT count(*) FROM pooled) >= 0
+    ORDER BY org_id, period_start, product
     ON CONFLICT (org_id, period_start, product) DO UPDATE SET units = u.units + EXCLUDED.units, updated_at = now()
     RETURNING u.org_id, u.period_start, u.product, u.units
 ),
@@ -90,8 +103,40 @@ FROM touched t LEFT JOIN totals x USING (org_id, period_start)
 GROUP BY t.org_id, t.period_start
 """
 
+# Near a cap: one unit (or a route's units) counted only if the pooled total stays within the cap, in one
+# statement. The conditional upsert locks the organisation's usage_totals row and re-checks the condition on
+# its latest version, so replicas reserving at once are serialised there and none passes the cap. $8 is what
+# this replica counted and has not had acknowledged yet (it is not in the total). The units go in as a
+# one-unit flush with its own id: if the answer is lost, the replica keeps the same batch and a retry through
+# FLUSH_SQL finds the id, so the unit counts once either way.
+RESERVE_SQL = """
+WITH pooled AS (
+    INSERT INTO driftlock.usage_totals AS p (org_id, period_start, units)
+    SELECT $3::uuid, $4::timestamptz, $6::bigint
+    WHERE $6::bigint + $7::bigint <= $8::bigint
+      AND EXISTS (SELECT 1 FROM driftlock.organizations o WHERE o.id = $3::uuid)
+    ON CONFLICT (org_id, period_start) DO UPDATE SET units = p.units + EXCLUDED.units, updated_at = now()
+        WHERE p.units + EXCLUDED.units + $7::bigint <= $8::bigint
+    RETURNING p.units
+),
+flush AS (
+    INSERT INTO driftlock.meter_flushes (flush_id, replica, units)
+    SELECT $1, $2, $6::bigint FROM pooled
+    RETURNING flush_id
+),
+counted AS (
+    INSERT INTO driftlock.usage_counters AS u (org_id, period_start, product, units)
+    SELECT $3::uuid, $4::timestamptz, $5::text, $6::bigint FROM flush
+    ON CONFLICT (org_id, period_start, product) DO UPDATE SET units = u.units + EXCLUDED.units, updated_at = now()
+    RETURNING 1
+)
+SELECT (SELECT units FROM pooled) AS reserved_total, (SELECT count(*) FROM counted) AS counted,
+       (SELECT units FROM driftlock.usage_totals WHERE org_id = $3::uuid AND period_start = $4::timestamptz)
+           AS seen_total
+"""
+
 LOAD_SQL = """
-SELECT coalesce(sum(units), 0)::bigint FROM driftlock.usage_counters WHERE org_id = $1 AND period_start = $2
+SELECT coalesce((SELECT units FROM driftlock.usage_totals WHERE org_id = $1 AND period_start = $2), 0)::bigint
 """
 
 ALERTS_SQL = """
@@ -114,6 +159,14 @@ class FlushResult:
     totals: dict[UsageKey, int]
     # Units this flush took back, per product (refunds the database had not applied before).
     refunded: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """What RESERVE_SQL answered: whether the units were counted, and the pooled total it saw (with them)."""
+
+    reserved: bool
+    total: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +228,19 @@ class MeterStore:
         for product, units in rows[0]["refunded"] if rows else ():
             refunded[product] = refunded.get(product, 0) + units
         return FlushResult(applied, {(row["org_id"], row["period_start"]): row["total"] for row in rows}, refunded)
+
+    async def reserve(
+        self, flush_id: uuid.UUID, key: UsageKey, product: str, units: int, unacknowledged: int, cap: int
+    ) -> Reservation:
+        """Count `units` for this organisation and period only if the pooled total stays within `cap`."""
+        row = await self._pool.fetchrow(
+            RESERVE_SQL, flush_id, self._replica, key[0], key[1], product, units, unacknowledged, cap
+        )
+        if row is None:
+            raise RuntimeError("the reservation statement returned no row")
+        if row["reserved_total"] is not None:
+            return Reservation(True, row["reserved_total"])
+        return Reservation(False, row["seen_total"] or 0)
 
     async def load(self, key: UsageKey) -> int:
         return await self._pool.fetchval(LOAD_SQL, key[0], key[1])

@@ -28,7 +28,7 @@ from authz_service.alerts import AlertNotifier, thresholds_reached
 from authz_service.decision import PlanLimits
 from authz_service.meter_store import AlertCandidate, MeterStore, read_spilled, spill
 from authz_service.refunds import Refund
-from authz_service.usage_ledger import Report, UsageKey, UsageLedger
+from authz_service.usage_ledger import Batch, Report, UsageKey, UsageLedger
 from driftlock_kernel import db
 from driftlock_kernel.background import every
 from driftlock_kernel.caches import SingleFlight
@@ -36,6 +36,14 @@ from driftlock_kernel.errors import one_line
 from driftlock_kernel.repeated_logs import RepeatedLog
 
 log = logging.getLogger(__name__)
+
+
+class Reserved(Enum):
+    """What a reservation near a cap came to."""
+
+    COUNTED = "counted"  # within the cap, and counted in the database
+    REFUSED = "refused"  # it would pass the cap: not counted
+    UNKNOWN = "unknown"  # no answer (database down, or the answer lost): counted here, flushed exactly once
 
 
 class FlushOutcome(Enum):
@@ -74,6 +82,8 @@ class Meter:
         self._loads: SingleFlight[UsageKey, None] = SingleFlight()
         self._context: dict[UsageKey, _AlertContext] = {}
         self._raised: set[tuple[UsageKey, int]] = set()
+        # Totals that reservations left, for the alert check of the next flush cycle (off the request path).
+        self._alerts_due: dict[UsageKey, int] = {}
         self._spilled_files: dict[Path, set[uuid.UUID]] = {}
         # This process's own spill file, once written; rewritten as batches are acknowledged.
         self._spill_path = spill_dir / f"meter-{uuid.uuid4()}.json" if spill_dir is not None else None
@@ -120,6 +130,42 @@ class Meter:
             metrics.METER_DUPLICATE_REQUESTS.inc()
         return counted
 
+    async def reserve(
+        self,
+        request_id: str,
+        key: UsageKey,
+        product: str,
+        units: int,
+        plan: PlanLimits,
+        period_end: datetime,
+        cap: int,
+        timeout: float,
+    ) -> Reserved:
+        """Near a cap: count the call only if the pooled total in the database stays within `cap`, in one
+        atomic statement that every replica goes through (so together they never pass it)."""
+        batch = Batch(uuid.uuid4(), {(key[0], key[1], product): units})
+        epoch = self.ledger.epoch(key)
+        try:
+            metrics.DB_QUERIES.labels(query="quota_reserve").inc()
+            result = await asyncio.wait_for(
+                self._store.reserve(batch.flush_id, key, product, units, self.ledger.unflushed(key), cap), timeout
+            )
+        except db.DATABASE_ERRORS as error:
+            # Served as the in-memory path would serve it; the batch keeps its flush id, so whether or not the
+            # statement was applied, the unit is stored once.
+            self.ledger.add_sent(request_id, batch)
+            self._context[key] = _AlertContext(plan.name, plan.included_units, period_end)
+            log.warning("quota reservation without an answer (%s); counted here instead", one_line(error))
+            return Reserved.UNKNOWN
+        if not result.reserved:
+            self.ledger.learn(key, result.total, epoch)
+            return Reserved.REFUSED
+        self.ledger.counted_in_database(request_id, key, units, result.total)
+        self._context[key] = _AlertContext(plan.name, plan.included_units, period_end)
+        self._alerts_due[key] = result.total
+        metrics.USAGE_UNITS.labels(org_id=self._org_label(key[0]), product=product).inc(units)
+        return Reserved.COUNTED
+
     def report(self, report: Report, plan: PlanLimits, period_end: datetime) -> bool:
         counted = self.ledger.report(report)
         if counted:
@@ -160,6 +206,9 @@ class Meter:
         only batches queued before it (restored from a spill file) are flushed at once after it, never what
         arrived during the flush, which would turn a busy meter into one statement per few requests."""
         statements = 0
+        if self._alerts_due:
+            due, self._alerts_due = self._alerts_due, {}
+            await self._raise_alerts(due)
         while True:
             outcome = await self.flush_once()
             statements += outcome is not FlushOutcome.IDLE

@@ -222,6 +222,8 @@ async def serve(settings: Settings) -> None:
             audit=audit,
             policy=policy,
             last_used=last_used,
+            exact_margin_units=settings.quota_exact_margin_units,
+            reserve_timeout=settings.database_lookup_timeout_seconds,
         )
 
         def on_connect() -> None:

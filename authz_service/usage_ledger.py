@@ -109,6 +109,10 @@ class UsageLedger:
     def epoch(self, key: UsageKey) -> int:
         return self._epoch.get(key, 0)
 
+    def unflushed(self, key: UsageKey) -> int:
+        """Units this replica counted for the key that the database has not acknowledged (not in its total)."""
+        return self._unflushed.get(key, 0)
+
     @property
     def pending_units(self) -> int:
         return sum(self._unflushed.values())
@@ -221,6 +225,29 @@ class UsageLedger:
         if any(key in batch.by_usage_key() for batch in self._unacknowledged):
             return
         self._known[key] = _Known(total, self._clock())
+
+    def counted_in_database(self, request_id: str, key: UsageKey, units: int, total: int) -> None:
+        """Units a reservation wrote to the database itself (they are never flushed from here); `total` is the
+        pooled total the reservation left, with them.
+
+        The total is taken as the known one when no batch of ours for the key is unacknowledged (it might or
+        might not include such a batch); otherwise the units are added to what was known."""
+        self._recent[request_id] = self._clock()
+        self._epoch[key] = self._epoch.get(key, 0) + 1  # a read that started before may lack these units
+        known = self._known.get(key)
+        if any(key in batch.by_usage_key() for batch in self._unacknowledged) and known is not None:
+            known.total += units
+        else:
+            self._known[key] = _Known(total, self._clock())
+
+    def add_sent(self, request_id: str, batch: Batch) -> None:
+        """A batch whose reservation may or may not have been applied (its answer was lost): counted like any
+        other, retried unchanged with its flush id, which the database recognises if it was applied."""
+        self._recent[request_id] = self._clock()
+        batch.attempted = True
+        self._unacknowledged.append(batch)
+        for key, units in batch.by_usage_key().items():
+            self._unflushed[key] = self._unflushed.get(key, 0) + units
 
     def assume(self, key: UsageKey, total: int) -> None:
         """A stand-in when the database cannot be asked: used, but stale at once, so the next check asks."""

@@ -1,9 +1,12 @@
 """Side-by-side benchmarks of authz, run in one go so that both sides see the same (noisy, shared) machine.
 
-    python -m bench [--seconds 8] [--rounds 3] [--only inproc,grpc,edge,redis]
+    python -m bench [--seconds 8] [--rounds 3] [--only inproc,caps,grpc,edge,redis]
 
 - inproc: microseconds per Check inside one process (warm cache), for a billable call, a read, and a
   malformed key. No network: this is the Python cost of a decision.
+- caps:   the price of exact block caps: microseconds per billable Check in one process against the real
+          database, far from the plan's cap (counted in memory) and within the exact margin of it (one atomic
+          statement per call), with the database statements each sends per call.
 - grpc:   h2load drives authz and a do-nothing ext_authz server directly over gRPC, alternately.
 - edge:   wrk drives Envoy -> {authz | do-nothing ext_authz} -> a zero-cost backend (Envoy direct response),
           alternately; also reports database statements per 1,000 billable requests.
@@ -168,6 +171,68 @@ async def bench_redis(fixture: Fixture, seconds: float, rounds: int) -> list[tup
     return rows
 
 
+# --- the cost of exact caps ---------------------------------------------------------------------------------------
+
+
+async def bench_caps(fixture: Fixture, seconds: float) -> list[tuple[str, str, str, str]]:
+    """The same billable check on a block plan, far from its cap and within the exact margin of it."""
+    from envoy.service.auth.v3 import external_auth_pb2
+
+    from authz_service.authorizer import Authorizer
+    from authz_service.context_signer import ContextSigner
+    from authz_service.ext_authz import AuthorizationServicer
+    from authz_service.grants import GrantStore, database_fetch
+    from authz_service.meter_store import MeterStore
+    from authz_service.metering import Meter
+    from authz_service.plan_book import PlanBook, database_load
+    from authz_service.usage_ledger import UsageLedger
+
+    pool = await db.create_pool(fixture.url, application_name="bench-caps", max_size=2)
+    async with pool.acquire() as conn:
+        await plans.upsert_plan(conn, "bench-block", included_units=10**9, overage="block")
+    context = {"scope": "detect", "billable": "true", "product": "stream", "units": "1"}
+    rows = []
+    # The margin decides the path: 1,000 units is far from a cap of 10^9; a margin above the cap is always near.
+    for label, margin in (("far from the cap (in memory)", 1000), ("near the cap (reserved in the database)", 10**10)):
+        async with pool.acquire() as conn:
+            org = await orgs.create_org(conn, f"bench-caps-{uuid.uuid4().hex[:6]}", plan="bench-block")
+            _key, secret = await api_keys.create_key(conn, org.id)
+        store = GrantStore(
+            database_fetch(pool), ttl=300, negative_ttl=5, stale_for=300, max_entries=1000, fetch_timeout=1
+        )
+        meter = Meter(UsageLedger(), MeterStore(pool, replica="bench-caps"))
+        authorizer = Authorizer(store, PlanBook(database_load(pool)), meter=meter, exact_margin_units=margin)
+        servicer = AuthorizationServicer(authorizer, ContextSigner(fixture.jwt_secret.encode()))
+        request = external_auth_pb2.CheckRequest.FromString(check_request_bytes(secret, context))
+        headers = request.attributes.request.http.headers
+        await servicer.Check(request, None)
+        statements_before = await _flush_statements(pool)
+        calls, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            for _ in range(100):
+                headers["x-request-id"] = uuid.uuid4().hex
+                await servicer.Check(request, None)
+            calls += 100
+            await meter.flush_cycle()  # as the flush loop would, about once a second at this rate
+        elapsed = time.perf_counter() - started
+        statements = await _flush_statements(pool) - statements_before
+        rows.append(
+            (
+                "caps",
+                label,
+                f"{elapsed / calls * 1e6:.1f} µs/check",
+                f"{statements / calls:.3f} statements/check",
+            )
+        )
+    await pool.close()
+    return rows
+
+
+async def _flush_statements(pool) -> int:
+    """Statements that wrote usage: flushes and reservations each insert one meter_flushes row."""
+    return await pool.fetchval("SELECT count(*) FROM driftlock.meter_flushes WHERE replica = 'bench-caps'")
+
+
 # --- gRPC, no Envoy -------------------------------------------------------------------------------------------
 
 
@@ -297,7 +362,9 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=8.0, help="length of each measured run")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per pair")
-    parser.add_argument("--only", default="inproc,grpc,edge,redis", help="any of inproc,grpc,edge,redis,flood")
+    parser.add_argument(
+        "--only", default="inproc,caps,grpc,edge,redis", help="any of inproc,caps,grpc,edge,redis,flood"
+    )
     args = parser.parse_args()
     wanted = set(args.only.split(","))
     for tool, part in (("h2load", "grpc"), ("wrk", "edge"), ("wrk", "flood")):
@@ -309,6 +376,8 @@ async def main() -> None:
         async with Fixture(Path(scratch)) as fixture:
             if "inproc" in wanted:
                 rows += await bench_inproc(fixture, args.seconds / 2)
+            if "caps" in wanted:
+                rows += await bench_caps(fixture, args.seconds / 2)
             if "grpc" in wanted:
                 rows += await bench_grpc(fixture, args.seconds, args.rounds)
             if "edge" in wanted:

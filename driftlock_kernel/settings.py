@@ -307,6 +307,13 @@ class Settings:
     key_cache_unknown_max_entries: int = 10_000
     retention_audit_denials: timedelta | None = timedelta(days=90)
 
+    # --- Correctness under faults (issue 8) ---
+    # Within this many units of a plan's cap, every billed call is counted in the database (one atomic
+    # statement) before it is allowed, so that replicas together never pass the cap. Far from it, the in-memory
+    # path: exact as long as the other replicas serve fewer units of one organisation than this within a flush
+    # plus a refresh interval (3 s by default).
+    quota_exact_margin_units: int = 1000
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
         env = os.environ if environ is None else environ
@@ -449,6 +456,8 @@ class Settings:
                 minimum=timedelta(days=1),
                 why="less is most likely a typo",
             ),
+            # --- Correctness under faults (issue 8) ---
+            quota_exact_margin_units=_int(env, "DRIFTLOCK_QUOTA_EXACT_MARGIN_UNITS", d.quota_exact_margin_units),
         )
 
     def envoy_authz_addresses(self) -> tuple[HostPort, ...]:

@@ -30,3 +30,18 @@ SELECT id, 'migrated:past_due_since:' || id, past_due_since, 3, 'past_due'
 FROM driftlock.stripe_subscriptions
 WHERE status IN ('past_due', 'unpaid') AND past_due_since IS NOT NULL AND past_due_since < status_at
 ON CONFLICT DO NOTHING;
+
+-- Exact block caps across replicas. The pooled usage of an organisation in a billing period, kept equal to the
+-- sum of its usage_counters rows by every statement that writes them (the meter's flush and its reservation,
+-- authz_service/meter_store.py): anything else that changes usage_counters must change this row by the same
+-- amount in the same transaction. Near a cap, authz counts a call only through a conditional update of this
+-- row, which serialises replicas on it.
+CREATE TABLE driftlock.usage_totals (
+    org_id        uuid NOT NULL REFERENCES driftlock.organizations (id) ON DELETE CASCADE,
+    period_start  timestamptz NOT NULL,
+    units         bigint NOT NULL CHECK (units >= 0),
+    updated_at    timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (org_id, period_start)
+);
+INSERT INTO driftlock.usage_totals (org_id, period_start, units)
+SELECT org_id, period_start, sum(units) FROM driftlock.usage_counters GROUP BY org_id, period_start;

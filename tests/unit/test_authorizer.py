@@ -9,7 +9,7 @@ import pytest
 from authz_service.authorizer import AccessRequest, Authorizer
 from authz_service.decision import DenyCode, Grant, PlanLimits
 from authz_service.grants import GrantStore
-from authz_service.meter_store import MeterStore
+from authz_service.meter_store import MeterStore, Reservation
 from authz_service.metering import Meter
 from authz_service.plan_book import PlanBook
 from authz_service.usage_ledger import UsageLedger
@@ -25,14 +25,23 @@ INGEST = {"scope": "ingest", "billable": "false", "product": "stream"}
 
 
 class StoredUsage(MeterStore):
-    """Usage as a dict instead of a database."""
+    """Usage as a dict instead of a database (a reservation is as atomic as the statement it stands for)."""
 
     def __init__(self, totals=None):
         super().__init__(pool=None, replica="test")  # type: ignore[arg-type]
         self.totals = totals or {}
+        self.reservations = 0
 
     async def load(self, key):
         return self.totals.get(key[0], 0)
+
+    async def reserve(self, flush_id, key, product, units, unacknowledged, cap):
+        self.reservations += 1
+        total = self.totals.get(key[0], 0)
+        if total + units + unacknowledged > cap:
+            return Reservation(False, total)
+        self.totals[key[0]] = total + units
+        return Reservation(True, total + units)
 
 
 def authorizer(plan: PlanLimits, grant: Grant = GRANT, *, database_down: bool = False) -> tuple[Authorizer, Meter]:
@@ -58,6 +67,11 @@ def request(
 
 
 SOFT = PlanLimits("small", included_units=100, overage=Overage.SOFT)
+
+
+def counted(meter: Meter) -> int:
+    """Units counted so far: in memory (far from a cap) or reserved in the store (near one)."""
+    return meter.ledger.pending_units + sum(meter._store.totals.values())
 
 
 async def code_of(auth: Authorizer, access: AccessRequest) -> DenyCode | None:
@@ -111,7 +125,7 @@ async def test_a_block_plan_is_cut_exactly_and_only_served_calls_are_counted():
     auth, meter = authorizer(PlanLimits("small", included_units=3, overage=Overage.BLOCK))
     outcomes = [await auth.check(request(f"r{i}")) for i in range(5)]
     assert [o.decision.code for o in outcomes] == [None, None, None, DenyCode.QUOTA_EXCEEDED, DenyCode.QUOTA_EXCEEDED]
-    assert meter.ledger.pending_units == 3
+    assert counted(meter) == 3
 
 
 async def test_a_call_whose_deadline_has_passed_is_refused_and_not_counted():
@@ -129,7 +143,7 @@ async def test_a_retried_check_is_allowed_again_but_counted_once():
     first = await auth.check(request("same"))
     again = await auth.check(request("same"))
     assert first.decision.allowed and again.decision.allowed
-    assert meter.ledger.pending_units == 1
+    assert counted(meter) == 1
 
 
 async def test_the_rate_limit_of_the_plan_applies_per_key():
@@ -155,3 +169,15 @@ async def test_the_client_address_is_read_from_the_check_request_only_when_asked
     attributes = check_request({}, source="203.0.113.7").attributes
     assert dataclasses.replace(request("r"), attributes=attributes).source == "203.0.113.7"
     assert request("r").source == ""
+
+
+async def test_far_from_the_cap_counts_in_memory_and_near_it_reserves_in_the_store():
+    plan = PlanLimits("small", included_units=2000, overage=Overage.BLOCK)
+    far, far_meter = authorizer(plan)
+    assert (await far.check(request("far"))).billed
+    assert far_meter.ledger.pending_units == 1 and far_meter._store.reservations == 0
+    near, near_meter = authorizer(plan)
+    near_meter._store.totals["org-1"] = 1500  # within the default margin (1000) of the cap
+    assert (await near.check(request("near"))).billed
+    assert near_meter.ledger.pending_units == 0 and near_meter._store.reservations == 1
+    assert near_meter._store.totals["org-1"] == 1501
