@@ -32,8 +32,10 @@ from authz_service.decision import (
     check_access,
     check_billing,
     check_rate,
+    check_test_allowance,
     deny,
     is_billed,
+    is_test_metered,
     quota_exceeded,
     reservation_cap,
     route_from_context,
@@ -45,8 +47,9 @@ from authz_service.plan_book import PlanBook
 from authz_service.rate_limit import RateLimiter, RateVerdict, SharedLimits
 from authz_service.refunds import BilledUsage
 from driftlock_kernel.billing import DEFAULT_POLICY, BillingPolicy, effective_plan
+from driftlock_kernel.keys import Environment
 from driftlock_kernel.logs import bind_org
-from driftlock_kernel.periods import PeriodFinder
+from driftlock_kernel.periods import Period, PeriodFinder
 from driftlock_kernel.repeated_logs import RepeatedLog
 
 log = logging.getLogger(__name__)
@@ -103,6 +106,7 @@ class Authorizer:
         plans: PlanBook,
         meter: Meter,
         *,
+        test_meter: Meter,
         limiter: RateLimiter | None = None,
         shared_limits: SharedLimits | None = None,
         audit: AuditLog | None = None,
@@ -116,6 +120,7 @@ class Authorizer:
         self._store = store
         self._plans = plans
         self._meter = meter
+        self._test_meter = test_meter
         self._limiter = limiter or RateLimiter()
         self._shared_limits = shared_limits
         self._audit = audit
@@ -176,20 +181,44 @@ class Authorizer:
         if plan is None:
             log.error("organisation %s is on plan %r, which does not exist", grant.org_id, plan_name)
             return CheckOutcome(DENY_UNAVAILABLE, grant, route, plan=plan_name)
-        # rate
-        rate = None
-        if plan.rate_limit_rps:
+        # rate: a live key's own, or the organisation's for all its test keys together (through Redis when the
+        # replicas share their limits)
+        if grant.environment is Environment.TEST:
+            rate_key, rate_limit = f"test:{grant.org_id}", plan.test_rate_limit_rps
+        else:
+            rate_key, rate_limit = grant.key_id, plan.rate_limit_rps
+        rate: RateVerdict | None = None
+        if rate_limit:
             if self._shared_limits is not None:
-                rate = await self._shared_limits.take(grant.key_id, plan.rate_limit_rps)
+                rate = await self._shared_limits.take(rate_key, rate_limit)
             else:
-                rate = self._limiter.take(grant.key_id, plan.rate_limit_rps)
+                rate = self._limiter.take(rate_key, rate_limit)
         limited = check_rate(rate)
         if not limited.allowed:
             return CheckOutcome(limited, grant, route, plan=plan_name, rate=rate)
+        if is_test_metered(route, grant):
+            # billing and record, for a test key: its organisation's test allowance, counted apart, never billed
+            return await self._count_test(request, route, grant, plan, now, rate)
         if not is_billed(route, grant):
             return CheckOutcome(ALLOW, grant, route, plan=plan_name, rate=rate)
         # billing and record
         return await self._bill(request, route, grant, plan, now, rate)
+
+    async def _count_test(
+        self, request: AccessRequest, route: Route, grant: Grant, plan: PlanLimits, now: float, rate: RateVerdict | None
+    ) -> CheckOutcome:
+        meter = self._test_meter
+        if meter.counted_already(request.request_id):
+            return CheckOutcome(ALLOW, grant, route, plan=plan.name, rate=rate)
+        period = self._periods.period(grant.period_start, grant.period_end, now)
+        usage_key = (grant.org_id, period.start)
+        used = await meter.used(usage_key)
+        decision = check_test_allowance(route, plan, now, used_units=used, period_end=period.end.timestamp())
+        if not decision.allowed:
+            return CheckOutcome(decision, grant, route, plan=plan.name, rate=rate)
+        return await self._count(
+            request, route, grant, plan.test_limits, now, rate, meter, used, period, plan.name, None
+        )
 
     async def _bill(
         self, request: AccessRequest, route: Route, grant: Grant, plan: PlanLimits, now: float, rate: RateVerdict | None
@@ -211,23 +240,44 @@ class Authorizer:
         )
         if not decision.allowed:
             return CheckOutcome(decision, grant, route, plan=plan.name, rate=rate)
-        cap = reservation_cap(plan, used, route.units, self._exact_margin)
+        return await self._count(request, route, grant, plan, now, rate, self._meter, used, period, plan.name, usage)
+
+    async def _count(
+        self,
+        request: AccessRequest,
+        route: Route,
+        grant: Grant,
+        limits: PlanLimits,
+        now: float,
+        rate: RateVerdict | None,
+        meter: Meter,
+        used: int,
+        period: Period,
+        plan_name: str,
+        usage: BilledUsage | None,
+    ) -> CheckOutcome:
+        """Count an allowed call: in memory far from the cap of `limits`, else reserved in the database first.
+        `usage` is what a billed call was counted as (for a refund); None for a test key's."""
+        usage_key = (grant.org_id, period.start)
+        product = route.product or ""
+        billed = meter.live
+        cap = reservation_cap(limits, used, route.units, self._exact_margin)
         if cap is None:
-            self._meter.record(request.request_id, usage_key, usage.product, route.units, plan, period.end)
-            return CheckOutcome(ALLOW, grant, route, billed=True, plan=plan.name, rate=rate, usage=usage)
+            meter.record(request.request_id, usage_key, product, route.units, limits, period.end)
+            return CheckOutcome(ALLOW, grant, route, billed=billed, plan=plan_name, rate=rate, usage=usage)
         # Near the cap: what the other replicas counted since this one last read may be all that is left, so the
         # database decides, atomically, before the call is allowed.
         timeout = self._reserve_timeout
         if request.deadline is not None:
             timeout = min(timeout, request.deadline - DEADLINE_MARGIN_SECONDS - time.monotonic())
             if timeout <= 0:
-                return CheckOutcome(DENY_UNAVAILABLE, grant, route, plan=plan.name, rate=rate)
-        reserved = await self._meter.reserve(
-            request.request_id, usage_key, usage.product, route.units, plan, period.end, cap, timeout
+                return CheckOutcome(DENY_UNAVAILABLE, grant, route, plan=plan_name, rate=rate)
+        reserved = await meter.reserve(
+            request.request_id, usage_key, product, route.units, limits, period.end, cap, timeout
         )
         if reserved is Reserved.REFUSED:
-            return CheckOutcome(quota_exceeded(now, period.end.timestamp()), grant, route, plan=plan.name, rate=rate)
-        return CheckOutcome(ALLOW, grant, route, billed=True, plan=plan.name, rate=rate, usage=usage)
+            return CheckOutcome(quota_exceeded(now, period.end.timestamp()), grant, route, plan=plan_name, rate=rate)
+        return CheckOutcome(ALLOW, grant, route, billed=billed, plan=plan_name, rate=rate, usage=usage)
 
 
 def _audit_entry(request: AccessRequest, outcome: CheckOutcome) -> AuditEntry:

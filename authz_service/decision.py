@@ -133,6 +133,16 @@ class PlanLimits:
     overage: Overage
     hard_cap_percent: int | None = None
     rate_limit_rps: float | None = None
+    # What the organisation's test keys may use per period, and how fast (per organisation, not per key).
+    test_included_units: int = 1000
+    test_rate_limit_rps: float = 5.0
+
+    @property
+    def test_limits(self) -> "PlanLimits":
+        """The plan as its test keys see it: their allowance as a block quota, their rate."""
+        return PlanLimits(
+            f"{self.name} (test)", self.test_included_units, Overage.BLOCK, rate_limit_rps=self.test_rate_limit_rps
+        )
 
     @property
     def unit_cap(self) -> float | None:
@@ -167,6 +177,20 @@ def deny(code: DenyCode) -> Decision:
 def is_billed(route: Route, grant: Grant) -> bool:
     """Whether this call counts against the organisation: billable routes, live keys only."""
     return route.billable and grant.environment == Environment.LIVE
+
+
+def is_test_metered(route: Route, grant: Grant) -> bool:
+    """Whether this call counts against the organisation's test allowance: billable routes, test keys. It is
+    never billed: test usage is kept apart from live usage."""
+    return route.billable and grant.environment == Environment.TEST
+
+
+def check_test_allowance(route: Route, plan: PlanLimits, now: float, *, used_units: int, period_end: float) -> Decision:
+    """Stage `billing` for a test key: its organisation's test allowance this period (a block quota; dunning
+    does not apply, since nothing is billed)."""
+    if used_units + route.units > plan.test_included_units:
+        return quota_exceeded(now, period_end)
+    return ALLOW
 
 
 def check_access(route: Route, grant: Grant, now: float) -> Decision:

@@ -195,15 +195,37 @@ class AlertCandidate:
     plan: str
 
 
+@dataclass(frozen=True, slots=True)
+class UsageTables:
+    """Where a meter's usage is kept: live usage (billed, exported, alerted on) or test keys' usage (never)."""
+
+    counters: str
+    totals: str
+
+
+LIVE_TABLES = UsageTables("driftlock.usage_counters", "driftlock.usage_totals")
+TEST_TABLES = UsageTables("driftlock.test_usage_counters", "driftlock.test_usage_totals")
+
+
+def _for(tables: UsageTables, sql: str) -> str:
+    # Table names are the two constants above, never a value from outside; values stay parameters.
+    return sql.replace(LIVE_TABLES.counters, tables.counters).replace(LIVE_TABLES.totals, tables.totals)
+
+
 class MeterStore:
-    def __init__(self, pool: asyncpg.Pool, *, replica: str):
+    def __init__(self, pool: asyncpg.Pool, *, replica: str, tables: UsageTables = LIVE_TABLES):
         self._pool = pool
         self._replica = replica
+        self.replica = replica
+        self._flush_sql = _for(tables, FLUSH_SQL)
+        self._reserve_sql = _for(tables, RESERVE_SQL)
+        self._load_sql = _for(tables, LOAD_SQL)
+        self._by_product_sql = _for(tables, BY_PRODUCT_SQL)
 
     async def flush(self, batch: Batch) -> FlushResult:
         counters = sorted(batch.counters.items())
         rows = await self._pool.fetch(
-            FLUSH_SQL,
+            self._flush_sql,
             batch.flush_id,
             self._replica,
             batch.units,
@@ -234,7 +256,7 @@ class MeterStore:
     ) -> Reservation:
         """Count `units` for this organisation and period only if the pooled total stays within `cap`."""
         row = await self._pool.fetchrow(
-            RESERVE_SQL, flush_id, self._replica, key[0], key[1], product, units, unacknowledged, cap
+            self._reserve_sql, flush_id, self._replica, key[0], key[1], product, units, unacknowledged, cap
         )
         if row is None:
             raise RuntimeError("the reservation statement returned no row")
@@ -243,11 +265,11 @@ class MeterStore:
         return Reservation(False, row["seen_total"] or 0)
 
     async def load(self, key: UsageKey) -> int:
-        return await self._pool.fetchval(LOAD_SQL, key[0], key[1])
+        return await self._pool.fetchval(self._load_sql, key[0], key[1])
 
     async def stored_by_product(self, org_id: str, period_start: datetime) -> dict[str, int]:
         """What the database holds for this organisation and period, per product (without unflushed units)."""
-        rows = await self._pool.fetch(BY_PRODUCT_SQL, uuid.UUID(org_id), period_start)
+        rows = await self._pool.fetch(self._by_product_sql, uuid.UUID(org_id), period_start)
         return {row["product"]: row["units"] for row in rows}
 
     async def raise_alerts(self, candidates: list[AlertCandidate]) -> list[RaisedAlert]:

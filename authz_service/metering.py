@@ -71,8 +71,11 @@ class Meter:
         org_labels: bool = True,
         notifier: AlertNotifier | None = None,
         spill_dir: Path | None = None,
+        live: bool = True,
     ):
         self.ledger = ledger
+        # False: test keys' usage, which raises no alerts and stays out of the live usage metrics.
+        self.live = live
         self._store = store
         self._flush_timeout = flush_timeout
         self._load_timeout = load_timeout
@@ -96,8 +99,9 @@ class Meter:
         self._flush_lock = asyncio.Lock()
         self._last_failure_log = 0.0
         self._load_failures = RepeatedLog(log)
-        # Read at scrape time rather than kept up to date on every check.
-        metrics.METER_PENDING_UNITS.set_function(lambda: self.ledger.pending_units)
+        if live:
+            # Read at scrape time rather than kept up to date on every check.
+            metrics.METER_PENDING_UNITS.set_function(lambda: self.ledger.pending_units)
 
     # --- the request path -------------------------------------------------------------------------------------
 
@@ -163,7 +167,8 @@ class Meter:
         self.ledger.counted_in_database(request_id, key, units, result.total)
         self._context[key] = _AlertContext(plan.name, plan.included_units, period_end)
         self._alerts_due[key] = result.total
-        metrics.USAGE_UNITS.labels(org_id=self._org_label(key[0]), product=product).inc(units)
+        if self.live:
+            metrics.USAGE_UNITS.labels(org_id=self._org_label(key[0]), product=product).inc(units)
         return Reserved.COUNTED
 
     def report(self, report: Report, plan: PlanLimits, period_end: datetime) -> bool:
@@ -239,7 +244,7 @@ class Meter:
             metrics.METER_FLUSH_DURATION.observe(time.perf_counter() - started)
             metrics.METER_FLUSHES.labels(outcome="applied" if result.applied else "duplicate").inc()
             self.ledger.acknowledged(batch, result.totals)
-            if result.applied:
+            if result.applied and self.live:
                 for (org_id, _period, product), units in batch.counters.items():
                     metrics.USAGE_UNITS.labels(org_id=self._org_label(org_id), product=product).inc(units)
                 for report in batch.reports:
@@ -258,6 +263,8 @@ class Meter:
         return org_id if self._org_labels else ""
 
     async def _raise_alerts(self, totals: dict[UsageKey, int]) -> None:
+        if not self.live:
+            return
         candidates = []
         for key, total in totals.items():
             context = self._context.get(key)

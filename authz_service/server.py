@@ -35,7 +35,7 @@ from authz_service.grants import GrantStore, database_fetch
 from authz_service.key_last_used import LastUsedRecorder
 from authz_service.lookup_budget import LookupBudget
 from authz_service.management_api import KeyServicer, OrganizationServicer, PublicKeyServicer
-from authz_service.meter_store import MeterStore
+from authz_service.meter_store import TEST_TABLES, MeterStore
 from authz_service.metering import Meter
 from authz_service.plan_book import PlanBook, database_load
 from authz_service.rate_limit import RateLimiter
@@ -203,6 +203,15 @@ async def serve(settings: Settings) -> None:
             notifier=notifier,
             spill_dir=Path(settings.meter_spill_dir) if settings.meter_spill_dir else None,
         )
+        # Test keys' usage: the same ledger, flush and reservation, in tables of its own (never billed).
+        test_meter = Meter(
+            UsageLedger(stale_after=settings.usage_refresh_seconds),
+            MeterStore(pool, replica=meter_store.replica, tables=TEST_TABLES),
+            flush_interval=settings.meter_flush_interval_seconds,
+            load_timeout=settings.database_lookup_timeout_seconds,
+            spill_dir=Path(settings.meter_spill_dir) / "test" if settings.meter_spill_dir else None,
+            live=False,
+        )
         audit = AuditLog(pool, allow_sample_rate=settings.audit_allow_sample_rate)
         policy = settings.billing_policy()
         last_used = LastUsedRecorder(pool, interval=settings.key_last_used_interval_seconds)
@@ -217,6 +226,7 @@ async def serve(settings: Settings) -> None:
             store,
             plans,
             meter,
+            test_meter=test_meter,
             limiter=limiter,
             shared_limits=shared_limits,
             audit=audit,
@@ -280,6 +290,7 @@ async def serve(settings: Settings) -> None:
         # Started in this order, stopped in the reverse: the meter and audit log outlive the gRPC server, so
         # what in-flight checks count is still written; the pool outlives them all.
         meter.restore_spilled()
+        test_meter.restore_spilled()
         listener.start()
         stack.push_async_callback(listener.stop)
         if notifier is not None:
@@ -306,7 +317,12 @@ async def serve(settings: Settings) -> None:
         pruner.start()
         stack.push_async_callback(pruner.close)
         meter.start()
-        stack.push_async_callback(meter.close, SHUTDOWN_FLUSH_SECONDS)
+        test_meter.start()
+
+        async def close_meters() -> None:  # side by side: a database outage costs the flush timeout once
+            await asyncio.gather(meter.close(SHUTDOWN_FLUSH_SECONDS), test_meter.close(SHUTDOWN_FLUSH_SECONDS))
+
+        stack.push_async_callback(close_meters)
         await server.start()
         stack.push_async_callback(server.stop, SHUTDOWN_GRACE_SECONDS)
         # NOT_SERVING until the database has answered once: a replica that never reached it (unreachable,
@@ -336,6 +352,7 @@ async def serve(settings: Settings) -> None:
         # Spill first: what was counted is on disk before anything else happens, however long the database takes
         # (a SIGKILL at the end of a stop timeout loses nothing counted before the server stopped).
         meter.spill_now()
+        test_meter.spill_now()
         log.info("shutting down: NOT_SERVING, answering for %.1fs more", settings.authz_drain_seconds)
         await health_servicer.enter_graceful_shutdown()
         await asyncio.sleep(settings.authz_drain_seconds)

@@ -58,7 +58,7 @@ async def bench_inproc(fixture: Fixture, seconds: float) -> list[tuple[str, str,
     from authz_service.context_signer import ContextSigner
     from authz_service.ext_authz import AuthorizationServicer
     from authz_service.grants import GrantStore, database_fetch
-    from authz_service.meter_store import MeterStore
+    from authz_service.meter_store import TEST_TABLES, MeterStore
     from authz_service.metering import Meter
     from authz_service.plan_book import PlanBook, database_load
     from authz_service.usage_ledger import UsageLedger
@@ -66,7 +66,8 @@ async def bench_inproc(fixture: Fixture, seconds: float) -> list[tuple[str, str,
     pool = await db.create_pool(fixture.url, application_name="bench", max_size=2)
     store = GrantStore(database_fetch(pool), ttl=300, negative_ttl=5, stale_for=300, max_entries=1000, fetch_timeout=1)
     meter = Meter(UsageLedger(), MeterStore(pool, replica="bench"))
-    authorizer = Authorizer(store, PlanBook(database_load(pool)), meter=meter)
+    test_meter = Meter(UsageLedger(), MeterStore(pool, replica="bench", tables=TEST_TABLES), live=False)
+    authorizer = Authorizer(store, PlanBook(database_load(pool)), meter=meter, test_meter=test_meter)
     keys = context_keys.ContextKeys(context_keys.EDDSA, (fixture.signing_key,))
     servicer = AuthorizationServicer(authorizer, ContextSigner(keys))
     cases = {
@@ -182,7 +183,7 @@ async def bench_caps(fixture: Fixture, seconds: float) -> list[tuple[str, str, s
     from authz_service.context_signer import ContextSigner
     from authz_service.ext_authz import AuthorizationServicer
     from authz_service.grants import GrantStore, database_fetch
-    from authz_service.meter_store import MeterStore
+    from authz_service.meter_store import TEST_TABLES, MeterStore
     from authz_service.metering import Meter
     from authz_service.plan_book import PlanBook, database_load
     from authz_service.usage_ledger import UsageLedger
@@ -201,7 +202,10 @@ async def bench_caps(fixture: Fixture, seconds: float) -> list[tuple[str, str, s
             database_fetch(pool), ttl=300, negative_ttl=5, stale_for=300, max_entries=1000, fetch_timeout=1
         )
         meter = Meter(UsageLedger(), MeterStore(pool, replica="bench-caps"))
-        authorizer = Authorizer(store, PlanBook(database_load(pool)), meter=meter, exact_margin_units=margin)
+        test_meter = Meter(UsageLedger(), MeterStore(pool, replica="bench-caps", tables=TEST_TABLES), live=False)
+        authorizer = Authorizer(
+            store, PlanBook(database_load(pool)), meter=meter, test_meter=test_meter, exact_margin_units=margin
+        )
         servicer = AuthorizationServicer(authorizer, ContextSigner(fixture.jwt_secret.encode()))
         request = external_auth_pb2.CheckRequest.FromString(check_request_bytes(secret, context))
         headers = request.attributes.request.http.headers

@@ -98,6 +98,13 @@ def _meter_or_none(text: str) -> str | None:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def _positive_rps(text: str) -> float:
+    value = _rps_or_none(text)
+    if value is None:
+        raise argparse.ArgumentTypeError("test keys always have a rate limit: give requests per second above 0")
+    return value
+
+
 def _host_port(text: str) -> HostPort:
     try:
         return parse_host_port(text, what="--backend")
@@ -138,6 +145,8 @@ async def cmd_plans_upsert(args: argparse.Namespace, settings: Settings, out: Pr
             rate_limit_rps=args.rate_limit,
             stripe_price_ids=plans.UNCHANGED if args.stripe_price is None else args.stripe_price,
             stripe_meter=args.stripe_meter,
+            test_included_units=args.test_units,
+            test_rate_limit_rps=args.test_rate_limit,
         ),
     )
     obj = plan.as_dict() | {"created": created}
@@ -335,6 +344,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=plans.UNCHANGED,
         metavar="EVENT_NAME",
         help="report the plan's billable units to the Stripe meter with this event_name ('none' to stop)",
+    )
+    upsert.add_argument(
+        "--test-units",
+        type=_non_negative_int,
+        default=plans.UNCHANGED,
+        metavar="N",
+        help="units per period the organisation's test keys may use, never billed (default 1000)",
+    )
+    upsert.add_argument(
+        "--test-rate-limit",
+        type=_positive_rps,
+        default=plans.UNCHANGED,
+        metavar="RPS",
+        help="requests per second for all of an organisation's test keys together (default 5)",
     )
     leaf(plans_group, "list", cmd_plans_list, "list plans")
 

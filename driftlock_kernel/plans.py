@@ -20,6 +20,9 @@ class Plan:
     stripe_price_ids: tuple[str, ...] = ()
     # The Stripe meter (its event_name) the plan's billable units are reported to; None: not reported.
     stripe_meter: str | None = None
+    # Test keys (dlk_test_): units per period and requests per second, per organisation; never billed.
+    test_included_units: int = 1000
+    test_rate_limit_rps: float = 5.0
 
     def as_dict(self) -> dict:
         return {
@@ -30,6 +33,8 @@ class Plan:
             "rate_limit_rps": self.rate_limit_rps,
             "stripe_price_ids": list(self.stripe_price_ids),
             "stripe_meter": self.stripe_meter,
+            "test_included_units": self.test_included_units,
+            "test_rate_limit_rps": self.test_rate_limit_rps,
         }
 
 
@@ -46,8 +51,12 @@ def check_stripe_meter(name: str) -> str:
     return name
 
 
+# What test keys get on a plan that does not say: enough to try the API, not enough to run on it.
+TEST_DEFAULTS: dict[str, Any] = {"test_included_units": 1000, "test_rate_limit_rps": 5.0}
+
 _SELECT = """
     SELECT p.name, p.included_units, p.overage, p.hard_cap_percent, p.rate_limit_rps, p.stripe_meter,
+           p.test_included_units, p.test_rate_limit_rps,
            coalesce(array_agg(pp.stripe_price_id ORDER BY pp.stripe_price_id)
                     FILTER (WHERE pp.stripe_price_id IS NOT NULL), '{}') AS stripe_price_ids
     FROM driftlock.plans p LEFT JOIN driftlock.plan_prices pp ON pp.plan_name = p.name
@@ -83,6 +92,8 @@ async def upsert_plan(
     rate_limit_rps: float | Unchanged | None = UNCHANGED,
     stripe_price_ids: Sequence[str] | Unchanged = UNCHANGED,
     stripe_meter: str | Unchanged | None = UNCHANGED,
+    test_included_units: int | Unchanged = UNCHANGED,
+    test_rate_limit_rps: float | Unchanged = UNCHANGED,
 ) -> tuple[Plan, bool]:
     """Create the plan, or update it keeping every option passed as UNCHANGED; return (plan, created).
 
@@ -98,18 +109,21 @@ async def upsert_plan(
 
         await conn.execute(
             """INSERT INTO driftlock.plans (name, included_units, overage, hard_cap_percent, rate_limit_rps,
-                                              stripe_meter)
-               VALUES ($1, $2, $3, $4, $5, $6)
+                                              stripe_meter, test_included_units, test_rate_limit_rps)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
                ON CONFLICT (name) DO UPDATE SET
                    included_units = EXCLUDED.included_units, overage = EXCLUDED.overage,
                    hard_cap_percent = EXCLUDED.hard_cap_percent, rate_limit_rps = EXCLUDED.rate_limit_rps,
-                   stripe_meter = EXCLUDED.stripe_meter, updated_at = now()""",
+                   stripe_meter = EXCLUDED.stripe_meter, test_included_units = EXCLUDED.test_included_units,
+                   test_rate_limit_rps = EXCLUDED.test_rate_limit_rps, updated_at = now()""",
             name,
             included_units,
             str(pick(overage, "overage", Overage.SOFT)),
             pick(hard_cap_percent, "hard_cap_percent", None),
             pick(rate_limit_rps, "rate_limit_rps", None),
             pick(stripe_meter, "stripe_meter", None),
+            pick(test_included_units, "test_included_units", TEST_DEFAULTS["test_included_units"]),
+            pick(test_rate_limit_rps, "test_rate_limit_rps", TEST_DEFAULTS["test_rate_limit_rps"]),
         )
         if stripe_price_ids is not UNCHANGED:
             await conn.execute(

@@ -45,3 +45,26 @@ CREATE TABLE driftlock.usage_totals (
 );
 INSERT INTO driftlock.usage_totals (org_id, period_start, units)
 SELECT org_id, period_start, sum(units) FROM driftlock.usage_counters GROUP BY org_id, period_start;
+
+-- Test keys (dlk_test_) get an allowance and a rate limit of their own per organisation, set per plan: enough
+-- to try the API, never billed. Their usage is kept apart from live usage, in tables nothing bills from (Stripe
+-- export and the usage totals read usage_counters only), with the same flush and reservation statements.
+ALTER TABLE driftlock.plans
+    ADD COLUMN test_included_units  bigint NOT NULL DEFAULT 1000 CHECK (test_included_units >= 0),
+    ADD COLUMN test_rate_limit_rps  double precision NOT NULL DEFAULT 5 CHECK (test_rate_limit_rps > 0);
+
+CREATE TABLE driftlock.test_usage_counters (
+    org_id        uuid NOT NULL REFERENCES driftlock.organizations (id) ON DELETE CASCADE,
+    period_start  timestamptz NOT NULL,
+    product       text NOT NULL CHECK (product ~ '^[a-z][a-z0-9_]{0,31}$'),
+    units         bigint NOT NULL CHECK (units >= 0),
+    updated_at    timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (org_id, period_start, product)
+);
+CREATE TABLE driftlock.test_usage_totals (
+    org_id        uuid NOT NULL REFERENCES driftlock.organizations (id) ON DELETE CASCADE,
+    period_start  timestamptz NOT NULL,
+    units         bigint NOT NULL CHECK (units >= 0),
+    updated_at    timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (org_id, period_start)
+);

@@ -9,12 +9,14 @@ import pytest
 from envoy.service.auth.v3 import external_auth_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from driftlock_kernel import plans
+from driftlock_kernel import orgs, plans
 from tests.support.authz_requests import authz_channel, bearer, check_request
 from tests.support.cli import run_cli
 from tests.support.http import raw_request
 from tests.support.net import eventually
-from tests.support.usage import wait_for_usage
+from tests.support.usage import stored_usage, wait_for_usage
+
+INGEST = "/api/v1/stream/ingest"
 
 
 @pytest.fixture
@@ -327,3 +329,32 @@ async def test_a_key_in_a_path_segment_is_never_stored_nor_logged(gateway, send,
         "/api/v1/stream/detect/dlk_live_[redacted]",
     ]
     assert secret[9:] not in gateway.logs()
+
+
+async def test_test_keys_have_their_own_allowance_never_billed_and_respect_suspension(
+    send, plan_factory, make_org, make_key, pool, database_url
+):
+    """An organisation whose live quota is used up still tries the API with a test key, up to the test
+    allowance (exactly, across both replicas), and none of it is live usage."""
+    org = await make_org(plan=await plan_factory(included_units=0, overage="block", test_included_units=4))
+    _key, test_secret = await make_key(org.id, test=True)
+    _live, live_secret = await make_key(org.id)
+    assert (await send(live_secret)).status == 429
+    responses = await asyncio.gather(*(send(test_secret) for _ in range(5)))
+    assert sorted(r.status for r in responses) == [200, 200, 200, 200, 429]
+    refused = next(r for r in responses if r.status == 429)
+    assert refused.json()["error"]["code"] == "quota_exceeded" and int(refused.headers["retry-after"]) >= 1
+    assert all(r.status == 200 for r in await asyncio.gather(*(send(test_secret, INGEST) for _ in range(3))))
+    test_units = await pool.fetchval(
+        "SELECT coalesce(sum(units), 0) FROM driftlock.test_usage_counters WHERE org_id = $1", org.id
+    )
+    assert test_units == 4
+    assert await stored_usage(pool, org.id) == {}  # never live usage, so never billed nor exported
+    assert run_cli("usage", str(org.id), "--json", database_url=database_url).json()["used"]["total"] == 0
+    async with pool.acquire() as conn:
+        await orgs.set_suspended(conn, org.id, True)
+
+    async def suspended() -> bool:
+        return (await send(test_secret, INGEST)).status == 403
+
+    await eventually(suspended, within=5, what="the test key refused once the organisation is suspended")

@@ -145,6 +145,8 @@ async def test_an_outage_is_a_few_log_lines_not_one_per_check(proxied_authz, mak
     assert len([line for line in warnings if "could not read usage" in line]) <= 1
     assert len(during) <= 10
     await proxy.restore()
+
+
 async def _health(port: int) -> str:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 

@@ -57,9 +57,14 @@ def test_plans_upsert_creates_then_updates_keeping_options(cli):
         "rate_limit_rps": 25.0,
         "stripe_price_ids": [f"price_{name}"],
         "stripe_meter": "api_calls",
+        "test_included_units": 1000,
+        "test_rate_limit_rps": 5.0,
         "created": True,
     }
+    tested = cli("plans", "upsert", name, "--included-units", "5000", "--test-units", "50", "--test-rate-limit", "2")
+    assert tested.code == 0, tested.stderr
     updated = cli("plans", "upsert", name, "--included-units", "6000", "--json").json()
+    assert (updated["test_included_units"], updated["test_rate_limit_rps"]) == (50, 2.0)
     assert updated["included_units"] == 6000
     assert (updated["overage"], updated["hard_cap_percent"], updated["rate_limit_rps"]) == ("block", 150, 25.0)
     assert (updated["stripe_price_ids"], updated["stripe_meter"]) == ([f"price_{name}"], "api_calls")

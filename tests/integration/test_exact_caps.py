@@ -8,7 +8,7 @@ import uuid
 from authz_service.authorizer import AccessRequest, Authorizer
 from authz_service.decision import DenyCode, Grant
 from authz_service.grants import GrantStore
-from authz_service.meter_store import MeterStore
+from authz_service.meter_store import TEST_TABLES, MeterStore
 from authz_service.metering import Meter
 from authz_service.plan_book import PlanBook, database_load
 from authz_service.usage_ledger import UsageLedger
@@ -26,7 +26,11 @@ async def replica(database_url, grant: Grant, margin: int):
 
     store = GrantStore(fetch, ttl=60, negative_ttl=5, stale_for=60, max_entries=10, fetch_timeout=2)
     meter = Meter(UsageLedger(), MeterStore(pool, replica=f"r-{uuid.uuid4().hex[:6]}"))
-    return Authorizer(store, PlanBook(database_load(pool)), meter, exact_margin_units=margin), meter, pool
+    test_meter = Meter(UsageLedger(), MeterStore(pool, replica="tests", tables=TEST_TABLES), live=False)
+    authorizer = Authorizer(
+        store, PlanBook(database_load(pool)), meter, test_meter=test_meter, exact_margin_units=margin
+    )
+    return authorizer, meter, pool
 
 
 async def test_two_replicas_serve_exactly_the_cap_through_far_and_near_paths(database_url, pool, make_org):

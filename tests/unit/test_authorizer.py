@@ -55,7 +55,8 @@ def authorizer(plan: PlanLimits, grant: Grant = GRANT, *, database_down: bool = 
 
     store = GrantStore(fetch, ttl=30, negative_ttl=5, stale_for=300, max_entries=10, fetch_timeout=1)
     meter = Meter(UsageLedger(), StoredUsage())
-    return Authorizer(store, PlanBook(load_plans), meter=meter), meter
+    test_meter = Meter(UsageLedger(), StoredUsage(), live=False)
+    return Authorizer(store, PlanBook(load_plans), meter=meter, test_meter=test_meter), meter
 
 
 def request(
@@ -181,3 +182,57 @@ async def test_far_from_the_cap_counts_in_memory_and_near_it_reserves_in_the_sto
     assert (await near.check(request("near"))).billed
     assert near_meter.ledger.pending_units == 0 and near_meter._store.reservations == 1
     assert near_meter._store.totals["org-1"] == 1501
+
+
+TEST_KEY = generate_key(Environment.TEST)
+OTHER_TEST_KEY = generate_key(Environment.TEST)
+
+
+def authorizer_for_test_keys(plan: PlanLimits, **changes) -> tuple[Authorizer, Meter, Meter]:
+    grants = {
+        TEST_KEY.hash: dataclasses.replace(
+            GRANT, key_id="test-1", environment=Environment.TEST, scopes=frozenset(Scope), **changes
+        ),
+        OTHER_TEST_KEY.hash: dataclasses.replace(
+            GRANT, key_id="test-2", environment=Environment.TEST, scopes=frozenset(Scope), **changes
+        ),
+    }
+
+    async def fetch(key_hash):
+        return grants.get(key_hash)
+
+    async def load_plans():
+        return {plan.name: plan}
+
+    store = GrantStore(fetch, ttl=30, negative_ttl=5, stale_for=300, max_entries=10, fetch_timeout=1)
+    meter, test_meter = Meter(UsageLedger(), StoredUsage()), Meter(UsageLedger(), StoredUsage(), live=False)
+    return Authorizer(store, PlanBook(load_plans), meter=meter, test_meter=test_meter), meter, test_meter
+
+
+async def test_test_keys_get_their_own_allowance_even_past_the_live_quota_and_in_dunning():
+    exhausted = PlanLimits(
+        "small", included_units=0, overage=Overage.BLOCK, test_included_units=3, test_rate_limit_rps=100
+    )
+    auth, meter, test_meter = authorizer_for_test_keys(exhausted, billing_status="past_due", past_due_since=1.0)
+    outcomes = [await auth.check(request(f"t{i}", key=TEST_KEY.secret)) for i in range(5)]
+    assert [o.decision.code for o in outcomes] == [None, None, None, DenyCode.QUOTA_EXCEEDED, DenyCode.QUOTA_EXCEEDED]
+    assert not any(o.billed for o in outcomes)
+    assert outcomes[3].decision.retry_after >= 1
+    assert counted(test_meter) == 3 and counted(meter) == 0  # never in the live usage
+    # Ingestion is not metered for test keys either.
+    assert (await auth.check(request("ingest", key=TEST_KEY.secret, route=INGEST))).decision.code is None
+
+
+async def test_the_test_rate_limit_is_per_organisation_across_its_test_keys():
+    auth, _meter, _test_meter = authorizer_for_test_keys(PlanLimits("small", 100, Overage.SOFT, test_rate_limit_rps=2))
+    codes = [
+        (await auth.check(request(f"r{i}", key=key.secret, route=INGEST))).decision.code
+        for i, key in enumerate([TEST_KEY, OTHER_TEST_KEY, TEST_KEY])
+    ]
+    assert codes == [None, None, DenyCode.RATE_LIMITED]
+
+
+async def test_test_keys_of_a_suspended_organisation_are_refused():
+    auth, _meter, test_meter = authorizer_for_test_keys(SOFT, org_suspended=True)
+    assert await code_of(auth, request("s", key=TEST_KEY.secret)) is DenyCode.ORG_SUSPENDED
+    assert counted(test_meter) == 0
