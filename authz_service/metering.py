@@ -293,8 +293,8 @@ class Meter:
         for alert in inserted:
             metrics.USAGE_ALERTS.labels(threshold=str(alert.threshold)).inc()
             log.info("usage alert: organisation %s reached %d%%", alert.org_id, alert.threshold)
-            if self._notifier is not None:
-                self._notifier.submit(alert)
+        if inserted and self._notifier is not None:
+            self._notifier.wake()  # delivered from the stored row, by whichever replica claims it
 
     # --- start-up and shutdown ------------------------------------------------------------------------------
 

@@ -86,23 +86,6 @@ def invalidation_handler(store: GrantStore, plans: PlanBook) -> NotificationHand
     return handle
 
 
-def _mark_delivered(pool):
-    async def mark(alert_id: int, delivered: bool) -> None:
-        try:
-            await pool.execute(
-                """UPDATE driftlock.usage_alerts
-                   SET webhook_attempts = webhook_attempts + 1,
-                       webhook_delivered_at = CASE WHEN $2 THEN now() END
-                   WHERE id = $1""",
-                alert_id,
-                delivered,
-            )
-        except db.DATABASE_ERRORS as error:  # bookkeeping only; the alert itself is stored
-            log.warning("could not record delivery of alert %s: %s", alert_id, one_line(error))
-
-    return mark
-
-
 READINESS_QUERY = "SELECT count(*) FROM driftlock.plans"
 READINESS_LOG_EVERY_SECONDS = 10.0
 
@@ -191,7 +174,12 @@ async def serve(settings: Settings) -> None:
         plans = PlanBook(database_load(pool))
         notifier = None
         if settings.alert_webhook_url:
-            notifier = AlertNotifier(settings.alert_webhook_url, on_delivered=_mark_delivered(pool))
+            notifier = AlertNotifier(
+                settings.alert_webhook_url,
+                pool,
+                settings.require_alert_webhook_secrets(),
+                expiry_seconds=settings.alert_delivery_expiry_hours * 3600,
+            )
         replica = f"{socket.gethostname()}:{os.getpid()}"
         meter_store = MeterStore(pool, replica=replica)
         meter = Meter(

@@ -313,6 +313,10 @@ class Settings:
     # path: exact as long as the other replicas serve fewer units of one organisation than this within a flush
     # plus a refresh interval (3 s by default).
     quota_exact_margin_units: int = 1000
+    # Usage alerts POSTed to alert_webhook_url are signed with these (comma-separated while one is rotated), and
+    # sent until acknowledged or this old.
+    alert_webhook_secrets: tuple[str, ...] = ()
+    alert_delivery_expiry_hours: float = 72.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -458,6 +462,12 @@ class Settings:
             ),
             # --- Correctness under faults (issue 8) ---
             quota_exact_margin_units=_int(env, "DRIFTLOCK_QUOTA_EXACT_MARGIN_UNITS", d.quota_exact_margin_units),
+            alert_webhook_secrets=tuple(
+                s.strip() for s in env.get("DRIFTLOCK_ALERT_WEBHOOK_SECRET", "").split(",") if s.strip()
+            ),
+            alert_delivery_expiry_hours=_float(
+                env, "DRIFTLOCK_ALERT_DELIVERY_EXPIRY_HOURS", d.alert_delivery_expiry_hours, minimum=0.01
+            ),
         )
 
     def envoy_authz_addresses(self) -> tuple[HostPort, ...]:
@@ -533,6 +543,20 @@ class Settings:
         if not self.stripe_api_key.startswith(("sk_live_", "sk_test_", "rk_live_", "rk_test_")):
             raise SettingsError("STRIPE_API_KEY must be a Stripe secret (sk_...) or restricted (rk_...) key")
         return self.stripe_api_key
+
+    def require_alert_webhook_secrets(self) -> tuple[str, ...]:
+        """The secrets alert webhooks are signed with; required once DRIFTLOCK_ALERT_WEBHOOK_URL is set."""
+        if not self.alert_webhook_secrets:
+            raise SettingsError(
+                "DRIFTLOCK_ALERT_WEBHOOK_URL is set but DRIFTLOCK_ALERT_WEBHOOK_SECRET is not: alert webhooks are "
+                f"signed, so that the receiver can tell them from forgeries (at least {MIN_JWT_SECRET_BYTES} bytes)"
+            )
+        short = [s for s in self.alert_webhook_secrets if len(s.encode()) < MIN_JWT_SECRET_BYTES]
+        if short:
+            raise SettingsError(
+                f"DRIFTLOCK_ALERT_WEBHOOK_SECRET: every secret needs {MIN_JWT_SECRET_BYTES} bytes or more"
+            )
+        return self.alert_webhook_secrets
 
     def require_webhook_secrets(self) -> tuple[str, ...]:
         if not self.stripe_webhook_secrets:

@@ -48,6 +48,8 @@ class UsageAlert:
     plan: str
     created_at: datetime
     webhook_delivered_at: datetime | None
+    webhook_attempts: int = 0
+    webhook_expired_at: datetime | None = None  # not acknowledged in time: no longer sent
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -111,7 +113,7 @@ async def list_alerts(conn: db.Connection, org_id: uuid.UUID) -> list[UsageAlert
     await get_org(conn, org_id)
     rows = await conn.fetch(
         """SELECT id, org_id, threshold, period_start, period_end, used_units, included_units, plan_name AS plan,
-                  created_at, webhook_delivered_at
+                  created_at, webhook_delivered_at, webhook_attempts, webhook_expired_at
            FROM driftlock.usage_alerts WHERE org_id = $1 ORDER BY period_start, threshold""",
         org_id,
     )

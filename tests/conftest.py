@@ -40,6 +40,7 @@ JWT_SECRET = secrets.token_urlsafe(48)
 ADMIN_TOKEN_SECRET = secrets.token_urlsafe(48)
 # The one origin the tests' gateway answers CORS preflights for.
 CORS_ORIGIN = "https://app.example.test"
+ALERT_SECRET = secrets.token_urlsafe(48)
 # Organisations of the tests are on this plan unless a test says otherwise: no rate limit and a soft quota, so
 # that a test meets a limit only when it asks for one.
 TEST_PLAN = "tests-unlimited"
@@ -288,6 +289,7 @@ async def gateway(database_url, jwt_secret, admin_secret, context_signing_keys, 
             cors_origins=(CORS_ORIGIN,),
             extra_env={
                 "DRIFTLOCK_ALERT_WEBHOOK_URL": f"http://127.0.0.1:{alerts.port}/alerts",
+                "DRIFTLOCK_ALERT_WEBHOOK_SECRET": ALERT_SECRET,
                 "DRIFTLOCK_AUDIT_ALLOW_SAMPLE_RATE": "1",
                 "DRIFTLOCK_KEY_LAST_USED_INTERVAL_SECONDS": "0.5",
                 "STRIPE_API_KEY": GATEWAY_STRIPE_KEY,

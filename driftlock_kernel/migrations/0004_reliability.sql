@@ -68,3 +68,14 @@ CREATE TABLE driftlock.test_usage_totals (
     updated_at    timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (org_id, period_start)
 );
+
+-- Usage alerts are delivered from these rows until the receiver acknowledges them or they expire, across
+-- restarts and replicas: a replica claims due rows (FOR UPDATE SKIP LOCKED) and moves their next attempt a
+-- lease ahead, so one replica at a time sends an alert (authz_service/alerts.py).
+ALTER TABLE driftlock.usage_alerts
+    ADD COLUMN webhook_next_attempt_at timestamptz NOT NULL DEFAULT now(),
+    ADD COLUMN webhook_last_error      text,
+    ADD COLUMN webhook_expired_at      timestamptz;
+DROP INDEX driftlock.usage_alerts_undelivered_idx;
+CREATE INDEX usage_alerts_due_idx ON driftlock.usage_alerts (webhook_next_attempt_at)
+    WHERE webhook_delivered_at IS NULL AND webhook_expired_at IS NULL;

@@ -199,6 +199,11 @@ async def test_alerts_are_raised_once_per_threshold_posted_and_listed(
     await eventually(three_posted, within=10, what="three alerts POSTed to the alert webhook")
     bodies = posted()
     assert sorted(b["threshold"] for b in bodies) == [70, 90, 100]
+    from tests.conftest import ALERT_SECRET
+    from tests.integration.test_audit_and_alert_delivery import verify
+
+    ours = [r for r in gateway.alerts.received if json.loads(r.body)["org_id"] == str(org.id)]
+    assert all(verify(r.body, r.header("driftlock-signature") or "", ALERT_SECRET) for r in ours)
     assert all(b["type"] == "usage.threshold_reached" and b["included_units"] == 50 for b in bodies)
 
     listed = run_cli("alerts", "list", "--org", str(org.id), "--json", database_url=database_url).json()

@@ -1,4 +1,5 @@
-"""The audit writer's bounded queue, and alert delivery with retries, against real servers."""
+"""The audit writer's bounded queue, and alert delivery from the stored rows (until acknowledged or expired,
+across restarts and replicas, signed), against real servers."""
 
 import json
 import uuid
@@ -7,9 +8,8 @@ from datetime import UTC, datetime
 from aiohttp import web
 from prometheus_client import REGISTRY
 
-from authz_service.alerts import AlertNotifier
+from authz_service.alerts import SIGNATURE_HEADER, AlertNotifier
 from authz_service.audit import AuditEntry, AuditLog
-from authz_service.meter_store import RaisedAlert
 from driftlock_kernel import db
 from tests.support.net import eventually, free_port
 from tests.support.tcp_proxy import FaultProxy
@@ -50,50 +50,167 @@ async def test_a_full_audit_queue_drops_and_counts_then_writes_the_rest(database
         await proxy.stop()
 
 
-async def test_alert_delivery_retries_until_the_receiver_accepts():
-    received: list[dict] = []
-    answers = [500, 503, 200]
+class Receiver:
+    """An alert webhook receiver that answers from a script (then 200), verifying each signature the way
+    docs/operations.md tells receivers to."""
 
-    async def receive(request: web.Request) -> web.Response:
-        received.append(await request.json())
-        return web.Response(status=answers[len(received) - 1])
+    def __init__(self, secret: str, answers: list[int] | None = None):
+        self.secret = secret
+        self.answers = list(answers or [])
+        self.received: list[dict] = []
+        self.bad_signatures = 0
+        self._runner: web.AppRunner | None = None
+        self.url = ""
 
-    app = web.Application()
-    app.router.add_post("/hook", receive)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    outcomes: list[tuple[int, bool]] = []
+    async def _receive(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        if not verify(body, request.headers.get(SIGNATURE_HEADER, ""), self.secret):
+            self.bad_signatures += 1
+            return web.Response(status=400)
+        self.received.append(json.loads(body))
+        return web.Response(status=self.answers.pop(0) if self.answers else 200)
 
-    async def on_delivered(alert_id: int, delivered: bool) -> None:
-        outcomes.append((alert_id, delivered))
+    async def start(self) -> "Receiver":
+        app = web.Application()
+        app.router.add_post("/hook", self._receive)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        port = free_port()
+        await web.TCPSite(self._runner, "127.0.0.1", port).start()
+        self.url = f"http://127.0.0.1:{port}/hook"
+        return self
 
-    notifier = AlertNotifier(f"http://127.0.0.1:{port}/hook", on_delivered=on_delivered, first_delay=0.01)
-    notifier.start()
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    def ids(self) -> list[int]:
+        return [r["id"] for r in self.received]
+
+
+def verify(body: bytes, header: str, secret: str, tolerance: int = 300) -> bool:
+    """The receiver's check, as documented: the timestamp is recent and one v1 is HMAC-SHA256("<t>.<body>")."""
+    import hashlib
+    import hmac
+    import time
+
+    fields = [item.split("=", 1) for item in header.split(",") if "=" in item]
+    timestamps = [v for k, v in fields if k == "t"]
+    if not timestamps or not timestamps[0].isdigit() or abs(time.time() - int(timestamps[0])) > tolerance:
+        return False
+    expected = hmac.new(secret.encode(), f"{timestamps[0]}.".encode() + body, hashlib.sha256).hexdigest()
+    return any(hmac.compare_digest(expected, v) for k, v in fields if k == "v1")
+
+
+SECRET = "s" * 40
+
+
+async def stored_alert(pool, org_id, threshold: int, *, created_ago_hours: float = 0.0) -> int:
+    return await pool.fetchval(
+        """INSERT INTO driftlock.usage_alerts (org_id, period_start, period_end, threshold, used_units,
+                                               included_units, plan_name, created_at)
+           VALUES ($1, date_trunc('month', now()), date_trunc('month', now()) + interval '1 month', $2::int, $2::int, 100,
+                   'pro', now() - $3 * interval '1 hour')
+           RETURNING id""",
+        org_id,
+        threshold,
+        created_ago_hours,
+    )
+
+
+def notifier(pool, receiver: Receiver, **options) -> AlertNotifier:
+    options = {"poll_interval": 0.1, "first_delay": 0.05, "lease_seconds": 30.0, **options}
+    return AlertNotifier(receiver.url, pool, [SECRET], **options)
+
+
+async def alert_row(pool, alert_id: int) -> dict:
+    return dict(await pool.fetchrow("SELECT * FROM driftlock.usage_alerts WHERE id = $1", alert_id))
+
+
+async def test_an_alert_left_undelivered_by_a_previous_process_is_delivered_at_the_next_start(pool, make_org):
+    org = await make_org()
+    alert_id = await stored_alert(pool, org.id, 90)  # raised by a process that died before sending it
+    receiver = await Receiver(SECRET).start()
+    sender = notifier(pool, receiver)
+    sender.start()
     try:
-        now = datetime.now(UTC)
-        notifier.submit(
-            RaisedAlert(
-                id=7,
-                org_id="org-1",
-                period_start=now,
-                period_end=now,
-                threshold=90,
-                used_units=90,
-                included_units=100,
-                plan="pro",
-                created_at=now,
-            )
-        )
 
         async def delivered() -> bool:
-            return outcomes == [(7, True)]
+            return (await alert_row(pool, alert_id))["webhook_delivered_at"] is not None
 
-        await eventually(delivered, within=10, what="delivery after two failures")
+        await eventually(delivered, within=10, what="the stored alert delivered")
     finally:
-        await notifier.close()
-        await runner.cleanup()
-    assert len(received) == 3
-    assert {json.dumps(r, sort_keys=True) for r in received} == {json.dumps(received[0], sort_keys=True)}
-    assert received[0]["type"] == "usage.threshold_reached" and received[0]["threshold"] == 90
+        await sender.close()
+        await receiver.stop()
+    assert receiver.ids() == [alert_id] and receiver.bad_signatures == 0
+    assert receiver.received[0]["type"] == "usage.threshold_reached" and receiver.received[0]["threshold"] == 90
+
+
+async def test_alerts_are_retried_until_acknowledged_across_a_restart_and_sent_by_one_replica_at_a_time(pool, make_org):
+    org = await make_org()
+    ids = [await stored_alert(pool, org.id, threshold) for threshold in (70, 90, 100)]
+    receiver = await Receiver(SECRET, answers=[500, 503]).start()
+    first = notifier(pool, receiver)
+    first.start()
+    try:
+
+        async def two_refused() -> bool:
+            return len(receiver.received) >= 2
+
+        await eventually(two_refused, within=10, what="two refused attempts")
+        await first.close()  # a restart, with attempts left to make
+        replicas = [notifier(pool, receiver), notifier(pool, receiver)]
+        for replica in replicas:
+            replica.start()
+
+        async def all_delivered() -> bool:
+            rows = [await alert_row(pool, i) for i in ids]
+            return all(r["webhook_delivered_at"] is not None for r in rows)
+
+        await eventually(all_delivered, within=15, what="every alert acknowledged")
+        for replica in replicas:
+            await replica.close()
+    finally:
+        await receiver.stop()
+    accepted = receiver.ids()[2:]  # after the two refusals, each alert was sent once: one sender per alert
+    assert sorted(accepted) == sorted(ids), receiver.ids()
+    assert receiver.bad_signatures == 0
+    assert all(r["webhook_attempts"] >= 1 for r in [await alert_row(pool, i) for i in ids])
+
+
+async def test_an_alert_older_than_the_expiry_is_marked_expired_and_not_sent(pool, make_org, database_url):
+    from tests.support.cli import run_cli
+
+    org = await make_org()
+    old = await stored_alert(pool, org.id, 70, created_ago_hours=80)
+    fresh = await stored_alert(pool, org.id, 90)
+    receiver = await Receiver(SECRET).start()
+    sender = notifier(pool, receiver, expiry_seconds=72 * 3600)
+    sender.start()
+    try:
+
+        async def settled() -> bool:
+            return (await alert_row(pool, fresh))["webhook_delivered_at"] is not None and (await alert_row(pool, old))[
+                "webhook_expired_at"
+            ] is not None
+
+        await eventually(settled, within=10, what="the fresh alert delivered and the old one expired")
+    finally:
+        await sender.close()
+        await receiver.stop()
+    assert receiver.ids() == [fresh]
+    listed = run_cli("alerts", "list", "--org", str(org.id), "--json", database_url=database_url).json()["alerts"]
+    assert {a["threshold"]: a["webhook_expired_at"] is not None for a in listed} == {70: True, 90: False}
+
+
+async def test_a_forged_or_altered_alert_fails_the_documented_verification():
+    from authz_service.alerts import signature
+
+    body = b'{"id": 1}'
+    header = signature(body, [SECRET, "t" * 40], 1_900_000_000)
+    assert header.startswith("t=1900000000,v1=") and header.count("v1=") == 2
+    now_header = signature(body, [SECRET], int(__import__("time").time()))
+    assert verify(body, now_header, SECRET)
+    assert not verify(body + b" ", now_header, SECRET)
+    assert not verify(body, now_header, "u" * 40)
+    assert not verify(body, header, SECRET)  # too old

@@ -163,3 +163,18 @@ def test_retention_minimums_match_the_pruned_tables():
         too_short = f"{table.minimum.days * 24 - 1}h"
         with pytest.raises(SettingsError):
             Settings.from_env({f"DRIFTLOCK_RETENTION_{name.upper()}": too_short})
+
+
+def test_an_alert_webhook_url_needs_a_signing_secret():
+    import pytest
+
+    from driftlock_kernel.settings import Settings, SettingsError
+
+    unsigned = Settings.from_env({"DRIFTLOCK_ALERT_WEBHOOK_URL": "https://hooks.example/alerts"})
+    with pytest.raises(SettingsError, match="DRIFTLOCK_ALERT_WEBHOOK_SECRET"):
+        unsigned.require_alert_webhook_secrets()
+    short = Settings.from_env({"DRIFTLOCK_ALERT_WEBHOOK_SECRET": "too-short"})
+    with pytest.raises(SettingsError, match="32 bytes"):
+        short.require_alert_webhook_secrets()
+    rotating = Settings.from_env({"DRIFTLOCK_ALERT_WEBHOOK_SECRET": f"{'a' * 32}, {'b' * 32}"})
+    assert rotating.require_alert_webhook_secrets() == ("a" * 32, "b" * 32)
