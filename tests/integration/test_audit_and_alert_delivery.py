@@ -109,8 +109,8 @@ async def stored_alert(pool, org_id, threshold: int, *, created_ago_hours: float
     return await pool.fetchval(
         """INSERT INTO driftlock.usage_alerts (org_id, period_start, period_end, threshold, used_units,
                                                included_units, plan_name, created_at)
-           VALUES ($1, date_trunc('month', now()), date_trunc('month', now()) + interval '1 month', $2::int, $2::int, 100,
-                   'pro', now() - $3 * interval '1 hour')
+           VALUES ($1, date_trunc('month', now()), date_trunc('month', now()) + interval '1 month', $2::int,
+                   $2::int, 100, 'pro', now() - $3 * interval '1 hour')
            RETURNING id""",
         org_id,
         threshold,
