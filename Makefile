@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: dev test lint go-test format bench clean
+.PHONY: dev test lint go-test format bench fuzz soak clean
 
 $(INSTALLED): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11 or newer is needed (set PYTHON=...)")'
@@ -40,6 +40,14 @@ go-test:
 	else \
 		echo "go-test: SKIPPED: no 'go' on PATH (install Debian's golang-go to run the Go middleware's tests)"; \
 	fi
+
+# Bounded fuzzing of the Stripe payload reader and the credential reader (FUZZ_EXAMPLES inputs per target).
+fuzz: $(INSTALLED)
+	$(BIN)/pytest -q tests/fuzz $(PYTEST_ARGS)
+
+# A steady run through Envoy with faults along the way (SOAK_SECONDS, default 180); see tests/soak/.
+soak: $(INSTALLED)
+	$(BIN)/pytest -q -s tests/soak $(PYTEST_ARGS)
 
 format: $(INSTALLED)
 	$(BIN)/ruff format .
