@@ -76,17 +76,32 @@ def _postmaster(data_dir: Path) -> int | None:
     return pid if "postgres" in cmdline and _alive(pid) else None
 
 
+def _owner_alive(owner_file: Path) -> bool | None:
+    """Whether the process named in an owner file is alive; None when the file cannot be read."""
+    try:
+        owner = int(owner_file.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return owner == os.getpid() or _alive(owner)
+
+
+def orphaned_folders(root: Path) -> list[Path]:
+    """Folders of `root` whose owner has died and whose server is not running (safe to delete)."""
+    return sorted(
+        f.parent
+        for f in Path(root).glob(f"*/{OWNER_FILE}")
+        if _owner_alive(f) is False and _postmaster(f.parent / "data") is None
+    )
+
+
 def stop_orphaned_servers(root: Path, *, timeout: float = 30.0) -> list[Path]:
-    """Stop every embedded server under `root` (two levels down, as pytest lays out its temporary folders) whose
-    owner process has died; servers of live owners (another session running now) are left alone, and so is any
-    server without an owner file. Returns the data directories stopped."""
+    """Stop every embedded server in a folder of `root` (or of its folders) whose owner process has died;
+    servers of live owners (another session running now) are left alone, and so is any server without an owner
+    file. Returns the data directories stopped."""
     stopped = []
-    for owner_file in sorted(Path(root).glob(f"*/*/{OWNER_FILE}")):
-        try:
-            owner = int(owner_file.read_text().strip())
-        except (OSError, ValueError):
-            continue
-        if owner == os.getpid() or _alive(owner):
+    owner_files = [*Path(root).glob(f"*/{OWNER_FILE}"), *Path(root).glob(f"*/*/{OWNER_FILE}")]
+    for owner_file in sorted(owner_files):
+        if _owner_alive(owner_file) is not False:
             continue
         data_dir = owner_file.parent / "data"
         pid = _postmaster(data_dir)

@@ -6,13 +6,14 @@ import os
 import secrets
 import shutil
 import tempfile
+from pathlib import Path
 
 # The tests use gRPC and then start processes; gRPC's fork handlers would only print warnings about it.
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 import pytest
 
-from driftlock_cli.embedded_db import EmbeddedDatabase, claim, stop_orphaned_servers
+from driftlock_cli.embedded_db import EmbeddedDatabase, claim, orphaned_folders, stop_orphaned_servers
 from driftlock_kernel import api_keys, db, migrate, orgs, plans
 from driftlock_kernel.keys import ALL_SCOPES, Environment, Scope
 from tests.support import pgbouncer
@@ -69,22 +70,31 @@ def context_signing_keys(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-async def embedded_server(tmp_path_factory):
+async def embedded_server():
     """The embedded PostgreSQL server the session started, or None when DATABASE_URL names a server (which the
     tests must never stop)."""
     if os.environ.get("DATABASE_URL"):
         yield None
         return
+    # Not under pytest's own temporary root: every pytest session that starts (another engineer's, on a shared
+    # machine) takes the group and other bits off that folder, and with them the server's (a system user's)
+    # way to its data directory.
+    root = Path(tempfile.gettempdir()) / "driftlock-test-postgres"
+    root.mkdir(mode=0o755, exist_ok=True)
     # A session killed before it could stop its server (SIGKILL, a CI timeout) left that server running: stop
     # it now. Only servers whose session is dead; a session running right now keeps its own.
-    await asyncio.to_thread(stop_orphaned_servers, tmp_path_factory.getbasetemp().parent)
-    data_dir = tmp_path_factory.mktemp("pg") / "data"
+    await asyncio.to_thread(stop_orphaned_servers, root)
+    for folder in orphaned_folders(root):
+        shutil.rmtree(folder, ignore_errors=True)
+    session_dir = root / f"session-{os.getpid()}-{secrets.token_hex(4)}"
+    data_dir = session_dir / "data"
     claim(data_dir)
     server = await asyncio.to_thread(EmbeddedDatabase, data_dir)
     try:
         yield server
     finally:
         await asyncio.to_thread(server.stop)
+        shutil.rmtree(session_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ import signal
 import sys
 import textwrap
 
-from driftlock_cli.embedded_db import _alive, _postmaster, stop_orphaned_servers
+from driftlock_cli.embedded_db import _alive, _postmaster, orphaned_folders, stop_orphaned_servers
 from tests.support.net import eventually
 
 SESSION = textwrap.dedent(
@@ -48,6 +48,8 @@ async def test_a_server_whose_session_was_killed_is_stopped_and_a_live_sessions_
 
         await eventually(gone, within=30, what="the orphaned postmaster to exit")
         assert _postmaster(root / "pytest-2" / "pg0" / "data") is not None
+        assert orphaned_folders(root / "pytest-1") == [root / "pytest-1" / "pg0"]
+        assert orphaned_folders(root / "pytest-2") == []
     finally:
         running.send_signal(signal.SIGKILL)
         await running.wait()
