@@ -206,7 +206,8 @@ async def bench_caps(fixture: Fixture, seconds: float) -> list[tuple[str, str, s
         authorizer = Authorizer(
             store, PlanBook(database_load(pool)), meter=meter, test_meter=test_meter, exact_margin_units=margin
         )
-        servicer = AuthorizationServicer(authorizer, ContextSigner(fixture.jwt_secret.encode()))
+        keys = context_keys.ContextKeys(context_keys.EDDSA, (fixture.signing_key,))
+        servicer = AuthorizationServicer(authorizer, ContextSigner(keys))
         request = external_auth_pb2.CheckRequest.FromString(check_request_bytes(secret, context))
         headers = request.attributes.request.http.headers
         await servicer.Check(request, None)
