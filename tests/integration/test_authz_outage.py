@@ -165,6 +165,7 @@ async def _start_authz(database_url: str, jwt_secret: str, log_file):
         env={
             "DATABASE_URL": database_url,
             "DRIFTLOCK_JWT_SECRET": jwt_secret,
+            **signing_key_env(),
             "DRIFTLOCK_AUTHZ_HOST": "127.0.0.1",
             "DRIFTLOCK_AUTHZ_PORT": str(port),
             "DRIFTLOCK_AUTHZ_METRICS_PORT": str(free_port()),
