@@ -5,6 +5,7 @@ import json
 import uuid
 from datetime import UTC, datetime
 
+import pytest
 from aiohttp import web
 from prometheus_client import REGISTRY
 
@@ -105,6 +106,20 @@ def verify(body: bytes, header: str, secret: str, tolerance: int = 300) -> bool:
 SECRET = "s" * 40
 
 
+@pytest.fixture
+async def alert_db(fresh_database_url):
+    """A database of its own: every authz replica delivers every due alert of its database, and the session's
+    gateway (with its own alert receiver) runs on the shared one."""
+    from driftlock_kernel import migrate, orgs
+
+    async with db.connection(fresh_database_url) as conn:
+        await migrate.migrate(conn)
+        org = await orgs.create_org(conn, "alerts")
+    pool = await db.create_pool(fresh_database_url, application_name="tests-alerts", max_size=4)
+    yield pool, org
+    await pool.close()
+
+
 async def stored_alert(pool, org_id, threshold: int, *, created_ago_hours: float = 0.0) -> int:
     return await pool.fetchval(
         """INSERT INTO driftlock.usage_alerts (org_id, period_start, period_end, threshold, used_units,
@@ -127,8 +142,8 @@ async def alert_row(pool, alert_id: int) -> dict:
     return dict(await pool.fetchrow("SELECT * FROM driftlock.usage_alerts WHERE id = $1", alert_id))
 
 
-async def test_an_alert_left_undelivered_by_a_previous_process_is_delivered_at_the_next_start(pool, make_org):
-    org = await make_org()
+async def test_an_alert_left_undelivered_by_a_previous_process_is_delivered_at_the_next_start(alert_db):
+    pool, org = alert_db
     alert_id = await stored_alert(pool, org.id, 90)  # raised by a process that died before sending it
     receiver = await Receiver(SECRET).start()
     sender = notifier(pool, receiver)
@@ -178,10 +193,10 @@ async def test_alerts_are_retried_until_acknowledged_across_a_restart_and_sent_b
     assert all(r["webhook_attempts"] >= 1 for r in [await alert_row(pool, i) for i in ids])
 
 
-async def test_an_alert_older_than_the_expiry_is_marked_expired_and_not_sent(pool, make_org, database_url):
+async def test_an_alert_older_than_the_expiry_is_marked_expired_and_not_sent(alert_db, fresh_database_url):
     from tests.support.cli import run_cli
 
-    org = await make_org()
+    pool, org = alert_db
     old = await stored_alert(pool, org.id, 70, created_ago_hours=80)
     fresh = await stored_alert(pool, org.id, 90)
     receiver = await Receiver(SECRET).start()
@@ -199,7 +214,7 @@ async def test_an_alert_older_than_the_expiry_is_marked_expired_and_not_sent(poo
         await sender.close()
         await receiver.stop()
     assert receiver.ids() == [fresh]
-    listed = run_cli("alerts", "list", "--org", str(org.id), "--json", database_url=database_url).json()["alerts"]
+    listed = run_cli("alerts", "list", "--org", str(org.id), "--json", database_url=fresh_database_url).json()["alerts"]
     assert {a["threshold"]: a["webhook_expired_at"] is not None for a in listed} == {70: True, 90: False}
 
 
