@@ -183,6 +183,7 @@ class Authorizer:
             return CheckOutcome(DENY_UNAVAILABLE, grant, route, plan=plan_name)
         # rate: a live key's own, or the organisation's for all its test keys together (through Redis when the
         # replicas share their limits)
+        rate_limit: float | None
         if grant.environment is Environment.TEST:
             rate_key, rate_limit = f"test:{grant.org_id}", plan.test_rate_limit_rps
         else:

@@ -110,7 +110,7 @@ async def bench_redis(fixture: Fixture, seconds: float, rounds: int) -> list[tup
     from authz_service.context_signer import ContextSigner
     from authz_service.ext_authz import AuthorizationServicer
     from authz_service.grants import GrantStore, database_fetch
-    from authz_service.meter_store import MeterStore
+    from authz_service.meter_store import TEST_TABLES, MeterStore
     from authz_service.metering import Meter
     from authz_service.plan_book import PlanBook, database_load
     from authz_service.rate_limit import RateLimiter
@@ -125,16 +125,18 @@ async def bench_redis(fixture: Fixture, seconds: float, rounds: int) -> list[tup
         org = await orgs.create_org(conn, f"bench-{uuid.uuid4().hex[:6]}", plan="bench-rate-limited")
         _key, secret = await api_keys.create_key(conn, org.id)
     shared = SharedRateLimiter.from_url(redis_url, RateLimiter(), timeout=1.0)
-    signer = ContextSigner(fixture.jwt_secret.encode())
+    signer = ContextSigner(context_keys.ContextKeys(context_keys.EDDSA, (fixture.signing_key,)))
 
     def servicer(shared_limits):
         store = GrantStore(
             database_fetch(pool), ttl=300, negative_ttl=5, stale_for=300, max_entries=1000, fetch_timeout=1
         )
         meter = Meter(UsageLedger(), MeterStore(pool, replica="bench"))
-        return AuthorizationServicer(
-            Authorizer(store, PlanBook(database_load(pool)), meter=meter, shared_limits=shared_limits), signer
+        test_meter = Meter(UsageLedger(), MeterStore(pool, replica="bench", tables=TEST_TABLES), live=False)
+        authorizer = Authorizer(
+            store, PlanBook(database_load(pool)), meter=meter, test_meter=test_meter, shared_limits=shared_limits
         )
+        return AuthorizationServicer(authorizer, signer)
 
     request = external_auth_pb2.CheckRequest.FromString(
         check_request_bytes(secret, {"scope": "read", "billable": "false"})

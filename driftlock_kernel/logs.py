@@ -17,12 +17,12 @@ import logging
 import sys
 from datetime import UTC, datetime
 
+from driftlock_kernel.keys import redact_keys
+
 _REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("driftlock_request_id", default=None)
 _ORG_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("driftlock_org_id", default=None)
 # Fields a caller may pass with `extra=`; anything else in a record's dict is logging's own.
 CONTEXT_FIELDS = ("request_id", "org_id")
-
-from driftlock_kernel.keys import redact_keys
 
 
 class RedactKeys(logging.Filter):
