@@ -165,16 +165,18 @@ async def test_alerts_are_retried_until_acknowledged_across_a_restart_and_sent_b
     org = await make_org()
     ids = [await stored_alert(pool, org.id, threshold) for threshold in (70, 90, 100)]
     receiver = await Receiver(SECRET, answers=[500, 503]).start()
-    first = notifier(pool, receiver)
+    first = notifier(pool, receiver, lease_seconds=2.0, http_timeout=1.0)
     first.start()
     try:
 
         async def two_refused() -> bool:
-            return len(receiver.received) >= 2
+            rows = [await alert_row(pool, i) for i in ids]
+            return sum(r["webhook_last_error"] is not None for r in rows) >= 2
 
-        await eventually(two_refused, within=10, what="two refused attempts")
+        await eventually(two_refused, within=10, what="two refused attempts recorded")
         await first.close()  # a restart, with attempts left to make
-        replicas = [notifier(pool, receiver), notifier(pool, receiver)]
+        # A short lease, so that an attempt cut short by the restart is claimed again within the test's wait.
+        replicas = [notifier(pool, receiver, lease_seconds=2.0, http_timeout=1.0) for _ in range(2)]
         for replica in replicas:
             replica.start()
 
