@@ -76,9 +76,8 @@ async def embedded_server():
     if os.environ.get("DATABASE_URL"):
         yield None
         return
-    # Not under pytest's own temporary root: every pytest session that starts (another engineer's, on a shared
-    # machine) takes the group and other bits off that folder, and with them the server's (a system user's)
-    # way to its data directory.
+    # In one fixed folder for every session, not in the session's temporary one: that is where the next session
+    # looks for servers a killed session left running (and a session's own folder may be gone by then).
     root = Path(tempfile.gettempdir()) / "driftlock-test-postgres"
     root.mkdir(mode=0o755, exist_ok=True)
     # A session killed before it could stop its server (SIGKILL, a CI timeout) left that server running: stop
