@@ -165,7 +165,8 @@ async def test_alerts_are_retried_until_acknowledged_across_a_restart_and_sent_b
     org = await make_org()
     ids = [await stored_alert(pool, org.id, threshold) for threshold in (70, 90, 100)]
     receiver = await Receiver(SECRET, answers=[500, 503]).start()
-    first = notifier(pool, receiver, lease_seconds=2.0, http_timeout=1.0)
+    # Retries at least 0.25 s apart: the refusals stay recorded long enough for the restart to come first.
+    first = notifier(pool, receiver, lease_seconds=2.0, http_timeout=1.0, first_delay=0.5)
     first.start()
     try:
 

@@ -18,8 +18,10 @@ from tests.support.authz_requests import STREAM_DETECT
 from tests.support.usage import stored_usage
 
 
-async def replica(database_url, grant: Grant, margin: int):
-    pool = await db.create_pool(database_url, application_name="tests-exact-caps", max_size=4)
+async def replica(database_url, grant: Grant, margin: int, transaction_pooler: bool | None):
+    pool = await db.create_pool(
+        database_url, application_name="tests-exact-caps", max_size=4, transaction_pooler=transaction_pooler
+    )
 
     async def fetch(_key_hash):
         return grant
@@ -33,7 +35,9 @@ async def replica(database_url, grant: Grant, margin: int):
     return authorizer, meter, pool
 
 
-async def test_two_replicas_serve_exactly_the_cap_through_far_and_near_paths(database_url, pool, make_org):
+async def test_two_replicas_serve_exactly_the_cap_through_far_and_near_paths(
+    database_url, transaction_pooler, pool, make_org
+):
     name = f"cap-{uuid.uuid4().hex[:8]}"
     async with pool.acquire() as conn:
         await plans.upsert_plan(conn, name, included_units=300, overage="block")
@@ -41,7 +45,7 @@ async def test_two_replicas_serve_exactly_the_cap_through_far_and_near_paths(dat
     async with pool.acquire() as conn:
         _key, secret = await api_keys.create_key(conn, org.id, scopes=(Scope.DETECT,))
     grant = Grant("k", str(org.id), Environment.LIVE, frozenset({Scope.DETECT}), None, False, False, name, "none")
-    replicas = [await replica(database_url, grant, margin=100) for _ in range(2)]
+    replicas = [await replica(database_url, grant, 100, transaction_pooler) for _ in range(2)]
     try:
 
         async def call(authorizer: Authorizer, i: int):
