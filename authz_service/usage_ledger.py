@@ -186,16 +186,19 @@ class UsageLedger:
         """Close what is pending into a batch now, with the flush id it will be sent with (so that a spill file
         holds exactly what will be flushed). Pending units join the last batch while that was never sent, so a
         long outage keeps two batches, not one per interval."""
-        if not (self._pending or self._pending_reports):
+        if not (self._pending or self._pending_reports or self._pending_refunds):
             return
         last = self._unacknowledged[-1] if self._unacknowledged else None
         if last is not None and not last.attempted:
             for counter, units in self._pending.items():
                 last.counters[counter] = last.counters.get(counter, 0) + units
             last.reports.extend(self._pending_reports)
+            last.refunds.extend(self._pending_refunds)
         else:
-            self._unacknowledged.append(Batch(uuid.uuid4(), self._pending, self._pending_reports))
-        self._pending, self._pending_reports = {}, []
+            self._unacknowledged.append(
+                Batch(uuid.uuid4(), self._pending, self._pending_reports, self._pending_refunds)
+            )
+        self._pending, self._pending_reports, self._pending_refunds = {}, [], []
 
     def unacknowledged(self) -> list[Batch]:
         return list(self._unacknowledged)

@@ -5,6 +5,7 @@ import json
 import sys
 
 import aiohttp
+import grpc
 import pytest
 from envoy.service.auth.v3 import external_auth_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
@@ -165,6 +166,7 @@ async def _start_authz(database_url: str, jwt_secret: str, log_file):
         env={
             "DATABASE_URL": database_url,
             "DRIFTLOCK_JWT_SECRET": jwt_secret,
+            "DRIFTLOCK_EXT_AUTHZ_SECRET": EXT_AUTHZ_SECRET,
             **signing_key_env(),
             "DRIFTLOCK_AUTHZ_HOST": "127.0.0.1",
             "DRIFTLOCK_AUTHZ_PORT": str(port),
