@@ -181,3 +181,21 @@ def test_thresholds():
     assert thresholds_reached(250, 100) == (70, 90, 100)
     assert thresholds_reached(7, 10) == (70,)
     assert thresholds_reached(5, 0) == ()
+
+
+def test_sealing_puts_refunds_with_counters_and_reports_and_grows_only_a_batch_never_sent():
+    ledger = UsageLedger(clock=lambda: 0.0)
+    key = ("org", datetime(2026, 1, 1, tzinfo=UTC))
+    ledger.record("r1", key, "stream", 2)
+    ledger.refund(Refund("r0", "org", key[1], "stream", 1, "upstream_5xx"))
+    ledger.seal()
+    (sealed,) = ledger.unacknowledged()
+    assert sealed.counters == {("org", key[1], "stream"): 2} and [f.request_id for f in sealed.refunds] == ["r0"]
+    ledger.record("r2", key, "stream", 3)
+    ledger.seal()  # never sent: it grows
+    assert ledger.unacknowledged() == [sealed] and sealed.units == 4
+    sealed.attempted = True
+    ledger.record("r3", key, "monitor", 1)
+    ledger.seal()  # sent once: it is retried as it is, the rest goes into a new batch
+    assert len(ledger.unacknowledged()) == 2 and sealed.units == 4
+    assert ledger.used(key) is None and ledger.pending_units == 5
