@@ -135,7 +135,15 @@ async def direct_database_url(databases) -> str:
     url = await databases.create() if await databases.can_create() else databases.admin_url
     async with db.connection(url) as conn:
         await migrate.migrate(conn)
-        await plans.upsert_plan(conn, TEST_PLAN, included_units=1_000_000_000, overage="soft")
+        await plans.upsert_plan(
+            conn,
+            TEST_PLAN,
+            included_units=1_000_000_000,
+            overage="soft",
+            # Test keys too: no limit unless a test asks for one.
+            test_included_units=1_000_000_000,
+            test_rate_limit_rps=1_000_000.0,
+        )
     return url
 
 

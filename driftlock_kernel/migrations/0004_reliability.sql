@@ -39,7 +39,8 @@ ON CONFLICT DO NOTHING;
 CREATE TABLE driftlock.usage_totals (
     org_id        uuid NOT NULL REFERENCES driftlock.organizations (id) ON DELETE CASCADE,
     period_start  timestamptz NOT NULL,
-    units         bigint NOT NULL CHECK (units >= 0),
+    -- No lower bound, as usage_counters has none (0005): a refund may reach the database before its unit.
+    units         bigint NOT NULL,
     updated_at    timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (org_id, period_start)
 );
