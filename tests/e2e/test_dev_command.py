@@ -59,7 +59,16 @@ def dev_ports() -> dict[str, str]:
     }
 
 
-async def test_dev_serves_the_printed_curl_and_stops_everything_on_ctrl_c(database_url, dev_ports, tmp_path):
+@pytest.fixture
+async def dev_database_url(databases) -> str:
+    """A database of its own: dev migrates it and puts a metered plan in it that other tests must not see."""
+    if not await databases.can_create():
+        pytest.skip("the server named by DATABASE_URL does not let this user create databases")
+    return await databases.create("driftlock_dev")
+
+
+async def test_dev_serves_the_printed_curl_and_stops_everything_on_ctrl_c(dev_database_url, dev_ports, tmp_path):
+    database_url = dev_database_url
     environ = {
         k: v
         for k, v in os.environ.items()
