@@ -201,6 +201,8 @@ def test_any_one_character_change_of_a_valid_key_is_refused(key, position, chang
         changed = secret[:i] + char + secret[i:]
     else:
         changed = secret[:i] + secret[i + 1 :]
+    if changed.strip() == secret:
+        return  # whitespace around a header's value is not part of it (RFC 9110's OWS): the key is unchanged
     assert parse_key(changed) is None
     grant = Grant("key", "org", key.environment, frozenset(Scope), None, False, False, "plan", "active")
     auth = pipeline(grant, PlanLimits("plan", 100, Overage.SOFT), 0)
