@@ -12,6 +12,7 @@ embedded database.
 import asyncio
 import contextlib
 import secrets
+import shutil
 import signal
 import sys
 import uuid
@@ -181,7 +182,8 @@ async def run_dev_stack(settings: Settings, *, backend: HostPort | None, state_d
                 ports,
                 backend,
                 where,
-                url,
+                # The embedded database's URL holds no password; an operator's own is never printed.
+                url if embedded is not None else None,
                 jwt_path if not settings.jwt_secret else None,
                 org_id,
                 key,
@@ -228,12 +230,23 @@ def _context_keys(settings: Settings, state: Path) -> tuple[Path | None, dict[st
     return path, {}
 
 
+def _cli_command() -> str:
+    """How this shell can run the CLI: by name when it is on PATH, else by the path of the one running now
+    (after `make dev`, `.venv/bin/driftlock-gateway`, unless the virtual environment is activated)."""
+    if shutil.which("driftlock-gateway"):
+        return "driftlock-gateway"
+    beside = Path(sys.executable).with_name("driftlock-gateway")
+    with contextlib.suppress(ValueError):
+        return str(beside.relative_to(Path.cwd()))
+    return str(beside)
+
+
 def _print_banner(
     envoy_url: str,
     ports: StackPorts,
     backend: HostPort | None,
     where: str,
-    url: str,
+    url: str | None,
     jwt_path: Path | None,
     org_id: uuid.UUID,
     key: str,
@@ -246,6 +259,7 @@ def _print_banner(
     ext_authz_path: Path | None,
 ) -> None:
     backend_line = f"{backend} (yours)" if backend else f"http://{LOOPBACK}:{ports.backend} (demo: echoes requests)"
+    cli = _cli_command()
     lines = [
         "",
         "DriftLock gateway is running.",
@@ -271,8 +285,10 @@ def _print_banner(
         lines.append(f"  Stripe API          {local_stripe} (local, test mode; meter {DEV_METER})")
     lines += [
         "",
-        "Use the CLI against this stack:",
-        f"  export DATABASE_URL='{url}'",
+        "Use the CLI against this stack"
+        + ("" if cli == "driftlock-gateway" else f" ({cli}, or `driftlock-gateway` after `source .venv/bin/activate`)")
+        + ":",
+        f"  export DATABASE_URL='{url}'" if url is not None else "  (DATABASE_URL: the one you started dev with)",
     ]
     if webhook is not None:
         lines.append(f"  export STRIPE_WEBHOOK_SECRET='{webhook[0]}'")
@@ -293,19 +309,19 @@ def _print_banner(
         f"  curl -H 'Authorization: Bearer {key}' {envoy_url}/api/v1/stream/detect",
         "",
         "The management API (JSON; an admin token lasts 5 minutes):",
-        f'  curl -H "Authorization: Bearer $(driftlock-gateway admin-token)" {management_url}/v1/orgs/{org_id}/keys',
+        f'  curl -H "Authorization: Bearer $({cli} admin-token)" {management_url}/v1/orgs/{org_id}/keys',
         "",
     ]
     if local_stripe is not None:
         lines += [
             f"Its calls reach the local Stripe API within half a minute (plan {DEV_PLAN}, meter {DEV_METER}):",
-            f"  driftlock-gateway stripe exports list --org {org_id}",
+            f"  {cli} stripe exports list --org {org_id}",
             "",
         ]
     lines += [
         "Play Stripe (a signed event through Envoy; see --help for the other types):",
-        f"  driftlock-gateway stripe send-event checkout.session.completed --org {org_id}",
-        f"  driftlock-gateway stripe send-event invoice.payment_failed --org {org_id} --ago 8d",
+        f"  {cli} stripe send-event checkout.session.completed --org {org_id}",
+        f"  {cli} stripe send-event invoice.payment_failed --org {org_id} --ago 8d",
         "",
         "Ctrl-C stops everything.",
         "",

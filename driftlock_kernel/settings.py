@@ -505,11 +505,7 @@ class Settings:
         """The management API's token secret, checked: None when unset (the API then refuses every call)."""
         if not self.admin_token_secret:
             return None
-        secret = self.admin_token_secret.encode()
-        if len(secret) < MIN_JWT_SECRET_BYTES:
-            raise SettingsError(
-                f"DRIFTLOCK_ADMIN_TOKEN_SECRET is {len(secret)} bytes; at least {MIN_JWT_SECRET_BYTES} are required"
-            )
+        secret = require_strong_secret("DRIFTLOCK_ADMIN_TOKEN_SECRET", self.admin_token_secret)
         if self.jwt_secret and secret == self.jwt_secret.encode():
             raise SettingsError(
                 "DRIFTLOCK_ADMIN_TOKEN_SECRET must differ from DRIFTLOCK_JWT_SECRET: whoever can verify context "

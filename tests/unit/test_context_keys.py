@@ -91,11 +91,15 @@ def test_the_algorithm_must_be_one_we_sign_with():
         env(context_token_algorithm="RS256")
 
 
+SAME = "Zq3vK8pW2mX9rT4yB7nL1cF6hJ0dG5sA"
+
+
 @pytest.mark.parametrize(
     ("values", "why"),
     [
         ({"admin_token_secret": "short"}, "32"),
-        ({"admin_token_secret": "s" * 40, "jwt_secret": "s" * 40}, "must differ"),
+        ({"admin_token_secret": "a" * 48}, "openssl rand"),  # long but guessable: refused, saying how to make one
+        ({"admin_token_secret": SAME, "jwt_secret": SAME}, "must differ"),
     ],
 )
 def test_the_admin_secret_is_checked(values, why):

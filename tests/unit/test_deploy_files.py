@@ -32,9 +32,8 @@ NOT_IN_COMPOSE = {
 }
 # What the compose files need set to interpolate (the `:?` ones), as an operator's .env would.
 REQUIRED = {
-    "DRIFTLOCK_JWT_SECRET": "j" * 48,
     "DRIFTLOCK_EXT_AUTHZ_SECRET": secrets.token_urlsafe(48),  # rendered into Envoy's config, so checked
-    "DRIFTLOCK_ADMIN_TOKEN_SECRET": "a" * 48,
+    "DRIFTLOCK_ADMIN_TOKEN_SECRET": secrets.token_urlsafe(48),
     "DRIFTLOCK_CONTEXT_SIGNING_KEYS": "gw-1:" + "k" * 43,
     "STRIPE_WEBHOOK_SECRET": "whsec_" + "s" * 32,
     "DRIFTLOCK_BACKEND": "backend.internal:8000",
@@ -178,7 +177,7 @@ def test_compose_requires_the_secrets_instead_of_defaulting_them():
     text = (ROOT / "docker-compose.yml").read_text()
     for name in REQUIRED:
         assert "${" + name + ":?" in text
-    with pytest.raises(KeyError, match="DRIFTLOCK_JWT_SECRET"):
+    with pytest.raises(KeyError, match="DRIFTLOCK_EXT_AUTHZ_SECRET"):
         interpolate(load_compose("docker-compose.yml"), {})
 
 
