@@ -32,6 +32,7 @@ import time
 import uuid
 from pathlib import Path
 
+from authz_service.ext_authz import CALLER_SECRET_METADATA
 from bench.flood import bench_flood
 from bench.harness import Fixture, metric_total, run, start_authz, start_backend, start_edge, table
 from driftlock_kernel import api_keys, context_keys, db, orgs, plans
@@ -244,6 +245,8 @@ async def _flush_statements(pool) -> int:
 
 
 def _h2load_rps(output: str) -> float:
+    # h2load counts a gRPC error as a success (HTTP 200, the status is in the trailers): the caller checks the
+    # server's own counters.
     match = re.search(r"finished in [\d.]+\w*, ([\d.]+) req/s", output)
     failed = re.search(r"requests: \d+ total, \d+ started, \d+ done, (\d+) succeeded, (\d+) failed", output)
     if match is None or failed is None:
@@ -257,7 +260,7 @@ async def bench_grpc(fixture: Fixture, seconds: float, rounds: int) -> list[tupl
     body = check_request_bytes(fixture.secret, {"scope": "detect", "billable": "true", "product": "stream"})
     frame = fixture.workdir / "check.grpc"
     frame.write_bytes(struct.pack(">?I", False, len(body)) + body)
-    ours, our_port, _ = await start_authz(fixture, "authz-grpc")
+    ours, our_port, our_metrics = await start_authz(fixture, "authz-grpc")
     null, null_port, _ = await start_authz(fixture, "null-grpc", null=True)
     results: dict[str, list[float]] = {"authz": [], "do-nothing": []}
     try:
@@ -278,10 +281,16 @@ async def bench_grpc(fixture: Fixture, seconds: float, rounds: int) -> list[tupl
                         "content-type: application/grpc",
                         "-H",
                         "te: trailers",
+                        "-H",
+                        f"{CALLER_SECRET_METADATA}: {fixture.ext_authz_secret}",
                         f"http://127.0.0.1:{port}/envoy.service.auth.v3.Authorization/Check",
                     ]
                 )
                 results[label].append(_h2load_rps(output))
+        allowed = await metric_total(our_metrics, "driftlock_authz_checks", decision="allow")
+        denied = await metric_total(our_metrics, "driftlock_authz_checks", decision="deny")
+        if denied or not allowed:
+            raise RuntimeError(f"authz allowed {allowed:.0f} and denied {denied:.0f} of the benchmark's checks")
     finally:
         await ours.stop()
         await null.stop()

@@ -11,7 +11,7 @@ from pathlib import Path
 from driftlock_cli import envoy_config
 from driftlock_cli.embedded_db import EmbeddedDatabase
 from driftlock_cli.supervisor import Child, free_port, grpc_serving, http_ok, start_child, tcp_open, wait_until
-from driftlock_kernel import api_keys, db, migrate, orgs, plans
+from driftlock_kernel import api_keys, context_keys, db, migrate, orgs, plans
 from driftlock_kernel.settings import HostPort, Settings
 
 HERE = Path(__file__).resolve().parent
@@ -28,6 +28,8 @@ class Fixture:
         self.url = os.environ.get("DATABASE_URL", "")
         self.jwt_secret = secrets.token_urlsafe(48)
         self.ext_authz_secret = secrets.token_urlsafe(48)
+        # Context tokens as production signs them by default (EdDSA).
+        self.signing_key = context_keys.Ed25519Key.generate()
         self.secret = ""
 
     async def __aenter__(self) -> "Fixture":
@@ -50,6 +52,7 @@ class Fixture:
             "DATABASE_URL": self.url,
             "DRIFTLOCK_JWT_SECRET": self.jwt_secret,
             "DRIFTLOCK_EXT_AUTHZ_SECRET": self.ext_authz_secret,
+            "DRIFTLOCK_CONTEXT_SIGNING_KEYS": self.signing_key.entry(),
             "DRIFTLOCK_AUTHZ_HOST": "127.0.0.1",
             "DRIFTLOCK_AUTHZ_PORT": str(port),
             "DRIFTLOCK_AUTHZ_METRICS_PORT": str(metrics_port),
