@@ -19,7 +19,7 @@ from collections.abc import Iterable
 
 import grpc
 from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
-from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from envoy.service.auth.v3 import external_auth_pb2
 from envoy.type.v3.http_status_pb2 import HttpStatus
 from google.rpc import code_pb2, status_pb2
 
@@ -27,6 +27,7 @@ from authz_service import metrics
 from authz_service.authorizer import AccessRequest, Authorizer, CheckOutcome
 from authz_service.context_signer import ContextSigner
 from authz_service.decision import DENY_UNAVAILABLE, HTTP_STATUS, MESSAGES, Decision, DenyCode
+from authz_service.rate_limit import RateVerdict
 from authz_service.refunds import BilledUsage
 from driftlock_kernel.caches import LruCache
 from driftlock_kernel.logs import bind_request
@@ -45,9 +46,8 @@ _DENIED_STATUS = status_pb2.Status(code=code_pb2.PERMISSION_DENIED)
 _SET_BY_US = frozenset(
     CONTEXT_HEADER_PREFIX + name for name in ("org-id", "key-id", "plan", "environment", "billable", "context")
 )
-_CHECKS = {code: metrics.CHECKS.labels(decision="deny", code=code.value) for code in DenyCode} | {
-    None: metrics.CHECKS.labels(decision="allow", code="ok")
-}
+_STATS = metrics.CHECK_STATS
+_OUTCOME_SLOT = {code: _STATS.index_of(code) for code in (None, *DenyCode)}
 
 
 def _header(name: str, value: str) -> HeaderValueOption:
@@ -79,35 +79,39 @@ def shows_secret(metadata: Iterable[tuple[str, str | bytes]] | None, secret: byt
     return False
 
 
+def _serialized(response: external_auth_pb2.CheckResponse) -> bytes:
+    return response.SerializeToString()
+
+
 class AllowedResponses:
-    """Builds allow responses, reusing one finished response per context token and billed usage.
+    """Serialised allow responses, one finished response per context token and billed usage.
 
     Every header of an allow follows from the token (grant, plan, billability), and the token is reused for up
     to a minute; the dynamic metadata follows from what the call was counted as (organisation, period, product,
-    units), so the usual request gets a response built once: building one costs ~10 µs in Python, about a
-    third of a whole check. gRPC only serialises what it is given, so sharing the object is safe. Requests that
-    carry spoofed context headers or get rate-limit headers have responses of their own.
+    units). So the usual request is answered with bytes serialised once: building and serialising a response
+    costs about a third of a whole check in Python. What differs per request (spoofed context headers to
+    remove, rate-limit headers) is serialised on its own and appended: protobuf parses concatenated messages
+    as one, merged (repeated fields appended), so Envoy reads the base and the additions as one response.
     """
 
     MAX_CACHED = 10_000
+    MAX_RATE_VARIANTS = 4096
 
     def __init__(self, signer: ContextSigner):
         self._signer = signer
-        self._cached: LruCache[tuple[str, BilledUsage | None], external_auth_pb2.CheckResponse] = LruCache(
-            self.MAX_CACHED
-        )
+        self._cached: LruCache[tuple[str, BilledUsage | None], bytes] = LruCache(self.MAX_CACHED)
+        # (limit, remaining, reset) -> the serialised rate-limit headers: a key's verdicts take few values.
+        self._rate_headers: LruCache[tuple[float, int, int], bytes] = LruCache(self.MAX_RATE_VARIANTS)
 
-    def build(self, outcome: CheckOutcome, request: AccessRequest) -> external_auth_pb2.CheckResponse:
+    def build(self, outcome: CheckOutcome, request: AccessRequest) -> bytes:
         grant, plan = outcome.grant, outcome.plan
         if grant is None or plan is None:
             raise ValueError("an allowed outcome must carry its grant and plan")
         token = self._signer.token(grant, plan, outcome.billed)
-        # Ours are overwritten; any other x-driftlock-* a client sent is removed, as are the credentials.
-        spoofed = [n for n in request.headers if n.startswith(CONTEXT_HEADER_PREFIX) and n not in _SET_BY_US]
         cache_key = (token, outcome.usage)
         base = self._cached.get(cache_key)
         if base is None:
-            base = external_auth_pb2.CheckResponse(
+            response = external_auth_pb2.CheckResponse(
                 status=_OK_STATUS,
                 ok_response=external_auth_pb2.OkHttpResponse(
                     headers=[
@@ -122,62 +126,85 @@ class AllowedResponses:
                 ),
             )
             if outcome.usage is not None:
-                base.dynamic_metadata.update(outcome.usage.as_metadata())
+                response.dynamic_metadata.update(outcome.usage.as_metadata())
+            base = _serialized(response)
             self._cached.put(cache_key, base)
-        if not spoofed and outcome.rate is None:
+        # Ours are overwritten; any other x-driftlock-* a client sent is removed, as are the credentials.
+        spoofed = [n for n in request.headers if n.startswith(CONTEXT_HEADER_PREFIX) and n not in _SET_BY_US]
+        rate = outcome.rate
+        if not spoofed and rate is None:
             return base
-        response = external_auth_pb2.CheckResponse()
-        response.CopyFrom(base)
-        response.ok_response.headers_to_remove.extend(spoofed)
-        if outcome.rate is not None:
-            # Sent to the client with the backend's response.
-            response.ok_response.response_headers_to_add.extend(
-                _header(name, value) for name, value in outcome.rate.headers().items()
+        parts = [base]
+        if spoofed:
+            parts.append(
+                _serialized(
+                    external_auth_pb2.CheckResponse(
+                        ok_response=external_auth_pb2.OkHttpResponse(headers_to_remove=spoofed)
+                    )
+                )
             )
-        return response
+        if rate is not None:
+            parts.append(self._rate_limit_headers(rate))
+        return b"".join(parts)
+
+    def _rate_limit_headers(self, rate: RateVerdict) -> bytes:
+        variant = (rate.limit, rate.remaining, rate.reset_seconds)
+        serialized = self._rate_headers.get(variant)
+        if serialized is None:
+            # Sent to the client with the backend's response.
+            serialized = _serialized(
+                external_auth_pb2.CheckResponse(
+                    ok_response=external_auth_pb2.OkHttpResponse(
+                        response_headers_to_add=[_header(name, value) for name, value in rate.headers().items()]
+                    )
+                )
+            )
+            self._rate_headers.put(variant, serialized)
+        return serialized
 
 
 def error_body(code: DenyCode, request_id: str) -> str:
     return json.dumps({"error": {"code": code.value, "message": MESSAGES[code], "request_id": request_id}})
 
 
-def _denial_template(code: DenyCode) -> external_auth_pb2.CheckResponse:
+def _denial_template(code: DenyCode) -> bytes:
     headers = [_header("content-type", "application/json"), _header("cache-control", "no-store")]
     if HTTP_STATUS[code] == 401:
         headers.append(_header("www-authenticate", f'Bearer realm="driftlock", error="{code.value}"'))
-    return external_auth_pb2.CheckResponse(
-        status=_DENIED_STATUS,
-        denied_response=external_auth_pb2.DeniedHttpResponse(
-            status=HttpStatus(code=HTTP_STATUS[code]), headers=headers
-        ),
+    return _serialized(
+        external_auth_pb2.CheckResponse(
+            status=_DENIED_STATUS,
+            denied_response=external_auth_pb2.DeniedHttpResponse(
+                status=HttpStatus(code=HTTP_STATUS[code]), headers=headers
+            ),
+        )
     )
 
 
-# A denial differs from its template only by its body (the request id) and Retry-After: copying the template
-# costs a third of building it, and a flood of bad keys should cost no more than good traffic.
+# A denial differs from its template only by its body (the request id) and Retry-After, serialised apart and
+# appended (see AllowedResponses): a flood of bad keys should cost no more than good traffic.
 _DENIAL_TEMPLATES = {code: _denial_template(code) for code in DenyCode}
 
 
-def denied_response(
-    decision: Decision, request_id: str, extra_headers: dict[str, str] | None = None
-) -> external_auth_pb2.CheckResponse:
+def denied_response(decision: Decision, request_id: str, extra_headers: dict[str, str] | None = None) -> bytes:
     code = decision.code
     if code is None:
         raise ValueError("a denied response needs a denial")
-    response = external_auth_pb2.CheckResponse()
-    response.CopyFrom(_DENIAL_TEMPLATES[code])
-    denied = response.denied_response
-    denied.body = error_body(code, request_id)
+    denied = external_auth_pb2.DeniedHttpResponse(body=error_body(code, request_id))
     if decision.retry_after is not None:
         denied.headers.append(_header("retry-after", str(decision.retry_after)))
     if extra_headers:
         denied.headers.extend(_header(name, value) for name, value in extra_headers.items())
-    return response
+    return _DENIAL_TEMPLATES[code] + _serialized(external_auth_pb2.CheckResponse(denied_response=denied))
 
 
-class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
-    """`caller_secret`: what a caller must show (see the module's docstring); None only in process (the tests'
-    and the benchmark's direct calls, which have no gRPC context)."""
+AUTHORIZATION_SERVICE = "envoy.service.auth.v3.Authorization"
+
+
+class AuthorizationServicer:
+    """`caller_secret`: what a caller must show (see the module's docstring); None only in process (the
+    benchmark's direct calls, which have no gRPC context). `Check` answers serialised bytes (see
+    AllowedResponses); `add_to_server` registers it so."""
 
     def __init__(self, authorizer: Authorizer, signer: ContextSigner, *, caller_secret: bytes | None = None):
         self._authorizer = authorizer
@@ -185,9 +212,17 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
         self._caller_secret = caller_secret
         self._refusals = RepeatedLog(log)
 
-    async def Check(
-        self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext | None
-    ) -> external_auth_pb2.CheckResponse:
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        """Serve `Check` with the request parsed by protobuf and the response passed through as the bytes it is."""
+        check = grpc.unary_unary_rpc_method_handler(
+            self.Check, request_deserializer=external_auth_pb2.CheckRequest.FromString, response_serializer=None
+        )
+        handlers = {"Check": check}
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(AUTHORIZATION_SERVICE, handlers),))
+        # As generated stubs do: the method is then known to gRPC's core, and found without a generic look-up.
+        server.add_registered_method_handlers(AUTHORIZATION_SERVICE, handlers)  # type: ignore[attr-defined]  # (not in grpc.aio typing)
+
+    async def Check(self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext | None) -> bytes:
         if self._caller_secret is not None and (
             context is None or not shows_secret(context.invocation_metadata(), self._caller_secret)
         ):
@@ -204,7 +239,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
             request_id = access.request_id
             bind_request(request_id)
             outcome = await self._authorizer.check(access)
-            if outcome.decision.allowed:
+            if outcome.decision.code is None:
                 response = self._allowed.build(outcome, access)
             else:
                 rate_headers = outcome.rate.headers() if outcome.rate is not None else None
@@ -214,6 +249,5 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
             log.exception("check failed; answering auth_unavailable")
             response = denied_response(DENY_UNAVAILABLE, request_id)
             code = DenyCode.AUTH_UNAVAILABLE
-        _CHECKS[code].inc()
-        metrics.CHECK_DURATION.observe(time.perf_counter() - started)
+        _STATS.observe(_OUTCOME_SLOT[code], time.perf_counter() - started)
         return response

@@ -14,7 +14,8 @@ from typing import Protocol
 from driftlock_kernel.caches import LruCache
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: one is built for every check, and a frozen dataclass's __init__ costs about a microsecond more.
+@dataclass(slots=True)
 class RateVerdict:
     allowed: bool
     limit: float  # requests per second

@@ -18,7 +18,6 @@ from pathlib import Path
 import asyncpg
 import grpc
 from envoy.service.accesslog.v3 import als_pb2_grpc
-from envoy.service.auth.v3 import external_auth_pb2_grpc
 from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import start_http_server
@@ -30,7 +29,7 @@ from authz_service.alerts import AlertNotifier
 from authz_service.audit import AuditLog
 from authz_service.authorizer import Authorizer
 from authz_service.context_signer import ContextSigner
-from authz_service.ext_authz import AuthorizationServicer
+from authz_service.ext_authz import AUTHORIZATION_SERVICE, AuthorizationServicer
 from authz_service.grants import GrantStore, database_fetch
 from authz_service.key_last_used import LastUsedRecorder
 from authz_service.lookup_budget import LookupBudget
@@ -57,7 +56,6 @@ log = logging.getLogger(__name__)
 SHUTDOWN_GRACE_SECONDS = 5.0
 SHUTDOWN_FLUSH_SECONDS = 15.0
 INVALIDATE_CHANNEL = "driftlock_invalidate"
-AUTHORIZATION_SERVICE = "envoy.service.auth.v3.Authorization"
 USAGE_SERVICE = "driftlock.usage.v1.UsageService"
 MANAGEMENT_SERVICES = (
     "driftlock.management.v1.KeyService",
@@ -169,7 +167,7 @@ async def serve(settings: Settings) -> None:
                 per_source=settings.unknown_key_lookups_per_source_per_second,
             ),
             fetch_timeout=settings.database_lookup_timeout_seconds,
-            on_result=metrics.cache_event_counter(),
+            on_result=metrics.CHECK_STATS.cache_event,
         )
         plans = PlanBook(database_load(pool))
         notifier = None
@@ -245,9 +243,7 @@ async def serve(settings: Settings) -> None:
             ]
         )
         signer = ContextSigner(keys)
-        external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
-            AuthorizationServicer(authorizer, signer, caller_secret=caller_secret), server
-        )
+        AuthorizationServicer(authorizer, signer, caller_secret=caller_secret).add_to_server(server)
         # Envoy's access log of billed calls that failed: the refunds.
         als_pb2_grpc.add_AccessLogServiceServicer_to_server(
             AccessLogServicer(meter, refunds_enabled=settings.refund_failed_calls, caller_secret=caller_secret), server

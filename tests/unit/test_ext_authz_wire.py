@@ -4,11 +4,13 @@ import json
 
 import pytest
 from envoy.config.core.v3.base_pb2 import HeaderValueOption
+from envoy.service.auth.v3.external_auth_pb2 import CheckResponse
 
 from authz_service.authorizer import AccessRequest, CheckOutcome
 from authz_service.context_signer import ContextSigner
 from authz_service.decision import ALLOW, HTTP_STATUS, MESSAGES, Decision, DenyCode, Grant, Route, deny
-from authz_service.ext_authz import AllowedResponses, access_request, denied_response
+from authz_service.ext_authz import AllowedResponses, access_request
+from authz_service.ext_authz import denied_response as denied_bytes
 from authz_service.rate_limit import RateVerdict
 from driftlock_kernel.context_keys import HS256, ContextKeys
 from driftlock_kernel.tokens import verify
@@ -18,6 +20,20 @@ SECRET = b"s" * 32
 HS256_KEYS = ContextKeys(HS256, hs256_secret=SECRET)
 GRANT = Grant("key-1", "org-1", "live", frozenset({"detect"}), None, False, False, "pro", "active")
 ROUTE = Route("detect", True, "stream", 1)
+
+
+class Responses:
+    """AllowedResponses, with what it answers parsed as Envoy parses it (the bytes concatenated, one message)."""
+
+    def __init__(self):
+        self.builder = AllowedResponses(ContextSigner(HS256_KEYS))
+
+    def build(self, outcome, access):
+        return CheckResponse.FromString(self.builder.build(outcome, access))
+
+
+def denied_response(*args, **kwargs):
+    return CheckResponse.FromString(denied_bytes(*args, **kwargs))
 
 
 def request(headers) -> AccessRequest:
@@ -40,9 +56,7 @@ def test_allowed_response_sets_context_headers_and_strips_credentials_and_spoofs
         "x-driftlock-admin": "true",
         "x-request-id": "rid-1",
     }
-    response = AllowedResponses(ContextSigner(HS256_KEYS)).build(
-        CheckOutcome(ALLOW, GRANT, ROUTE, billed=True, plan="pro"), request(headers)
-    )
+    response = Responses().build(CheckOutcome(ALLOW, GRANT, ROUTE, billed=True, plan="pro"), request(headers))
     ok = response.ok_response
     assert response.status.code == 0
     set_headers = {o.header.key: o.header.value for o in ok.headers}
@@ -57,9 +71,7 @@ def test_allowed_response_sets_context_headers_and_strips_credentials_and_spoofs
 
 
 def test_allowed_response_for_an_unbilled_call_says_so():
-    response = AllowedResponses(ContextSigner(HS256_KEYS)).build(
-        CheckOutcome(ALLOW, GRANT, ROUTE, billed=False, plan="pro"), request({})
-    )
+    response = Responses().build(CheckOutcome(ALLOW, GRANT, ROUTE, billed=False, plan="pro"), request({}))
     values = {o.header.key: o.header.value for o in response.ok_response.headers}
     assert values["x-driftlock-billable"] == "false"
     assert verify(values["x-driftlock-context"], SECRET)["billable"] is False
@@ -90,14 +102,44 @@ def test_the_same_grant_reuses_one_response_until_something_differs():
     first = builder.build(outcome, request({"x-request-id": "a"}))
     assert builder.build(outcome, request({"x-request-id": "b"})) is first
     unbilled = builder.build(CheckOutcome(ALLOW, GRANT, ROUTE, billed=False, plan="pro"), request({}))
-    assert unbilled is not first
-    spoofed = builder.build(outcome, request({"x-driftlock-admin": "1"}))
-    assert "x-driftlock-admin" in spoofed.ok_response.headers_to_remove
-    assert "x-driftlock-admin" not in first.ok_response.headers_to_remove  # the shared one is untouched
+    assert unbilled != first
+    spoofed = CheckResponse.FromString(builder.build(outcome, request({"x-driftlock-admin": "1"})))
+    assert list(spoofed.ok_response.headers_to_remove) == ["authorization", "x-api-key", "x-driftlock-admin"]
+    assert "x-driftlock-admin" not in CheckResponse.FromString(first).ok_response.headers_to_remove
+    assert builder.build(outcome, request({})) is first  # the shared one is untouched
+
+
+def test_additions_to_a_shared_response_parse_as_one_message():
+    """What Envoy reads from a base response followed by its additions: every header once, the base's first."""
+    builder = Responses()
+    rate = RateVerdict(allowed=True, limit=2.5, remaining=1, reset_seconds=1, retry_after=None)
+    outcome = CheckOutcome(ALLOW, GRANT, ROUTE, billed=True, plan="pro", rate=rate)
+    response = builder.build(outcome, request({"x-driftlock-a": "1", "x-driftlock-b": "2"}))
+    assert response.status.code == 0
+    assert [o.header.key for o in response.ok_response.headers][:2] == ["x-driftlock-org-id", "x-driftlock-key-id"]
+    assert len(response.ok_response.headers) == 6
+    assert list(response.ok_response.headers_to_remove) == [
+        "authorization",
+        "x-api-key",
+        "x-driftlock-a",
+        "x-driftlock-b",
+    ]
+    assert [(o.header.key, o.header.value) for o in response.ok_response.response_headers_to_add] == [
+        ("x-ratelimit-limit", "2.5"),
+        ("x-ratelimit-remaining", "1"),
+        ("x-ratelimit-reset", "1"),
+    ]
+    denied = denied_response(Decision(DenyCode.RATE_LIMITED, retry_after=3), "rid-2", rate.headers())
+    keys = [o.header.key for o in denied.denied_response.headers]
+    assert keys == ["content-type", "cache-control", "retry-after", *rate.headers()]
+    assert (
+        denied.denied_response.status.code == 429
+        and json.loads(denied.denied_response.body)["error"]["request_id"] == "rid-2"
+    )
 
 
 def test_rate_limit_headers_go_to_the_client_on_allowed_calls():
-    builder = AllowedResponses(ContextSigner(HS256_KEYS))
+    builder = Responses()
     rate = RateVerdict(allowed=True, limit=10, remaining=7, reset_seconds=1, retry_after=None)
     response = builder.build(CheckOutcome(ALLOW, GRANT, ROUTE, billed=True, plan="pro", rate=rate), request({}))
     added = {o.header.key: o.header.value for o in response.ok_response.response_headers_to_add}

@@ -5,6 +5,7 @@ from datetime import UTC, datetime
 
 import pytest
 from envoy.data.accesslog.v3 import accesslog_pb2
+from envoy.service.auth.v3.external_auth_pb2 import CheckResponse
 from google.protobuf import json_format, struct_pb2
 
 from authz_service.access_log import logged_request
@@ -128,7 +129,7 @@ def test_an_allowed_billed_check_hands_envoy_what_it_counted():
     outcome = CheckOutcome(ALLOW, grant, Route("detect", True, "stream", 2), billed=True, plan="pro", usage=BILLED)
     responses = AllowedResponses(ContextSigner(ContextKeys(HS256, hs256_secret=b"s" * 32)))
     request = AccessRequest("rid-1", "POST", "/api/v1/stream/detect", {}, STREAM_DETECT)
-    response = responses.build(outcome, request)
+    response = CheckResponse.FromString(responses.build(outcome, request))
     assert billed_from_metadata(json_format.MessageToDict(response.dynamic_metadata)) == BILLED
     # Another period gets a response of its own, not the cached one of the first.
     later = CheckOutcome(
@@ -139,10 +140,12 @@ def test_an_allowed_billed_check_hands_envoy_what_it_counted():
         plan="pro",
         usage=BilledUsage("org-1", datetime(2026, 12, 1, tzinfo=UTC), "stream", 2),
     )
-    moved = billed_from_metadata(json_format.MessageToDict(responses.build(later, request).dynamic_metadata))
+    moved = billed_from_metadata(
+        json_format.MessageToDict(CheckResponse.FromString(responses.build(later, request)).dynamic_metadata)
+    )
     assert moved is not None and moved.period_start == datetime(2026, 12, 1, tzinfo=UTC)
     unbilled = CheckOutcome(ALLOW, grant, Route("read", False, None, 1), plan="pro")
-    assert not responses.build(unbilled, request).HasField("dynamic_metadata")
+    assert not CheckResponse.FromString(responses.build(unbilled, request)).HasField("dynamic_metadata")
 
 
 def _refund_logger() -> dict:
