@@ -6,7 +6,6 @@ alerted on and enforced exactly like a unit counted at the edge), reads organisa
 and decides nothing itself: the payment rule is billing.payment_blocks_billable, the one authz enforces.
 """
 
-import re
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -24,8 +23,8 @@ from driftlock_api.usage.v1 import usage_pb2, usage_pb2_grpc
 from driftlock_kernel import orgs
 from driftlock_kernel.billing import DEFAULT_POLICY, BillingPolicy, effective_plan, payment_blocks_billable
 from driftlock_kernel.periods import Period
+from driftlock_kernel.usage import PRODUCTS
 
-PRODUCT = re.compile(r"[a-z][a-z0-9_]{0,31}")
 MAX_REPORTED_UNITS = 1_000_000
 
 
@@ -100,8 +99,10 @@ class UsageServicer(usage_pb2_grpc.UsageServiceServicer):
     async def _report_usage(self, call: Call, request: usage_pb2.ReportUsageRequest) -> usage_pb2.ReportUsageResponse:
         if not 1 <= len(request.request_id) <= 200:
             raise invalid("request_id must be 1 to 200 characters")
-        if not PRODUCT.fullmatch(request.product):
-            raise invalid("product must be a lower-case name like 'stream'")
+        # The product becomes a metric label (driftlock_usage_units_total): only the kernel's known products keep
+        # its cardinality bounded, whatever a token holder sends.
+        if request.product not in PRODUCTS:
+            raise invalid(f"product must be one of {', '.join(PRODUCTS)}")
         if not 1 <= request.units <= MAX_REPORTED_UNITS:
             raise invalid(f"units must be 1 to {MAX_REPORTED_UNITS}")
         org = await self._organisation(call, request.org_id)

@@ -1,7 +1,8 @@
 """The webhook service: `create_app` (routes and the lifetime of its database pool) and `serve` (the process).
 
 Routes: `POST /stripe/webhook` (webhook.py), `GET /healthz` (200 only while the database answers and the
-service is not draining), `GET /metrics` (Prometheus text format).
+service is not draining), `GET /metrics` (Prometheus text format). Anything else is a JSON error: 404, or 405
+with `Allow` (json_routing_errors).
 
 With STRIPE_API_KEY set, the service is also the one that talks to Stripe: it reports usage to Stripe Billing
 Meters (exporter.py) and pulls subscriptions from Stripe's API every hour on one replica (sync.py). Both start
@@ -16,7 +17,7 @@ import logging
 import os
 import signal
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -28,7 +29,7 @@ from billing_webhooks.exporter import Exporter
 from billing_webhooks.exports import ExportRules
 from billing_webhooks.stripe_client import StripeApi
 from billing_webhooks.sync import SyncJob
-from billing_webhooks.webhook import BODY_TIMEOUT_SECONDS, MAX_BODY_BYTES, WebhookEndpoint
+from billing_webhooks.webhook import BODY_TIMEOUT_SECONDS, MAX_BODY_BYTES, WebhookEndpoint, error_response
 from driftlock_kernel import db
 from driftlock_kernel.errors import OperatorError
 from driftlock_kernel.logs import configure_logging
@@ -54,6 +55,22 @@ class ServiceState:
 STATE = web.AppKey("driftlock_webhooks_state", ServiceState)
 
 
+@web.middleware
+async def json_routing_errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """A request for no route, or with a method its route does not take, gets the JSON error every other refusal
+    of the service has (aiohttp's own answer is text/plain); a 405 keeps the router's `Allow` header."""
+    try:
+        return await handler(request)
+    except web.HTTPNotFound:
+        return error_response(request, 404, "not_found", "No such route.")
+    except web.HTTPMethodNotAllowed as refusal:
+        allow = refusal.headers.get("Allow", "")
+        message = f"This route takes {allow.replace(',', ' or ')} only."
+        return error_response(request, 405, "method_not_allowed", message, {"Allow": allow})
+
+
 def create_app(
     settings: Settings, *, pool: asyncpg.Pool | None = None, body_timeout: float = BODY_TIMEOUT_SECONDS
 ) -> web.Application:
@@ -62,7 +79,7 @@ def create_app(
     secrets = settings.require_webhook_secrets()
     url = None if pool is not None else settings.require_database_url()
     # The body is read by WebhookEndpoint with its own limit; aiohttp's own limit only has to be above it.
-    app = web.Application(client_max_size=MAX_BODY_BYTES + 1)
+    app = web.Application(client_max_size=MAX_BODY_BYTES + 1, middlewares=[json_routing_errors])
     state = ServiceState(pool=pool)
     app[STATE] = state
 

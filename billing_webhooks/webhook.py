@@ -20,7 +20,7 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from enum import StrEnum
 
 import asyncpg
@@ -150,10 +150,13 @@ async def store_and_apply(
     raise AssertionError("unreachable")
 
 
-def _error(request: web.Request, status: int, code: str, message: str) -> web.Response:
+def error_response(
+    request: web.Request, status: int, code: str, message: str, headers: Mapping[str, str] | None = None
+) -> web.Response:
+    """The service's one error shape (the contract's): `{"error": {"code", "message", "request_id"}}` as JSON."""
     body = {"error": {"code": code, "message": message, "request_id": request.headers.get("x-request-id")}}
-    headers = {"Retry-After": "1"} if status == 503 else None
-    return web.json_response(body, status=status, headers=headers)
+    sent = dict(headers or {}) | ({"Retry-After": "1"} if status == 503 else {})
+    return web.json_response(body, status=status, headers=sent or None)
 
 
 class WebhookEndpoint:
@@ -186,27 +189,29 @@ class WebhookEndpoint:
         except TimeoutError:
             metrics.REJECTED.labels(reason="body_timeout").inc()
             self._refusals.info("body_timeout", "refused a delivery: the body did not arrive in time")
-            return _error(request, 408, "request_timeout", "The body did not arrive in time.")
+            return error_response(request, 408, "request_timeout", "The body did not arrive in time.")
         if raw is None:
             metrics.REJECTED.labels(reason="too_large").inc()
-            return _error(request, 413, "payload_too_large", f"The body is larger than {MAX_BODY_BYTES} bytes.")
+            return error_response(request, 413, "payload_too_large", f"The body is larger than {MAX_BODY_BYTES} bytes.")
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError:
             metrics.REJECTED.labels(reason="malformed_body").inc()
-            return _error(request, 400, "malformed_body", "The body is not UTF-8.")
+            return error_response(request, 400, "malformed_body", "The body is not UTF-8.")
         failure = check_signature(text, request.headers.get("Stripe-Signature"), self._secrets)
         if failure is not None:
             metrics.SIGNATURE_FAILURES.labels(reason=failure.value).inc()
             self._refusals.info(failure, "refused a delivery: signature %s", failure.value)
-            return _error(request, 400, "invalid_signature", f"Stripe-Signature did not verify ({failure.value}).")
+            return error_response(
+                request, 400, "invalid_signature", f"Stripe-Signature did not verify ({failure.value})."
+            )
         try:
             payload = json.loads(text)
             event = envelope(payload)
         except (ValueError, MalformedEvent) as error:
             metrics.REJECTED.labels(reason="malformed_body").inc()
             reason = str(error) if isinstance(error, MalformedEvent) else "the body is not JSON"
-            return _error(request, 400, "malformed_body", f"Not a Stripe event: {reason}.")
+            return error_response(request, 400, "malformed_body", f"Not a Stripe event: {reason}.")
 
         label = type_label(event.type)
         metrics.API_VERSIONS.labels(release=release_of(event.api_version)).inc()
@@ -223,7 +228,7 @@ class WebhookEndpoint:
                 type(error).__name__,
                 one_line(error, 200),
             )
-            return _error(request, 503, "storage_unavailable", "The event could not be stored; retry later.")
+            return error_response(request, 503, "storage_unavailable", "The event could not be stored; retry later.")
         metrics.EVENTS.labels(type=label, outcome=result.outcome.value).inc()
         bind_org(str(result.org_id) if result.org_id else None)
         for problem in result.problems:

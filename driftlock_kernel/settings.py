@@ -178,17 +178,20 @@ def _addresses(environ: Mapping[str, str], name: str, default: tuple[HostPort, .
 
 @dataclass(frozen=True)
 class Settings:
-    """Every setting, with its default written here once; `from_env` reads the environment variable of each."""
+    """Every setting, with its default written here once; `from_env` reads the environment variable of each.
 
-    database_url: str | None = None
+    Secrets, and URLs that may hold a password or token, are `repr=False`: a Settings in a log line, a traceback
+    or a debugger shows none of them (tests/unit/test_settings.py checks every field named like one)."""
+
+    database_url: str | None = field(default=None, repr=False)
     # LISTEN needs a session that stays put: a direct connection or Supabase's session pooler, never the
     # transaction pooler. Defaults to database_url.
-    database_listen_url: str | None = None
+    database_listen_url: str | None = field(default=None, repr=False)
     # Whether DATABASE_URL goes through a transaction pooler (no prepared statements); None: guessed from the
     # port (6543 is Supabase's transaction pooler).
     database_transaction_pooler: bool | None = None
-    jwt_secret: str | None = None
-    stripe_webhook_secrets: tuple[str, ...] = ()
+    jwt_secret: str | None = field(default=None, repr=False)
+    stripe_webhook_secrets: tuple[str, ...] = field(default=(), repr=False)
     backend: HostPort = field(default_factory=lambda: HostPort("127.0.0.1", 8000))
     dunning_grace_days: int = 7
     # "block": past the grace period, billable routes answer payment_required. "serve": they keep serving.
@@ -232,7 +235,7 @@ class Settings:
     meter_flush_interval_seconds: float = 1.0
     meter_spill_dir: str | None = None
     usage_refresh_seconds: float = 2.0
-    alert_webhook_url: str | None = None
+    alert_webhook_url: str | None = field(default=None, repr=False)  # may carry a token (Slack's do)
     audit_allow_sample_rate: float = 0.01
 
     log_level: str = "INFO"
@@ -247,12 +250,12 @@ class Settings:
     admin_port: int = 8082
     # Callers of the management API and UsageService sign their HS256 tokens with this; never the secret (or
     # key) that signs context tokens. Unset: those APIs refuse every call.
-    admin_token_secret: str | None = None
+    admin_token_secret: str | None = field(default=None, repr=False)
     # "EdDSA" (Ed25519 keys, published as a JWKS) or "HS256" (DRIFTLOCK_JWT_SECRET, shared with the backend).
     context_token_algorithm: str = "EdDSA"
     # Ed25519 signing keys, `kid:key` entries (key: base64url of the 32-byte private key), comma-separated or
     # one per line in the file; the first signs, all are published. See driftlock_kernel/context_keys.py.
-    context_signing_keys: str | None = None
+    context_signing_keys: str | None = field(default=None, repr=False)
     context_signing_keys_file: str | None = None
     # How often authz writes when each key was last used (never once per request).
     key_last_used_interval_seconds: float = 10.0
@@ -266,7 +269,7 @@ class Settings:
     tls_key_path: str | None = None
     # When set, every authz replica shares each key's rate limit through Redis; a Redis call slower than the
     # timeout (or failing) falls back to this replica's own buckets.
-    redis_url: str | None = None
+    redis_url: str | None = field(default=None, repr=False)
     redis_timeout_seconds: float = 0.05
     # How long append-only tables keep their rows (None: forever), and how often one replica prunes them.
     # meter_flushes must outlive any retry of a flush (spill files included); usage_reports deduplicate the
@@ -299,7 +302,7 @@ class Settings:
     # what looking up keys that do not exist may cost the database, per second overall and per client address;
     # how many such keys the cache remembers, apart from the verified ones; and how long the counts of denials that
     # name no known key are kept (as long as the audit log by default).
-    ext_authz_secret: str | None = None
+    ext_authz_secret: str | None = field(default=None, repr=False)
     cors_allowed_origins: tuple[str, ...] = ()
     edge_requests_per_source: int = 1000
     unknown_key_lookups_per_second: float = 200.0
@@ -315,7 +318,7 @@ class Settings:
     quota_exact_margin_units: int = 1000
     # Usage alerts POSTed to alert_webhook_url are signed with these (comma-separated while one is rotated), and
     # sent until acknowledged or this old.
-    alert_webhook_secrets: tuple[str, ...] = ()
+    alert_webhook_secrets: tuple[str, ...] = field(default=(), repr=False)
     alert_delivery_expiry_hours: float = 72.0
 
     @classmethod

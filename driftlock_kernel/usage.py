@@ -12,6 +12,8 @@ from driftlock_kernel.orgs import Organization, get_org
 from driftlock_kernel.periods import Period, calendar_month
 from driftlock_kernel.plans import get_plan
 
+# The products the route table bills, the one list: usage is reported per each of them, and nothing outside it
+# (a client-supplied name included) is accepted as a product, which also bounds the `product` metric label.
 PRODUCTS = ("stream", "monitor")
 
 

@@ -192,6 +192,11 @@ async def test_unknown_ids_and_bad_arguments(api):
     key = ok(await api.call("POST", f"/v1/orgs/{org['id']}/keys", {}))["api_key"]
     refused(await api.call("PATCH", f"/v1/keys/{key['id']}", {}), 400, "invalid_argument")
     refused(await api.call("POST", f"/v1/keys/{key['id']}:roll", {"overlap_seconds": -1}), 400, "invalid_argument")
+    report = {"request_id": str(uuid.uuid4()), "product": "not_a_product", "units": 1}
+    unknown_product = refused(
+        await api.call("POST", f"/v1/orgs/{org['id']}/usage:report", report), 400, "invalid_argument"
+    )
+    assert unknown_product["message"] == "product must be one of stream, monitor"
 
     # Answers Envoy gives itself have the same shape, without details.
     for response, status in (

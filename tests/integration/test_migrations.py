@@ -88,14 +88,17 @@ def _quoted_values(check: str) -> set[str]:
 
 
 async def _check_of(conn, table: str, column: str) -> str:
-    """The CHECK constraint of driftlock.<table> that names <column>, as PostgreSQL prints it."""
+    """The CHECK constraint of driftlock.<table> on <column> alone, as PostgreSQL prints it (a constraint over
+    several columns, such as stripe_subscription_history's one_kind, is not it)."""
     checks = await conn.fetch(
         """SELECT pg_get_constraintdef(c.oid) AS definition
            FROM pg_constraint c JOIN pg_class t ON t.oid = c.conrelid JOIN pg_namespace n ON n.oid = t.relnamespace
-           WHERE n.nspname = 'driftlock' AND t.relname = $1 AND c.contype = 'c'""",
+           JOIN pg_attribute a ON a.attrelid = t.oid AND a.attname = $2
+           WHERE n.nspname = 'driftlock' AND t.relname = $1 AND c.contype = 'c' AND c.conkey = ARRAY[a.attnum]""",
         table,
+        column,
     )
-    (definition,) = [row["definition"] for row in checks if f"({column}" in row["definition"]]
+    (definition,) = [row["definition"] for row in checks]
     return definition
 
 
@@ -104,6 +107,9 @@ async def test_the_schema_accepts_exactly_the_billing_vocabulary_of_the_code(dat
     async with database.connection(database_url) as conn:
         assert _quoted_values(await _check_of(conn, "organizations", "billing_status")) == BILLING_STATUSES
         assert _quoted_values(await _check_of(conn, "stripe_subscriptions", "status")) == set(SubscriptionStatus)
+        # Each event's word on a status (migration 0004) takes the same statuses as the subscription it folds into.
+        history_status = await _check_of(conn, "stripe_subscription_history", "status")
+        assert _quoted_values(history_status) == set(SubscriptionStatus)
         assert _quoted_values(await _check_of(conn, "plans", "overage")) == set(Overage)
         assert _quoted_values(await _check_of(conn, "api_keys", "environment")) == set(Environment)
         assert _quoted_values(await _check_of(conn, "api_keys", "scopes")) == set(Scope)

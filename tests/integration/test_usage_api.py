@@ -10,7 +10,7 @@ import pytest
 
 from driftlock_api.usage.v1 import usage_pb2, usage_pb2_grpc
 from driftlock_cli import protos
-from driftlock_kernel import plans
+from driftlock_kernel import plans, usage
 from tests.support.admin import admin_metadata, admin_token
 from tests.support.usage import wait_for_usage
 
@@ -120,6 +120,8 @@ async def test_a_report_is_idempotent_by_request_id_even_across_replicas(stubs, 
         ({"units": 0}, grpc.StatusCode.INVALID_ARGUMENT),
         ({"units": 2_000_000}, grpc.StatusCode.INVALID_ARGUMENT),
         ({"product": "Stream!"}, grpc.StatusCode.INVALID_ARGUMENT),
+        ({"product": "billing"}, grpc.StatusCode.INVALID_ARGUMENT),  # a well-formed name of no product
+        ({"product": ""}, grpc.StatusCode.INVALID_ARGUMENT),
         ({"request_id": ""}, grpc.StatusCode.INVALID_ARGUMENT),
     ],
 )
@@ -129,3 +131,12 @@ async def test_bad_reports_are_refused_with_a_status(stubs, auth, make_org, chan
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stubs[0].ReportUsage(usage_pb2.ReportUsageRequest(**fields), metadata=auth, timeout=5)
     assert caught.value.code() == code
+
+
+async def test_a_product_the_kernel_does_not_know_is_refused_naming_the_known_ones(stubs, auth, make_org):
+    org = await make_org()
+    request = usage_pb2.ReportUsageRequest(request_id=str(uuid.uuid4()), org_id=str(org.id), product="p1", units=1)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stubs[0].ReportUsage(request, metadata=auth, timeout=5)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details() == f"product must be one of {', '.join(usage.PRODUCTS)}"

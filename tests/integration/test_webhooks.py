@@ -10,6 +10,7 @@ import pytest
 
 from driftlock_cli import stripe_player
 from driftlock_kernel import plans
+from tests.support.http import raw_request
 from tests.support.net import free_port
 from tests.support.stripe import OLD_SECRET, UNKNOWN_SECRET, InProcessWebhooks, Stripe, get, metric, now
 
@@ -594,6 +595,25 @@ async def test_a_chunked_body_past_one_mebibyte_is_413(service):
     async with aiohttp.ClientSession() as session:
         async with session.post(service.webhook_url, data=chunks(), headers={"Stripe-Signature": "t=1,v1=00"}) as r:
             assert r.status == 413
+
+
+@pytest.mark.parametrize("method", ["GET", "PUT", "PATCH", "DELETE", "OPTIONS"])
+async def test_another_method_than_post_is_a_json_405_allowing_post(service, pool, method):
+    before = await pool.fetchval("SELECT count(*) FROM driftlock.stripe_events")
+    request_id = f"req-{uuid.uuid4()}"
+    reply = await raw_request(service.port, method, "/stripe/webhook", {"x-request-id": request_id}, b"{}")
+    assert (reply.status, reply.headers.get("allow")) == (405, "POST")
+    assert reply.headers["content-type"].startswith("application/json")
+    assert reply.json() == {
+        "error": {"code": "method_not_allowed", "message": "This route takes POST only.", "request_id": request_id}
+    }
+    assert await pool.fetchval("SELECT count(*) FROM driftlock.stripe_events") == before
+
+
+async def test_a_path_the_service_does_not_serve_is_a_json_404(service):
+    reply = await raw_request(service.port, "GET", "/stripe/webhooks", {"x-request-id": "req-404"})
+    assert reply.status == 404 and reply.headers["content-type"].startswith("application/json")
+    assert reply.json()["error"] == {"code": "not_found", "message": "No such route.", "request_id": "req-404"}
 
 
 # --- health and metrics ------------------------------------------------------------------------------------------

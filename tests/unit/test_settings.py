@@ -1,5 +1,6 @@
 """One configuration surface: every variable read by Settings, each default written once."""
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -64,6 +65,53 @@ def test_the_stripe_key_is_checked_where_it_is_needed_and_never_shown():
     assert "pk_live_secretish" not in repr(settings)
     with pytest.raises(SettingsError, match="STRIPE_API_KEY is not set"):
         Settings.from_env({}).require_stripe_api_key()
+
+
+# Every secret Settings reads, each with a value found nowhere else in a repr of Settings.
+SECRET_ENVIRONMENT = {
+    "DATABASE_URL": "postgresql://gateway:db-password-7f3a@db.example:5432/driftlock",
+    "DATABASE_LISTEN_URL": "postgresql://gateway:listen-password-91c2@db.example:5432/driftlock",
+    "DRIFTLOCK_JWT_SECRET": "jwt-secret-5b8e1d4c9a7f2e6b3d0c8a1f4e7b2d9c",
+    "STRIPE_WEBHOOK_SECRET": "whsec_webhook-one-3c9e7a1b5d2f8e4c, whsec_webhook-two-8d2b6f0a4e9c1d7b",
+    "DRIFTLOCK_ADMIN_TOKEN_SECRET": "admin-secret-2e7c9b4a1f8d3e6c0b5a9d2f7e4c1b8a",
+    "DRIFTLOCK_CONTEXT_SIGNING_KEYS": "current:c2lnbmluZy1rZXktb25lLTRhOGMyZTZi,next:c2lnbmluZy1rZXktdHdvLTdkMWY5YjNl",
+    "DRIFTLOCK_EXT_AUTHZ_SECRET": "ext-authz-secret-6a1d8c3f9e2b7a4d0c5e8b1f3a6d9c2e",
+    "DRIFTLOCK_ALERT_WEBHOOK_URL": "https://hooks.example/services/T000/B000/alert-url-token-4f7a2c9e",
+    "DRIFTLOCK_ALERT_WEBHOOK_SECRET": "alert-secret-one-9c4e1a7d3b8f2e6c0a5d, alert-secret-two-1e8b5d2a9f6c3e0b7d4a",
+    "STRIPE_API_KEY": "rk_live_stripe-api-key-0b7e4a1d8c5f2e9b",
+    "DRIFTLOCK_REDIS_URL": "redis://:redis-password-3d9a6c2f@redis.example:6379/0",
+}
+SECRET_PARTS = [
+    "db-password-7f3a",
+    "listen-password-91c2",
+    "jwt-secret-5b8e1d4c9a7f2e6b3d0c8a1f4e7b2d9c",
+    "webhook-one-3c9e7a1b5d2f8e4c",
+    "webhook-two-8d2b6f0a4e9c1d7b",
+    "admin-secret-2e7c9b4a1f8d3e6c0b5a9d2f7e4c1b8a",
+    "c2lnbmluZy1rZXktb25lLTRhOGMyZTZi",
+    "c2lnbmluZy1rZXktdHdvLTdkMWY5YjNl",
+    "ext-authz-secret-6a1d8c3f9e2b7a4d0c5e8b1f3a6d9c2e",
+    "alert-url-token-4f7a2c9e",
+    "alert-secret-one-9c4e1a7d3b8f2e6c0a5d",
+    "alert-secret-two-1e8b5d2a9f6c3e0b7d4a",
+    "stripe-api-key-0b7e4a1d8c5f2e9b",
+    "redis-password-3d9a6c2f",
+]
+
+
+def test_no_secret_appears_in_the_repr_of_settings():
+    settings = Settings.from_env(SECRET_ENVIRONMENT)
+    held = " ".join(str(getattr(settings, f.name)) for f in dataclasses.fields(Settings))
+    assert all(part in held for part in SECRET_PARTS)  # every secret was read, so its absence below means something
+    for shown in (repr(settings), str(settings), f"{settings}", f"{settings!r}"):
+        assert [part for part in SECRET_PARTS if part in shown] == []
+
+
+def test_every_field_named_like_a_secret_is_kept_out_of_the_repr():
+    # A new secret setting added without repr=False fails here, even before it is added to SECRET_ENVIRONMENT.
+    secret_like = re.compile(r"secret|_url$|api_key|signing_keys$|password|token$")
+    shown = [f.name for f in dataclasses.fields(Settings) if secret_like.search(f.name) and f.repr]
+    assert shown == []
 
 
 def test_service_addresses_default_to_this_hosts_ports():
