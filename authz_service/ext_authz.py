@@ -57,8 +57,9 @@ def _header(name: str, value: str) -> HeaderValueOption:
 def access_request(check: external_auth_pb2.CheckRequest, time_remaining: float | None = None) -> AccessRequest:
     attributes = check.attributes
     http = attributes.request.http
-    # A plain dict: every later look-up on the protobuf map would cross into C again.
-    headers = dict(http.headers)
+    # The protobuf map itself, not a copy: a check reads three headers and scans the names once, and Envoy
+    # sends only the headers authz reads (envoy.yaml, allowed_headers), so copying would cost more.
+    headers = http.headers
     return AccessRequest(
         request_id=headers.get("x-request-id", ""),
         method=http.method,

@@ -8,7 +8,7 @@ import pytest
 
 from authz_service.credentials import read_credential
 from authz_service.decision import DenyCode
-from authz_service.ext_authz import CALLER_SECRET_METADATA
+from authz_service.ext_authz import CALLER_SECRET_METADATA, CREDENTIAL_HEADERS
 from driftlock_cli import envoy_config
 from driftlock_kernel import usage
 from driftlock_kernel.keys import Environment, ParsedKey, generate_key
@@ -366,3 +366,18 @@ def test_the_webhook_route_buffers_bodies_and_cuts_slow_clients(shipped):
     assert route["route"]["idle_timeout"] and route["route"]["max_stream_duration"]["max_stream_duration"]
     clusters = {c["name"]: c for c in shipped["static_resources"]["clusters"]}
     assert clusters["webhooks"]["circuit_breakers"]["thresholds"][0]["max_requests"] <= 1024
+
+
+def test_envoy_sends_authz_every_header_it_reads_and_no_other(shipped):
+    """allowed_headers: what authz reads (the credentials, the request id) and what it must strip (any
+    x-driftlock-* a client sent) reach it; other headers (cookies, user agents, bodies' types) do not."""
+    (authz_filter,) = [f for f in hcm(shipped)["http_filters"] if f["name"] == "envoy.filters.http.ext_authz"]
+    patterns = authz_filter["typed_config"]["allowed_headers"]["patterns"]
+
+    def sent(name: str) -> bool:
+        return any(name == p.get("exact") or name.startswith(p.get("prefix", "\0")) for p in patterns)
+
+    for name in (*CREDENTIAL_HEADERS, "x-request-id", "x-driftlock-org-id", "x-driftlock-anything"):
+        assert sent(name), name
+    for name in ("cookie", "user-agent", "content-type", "x-forwarded-for", "x-envoy-original-path"):
+        assert not sent(name), name
