@@ -257,15 +257,23 @@ def _h2load_rps(output: str) -> float:
 
 
 async def bench_grpc(fixture: Fixture, seconds: float, rounds: int) -> list[tuple[str, str, str, str]]:
-    body = check_request_bytes(fixture.secret, {"scope": "detect", "billable": "true", "product": "stream"})
-    frame = fixture.workdir / "check.grpc"
-    frame.write_bytes(struct.pack(">?I", False, len(body)) + body)
+    """h2load against authz (a billable call on a plan without a rate limit, and on one with a limit, whose
+    headers every answer carries) and against the do-nothing server, interleaved. Audit sampling, metering and
+    context tokens as in production."""
+    context = {"scope": "detect", "billable": "true", "product": "stream"}
+    frames = {}
+    for label, secret in (("no rate limit", fixture.secret), ("rate limit headers", fixture.rate_limited_secret)):
+        body = check_request_bytes(secret, context)
+        frames[label] = fixture.workdir / f"check-{len(frames)}.grpc"
+        frames[label].write_bytes(struct.pack(">?I", False, len(body)) + body)
     ours, our_port, our_metrics = await start_authz(fixture, "authz-grpc")
     null, null_port, _ = await start_authz(fixture, "null-grpc", null=True)
-    results: dict[str, list[float]] = {"authz": [], "do-nothing": []}
+    sides = [(f"authz, {label}", our_port, frame) for label, frame in frames.items()]
+    sides.append(("do-nothing", null_port, frames["no rate limit"]))
+    results: dict[str, list[float]] = {label: [] for label, _, _ in sides}
     try:
         for _ in range(rounds):
-            for label, port in (("authz", our_port), ("do-nothing", null_port)):
+            for label, port, frame in sides:
                 output = await run(
                     [
                         "h2load",
@@ -294,16 +302,13 @@ async def bench_grpc(fixture: Fixture, seconds: float, rounds: int) -> list[tupl
     finally:
         await ours.stop()
         await null.stop()
-    ours_rps, null_rps = statistics.median(results["authz"]), statistics.median(results["do-nothing"])
-    return [
-        (
-            "grpc",
-            "authz Check (billable, warm cache)",
-            f"{ours_rps:,.0f} req/s",
-            f"{ours_rps / null_rps:.2f}x do-nothing",
-        ),
-        ("grpc", "do-nothing ext_authz", f"{null_rps:,.0f} req/s", "1.00x"),
-    ]
+    null_rps = statistics.median(results["do-nothing"])
+    rows = []
+    for label, _port, _frame in sides[:-1]:
+        rps = statistics.median(results[label])
+        rows.append(("grpc", f"{label} (billable)", f"{rps:,.0f} req/s", f"{rps / null_rps:.2f}x do-nothing"))
+    rows.append(("grpc", "do-nothing ext_authz", f"{null_rps:,.0f} req/s", "1.00x"))
+    return rows
 
 
 # --- through Envoy -------------------------------------------------------------------------------------------
@@ -322,11 +327,16 @@ async def bench_edge(fixture: Fixture, seconds: float, rounds: int) -> list[tupl
             )
             children.append(child)
             edges[label] = port
-        results: dict[str, list[float]] = {"authz": [], "do-nothing": []}
+        sides = [
+            ("authz, no rate limit", edges["authz"], fixture.secret),
+            ("authz, rate limit headers", edges["authz"], fixture.rate_limited_secret),
+            ("do-nothing", edges["do-nothing"], fixture.secret),
+        ]
+        results: dict[str, list[float]] = {label: [] for label, _, _ in sides}
         queries_before = await metric_total(metrics_port, "driftlock_authz_db_queries")
         served = 0
         for _ in range(rounds):
-            for label, port in edges.items():
+            for label, port, secret in sides:
                 output = await run(
                     [
                         "wrk",
@@ -337,7 +347,7 @@ async def bench_edge(fixture: Fixture, seconds: float, rounds: int) -> list[tupl
                         "-d",
                         f"{round(seconds)}s",
                         "-H",
-                        f"Authorization: Bearer {fixture.secret}",
+                        f"Authorization: Bearer {secret}",
                         f"http://127.0.0.1:{port}/api/v1/stream/detect",
                     ]
                 )
@@ -349,22 +359,21 @@ async def bench_edge(fixture: Fixture, seconds: float, rounds: int) -> list[tupl
                 if non_2xx:
                     raise RuntimeError(f"wrk saw {non_2xx.group(1)} failed responses through {label}")
                 results[label].append(float(rps.group(1)))
-                if label == "authz":
+                if label != "do-nothing":
                     served += int(total.group(1))
         await asyncio.sleep(1.5)  # let the last flush happen, so its statement is counted
         statements = await metric_total(metrics_port, "driftlock_authz_db_queries") - queries_before
     finally:
         for child in reversed(children):
             await child.stop()
-    ours_rps, null_rps = statistics.median(results["authz"]), statistics.median(results["do-nothing"])
+    null_rps = statistics.median(results["do-nothing"])
+    rows = []
+    for label, _port, _secret in sides[:-1]:
+        rps = statistics.median(results[label])
+        rows.append(("edge", f"Envoy + {label} (billable)", f"{rps:,.0f} req/s", f"{rps / null_rps:.2f}x do-nothing"))
+    rows.append(("edge", "Envoy + do-nothing ext_authz", f"{null_rps:,.0f} req/s", "1.00x"))
     return [
-        (
-            "edge",
-            "Envoy + authz (billable, metered)",
-            f"{ours_rps:,.0f} req/s",
-            f"{ours_rps / null_rps:.2f}x do-nothing",
-        ),
-        ("edge", "Envoy + do-nothing ext_authz", f"{null_rps:,.0f} req/s", "1.00x"),
+        *rows,
         (
             "edge",
             "database statements per 1,000 billable requests",

@@ -16,6 +16,8 @@ from driftlock_kernel.settings import HostPort, Settings
 
 HERE = Path(__file__).resolve().parent
 BENCH_PLAN = "bench-unlimited"
+# A rate limit no benchmark reaches: every check runs the limiter and answers its headers, none is refused.
+RATE_LIMITED_PLAN = "bench-rate-limited"
 DEFAULT_REQUESTS_PER_SOURCE = Settings().edge_requests_per_source
 
 
@@ -30,7 +32,8 @@ class Fixture:
         self.ext_authz_secret = secrets.token_urlsafe(48)
         # Context tokens as production signs them by default (EdDSA).
         self.signing_key = context_keys.Ed25519Key.generate()
-        self.secret = ""
+        self.secret = ""  # a live key on BENCH_PLAN
+        self.rate_limited_secret = ""  # a live key on RATE_LIMITED_PLAN
 
     async def __aenter__(self) -> "Fixture":
         if not self.url:
@@ -41,6 +44,9 @@ class Fixture:
             await plans.upsert_plan(conn, BENCH_PLAN, included_units=10**12, overage="soft", rate_limit_rps=None)
             org = await orgs.create_org(conn, f"bench-{uuid.uuid4().hex[:6]}", plan=BENCH_PLAN)
             _key, self.secret = await api_keys.create_key(conn, org.id)
+            await plans.upsert_plan(conn, RATE_LIMITED_PLAN, included_units=10**12, overage="soft", rate_limit_rps=1e9)
+            limited = await orgs.create_org(conn, f"bench-limited-{uuid.uuid4().hex[:6]}", plan=RATE_LIMITED_PLAN)
+            _key, self.rate_limited_secret = await api_keys.create_key(conn, limited.id)
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -56,7 +62,6 @@ class Fixture:
             "DRIFTLOCK_AUTHZ_HOST": "127.0.0.1",
             "DRIFTLOCK_AUTHZ_PORT": str(port),
             "DRIFTLOCK_AUTHZ_METRICS_PORT": str(metrics_port),
-            "DRIFTLOCK_AUDIT_ALLOW_SAMPLE_RATE": "0",
             "DRIFTLOCK_LOG_LEVEL": "WARNING",
             **overrides,
         }
