@@ -291,6 +291,9 @@ async def cmd_authz(args: argparse.Namespace, settings: Settings, out: Printer) 
     if args.worker_index is not None:  # started by the parent below
         from driftlock_cli.authz_workers import serve_as_worker
 
+        if args.report_fd is None:
+            raise CliError("--worker-index needs --report-fd (both are set by `authz --workers N` for its workers)")
+
         code = await serve_as_worker(settings, args.worker_index, args.report_fd)
         if code:
             raise _ExitQuietly(code)
