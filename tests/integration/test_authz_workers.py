@@ -114,9 +114,9 @@ class Workers:
                     found.append(int(entry.name))
         return found
 
-    async def stop(self) -> int:
-        """SIGTERM to the parent alone (as docker or Kubernetes send it) and its exit code."""
-        self.child.signal(signal.SIGTERM)
+    async def stop(self, signum: int = signal.SIGTERM) -> int:
+        """A signal to the parent alone (as docker or Kubernetes send it) and its exit code."""
+        self.child.signal(signum)
         return await asyncio.wait_for(self.child.process.wait(), 60)
 
 
@@ -234,6 +234,28 @@ async def test_a_worker_that_dies_is_started_again(workers, make_org, make_key):
     await workers.served_by_both(secret)
 
 
+async def test_workers_of_a_killed_parent_drain_and_lose_nothing(workers, make_org, make_key, pool):
+    org = await make_org()
+    _key, secret = await make_key(org.id)
+    sent = await workers.served_by_both(secret)
+    pids = workers.worker_pids()
+    os.kill(workers.child.process.pid, signal.SIGKILL)  # no forwarding: each worker's parent-death signal
+
+    def alive(pid: int) -> bool:  # a zombie (exited, not yet reaped by whoever adopted it) is gone too
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    async def gone() -> bool:
+        return not any(alive(pid) for pid in pids)
+
+    await eventually(gone, within=30, what="the workers to stop after their parent")
+    assert await stored_usage(pool, org.id) == {"stream": sent}
+    log = workers.log.read_text()
+    assert "authz worker 0 stopped" in log and "authz worker 1 stopped" in log and "Traceback" not in log
+
+
 def batch_for(org_id, units: int) -> Batch:
     period = calendar_month(datetime.now(UTC)).start
     return Batch(uuid.uuid4(), {(str(org_id), period, "stream"): units})
@@ -250,7 +272,7 @@ async def test_spilled_units_are_replayed_when_the_number_of_workers_changes(
     env = authz_env(database_url, jwt_secret, free_port(), free_port(), DRIFTLOCK_METER_SPILL_DIR=str(root))
     two = await start_workers(env, tmp_path / "two.log", "--workers", "2")
     await wait_for_usage(pool, org.id, {"stream": 8})
-    assert await two.stop() == 0, two.log.read_text()
+    assert await two.stop(signal.SIGINT) == 0, two.log.read_text()  # Ctrl-C is forwarded as SIGTERM is
     assert sorted(root.rglob("meter-*.json")) == []
 
     # And back: what worker 1 of a run of two left, replayed by one process.
