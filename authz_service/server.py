@@ -1,5 +1,9 @@
 """Wiring of the authz process: pool, caches, listener, meter, audit, gRPC server, metrics, signals.
 
+With `authz --workers N` (driftlock_cli/authz_workers.py) N processes run `serve` side by side, each with a
+`WorkerRole`: they share the gRPC port through SO_REUSEPORT, and each has its own caches, meter, LISTEN connection,
+spill folder and a metrics endpoint on loopback that the parent serves the union of.
+
 SIGTERM (or SIGINT): health turns NOT_SERVING and checks are still answered for DRIFTLOCK_AUTHZ_DRAIN_SECONDS,
 until Envoy's health check has taken this replica out of rotation; then the server stops, in-flight checks get
 `SHUTDOWN_GRACE_SECONDS` to finish, the meter writes everything it counted (or spills it), the audit log is
@@ -13,7 +17,10 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import asyncpg
 import grpc
@@ -22,7 +29,7 @@ from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import start_http_server
 
-from authz_service import metrics
+from authz_service import metrics, spill_dirs
 from authz_service.access_log import AccessLogServicer
 from authz_service.admin_api import AdminGate
 from authz_service.alerts import AlertNotifier
@@ -45,6 +52,7 @@ from driftlock_api.management.v1 import jwks_pb2_grpc, keys_pb2_grpc, orgs_pb2_g
 from driftlock_api.usage.v1 import usage_pb2_grpc
 from driftlock_kernel import context_keys, db
 from driftlock_kernel.background import BackgroundTask
+from driftlock_kernel.context_keys import ContextKeys
 from driftlock_kernel.errors import OperatorError, one_line
 from driftlock_kernel.listener import ChangeListener, NotificationHandler
 from driftlock_kernel.logs import configure_logging
@@ -120,6 +128,53 @@ async def _serve_once_the_database_answers(
     log.info("the database answered; SERVING")
 
 
+@dataclass(frozen=True)
+class WorkerRole:
+    """This process is worker `index` of those `authz --workers N` started: it spills to a folder of its own,
+    serves its metrics on loopback at a port of the system's choosing, and tells the parent through `report`
+    (one JSON-able dict per event: {"ready": True, "metrics_port": P} once it serves)."""
+
+    index: int
+    report: Callable[[dict[str, object]], None]
+
+
+# What the private metrics endpoint of a worker binds to: only its parent scrapes it.
+WORKER_METRICS_HOST = "127.0.0.1"
+
+
+class StartupSettings(NamedTuple):
+    keys: ContextKeys
+    admin_secret: bytes | None
+    caller_secret: bytes
+    database_url: str
+
+
+def check_settings(settings: Settings) -> StartupSettings:
+    """Every setting authz refuses to start without, checked: SettingsError (one line) on the first problem.
+    The parent of workers calls it too, so that a bad setting stops it at once instead of failing each worker."""
+    keys = context_keys.load(settings)
+    admin_secret = settings.admin_secret()
+    caller_secret = settings.require_ext_authz_secret()
+    url = settings.require_database_url()
+    if settings.alert_webhook_url:
+        settings.require_alert_webhook_secrets()
+    return StartupSettings(keys, admin_secret, caller_secret, url)
+
+
+def _spill_dir(settings: Settings, worker: WorkerRole | None) -> Path | None:
+    if not settings.meter_spill_dir:
+        return None
+    root = Path(settings.meter_spill_dir)
+    if worker is None:
+        # Alone: replay what workers of an earlier run left too. (With workers, the parent does this before any
+        # of them starts, so that no two processes move files at once.)
+        try:
+            spill_dirs.adopt_leftovers(root, 1)
+        except OSError as error:
+            log.error("could not take over spill files left in %s: %s", root, one_line(error))
+    return spill_dirs.worker_dir(root, worker.index if worker is not None else None)
+
+
 def _check_can_listen(host: str, port: int) -> None:
     """Fail with one line when the port is taken, before gRPC's core would log its own multi-line complaint.
     (SO_REUSEPORT as gRPC binds, so workers that share the port on purpose pass.)"""
@@ -133,14 +188,12 @@ def _check_can_listen(host: str, port: int) -> None:
             raise OperatorError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
 
 
-async def serve(settings: Settings) -> None:
+async def serve(settings: Settings, worker: WorkerRole | None = None) -> None:
     """Run until SIGTERM/SIGINT, then drain and return. Whatever started is stopped in reverse order, also when
     a later part fails to start: the meter still flushes (or spills) what it counted, the pool still closes."""
     configure_logging(settings.log_level, settings.log_format)
-    keys = context_keys.load(settings)
-    admin_secret = settings.admin_secret()
-    caller_secret = settings.require_ext_authz_secret()
-    url = settings.require_database_url()
+    keys, admin_secret, caller_secret, url = check_settings(settings)
+    spill_dir = _spill_dir(settings, worker)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -187,7 +240,7 @@ async def serve(settings: Settings) -> None:
             load_timeout=settings.database_lookup_timeout_seconds,
             org_labels=settings.org_id_metric_labels,
             notifier=notifier,
-            spill_dir=Path(settings.meter_spill_dir) if settings.meter_spill_dir else None,
+            spill_dir=spill_dir,
         )
         # Test keys' usage: the same ledger, flush and reservation, in tables of its own (never billed).
         test_meter = Meter(
@@ -195,7 +248,7 @@ async def serve(settings: Settings) -> None:
             MeterStore(pool, replica=meter_store.replica, tables=TEST_TABLES),
             flush_interval=settings.meter_flush_interval_seconds,
             load_timeout=settings.database_lookup_timeout_seconds,
-            spill_dir=Path(settings.meter_spill_dir) / "test" if settings.meter_spill_dir else None,
+            spill_dir=spill_dir / spill_dirs.TEST_SUBDIR if spill_dir is not None else None,
             live=False,
         )
         audit = AuditLog(pool, allow_sample_rate=settings.audit_allow_sample_rate)
@@ -237,6 +290,9 @@ async def serve(settings: Settings) -> None:
         server = grpc.aio.server(
             options=[
                 ("grpc.max_concurrent_streams", 1000),
+                # gRPC's default on Linux, said here because workers depend on it: each binds the same port, and
+                # the kernel spreads new connections over them.
+                ("grpc.so_reuseport", 1),
                 # Envoy keeps its connections for a long time; let it ping them to find dead ones.
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.http2.min_ping_interval_without_data_ms", 5000),
@@ -263,13 +319,15 @@ async def serve(settings: Settings) -> None:
             server.add_insecure_port(address)
         except RuntimeError as error:  # grpc's way of saying the bind failed
             raise OperatorError(f"cannot listen on {address}: {one_line(error)}") from None
+        # A worker's metrics are private (its parent serves them on the contract's port): loopback, any free port.
+        metrics_host = WORKER_METRICS_HOST if worker is not None else settings.authz_host
+        metrics_port = 0 if worker is not None else settings.authz_metrics_port
         try:
-            metrics_server, _ = start_http_server(settings.authz_metrics_port, addr=settings.authz_host)
+            metrics_server, _ = start_http_server(metrics_port, addr=metrics_host)
         except OSError as error:
-            raise OperatorError(
-                f"cannot serve metrics on {settings.authz_host}:{settings.authz_metrics_port}: {one_line(error)}"
-            ) from None
+            raise OperatorError(f"cannot serve metrics on {metrics_host}:{metrics_port}: {one_line(error)}") from None
         stack.callback(metrics_server.shutdown)
+        metrics_port = metrics_server.server_port
 
         # Started in this order, stopped in the reverse: the meter and audit log outlive the gRPC server, so
         # what in-flight checks count is still written; the pool outlives them all.
@@ -320,9 +378,10 @@ async def serve(settings: Settings) -> None:
         readiness.start()
         stack.push_async_callback(readiness.stop)
         log.info(
-            "authz listening on %s (metrics on :%d; rate limits %s); context tokens %s%s",
+            "authz%s listening on %s (metrics on :%d; rate limits %s); context tokens %s%s",
+            f" worker {worker.index}" if worker is not None else "",
             address,
-            settings.authz_metrics_port,
+            metrics_port,
             "shared through Redis" if shared_limits else "per replica",
             keys.algorithm,
             f", signing key {keys.signing_kid}" if keys.signing_kid else "",
@@ -332,6 +391,9 @@ async def serve(settings: Settings) -> None:
                 "DRIFTLOCK_ADMIN_TOKEN_SECRET is not set: the management API and UsageService refuse every call"
             )
 
+        if worker is not None:
+            worker.report({"ready": True, "metrics_port": metrics_port})
+
         await stopping.wait()
         # Spill first: what was counted is on disk before anything else happens, however long the database takes
         # (a SIGKILL at the end of a stop timeout loses nothing counted before the server stopped).
@@ -340,4 +402,4 @@ async def serve(settings: Settings) -> None:
         log.info("shutting down: NOT_SERVING, answering for %.1fs more", settings.authz_drain_seconds)
         await health_servicer.enter_graceful_shutdown()
         await asyncio.sleep(settings.authz_drain_seconds)
-    log.info("authz stopped")
+    log.info("authz%s stopped", f" worker {worker.index}" if worker is not None else "")

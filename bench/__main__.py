@@ -35,6 +35,7 @@ from pathlib import Path
 from authz_service.ext_authz import CALLER_SECRET_METADATA
 from bench.flood import bench_flood
 from bench.harness import Fixture, metric_total, run, start_authz, start_backend, start_edge, table
+from bench.workers import bench_workers
 from driftlock_kernel import api_keys, context_keys, db, orgs, plans
 
 
@@ -388,11 +389,13 @@ async def main() -> None:
     parser.add_argument("--seconds", type=float, default=8.0, help="length of each measured run")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per pair")
     parser.add_argument(
-        "--only", default="inproc,caps,grpc,edge,redis", help="any of inproc,caps,grpc,edge,redis,flood"
+        "--only",
+        default="inproc,caps,grpc,edge,redis,workers",
+        help="any of inproc,caps,grpc,edge,redis,flood,workers",
     )
     args = parser.parse_args()
     wanted = set(args.only.split(","))
-    for tool, part in (("h2load", "grpc"), ("wrk", "edge"), ("wrk", "flood")):
+    for tool, part in (("h2load", "grpc"), ("wrk", "edge"), ("wrk", "flood"), ("h2load", "workers")):
         if part in wanted and shutil.which(tool) is None:
             print(f"skipping {part}: {tool} is not installed (apt-get install wrk nghttp2-client)")
             wanted.discard(part)
@@ -411,6 +414,8 @@ async def main() -> None:
                 rows += await bench_redis(fixture, args.seconds, args.rounds)
             if "flood" in wanted:
                 rows += await bench_flood(fixture, args.seconds)
+            if "workers" in wanted:
+                rows += await bench_workers(fixture, args.seconds, args.rounds)
     print(f"\n{os.cpu_count()} CPUs; {args.rounds} interleaved rounds of {args.seconds:.0f}s per pair\n")
     print(table(rows))
 

@@ -22,7 +22,7 @@ from driftlock_kernel.billing import FREE_PLAN, Overage
 from driftlock_kernel.durations import parse_duration
 from driftlock_kernel.errors import OperatorError
 from driftlock_kernel.keys import Environment
-from driftlock_kernel.settings import HostPort, Settings, SettingsError, parse_host_port
+from driftlock_kernel.settings import MAX_AUTHZ_WORKERS, HostPort, Settings, SettingsError, parse_host_port
 
 PROG = "driftlock-gateway"
 EXIT_ERROR = 1
@@ -31,6 +31,14 @@ EXIT_USAGE = 2
 
 class CliError(OperatorError):
     """A mistake or condition the user can act on; printed as one line."""
+
+
+class _ExitQuietly(Exception):
+    """The error was handed to whoever prints it (an authz worker's parent): exit with `code`, print nothing."""
+
+    def __init__(self, code: int):
+        super().__init__(code)
+        self.code = code
 
 
 class _Parser(argparse.ArgumentParser):
@@ -66,6 +74,14 @@ def _scopes(text: str) -> tuple[keys.Scope, ...]:
 def _non_negative_int(text: str) -> int:
     if not text.isdigit():
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}")
+    return int(text)
+
+
+def _workers(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= MAX_AUTHZ_WORKERS:
+        raise argparse.ArgumentTypeError(
+            f"expected a whole number of processes from 1 to {MAX_AUTHZ_WORKERS}, got {text!r}"
+        )
     return int(text)
 
 
@@ -272,9 +288,25 @@ async def cmd_audit_prune(args: argparse.Namespace, settings: Settings, out: Pri
 
 
 async def cmd_authz(args: argparse.Namespace, settings: Settings, out: Printer) -> None:
-    from authz_service.server import serve
+    if args.worker_index is not None:  # started by the parent below
+        from driftlock_cli.authz_workers import serve_as_worker
 
-    await serve(settings)
+        if args.report_fd is None:
+            raise CliError("--worker-index needs --report-fd (both are set by `authz --workers N` for its workers)")
+
+        code = await serve_as_worker(settings, args.worker_index, args.report_fd)
+        if code:
+            raise _ExitQuietly(code)
+        return
+    workers = args.workers if args.workers is not None else settings.authz_workers
+    if workers == 1:  # one process, no parent: exactly authz as it always ran
+        from authz_service.server import serve
+
+        await serve(settings)
+        return
+    from driftlock_cli.authz_workers import run_workers
+
+    await run_workers(settings, workers)
 
 
 async def cmd_envoy(args: argparse.Namespace, settings: Settings, out: Printer) -> None:
@@ -412,7 +444,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     retention_commands.register(commands, leaf)
     doctor.register(commands, leaf)
-    leaf(commands, "authz", cmd_authz, "run the ext_authz gRPC service")
+    authz = leaf(commands, "authz", cmd_authz, "run the ext_authz gRPC service")
+    authz.add_argument(
+        "--workers",
+        type=_workers,
+        metavar="N",
+        help="processes sharing the gRPC port through SO_REUSEPORT, each with its own caches and meter, under one "
+        "parent that serves their metrics together (default $DRIFTLOCK_AUTHZ_WORKERS or 1: one process, no parent)",
+    )
+    # How the parent starts each worker: which one it is, and the pipe it reports on.
+    authz.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
+    authz.add_argument("--report-fd", type=int, help=argparse.SUPPRESS)
     webhook_commands.register(commands, leaf)
     management_commands.register(commands, leaf, keys_group=keys_group, orgs_group=orgs_group)
     envoy = leaf(commands, "envoy", cmd_envoy, "render envoy/envoy.yaml from the environment and run Envoy")
@@ -444,6 +486,8 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(args.handler(args, settings, out))
     except KeyboardInterrupt:
         return 130
+    except _ExitQuietly as done:
+        return done.code
     except doctor.Unhealthy:
         return EXIT_ERROR  # the report, printed already, names every problem
     except OperatorError as error:

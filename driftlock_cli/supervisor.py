@@ -81,8 +81,10 @@ async def start_child(
     log_file: Path | None = None,
     prefix_output_to: IO[str] | None = None,
     cwd: Path | None = None,
+    pass_fds: Sequence[int] = (),
 ) -> Child:
-    """Start `argv`; its output goes to `log_file`, or line by line with a `[name]` prefix to a stream."""
+    """Start `argv`; its output goes to `log_file`, or line by line with a `[name]` prefix to a stream, or (with
+    neither) where this process's goes. `pass_fds` stay open in the child, under the same numbers."""
     out: IO[bytes] | None = None
     stdout: IO[bytes] | int | None = None
     stderr: int | None = None
@@ -99,6 +101,7 @@ async def start_child(
             stdout=stdout,
             stderr=stderr,
             cwd=cwd,
+            pass_fds=tuple(pass_fds),
             preexec_fn=_die_with_parent,
         )
     finally:

@@ -14,6 +14,8 @@ from driftlock_kernel.errors import OperatorError
 MIN_JWT_SECRET_BYTES = 32
 # What follows `whsec_` in a Stripe signing secret (Stripe's own have 32 characters or more).
 MIN_WEBHOOK_SECRET_BODY_BYTES = 24
+# More worker processes than this on one host is a typo rather than a machine (and each holds database connections).
+MAX_AUTHZ_WORKERS = 64
 
 
 class SettingsError(OperatorError):
@@ -36,7 +38,7 @@ def parse_host_port(text: str, *, what: str) -> HostPort:
     return HostPort(host.strip("[]"), int(port))
 
 
-def _int(environ: Mapping[str, str], name: str, default: int, *, minimum: int = 0) -> int:
+def _int(environ: Mapping[str, str], name: str, default: int, *, minimum: int = 0, maximum: int | None = None) -> int:
     raw = environ.get(name, "").strip()
     if not raw:
         return default
@@ -46,6 +48,8 @@ def _int(environ: Mapping[str, str], name: str, default: int, *, minimum: int = 
         raise SettingsError(f"{name} must be a whole number, got {raw!r}") from None
     if value < minimum:
         raise SettingsError(f"{name} must be at least {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise SettingsError(f"{name} must be at most {maximum}, got {value}")
     return value
 
 
@@ -202,6 +206,8 @@ class Settings:
     authz_host: str = "0.0.0.0"
     authz_port: int = 9191
     authz_metrics_port: int = 9464
+    # Processes of authz sharing authz_port through SO_REUSEPORT (`authz --workers N`); 1: one process, no parent.
+    authz_workers: int = 1
     webhooks_host: str = "0.0.0.0"
     webhooks_port: int = 8081
     envoy_host: str = "0.0.0.0"
@@ -342,6 +348,7 @@ class Settings:
             authz_host=_text(env, "DRIFTLOCK_AUTHZ_HOST", d.authz_host),
             authz_port=_int(env, "DRIFTLOCK_AUTHZ_PORT", d.authz_port, minimum=1),
             authz_metrics_port=_int(env, "DRIFTLOCK_AUTHZ_METRICS_PORT", d.authz_metrics_port, minimum=1),
+            authz_workers=_int(env, "DRIFTLOCK_AUTHZ_WORKERS", d.authz_workers, minimum=1, maximum=MAX_AUTHZ_WORKERS),
             webhooks_host=_text(env, "DRIFTLOCK_WEBHOOKS_HOST", d.webhooks_host),
             webhooks_port=_int(env, "DRIFTLOCK_WEBHOOKS_PORT", d.webhooks_port, minimum=1),
             envoy_host=_text(env, "DRIFTLOCK_ENVOY_HOST", d.envoy_host),

@@ -25,9 +25,12 @@ class _ShowsSecret(grpc.aio.UnaryUnaryClientInterceptor):
         return await continuation(details, request)
 
 
-def authz_channel(target: str, secret: str = EXT_AUTHZ_SECRET) -> grpc.aio.Channel:
-    """A channel to an authz replica whose calls carry the ext_authz secret, as Envoy's do."""
-    return grpc.aio.insecure_channel(target, interceptors=[_ShowsSecret(secret)])
+def authz_channel(target: str, secret: str = EXT_AUTHZ_SECRET, *, fresh: bool = False) -> grpc.aio.Channel:
+    """A channel to an authz replica whose calls carry the ext_authz secret, as Envoy's do. gRPC shares one
+    connection among channels to the same target; a `fresh` channel opens its own (so that SO_REUSEPORT may give
+    it to another worker of the same port)."""
+    options = [("grpc.use_local_subchannel_pool", 1)] if fresh else []
+    return grpc.aio.insecure_channel(target, options=options, interceptors=[_ShowsSecret(secret)])
 
 
 STREAM_DETECT = {"scope": "detect", "billable": "true", "product": "stream", "units": "1"}

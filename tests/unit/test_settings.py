@@ -38,8 +38,10 @@ def test_each_variable_is_read():
             "DRIFTLOCK_STRIPE_TIMEOUT_SECONDS": "3",
             "DRIFTLOCK_STRIPE_SYNC_INTERVAL_SECONDS": "600",
             "DRIFTLOCK_REFUND_FAILED_CALLS": "false",
+            "DRIFTLOCK_AUTHZ_WORKERS": "4",
         }
     )
+    assert settings.authz_workers == 4
     assert settings.database_transaction_pooler is True
     assert settings.billing_policy().fallback_plan == "starter"
     assert settings.envoy_authz_addresses() == (HostPort("10.0.0.1", 9191), HostPort("10.0.0.2", 9191))
@@ -132,6 +134,9 @@ def test_service_addresses_default_to_this_hosts_ports():
         ("STRIPE_API_BASE", "api.stripe.com"),
         ("DRIFTLOCK_STRIPE_EXPORT_INTERVAL_SECONDS", "0"),
         ("DRIFTLOCK_REFUND_FAILED_CALLS", "sometimes"),
+        ("DRIFTLOCK_AUTHZ_WORKERS", "0"),
+        ("DRIFTLOCK_AUTHZ_WORKERS", "65"),
+        ("DRIFTLOCK_AUTHZ_WORKERS", "two"),
     ],
 )
 def test_a_malformed_value_is_one_line_naming_the_variable(name, value):
