@@ -34,7 +34,7 @@ from pathlib import Path
 
 from authz_service.ext_authz import CALLER_SECRET_METADATA
 from bench.flood import bench_flood
-from bench.harness import Fixture, metric_total, run, start_authz, start_backend, start_edge, table
+from bench.harness import Fixture, cpu_seconds, metric_total, run, start_authz, start_backend, start_edge, table
 from bench.workers import bench_workers
 from driftlock_kernel import api_keys, context_keys, db, orgs, plans
 
@@ -269,12 +269,16 @@ async def bench_grpc(fixture: Fixture, seconds: float, rounds: int) -> list[tupl
         frames[label].write_bytes(struct.pack(">?I", False, len(body)) + body)
     ours, our_port, our_metrics = await start_authz(fixture, "authz-grpc")
     null, null_port, _ = await start_authz(fixture, "null-grpc", null=True)
-    sides = [(f"authz, {label}", our_port, frame) for label, frame in frames.items()]
-    sides.append(("do-nothing", null_port, frames["no rate limit"]))
-    results: dict[str, list[float]] = {label: [] for label, _, _ in sides}
+    sides = [(f"authz, {label}", our_port, frame, ours) for label, frame in frames.items()]
+    sides.append(("do-nothing", null_port, frames["no rate limit"], null))
+    results: dict[str, list[float]] = {label: [] for label, *_ in sides}
+    # The server's CPU time per answered check: steadier than throughput on a shared machine, and what sizing
+    # needs (a core serves 1 / that many checks a second).
+    cpu_per_check: dict[str, list[float]] = {label: [] for label, *_ in sides}
     try:
         for _ in range(rounds):
-            for label, port, frame in sides:
+            for label, port, frame, child in sides:
+                cpu_before = cpu_seconds(child.process.pid)
                 output = await run(
                     [
                         "h2load",
@@ -295,7 +299,9 @@ async def bench_grpc(fixture: Fixture, seconds: float, rounds: int) -> list[tupl
                         f"http://127.0.0.1:{port}/envoy.service.auth.v3.Authorization/Check",
                     ]
                 )
-                results[label].append(_h2load_rps(output))
+                rps = _h2load_rps(output)
+                results[label].append(rps)
+                cpu_per_check[label].append((cpu_seconds(child.process.pid) - cpu_before) / (rps * round(seconds)))
         allowed = await metric_total(our_metrics, "driftlock_authz_checks", decision="allow")
         denied = await metric_total(our_metrics, "driftlock_authz_checks", decision="deny")
         if denied or not allowed:
@@ -304,11 +310,14 @@ async def bench_grpc(fixture: Fixture, seconds: float, rounds: int) -> list[tupl
         await ours.stop()
         await null.stop()
     null_rps = statistics.median(results["do-nothing"])
+    null_cpu = statistics.median(cpu_per_check["do-nothing"])
     rows = []
-    for label, _port, _frame in sides[:-1]:
-        rps = statistics.median(results[label])
+    for label, *_ in sides[:-1]:
+        rps, cpu = statistics.median(results[label]), statistics.median(cpu_per_check[label])
         rows.append(("grpc", f"{label} (billable)", f"{rps:,.0f} req/s", f"{rps / null_rps:.2f}x do-nothing"))
+        rows.append(("grpc", f"  CPU per check, {label}", f"{cpu * 1e6:.0f} µs", f"{null_cpu / cpu:.2f}x do-nothing's"))
     rows.append(("grpc", "do-nothing ext_authz", f"{null_rps:,.0f} req/s", "1.00x"))
+    rows.append(("grpc", "  CPU per check, do-nothing", f"{null_cpu * 1e6:.0f} µs", "1.00x"))
     return rows
 
 
