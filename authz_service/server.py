@@ -383,11 +383,12 @@ async def serve(settings: Settings, worker: WorkerRole | None = None) -> None:
         readiness.start()
         stack.push_async_callback(readiness.stop)
         log.info(
-            "authz%s listening on %s (metrics on :%d; rate limits %s); context tokens %s%s",
+            "authz%s listening on %s (metrics on :%d; rate limits %s; event loop %s); context tokens %s%s",
             f" worker {worker.index}" if worker is not None else "",
             address,
             metrics_port,
             "shared through Redis" if shared_limits else "per replica",
+            type(loop).__module__.partition(".")[0],
             keys.algorithm,
             f", signing key {keys.signing_kid}" if keys.signing_kid else "",
         )

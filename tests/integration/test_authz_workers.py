@@ -149,8 +149,9 @@ async def test_both_workers_serve_and_metering_is_exact_through_a_sigterm(worker
     warm_up = await workers.served_by_both(secret)
     before = await workers.per_worker("driftlock_authz_checks_total", decision="allow")
 
-    # Many concurrent billable checks over several connections, each its own worker's by SO_REUSEPORT.
-    channels = [authz_channel(workers.target, fresh=True) for _ in range(8)]
+    # Many concurrent billable checks over several connections, each its own worker's by SO_REUSEPORT (which
+    # hashes connections: with 16, all on one worker has a chance of 2^-15).
+    channels = [authz_channel(workers.target, fresh=True) for _ in range(16)]
     try:
         stubs = [external_auth_pb2_grpc.AuthorizationStub(channel) for channel in channels]
 
@@ -158,7 +159,7 @@ async def test_both_workers_serve_and_metering_is_exact_through_a_sigterm(worker
             return code_of(await stub.Check(check_request(bearer(secret)), timeout=10))
 
         codes = []
-        for _ in range(10):
+        for _ in range(5):
             codes += await asyncio.gather(*(one(stub) for stub in stubs for _ in range(25)))
     finally:
         for channel in channels:
