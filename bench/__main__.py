@@ -37,6 +37,7 @@ from bench.flood import bench_flood
 from bench.harness import Fixture, cpu_seconds, metric_total, run, start_authz, start_backend, start_edge, table
 from bench.workers import bench_workers
 from driftlock_kernel import api_keys, context_keys, db, orgs, plans
+from driftlock_kernel.settings import Settings
 
 
 def check_request_bytes(secret: str, context: dict[str, str]) -> bytes:
@@ -344,6 +345,8 @@ async def bench_edge(fixture: Fixture, seconds: float, rounds: int) -> list[tupl
         ]
         results: dict[str, list[float]] = {label: [] for label, _, _ in sides}
         queries_before = await metric_total(metrics_port, "driftlock_authz_db_queries")
+        flushes_before = await metric_total(metrics_port, "driftlock_authz_db_queries", query="meter_flush")
+        started = time.monotonic()
         served = 0
         for _ in range(rounds):
             for label, port, secret in sides:
@@ -373,6 +376,8 @@ async def bench_edge(fixture: Fixture, seconds: float, rounds: int) -> list[tupl
                     served += int(total.group(1))
         await asyncio.sleep(1.5)  # let the last flush happen, so its statement is counted
         statements = await metric_total(metrics_port, "driftlock_authz_db_queries") - queries_before
+        flushes = await metric_total(metrics_port, "driftlock_authz_db_queries", query="meter_flush") - flushes_before
+        intervals = (time.monotonic() - started) / Settings().meter_flush_interval_seconds
     finally:
         for child in reversed(children):
             await child.stop()
@@ -389,6 +394,12 @@ async def bench_edge(fixture: Fixture, seconds: float, rounds: int) -> list[tupl
             "database statements per 1,000 billable requests",
             f"{statements / served * 1000:.2f}",
             f"{statements:.0f} statements, {served:,} requests",
+        ),
+        (
+            "edge",
+            "metering statements per flush interval",
+            f"{flushes / intervals:.2f}",
+            f"{flushes:.0f} flushes in {intervals:.0f} intervals",
         ),
     ]
 
