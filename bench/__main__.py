@@ -35,6 +35,7 @@ from pathlib import Path
 from authz_service.ext_authz import CALLER_SECRET_METADATA
 from bench.flood import bench_flood
 from bench.harness import Fixture, cpu_seconds, metric_total, run, start_authz, start_backend, start_edge, table
+from bench.latency import bench_latency, go_missing
 from bench.workers import bench_workers
 from driftlock_kernel import api_keys, context_keys, db, orgs, plans
 from driftlock_kernel.settings import Settings
@@ -411,7 +412,7 @@ async def main() -> None:
     parser.add_argument(
         "--only",
         default="inproc,caps,grpc,edge,redis,workers",
-        help="any of inproc,caps,grpc,edge,redis,flood,workers",
+        help="any of inproc,caps,grpc,edge,redis,flood,workers,latency",
     )
     args = parser.parse_args()
     wanted = set(args.only.split(","))
@@ -419,6 +420,9 @@ async def main() -> None:
         if part in wanted and shutil.which(tool) is None:
             print(f"skipping {part}: {tool} is not installed (apt-get install wrk nghttp2-client)")
             wanted.discard(part)
+    if "latency" in wanted and (why := go_missing()):
+        print(f"skipping latency: {why}")
+        wanted.discard("latency")
     rows = [("part", "what", "median", "ratio")]
     with tempfile.TemporaryDirectory(prefix="driftlock-bench-") as scratch:
         async with Fixture(Path(scratch)) as fixture:
@@ -436,6 +440,8 @@ async def main() -> None:
                 rows += await bench_flood(fixture, args.seconds)
             if "workers" in wanted:
                 rows += await bench_workers(fixture, args.seconds, args.rounds)
+            if "latency" in wanted:
+                rows += await bench_latency(fixture, args.seconds, args.rounds)
     print(f"\n{os.cpu_count()} CPUs; {args.rounds} interleaved rounds of {args.seconds:.0f}s per pair\n")
     print(table(rows))
 

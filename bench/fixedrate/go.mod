@@ -1,0 +1,3 @@
+module github.com/driftlock/gateway/bench/fixedrate
+
+go 1.19
