@@ -110,6 +110,10 @@ class GrantStore:
     def verified_entries(self) -> int:
         return len(self._known)
 
+    @property
+    def unknown_entries(self) -> int:
+        return len(self._unknown)
+
     async def get(self, key_hash: bytes, requester: Requester | None = None) -> Grant | None:
         known = self._known.get(key_hash)
         if known is not None and self._clock() < known.fresh_until:

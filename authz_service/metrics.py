@@ -9,7 +9,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from authz_service.decision import DenyCode
-from authz_service.grants import CacheResult
+from authz_service.grants import CacheResult, GrantStore
 
 
 class CheckStats(Collector):
@@ -74,6 +74,20 @@ class CheckStats(Collector):
 
 CHECK_STATS = CheckStats()
 REGISTRY.register(CHECK_STATS)
+
+
+KEY_CACHE_ENTRIES = Gauge(
+    "driftlock_authz_key_cache_entries",
+    "Keys in this replica's cache: verified (at most DRIFTLOCK_KEY_CACHE_MAX_ENTRIES) and unknown, keys that no "
+    "database holds (at most DRIFTLOCK_KEY_CACHE_UNKNOWN_MAX_ENTRIES).",
+    ["cache"],
+)
+
+
+def watch_key_cache(store: GrantStore) -> None:
+    """Report the cache's sizes, read at scrape time rather than kept up to date on every check."""
+    KEY_CACHE_ENTRIES.labels(cache="verified").set_function(lambda: store.verified_entries)
+    KEY_CACHE_ENTRIES.labels(cache="unknown").set_function(lambda: store.unknown_entries)
 
 
 INVALIDATIONS = Counter(

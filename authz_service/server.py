@@ -223,6 +223,7 @@ async def serve(settings: Settings, worker: WorkerRole | None = None) -> None:
             fetch_timeout=settings.database_lookup_timeout_seconds,
             on_result=metrics.CHECK_STATS.cache_event,
         )
+        metrics.watch_key_cache(store)
         plans = PlanBook(database_load(pool))
         notifier = None
         if settings.alert_webhook_url:

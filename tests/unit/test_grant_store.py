@@ -263,6 +263,25 @@ async def test_unknown_keys_never_evict_verified_ones():
         assert await store.get(key_hash) == expected
 
 
+async def test_cache_sizes_are_exported_and_unknown_keys_stay_within_their_cap():
+    from prometheus_client import REGISTRY
+
+    from authz_service import metrics
+
+    source, clock = Source({b"k1": grant()}), Clock()
+    store = make_store(source, clock, max_unknown_entries=50)
+    metrics.watch_key_cache(store)
+    await store.get(b"k1")
+    for n in range(120):
+        await store.get(f"invented-{n}".encode())
+
+    def entries(cache: str) -> float | None:
+        return REGISTRY.get_sample_value("driftlock_authz_key_cache_entries", {"cache": cache})
+
+    assert (store.verified_entries, store.unknown_entries) == (1, 50)
+    assert (entries("verified"), entries("unknown")) == (1.0, 50.0)
+
+
 async def test_lookups_of_unknown_keys_are_rationed_per_source():
     source, clock, results = Source(), Clock(), []
     store = make_store(
