@@ -119,6 +119,16 @@ async def connection(
         await conn.close()
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """What a connection needs on its way back to the pool beyond what asyncpg always does (roll back a
+    transaction left open, drop listener callbacks): nothing. asyncpg's default reset is a query of its own
+    (pg_advisory_unlock_all, CLOSE ALL, UNLISTEN, RESET ALL), a second round trip after every pooled statement,
+    for state nothing here leaves on a pooled session: advisory locks are transaction-scoped
+    (pg_advisory_xact_lock), no statement SETs a session variable, cursors live in transactions, and LISTEN has
+    connections of its own (driftlock_kernel.listener). Keep it that way: session state set on a pooled connection
+    would reach the next borrower. Behind a transaction pooler the reset meant nothing anyway."""
+
+
 async def create_pool(
     url: str,
     *,
@@ -136,6 +146,7 @@ async def create_pool(
             max_size=max_size,
             command_timeout=command_timeout,
             init=_init_connection,
+            reset=_keep_session,
         )
     except UNAVAILABLE_ERRORS as error:
         raise _unavailable(url, error) from error
