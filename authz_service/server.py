@@ -210,7 +210,7 @@ async def serve(settings: Settings, worker: WorkerRole | None = None) -> None:
         stack.push_async_callback(pool.close)
 
         store = GrantStore(
-            database_fetch(pool),
+            database_fetch(pool, timeout=settings.database_lookup_timeout_seconds),
             ttl=settings.key_cache_ttl_seconds,
             negative_ttl=settings.key_cache_negative_ttl_seconds,
             stale_for=settings.key_cache_stale_seconds,

@@ -1,9 +1,10 @@
-"""Two building blocks of every in-process cache here: a bounded map that forgets the least recently used entry
-first, and a single-flight guard so that many requests missing on one key share one look-up."""
+"""The building blocks of every in-process cache here: a bounded map that forgets the least recently used entry
+first, a single-flight guard so that many requests missing on one key share one look-up, and a batcher so
+that misses on different keys that queue up share one look-up too."""
 
 import asyncio
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Hashable, ItemsView, ValuesView
+from collections.abc import Awaitable, Callable, Hashable, ItemsView, Mapping, Sequence, ValuesView
 from typing import Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
@@ -94,3 +95,80 @@ class SingleFlight(Generic[K, V]):
     def cancel_all(self) -> None:
         for pending in list(self._running.values()):
             pending.cancel()
+
+
+class Batcher(Generic[K, V]):
+    """Look-ups of one key served by look-ups of many: `get(key)` joins the next batch, and a batch goes as soon
+    as fewer than `max_in_flight` are under way, with every key waiting then (at most `max_batch`). When
+    look-ups do not queue, each key goes alone and at once, so batching adds no wait; when they do (a cold
+    cache under load), one statement answers many keys instead of each key waiting for a connection of its own.
+
+    A batch is bounded by `timeout` (TimeoutError for each of its keys) and answers None for a key it did not
+    return. A caller that gives up (cancels) is dropped from its batch; the batch goes on for the others.
+    """
+
+    __slots__ = ("_in_flight", "_look_up", "_max_batch", "_max_in_flight", "_sending", "_timeout", "_waiting")
+
+    def __init__(
+        self,
+        look_up: Callable[[Sequence[K]], Awaitable[Mapping[K, V]]],
+        *,
+        max_batch: int,
+        max_in_flight: int,
+        timeout: float | None = None,
+    ):
+        if max_batch < 1 or max_in_flight < 1:
+            raise ValueError("a batcher sends at least one key in at least one batch at a time")
+        self._look_up = look_up
+        self._max_batch = max_batch
+        self._max_in_flight = max_in_flight
+        self._timeout = timeout
+        self._waiting: dict[K, list[asyncio.Future[V | None]]] = {}
+        self._in_flight = 0
+        self._sending: set[asyncio.Task[None]] = set()  # referenced until done, so that none is collected
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    async def get(self, key: K) -> V | None:
+        answer: asyncio.Future[V | None] = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(key, []).append(answer)
+        self._send_waiting()
+        return await answer
+
+    def _send_waiting(self) -> None:
+        while self._waiting and self._in_flight < self._max_in_flight:
+            batch: dict[K, list[asyncio.Future[V | None]]] = {}
+            while self._waiting and len(batch) < self._max_batch:
+                key = next(iter(self._waiting))
+                answers = [a for a in self._waiting.pop(key) if not a.done()]  # done: the caller gave up
+                if answers:
+                    batch[key] = answers
+            if batch:
+                self._in_flight += 1
+                task = asyncio.ensure_future(self._send(batch))
+                self._sending.add(task)
+                task.add_done_callback(self._sending.discard)
+
+    async def _send(self, batch: dict[K, list[asyncio.Future[V | None]]]) -> None:
+        try:
+            try:
+                found = await asyncio.wait_for(self._look_up(list(batch)), self._timeout)
+            except Exception as error:
+                for answers in batch.values():
+                    for answer in answers:
+                        if not answer.done():
+                            answer.set_exception(error)
+                return
+            for key, answers in batch.items():
+                value = found.get(key)
+                for answer in answers:
+                    if not answer.done():
+                        answer.set_result(value)
+        finally:
+            for answers in batch.values():  # only when the batch itself was cancelled (shutdown)
+                for answer in answers:
+                    answer.cancel()
+            self._in_flight -= 1
+            self._send_waiting()

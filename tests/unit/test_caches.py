@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from driftlock_kernel.caches import LruCache, SingleFlight
+from driftlock_kernel.caches import Batcher, LruCache, SingleFlight
 
 
 def test_lru_cache_forgets_the_least_recently_used_first():
@@ -77,3 +77,86 @@ async def test_single_flight_cancel_all_cancels_every_look_up():
     flights.cancel_all()
     with pytest.raises(asyncio.CancelledError):
         await future
+
+
+class Store:
+    """Stands in for the database: answers batches from a dict, each held until `release` is set."""
+
+    def __init__(self, rows: dict[str, int]):
+        self.rows = rows
+        self.batches: list[list[str]] = []
+        self.release = asyncio.Event()
+        self.failure: Exception | None = None
+
+    async def look_up(self, keys):
+        self.batches.append(list(keys))
+        await self.release.wait()
+        if self.failure is not None:
+            raise self.failure
+        return {key: self.rows[key] for key in keys if key in self.rows}
+
+
+async def settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def test_batcher_sends_a_lone_key_at_once_and_alone():
+    store = Store({"a": 1})
+    store.release.set()
+    batcher: Batcher[str, int] = Batcher(store.look_up, max_batch=10, max_in_flight=2)
+    assert await batcher.get("a") == 1
+    assert await batcher.get("missing") is None
+    assert store.batches == [["a"], ["missing"]]
+
+
+async def test_batcher_sends_keys_queued_behind_the_batches_in_flight_together():
+    store = Store({f"k{i}": i for i in range(10)})
+    batcher: Batcher[str, int] = Batcher(store.look_up, max_batch=5, max_in_flight=2)
+    waiting = [asyncio.ensure_future(batcher.get(f"k{i}")) for i in range(10)] + [
+        asyncio.ensure_future(batcher.get("k3")),  # asked twice: sent once
+        asyncio.ensure_future(batcher.get("nobody")),
+    ]
+    await settle()
+    assert store.batches == [["k0"], ["k1"]] and batcher.in_flight == 2
+    store.release.set()
+    assert await asyncio.gather(*waiting) == [*range(10), 3, None]
+    assert store.batches[2:] == [["k2", "k3", "k4", "k5", "k6"], ["k7", "k8", "k9", "nobody"]]
+    assert batcher.in_flight == 0
+
+
+async def test_batcher_drops_a_caller_that_gave_up_and_answers_the_others():
+    store = Store({"a": 1, "b": 2, "c": 3})
+    batcher: Batcher[str, int] = Batcher(store.look_up, max_batch=10, max_in_flight=1)
+    first = asyncio.ensure_future(batcher.get("a"))
+    await settle()
+    gave_up = asyncio.ensure_future(batcher.get("b"))
+    kept = asyncio.ensure_future(batcher.get("c"))
+    await settle()
+    gave_up.cancel()
+    store.release.set()
+    assert (await first, await kept) == (1, 3)
+    assert gave_up.cancelled()
+    assert store.batches == [["a"], ["c"]]
+
+
+async def test_batcher_fails_every_caller_of_a_failed_batch_and_goes_on():
+    store = Store({"a": 1, "b": 2})
+    store.failure = ConnectionResetError("database went away")
+    batcher: Batcher[str, int] = Batcher(store.look_up, max_batch=10, max_in_flight=1)
+    both = [asyncio.ensure_future(batcher.get(key)) for key in ("a", "b")]
+    await settle()
+    store.release.set()
+    for caller in both:
+        with pytest.raises(ConnectionResetError):
+            await caller
+    store.failure = None
+    assert await batcher.get("b") == 2
+
+
+async def test_batcher_times_a_batch_out_for_each_of_its_callers():
+    store = Store({"a": 1})  # never released
+    batcher: Batcher[str, int] = Batcher(store.look_up, max_batch=10, max_in_flight=1, timeout=0.05)
+    with pytest.raises(TimeoutError):
+        await batcher.get("a")
+    assert batcher.in_flight == 0
