@@ -16,7 +16,9 @@
 """
 
 import asyncio
+import functools
 import logging
+import sys
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -31,6 +33,7 @@ from authz_service.lookup_budget import LookupBudget
 from driftlock_kernel import db
 from driftlock_kernel.caches import Batcher, LruCache, SingleFlight
 from driftlock_kernel.errors import one_line
+from driftlock_kernel.keys import Environment, Scope
 from driftlock_kernel.repeated_logs import RepeatedLog
 
 log = logging.getLogger(__name__)
@@ -258,6 +261,31 @@ def database_fetch(pool: asyncpg.Pool, *, timeout: float | None = None) -> Fetch
 
     async def fetch_many(key_hashes: Sequence[bytes]) -> dict[bytes, Grant]:
         rows = await pool.fetch(_GRANTS_QUERY, key_hashes)
-        return {bytes(row["key_hash"]): db.from_row(Grant, row) for row in rows}
+        return {bytes(row["key_hash"]): grant_from_row(row) for row in rows}
 
     return Batcher(fetch_many, max_batch=LOOKUP_BATCH, max_in_flight=LOOKUPS_IN_FLIGHT, timeout=timeout).get
+
+
+def grant_from_row(row: db.Row) -> Grant:
+    """A grant as the cache keeps it: what every key of an organisation shares (its id, plan and billing
+    status, the set of scopes) is one object, not one copy per key. A cache of 100,000 keys holds them all;
+    the copies were about a third of a cached key's memory."""
+    return Grant(
+        key_id=row["key_id"],
+        org_id=sys.intern(row["org_id"]),
+        environment=Environment(row["environment"]),
+        scopes=_scope_set(tuple(sorted(row["scopes"]))),
+        expires_at=row["expires_at"],
+        revoked=row["revoked"],
+        org_suspended=row["org_suspended"],
+        plan=sys.intern(row["plan"]),
+        billing_status=sys.intern(row["billing_status"]),
+        past_due_since=row["past_due_since"],
+        period_start=row["period_start"],
+        period_end=row["period_end"],
+    )
+
+
+@functools.lru_cache(maxsize=64)  # sorted: at most 7 sets of three scopes
+def _scope_set(names: tuple[str, ...]) -> frozenset[Scope]:
+    return frozenset(Scope(name) for name in names)

@@ -353,3 +353,37 @@ async def test_a_key_that_disappears_moves_to_the_unknown_cache():
     assert store.verified_entries == 0
     assert await store.get(b"h1") is None  # answered from the unknown cache
     assert source.calls == 2
+
+
+# --- what a cached key costs ------------------------------------------------------------------------------------
+
+
+def row(key_id: str, scopes: list[str]) -> dict:
+    """A row of the look-up as asyncpg gives it: a new string object per column of each row."""
+    return {
+        "key_id": key_id,
+        "org_id": "".join(["0b5c1f5e-0000-4000-8000-", "00000000000a"]),
+        "environment": "live",
+        "scopes": scopes,
+        "expires_at": None,
+        "revoked": False,
+        "org_suspended": False,
+        "plan": "".join(["pr", "o"]),
+        "billing_status": "".join(["act", "ive"]),
+        "past_due_since": None,
+        "period_start": None,
+        "period_end": None,
+    }
+
+
+def test_cached_grants_of_one_organisation_share_what_they_have_in_common():
+    """100,000 cached keys hold one copy of each organisation's id, plan, billing status and scope set, not one
+    per key (about a third of a cached key's memory)."""
+    from authz_service.grants import grant_from_row
+
+    first = grant_from_row(row("k1", ["detect", "read"]))
+    second = grant_from_row(row("k2", ["read", "detect"]))
+    assert first.org_id is second.org_id
+    assert first.plan is second.plan and first.billing_status is second.billing_status
+    assert first.scopes is second.scopes and first.scopes == {"detect", "read"}
+    assert (first.key_id, second.key_id) == ("k1", "k2")
