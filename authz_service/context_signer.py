@@ -4,6 +4,11 @@
 Signing costs about as much as the rest of a check (HS256 ~13 µs, EdDSA ~26 µs here in PyJWT), so a token is
 reused for the same grant and route kind for up to `reuse_seconds`; every token still expires
 `lifetime_seconds` (at most 5 minutes) after it was minted.
+
+The tokens kept for reuse cost ~750 bytes each: at most `max_entries` of them (as many as the allowed responses
+built from them, ext_authz.AllowedResponses), and one past its reuse window, which can never be reused, is
+dropped as soon as it is the least recently used. A replica that saw 100,000 keys in the last minutes keeps
+the tokens of its busiest keys, not one per key it ever served.
 """
 
 import time
@@ -25,7 +30,7 @@ class ContextSigner:
         lifetime_seconds: int = MAX_LIFETIME_SECONDS,
         reuse_seconds: int = 60,
         clock: Callable[[], float] = time.time,
-        max_entries: int = 50_000,
+        max_entries: int = 10_000,
     ):
         if not 0 < lifetime_seconds <= MAX_LIFETIME_SECONDS:
             raise ValueError(f"token lifetime must be within 1..{MAX_LIFETIME_SECONDS} seconds")
@@ -64,4 +69,11 @@ class ContextSigner:
             headers=self._headers,
         )
         self._recent.put(cache_key, (token, now))
+        # Least recently used first, up to the first still within its window: each token is dropped once.
+        while (oldest := self._recent.oldest()) is not None and now - oldest[1][1] >= self._reuse:
+            self._recent.pop(oldest[0])
         return token
+
+    def __len__(self) -> int:
+        """Tokens kept for reuse."""
+        return len(self._recent)

@@ -49,6 +49,10 @@ class LruCache(Generic[K, V]):
     def pop(self, key: K) -> V | None:
         return self._entries.pop(key, None)
 
+    def oldest(self) -> tuple[K, V] | None:
+        """The least recently used entry (the next to be forgotten), untouched; None when empty."""
+        return next(iter(self._entries.items()), None)
+
     def clear(self) -> None:
         self._entries.clear()
 

@@ -26,6 +26,16 @@ def test_lru_cache_peek_does_not_refresh_recency():
     assert "a" not in cache and cache.pop("b") == 2 and cache.pop("b") is None
 
 
+def test_lru_cache_oldest_is_the_next_to_be_forgotten():
+    cache: LruCache[str, int] = LruCache(3)
+    assert cache.oldest() is None
+    cache.put("a", 1)
+    cache.put("b", 2)
+    cache.get("a")
+    assert cache.oldest() == ("b", 2)
+    assert cache.oldest() == ("b", 2)  # untouched
+
+
 def test_lru_cache_refuses_a_size_below_one():
     with pytest.raises(ValueError):
         LruCache(0)

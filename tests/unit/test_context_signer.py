@@ -76,6 +76,24 @@ def test_token_is_reused_briefly_then_minted_again():
     assert unverified(renewed)["iat"] == int(clock.now)
 
 
+def test_tokens_past_their_reuse_window_are_not_kept():
+    """A replica that served many keys once keeps no token it can no longer reuse (each costs ~750 bytes)."""
+    clock = Clock()
+    signer = ContextSigner(ED, clock=clock)
+    for n in range(100):
+        signer.token(
+            Grant(f"key-{n}", "org-1", "live", frozenset({"read"}), None, False, False, "pro", "active"), "pro", True
+        )
+    assert len(signer) == 100
+    clock.now += 30
+    signer.token(GRANT, "pro", True)
+    assert len(signer) == 101
+    clock.now += 30  # the first hundred are past their window
+    signer.token(GRANT, "pro", False)
+    assert len(signer) == 2
+    assert signer.token(GRANT, "pro", True) == signer.token(GRANT, "pro", True)
+
+
 def test_a_changed_grant_never_reuses_a_token():
     signer = ContextSigner(ED)
     first = signer.token(GRANT, "pro", True)
