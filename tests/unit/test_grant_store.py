@@ -387,3 +387,19 @@ def test_cached_grants_of_one_organisation_share_what_they_have_in_common():
     assert first.plan is second.plan and first.billing_status is second.billing_status
     assert first.scopes is second.scopes and first.scopes == {"detect", "read"}
     assert (first.key_id, second.key_id) == ("k1", "k2")
+
+
+async def test_a_refresh_that_finds_nothing_changed_keeps_the_cached_grant():
+    """No new long-lived objects per key and TTL: they would make the garbage collector rescan a full cache."""
+    source, clock = Source({b"h1": grant()}), Clock()
+    store = make_store(source, clock)
+    cached = await store.get(b"h1")
+    source.rows[b"h1"] = grant()  # equal, another object (as a new row is)
+    clock.now += 30.0
+    assert await store.get(b"h1") is cached
+    assert source.calls == 2
+    source.rows[b"h1"] = grant(plan="pro")
+    clock.now += 30.0
+    assert (await store.get(b"h1")).plan == "pro"
+    assert (await store.get(b"h1")).plan == "pro"
+    assert source.calls == 3
