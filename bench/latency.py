@@ -22,6 +22,8 @@ RATE = int(os.environ.get("BENCH_LATENCY_RATE", "1000"))  # requests per second
 CONNECTIONS = 16  # enough that a request rarely waits for a connection at this rate
 WARMUP_SECONDS = 1.0
 DETECT = "/api/v1/stream/detect"
+# A request due while all 16 connections are busy waits; at 1% of them waiting this long the system is saturated.
+SATURATED_LAG_MS = 10.0
 TARGETS = {"p50": 0.3, "p99": 1.0}  # issue 10: at most this many milliseconds added over the do-nothing server
 
 
@@ -82,6 +84,14 @@ async def fixed_rate(binary: Path, url: str, *, rate: int, seconds: float, heade
         raise RuntimeError(
             f"fixedrate saw {report['non_2xx']} failed responses {report['statuses']} and {report['errors']} "
             f"errors ({report.get('first_error', '')}) through {url}: no figure from this run"
+        )
+    # Requests waited for a free connection: at this rate the gateway (or the machine) is saturated, and the
+    # figures would be queueing, not the latency added well below saturation.
+    if report["send_lag_p99_ms"] > SATURATED_LAG_MS:
+        raise RuntimeError(
+            f"1% of the requests through {url} waited more than {report['send_lag_p99_ms']:.0f} ms to be sent (p50 "
+            f"{report['p50_ms']:.1f} ms): saturated at {rate} req/s on this machine now, no figure from this run "
+            "(BENCH_LATENCY_RATE sets a lower rate)"
         )
     # The generator fell behind its own schedule: the latencies would be the client's, not the gateway's.
     if report["achieved_rate"] < 0.95 * rate:
