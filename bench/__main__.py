@@ -33,9 +33,11 @@ import uuid
 from pathlib import Path
 
 from authz_service.ext_authz import CALLER_SECRET_METADATA
+from bench.cold import bench_cold
 from bench.flood import bench_flood
 from bench.harness import Fixture, cpu_seconds, metric_total, run, start_authz, start_backend, start_edge, table
 from bench.latency import bench_latency, go_missing
+from bench.memory import bench_memory
 from bench.workers import bench_workers
 from driftlock_kernel import api_keys, context_keys, db, orgs, plans
 from driftlock_kernel.settings import Settings
@@ -412,7 +414,7 @@ async def main() -> None:
     parser.add_argument(
         "--only",
         default="inproc,caps,grpc,edge,redis,workers",
-        help="any of inproc,caps,grpc,edge,redis,flood,workers,latency",
+        help="any of inproc,caps,grpc,edge,redis,flood,workers,latency,cold,memory",
     )
     args = parser.parse_args()
     wanted = set(args.only.split(","))
@@ -442,6 +444,10 @@ async def main() -> None:
                 rows += await bench_workers(fixture, args.seconds, args.rounds)
             if "latency" in wanted:
                 rows += await bench_latency(fixture, args.seconds, args.rounds)
+            if "cold" in wanted:
+                rows += await bench_cold(fixture)
+            if "memory" in wanted:
+                rows += await bench_memory(fixture)
     print(f"\n{os.cpu_count()} CPUs; {args.rounds} interleaved rounds of {args.seconds:.0f}s per pair\n")
     print(table(rows))
 
