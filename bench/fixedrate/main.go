@@ -7,7 +7,9 @@
 // that due time, not from when it was actually sent: a stall of the server (or of this program) shows as the
 // latency of every request that should have gone out meanwhile, instead of being hidden by a client that
 // waited (coordinated omission). Requests due while every connection is busy wait for one, and that wait
-// counts. Requests due in the warm-up are sent but not reported. Standard library only.
+// counts. Requests due in the warm-up are sent but not reported. service_* are the same requests timed from
+// when they were actually sent (what the server took, without waits for a connection or this program's own
+// lateness), and send_lag_* that difference. Standard library only.
 package main
 
 import (
@@ -53,6 +55,8 @@ type Report struct {
 	P999          float64        `json:"p99_9_ms"`
 	Max           float64        `json:"max_ms"`
 	Mean          float64        `json:"mean_ms"`
+	ServiceP50    float64        `json:"service_p50_ms"`
+	ServiceP99    float64        `json:"service_p99_ms"`
 	SendLagP99    float64        `json:"send_lag_p99_ms"`
 	SendLagMax    float64        `json:"send_lag_max_ms"`
 	FirstErrorMsg string         `json:"first_error,omitempty"`
@@ -161,7 +165,7 @@ func run(url string, header http.Header, rate float64, warmup, duration time.Dur
 			report.FirstErrorMsg = e
 		}
 	}
-	var latencies, lags []float64
+	var latencies, lags, services []float64
 	var sum float64
 	for batch := range results {
 		for _, s := range batch {
@@ -183,6 +187,7 @@ func run(url string, header http.Header, rate float64, warmup, duration time.Dur
 			ms := float64(s.latency) / float64(time.Millisecond)
 			latencies = append(latencies, ms)
 			lags = append(lags, float64(s.lag)/float64(time.Millisecond))
+			services = append(services, float64(s.latency-s.lag)/float64(time.Millisecond))
 			sum += ms
 		}
 	}
@@ -191,6 +196,7 @@ func run(url string, header http.Header, rate float64, warmup, duration time.Dur
 	}
 	sort.Float64s(latencies)
 	sort.Float64s(lags)
+	sort.Float64s(services)
 	report.AchievedRate = float64(report.Requests) / finished.Sub(dueAt(skip)).Seconds()
 	report.P50 = percentile(latencies, 0.50)
 	report.P90 = percentile(latencies, 0.90)
@@ -198,6 +204,8 @@ func run(url string, header http.Header, rate float64, warmup, duration time.Dur
 	report.P999 = percentile(latencies, 0.999)
 	report.Max = latencies[len(latencies)-1]
 	report.Mean = sum / float64(len(latencies))
+	report.ServiceP50 = percentile(services, 0.50)
+	report.ServiceP99 = percentile(services, 0.99)
 	report.SendLagP99 = percentile(lags, 0.99)
 	report.SendLagMax = lags[len(lags)-1]
 	return report, nil
