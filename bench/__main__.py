@@ -15,6 +15,9 @@
 - redis:  what sharing rate limits through Redis (DRIFTLOCK_REDIS_URL) costs per check, in process: a
           rate-limited read with the local buckets against the same with the Lua script in Redis, one at a time
           (the round trip) and 64 at once (throughput); needs Redis at $DRIFTLOCK_REDIS_URL or 127.0.0.1:6379.
+- latency: added latency through Envoy at a fixed 1,000 req/s, open loop (bench/latency.py; needs `go`).
+- cold:   first use of 10,000 keys, floods of unknown keys, the negative cache's bound (bench/cold.py).
+- memory: authz's RSS with 100,000 keys cached (bench/memory.py).
 
 Each pair runs `--rounds` times, interleaved (A B A B ...); the table shows medians and the ratio.
 Needs `wrk` and `h2load` for the last two (Debian: apt-get install wrk nghttp2-client).
