@@ -47,6 +47,7 @@ from authz_service.plan_book import PlanBook
 from authz_service.rate_limit import RateLimiter, RateVerdict, SharedLimits
 from authz_service.refunds import BilledUsage
 from driftlock_kernel.billing import DEFAULT_POLICY, BillingPolicy, effective_plan
+from driftlock_kernel.caches import LruCache
 from driftlock_kernel.keys import Environment, ParsedKey
 from driftlock_kernel.logs import bind_org
 from driftlock_kernel.periods import Period, PeriodFinder
@@ -137,10 +138,14 @@ class Authorizer:
         self._late = RepeatedLog(log)
         # What parsing gave for a route's context extensions and for a credential, reused: the route table has
         # few routes, and a client sends the same key again and again (parsing one, with its checksum and hash,
-        # costs a sixth of a check). Each map is emptied when full, so a flood of invented keys bounds it; what
+        # costs a sixth of a check). Both are bounded: the routes map is emptied when full (the route table
+        # never fills it), the credentials forget the least recently used, so that more active keys than it
+        # holds, or a flood of invented ones, never push out the keys in use all at once; what
         # the credentials map holds (the presented headers) is what every request holds in memory anyway.
         self._routes: dict[tuple[str | None, ...], Route | RouteError] = {}
-        self._credentials: dict[tuple[str | None, str | None], ParsedKey | DenyCode] = {}
+        self._credentials: LruCache[tuple[str | None, str | None], ParsedKey | DenyCode] = LruCache(
+            MAX_REMEMBERED_CREDENTIALS
+        )
 
     async def check(self, request: AccessRequest) -> CheckOutcome:
         outcome = await self._decide(request)
@@ -237,9 +242,7 @@ class Authorizer:
         credential = self._credentials.get(presented)
         if credential is None:
             credential = read_credential(headers)
-            if len(self._credentials) >= MAX_REMEMBERED_CREDENTIALS:
-                self._credentials.clear()
-            self._credentials[presented] = credential
+            self._credentials.put(presented, credential)
         return credential
 
     async def _count_test(
