@@ -153,7 +153,7 @@ async def bench_redis(fixture: Fixture, seconds: float, rounds: int) -> list[tup
     sides = {"local buckets": servicer(None), "Redis (GCRA script)": servicer(shared)}
     for side in sides.values():
         response = await side.Check(request, None)  # warm the key cache and the script
-        if response.status.code != 0:
+        if external_auth_pb2.CheckResponse.FromString(response).status.code != 0:
             raise SystemExit(f"bench check was refused: {response}")
     results: dict[tuple[str, int], list[float]] = {}
     for _ in range(rounds):
@@ -433,24 +433,34 @@ async def main() -> None:
         async with Fixture(Path(scratch)) as fixture:
             if "inproc" in wanted:
                 rows += await bench_inproc(fixture, args.seconds / 2)
+                print(table(rows), flush=True)  # so far: a later part that fails keeps what was measured
             if "caps" in wanted:
                 rows += await bench_caps(fixture, args.seconds / 2)
+                print(table(rows), flush=True)  # so far: a later part that fails keeps what was measured
             if "grpc" in wanted:
                 rows += await bench_grpc(fixture, args.seconds, args.rounds)
+                print(table(rows), flush=True)  # so far: a later part that fails keeps what was measured
             if "edge" in wanted:
                 rows += await bench_edge(fixture, args.seconds, args.rounds)
+                print(table(rows), flush=True)  # so far: a later part that fails keeps what was measured
             if "redis" in wanted:
                 rows += await bench_redis(fixture, args.seconds, args.rounds)
+                print(table(rows), flush=True)  # so far: a later part that fails keeps what was measured
             if "flood" in wanted:
                 rows += await bench_flood(fixture, args.seconds)
+                print(table(rows), flush=True)  # so far: a later part that fails keeps what was measured
             if "workers" in wanted:
                 rows += await bench_workers(fixture, args.seconds, args.rounds)
+                print(table(rows), flush=True)  # so far: a later part that fails keeps what was measured
             if "latency" in wanted:
                 rows += await bench_latency(fixture, args.seconds, args.rounds)
+                print(table(rows), flush=True)  # so far: a later part that fails keeps what was measured
             if "cold" in wanted:
                 rows += await bench_cold(fixture)
+                print(table(rows), flush=True)  # so far: a later part that fails keeps what was measured
             if "memory" in wanted:
                 rows += await bench_memory(fixture)
+                print(table(rows), flush=True)  # so far: a later part that fails keeps what was measured
     print(f"\n{os.cpu_count()} CPUs; {args.rounds} interleaved rounds of {args.seconds:.0f}s per pair\n")
     print(table(rows))
 
