@@ -2,6 +2,7 @@
 line is served, the printed exports make the CLI (and `doctor`) work against it, and Ctrl-C stops everything."""
 
 import asyncio
+import json
 import os
 import re
 import shlex
@@ -103,10 +104,15 @@ async def test_dev_serves_the_printed_curl_and_stops_everything_on_ctrl_c(dev_da
         assert "export DATABASE_URL" not in banner
         cli_env = environ | exports_of(banner)
         org_id = re.search(r"Demo key for organisation ([0-9a-f-]{36})", banner).group(1)
-        shown = run_cli("orgs", "show", org_id, "--json", database_url=cli_env["DATABASE_URL"], env=cli_env)
+        # The CLI as the operator runs it beside dev: with what dev printed, not this test session's settings.
+        shown = run_cli(
+            "orgs", "show", org_id, "--json", database_url=cli_env["DATABASE_URL"], env=cli_env, inherit=False
+        )
         assert shown.json()["id"] == org_id
-        doctor = run_cli("doctor", "--json", database_url=cli_env["DATABASE_URL"], env=cli_env, timeout=120)
-        failed = [check for check in doctor.json()["checks"] if not check["ok"]]
+        doctor = run_cli(
+            "doctor", "--json", database_url=cli_env["DATABASE_URL"], env=cli_env, timeout=120, inherit=False
+        )
+        failed = [check for check in json.loads(doctor.stdout)["checks"] if not check["ok"]]
         assert failed == [] and doctor.code == 0, failed
     finally:
         if process.returncode is None:

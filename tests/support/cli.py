@@ -18,8 +18,16 @@ class CliResult:
         return json.loads(self.stdout)
 
 
-def run_cli(*args: str, database_url: str | None, env: dict[str, str] | None = None, timeout: float = 60) -> CliResult:
-    environ = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+def run_cli(
+    *args: str,
+    database_url: str | None,
+    env: dict[str, str] | None = None,
+    timeout: float = 60,
+    inherit: bool = True,
+) -> CliResult:
+    """`inherit=False`: the CLI sees only `env` (and `database_url`), not the test session's own settings (its
+    DATABASE_LISTEN_URL, its pooler flag), as when an operator runs it beside a stack of its own."""
+    environ = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"} if inherit else {}
     if database_url is not None:
         environ["DATABASE_URL"] = database_url
     environ.update(env or {})
