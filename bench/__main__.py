@@ -29,7 +29,6 @@ import os
 import re
 import shutil
 import statistics
-import struct
 import tempfile
 import time
 import uuid
@@ -38,24 +37,24 @@ from pathlib import Path
 from authz_service.ext_authz import CALLER_SECRET_METADATA
 from bench.cold import bench_cold
 from bench.flood import bench_flood
-from bench.harness import Fixture, cpu_seconds, metric_total, run, start_authz, start_backend, start_edge, table
+from bench.harness import (
+    Fixture,
+    check_request_bytes,
+    cpu_seconds,
+    grpc_frame,
+    h2load_rps,
+    metric_total,
+    run,
+    start_authz,
+    start_backend,
+    start_edge,
+    table,
+)
 from bench.latency import bench_latency, go_missing
 from bench.memory import bench_memory
 from bench.workers import bench_workers
 from driftlock_kernel import api_keys, context_keys, db, orgs, plans
 from driftlock_kernel.settings import Settings
-
-
-def check_request_bytes(secret: str, context: dict[str, str]) -> bytes:
-    from envoy.service.auth.v3 import external_auth_pb2
-
-    request = external_auth_pb2.CheckRequest()
-    http = request.attributes.request.http
-    http.method, http.path = "POST", "/api/v1/stream/detect"
-    http.headers.update({"authorization": f"Bearer {secret}", "x-request-id": "bench", "host": "bench"})
-    request.attributes.context_extensions.update(context)
-    return request.SerializeToString()
-
 
 # --- in process ---------------------------------------------------------------------------------------------
 
@@ -252,18 +251,6 @@ async def _flush_statements(pool) -> int:
 # --- gRPC, no Envoy -------------------------------------------------------------------------------------------
 
 
-def _h2load_rps(output: str) -> float:
-    # h2load counts a gRPC error as a success (HTTP 200, the status is in the trailers): the caller checks the
-    # server's own counters.
-    match = re.search(r"finished in [\d.]+\w*, ([\d.]+) req/s", output)
-    failed = re.search(r"requests: \d+ total, \d+ started, \d+ done, (\d+) succeeded, (\d+) failed", output)
-    if match is None or failed is None:
-        raise RuntimeError(f"could not read h2load's output:\n{output}")
-    if int(failed.group(2)):
-        raise RuntimeError(f"h2load saw failures:\n{output}")
-    return float(match.group(1))
-
-
 async def bench_grpc(fixture: Fixture, seconds: float, rounds: int) -> list[tuple[str, str, str, str]]:
     """h2load against authz (a billable call on a plan without a rate limit, and on one with a limit, whose
     headers every answer carries) and against the do-nothing server, interleaved. Audit sampling, metering and
@@ -273,7 +260,7 @@ async def bench_grpc(fixture: Fixture, seconds: float, rounds: int) -> list[tupl
     for label, secret in (("no rate limit", fixture.secret), ("rate limit headers", fixture.rate_limited_secret)):
         body = check_request_bytes(secret, context)
         frames[label] = fixture.workdir / f"check-{len(frames)}.grpc"
-        frames[label].write_bytes(struct.pack(">?I", False, len(body)) + body)
+        frames[label].write_bytes(grpc_frame(body))
     ours, our_port, our_metrics = await start_authz(fixture, "authz-grpc")
     null, null_port, _ = await start_authz(fixture, "null-grpc", null=True)
     sides = [(f"authz, {label}", our_port, frame, ours) for label, frame in frames.items()]
@@ -306,7 +293,7 @@ async def bench_grpc(fixture: Fixture, seconds: float, rounds: int) -> list[tupl
                         f"http://127.0.0.1:{port}/envoy.service.auth.v3.Authorization/Check",
                     ]
                 )
-                rps = _h2load_rps(output)
+                rps = h2load_rps(output)
                 results[label].append(rps)
                 cpu_per_check[label].append((cpu_seconds(child.process.pid) - cpu_before) / (rps * round(seconds)))
         allowed = await metric_total(our_metrics, "driftlock_authz_checks", decision="allow")

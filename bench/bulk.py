@@ -154,21 +154,6 @@ async def key_lookups(metrics_port: int) -> float:
     return sum([await metric_total(metrics_port, "driftlock_authz_cache_events", result=r) for r in results])
 
 
-async def gauge_samples(port: int, name: str) -> dict[tuple[tuple[str, str], ...], float]:
-    """Every sample of a gauge a Prometheus endpoint serves, by its labels."""
-    import aiohttp
-    from prometheus_client.parser import text_string_to_metric_families
-
-    async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{port}/metrics") as response:
-        text = await response.text()
-    return {
-        tuple(sorted(s.labels.items())): s.value
-        for f in text_string_to_metric_families(text)
-        if f.name == name
-        for s in f.samples
-    }
-
-
 # --- statements as the database counts them -----------------------------------------------------------------
 
 

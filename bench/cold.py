@@ -31,7 +31,6 @@ from bench.bulk import (
     KEY_LOOKUP,
     check_requests,
     create_keys,
-    gauge_samples,
     key_lookups,
     rss_mb,
     send_checks,
@@ -39,7 +38,7 @@ from bench.bulk import (
     statements_counted,
     unknown_keys,
 )
-from bench.harness import Fixture, start_authz
+from bench.harness import Fixture, gauge_samples, start_authz
 from driftlock_kernel.settings import Settings
 
 KEYS = int(os.environ.get("BENCH_COLD_KEYS", "10000"))

@@ -2,7 +2,9 @@
 
 import asyncio
 import os
+import re
 import secrets
+import struct
 import sys
 import uuid
 from collections.abc import Sequence
@@ -134,20 +136,59 @@ async def run(argv: list[str]) -> str:
     return out.decode(errors="replace")
 
 
-async def metric_samples(port: int, name: str) -> dict[tuple[tuple[str, str], ...], float]:
-    """Every `<name>_total` sample a Prometheus endpoint serves, by its labels."""
+async def scrape(port: int) -> list:
+    """The metric families a Prometheus endpoint serves."""
     import aiohttp
     from prometheus_client.parser import text_string_to_metric_families
 
     async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{port}/metrics") as response:
         text = await response.text()
+    return list(text_string_to_metric_families(text))
+
+
+async def metric_samples(port: int, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    """Every `<name>_total` sample a Prometheus endpoint serves, by its labels."""
     return {
         tuple(sorted(s.labels.items())): s.value
-        for f in text_string_to_metric_families(text)
+        for f in await scrape(port)
         if f.name == name
         for s in f.samples
         if s.name.endswith("_total")
     }
+
+
+async def gauge_samples(port: int, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    """Every sample of a gauge a Prometheus endpoint serves, by its labels."""
+    return {tuple(sorted(s.labels.items())): s.value for f in await scrape(port) if f.name == name for s in f.samples}
+
+
+def check_request_bytes(secret: str, context: dict[str, str]) -> bytes:
+    """One Check as Envoy sends it for a POST to the stream detection route, serialised."""
+    from envoy.service.auth.v3 import external_auth_pb2
+
+    request = external_auth_pb2.CheckRequest()
+    http = request.attributes.request.http
+    http.method, http.path = "POST", "/api/v1/stream/detect"
+    http.headers.update({"authorization": f"Bearer {secret}", "x-request-id": "bench", "host": "bench"})
+    request.attributes.context_extensions.update(context)
+    return request.SerializeToString()
+
+
+def grpc_frame(message: bytes) -> bytes:
+    """A message framed as gRPC sends it (what h2load sends, over and over): not compressed, length, bytes."""
+    return struct.pack(">?I", False, len(message)) + message
+
+
+def h2load_rps(output: str) -> float:
+    """Requests a second from h2load's output; an error when any request failed. h2load counts a gRPC error
+    as a success (HTTP 200, the status is in the trailers): callers check the server's own counters."""
+    match = re.search(r"finished in [\d.]+\w*, ([\d.]+) req/s", output)
+    failed = re.search(r"requests: \d+ total, \d+ started, \d+ done, (\d+) succeeded, (\d+) failed", output)
+    if match is None or failed is None:
+        raise RuntimeError(f"could not read h2load's output:\n{output}")
+    if int(failed.group(2)):
+        raise RuntimeError(f"h2load saw failures:\n{output}")
+    return float(match.group(1))
 
 
 async def metric_total(port: int, name: str, **labels: str) -> float:

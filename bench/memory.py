@@ -13,8 +13,8 @@ are bounded whatever the number of keys are full). BENCH_MEMORY_KEYS shrinks the
 import asyncio
 import os
 
-from bench.bulk import check_requests, create_keys, gauge_samples, rss_mb, send_checks, source_address
-from bench.harness import Fixture, start_authz
+from bench.bulk import check_requests, create_keys, rss_mb, send_checks, source_address
+from bench.harness import Fixture, gauge_samples, start_authz
 
 KEYS = int(os.environ.get("BENCH_MEMORY_KEYS", "100000"))
 WARM = min(1000, KEYS // 10)

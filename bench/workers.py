@@ -10,55 +10,20 @@ kernel (SO_REUSEPORT, by connection), so the table also gives each worker's shar
 """
 
 import os
-import re
 import statistics
-import struct
 import sys
 
-import aiohttp
-from prometheus_client.parser import text_string_to_metric_families
-
 from authz_service.ext_authz import CALLER_SECRET_METADATA
-from bench.harness import Fixture, run
+from bench.harness import Fixture, check_request_bytes, gauge_samples, grpc_frame, h2load_rps, run, scrape
 from driftlock_cli.supervisor import Child, free_port, grpc_serving, start_child, wait_until
 
 CONNECTIONS, STREAMS = 8, 16
 
 
-def _check_frame(fixture: Fixture) -> bytes:
-    """One billable Check as Envoy sends it, framed for gRPC (what h2load sends, over and over)."""
-    from envoy.service.auth.v3 import external_auth_pb2
-
-    request = external_auth_pb2.CheckRequest()
-    http = request.attributes.request.http
-    http.method, http.path = "POST", "/api/v1/stream/detect"
-    http.headers.update({"authorization": f"Bearer {fixture.secret}", "x-request-id": "bench", "host": "bench"})
-    request.attributes.context_extensions.update({"scope": "detect", "billable": "true", "product": "stream"})
-    body = request.SerializeToString()
-    return struct.pack(">?I", False, len(body)) + body
-
-
-def _rps(output: str) -> float:
-    # h2load counts a gRPC error as a success (HTTP 200, the status is in the trailers): the server's counters
-    # are checked after the runs.
-    match = re.search(r"finished in [\d.]+\w*, ([\d.]+) req/s", output)
-    failed = re.search(r"requests: \d+ total, \d+ started, \d+ done, (\d+) succeeded, (\d+) failed", output)
-    if match is None or failed is None:
-        raise RuntimeError(f"could not read h2load's output:\n{output}")
-    if int(failed.group(2)):
-        raise RuntimeError(f"h2load saw failures:\n{output}")
-    return float(match.group(1))
-
-
 async def _checks_by_worker(metrics_port: int) -> dict[tuple[str, str], float]:
     """driftlock_authz_checks_total by (worker, decision); worker "" for a single process."""
-    async with (
-        aiohttp.ClientSession() as session,
-        session.get(f"http://127.0.0.1:{metrics_port}/metrics") as response,
-    ):
-        text = await response.text()
     found: dict[tuple[str, str], float] = {}
-    for family in text_string_to_metric_families(text):
+    for family in await scrape(metrics_port):
         for sample in family.samples:
             if sample.name == "driftlock_authz_checks_total":
                 key = (sample.labels.get("worker", ""), sample.labels["decision"])
@@ -67,17 +32,7 @@ async def _checks_by_worker(metrics_port: int) -> dict[tuple[str, str], float]:
 
 
 async def _workers_up(metrics_port: int) -> float:
-    async with (
-        aiohttp.ClientSession() as session,
-        session.get(f"http://127.0.0.1:{metrics_port}/metrics") as response,
-    ):
-        text = await response.text()
-    return sum(
-        s.value
-        for f in text_string_to_metric_families(text)
-        for s in f.samples
-        if s.name == "driftlock_authz_worker_up"
-    )
+    return sum((await gauge_samples(metrics_port, "driftlock_authz_worker_up")).values())
 
 
 async def _start(fixture: Fixture, workers: int, cpus: str) -> tuple[Child, int, int]:
@@ -105,7 +60,9 @@ async def bench_workers(fixture: Fixture, seconds: float, rounds: int) -> list[t
     load_cpu, authz_cpus = (cpus[-1], cpus[:-1]) if len(cpus) > 2 else (cpus[-1], cpus)
     authz_list = ",".join(map(str, authz_cpus))
     frame = fixture.workdir / "workers-check.grpc"
-    frame.write_bytes(_check_frame(fixture))
+    frame.write_bytes(
+        grpc_frame(check_request_bytes(fixture.secret, {"scope": "detect", "billable": "true", "product": "stream"}))
+    )
     sides = {1: await _start(fixture, 1, authz_list)}
     results: dict[int, list[float]] = {1: [], 2: []}
     try:
@@ -135,7 +92,7 @@ async def bench_workers(fixture: Fixture, seconds: float, rounds: int) -> list[t
                         f"http://127.0.0.1:{port}/envoy.service.auth.v3.Authorization/Check",
                     ]
                 )
-                results[workers].append(_rps(output))
+                results[workers].append(h2load_rps(output))
         counts = {workers: await _checks_by_worker(metrics) for workers, (_c, _p, metrics) in sides.items()}
     finally:
         for child, _port, _metrics in sides.values():
