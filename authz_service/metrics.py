@@ -8,8 +8,8 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, M
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from authz_service.decision import DenyCode
-from authz_service.grants import CacheResult, GrantStore
+from authz_service.check.decision import DenyCode
+from authz_service.check.grants import CacheResult, GrantStore
 
 
 class CheckStats(Collector):

@@ -30,25 +30,26 @@ from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import start_http_server
 
-from authz_service import metrics, spill_dirs
-from authz_service.access_log import AccessLogServicer
-from authz_service.admin_api import AdminGate
-from authz_service.alerts import AlertNotifier
-from authz_service.audit import AuditLog
-from authz_service.authorizer import Authorizer
-from authz_service.context_signer import ContextSigner
-from authz_service.ext_authz import AUTHORIZATION_SERVICE, AuthorizationServicer
-from authz_service.grants import GrantStore, database_fetch
-from authz_service.key_last_used import LastUsedRecorder
-from authz_service.lookup_budget import LookupBudget
-from authz_service.management_api import KeyServicer, OrganizationServicer, PublicKeyServicer
-from authz_service.meter_store import TEST_TABLES, MeterStore
-from authz_service.metering import Meter
-from authz_service.plan_book import PlanBook, database_load
-from authz_service.rate_limit import RateLimiter
-from authz_service.shared_rate_limit import SharedRateLimiter
-from authz_service.usage_api import UsageServicer
-from authz_service.usage_ledger import UsageLedger
+from authz_service import metrics
+from authz_service.check.audit import AuditLog
+from authz_service.check.authorizer import Authorizer
+from authz_service.check.context_signer import ContextSigner
+from authz_service.check.ext_authz import AUTHORIZATION_SERVICE, AuthorizationServicer
+from authz_service.check.grants import GrantStore, database_fetch
+from authz_service.check.key_last_used import LastUsedRecorder
+from authz_service.check.lookup_budget import LookupBudget
+from authz_service.check.plan_book import PlanBook, database_load
+from authz_service.check.rate_limit import RateLimiter
+from authz_service.check.shared_rate_limit import SharedRateLimiter
+from authz_service.management.admin_api import AdminGate
+from authz_service.management.management_api import KeyServicer, OrganizationServicer, PublicKeyServicer
+from authz_service.management.usage_api import UsageServicer
+from authz_service.usage import spill_dirs
+from authz_service.usage.access_log import AccessLogServicer
+from authz_service.usage.alerts import AlertNotifier
+from authz_service.usage.meter_store import TEST_TABLES, MeterStore
+from authz_service.usage.metering import Meter
+from authz_service.usage.usage_ledger import UsageLedger
 from driftlock_api.management.v1 import jwks_pb2_grpc, keys_pb2_grpc, orgs_pb2_grpc
 from driftlock_api.usage.v1 import usage_pb2_grpc
 from driftlock_kernel import context_keys, db

@@ -34,7 +34,7 @@ import time
 import uuid
 from pathlib import Path
 
-from authz_service.ext_authz import CALLER_SECRET_METADATA
+from authz_service.check.ext_authz import CALLER_SECRET_METADATA
 from bench.cold import bench_cold
 from bench.flood import bench_flood
 from bench.harness import (
@@ -62,14 +62,14 @@ from driftlock_kernel.settings import Settings
 async def bench_inproc(fixture: Fixture, seconds: float) -> list[tuple[str, str, str, str]]:
     from envoy.service.auth.v3 import external_auth_pb2
 
-    from authz_service.authorizer import Authorizer
-    from authz_service.context_signer import ContextSigner
-    from authz_service.ext_authz import AuthorizationServicer
-    from authz_service.grants import GrantStore, database_fetch
-    from authz_service.meter_store import TEST_TABLES, MeterStore
-    from authz_service.metering import Meter
-    from authz_service.plan_book import PlanBook, database_load
-    from authz_service.usage_ledger import UsageLedger
+    from authz_service.check.authorizer import Authorizer
+    from authz_service.check.context_signer import ContextSigner
+    from authz_service.check.ext_authz import AuthorizationServicer
+    from authz_service.check.grants import GrantStore, database_fetch
+    from authz_service.check.plan_book import PlanBook, database_load
+    from authz_service.usage.meter_store import TEST_TABLES, MeterStore
+    from authz_service.usage.metering import Meter
+    from authz_service.usage.usage_ledger import UsageLedger
 
     pool = await db.create_pool(fixture.url, application_name="bench", max_size=2)
     store = GrantStore(database_fetch(pool), ttl=300, negative_ttl=5, stale_for=300, max_entries=1000, fetch_timeout=1)
@@ -114,16 +114,16 @@ async def bench_inproc(fixture: Fixture, seconds: float) -> list[tuple[str, str,
 async def bench_redis(fixture: Fixture, seconds: float, rounds: int) -> list[tuple[str, str, str, str]]:
     from envoy.service.auth.v3 import external_auth_pb2
 
-    from authz_service.authorizer import Authorizer
-    from authz_service.context_signer import ContextSigner
-    from authz_service.ext_authz import AuthorizationServicer
-    from authz_service.grants import GrantStore, database_fetch
-    from authz_service.meter_store import TEST_TABLES, MeterStore
-    from authz_service.metering import Meter
-    from authz_service.plan_book import PlanBook, database_load
-    from authz_service.rate_limit import RateLimiter
-    from authz_service.shared_rate_limit import SharedRateLimiter
-    from authz_service.usage_ledger import UsageLedger
+    from authz_service.check.authorizer import Authorizer
+    from authz_service.check.context_signer import ContextSigner
+    from authz_service.check.ext_authz import AuthorizationServicer
+    from authz_service.check.grants import GrantStore, database_fetch
+    from authz_service.check.plan_book import PlanBook, database_load
+    from authz_service.check.rate_limit import RateLimiter
+    from authz_service.check.shared_rate_limit import SharedRateLimiter
+    from authz_service.usage.meter_store import TEST_TABLES, MeterStore
+    from authz_service.usage.metering import Meter
+    from authz_service.usage.usage_ledger import UsageLedger
 
     redis_url = os.environ.get("DRIFTLOCK_REDIS_URL", "redis://127.0.0.1:6379/0")
     pool = await db.create_pool(fixture.url, application_name="bench", max_size=2)
@@ -189,14 +189,14 @@ async def bench_caps(fixture: Fixture, seconds: float) -> list[tuple[str, str, s
     """The same billable check on a block plan, far from its cap and within the exact margin of it."""
     from envoy.service.auth.v3 import external_auth_pb2
 
-    from authz_service.authorizer import Authorizer
-    from authz_service.context_signer import ContextSigner
-    from authz_service.ext_authz import AuthorizationServicer
-    from authz_service.grants import GrantStore, database_fetch
-    from authz_service.meter_store import TEST_TABLES, MeterStore
-    from authz_service.metering import Meter
-    from authz_service.plan_book import PlanBook, database_load
-    from authz_service.usage_ledger import UsageLedger
+    from authz_service.check.authorizer import Authorizer
+    from authz_service.check.context_signer import ContextSigner
+    from authz_service.check.ext_authz import AuthorizationServicer
+    from authz_service.check.grants import GrantStore, database_fetch
+    from authz_service.check.plan_book import PlanBook, database_load
+    from authz_service.usage.meter_store import TEST_TABLES, MeterStore
+    from authz_service.usage.metering import Meter
+    from authz_service.usage.usage_ledger import UsageLedger
 
     pool = await db.create_pool(fixture.url, application_name="bench-caps", max_size=2)
     async with pool.acquire() as conn:

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from authz_service.ext_authz import CALLER_SECRET_METADATA
+from authz_service.check.ext_authz import CALLER_SECRET_METADATA
 from bench.harness import BENCH_PLAN, Fixture, metric_total
 from driftlock_kernel import db
 from driftlock_kernel.keys import ALL_SCOPES, Environment, generate_key
@@ -182,7 +182,7 @@ class Statements:
         return StatementCount(by_query)
 
 
-# Fragments of the statements the cold path is expected to send (authz_service.grants, meter_store).
+# Fragments of the statements the cold path is expected to send (authz_service.check.grants, meter_store).
 KEY_LOOKUP = "FROM driftlock.api_keys k JOIN driftlock.organizations o"
 USAGE_LOAD = "FROM driftlock.usage_totals WHERE org_id"
 

@@ -13,7 +13,7 @@ import os
 import statistics
 import sys
 
-from authz_service.ext_authz import CALLER_SECRET_METADATA
+from authz_service.check.ext_authz import CALLER_SECRET_METADATA
 from bench.harness import Fixture, check_request_bytes, gauge_samples, grpc_frame, h2load_rps, run, scrape
 from driftlock_cli.supervisor import Child, free_port, grpc_serving, start_child, wait_until
 

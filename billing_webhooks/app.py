@@ -25,11 +25,11 @@ import asyncpg
 import prometheus_client
 from aiohttp import web
 
-from billing_webhooks.exporter import Exporter
-from billing_webhooks.exports import ExportRules
+from billing_webhooks.inbox.sync import SyncJob
+from billing_webhooks.inbox.webhook import BODY_TIMEOUT_SECONDS, MAX_BODY_BYTES, WebhookEndpoint, error_response
 from billing_webhooks.stripe_client import StripeApi
-from billing_webhooks.sync import SyncJob
-from billing_webhooks.webhook import BODY_TIMEOUT_SECONDS, MAX_BODY_BYTES, WebhookEndpoint, error_response
+from billing_webhooks.usage_export.exporter import Exporter
+from billing_webhooks.usage_export.exports import ExportRules
 from driftlock_kernel import db
 from driftlock_kernel.errors import OperatorError
 from driftlock_kernel.logs import configure_logging

@@ -3,7 +3,7 @@ event types outside the handled set count as "other", API versions outside a kno
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from billing_webhooks.decisions import Problem
+from billing_webhooks.inbox.decisions import Problem
 
 EVENTS = Counter(
     "driftlock_webhook_events_total",

@@ -15,7 +15,7 @@ from typing import Any
 import aiohttp
 import stripe
 
-from billing_webhooks.exports import StripeAnswer
+from billing_webhooks.usage_export.exports import StripeAnswer
 from driftlock_kernel.errors import one_line
 
 

@@ -6,7 +6,7 @@ spreads new connections over the workers, and it has its own key cache, meter, L
 hears every invalidation), replica name and spill folder. The parent serves no check. It
 
 - moves spill files a run with another number of workers left into this run's folders, before any worker starts
-  (authz_service/spill_dirs.py);
+  (authz_service/usage/spill_dirs.py);
 - serves DRIFTLOCK_AUTHZ_METRICS_PORT: the union of every worker's metrics (each scraped from its private
   loopback endpoint when Prometheus scrapes the parent), with a `worker` label on every sample;
 - forwards SIGTERM/SIGINT to every worker, which drains as one authz does, and exits 0 once all exited 0;
@@ -37,8 +37,8 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
-from authz_service import spill_dirs
 from authz_service.server import WORKER_METRICS_HOST, WorkerRole, check_settings, serve
+from authz_service.usage import spill_dirs
 from driftlock_cli.supervisor import Child, start_child
 from driftlock_kernel.errors import OperatorError, one_line
 from driftlock_kernel.logs import configure_logging

@@ -79,9 +79,9 @@ async def _pool(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
 
 
 async def cmd_stripe_export(args: argparse.Namespace, settings: Settings, out: Printer) -> None:
-    from billing_webhooks import export_store
     from billing_webhooks.app import export_lease, export_rules, runner_name, stripe_api
-    from billing_webhooks.exporter import Exporter
+    from billing_webhooks.usage_export import export_store
+    from billing_webhooks.usage_export.exporter import Exporter
 
     api = stripe_api(settings)
     try:
@@ -135,8 +135,8 @@ async def _export_until_stopped(exporter: Any, out: Printer, interval: float) ->
 
 
 async def cmd_stripe_exports_list(args: argparse.Namespace, settings: Settings, out: Printer) -> None:
-    from billing_webhooks import export_store
-    from billing_webhooks.exports import ExportState
+    from billing_webhooks.usage_export import export_store
+    from billing_webhooks.usage_export.exports import ExportState
 
     async with db.connection(
         settings.require_database_url(),
@@ -151,7 +151,7 @@ async def cmd_stripe_exports_list(args: argparse.Namespace, settings: Settings, 
 
 async def cmd_stripe_sync(args: argparse.Namespace, settings: Settings, out: Printer) -> None:
     from billing_webhooks.app import stripe_api
-    from billing_webhooks.sync import sync
+    from billing_webhooks.inbox.sync import sync
 
     api = stripe_api(settings)
     try:
@@ -181,7 +181,7 @@ async def cmd_stripe_sync(args: argparse.Namespace, settings: Settings, out: Pri
 
 
 async def cmd_webhooks_replay(args: argparse.Namespace, settings: Settings, out: Printer) -> None:
-    from billing_webhooks.replay import replay_event, replay_events
+    from billing_webhooks.inbox.replay import replay_event, replay_events
 
     if (args.event_id is None) == (args.outcome is None):
         raise StripeCommandError("give either an EVENT_ID or --outcome failed|deferred (see `webhooks replay --help`)")

@@ -16,7 +16,7 @@ import time
 import uuid
 from typing import Any
 
-from billing_webhooks.events import BASIL, EventType
+from billing_webhooks.inbox.events import BASIL, EventType
 from driftlock_kernel.billing import TERMINAL_STATUSES, SubscriptionStatus
 
 DEFAULT_API_VERSION = "2025-03-31.basil"

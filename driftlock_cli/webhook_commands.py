@@ -13,8 +13,8 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from billing_webhooks.decisions import EventOutcome
-from billing_webhooks.events import EventType
+from billing_webhooks.inbox.decisions import EventOutcome
+from billing_webhooks.inbox.events import EventType
 from driftlock_cli import stripe_commands
 from driftlock_cli.output import Printer, table
 from driftlock_kernel import db, retention
@@ -102,7 +102,7 @@ async def cmd_webhooks_prune(args: argparse.Namespace, settings: Settings, out: 
 
 
 async def cmd_webhooks_events(args: argparse.Namespace, settings: Settings, out: Printer) -> None:
-    from billing_webhooks.store import list_events
+    from billing_webhooks.inbox.store import list_events
 
     async with db.connection(
         settings.require_database_url(),

@@ -2,7 +2,7 @@
 
 import pytest
 
-from authz_service.decision import MESSAGES, DenyCode
+from authz_service.check.decision import MESSAGES, DenyCode
 from driftlock_cli import envoy_config
 from driftlock_cli.supervisor import http_ok, start_child, wait_until
 from driftlock_kernel.keys import Environment, generate_key

@@ -1,6 +1,7 @@
 """Bounded fuzzing (hypothesis) of the two readers that take outside input as it comes: the Stripe payload reader
-(billing_webhooks/events.py) and the credential reader (authz_service/credentials.py). Run by `make fuzz` (and
-once in .ci/run), not by `make test`; FUZZ_EXAMPLES sets how many inputs each target gets (default 3,000).
+(billing_webhooks/inbox/events.py) and the credential reader (authz_service/check/credentials.py). Run by
+`make fuzz` (and once in .ci/run), not by `make test`; FUZZ_EXAMPLES sets how many inputs each target gets
+(default 3,000).
 
 - envelope() + normalize() on any JSON value, and on real events with their fields replaced by anything: a
   MalformedEvent or one of our event types, never another exception, and what comes out is well-typed.
@@ -16,9 +17,9 @@ from datetime import datetime
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from authz_service.credentials import read_credential
-from authz_service.decision import DenyCode
-from billing_webhooks.events import (
+from authz_service.check.credentials import read_credential
+from authz_service.check.decision import DenyCode
+from billing_webhooks.inbox.events import (
     CheckoutCompleted,
     Envelope,
     InvoicePayment,

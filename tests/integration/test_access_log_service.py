@@ -5,7 +5,7 @@ import pytest
 from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
-from authz_service.ext_authz import CALLER_SECRET_METADATA
+from authz_service.check.ext_authz import CALLER_SECRET_METADATA
 from tests.support.authz_requests import EXT_AUTHZ_SECRET
 
 

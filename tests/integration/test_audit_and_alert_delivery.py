@@ -9,8 +9,8 @@ import pytest
 from aiohttp import web
 from prometheus_client import REGISTRY
 
-from authz_service.alerts import SIGNATURE_HEADER, AlertNotifier
-from authz_service.audit import AuditEntry, AuditLog
+from authz_service.check.audit import AuditEntry, AuditLog
+from authz_service.usage.alerts import SIGNATURE_HEADER, AlertNotifier
 from driftlock_kernel import db
 from tests.support.net import eventually, free_port
 from tests.support.tcp_proxy import FaultProxy
@@ -224,7 +224,7 @@ async def test_an_alert_older_than_the_expiry_is_marked_expired_and_not_sent(ale
 
 
 async def test_a_forged_or_altered_alert_fails_the_documented_verification():
-    from authz_service.alerts import signature
+    from authz_service.usage.alerts import signature
 
     body = b'{"id": 1}'
     header = signature(body, [SECRET, "t" * 40], 1_900_000_000)

@@ -4,7 +4,7 @@ import random
 import uuid
 from datetime import UTC, datetime
 
-from authz_service.audit import AuditEntry, AuditLog
+from authz_service.check.audit import AuditEntry, AuditLog
 
 
 def denial(source: str, code: str = "invalid_api_key", *, key_id: str | None = None) -> AuditEntry:

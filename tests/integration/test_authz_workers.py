@@ -17,9 +17,9 @@ import pytest
 from envoy.service.auth.v3 import external_auth_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from authz_service.meter_store import spill
-from authz_service.spill_dirs import worker_dir
-from authz_service.usage_ledger import Batch
+from authz_service.usage.meter_store import spill
+from authz_service.usage.spill_dirs import worker_dir
+from authz_service.usage.usage_ledger import Batch
 from driftlock_cli.supervisor import Child, start_child, wait_until
 from driftlock_kernel import api_keys
 from driftlock_kernel.periods import calendar_month

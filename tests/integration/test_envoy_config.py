@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from authz_service.credentials import read_credential
-from authz_service.decision import DenyCode
-from authz_service.ext_authz import CALLER_SECRET_METADATA, CREDENTIAL_HEADERS
+from authz_service.check.credentials import read_credential
+from authz_service.check.decision import DenyCode
+from authz_service.check.ext_authz import CALLER_SECRET_METADATA, CREDENTIAL_HEADERS
 from driftlock_cli import envoy_config
 from driftlock_kernel import usage
 from driftlock_kernel.keys import Environment, ParsedKey, generate_key

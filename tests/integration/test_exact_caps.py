@@ -5,13 +5,13 @@ margin every call is reserved in the database first. Together they serve exactly
 import asyncio
 import uuid
 
-from authz_service.authorizer import AccessRequest, Authorizer
-from authz_service.decision import DenyCode, Grant
-from authz_service.grants import GrantStore
-from authz_service.meter_store import TEST_TABLES, MeterStore
-from authz_service.metering import Meter
-from authz_service.plan_book import PlanBook, database_load
-from authz_service.usage_ledger import UsageLedger
+from authz_service.check.authorizer import AccessRequest, Authorizer
+from authz_service.check.decision import DenyCode, Grant
+from authz_service.check.grants import GrantStore
+from authz_service.check.plan_book import PlanBook, database_load
+from authz_service.usage.meter_store import TEST_TABLES, MeterStore
+from authz_service.usage.metering import Meter
+from authz_service.usage.usage_ledger import UsageLedger
 from driftlock_kernel import api_keys, db, plans
 from driftlock_kernel.keys import Environment, Scope
 from tests.support.authz_requests import STREAM_DETECT

@@ -2,7 +2,7 @@
 
 import asyncio
 
-from authz_service.grants import GrantStore, StoreUnavailable, database_fetch
+from authz_service.check.grants import GrantStore, StoreUnavailable, database_fetch
 from driftlock_kernel import db
 from driftlock_kernel.keys import Environment, generate_key, hash_key
 

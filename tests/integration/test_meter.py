@@ -8,10 +8,10 @@ from datetime import UTC, datetime
 import asyncpg
 import pytest
 
-from authz_service.decision import PlanLimits
-from authz_service.meter_store import FlushResult, MeterStore
-from authz_service.metering import FlushOutcome, Meter
-from authz_service.usage_ledger import Batch, Report, UsageLedger
+from authz_service.check.decision import PlanLimits
+from authz_service.usage.meter_store import FlushResult, MeterStore
+from authz_service.usage.metering import FlushOutcome, Meter
+from authz_service.usage.usage_ledger import Batch, Report, UsageLedger
 from driftlock_kernel import db
 from driftlock_kernel.periods import calendar_month
 from tests.support.net import eventually

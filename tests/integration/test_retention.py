@@ -9,8 +9,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from authz_service.meter_store import MeterStore
-from authz_service.usage_ledger import Batch, Report
+from authz_service.usage.meter_store import MeterStore
+from authz_service.usage.usage_ledger import Batch, Report
 from driftlock_kernel import db, migrate, orgs, retention
 from tests.support.cli import run_cli
 

@@ -7,8 +7,8 @@ import uuid
 import pytest
 from prometheus_client import REGISTRY
 
-from authz_service.rate_limit import RateLimiter
-from authz_service.shared_rate_limit import RETRY_AFTER_SECONDS, SharedRateLimiter, verdict_from_reply
+from authz_service.check.rate_limit import RateLimiter
+from authz_service.check.shared_rate_limit import RETRY_AFTER_SECONDS, SharedRateLimiter, verdict_from_reply
 from tests.support.net import free_port
 from tests.support.redis_server import require_redis
 

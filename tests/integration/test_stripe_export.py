@@ -12,10 +12,10 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from prometheus_client import REGISTRY
 
-from billing_webhooks import export_store
-from billing_webhooks.exporter import Exporter
-from billing_webhooks.exports import ExportRules, identifier, summary_window
 from billing_webhooks.stripe_client import StripeApi
+from billing_webhooks.usage_export import export_store
+from billing_webhooks.usage_export.exporter import Exporter
+from billing_webhooks.usage_export.exports import ExportRules, identifier, summary_window
 from driftlock_kernel import db, migrate, orgs, plans
 from driftlock_kernel.periods import Period, calendar_month
 from tests.support.cli import run_cli

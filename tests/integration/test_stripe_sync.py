@@ -8,8 +8,8 @@ from datetime import UTC, datetime
 
 import pytest
 
+from billing_webhooks.inbox.sync import SyncJob, sync
 from billing_webhooks.stripe_client import StripeApi
-from billing_webhooks.sync import SyncJob, sync
 from driftlock_cli import stripe_player
 from driftlock_kernel import plans
 from tests.support.cli import run_cli

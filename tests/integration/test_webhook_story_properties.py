@@ -11,8 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from billing_webhooks.events import envelope
-from billing_webhooks.webhook import store_and_apply
+from billing_webhooks.inbox.events import envelope
+from billing_webhooks.inbox.webhook import store_and_apply
 from driftlock_cli import stripe_player
 from driftlock_kernel import orgs, plans
 

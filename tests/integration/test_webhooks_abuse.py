@@ -49,11 +49,11 @@ async def test_a_body_that_does_not_arrive_in_time_is_a_408(service):
 
 
 async def test_a_flood_of_bad_signatures_is_two_log_lines(service, caplog):
-    caplog.set_level(logging.INFO, logger="billing_webhooks.webhook")
+    caplog.set_level(logging.INFO, logger="billing_webhooks.inbox.webhook")
     stripe = Stripe(f"http://127.0.0.1:{service}/stripe/webhook")
     for _ in range(300):
         reply = await stripe.deliver(b'{"id": "evt_forged"}', signature="t=1,v1=00")
         assert reply.status == 400
-    lines = [r for r in caplog.records if r.name == "billing_webhooks.webhook" and "refused" in r.getMessage()]
+    lines = [r for r in caplog.records if r.name == "billing_webhooks.inbox.webhook" and "refused" in r.getMessage()]
     assert len(lines) == 1  # the first; the other 299 are counted and written as one line when the minute ends
     assert lines[0].getMessage() == "refused a delivery: signature mismatch"

@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from billing_webhooks import events
+from billing_webhooks.inbox import events
 from driftlock_cli import stripe_player, webhook_commands
 from driftlock_cli.supervisor import http_ok, start_child, wait_until
 from tests.integration.test_cli import assert_one_line_error

@@ -6,7 +6,7 @@ import uuid
 import grpc
 from envoy.service.auth.v3 import external_auth_pb2
 
-from authz_service.ext_authz import CALLER_SECRET_METADATA
+from authz_service.check.ext_authz import CALLER_SECRET_METADATA
 
 # What the tests' gateway gives its Envoy and its authz replicas (DRIFTLOCK_EXT_AUTHZ_SECRET), so that the tests
 # can call Check as Envoy does.

@@ -6,13 +6,13 @@ import time
 
 import pytest
 
-from authz_service.authorizer import AccessRequest, Authorizer
-from authz_service.decision import DenyCode, Grant, PlanLimits
-from authz_service.grants import GrantStore
-from authz_service.meter_store import MeterStore, Reservation
-from authz_service.metering import Meter
-from authz_service.plan_book import PlanBook
-from authz_service.usage_ledger import UsageLedger
+from authz_service.check.authorizer import AccessRequest, Authorizer
+from authz_service.check.decision import DenyCode, Grant, PlanLimits
+from authz_service.check.grants import GrantStore
+from authz_service.check.plan_book import PlanBook
+from authz_service.usage.meter_store import MeterStore, Reservation
+from authz_service.usage.metering import Meter
+from authz_service.usage.usage_ledger import UsageLedger
 from driftlock_kernel.billing import Overage
 from driftlock_kernel.keys import Environment, Scope, generate_key
 from tests.support.authz_requests import STREAM_DETECT

@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from billing_webhooks.decisions import (
+from billing_webhooks.inbox.decisions import (
     OrgBilling,
     Position,
     SubscriptionState,
@@ -21,7 +21,7 @@ from billing_webhooks.decisions import (
     position,
     status_after_payment,
 )
-from billing_webhooks.events import InvoicePayment, SubscriptionSnapshot
+from billing_webhooks.inbox.events import InvoicePayment, SubscriptionSnapshot
 
 T0 = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
 SUB = "sub_A"

@@ -1,8 +1,8 @@
 import jwt
 import pytest
 
-from authz_service.context_signer import ContextSigner
-from authz_service.decision import Grant
+from authz_service.check.context_signer import ContextSigner
+from authz_service.check.decision import Grant
 from driftlock_kernel.context_keys import EDDSA, HS256, ContextKeys, Ed25519Key, verify_with_jwks
 from driftlock_kernel.tokens import verify
 

@@ -1,7 +1,7 @@
 import pytest
 
-from authz_service.credentials import read_credential
-from authz_service.decision import DenyCode
+from authz_service.check.credentials import read_credential
+from authz_service.check.decision import DenyCode
 from driftlock_kernel.keys import Environment, generate_key
 
 KEY = generate_key(Environment.LIVE)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from authz_service.decision import (
+from authz_service.check.decision import (
     ALLOW,
     HTTP_STATUS,
     MESSAGES,
@@ -18,7 +18,7 @@ from authz_service.decision import (
     is_billed,
     route_from_context,
 )
-from authz_service.rate_limit import RateVerdict
+from authz_service.check.rate_limit import RateVerdict
 from driftlock_kernel.billing import BillingPolicy, Overage, effective_plan, payment_overdue
 from driftlock_kernel.keys import Environment, Scope
 

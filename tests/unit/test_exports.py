@@ -1,12 +1,12 @@
-"""What is reported to Stripe and when (billing_webhooks/exports.py): rows, timestamps, periods that close, what
-each answer from Stripe means, and reconciliation after Stripe's 24 h identifier window."""
+"""What is reported to Stripe and when (billing_webhooks/usage_export/exports.py): rows, timestamps, periods that
+close, what each answer from Stripe means, and reconciliation after Stripe's 24 h identifier window."""
 
 import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from billing_webhooks.exports import (
+from billing_webhooks.usage_export.exports import (
     MAX_RETRY_DELAY,
     AttemptResult,
     ExportRules,

@@ -6,12 +6,12 @@ import pytest
 from envoy.config.core.v3.base_pb2 import HeaderValueOption
 from envoy.service.auth.v3.external_auth_pb2 import CheckResponse
 
-from authz_service.authorizer import AccessRequest, CheckOutcome
-from authz_service.context_signer import ContextSigner
-from authz_service.decision import ALLOW, HTTP_STATUS, MESSAGES, Decision, DenyCode, Grant, Route, deny
-from authz_service.ext_authz import AllowedResponses, access_request
-from authz_service.ext_authz import denied_response as denied_bytes
-from authz_service.rate_limit import RateVerdict
+from authz_service.check.authorizer import AccessRequest, CheckOutcome
+from authz_service.check.context_signer import ContextSigner
+from authz_service.check.decision import ALLOW, HTTP_STATUS, MESSAGES, Decision, DenyCode, Grant, Route, deny
+from authz_service.check.ext_authz import AllowedResponses, access_request
+from authz_service.check.ext_authz import denied_response as denied_bytes
+from authz_service.check.rate_limit import RateVerdict
 from driftlock_kernel.context_keys import HS256, ContextKeys
 from driftlock_kernel.tokens import verify
 from tests.support.authz_requests import STREAM_DETECT, check_request

@@ -4,9 +4,9 @@ import asyncio
 
 import pytest
 
-from authz_service.decision import Grant
-from authz_service.grants import CacheResult, GrantStore, LookupRationed, StoreUnavailable
-from authz_service.lookup_budget import LookupBudget
+from authz_service.check.decision import Grant
+from authz_service.check.grants import CacheResult, GrantStore, LookupRationed, StoreUnavailable
+from authz_service.check.lookup_budget import LookupBudget
 
 
 def grant(key_id="k1", org_id="o1", plan="free") -> Grant:
@@ -379,7 +379,7 @@ def row(key_id: str, scopes: list[str]) -> dict:
 def test_cached_grants_of_one_organisation_share_what_they_have_in_common():
     """100,000 cached keys hold one copy of each organisation's id, plan, billing status and scope set, not one
     per key (about a third of a cached key's memory)."""
-    from authz_service.grants import grant_from_row
+    from authz_service.check.grants import grant_from_row
 
     first = grant_from_row(row("k1", ["detect", "read"]))
     second = grant_from_row(row("k2", ["read", "detect"]))

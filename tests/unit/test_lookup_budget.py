@@ -1,6 +1,6 @@
 """The budget for looking up keys that do not exist: per source, overall, refunded for keys that exist."""
 
-from authz_service.lookup_budget import LookupBudget
+from authz_service.check.lookup_budget import LookupBudget
 
 
 class Clock:

@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from billing_webhooks.decisions import (
+from billing_webhooks.inbox.decisions import (
     OrgBilling,
     SubscriptionState,
     apply_payment,
@@ -20,7 +20,7 @@ from billing_webhooks.decisions import (
     org_changes,
     pick_plan,
 )
-from billing_webhooks.events import CheckoutCompleted, InvoicePayment, SubscriptionSnapshot
+from billing_webhooks.inbox.events import CheckoutCompleted, InvoicePayment, SubscriptionSnapshot
 from driftlock_kernel.billing import SubscriptionStatus
 
 T0 = datetime(2026, 3, 1, tzinfo=UTC)

@@ -14,12 +14,12 @@ import string
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
-from authz_service.authorizer import AccessRequest, Authorizer
-from authz_service.decision import Grant, PlanLimits, RouteError, check_access, route_from_context
-from authz_service.grants import GrantStore
-from authz_service.metering import Meter
-from authz_service.plan_book import PlanBook
-from authz_service.usage_ledger import UsageLedger
+from authz_service.check.authorizer import AccessRequest, Authorizer
+from authz_service.check.decision import Grant, PlanLimits, RouteError, check_access, route_from_context
+from authz_service.check.grants import GrantStore
+from authz_service.check.plan_book import PlanBook
+from authz_service.usage.metering import Meter
+from authz_service.usage.usage_ledger import UsageLedger
 from driftlock_kernel.billing import BILLING_STATUSES, BillingPolicy, Overage
 from driftlock_kernel.keys import Environment, Scope, generate_key, parse_key
 from tests.unit.test_authorizer import StoredUsage

@@ -1,4 +1,4 @@
-from authz_service.rate_limit import RateLimiter
+from authz_service.check.rate_limit import RateLimiter
 
 
 class Clock:

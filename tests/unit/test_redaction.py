@@ -5,7 +5,7 @@ import logging
 
 import pytest
 
-from authz_service.audit import audit_path
+from authz_service.check.audit import audit_path
 from driftlock_kernel.keys import Environment, generate_key, redact_keys
 from driftlock_kernel.logs import RedactKeys
 

@@ -8,12 +8,12 @@ from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.auth.v3.external_auth_pb2 import CheckResponse
 from google.protobuf import json_format, struct_pb2
 
-from authz_service.access_log import logged_request
-from authz_service.authorizer import AccessRequest, CheckOutcome
-from authz_service.context_signer import ContextSigner
-from authz_service.decision import ALLOW, Grant, Route
-from authz_service.ext_authz import CALLER_SECRET_METADATA, AllowedResponses
-from authz_service.refunds import (
+from authz_service.check.authorizer import AccessRequest, CheckOutcome
+from authz_service.check.context_signer import ContextSigner
+from authz_service.check.decision import ALLOW, Grant, Route
+from authz_service.check.ext_authz import CALLER_SECRET_METADATA, AllowedResponses
+from authz_service.usage.access_log import logged_request
+from authz_service.usage.refunds import (
     BILLED_KEY,
     EXT_AUTHZ_NAMESPACE,
     REFUND_FLAGS,

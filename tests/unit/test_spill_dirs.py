@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from authz_service.meter_store import read_spilled, spill
-from authz_service.spill_dirs import TEST_SUBDIR, adopt_leftovers, worker_dir
-from authz_service.usage_ledger import Batch
+from authz_service.usage.meter_store import read_spilled, spill
+from authz_service.usage.spill_dirs import TEST_SUBDIR, adopt_leftovers, worker_dir
+from authz_service.usage.usage_ledger import Batch
 
 PERIOD = datetime(2025, 1, 1, tzinfo=UTC)
 

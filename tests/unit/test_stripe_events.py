@@ -6,8 +6,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from billing_webhooks import events
-from billing_webhooks.events import (
+from billing_webhooks.inbox import events
+from billing_webhooks.inbox.events import (
     CheckoutCompleted,
     InvoicePayment,
     MalformedEvent,

@@ -1,9 +1,9 @@
 from datetime import UTC, datetime
 
-from authz_service.alerts import thresholds_reached
-from authz_service.meter_store import read_spilled, spill
-from authz_service.refunds import Refund
-from authz_service.usage_ledger import Report, UsageLedger
+from authz_service.usage.alerts import thresholds_reached
+from authz_service.usage.meter_store import read_spilled, spill
+from authz_service.usage.refunds import Refund
+from authz_service.usage.usage_ledger import Report, UsageLedger
 
 PERIOD = datetime(2026, 11, 1, tzinfo=UTC)
 KEY = ("org-1", PERIOD)

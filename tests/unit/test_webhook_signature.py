@@ -3,7 +3,7 @@
 import time
 
 from billing_webhooks import metrics
-from billing_webhooks.webhook import SignatureFailure, check_signature
+from billing_webhooks.inbox.webhook import SignatureFailure, check_signature
 from driftlock_cli import stripe_player
 
 NEW, OLD, OTHER = "whsec_new_secret_value", "whsec_old_secret_value", "whsec_someone_else"

@@ -28,8 +28,8 @@ from typing import Protocol
 
 import asyncpg
 
-from authz_service.decision import Grant
-from authz_service.lookup_budget import LookupBudget
+from authz_service.check.decision import Grant
+from authz_service.check.lookup_budget import LookupBudget
 from driftlock_kernel import db
 from driftlock_kernel.caches import Batcher, LruCache, SingleFlight
 from driftlock_kernel.errors import one_line

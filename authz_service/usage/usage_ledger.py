@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from authz_service.refunds import Refund
+from authz_service.usage.refunds import Refund
 
 UsageKey = tuple[str, datetime]  # (org_id, period_start): what quotas and alerts pool over
 CounterKey = tuple[str, datetime, str]  # (org_id, period_start, product): what is stored

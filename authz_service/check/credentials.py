@@ -2,7 +2,7 @@
 
 from collections.abc import Mapping
 
-from authz_service.decision import DenyCode
+from authz_service.check.decision import DenyCode
 from driftlock_kernel.keys import ParsedKey, parse_key
 
 

@@ -23,7 +23,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from authz_service import metrics
-from authz_service.rate_limit import RateLimiter, RateVerdict, bucket_capacity
+from authz_service.check.rate_limit import RateLimiter, RateVerdict, bucket_capacity
 from driftlock_kernel.errors import one_line
 
 log = logging.getLogger(__name__)

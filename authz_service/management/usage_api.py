@@ -13,12 +13,12 @@ from datetime import UTC, datetime
 import asyncpg
 import grpc
 
-from authz_service.admin_api import AdminGate, ApiError, Call, invalid, parse_uuid, timestamp
-from authz_service.decision import PlanLimits
-from authz_service.meter_store import MeterStore
-from authz_service.metering import Meter
-from authz_service.plan_book import PlanBook
-from authz_service.usage_ledger import Report
+from authz_service.check.decision import PlanLimits
+from authz_service.check.plan_book import PlanBook
+from authz_service.management.admin_api import AdminGate, ApiError, Call, invalid, parse_uuid, timestamp
+from authz_service.usage.meter_store import MeterStore
+from authz_service.usage.metering import Meter
+from authz_service.usage.usage_ledger import Report
 from driftlock_api.usage.v1 import usage_pb2, usage_pb2_grpc
 from driftlock_kernel import orgs
 from driftlock_kernel.billing import DEFAULT_POLICY, BillingPolicy, effective_plan, payment_blocks_billable

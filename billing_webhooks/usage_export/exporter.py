@@ -26,9 +26,11 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import stripe
 
-from billing_webhooks import export_store, metrics
-from billing_webhooks.export_store import ClaimedExport, PeriodRow
-from billing_webhooks.exports import (
+from billing_webhooks import metrics
+from billing_webhooks.stripe_client import StripeApi
+from billing_webhooks.usage_export import export_store
+from billing_webhooks.usage_export.export_store import ClaimedExport, PeriodRow
+from billing_webhooks.usage_export.exports import (
     DEFAULT_RULES,
     RESEND_WINDOW,
     SUMMARY_SETTLE,
@@ -49,7 +51,6 @@ from billing_webhooks.exports import (
     settle_marks,
     summary_window,
 )
-from billing_webhooks.stripe_client import StripeApi
 from driftlock_kernel import db
 from driftlock_kernel.billing import DEFAULT_POLICY, BillingPolicy, effective_plan
 from driftlock_kernel.errors import one_line

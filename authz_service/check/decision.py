@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
-from authz_service.rate_limit import RateVerdict
+from authz_service.check.rate_limit import RateVerdict
 from driftlock_kernel.billing import DEFAULT_POLICY, BillingPolicy, Overage, payment_blocks_billable
 from driftlock_kernel.keys import Environment, Scope
 

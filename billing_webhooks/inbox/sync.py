@@ -30,11 +30,12 @@ from typing import Any
 import asyncpg
 import stripe
 
-from billing_webhooks import metrics, store
-from billing_webhooks.decisions import EventOutcome, OrgBilling, SubscriptionState
-from billing_webhooks.events import Envelope, EventType
+from billing_webhooks import metrics
+from billing_webhooks.inbox import store
+from billing_webhooks.inbox.decisions import EventOutcome, OrgBilling, SubscriptionState
+from billing_webhooks.inbox.events import Envelope, EventType
+from billing_webhooks.inbox.webhook import apply_event
 from billing_webhooks.stripe_client import StripeApi
-from billing_webhooks.webhook import apply_event
 from driftlock_kernel import db
 from driftlock_kernel.billing import DEFAULT_POLICY, TERMINAL_STATUSES, BillingPolicy
 from driftlock_kernel.errors import one_line

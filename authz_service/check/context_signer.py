@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import jwt
 
-from authz_service.decision import Grant
+from authz_service.check.decision import Grant
 from driftlock_kernel.caches import LruCache
 from driftlock_kernel.context_keys import ContextKeys
 from driftlock_kernel.tokens import AUDIENCE, ISSUER, MAX_LIFETIME_SECONDS

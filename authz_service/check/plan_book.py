@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 
 import asyncpg
 
-from authz_service.decision import PlanLimits
+from authz_service.check.decision import PlanLimits
 from driftlock_kernel import db
 from driftlock_kernel.caches import SingleFlight
 from driftlock_kernel.errors import one_line

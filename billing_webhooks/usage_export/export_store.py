@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 
 import asyncpg
 
-from billing_webhooks.exports import ExportState, Marks, NewExport
+from billing_webhooks.usage_export.exports import ExportState, Marks, NewExport
 from driftlock_kernel import db
 
 # Any fixed 64-bit number: "the driftlock usage-export decision lock" among the database's advisory locks.

@@ -34,7 +34,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from billing_webhooks.events import InvoicePayment, SubscriptionSnapshot
+from billing_webhooks.inbox.events import InvoicePayment, SubscriptionSnapshot
 from driftlock_kernel.billing import FREE_PLAN, OVERDUE_STATUSES, TERMINAL_STATUSES, SubscriptionStatus
 
 S = SubscriptionStatus

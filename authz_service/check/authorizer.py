@@ -17,9 +17,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from authz_service import metrics
-from authz_service.audit import AuditEntry, AuditLog, audit_path
-from authz_service.credentials import read_credential
-from authz_service.decision import (
+from authz_service.check.audit import AuditEntry, AuditLog, audit_path
+from authz_service.check.credentials import read_credential
+from authz_service.check.decision import (
     ALLOW,
     BILLABLE_METHODS,
     DENY_UNAVAILABLE,
@@ -40,12 +40,12 @@ from authz_service.decision import (
     reservation_cap,
     route_from_context,
 )
-from authz_service.grants import GrantStore, StoreUnavailable
-from authz_service.key_last_used import LastUsedRecorder
-from authz_service.metering import Meter, Reserved
-from authz_service.plan_book import PlanBook
-from authz_service.rate_limit import RateLimiter, RateVerdict, SharedLimits
-from authz_service.refunds import BilledUsage
+from authz_service.check.grants import GrantStore, StoreUnavailable
+from authz_service.check.key_last_used import LastUsedRecorder
+from authz_service.check.plan_book import PlanBook
+from authz_service.check.rate_limit import RateLimiter, RateVerdict, SharedLimits
+from authz_service.usage.metering import Meter, Reserved
+from authz_service.usage.refunds import BilledUsage
 from driftlock_kernel.billing import DEFAULT_POLICY, BillingPolicy, effective_plan
 from driftlock_kernel.caches import LruCache
 from driftlock_kernel.keys import Environment, ParsedKey

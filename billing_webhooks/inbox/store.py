@@ -12,8 +12,8 @@ from datetime import datetime
 
 import asyncpg
 
-from billing_webhooks.decisions import EventOutcome, OrgBilling, Position, StatusReport, SubscriptionState
-from billing_webhooks.events import Envelope, contains_nul
+from billing_webhooks.inbox.decisions import EventOutcome, OrgBilling, Position, StatusReport, SubscriptionState
+from billing_webhooks.inbox.events import Envelope, contains_nul
 from driftlock_kernel import db
 from driftlock_kernel.billing import SubscriptionStatus
 

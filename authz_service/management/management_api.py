@@ -15,7 +15,7 @@ import grpc
 from google.protobuf import json_format
 from google.protobuf.struct_pb2 import Struct
 
-from authz_service.admin_api import AdminGate, ApiError, Call, invalid, parse_uuid, timestamp
+from authz_service.management.admin_api import AdminGate, ApiError, Call, invalid, parse_uuid, timestamp
 from driftlock_api.management.v1 import jwks_pb2, jwks_pb2_grpc, keys_pb2, keys_pb2_grpc, orgs_pb2, orgs_pb2_grpc
 from driftlock_kernel import api_keys, db, orgs, paging, usage
 from driftlock_kernel.billing import FREE_PLAN

@@ -24,11 +24,11 @@ from envoy.type.v3.http_status_pb2 import HttpStatus
 from google.rpc import code_pb2, status_pb2
 
 from authz_service import metrics
-from authz_service.authorizer import AccessRequest, Authorizer, CheckOutcome
-from authz_service.context_signer import ContextSigner
-from authz_service.decision import DENY_UNAVAILABLE, HTTP_STATUS, MESSAGES, Decision, DenyCode
-from authz_service.rate_limit import RateVerdict
-from authz_service.refunds import BilledUsage
+from authz_service.check.authorizer import AccessRequest, Authorizer, CheckOutcome
+from authz_service.check.context_signer import ContextSigner
+from authz_service.check.decision import DENY_UNAVAILABLE, HTTP_STATUS, MESSAGES, Decision, DenyCode
+from authz_service.check.rate_limit import RateVerdict
+from authz_service.usage.refunds import BilledUsage
 from driftlock_kernel.caches import LruCache
 from driftlock_kernel.logs import bind_request
 from driftlock_kernel.repeated_logs import RepeatedLog

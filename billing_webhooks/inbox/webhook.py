@@ -27,10 +27,11 @@ import asyncpg
 import stripe
 from aiohttp import web
 
-from billing_webhooks import metrics, store
-from billing_webhooks.decisions import EventOutcome, Problem
-from billing_webhooks.events import Envelope, MalformedEvent, envelope, normalize, release_of, type_label
-from billing_webhooks.handlers import HANDLERS, Result
+from billing_webhooks import metrics
+from billing_webhooks.inbox import store
+from billing_webhooks.inbox.decisions import EventOutcome, Problem
+from billing_webhooks.inbox.events import Envelope, MalformedEvent, envelope, normalize, release_of, type_label
+from billing_webhooks.inbox.handlers import HANDLERS, Result
 from driftlock_kernel import db
 from driftlock_kernel.billing import DEFAULT_POLICY, BillingPolicy
 from driftlock_kernel.errors import one_line

@@ -13,11 +13,11 @@ from datetime import datetime
 
 import asyncpg
 
-from billing_webhooks import store
-from billing_webhooks.decisions import EventOutcome
-from billing_webhooks.events import MalformedEvent, envelope
-from billing_webhooks.handlers import Result
-from billing_webhooks.webhook import apply_event
+from billing_webhooks.inbox import store
+from billing_webhooks.inbox.decisions import EventOutcome
+from billing_webhooks.inbox.events import MalformedEvent, envelope
+from billing_webhooks.inbox.handlers import Result
+from billing_webhooks.inbox.webhook import apply_event
 from driftlock_kernel.billing import DEFAULT_POLICY, BillingPolicy
 from driftlock_kernel.orgs import NotFound
 

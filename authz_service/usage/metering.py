@@ -24,11 +24,11 @@ from enum import Enum
 from pathlib import Path
 
 from authz_service import metrics
-from authz_service.alerts import AlertNotifier, thresholds_reached
-from authz_service.decision import PlanLimits
-from authz_service.meter_store import AlertCandidate, MeterStore, read_spilled, spill
-from authz_service.refunds import Refund
-from authz_service.usage_ledger import Batch, Report, UsageKey, UsageLedger
+from authz_service.check.decision import PlanLimits
+from authz_service.usage.alerts import AlertNotifier, thresholds_reached
+from authz_service.usage.meter_store import AlertCandidate, MeterStore, read_spilled, spill
+from authz_service.usage.refunds import Refund
+from authz_service.usage.usage_ledger import Batch, Report, UsageKey, UsageLedger
 from driftlock_kernel import db
 from driftlock_kernel.background import every
 from driftlock_kernel.caches import SingleFlight

@@ -12,9 +12,9 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from billing_webhooks import decisions, store
-from billing_webhooks.decisions import EventOutcome, Problem, StatusReport, SubscriptionState
-from billing_webhooks.events import (
+from billing_webhooks.inbox import decisions, store
+from billing_webhooks.inbox.decisions import EventOutcome, Problem, StatusReport, SubscriptionState
+from billing_webhooks.inbox.events import (
     CheckoutCompleted,
     EventType,
     InvoicePayment,

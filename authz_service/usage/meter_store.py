@@ -11,8 +11,8 @@ from pathlib import Path
 
 import asyncpg
 
-from authz_service.refunds import Refund
-from authz_service.usage_ledger import Batch, Report, UsageKey
+from authz_service.usage.refunds import Refund
+from authz_service.usage.usage_ledger import Batch, Report, UsageKey
 from driftlock_kernel import db
 
 # Applies a batch exactly once and reads back the pooled totals of every organisation and period it touched.

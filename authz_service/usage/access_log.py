@@ -20,9 +20,9 @@ from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from google.protobuf import json_format
 
 from authz_service import metrics
-from authz_service.ext_authz import shows_secret
-from authz_service.metering import Meter
-from authz_service.refunds import EXT_AUTHZ_NAMESPACE, LoggedRequest, billed_from_metadata, refund_for
+from authz_service.check.ext_authz import shows_secret
+from authz_service.usage.metering import Meter
+from authz_service.usage.refunds import EXT_AUTHZ_NAMESPACE, LoggedRequest, billed_from_metadata, refund_for
 from driftlock_kernel.repeated_logs import RepeatedLog
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,1 @@
+"""The management API on authz's port: admin tokens, keys, organisations, usage."""

@@ -1,0 +1,1 @@
+"""The usage ledger: counting billable units, flushing and spilling them, refunds and alerts."""

@@ -1,0 +1,1 @@
+"""The usage export: counted units reported to Stripe Billing Meters, exactly once."""
