@@ -45,6 +45,8 @@ from bench.harness import (
     h2load_rps,
     metric_total,
     run,
+    runs_summary,
+    side_by_side,
     start_authz,
     start_backend,
     start_edge,
@@ -308,7 +310,8 @@ async def bench_grpc(fixture: Fixture, seconds: float, rounds: int) -> list[tupl
     rows = []
     for label, *_ in sides[:-1]:
         rps, cpu = statistics.median(results[label]), statistics.median(cpu_per_check[label])
-        rows.append(("grpc", f"{label} (billable)", f"{rps:,.0f} req/s", f"{rps / null_rps:.2f}x do-nothing"))
+        measured = side_by_side("grpc", label, results[label], results["do-nothing"])
+        rows.append(("grpc", f"{label} (billable)", f"{rps:,.0f} req/s", measured.ratio_cell()))
         rows.append(("grpc", f"  CPU per check, {label}", f"{cpu * 1e6:.0f} µs", f"{null_cpu / cpu:.2f}x do-nothing's"))
     rows.append(("grpc", "do-nothing ext_authz", f"{null_rps:,.0f} req/s", "1.00x"))
     rows.append(("grpc", "  CPU per check, do-nothing", f"{null_cpu * 1e6:.0f} µs", "1.00x"))
@@ -378,7 +381,8 @@ async def bench_edge(fixture: Fixture, seconds: float, rounds: int) -> list[tupl
     rows = []
     for label, _port, _secret in sides[:-1]:
         rps = statistics.median(results[label])
-        rows.append(("edge", f"Envoy + {label} (billable)", f"{rps:,.0f} req/s", f"{rps / null_rps:.2f}x do-nothing"))
+        measured = side_by_side("edge", f"Envoy + {label}", results[label], results["do-nothing"])
+        rows.append(("edge", f"Envoy + {label} (billable)", f"{rps:,.0f} req/s", measured.ratio_cell()))
     rows.append(("edge", "Envoy + do-nothing ext_authz", f"{null_rps:,.0f} req/s", "1.00x"))
     return [
         *rows,
@@ -406,6 +410,12 @@ async def main() -> None:
         default="inproc,caps,grpc,edge,redis,workers",
         help="any of inproc,caps,grpc,edge,redis,flood,workers,latency,cold,memory",
     )
+    parser.add_argument(
+        "--runs",
+        type=int,
+        default=1,
+        help="run the chosen parts this many times and print the median of the runs' ratios (publish those)",
+    )
     args = parser.parse_args()
     wanted = set(args.only.split(","))
     for tool, part in (("h2load", "grpc"), ("wrk", "edge"), ("wrk", "flood"), ("h2load", "workers")):
@@ -415,6 +425,18 @@ async def main() -> None:
     if "latency" in wanted and (why := go_missing()):
         print(f"skipping latency: {why}")
         wanted.discard("latency")
+    for number in range(1, args.runs + 1):
+        if args.runs > 1:
+            print(f"\n== run {number} of {args.runs}", flush=True)
+        await run_parts(wanted, args)
+    if args.runs > 1:
+        from bench.harness import MEASURED
+
+        print(f"\n{time.strftime('%Y-%m-%d', time.gmtime())}: {args.runs} runs, * = disturbed (not counted)\n")
+        print(table([("part", "what", "figure", "each run (baseline's rate)"), *runs_summary(MEASURED)]))
+
+
+async def run_parts(wanted: set[str], args: argparse.Namespace) -> None:
     rows = [("part", "what", "median", "ratio")]
     with tempfile.TemporaryDirectory(prefix="driftlock-bench-") as scratch:
         async with Fixture(Path(scratch)) as fixture:

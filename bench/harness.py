@@ -4,10 +4,12 @@ import asyncio
 import os
 import re
 import secrets
+import statistics
 import struct
 import sys
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from driftlock_cli import envoy_config
@@ -206,3 +208,85 @@ def cpu_seconds(pid: int) -> float:
 def table(rows: list[tuple[str, str, str, str]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     return "\n".join("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in rows)
+
+
+# What the do-nothing baseline usually does on this kind of machine (2 cores), from shared/FACTS.md: h2load 8x16
+# straight to it, and wrk through Envoy. A run whose baseline falls far below this shared the machine with
+# something else, and its ratio says more about the neighbour than about authz. BENCH_USUAL_<PART>_RPS overrides.
+USUAL_BASELINE_RPS = {"grpc": 5500.0, "edge": 3000.0}
+# Below this share of the usual rate a baseline is "far below" it.
+FAR_BELOW_USUAL = 0.6
+# Rounds whose ratios differ by more than this were not measured on a steady machine.
+MAX_SPREAD = 0.05
+
+
+@dataclass(frozen=True)
+class SideBySide:
+    """One side's rates and the baseline's, measured in interleaved rounds: ours[i] ran right beside base[i],
+    so each round gives one ratio, and the spread of those ratios says how steady the machine was."""
+
+    part: str
+    label: str
+    ours: Sequence[float]
+    base: Sequence[float]
+
+    @property
+    def ratios(self) -> list[float]:
+        return [o / b for o, b in zip(self.ours, self.base, strict=True) if b > 0]
+
+    @property
+    def ratio(self) -> float:
+        return statistics.median(self.ratios)
+
+    @property
+    def spread(self) -> float:
+        return max(self.ratios) - min(self.ratios)
+
+    @property
+    def base_rps(self) -> float:
+        return statistics.median(self.base)
+
+    def disturbance(self) -> str | None:
+        """Why this run's ratio should not be quoted, or None when it was measured cleanly."""
+        reasons = []
+        if len(self.ratios) > 1 and self.spread > MAX_SPREAD:
+            reasons.append(f"rounds spread {self.spread:.2f} > {MAX_SPREAD}")
+        usual = float(os.environ.get(f"BENCH_USUAL_{self.part.upper()}_RPS", USUAL_BASELINE_RPS.get(self.part, 0)))
+        if usual and self.base_rps < FAR_BELOW_USUAL * usual:
+            reasons.append(f"baseline {self.base_rps:,.0f}/s, far below its usual {usual:,.0f}/s")
+        return "; ".join(reasons) or None
+
+    def ratio_cell(self) -> str:
+        """The ratio with the baseline's own rate and the rounds' spread beside it, and a warning when disturbed."""
+        low, high = min(self.ratios), max(self.ratios)
+        cell = f"{self.ratio:.2f}x do-nothing ({self.base_rps:,.0f}/s), rounds {low:.2f}-{high:.2f}"
+        why = self.disturbance()
+        return f"{cell}  DISTURBED: {why}" if why else cell
+
+
+# Every ratio measured in this process, in order: `--runs N` prints the median of the runs from them.
+MEASURED: list[SideBySide] = []
+
+
+def side_by_side(part: str, label: str, ours: Sequence[float], base: Sequence[float]) -> SideBySide:
+    measured = SideBySide(part, label, tuple(ours), tuple(base))
+    MEASURED.append(measured)
+    return measured
+
+
+def runs_summary(measured: Sequence[SideBySide]) -> list[tuple[str, str, str, str]]:
+    """Per ratio: the median over runs of each run's median ratio, every run's figure, and which were disturbed.
+    The figure to publish is the median of clean runs; with fewer than two clean runs there is none."""
+    rows = []
+    by_label: dict[tuple[str, str], list[SideBySide]] = {}
+    for m in measured:
+        by_label.setdefault((m.part, m.label), []).append(m)
+    for (part, label), runs in by_label.items():
+        clean = [r for r in runs if r.disturbance() is None]
+        each = ", ".join(f"{r.ratio:.2f}{'*' if r.disturbance() else ''} ({r.base_rps:,.0f}/s)" for r in runs)
+        if len(clean) >= max(2, (len(runs) + 1) // 2):
+            figure = f"{statistics.median(r.ratio for r in clean):.2f}x"
+        else:
+            figure = "no clean figure"
+        rows.append((part, f"{label}: median of {len(runs)} runs", figure, f"runs: {each}"))
+    return rows
