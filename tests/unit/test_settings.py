@@ -315,3 +315,10 @@ def test_every_declared_variable_is_in_env_example_once():
     assignments = re.findall(r"^#?\s*([A-Z][A-Z0-9_]*)=", (ROOT / ".env.example").read_text(), flags=re.MULTILINE)
     declared = [d.variable for d in Settings.declarations()]
     assert {name: assignments.count(name) for name in declared if assignments.count(name) != 1} == {}
+
+
+def test_dev_and_its_stack_name_no_variable_by_hand():
+    """What `dev` passes its children is written with Settings.environment_for, from the declarations."""
+    by_hand = re.compile(r"""["'](?:DRIFTLOCK|STRIPE|DATABASE)_[A-Z0-9_]+["']""")
+    for module in ("driftlock_cli/devstack.py", "driftlock_cli/stack.py"):
+        assert by_hand.findall((ROOT / module).read_text()) == [], module
