@@ -600,7 +600,8 @@ class Settings:
         values: dict[str, Any] = {}
         for declared in cls.declarations():
             raw = env.get(declared.variable, "")
-            if raw.strip():
+            # A secret is taken as written: one of spaces is refused as guessable, not read as unset.
+            if raw.strip() or (raw and declared.parse is verbatim):
                 values[declared.attribute] = declared.parse(declared.variable, raw)
         return cls(**values)
 
