@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from authz_service.check.rate_limit import RateVerdict
-from driftlock_kernel.billing import DEFAULT_POLICY, BillingPolicy, Overage, payment_blocks_billable
+from driftlock_kernel.billing import DEFAULT_POLICY, BillingPolicy, BillingStatus, Overage, payment_blocks_billable
 from driftlock_kernel.keys import Environment, Scope
 
 
@@ -120,7 +120,7 @@ class Grant:
     revoked: bool
     org_suspended: bool
     plan: str  # the plan the organisation is on; see billing.effective_plan for the one that applies
-    billing_status: str  # billing.NO_SUBSCRIPTION or a billing.SubscriptionStatus
+    billing_status: BillingStatus
     past_due_since: float | None = None  # Unix time
     period_start: float | None = None  # the Stripe subscription's current period, Unix time
     period_end: float | None = None
