@@ -74,6 +74,39 @@ class Overage(StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
+class PlanLimits:
+    """What a plan allows: the one plan model. authz decides with it; driftlock_kernel.plans.Plan adds what
+    reporting to Stripe needs."""
+
+    name: str
+    included_units: int
+    overage: Overage
+    hard_cap_percent: int | None = None
+    rate_limit_rps: float | None = None
+    # What the organisation's test keys may use per period, and how fast (per organisation, not per key): enough
+    # to try the API, not enough to run on it.
+    test_included_units: int = 1000
+    test_rate_limit_rps: float = 5.0
+
+    @property
+    def test_limits(self) -> "PlanLimits":
+        """The plan as its test keys see it: their allowance as a block quota, their rate."""
+        return PlanLimits(
+            f"{self.name} (test)", self.test_included_units, Overage.BLOCK, rate_limit_rps=self.test_rate_limit_rps
+        )
+
+    @property
+    def unit_cap(self) -> float | None:
+        """Units this plan serves per period; None when it serves without end (a soft plan without a hard cap)."""
+        caps = []
+        if self.overage == Overage.BLOCK:
+            caps.append(float(self.included_units))
+        if self.hard_cap_percent is not None:
+            caps.append(self.included_units * self.hard_cap_percent / 100)
+        return min(caps) if caps else None
+
+
+@dataclass(frozen=True, slots=True)
 class BillingPolicy:
     """What a billing status means for service."""
 
