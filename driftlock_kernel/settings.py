@@ -264,7 +264,7 @@ class Settings:
 
     Secrets, and URLs that may hold a password or token, are `secret=True` (so `repr=False`): a Settings in a log
     line, a traceback or a debugger shows none of them (tests/unit/test_settings.py checks every field named like
-    one). The longer why of a setting is beside it; the one-line meaning is what docs and `dev` can use."""
+    one). The longer why of a setting is in a comment beside it; `declarations()` lists them all, by section."""
 
     # --- database ---
     database_url: str | None = setting(
@@ -592,6 +592,8 @@ class Settings:
     @classmethod
     def declarations(cls) -> Iterator[Declaration]:
         for declared in dataclasses.fields(cls):
+            if "declared" not in declared.metadata:
+                raise TypeError(f"Settings.{declared.name} is a plain field: declare it with setting(...)")
             yield Declaration(declared.name, default=declared.default, **declared.metadata["declared"])
 
     @classmethod
