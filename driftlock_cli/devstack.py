@@ -38,8 +38,8 @@ DEV_METER = "driftlock_api_calls"
 DEV_PLAN = "dev-metered"
 # Quicker than production, so that a call shows at the local Stripe within half a minute: the demo backend
 # answers at once, so its refunds (of calls it fails) are in long before.
-DEV_EXPORT_INTERVAL_SECONDS = "10"
-DEV_SETTLE_SECONDS = "15"
+# Each applies unless the operator set the setting (to something other than its default).
+DEV_STRIPE_TIMINGS = {"stripe_export_interval_seconds": 10.0, "stripe_settle_seconds": 15.0}
 
 
 async def _start_local_stripe(log_to: IO[str]) -> tuple[Child, str]:
@@ -128,10 +128,10 @@ async def run_dev_stack(settings: Settings, *, backend: HostPort | None, state_d
     try:
         jwt_path = state / "jwt_secret"
         jwt_secret = settings.jwt_secret or _secret_file(jwt_path, lambda: secrets.token_urlsafe(48))
-        require_strong_secret("DRIFTLOCK_JWT_SECRET", jwt_secret)
+        require_strong_secret(Settings.variable("jwt_secret"), jwt_secret)
         ext_authz_path = state / "ext_authz_secret"
         ext_authz_secret = settings.ext_authz_secret or _secret_file(ext_authz_path, lambda: secrets.token_urlsafe(48))
-        require_strong_secret("DRIFTLOCK_EXT_AUTHZ_SECRET", ext_authz_secret)
+        require_strong_secret(Settings.variable("ext_authz_secret"), ext_authz_secret)
         admin_path = state / "admin_token_secret"
         admin_secret = settings.admin_token_secret or _secret_file(admin_path, lambda: secrets.token_urlsafe(48))
         keys_path, keys_env = _context_keys(settings, state)
@@ -143,16 +143,20 @@ async def run_dev_stack(settings: Settings, *, backend: HostPort | None, state_d
         ports = StackPorts.from_settings(settings)
         local_stripe: Child | None = None
         stripe_env: dict[str, str] = {}
+        stripe_url: str | None = None
         if not settings.stripe_api_key:
             local_stripe, stripe_url = await _start_local_stripe(sys.stderr)
             await _meter_the_demo_org(url, org_id, settings.database_transaction_pooler)
             defaults = Settings()
-            stripe_env = {"STRIPE_API_KEY": LOCAL_STRIPE_KEY, "STRIPE_API_BASE": stripe_url}
             # The operator's own timings win.
-            if settings.stripe_export_interval_seconds == defaults.stripe_export_interval_seconds:
-                stripe_env["DRIFTLOCK_STRIPE_EXPORT_INTERVAL_SECONDS"] = DEV_EXPORT_INTERVAL_SECONDS
-            if settings.stripe_settle_seconds == defaults.stripe_settle_seconds:
-                stripe_env["DRIFTLOCK_STRIPE_SETTLE_SECONDS"] = DEV_SETTLE_SECONDS
+            timings = {
+                name: value
+                for name, value in DEV_STRIPE_TIMINGS.items()
+                if getattr(settings, name) == getattr(defaults, name)
+            }
+            stripe_env = Settings.environment_for(
+                stripe_api_key=LOCAL_STRIPE_KEY, stripe_api_base=stripe_url, **timings
+            )
         try:
             stack = await start_stack(
                 database_url=url,
@@ -165,7 +169,7 @@ async def run_dev_stack(settings: Settings, *, backend: HostPort | None, state_d
                 admin_token_secret=admin_secret,
                 context_signing_keys=keys_path,
                 # Production logs one JSON object per line; a terminal reads better as text.
-                extra_env={**keys_env, **stripe_env, "DRIFTLOCK_LOG_FORMAT": "text"},
+                extra_env={**keys_env, **stripe_env, **Settings.environment_for(log_format="text")},
                 ext_authz_secret=ext_authz_secret,
                 cors_origins=settings.cors_allowed_origins,
                 requests_per_source=settings.edge_requests_per_source,
@@ -193,7 +197,7 @@ async def run_dev_stack(settings: Settings, *, backend: HostPort | None, state_d
                 None if settings.admin_token_secret else admin_path,
                 keys_path if keys_path is not None and not settings.context_signing_keys_file else None,
                 settings.context_token_algorithm,
-                stripe_env.get("STRIPE_API_BASE"),
+                stripe_url,
                 None if settings.ext_authz_secret else ext_authz_path,
             )
             stopping = asyncio.Event()
@@ -221,7 +225,7 @@ def _context_keys(settings: Settings, state: Path) -> tuple[Path | None, dict[st
     """The signing key file of the stack (the operator's, or one generated and kept in the state directory) and
     the environment that says so."""
     if settings.context_signing_keys:  # the operator's keys, inherited from the environment: no file
-        return None, {"DRIFTLOCK_CONTEXT_SIGNING_KEYS_FILE": ""}
+        return None, Settings.environment_for(context_signing_keys_file=None)
     if settings.context_signing_keys_file:
         return Path(settings.context_signing_keys_file), {}
     path = state / "context_signing_keys"
@@ -288,18 +292,21 @@ def _print_banner(
         "Use the CLI against this stack"
         + ("" if cli == "driftlock-gateway" else f" ({cli}, or `driftlock-gateway` after `source .venv/bin/activate`)")
         + ":",
-        f"  export DATABASE_URL='{url}'" if url is not None else "  (DATABASE_URL: the one you started dev with)",
+        f"  export {Settings.variable('database_url')}='{url}'"
+        if url is not None
+        else "  (DATABASE_URL: the one you started dev with)",
     ]
     if webhook is not None:
-        lines.append(f"  export STRIPE_WEBHOOK_SECRET='{webhook[0]}'")
+        lines.append(f"  export {Settings.variable('stripe_webhook_secrets')}='{webhook[0]}'")
     if admin_path is not None:
-        lines.append(f'  export DRIFTLOCK_ADMIN_TOKEN_SECRET="$(cat {admin_path})"')
+        lines.append(f'  export {Settings.variable("admin_token_secret")}="$(cat {admin_path})"')
     if ext_authz_path is not None:
-        lines.append(f'  export DRIFTLOCK_EXT_AUTHZ_SECRET="$(cat {ext_authz_path})"')
+        lines.append(f'  export {Settings.variable("ext_authz_secret")}="$(cat {ext_authz_path})"')
     if keys_path is not None:
-        lines.append(f"  export DRIFTLOCK_CONTEXT_SIGNING_KEYS_FILE='{keys_path}'")
+        lines.append(f"  export {Settings.variable('context_signing_keys_file')}='{keys_path}'")
     if local_stripe is not None:
-        lines.append(f"  export STRIPE_API_KEY='{LOCAL_STRIPE_KEY}' STRIPE_API_BASE='{local_stripe}'")
+        exports = Settings.environment_for(stripe_api_key=LOCAL_STRIPE_KEY, stripe_api_base=local_stripe)
+        lines.append("  export " + " ".join(f"{name}='{value}'" for name, value in exports.items()))
     lines += [
         "",
         f"Demo key for organisation {org_id} (shown once):",

@@ -8,21 +8,19 @@ import argparse
 import asyncio
 import sys
 import traceback
-import uuid
 from collections.abc import Callable, Coroutine
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, NoReturn
 
 import asyncpg
 
-from driftlock_cli import doctor, management_commands, retention_commands, webhook_commands
+from driftlock_cli import arguments, doctor, management_commands, retention_commands, webhook_commands
 from driftlock_cli.output import Printer, fields, table, text_value
 from driftlock_kernel import admin_audit, api_keys, db, keys, migrate, orgs, plans, usage
 from driftlock_kernel.billing import FREE_PLAN, Overage
-from driftlock_kernel.durations import parse_duration
 from driftlock_kernel.errors import OperatorError
 from driftlock_kernel.keys import Environment
-from driftlock_kernel.settings import MAX_AUTHZ_WORKERS, HostPort, Settings, SettingsError, parse_host_port
+from driftlock_kernel.settings import MAX_AUTHZ_WORKERS, Settings
 
 PROG = "driftlock-gateway"
 EXIT_ERROR = 1
@@ -45,36 +43,6 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         # argparse would print the whole usage block first; one line is the contract.
         self.exit(EXIT_USAGE, f"{PROG}: error: {message} (see `{self.prog} --help`)\n")
-
-
-def _uuid(what: str) -> Callable[[str], uuid.UUID]:
-    def parse(text: str) -> uuid.UUID:
-        try:
-            return uuid.UUID(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"malformed {what} {text!r}: expected a UUID") from None
-
-    return parse
-
-
-def _duration(text: str) -> timedelta:
-    try:
-        return parse_duration(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
-def _scopes(text: str) -> tuple[keys.Scope, ...]:
-    try:
-        return keys.parse_scopes(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
-def _non_negative_int(text: str) -> int:
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}")
-    return int(text)
 
 
 def _workers(text: str) -> int:
@@ -119,13 +87,6 @@ def _positive_rps(text: str) -> float:
     if value is None:
         raise argparse.ArgumentTypeError("test keys always have a rate limit: give requests per second above 0")
     return value
-
-
-def _host_port(text: str) -> HostPort:
-    try:
-        return parse_host_port(text, what="--backend")
-    except SettingsError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 # --- commands ---------------------------------------------------------------------------------------------
@@ -348,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     upsert = leaf(plans_group, "upsert", cmd_plans_upsert, "create a plan, or update it (options not given are kept)")
     upsert.add_argument("name")
-    upsert.add_argument("--included-units", type=_non_negative_int, required=True, metavar="N")
+    upsert.add_argument("--included-units", type=arguments.whole_number, required=True, metavar="N")
     upsert.add_argument(
         "--stripe-price",
         action="append",
@@ -379,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     upsert.add_argument(
         "--test-units",
-        type=_non_negative_int,
+        type=arguments.whole_number,
         default=plans.UNCHANGED,
         metavar="N",
         help="units per period the organisation's test keys may use, never billed (default 1000)",
@@ -404,25 +365,25 @@ def build_parser() -> argparse.ArgumentParser:
         ("suspend", _cmd_orgs_suspension(True), "suspend: every key of the organisation answers org_suspended"),
         ("resume", _cmd_orgs_suspension(False), "lift a suspension"),
     ):
-        leaf(orgs_group, name, handler, help_text).add_argument("org_id", type=_uuid("organisation id"))
+        leaf(orgs_group, name, handler, help_text).add_argument("org_id", type=arguments.org_id)
 
     keys_group = commands.add_parser("keys", help="manage API keys").add_subparsers(
         dest="keys_command", metavar="ACTION", required=True
     )
     kcreate = leaf(keys_group, "create", cmd_keys_create, "create an API key (its secret is shown only now)")
-    kcreate.add_argument("--org", type=_uuid("organisation id"), required=True, metavar="ORG_ID")
+    arguments.add_org_option(kcreate, None, required=True)
     kcreate.add_argument("--name")
-    kcreate.add_argument("--scopes", type=_scopes, default=keys.ALL_SCOPES, metavar="detect,ingest,read")
-    kcreate.add_argument("--expires-in", type=_duration, metavar="DURATION", help="e.g. 90s, 15m, 12h, 30d")
+    kcreate.add_argument("--scopes", type=arguments.scopes, default=keys.ALL_SCOPES, metavar="detect,ingest,read")
+    kcreate.add_argument("--expires-in", type=arguments.duration, metavar="DURATION", help="e.g. 90s, 15m, 12h, 30d")
     kcreate.add_argument("--test", action="store_true", help="a dlk_test_ key: never metered nor counted")
     klist = leaf(keys_group, "list", cmd_keys_list, "list an organisation's keys (never their secrets)")
-    klist.add_argument("--org", type=_uuid("organisation id"), required=True, metavar="ORG_ID")
+    arguments.add_org_option(klist, None, required=True)
     leaf(keys_group, "revoke", cmd_keys_revoke, "revoke a key on every authz replica").add_argument(
-        "key_id", type=_uuid("key id")
+        "key_id", type=arguments.key_id
     )
 
     usage_command = leaf(commands, "usage", cmd_usage, "usage of a billing period, pooled over products")
-    usage_command.add_argument("org_id", type=_uuid("organisation id"))
+    usage_command.add_argument("org_id", type=arguments.org_id)
     usage_command.add_argument(
         "--period",
         choices=[str(w) for w in usage.Which],
@@ -433,13 +394,13 @@ def build_parser() -> argparse.ArgumentParser:
         dest="alerts_command", metavar="ACTION", required=True
     )
     leaf(alerts_group, "list", cmd_alerts_list, "alerts raised for an organisation (70, 90, 100 %)").add_argument(
-        "--org", type=_uuid("organisation id"), required=True, metavar="ORG_ID"
+        "--org", type=arguments.org_id, required=True, metavar="ORG_ID"
     )
     audit_group = commands.add_parser("audit", help="the audit log").add_subparsers(
         dest="audit_command", metavar="ACTION", required=True
     )
     leaf(audit_group, "prune", cmd_audit_prune, "delete audit entries older than a given age").add_argument(
-        "--older-than", type=_duration, required=True, metavar="DURATION", help="e.g. 90d"
+        "--older-than", type=arguments.duration, required=True, metavar="DURATION", help="e.g. 90d"
     )
 
     retention_commands.register(commands, leaf)
@@ -462,7 +423,10 @@ def build_parser() -> argparse.ArgumentParser:
     envoy.add_argument("envoy_args", nargs=argparse.REMAINDER, help="passed to envoy after --")
     dev = leaf(commands, "dev", cmd_dev, "run the whole stack on this machine")
     dev.add_argument(
-        "--backend", type=_host_port, metavar="HOST:PORT", help="forward to this backend instead of the demo backend"
+        "--backend",
+        type=arguments.host_port("--backend"),
+        metavar="HOST:PORT",
+        help="forward to this backend instead of the demo backend",
     )
     dev.add_argument(
         "--state-dir",

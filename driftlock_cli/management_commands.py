@@ -8,14 +8,13 @@ them into its `keys` and `orgs` groups.
 
 import argparse
 import json
-import uuid
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from driftlock_cli import arguments
 from driftlock_cli.output import Printer, fields, table, text_value
-from driftlock_kernel import admin_audit, api_keys, context_keys, db, keys, orgs, paging
-from driftlock_kernel.durations import parse_duration
+from driftlock_kernel import admin_audit, api_keys, context_keys, db, orgs, paging
 from driftlock_kernel.errors import OperatorError
 from driftlock_kernel.settings import Settings
 from driftlock_kernel.tokens import MAX_LIFETIME_SECONDS, mint_admin_token
@@ -30,42 +29,18 @@ class ManagementCommandError(OperatorError):
     pass
 
 
-def _uuid(what: str) -> Callable[[str], uuid.UUID]:
-    def parse(text: str) -> uuid.UUID:
-        try:
-            return uuid.UUID(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"malformed {what} {text!r}: expected a UUID") from None
-
-    return parse
-
-
-def _duration(text: str) -> timedelta:
-    try:
-        return parse_duration(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
 def _overlap(text: str) -> timedelta:
-    value = timedelta(0) if text.strip() == "0" else _duration(text)
+    value = timedelta(0) if text.strip() == "0" else arguments.duration(text)
     if value > api_keys.MAX_ROLL_OVERLAP:
         raise argparse.ArgumentTypeError(f"at most {api_keys.MAX_ROLL_OVERLAP.days}d, got {text!r}")
     return value
 
 
 def _lifetime(text: str) -> timedelta:
-    value = _duration(text)
+    value = arguments.duration(text)
     if not timedelta(0) < value <= timedelta(seconds=MAX_LIFETIME_SECONDS):
         raise argparse.ArgumentTypeError(f"an admin token lives at most 5m, got {text!r}")
     return value
-
-
-def _scopes(text: str) -> tuple[keys.Scope, ...]:
-    try:
-        return keys.parse_scopes(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _metadata(text: str) -> dict[str, Any]:
@@ -223,14 +198,14 @@ async def cmd_admin_token(args: argparse.Namespace, settings: Settings, out: Pri
 
 def register(commands: Any, leaf: Leaf, *, keys_group: Any, orgs_group: Any) -> None:
     show = leaf(keys_group, "show", cmd_keys_show, "show one key (never its secret), with when it was last used")
-    show.add_argument("key_id", type=_uuid("key id"))
+    show.add_argument("key_id", type=arguments.key_id)
 
     update = leaf(keys_group, "update", cmd_keys_update, "change a key's name, scopes, expiry or metadata")
-    update.add_argument("key_id", type=_uuid("key id"))
+    update.add_argument("key_id", type=arguments.key_id)
     update.add_argument("--name", help="the new name ('' removes it)")
-    update.add_argument("--scopes", type=_scopes, metavar="detect,ingest,read", help="the new scopes")
+    update.add_argument("--scopes", type=arguments.scopes, metavar="detect,ingest,read", help="the new scopes")
     expiry = update.add_mutually_exclusive_group()
-    expiry.add_argument("--expires-in", type=_duration, metavar="DURATION", help="expires this long from now")
+    expiry.add_argument("--expires-in", type=arguments.duration, metavar="DURATION", help="expires this long from now")
     expiry.add_argument("--no-expiry", action="store_true", help="never expires")
     update.add_argument("--metadata", type=_metadata, metavar="JSON", help="replaces the metadata, e.g. '{}'")
 
@@ -240,7 +215,7 @@ def register(commands: Any, leaf: Leaf, *, keys_group: Any, orgs_group: Any) -> 
         cmd_keys_roll,
         "replace a key by a new one (new secret, same grants); the old one works until the overlap ends",
     )
-    roll.add_argument("key_id", type=_uuid("key id"))
+    roll.add_argument("key_id", type=arguments.key_id)
     roll.add_argument(
         "--overlap",
         type=_overlap,
@@ -251,7 +226,7 @@ def register(commands: Any, leaf: Leaf, *, keys_group: Any, orgs_group: Any) -> 
 
     leaf(orgs_group, "list", cmd_orgs_list, "list every organisation, oldest first")
     set_plan = leaf(orgs_group, "set-plan", cmd_orgs_set_plan, "put an organisation on another plan")
-    set_plan.add_argument("org_id", type=_uuid("organisation id"))
+    set_plan.add_argument("org_id", type=arguments.org_id)
     set_plan.add_argument("plan")
 
     jwks = leaf(
@@ -276,7 +251,7 @@ def register(commands: Any, leaf: Leaf, *, keys_group: Any, orgs_group: Any) -> 
         "--issuer", default=DEFAULT_ADMIN_ISSUER, help=f"who calls (iss; default {DEFAULT_ADMIN_ISSUER})"
     )
     token.add_argument("--subject", help="on whose behalf (sub), e.g. a dashboard user")
-    token.add_argument("--org", type=_uuid("organisation id"), metavar="ORG_ID", help="restrict it to one organisation")
+    arguments.add_org_option(token, "restrict it to one organisation")
     token.add_argument(
         "--lifetime", type=_lifetime, default=timedelta(seconds=MAX_LIFETIME_SECONDS), metavar="DURATION",
         help="at most 5m (the default)",

@@ -10,9 +10,9 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
+from driftlock_cli import arguments
 from driftlock_cli.output import Printer
 from driftlock_kernel import db, retention
-from driftlock_kernel.durations import parse_duration
 from driftlock_kernel.settings import Settings
 
 
@@ -24,13 +24,6 @@ def configured_retentions(settings: Settings) -> dict[str, timedelta | None]:
         "audit_denials": settings.retention_audit_denials,
         "stripe_events": settings.retention_stripe_events,
     }
-
-
-def _duration(text: str) -> timedelta:
-    try:
-        return parse_duration(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 async def cmd_prune(args: argparse.Namespace, settings: Settings, out: Printer) -> None:
@@ -65,7 +58,7 @@ def register(commands: Any, leaf: Callable[..., argparse.ArgumentParser]) -> Non
     )
     prune.add_argument(
         "--older-than",
-        type=_duration,
+        type=arguments.duration,
         metavar="DURATION",
         help="e.g. 30d (default: the configured retention, DRIFTLOCK_RETENTION_<TABLE>)",
     )

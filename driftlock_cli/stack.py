@@ -179,14 +179,17 @@ async def start_stack(
         context_signing_keys = state_dir / "context_signing_keys"
         if not context_signing_keys.exists():
             context_keys.write_key_file(context_signing_keys, (context_keys.Ed25519Key.generate(),))
+    # Secrets not given are inherited from this process's environment, not blanked.
+    given = {"jwt_secret": jwt_secret, "admin_token_secret": admin_token_secret}
     common_env = {
-        "DATABASE_URL": database_url,
-        "DRIFTLOCK_CONTEXT_SIGNING_KEYS_FILE": str(context_signing_keys),
-        "DRIFTLOCK_EXT_AUTHZ_SECRET": ext_authz_secret,
-        "DRIFTLOCK_METER_SPILL_DIR": str(state_dir / "meter-spill"),
+        **Settings.environment_for(
+            database_url=database_url,
+            context_signing_keys_file=context_signing_keys,
+            ext_authz_secret=ext_authz_secret,
+            meter_spill_dir=state_dir / "meter-spill",
+            **{name: value for name, value in given.items() if value},
+        ),
         "PYTHONUNBUFFERED": "1",
-        **({"DRIFTLOCK_JWT_SECRET": jwt_secret} if jwt_secret else {}),
-        **({"DRIFTLOCK_ADMIN_TOKEN_SECRET": admin_token_secret} if admin_token_secret else {}),
         **(extra_env or {}),
     }
     target_backend = backend or HostPort(LOOPBACK, ports.backend)
@@ -228,11 +231,13 @@ async def start_stack(
             _python("driftlock_cli", "authz"),
             {
                 **common_env,
-                "DRIFTLOCK_AUTHZ_HOST": LOOPBACK,
-                "DRIFTLOCK_AUTHZ_PORT": str(port),
-                "DRIFTLOCK_AUTHZ_METRICS_PORT": str(metrics_port),
-                # Each replica its own spill file folder, so two replicas never replay each other's.
-                "DRIFTLOCK_METER_SPILL_DIR": str(state_dir / "meter-spill" / name),
+                **Settings.environment_for(
+                    authz_host=LOOPBACK,
+                    authz_port=port,
+                    authz_metrics_port=metrics_port,
+                    # Each replica its own spill file folder, so two replicas never replay each other's.
+                    meter_spill_dir=state_dir / "meter-spill" / name,
+                ),
             },
             functools.partial(grpc_serving, f"{LOOPBACK}:{port}"),
             f"{name} to serve",
@@ -242,9 +247,9 @@ async def start_stack(
             _python("driftlock_cli", "webhooks"),
             {
                 **common_env,
-                "STRIPE_WEBHOOK_SECRET": webhook_secret,
-                "DRIFTLOCK_WEBHOOKS_HOST": LOOPBACK,
-                "DRIFTLOCK_WEBHOOKS_PORT": str(ports.webhooks),
+                **Settings.environment_for(
+                    stripe_webhook_secrets=webhook_secret, webhooks_host=LOOPBACK, webhooks_port=ports.webhooks
+                ),
             },
             lambda: http_ok(f"{stack.webhooks_url}/healthz"),
             "the webhook service to be ready",
@@ -253,7 +258,7 @@ async def start_stack(
         envoy_config.command(
             stack.envoy_config_path,
             concurrency=envoy_concurrency,
-            json_logs=common_env.get("DRIFTLOCK_LOG_FORMAT", "json") == "json",
+            json_logs=common_env.get(Settings.variable("log_format"), Settings().log_format) == "json",
         ),
         common_env,
         lambda: http_ok(f"http://{LOOPBACK}:{ports.envoy_admin}/ready"),

@@ -9,16 +9,15 @@ import argparse
 import asyncio
 import contextlib
 import signal
-import uuid
 from collections.abc import AsyncIterator, Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
 
+from driftlock_cli import arguments
 from driftlock_cli.output import Printer, table
 from driftlock_kernel import db
-from driftlock_kernel.durations import parse_duration
 from driftlock_kernel.errors import OperatorError
 from driftlock_kernel.settings import Settings
 
@@ -39,26 +38,6 @@ EXPORT_COLUMNS = [
 
 class StripeCommandError(OperatorError):
     pass
-
-
-def _org_id(text: str) -> uuid.UUID:
-    try:
-        return uuid.UUID(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"malformed organisation id {text!r}: expected a UUID") from None
-
-
-def _limit(text: str) -> int:
-    if not text.isdigit() or not 1 <= int(text) <= 10_000:
-        raise argparse.ArgumentTypeError(f"expected a whole number from 1 to 10000, got {text!r}")
-    return int(text)
-
-
-def _since(text: str) -> timedelta:
-    try:
-        return parse_duration(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 @contextlib.asynccontextmanager
@@ -225,8 +204,10 @@ def register(webhooks_actions: Any, stripe_group: Any, leaf: Callable[..., argpa
     )
     replay.add_argument("event_id", nargs="?", metavar="EVENT_ID", help="one stored event")
     replay.add_argument("--outcome", choices=REPLAYABLE_OUTCOMES, help="every stored event with this outcome")
-    replay.add_argument("--since", type=_since, metavar="DURATION", help="with --outcome: received within, e.g. 24h")
-    replay.add_argument("--limit", type=_limit, default=1000, metavar="N", help="with --outcome: at most N (1000)")
+    replay.add_argument(
+        "--since", type=arguments.duration, metavar="DURATION", help="with --outcome: received within, e.g. 24h"
+    )
+    arguments.add_limit_option(replay, 1000, "with --outcome: at most N (1000)")
 
     export = leaf(
         stripe_group,
@@ -241,9 +222,9 @@ def register(webhooks_actions: Any, stripe_group: Any, leaf: Callable[..., argpa
         dest="exports_command", metavar="ACTION", required=True
     )
     listing = leaf(exports, "list", cmd_stripe_exports_list, "usage reports to Stripe: sent, pending, failed, skipped")
-    listing.add_argument("--org", type=_org_id, metavar="ORG_ID", help="only this organisation's")
+    arguments.add_org_option(listing, "only this organisation's")
     listing.add_argument("--state", choices=EXPORT_STATES, help="only this state")
-    listing.add_argument("--limit", type=_limit, default=100, metavar="N", help="at most N, newest first (100)")
+    arguments.add_limit_option(listing, 100, "at most N, newest first (100)")
 
     sync = leaf(
         stripe_group,
@@ -251,4 +232,4 @@ def register(webhooks_actions: Any, stripe_group: Any, leaf: Callable[..., argpa
         cmd_stripe_sync,
         "read subscriptions from Stripe's API and apply them like webhook events, reporting what changed",
     )
-    sync.add_argument("--org", type=_org_id, metavar="ORG_ID", help="only this organisation")
+    arguments.add_org_option(sync, "only this organisation")

@@ -8,18 +8,16 @@ main.py registers them; the service package is imported only when a command runs
 import argparse
 import json
 import time
-import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from billing_webhooks.inbox.decisions import EventOutcome
 from billing_webhooks.inbox.events import EventType
-from driftlock_cli import stripe_commands
+from driftlock_cli import arguments, stripe_commands
 from driftlock_cli.output import Printer, table
 from driftlock_kernel import db, retention
 from driftlock_kernel.billing import SubscriptionStatus
-from driftlock_kernel.durations import parse_duration
 from driftlock_kernel.errors import OperatorError
 from driftlock_kernel.jsonfmt import iso
 from driftlock_kernel.settings import Settings
@@ -40,36 +38,13 @@ class WebhookCommandError(OperatorError):
 
 
 def _retention(text: str) -> timedelta:
-    try:
-        value = parse_duration(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
+    value = arguments.duration(text)
     if value < MIN_RETENTION:
         raise argparse.ArgumentTypeError(
             f"must be at least 3d, got {text!r}: Stripe retries a delivery for up to three days, and an event "
             "pruned sooner could be applied again"
         )
     return value
-
-
-def _duration(text: str) -> timedelta:
-    try:
-        return parse_duration(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
-def _org_id(text: str) -> uuid.UUID:
-    try:
-        return uuid.UUID(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"malformed organisation id {text!r}: expected a UUID") from None
-
-
-def _limit(text: str) -> int:
-    if not text.isdigit() or not 1 <= int(text) <= 10_000:
-        raise argparse.ArgumentTypeError(f"expected a whole number from 1 to 10000, got {text!r}")
-    return int(text)
 
 
 def _secret(text: str) -> str:
@@ -189,10 +164,10 @@ def register(commands: Any, leaf: Callable[..., argparse.ArgumentParser]) -> Non
         "--older-than", type=_retention, required=True, metavar="DURATION", help="at least 3d, e.g. 30d or 90d"
     )
     events = leaf(actions, "events", cmd_webhooks_events, "list stored Stripe events and their outcomes, newest first")
-    events.add_argument("--org", type=_org_id, metavar="ORG_ID", help="only this organisation's")
+    arguments.add_org_option(events, "only this organisation's")
     events.add_argument("--outcome", choices=OUTCOMES, help="only this outcome (e.g. failed, deferred)")
     events.add_argument("--type", metavar="TYPE", help="only this Stripe event type")
-    events.add_argument("--limit", type=_limit, default=50, metavar="N", help="at most N events (default 50)")
+    arguments.add_limit_option(events, 50, "at most N events (default 50)")
 
     stripe_group = commands.add_parser(
         "stripe", help="usage to Stripe, stripe sync, and local Stripe tools (send-event calls no Stripe)"
@@ -205,7 +180,7 @@ def register(commands: Any, leaf: Callable[..., argparse.ArgumentParser]) -> Non
         "build a Stripe-shaped event of a handled type, sign it like Stripe, and POST it to a webhook service",
     )
     send.add_argument("type", choices=HANDLED_TYPES, metavar="TYPE", help=", ".join(HANDLED_TYPES))
-    send.add_argument("--org", type=_org_id, required=True, metavar="ORG_ID", help="the organisation it is about")
+    arguments.add_org_option(send, "the organisation it is about", required=True)
     send.add_argument(
         "--url",
         help="where to POST (default: Envoy on this machine, http://127.0.0.1:$DRIFTLOCK_ENVOY_PORT/stripe/webhook)",
@@ -232,7 +207,9 @@ def register(commands: Any, leaf: Callable[..., argparse.ArgumentParser]) -> Non
         action="store_true",
         help="the subscription ends with its period (subscription events)",
     )
-    send.add_argument("--ago", type=_duration, metavar="DURATION", help="date the event this long ago, e.g. 8d")
+    send.add_argument(
+        "--ago", type=arguments.duration, metavar="DURATION", help="date the event this long ago, e.g. 8d"
+    )
     send.add_argument("--event-id", metavar="EVENT_ID", help="reuse an event id (to see a duplicate delivery)")
     send.add_argument(
         "--no-org-metadata", action="store_true", help="leave metadata.org_id out of the subscription and invoice"

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from driftlock_kernel import db
-from driftlock_kernel.billing import FREE_PLAN
+from driftlock_kernel.billing import FREE_PLAN, BillingStatus
 from driftlock_kernel.errors import OperatorError
 from driftlock_kernel.paging import Cursor
 from driftlock_kernel.periods import Period, current_period
@@ -22,7 +22,7 @@ class Organization:
     id: uuid.UUID
     name: str
     plan_name: str
-    billing_status: str  # billing.NO_SUBSCRIPTION or a billing.SubscriptionStatus
+    billing_status: BillingStatus
     suspended_at: datetime | None
     past_due_since: datetime | None
     stripe_customer_id: str | None

@@ -7,22 +7,16 @@ from enum import Enum
 from typing import Any
 
 from driftlock_kernel import db
-from driftlock_kernel.billing import Overage
+from driftlock_kernel.billing import Overage, PlanLimits
 
 
 @dataclass(frozen=True, slots=True)
-class Plan:
-    name: str
-    included_units: int
-    overage: Overage
-    hard_cap_percent: int | None
-    rate_limit_rps: float | None
+class Plan(PlanLimits):
+    """A plan as stored: its limits, and where its usage is reported at Stripe."""
+
     stripe_price_ids: tuple[str, ...] = ()
     # The Stripe meter (its event_name) the plan's billable units are reported to; None: not reported.
     stripe_meter: str | None = None
-    # Test keys (dlk_test_): units per period and requests per second, per organisation; never billed.
-    test_included_units: int = 1000
-    test_rate_limit_rps: float = 5.0
 
     def as_dict(self) -> dict:
         return {
@@ -51,8 +45,12 @@ def check_stripe_meter(name: str) -> str:
     return name
 
 
-# What test keys get on a plan that does not say: enough to try the API, not enough to run on it.
-TEST_DEFAULTS: dict[str, Any] = {"test_included_units": 1000, "test_rate_limit_rps": 5.0}
+# What test keys get on a plan that does not say.
+_UNSAID = PlanLimits("", 0, Overage.SOFT)
+TEST_DEFAULTS: dict[str, Any] = {
+    "test_included_units": _UNSAID.test_included_units,
+    "test_rate_limit_rps": _UNSAID.test_rate_limit_rps,
+}
 
 _SELECT = """
     SELECT p.name, p.included_units, p.overage, p.hard_cap_percent, p.rate_limit_rps, p.stripe_meter,

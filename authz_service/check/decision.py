@@ -22,7 +22,13 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from authz_service.check.rate_limit import RateVerdict
-from driftlock_kernel.billing import DEFAULT_POLICY, BillingPolicy, Overage, payment_blocks_billable
+from driftlock_kernel.billing import (
+    DEFAULT_POLICY,
+    BillingPolicy,
+    BillingStatus,
+    PlanLimits,
+    payment_blocks_billable,
+)
 from driftlock_kernel.keys import Environment, Scope
 
 
@@ -120,39 +126,10 @@ class Grant:
     revoked: bool
     org_suspended: bool
     plan: str  # the plan the organisation is on; see billing.effective_plan for the one that applies
-    billing_status: str  # billing.NO_SUBSCRIPTION or a billing.SubscriptionStatus
+    billing_status: BillingStatus
     past_due_since: float | None = None  # Unix time
     period_start: float | None = None  # the Stripe subscription's current period, Unix time
     period_end: float | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class PlanLimits:
-    name: str
-    included_units: int
-    overage: Overage
-    hard_cap_percent: int | None = None
-    rate_limit_rps: float | None = None
-    # What the organisation's test keys may use per period, and how fast (per organisation, not per key).
-    test_included_units: int = 1000
-    test_rate_limit_rps: float = 5.0
-
-    @property
-    def test_limits(self) -> "PlanLimits":
-        """The plan as its test keys see it: their allowance as a block quota, their rate."""
-        return PlanLimits(
-            f"{self.name} (test)", self.test_included_units, Overage.BLOCK, rate_limit_rps=self.test_rate_limit_rps
-        )
-
-    @property
-    def unit_cap(self) -> float | None:
-        """Units this plan serves per period; None when it serves without end (a soft plan without a hard cap)."""
-        caps = []
-        if self.overage == Overage.BLOCK:
-            caps.append(float(self.included_units))
-        if self.hard_cap_percent is not None:
-            caps.append(self.included_units * self.hard_cap_percent / 100)
-        return min(caps) if caps else None
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,6 +31,7 @@ import asyncpg
 from authz_service.check.decision import Grant
 from authz_service.check.lookup_budget import LookupBudget
 from driftlock_kernel import db
+from driftlock_kernel.billing import BillingStatus
 from driftlock_kernel.caches import Batcher, LruCache, SingleFlight
 from driftlock_kernel.errors import one_line
 from driftlock_kernel.keys import Environment, Scope
@@ -290,7 +291,7 @@ def grant_from_row(row: db.Row) -> Grant:
         revoked=row["revoked"],
         org_suspended=row["org_suspended"],
         plan=sys.intern(row["plan"]),
-        billing_status=sys.intern(row["billing_status"]),
+        billing_status=BillingStatus(row["billing_status"]),
         past_due_since=row["past_due_since"],
         period_start=row["period_start"],
         period_end=row["period_end"],

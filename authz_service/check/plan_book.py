@@ -11,8 +11,8 @@ from collections.abc import Awaitable, Callable
 
 import asyncpg
 
-from authz_service.check.decision import PlanLimits
 from driftlock_kernel import db
+from driftlock_kernel.billing import PlanLimits
 from driftlock_kernel.caches import SingleFlight
 from driftlock_kernel.errors import one_line
 

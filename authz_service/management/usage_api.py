@@ -13,7 +13,6 @@ from datetime import UTC, datetime
 import asyncpg
 import grpc
 
-from authz_service.check.decision import PlanLimits
 from authz_service.check.plan_book import PlanBook
 from authz_service.management.admin_api import AdminGate, ApiError, Call, invalid, parse_uuid, timestamp
 from authz_service.usage.meter_store import MeterStore
@@ -21,7 +20,7 @@ from authz_service.usage.metering import Meter
 from authz_service.usage.usage_ledger import Report
 from driftlock_api.usage.v1 import usage_pb2, usage_pb2_grpc
 from driftlock_kernel import orgs
-from driftlock_kernel.billing import DEFAULT_POLICY, BillingPolicy, effective_plan, payment_blocks_billable
+from driftlock_kernel.billing import DEFAULT_POLICY, BillingPolicy, PlanLimits, effective_plan, payment_blocks_billable
 from driftlock_kernel.periods import Period
 from driftlock_kernel.usage import PRODUCTS
 

@@ -24,13 +24,13 @@ from enum import Enum
 from pathlib import Path
 
 from authz_service import metrics
-from authz_service.check.decision import PlanLimits
 from authz_service.usage.alerts import AlertNotifier, thresholds_reached
 from authz_service.usage.meter_store import AlertCandidate, MeterStore, read_spilled, spill
 from authz_service.usage.refunds import Refund
 from authz_service.usage.usage_ledger import Batch, Report, UsageKey, UsageLedger
 from driftlock_kernel import db
 from driftlock_kernel.background import every
+from driftlock_kernel.billing import PlanLimits
 from driftlock_kernel.caches import SingleFlight
 from driftlock_kernel.errors import one_line
 from driftlock_kernel.repeated_logs import RepeatedLog

@@ -35,7 +35,13 @@ from enum import StrEnum
 from typing import Any
 
 from billing_webhooks.inbox.events import InvoicePayment, SubscriptionSnapshot
-from driftlock_kernel.billing import FREE_PLAN, OVERDUE_STATUSES, TERMINAL_STATUSES, SubscriptionStatus
+from driftlock_kernel.billing import (
+    FREE_PLAN,
+    OVERDUE_STATUSES,
+    TERMINAL_STATUSES,
+    BillingStatus,
+    SubscriptionStatus,
+)
 
 S = SubscriptionStatus
 # The order of a subscription's life, for events of the same second (see the module docstring).
@@ -300,7 +306,7 @@ class OrgBilling:
 
     id: uuid.UUID
     plan_name: str
-    billing_status: str
+    billing_status: BillingStatus
     past_due_since: datetime | None
     stripe_customer_id: str | None
     stripe_subscription_id: str | None
@@ -325,7 +331,7 @@ def org_changes(
     if org.stripe_customer_id is None:
         desired["stripe_customer_id"] = sub.customer_id
     if sub.status is not None:
-        desired["billing_status"] = sub.status
+        desired["billing_status"] = BillingStatus.of(sub.status)
         desired["past_due_since"] = sub.past_due_since
     if sub.ended:
         desired.update(

@@ -16,6 +16,7 @@ import asyncpg
 
 from billing_webhooks.usage_export.exports import ExportState, Marks, NewExport
 from driftlock_kernel import db
+from driftlock_kernel.billing import BillingStatus
 
 # Any fixed 64-bit number: "the driftlock usage-export decision lock" among the database's advisory locks.
 DECISION_LOCK_ID = 0x0D21F7_E4B0
@@ -43,7 +44,7 @@ class PeriodRow:
     org_period_start: datetime | None
     org_period_end: datetime | None
     plan_name: str
-    billing_status: str
+    billing_status: BillingStatus
     observed_at: datetime  # the database's time of this read
     observed_snapshot: str  # and the snapshot it read in
     candidate_at: datetime | None = None

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from driftlock_kernel import settings as settings_module
 from driftlock_kernel.settings import HostPort, Settings, SettingsError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -231,3 +232,93 @@ def test_an_alert_webhook_url_needs_a_signing_secret():
         short.require_alert_webhook_secrets()
     rotating = Settings.from_env({"DRIFTLOCK_ALERT_WEBHOOK_SECRET": f"{'a' * 32}, {'b' * 32}"})
     assert rotating.require_alert_webhook_secrets() == ("a" * 32, "b" * 32)
+
+
+# --- Settings declared once ---------------------------------------------------------------------------------
+VARIABLE = re.compile(r"\b(?:DRIFTLOCK|DATABASE|STRIPE)_[A-Z0-9_]+\b")
+# Names in the documentation that look like variables but are not settings, and what they are.
+NOT_SETTINGS = {"DATABASE_ERRORS": "driftlock_kernel/db.py's tuple of database exceptions"}
+
+
+def documentation_files() -> list[Path]:
+    files = [ROOT / "README.md", ROOT / ".env.example", *sorted((ROOT / "docs").glob("*.md"))]
+    files += sorted(ROOT.glob("docker-compose*.yml"))
+    files += sorted(path for path in (ROOT / "deploy" / "kubernetes").rglob("*") if path.is_file())
+    return files
+
+
+def test_every_field_is_declared_once_with_a_variable_a_parser_and_a_one_line_meaning():
+    declared = list(Settings.declarations())
+    assert [d.attribute for d in declared] == [f.name for f in dataclasses.fields(Settings)]
+    variables = [d.variable for d in declared]
+    assert len(variables) == len(set(variables)), "two settings read one variable"
+    for d in declared:
+        assert d.section in settings_module.SECTIONS, d.attribute
+        assert d.meaning and "\n" not in d.meaning, d.attribute
+        assert callable(d.parse), d.attribute
+    # Every section holds something, and the fields are grouped by section, in the order SECTIONS lists them.
+    order = [d.section for d in declared]
+    assert sorted(set(order), key=order.index) == list(settings_module.SECTIONS)
+    assert order == sorted(order, key=settings_module.SECTIONS.index)
+
+
+def test_from_env_is_a_short_loop_over_the_declarations():
+    import inspect
+
+    assert len(inspect.getsource(Settings.from_env).splitlines()) <= 20
+
+
+@pytest.mark.parametrize(
+    "environ",
+    [SECRET_ENVIRONMENT, {"DRIFTLOCK_RETENTION_USAGE_REPORTS": "off", "DRIFTLOCK_DEBUG": "yes"}],
+    ids=["secrets", "off"],
+)
+def test_what_environment_for_writes_reads_back_as_the_same_settings(environ):
+    settings = Settings.from_env(environ)
+    values = {f.name: getattr(settings, f.name) for f in dataclasses.fields(Settings)}
+    assert Settings.from_env(Settings.environment_for(**values)) == settings
+
+
+def test_environment_for_writes_each_value_under_its_declared_variable():
+    written = Settings.environment_for(
+        authz_port=7000,
+        authz_addresses=(HostPort("10.0.0.1", 9191), HostPort("10.0.0.2", 9191)),
+        refund_failed_calls=False,
+        retention_audit_log=None,
+        stripe_settle_seconds=2.5,
+    )
+    settings = Settings.from_env(written)
+    assert settings.authz_port == 7000
+    assert settings.envoy_authz_addresses() == (HostPort("10.0.0.1", 9191), HostPort("10.0.0.2", 9191))
+    assert (settings.refund_failed_calls, settings.retention_audit_log, settings.stripe_settle_seconds) == (
+        False,
+        None,
+        2.5,
+    )
+    with pytest.raises(AttributeError, match="no_such_setting"):
+        Settings.environment_for(no_such_setting=1)
+
+
+def test_every_variable_the_documentation_names_is_declared():
+    declared = {d.variable for d in Settings.declarations()}
+    undeclared = {
+        f"{name} ({path.relative_to(ROOT)})"
+        for path in documentation_files()
+        for name in VARIABLE.findall(path.read_text())
+        if name not in declared and name not in NOT_SETTINGS
+    }
+    assert undeclared == set()
+
+
+def test_every_declared_variable_is_in_env_example_once():
+    """.env.example is the operator's list (the required ones first, then by topic): each variable exactly once."""
+    assignments = re.findall(r"^#?\s*([A-Z][A-Z0-9_]*)=", (ROOT / ".env.example").read_text(), flags=re.MULTILINE)
+    declared = [d.variable for d in Settings.declarations()]
+    assert {name: assignments.count(name) for name in declared if assignments.count(name) != 1} == {}
+
+
+def test_dev_and_its_stack_name_no_variable_by_hand():
+    """What `dev` passes its children is written with Settings.environment_for, from the declarations."""
+    by_hand = re.compile(r"""["'](?:DRIFTLOCK|STRIPE|DATABASE)_[A-Z0-9_]+["']""")
+    for module in ("driftlock_cli/devstack.py", "driftlock_cli/stack.py"):
+        assert by_hand.findall((ROOT / module).read_text()) == [], module
