@@ -15,15 +15,7 @@ from driftlock_kernel import db, retention
 from driftlock_kernel.durations import parse_duration
 from driftlock_kernel.settings import Settings
 
-
-def configured_retentions(settings: Settings) -> dict[str, timedelta | None]:
-    return {
-        "meter_flushes": settings.retention_meter_flushes,
-        "usage_reports": settings.retention_usage_reports,
-        "audit_log": settings.retention_audit_log,
-        "audit_denials": settings.retention_audit_denials,
-        "stripe_events": settings.retention_stripe_events,
-    }
+configured_retentions = retention.configured_retentions
 
 
 def _duration(text: str) -> timedelta:

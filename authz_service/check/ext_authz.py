@@ -203,11 +203,11 @@ AUTHORIZATION_SERVICE = "envoy.service.auth.v3.Authorization"
 
 
 class AuthorizationServicer:
-    """`caller_secret`: what a caller must show (see the module's docstring); None only in process (the
-    benchmark's direct calls, which have no gRPC context). `Check` answers serialised bytes (see
-    AllowedResponses); `add_to_server` registers it so."""
+    """`caller_secret`: what a caller must show (see the module's docstring). `Check` is the gRPC method: the
+    caller's secret, then `answer`, which in-process callers (the benchmarks) call directly. Both answer
+    serialised bytes (see AllowedResponses); `add_to_server` registers `Check` so."""
 
-    def __init__(self, authorizer: Authorizer, signer: ContextSigner, *, caller_secret: bytes | None = None):
+    def __init__(self, authorizer: Authorizer, signer: ContextSigner, *, caller_secret: bytes):
         self._authorizer = authorizer
         self._allowed = AllowedResponses(signer)
         self._caller_secret = caller_secret
@@ -223,20 +223,22 @@ class AuthorizationServicer:
         # As generated stubs do: the method is then known to gRPC's core, and found without a generic look-up.
         server.add_registered_method_handlers(AUTHORIZATION_SERVICE, handlers)  # type: ignore[attr-defined]  # (not in grpc.aio typing)
 
-    async def Check(self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext | None) -> bytes:
-        if self._caller_secret is not None and (
-            context is None or not shows_secret(context.invocation_metadata(), self._caller_secret)
-        ):
+    async def Check(self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext) -> bytes:
+        if not shows_secret(context.invocation_metadata(), self._caller_secret):
             metrics.UNAUTHENTICATED_CALLS.inc()
-            peer = context.peer() if context is not None else "in process"
-            self._refusals.warning("caller", "refused a Check call without the ext_authz secret (from %s)", peer)
-            if context is not None:
-                await context.abort(grpc.StatusCode.UNAUTHENTICATED, "only the gateway's Envoy may call Check")
+            self._refusals.warning(
+                "caller", "refused a Check call without the ext_authz secret (from %s)", context.peer()
+            )
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "only the gateway's Envoy may call Check")
             raise PermissionError("Check called without the ext_authz secret")
+        return await self.answer(request, context.time_remaining())
+
+    async def answer(self, request: external_auth_pb2.CheckRequest, time_remaining: float | None = None) -> bytes:
+        """The answer to a CheckRequest from a caller already let in; `time_remaining`: Envoy's deadline."""
         started = time.perf_counter()
         request_id = ""
         try:
-            access = access_request(request, context.time_remaining() if context is not None else None)
+            access = access_request(request, time_remaining)
             request_id = access.request_id
             bind_request(request_id)
             outcome = await self._authorizer.check(access)

@@ -76,6 +76,7 @@ class Meter:
         self.ledger = ledger
         # False: test keys' usage, which raises no alerts and stays out of the live usage metrics.
         self.live = live
+        self.store = store
         self._store = store
         self._flush_timeout = flush_timeout
         self._load_timeout = load_timeout

@@ -6,6 +6,7 @@ import time
 
 import pytest
 
+from authz_service.check.assembly import CheckParts, assemble_authorizer
 from authz_service.check.authorizer import AccessRequest, Authorizer
 from authz_service.check.decision import DenyCode, Grant, PlanLimits
 from authz_service.check.grants import GrantStore
@@ -56,7 +57,7 @@ def authorizer(plan: PlanLimits, grant: Grant = GRANT, *, database_down: bool = 
     store = GrantStore(fetch, ttl=30, negative_ttl=5, stale_for=300, max_entries=10, fetch_timeout=1)
     meter = Meter(UsageLedger(), StoredUsage())
     test_meter = Meter(UsageLedger(), StoredUsage(), live=False)
-    return Authorizer(store, PlanBook(load_plans), meter=meter, test_meter=test_meter), meter
+    return assemble_authorizer(CheckParts(store, PlanBook(load_plans), meter, test_meter)), meter
 
 
 def request(
@@ -206,7 +207,7 @@ def authorizer_for_test_keys(plan: PlanLimits, **changes) -> tuple[Authorizer, M
 
     store = GrantStore(fetch, ttl=30, negative_ttl=5, stale_for=300, max_entries=10, fetch_timeout=1)
     meter, test_meter = Meter(UsageLedger(), StoredUsage()), Meter(UsageLedger(), StoredUsage(), live=False)
-    return Authorizer(store, PlanBook(load_plans), meter=meter, test_meter=test_meter), meter, test_meter
+    return assemble_authorizer(CheckParts(store, PlanBook(load_plans), meter, test_meter)), meter, test_meter
 
 
 async def test_test_keys_get_their_own_allowance_even_past_the_live_quota_and_in_dunning():
