@@ -16,10 +16,11 @@ import json
 import logging
 import time
 from collections.abc import Iterable
+from functools import partial
 
 import grpc
 from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
-from envoy.service.auth.v3 import external_auth_pb2
+from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
 from envoy.type.v3.http_status_pb2 import HttpStatus
 from google.rpc import code_pb2, status_pb2
 
@@ -54,6 +55,10 @@ def _header(name: str, value: str) -> HeaderValueOption:
     return HeaderValueOption(header=HeaderValue(key=name, value=value), append_action=_OVERWRITE)
 
 
+def _source_address(attributes: attribute_context_pb2.AttributeContext) -> str:
+    return attributes.source.address.socket_address.address
+
+
 def access_request(check: external_auth_pb2.CheckRequest, time_remaining: float | None = None) -> AccessRequest:
     attributes = check.attributes
     http = attributes.request.http
@@ -67,7 +72,7 @@ def access_request(check: external_auth_pb2.CheckRequest, time_remaining: float 
         headers=headers,
         context=attributes.context_extensions,
         deadline=None if time_remaining is None else time.monotonic() + time_remaining,
-        attributes=attributes,
+        read_source=partial(_source_address, attributes),
     )
 
 

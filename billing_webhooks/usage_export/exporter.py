@@ -86,14 +86,7 @@ def period_usage(
     settled = None
     if now < period.end:
         marks, settled = settle_marks(
-            Marks(
-                row.candidate_at,
-                row.candidate_units,
-                row.candidate_snapshot,
-                row.settled_at,
-                row.settled_units,
-                row.settled_snapshot,
-            ),
+            row.marks,
             row.stored_units,
             row.observed_at,
             row.observed_snapshot,

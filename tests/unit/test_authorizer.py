@@ -166,10 +166,13 @@ async def test_a_billable_route_asked_with_another_method_is_refused_and_never_c
 
 
 async def test_the_client_address_is_read_from_the_check_request_only_when_asked():
+    from authz_service.check.ext_authz import access_request
     from tests.support.authz_requests import check_request
 
-    attributes = check_request({}, source="203.0.113.7").attributes
-    assert dataclasses.replace(request("r"), attributes=attributes).source == "203.0.113.7"
+    check = check_request({}, source="203.0.113.7")
+    access = access_request(check)
+    check.attributes.source.address.socket_address.address = "198.51.100.9"  # changed after the conversion
+    assert access.source == "198.51.100.9"
     assert request("r").source == ""
 
 
