@@ -53,7 +53,7 @@ from driftlock_kernel.context_keys import ContextKeys
 from driftlock_kernel.errors import OperatorError, one_line
 from driftlock_kernel.listener import ChangeListener, NotificationHandler
 from driftlock_kernel.logs import configure_logging
-from driftlock_kernel.retention import AUTHZ_TABLES, Pruner, configured_retentions
+from driftlock_kernel.retention import AUTHZ_TABLES, Pruner, configured_retentions, count_pruned, count_run
 from driftlock_kernel.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -176,8 +176,8 @@ def authz_pruner(pool: asyncpg.Pool, settings: Settings, replica: str) -> Pruner
         {name: configured[name] for name in AUTHZ_TABLES},
         interval=settings.prune_interval_seconds,
         replica=replica,
-        on_pruned=lambda table, rows: metrics.RETENTION_PRUNED.labels(table=table).inc(rows),
-        on_run=lambda outcome: metrics.RETENTION_RUNS.labels(outcome=outcome).inc(),
+        on_pruned=count_pruned,
+        on_run=count_run,
     )
 
 

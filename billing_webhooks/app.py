@@ -30,7 +30,6 @@ import asyncpg
 import prometheus_client
 from aiohttp import web
 
-from billing_webhooks import metrics
 from billing_webhooks.inbox.sync import SyncJob
 from billing_webhooks.inbox.webhook import BODY_TIMEOUT_SECONDS, MAX_BODY_BYTES, WebhookEndpoint, error_response
 from billing_webhooks.stripe_client import StripeApi
@@ -223,8 +222,8 @@ def webhook_pruner(pool: asyncpg.Pool, settings: Settings, replica: str) -> rete
         interval=settings.prune_interval_seconds,
         replica=replica,
         task=retention.WEBHOOK_TASK,
-        on_pruned=lambda table, rows: metrics.RETENTION_PRUNED.labels(table=table).inc(rows),
-        on_run=lambda outcome: metrics.RETENTION_RUNS.labels(outcome=outcome).inc(),
+        on_pruned=retention.count_pruned,
+        on_run=retention.count_run,
     )
 
 

@@ -91,18 +91,3 @@ for _outcome in ("sent", "failed", "skipped"):
     EXPORT_UNITS.labels(outcome=_outcome)
 for _outcome in ("completed", "failed"):
     SYNC_RUNS.labels(outcome=_outcome)
-
-# --- retention of stripe_events (the table this service writes; authz prunes its own) ------------------------
-
-RETENTION_PRUNED = Counter(
-    "driftlock_webhook_retention_pruned_rows_total",
-    "Rows of stripe_events deleted past their retention by this replica.",
-    ["table"],
-)
-RETENTION_RUNS = Counter(
-    "driftlock_webhook_retention_runs_total",
-    "Pruning runs of stripe_events by outcome: pruned (this replica ran it), skipped (another replica had it), failed.",
-    ["outcome"],
-)
-for _outcome in ("pruned", "skipped", "failed"):
-    RETENTION_RUNS.labels(outcome=_outcome)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 import asyncpg
+from prometheus_client import Counter
 
 from driftlock_kernel import db
 from driftlock_kernel.background import BackgroundTask
@@ -89,6 +90,30 @@ def configured_retentions(settings: Settings) -> dict[str, timedelta | None]:
         "audit_denials": settings.retention_audit_denials,
         "stripe_events": settings.retention_stripe_events,
     }
+
+
+# Exported by both services (each prunes its own tables; the `table` label says which), so that one alert rule
+# covers every pruning run. Defined once here: two definitions in one process would collide.
+PRUNED_ROWS = Counter(
+    "driftlock_retention_pruned_rows_total",
+    "Rows of append-only tables deleted past their retention by this replica, by table.",
+    ["table"],
+)
+RUNS = Counter(
+    "driftlock_retention_runs_total",
+    "Pruning runs by outcome: pruned (this replica ran it), skipped (another replica had it), failed.",
+    ["outcome"],
+)
+for _outcome in ("pruned", "skipped", "failed"):
+    RUNS.labels(outcome=_outcome)
+
+
+def count_pruned(table: str, rows: int) -> None:
+    PRUNED_ROWS.labels(table=table).inc(rows)
+
+
+def count_run(outcome: str) -> None:
+    RUNS.labels(outcome=outcome).inc()
 
 
 class RetentionError(OperatorError):
