@@ -1,6 +1,7 @@
 """`driftlock-gateway prune TABLE|all [--older-than D]`: delete rows of the append-only tables past their
-retention, in batches. authz replicas do this by themselves every DRIFTLOCK_PRUNE_INTERVAL_SECONDS; the command
-is for a one-off clean-up, a scheduled job where automatic pruning is off, or a shorter window.
+retention, in batches. The services do this by themselves every DRIFTLOCK_PRUNE_INTERVAL_SECONDS (each the tables
+it writes); the command is for a one-off clean-up, a scheduled job where automatic pruning is off, or a shorter
+window.
 
 main.py registers it; `audit prune` and `webhooks prune` are the same for their own tables.
 """
