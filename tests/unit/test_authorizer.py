@@ -240,3 +240,11 @@ async def test_test_keys_of_a_suspended_organisation_are_refused():
     auth, _meter, test_meter = authorizer_for_test_keys(SOFT, org_suspended=True)
     assert await code_of(auth, request("s", key=TEST_KEY.secret)) is DenyCode.ORG_SUSPENDED
     assert counted(test_meter) == 0
+
+
+def test_the_domain_request_holds_only_typed_values_of_our_own():
+    import typing
+
+    hints = typing.get_type_hints(AccessRequest)
+    assert typing.Any not in hints.values(), hints
+    assert "attributes" not in hints  # Envoy's protobuf stays at the wire edge (ext_authz.access_request)
