@@ -10,6 +10,7 @@ from prometheus_client.utils import floatToGoString
 
 from authz_service.check.decision import DenyCode
 from authz_service.check.grants import CacheResult, GrantStore
+from driftlock_kernel import retention
 
 
 class CheckStats(Collector):
@@ -218,15 +219,6 @@ def expose_redis_state() -> None:
 
 # --- retention ---------------------------------------------------------------------------------------------------
 
-RETENTION_PRUNED = Counter(
-    "driftlock_retention_pruned_rows_total",
-    "Rows of append-only tables deleted past their retention by this replica, by table.",
-    ["table"],
-)
-RETENTION_RUNS = Counter(
-    "driftlock_retention_runs_total",
-    "Pruning runs by outcome: pruned (this replica ran it), skipped (another replica had it), failed.",
-    ["outcome"],
-)
-for _outcome in ("pruned", "skipped", "failed"):
-    RETENTION_RUNS.labels(outcome=_outcome)
+# Defined in the kernel: the webhook service exports them too, for the table it prunes.
+RETENTION_PRUNED = retention.PRUNED_ROWS
+RETENTION_RUNS = retention.RUNS

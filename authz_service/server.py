@@ -31,15 +31,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import start_http_server
 
 from authz_service import metrics
+from authz_service.check.assembly import assemble_authorizer, database_parts
 from authz_service.check.audit import AuditLog
-from authz_service.check.authorizer import Authorizer
 from authz_service.check.context_signer import ContextSigner
 from authz_service.check.ext_authz import AUTHORIZATION_SERVICE, AuthorizationServicer
-from authz_service.check.grants import GrantStore, database_fetch
+from authz_service.check.grants import GrantStore
 from authz_service.check.key_last_used import LastUsedRecorder
-from authz_service.check.lookup_budget import LookupBudget
-from authz_service.check.plan_book import PlanBook, database_load
-from authz_service.check.rate_limit import RateLimiter
+from authz_service.check.plan_book import PlanBook
 from authz_service.check.shared_rate_limit import SharedRateLimiter
 from authz_service.management.admin_api import AdminGate
 from authz_service.management.management_api import KeyServicer, OrganizationServicer, PublicKeyServicer
@@ -47,9 +45,6 @@ from authz_service.management.usage_api import UsageServicer
 from authz_service.usage import spill_dirs
 from authz_service.usage.access_log import AccessLogServicer
 from authz_service.usage.alerts import AlertNotifier
-from authz_service.usage.meter_store import TEST_TABLES, MeterStore
-from authz_service.usage.metering import Meter
-from authz_service.usage.usage_ledger import UsageLedger
 from driftlock_api.management.v1 import jwks_pb2_grpc, keys_pb2_grpc, orgs_pb2_grpc
 from driftlock_api.usage.v1 import usage_pb2_grpc
 from driftlock_kernel import context_keys, db
@@ -58,7 +53,7 @@ from driftlock_kernel.context_keys import ContextKeys
 from driftlock_kernel.errors import OperatorError, one_line
 from driftlock_kernel.listener import ChangeListener, NotificationHandler
 from driftlock_kernel.logs import configure_logging
-from driftlock_kernel.retention import Pruner
+from driftlock_kernel.retention import AUTHZ_TABLES, Pruner, configured_retentions, count_pruned, count_run
 from driftlock_kernel.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -140,6 +135,16 @@ class WorkerRole:
     report: Callable[[dict[str, object]], None]
 
 
+GRPC_OPTIONS = [
+    ("grpc.max_concurrent_streams", 1000),
+    # gRPC's default on Linux, said here because workers depend on it: each binds the same port, and the kernel
+    # spreads new connections over them.
+    ("grpc.so_reuseport", 1),
+    # Envoy keeps its connections for a long time; let it ping them to find dead ones.
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+]
+
 # What the private metrics endpoint of a worker binds to: only its parent scrapes it.
 WORKER_METRICS_HOST = "127.0.0.1"
 
@@ -161,6 +166,19 @@ def check_settings(settings: Settings) -> StartupSettings:
     if settings.alert_webhook_url:
         settings.require_alert_webhook_secrets()
     return StartupSettings(keys, admin_secret, caller_secret, url)
+
+
+def authz_pruner(pool: asyncpg.Pool, settings: Settings, replica: str) -> Pruner:
+    """Retention of the tables authz writes; stripe_events is the webhook service's to prune."""
+    configured = configured_retentions(settings)
+    return Pruner(
+        pool,
+        {name: configured[name] for name in AUTHZ_TABLES},
+        interval=settings.prune_interval_seconds,
+        replica=replica,
+        on_pruned=count_pruned,
+        on_run=count_run,
+    )
 
 
 def _spill_dir(settings: Settings, worker: WorkerRole | None) -> Path | None:
@@ -190,42 +208,43 @@ def _check_can_listen(host: str, port: int) -> None:
             raise OperatorError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
 
 
-async def serve(settings: Settings, worker: WorkerRole | None = None) -> None:
-    """Run until SIGTERM/SIGINT, then drain and return. Whatever started is stopped in reverse order, also when
-    a later part fails to start: the meter still flushes (or spills) what it counted, the pool still closes."""
-    configure_logging(settings.log_level, settings.log_format)
-    keys, admin_secret, caller_secret, url = check_settings(settings)
-    spill_dir = _spill_dir(settings, worker)
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
+class AuthzService:
+    """authz, wired from Settings: the composition root. `start()` builds and starts every part in the order of
+    the sections below, pushing each part's stop onto one stack; `drain()` is the signal's first half (spill,
+    NOT_SERVING, keep answering a while); `stop()` stops every part in reverse. A new part goes into the section
+    it belongs to: built from `self.settings`, started, and its stop pushed with `self._on_stop`."""
 
-    async with contextlib.AsyncExitStack() as stack:
-        pool = await db.create_pool(
-            url,
+    def __init__(self, settings: Settings, worker: WorkerRole | None = None):
+        self.settings = settings
+        self.worker = worker
+        self.startup = check_settings(settings)
+        self.spill_dir = _spill_dir(settings, worker)
+        self.replica = f"{socket.gethostname()}:{os.getpid()}"
+        self.health = health_aio.HealthServicer()
+        self.metrics_port = 0
+        self._stack = contextlib.AsyncExitStack()
+        self._on_stop = self._stack.push_async_callback
+
+    async def start(self) -> None:
+        """Start every part; when one fails, whatever started is stopped again before the error propagates."""
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> None:
+        settings, startup = self.settings, self.startup
+        # --- database ---------------------------------------------------------------------------------------
+        pool = self.pool = await db.create_pool(
+            startup.database_url,
             application_name="driftlock-authz",
             max_size=4,
             transaction_pooler=settings.database_transaction_pooler,
         )
-        stack.push_async_callback(pool.close)
+        self._on_stop(pool.close)
 
-        store = GrantStore(
-            database_fetch(pool, timeout=settings.database_lookup_timeout_seconds),
-            ttl=settings.key_cache_ttl_seconds,
-            negative_ttl=settings.key_cache_negative_ttl_seconds,
-            stale_for=settings.key_cache_stale_seconds,
-            max_entries=settings.key_cache_max_entries,
-            max_unknown_entries=settings.key_cache_unknown_max_entries,
-            budget=LookupBudget(
-                overall=settings.unknown_key_lookups_per_second,
-                per_source=settings.unknown_key_lookups_per_source_per_second,
-            ),
-            fetch_timeout=settings.database_lookup_timeout_seconds,
-            on_result=metrics.CHECK_STATS.cache_event,
-        )
-        metrics.watch_key_cache(store)
-        plans = PlanBook(database_load(pool))
+        # --- the check pipeline: key cache, plans, meters, audit, rate limits --------------------------------
         notifier = None
         if settings.alert_webhook_url:
             notifier = AlertNotifier(
@@ -234,180 +253,163 @@ async def serve(settings: Settings, worker: WorkerRole | None = None) -> None:
                 settings.require_alert_webhook_secrets(),
                 expiry_seconds=settings.alert_delivery_expiry_hours * 3600,
             )
-        replica = f"{socket.gethostname()}:{os.getpid()}"
-        meter_store = MeterStore(pool, replica=replica)
-        meter = Meter(
-            UsageLedger(stale_after=settings.usage_refresh_seconds),
-            meter_store,
-            flush_interval=settings.meter_flush_interval_seconds,
-            load_timeout=settings.database_lookup_timeout_seconds,
-            org_labels=settings.org_id_metric_labels,
-            notifier=notifier,
-            spill_dir=spill_dir,
-        )
-        # Test keys' usage: the same ledger, flush and reservation, in tables of its own (never billed).
-        test_meter = Meter(
-            UsageLedger(stale_after=settings.usage_refresh_seconds),
-            MeterStore(pool, replica=meter_store.replica, tables=TEST_TABLES),
-            flush_interval=settings.meter_flush_interval_seconds,
-            load_timeout=settings.database_lookup_timeout_seconds,
-            spill_dir=spill_dir / spill_dirs.TEST_SUBDIR if spill_dir is not None else None,
-            live=False,
-        )
-        audit = AuditLog(pool, allow_sample_rate=settings.audit_allow_sample_rate)
-        policy = settings.billing_policy()
-        last_used = LastUsedRecorder(pool, interval=settings.key_last_used_interval_seconds)
-        limiter = RateLimiter()
-        shared_limits = None
+        parts = database_parts(pool, settings, replica=self.replica, spill_dir=self.spill_dir, notifier=notifier)
+        metrics.watch_key_cache(parts.store)
+        parts.audit = AuditLog(pool, allow_sample_rate=settings.audit_allow_sample_rate)
+        parts.last_used = LastUsedRecorder(pool, interval=settings.key_last_used_interval_seconds)
         if settings.redis_url:
-            shared_limits = SharedRateLimiter.from_url(
-                settings.redis_url, limiter, timeout=settings.redis_timeout_seconds
+            parts.shared_limits = SharedRateLimiter.from_url(
+                settings.redis_url, parts.limiter, timeout=settings.redis_timeout_seconds
             )
-            stack.push_async_callback(shared_limits.close)
-        authorizer = Authorizer(
-            store,
-            plans,
-            meter,
-            test_meter=test_meter,
-            limiter=limiter,
-            shared_limits=shared_limits,
-            audit=audit,
-            policy=policy,
-            last_used=last_used,
-            exact_margin_units=settings.quota_exact_margin_units,
-            reserve_timeout=settings.database_lookup_timeout_seconds,
+            self._on_stop(parts.shared_limits.close)
+        self.parts = parts
+        authorizer = assemble_authorizer(parts, settings)
+
+        # --- gRPC: Check, the access log, the management and usage APIs, health -------------------------------
+        server = grpc.aio.server(options=GRPC_OPTIONS)
+        caller_secret, policy = startup.caller_secret, settings.billing_policy()
+        signer = ContextSigner(startup.keys)
+        AuthorizationServicer(authorizer, signer, caller_secret=caller_secret).add_to_server(server)
+        # Envoy's access log of billed calls that failed: the refunds.
+        als_pb2_grpc.add_AccessLogServiceServicer_to_server(
+            AccessLogServicer(parts.meter, refunds_enabled=settings.refund_failed_calls, caller_secret=caller_secret),
+            server,
         )
+        gate = AdminGate(startup.admin_secret, pool)
+        usage_pb2_grpc.add_UsageServiceServicer_to_server(
+            UsageServicer(pool, parts.plans, parts.meter, parts.meter.store, gate, policy=policy), server
+        )
+        keys_pb2_grpc.add_KeyServiceServicer_to_server(KeyServicer(pool, gate), server)
+        orgs_pb2_grpc.add_OrganizationServiceServicer_to_server(OrganizationServicer(pool, gate), server)
+        jwks_pb2_grpc.add_PublicKeyServiceServicer_to_server(PublicKeyServicer(startup.keys), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        self.address = f"{settings.authz_host}:{settings.authz_port}"
+        _check_can_listen(settings.authz_host, settings.authz_port)
+        try:
+            server.add_insecure_port(self.address)
+        except RuntimeError as error:  # grpc's way of saying the bind failed
+            raise OperatorError(f"cannot listen on {self.address}: {one_line(error)}") from None
+
+        # --- metrics endpoint ----------------------------------------------------------------------------------
+        self._start_metrics_endpoint()
+
+        # --- background work: started in this order, stopped in the reverse, so the meters and the audit log
+        # outlive the gRPC server (what in-flight checks count is still written); the pool outlives them all.
+        self._start_background(notifier)
+
+        # --- serving ---------------------------------------------------------------------------------------------
+        # Everything built so far lives as long as the process: out of the collector's sight, a collection
+        # (every few hundred checks) walks only what checks allocate, not every module and cache.
+        gc.collect()
+        gc.freeze()
+        await server.start()
+        self._on_stop(server.stop, SHUTDOWN_GRACE_SECONDS)
+        # NOT_SERVING until the database has answered once: a replica that never reached it (unreachable,
+        # unparseable DATABASE_URL, no schema) could only answer 503, so it must not join rotation. After
+        # that, health stays SERVING through outages: the key cache's stale window decides what is served.
+        for service in HEALTH_SERVICES:
+            await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        readiness = BackgroundTask(
+            "readiness",
+            lambda: _serve_once_the_database_answers(pool, startup.database_url, self.health, parts.plans),
+        )
+        readiness.start()
+        self._on_stop(readiness.stop)
+
+    def _start_metrics_endpoint(self) -> None:
+        settings, worker = self.settings, self.worker
+        # A worker's metrics are private (its parent serves them on the contract's port): loopback, any free port.
+        host = WORKER_METRICS_HOST if worker is not None else settings.authz_host
+        port = 0 if worker is not None else settings.authz_metrics_port
+        try:
+            metrics_server, _ = start_http_server(port, addr=host)
+        except OSError as error:
+            raise OperatorError(f"cannot serve metrics on {host}:{port}: {one_line(error)}") from None
+        self._stack.callback(metrics_server.shutdown)
+        self.metrics_port = metrics_server.server_port
+
+    def _start_background(self, notifier: AlertNotifier | None) -> None:
+        settings, parts = self.settings, self.parts
+        meter, test_meter = parts.meter, parts.test_meter
+        meter.restore_spilled()
+        test_meter.restore_spilled()
 
         def on_connect() -> None:
-            store.expire_all()
-            plans.reload_soon()
+            parts.store.expire_all()
+            parts.plans.reload_soon()
 
         listener = ChangeListener(
             settings.listen_url(),
-            {INVALIDATE_CHANNEL: invalidation_handler(store, plans)},
+            {INVALIDATE_CHANNEL: invalidation_handler(parts.store, parts.plans)},
             on_connect=on_connect,
             on_state=lambda up: metrics.LISTENER_CONNECTED.set(1 if up else 0),
             application_name="driftlock-authz-listener",
         )
-
-        server = grpc.aio.server(
-            options=[
-                ("grpc.max_concurrent_streams", 1000),
-                # gRPC's default on Linux, said here because workers depend on it: each binds the same port, and
-                # the kernel spreads new connections over them.
-                ("grpc.so_reuseport", 1),
-                # Envoy keeps its connections for a long time; let it ping them to find dead ones.
-                ("grpc.keepalive_permit_without_calls", 1),
-                ("grpc.http2.min_ping_interval_without_data_ms", 5000),
-            ]
-        )
-        signer = ContextSigner(keys)
-        AuthorizationServicer(authorizer, signer, caller_secret=caller_secret).add_to_server(server)
-        # Envoy's access log of billed calls that failed: the refunds.
-        als_pb2_grpc.add_AccessLogServiceServicer_to_server(
-            AccessLogServicer(meter, refunds_enabled=settings.refund_failed_calls, caller_secret=caller_secret), server
-        )
-        gate = AdminGate(admin_secret, pool)
-        usage_pb2_grpc.add_UsageServiceServicer_to_server(
-            UsageServicer(pool, plans, meter, meter_store, gate, policy=policy), server
-        )
-        keys_pb2_grpc.add_KeyServiceServicer_to_server(KeyServicer(pool, gate), server)
-        orgs_pb2_grpc.add_OrganizationServiceServicer_to_server(OrganizationServicer(pool, gate), server)
-        jwks_pb2_grpc.add_PublicKeyServiceServicer_to_server(PublicKeyServicer(keys), server)
-        health_servicer = health_aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        address = f"{settings.authz_host}:{settings.authz_port}"
-        _check_can_listen(settings.authz_host, settings.authz_port)
-        try:
-            server.add_insecure_port(address)
-        except RuntimeError as error:  # grpc's way of saying the bind failed
-            raise OperatorError(f"cannot listen on {address}: {one_line(error)}") from None
-        # A worker's metrics are private (its parent serves them on the contract's port): loopback, any free port.
-        metrics_host = WORKER_METRICS_HOST if worker is not None else settings.authz_host
-        metrics_port = 0 if worker is not None else settings.authz_metrics_port
-        try:
-            metrics_server, _ = start_http_server(metrics_port, addr=metrics_host)
-        except OSError as error:
-            raise OperatorError(f"cannot serve metrics on {metrics_host}:{metrics_port}: {one_line(error)}") from None
-        stack.callback(metrics_server.shutdown)
-        metrics_port = metrics_server.server_port
-
-        # Started in this order, stopped in the reverse: the meter and audit log outlive the gRPC server, so
-        # what in-flight checks count is still written; the pool outlives them all.
-        meter.restore_spilled()
-        test_meter.restore_spilled()
         listener.start()
-        stack.push_async_callback(listener.stop)
+        self._on_stop(listener.stop)
         if notifier is not None:
             notifier.start()
-            stack.push_async_callback(notifier.close)
-        audit.start()
-        stack.push_async_callback(audit.close)
-        last_used.start()
-        stack.push_async_callback(last_used.close)
-        pruner = Pruner(
-            pool,
-            {
-                "meter_flushes": settings.retention_meter_flushes,
-                "usage_reports": settings.retention_usage_reports,
-                "audit_log": settings.retention_audit_log,
-                "audit_denials": settings.retention_audit_denials,
-                "stripe_events": settings.retention_stripe_events,
-            },
-            interval=settings.prune_interval_seconds,
-            replica=replica,
-            on_pruned=lambda table, rows: metrics.RETENTION_PRUNED.labels(table=table).inc(rows),
-            on_run=lambda outcome: metrics.RETENTION_RUNS.labels(outcome=outcome).inc(),
-        )
+            self._on_stop(notifier.close)
+        for recorder in (parts.audit, parts.last_used):
+            if recorder is not None:
+                recorder.start()
+                self._on_stop(recorder.close)
+        pruner = authz_pruner(self.pool, settings, self.replica)
         pruner.start()
-        stack.push_async_callback(pruner.close)
+        self._on_stop(pruner.close)
         meter.start()
         test_meter.start()
 
         async def close_meters() -> None:  # side by side: a database outage costs the flush timeout once
             await asyncio.gather(meter.close(SHUTDOWN_FLUSH_SECONDS), test_meter.close(SHUTDOWN_FLUSH_SECONDS))
 
-        stack.push_async_callback(close_meters)
-        # Everything built so far lives as long as the process: out of the collector's sight, a collection
-        # (every few hundred checks) walks only what checks allocate, not every module and cache.
-        gc.collect()
-        gc.freeze()
-        await server.start()
-        stack.push_async_callback(server.stop, SHUTDOWN_GRACE_SECONDS)
-        # NOT_SERVING until the database has answered once: a replica that never reached it (unreachable,
-        # unparseable DATABASE_URL, no schema) could only answer 503, so it must not join rotation. After
-        # that, health stays SERVING through outages: the key cache's stale window decides what is served.
-        for service in HEALTH_SERVICES:
-            await health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
-        readiness = BackgroundTask(
-            "readiness", lambda: _serve_once_the_database_answers(pool, url, health_servicer, plans)
-        )
-        readiness.start()
-        stack.push_async_callback(readiness.stop)
+        self._on_stop(close_meters)
+
+    async def drain(self) -> None:
+        """Spill first: what was counted is on disk before anything else happens, however long the database takes
+        (a SIGKILL at the end of a stop timeout loses nothing counted before the server stopped). Then
+        NOT_SERVING, while checks are still answered until Envoy's health check has taken this replica out."""
+        self.parts.meter.spill_now()
+        self.parts.test_meter.spill_now()
+        log.info("shutting down: NOT_SERVING, answering for %.1fs more", self.settings.authz_drain_seconds)
+        await self.health.enter_graceful_shutdown()
+        await asyncio.sleep(self.settings.authz_drain_seconds)
+
+    async def stop(self) -> None:
+        await self._stack.aclose()
+
+
+async def serve(settings: Settings, worker: WorkerRole | None = None) -> None:
+    """Run until SIGTERM/SIGINT, then drain and return. Whatever started is stopped in reverse order, also when
+    a later part fails to start: the meter still flushes (or spills) what it counted, the pool still closes."""
+    configure_logging(settings.log_level, settings.log_format)
+    service = AuthzService(settings, worker)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    name = f" worker {worker.index}" if worker is not None else ""
+    await service.start()
+    try:
+        keys = service.startup.keys
         log.info(
             "authz%s listening on %s (metrics on :%d; rate limits %s; event loop %s); context tokens %s%s",
-            f" worker {worker.index}" if worker is not None else "",
-            address,
-            metrics_port,
-            "shared through Redis" if shared_limits else "per replica",
+            name,
+            service.address,
+            service.metrics_port,
+            "shared through Redis" if service.parts.shared_limits else "per replica",
             type(loop).__module__.partition(".")[0],
             keys.algorithm,
             f", signing key {keys.signing_kid}" if keys.signing_kid else "",
         )
-        if admin_secret is None:
+        if service.startup.admin_secret is None:
             log.warning(
                 "DRIFTLOCK_ADMIN_TOKEN_SECRET is not set: the management API and UsageService refuse every call"
             )
-
         if worker is not None:
-            worker.report({"ready": True, "metrics_port": metrics_port})
-
+            worker.report({"ready": True, "metrics_port": service.metrics_port})
         await stopping.wait()
-        # Spill first: what was counted is on disk before anything else happens, however long the database takes
-        # (a SIGKILL at the end of a stop timeout loses nothing counted before the server stopped).
-        meter.spill_now()
-        test_meter.spill_now()
-        log.info("shutting down: NOT_SERVING, answering for %.1fs more", settings.authz_drain_seconds)
-        await health_servicer.enter_graceful_shutdown()
-        await asyncio.sleep(settings.authz_drain_seconds)
-    log.info("authz%s stopped", f" worker {worker.index}" if worker is not None else "")
+        await service.drain()
+    finally:
+        await service.stop()
+    log.info("authz%s stopped", name)

@@ -6,7 +6,12 @@ with `Allow` (json_routing_errors).
 
 With STRIPE_API_KEY set, the service is also the one that talks to Stripe: it reports usage to Stripe Billing
 Meters (exporter.py) and pulls subscriptions from Stripe's API every hour on one replica (sync.py). Both start
-after the pool and stop before it, letting a call to Stripe in flight finish.
+after the pool and stop before it, letting a call to Stripe in flight finish. Every replica also prunes
+`stripe_events` past its retention (one replica per interval; driftlock_kernel/retention.py).
+
+The composition root is `create_app`: each part with a lifetime (the pool, the Stripe work, retention) is one
+`cleanup_ctx` entry, started in order and stopped in reverse. `WebhookService` is the process around it: it binds
+the port, and `serve` runs it until a signal.
 
 SIGTERM or SIGINT: /healthz turns 503, the listener closes, deliveries in flight get `SHUTDOWN_GRACE_SECONDS`
 to finish, the pool closes, and the process exits 0.
@@ -30,7 +35,7 @@ from billing_webhooks.inbox.webhook import BODY_TIMEOUT_SECONDS, MAX_BODY_BYTES,
 from billing_webhooks.stripe_client import StripeApi
 from billing_webhooks.usage_export.exporter import Exporter
 from billing_webhooks.usage_export.exports import ExportRules
-from driftlock_kernel import db
+from driftlock_kernel import db, retention
 from driftlock_kernel.errors import OperatorError
 from driftlock_kernel.logs import configure_logging
 from driftlock_kernel.settings import Settings
@@ -98,11 +103,13 @@ def create_app(
         finally:
             await state.pool.close()
 
+    # --- parts with a lifetime: started in this order after the pool, stopped in reverse before it closes ---
     app.cleanup_ctx.append(database)
     if settings.stripe_api_key:
         app.cleanup_ctx.append(_stripe_work(settings, state))
     else:
         log.info("STRIPE_API_KEY is not set: usage is not reported to Stripe and subscriptions are not synced")
+    app.cleanup_ctx.append(_retention(settings, state))
 
     def pool_of(request: web.Request) -> asyncpg.Pool:
         if state.pool is None:
@@ -206,33 +213,83 @@ def _stripe_work(settings: Settings, state: ServiceState) -> Callable[[web.Appli
     return work
 
 
-async def serve(settings: Settings) -> None:
-    """`driftlock-gateway webhooks`: run until SIGTERM/SIGINT, then drain and return."""
-    configure_logging(settings.log_level, settings.log_format)
-    app = create_app(settings)
-    runner = app_runner(app)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, settings.webhooks_host, settings.webhooks_port)
+def webhook_pruner(pool: asyncpg.Pool, settings: Settings, replica: str) -> retention.Pruner:
+    """Retention of the table this service writes (stripe_events); authz prunes its own."""
+    configured = retention.configured_retentions(settings)
+    return retention.Pruner(
+        pool,
+        {name: configured[name] for name in retention.WEBHOOK_TABLES},
+        interval=settings.prune_interval_seconds,
+        replica=replica,
+        task=retention.WEBHOOK_TASK,
+        on_pruned=retention.count_pruned,
+        on_run=retention.count_run,
+    )
+
+
+def _retention(settings: Settings, state: ServiceState) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def pruning(app: web.Application) -> AsyncIterator[None]:
+        if state.pool is None:
+            raise RuntimeError("the webhook service's database pool is not open")
+        pruner = webhook_pruner(state.pool, settings, runner_name())
+        pruner.start()
+        try:
+            yield
+        finally:
+            await pruner.close()
+
+    return pruning
+
+
+class WebhookService:
+    """The webhook process: the application of `create_app` served on the configured address."""
+
+    def __init__(self, settings: Settings):
+        self._settings = settings
+        self.app = create_app(settings)
+        self._runner = app_runner(self.app)
+
+    async def start(self) -> None:
+        """Start every part and listen; OperatorError (one line) when the port is taken. On failure, whatever
+        started is stopped again."""
+        settings = self._settings
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, settings.webhooks_host, settings.webhooks_port)
         try:
             await site.start()
         except OSError as error:
+            await self._runner.cleanup()
             raise OperatorError(
                 f"cannot listen on {settings.webhooks_host}:{settings.webhooks_port}: {error.strerror or error}"
             ) from None
-        stopping = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stopping.set)
+        except BaseException:
+            await self._runner.cleanup()
+            raise
         log.info(
             "webhooks listening on %s:%d (%d signing secret(s))",
             settings.webhooks_host,
             settings.webhooks_port,
             len(settings.stripe_webhook_secrets),
         )
-        await stopping.wait()
+
+    async def stop(self) -> None:
+        """/healthz turns 503; deliveries in flight get SHUTDOWN_GRACE_SECONDS; then every part stops."""
         log.info("shutting down: draining for up to %.0fs", SHUTDOWN_GRACE_SECONDS)
-        app[STATE].draining = True
+        self.app[STATE].draining = True
+        await self._runner.cleanup()
+
+
+async def serve(settings: Settings) -> None:
+    """`driftlock-gateway webhooks`: run until SIGTERM/SIGINT, then drain and return."""
+    configure_logging(settings.log_level, settings.log_format)
+    service = WebhookService(settings)
+    await service.start()
+    try:
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stopping.set)
+        await stopping.wait()
     finally:
-        await runner.cleanup()
+        await service.stop()
     log.info("webhooks stopped")

@@ -1,6 +1,7 @@
 """`driftlock-gateway prune TABLE|all [--older-than D]`: delete rows of the append-only tables past their
-retention, in batches. authz replicas do this by themselves every DRIFTLOCK_PRUNE_INTERVAL_SECONDS; the command
-is for a one-off clean-up, a scheduled job where automatic pruning is off, or a shorter window.
+retention, in batches. The services do this by themselves every DRIFTLOCK_PRUNE_INTERVAL_SECONDS (each the tables
+it writes); the command is for a one-off clean-up, a scheduled job where automatic pruning is off, or a shorter
+window.
 
 main.py registers it; `audit prune` and `webhooks prune` are the same for their own tables.
 """
@@ -15,15 +16,7 @@ from driftlock_cli.output import Printer
 from driftlock_kernel import db, retention
 from driftlock_kernel.settings import Settings
 
-
-def configured_retentions(settings: Settings) -> dict[str, timedelta | None]:
-    return {
-        "meter_flushes": settings.retention_meter_flushes,
-        "usage_reports": settings.retention_usage_reports,
-        "audit_log": settings.retention_audit_log,
-        "audit_denials": settings.retention_audit_denials,
-        "stripe_events": settings.retention_stripe_events,
-    }
+configured_retentions = retention.configured_retentions
 
 
 async def cmd_prune(args: argparse.Namespace, settings: Settings, out: Printer) -> None:

@@ -11,12 +11,16 @@ log = logging.getLogger(__name__)
 
 
 class BackgroundTask:
-    """A coroutine run from `start()` until `stop()`, which cancels it and waits for it to end."""
+    """A coroutine run from `start()` until `stop()`, which cancels it and waits for it to end, or `drain()`,
+    which first asks it to finish (`stopping` is set) and waits for that a while: a loop whose step talks to
+    another service lets the call in flight end and be recorded."""
 
     def __init__(self, name: str, run: Callable[[], Coroutine[Any, Any, None]]):
         self.name = name
         self._run = run
         self._task: asyncio.Task[None] | None = None
+        # Set by drain(); a loop that drains waits on it between steps instead of sleeping.
+        self.stopping = asyncio.Event()
 
     @property
     def running(self) -> bool:
@@ -42,6 +46,26 @@ class BackgroundTask:
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await self._task
+
+    async def drain(self, timeout: float) -> bool:
+        """Set `stopping` and give the task `timeout` seconds to end by itself, then cancel it. Whether it ended
+        by itself (or never started)."""
+        self.stopping.set()
+        if self._task is None:
+            return True
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), timeout)
+        except TimeoutError:
+            await self.stop()
+            return False
+        except Exception:  # logged by _guarded
+            return True
+        return True
+
+    async def pause(self, seconds: float) -> None:
+        """Sleep `seconds`, or less when drain() is called meanwhile."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stopping.wait(), seconds)
 
 
 def every(interval: float, step: Callable[[], Awaitable[object]], *, name: str) -> BackgroundTask:

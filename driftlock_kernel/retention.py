@@ -11,8 +11,9 @@
 Deduplication therefore holds for as long as a table keeps its rows; every retention is far longer than any
 retry. `deferred` Stripe events wait for their organisation and are never pruned. Each batch is one DELETE of
 at most `batch` rows (locked rows are skipped, never waited for), so no lock is held long and a transaction
-pooler is fine. `Pruner` runs in every authz replica; a conditional UPDATE of `maintenance_runs` lets one of
-them claim each interval's run.
+pooler is fine. Each table is pruned by the service that writes it: a `Pruner` runs in every authz replica
+(AUTHZ_TABLES) and in every webhook replica (WEBHOOK_TABLES); a conditional upsert of `maintenance_runs` (one
+task per service) lets one replica of each claim each interval's run. `prune all` covers every table.
 """
 
 import asyncio
@@ -22,15 +23,18 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 import asyncpg
+from prometheus_client import Counter
 
 from driftlock_kernel import db
 from driftlock_kernel.background import BackgroundTask
 from driftlock_kernel.errors import OperatorError, one_line
+from driftlock_kernel.settings import Settings
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BATCH = 5000
-TASK = "prune"
+TASK = "prune"  # authz's run (the row the migration created)
+WEBHOOK_TASK = "prune-webhooks"
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,46 @@ TABLES: dict[str, PrunedTable] = {
 }
 
 
+# Who prunes what: the service that writes the table.
+AUTHZ_TABLES = ("meter_flushes", "usage_reports", "audit_log", "audit_denials")
+WEBHOOK_TABLES = ("stripe_events",)
+
+
+def configured_retentions(settings: Settings) -> dict[str, timedelta | None]:
+    """Every pruned table's configured retention (None: kept for ever)."""
+    return {
+        "meter_flushes": settings.retention_meter_flushes,
+        "usage_reports": settings.retention_usage_reports,
+        "audit_log": settings.retention_audit_log,
+        "audit_denials": settings.retention_audit_denials,
+        "stripe_events": settings.retention_stripe_events,
+    }
+
+
+# Exported by both services (each prunes its own tables; the `table` label says which), so that one alert rule
+# covers every pruning run. Defined once here: two definitions in one process would collide.
+PRUNED_ROWS = Counter(
+    "driftlock_retention_pruned_rows_total",
+    "Rows of append-only tables deleted past their retention by this replica, by table.",
+    ["table"],
+)
+RUNS = Counter(
+    "driftlock_retention_runs_total",
+    "Pruning runs by outcome: pruned (this replica ran it), skipped (another replica had it), failed.",
+    ["outcome"],
+)
+for _outcome in ("pruned", "skipped", "failed"):
+    RUNS.labels(outcome=_outcome)
+
+
+def count_pruned(table: str, rows: int) -> None:
+    PRUNED_ROWS.labels(table=table).inc(rows)
+
+
+def count_run(outcome: str) -> None:
+    RUNS.labels(outcome=outcome).inc()
+
+
 class RetentionError(OperatorError):
     pass
 
@@ -98,23 +142,25 @@ async def prune_table(
             return total
 
 
-async def claim_run(conn: db.Connection, replica: str, interval: timedelta) -> bool:
-    """Whether this replica won this interval's run (no other replica started one within `interval`)."""
+async def claim_run(conn: db.Connection, replica: str, interval: timedelta, task: str = TASK) -> bool:
+    """Whether this replica won this interval's run of `task` (no other replica started one within `interval`).
+    The task's row is created by the first claim (one statement: a transaction pooler is fine)."""
     row = await conn.fetchrow(
-        """UPDATE driftlock.maintenance_runs SET started_at = now(), finished_at = NULL, replica = $2
-           WHERE task = $1 AND started_at < now() - $3::interval
+        """INSERT INTO driftlock.maintenance_runs AS m (task, started_at, replica) VALUES ($1, now(), $2)
+           ON CONFLICT (task) DO UPDATE SET started_at = now(), finished_at = NULL, replica = $2
+           WHERE m.started_at < now() - $3::interval
            RETURNING task""",
-        TASK,
+        task,
         replica,
         interval,
     )
     return row is not None
 
 
-async def finish_run(conn: db.Connection, deleted: dict[str, int]) -> None:
+async def finish_run(conn: db.Connection, deleted: dict[str, int], task: str = TASK) -> None:
     await conn.execute(
         "UPDATE driftlock.maintenance_runs SET finished_at = now(), detail = $2 WHERE task = $1",
-        TASK,
+        task,
         {"deleted": deleted},  # the connection's jsonb codec encodes it
     )
 
@@ -129,6 +175,7 @@ class Pruner:
         *,
         interval: float,
         replica: str,
+        task: str = TASK,
         batch: int = DEFAULT_BATCH,
         on_pruned: Callable[[str, int], None] = lambda table, rows: None,
         on_run: Callable[[str], None] = lambda outcome: None,
@@ -140,10 +187,11 @@ class Pruner:
         self._retentions = {name: keep for name, keep in retentions.items() if keep is not None}
         self._interval = interval
         self._replica = replica
+        self._run_task = task
         self._batch = batch
         self._on_pruned = on_pruned
         self._on_run = on_run
-        self._task = BackgroundTask("retention", self._loop)
+        self._task = BackgroundTask(f"retention ({task})", self._loop)
 
     def start(self) -> None:
         if self._interval > 0 and self._retentions:
@@ -163,14 +211,14 @@ class Pruner:
         """One run: None when another replica had claimed it (or it failed), else rows deleted per table."""
         try:
             async with self._pool.acquire() as conn:
-                if not await claim_run(conn, self._replica, timedelta(seconds=self._interval * 0.9)):
+                if not await claim_run(conn, self._replica, timedelta(seconds=self._interval * 0.9), self._run_task):
                     self._on_run("skipped")
                     return None
                 deleted = {}
                 for name, keep in self._retentions.items():
                     deleted[name] = await prune_table(conn, TABLES[name], keep, batch=self._batch)
                     self._on_pruned(name, deleted[name])
-                await finish_run(conn, deleted)
+                await finish_run(conn, deleted, self._run_task)
         except db.DATABASE_ERRORS as error:
             self._on_run("failed")
             log.warning("pruning old rows failed (next try in %.0fs): %s", self._interval, one_line(error))

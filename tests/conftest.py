@@ -18,6 +18,9 @@ from driftlock_kernel import api_keys, db, migrate, orgs, plans
 from driftlock_kernel.keys import ALL_SCOPES, Environment, Scope
 from tests.support import pgbouncer
 from tests.support.database import DatabaseFactory
+from tests.support.loop_exceptions import expect_loop_exception, fail_on_loop_exceptions
+
+__all__ = ["expect_loop_exception", "fail_on_loop_exceptions"]  # fixtures every test gets from here
 
 _OWN_BASETEMP = pytest.StashKey[str]()
 

@@ -14,7 +14,6 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 
 from authz_service import metrics
 from authz_service.check.audit import AuditEntry, AuditLog, audit_path
@@ -68,18 +67,18 @@ class AccessRequest:
     context: Mapping[str, str]
     # time.monotonic() by which Envoy stops waiting for the answer (its ext_authz timeout), when known.
     deadline: float | None = None
-    # Envoy's CheckRequest.attributes, kept so that `source` is read from it only when a check needs it (the
-    # look-up of a key this replica does not know, an audit entry): the protobuf look-ups cost more than a
-    # cached valid key should pay.
-    attributes: Any = None
+    # Reads the client's address from what the wire received, so that it is read only when a check needs it (the
+    # look-up of a key this replica does not know, an audit entry): reading it costs more than a cached valid
+    # key should pay. None: unknown.
+    read_source: Callable[[], str] | None = None
 
     @property
     def source(self) -> str:
         """The client's address as Envoy saw it (the peer, or the address x-forwarded-for names when Envoy trusts
         a proxy in front); '' when unknown."""
-        if self.attributes is None:
+        if self.read_source is None:
             return ""
-        return self.attributes.source.address.socket_address.address
+        return self.read_source()
 
 
 MAX_REMEMBERED_ROUTES = 1_000
@@ -258,7 +257,17 @@ class Authorizer:
         if not decision.allowed:
             return CheckOutcome(decision, grant, route, plan=plan.name, rate=rate)
         return await self._count(
-            request, route, grant, plan.test_limits, now, rate, meter, used, period, plan.name, None
+            request,
+            route,
+            grant,
+            meter=meter,
+            limits=plan.test_limits,
+            period=period,
+            used=used,
+            now=now,
+            rate=rate,
+            plan_name=plan.name,
+            usage=None,
         )
 
     async def _bill(
@@ -281,24 +290,38 @@ class Authorizer:
         )
         if not decision.allowed:
             return CheckOutcome(decision, grant, route, plan=plan.name, rate=rate)
-        return await self._count(request, route, grant, plan, now, rate, self._meter, used, period, plan.name, usage)
+        return await self._count(
+            request,
+            route,
+            grant,
+            meter=self._meter,
+            limits=plan,
+            period=period,
+            used=used,
+            now=now,
+            rate=rate,
+            plan_name=plan.name,
+            usage=usage,
+        )
 
     async def _count(
         self,
         request: AccessRequest,
         route: Route,
         grant: Grant,
+        *,
+        meter: Meter,
         limits: PlanLimits,
+        period: Period,
+        used: int,
         now: float,
         rate: RateVerdict | None,
-        meter: Meter,
-        used: int,
-        period: Period,
         plan_name: str,
         usage: BilledUsage | None,
     ) -> CheckOutcome:
-        """Count an allowed call: in memory far from the cap of `limits`, else reserved in the database first.
-        `usage` is what a billed call was counted as (for a refund); None for a test key's."""
+        """Count an allowed call on `meter`: in memory far from the cap of `limits` (with `used` units of the
+        period already counted), else reserved in the database first. `usage` is what a billed call was counted
+        as (for a refund); None for a test key's."""
         usage_key = (grant.org_id, period.start)
         product = route.product or ""
         billed = meter.live

@@ -16,10 +16,11 @@ import json
 import logging
 import time
 from collections.abc import Iterable
+from functools import partial
 
 import grpc
 from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
-from envoy.service.auth.v3 import external_auth_pb2
+from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
 from envoy.type.v3.http_status_pb2 import HttpStatus
 from google.rpc import code_pb2, status_pb2
 
@@ -54,6 +55,10 @@ def _header(name: str, value: str) -> HeaderValueOption:
     return HeaderValueOption(header=HeaderValue(key=name, value=value), append_action=_OVERWRITE)
 
 
+def _source_address(attributes: attribute_context_pb2.AttributeContext) -> str:
+    return attributes.source.address.socket_address.address
+
+
 def access_request(check: external_auth_pb2.CheckRequest, time_remaining: float | None = None) -> AccessRequest:
     attributes = check.attributes
     http = attributes.request.http
@@ -67,7 +72,7 @@ def access_request(check: external_auth_pb2.CheckRequest, time_remaining: float 
         headers=headers,
         context=attributes.context_extensions,
         deadline=None if time_remaining is None else time.monotonic() + time_remaining,
-        attributes=attributes,
+        read_source=partial(_source_address, attributes),
     )
 
 
@@ -203,11 +208,11 @@ AUTHORIZATION_SERVICE = "envoy.service.auth.v3.Authorization"
 
 
 class AuthorizationServicer:
-    """`caller_secret`: what a caller must show (see the module's docstring); None only in process (the
-    benchmark's direct calls, which have no gRPC context). `Check` answers serialised bytes (see
-    AllowedResponses); `add_to_server` registers it so."""
+    """`caller_secret`: what a caller must show (see the module's docstring). `Check` is the gRPC method: the
+    caller's secret, then `answer`, which in-process callers (the benchmarks) call directly. Both answer
+    serialised bytes (see AllowedResponses); `add_to_server` registers `Check` so."""
 
-    def __init__(self, authorizer: Authorizer, signer: ContextSigner, *, caller_secret: bytes | None = None):
+    def __init__(self, authorizer: Authorizer, signer: ContextSigner, *, caller_secret: bytes):
         self._authorizer = authorizer
         self._allowed = AllowedResponses(signer)
         self._caller_secret = caller_secret
@@ -223,20 +228,22 @@ class AuthorizationServicer:
         # As generated stubs do: the method is then known to gRPC's core, and found without a generic look-up.
         server.add_registered_method_handlers(AUTHORIZATION_SERVICE, handlers)  # type: ignore[attr-defined]  # (not in grpc.aio typing)
 
-    async def Check(self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext | None) -> bytes:
-        if self._caller_secret is not None and (
-            context is None or not shows_secret(context.invocation_metadata(), self._caller_secret)
-        ):
+    async def Check(self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext) -> bytes:
+        if not shows_secret(context.invocation_metadata(), self._caller_secret):
             metrics.UNAUTHENTICATED_CALLS.inc()
-            peer = context.peer() if context is not None else "in process"
-            self._refusals.warning("caller", "refused a Check call without the ext_authz secret (from %s)", peer)
-            if context is not None:
-                await context.abort(grpc.StatusCode.UNAUTHENTICATED, "only the gateway's Envoy may call Check")
+            self._refusals.warning(
+                "caller", "refused a Check call without the ext_authz secret (from %s)", context.peer()
+            )
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "only the gateway's Envoy may call Check")
             raise PermissionError("Check called without the ext_authz secret")
+        return await self.answer(request, context.time_remaining())
+
+    async def answer(self, request: external_auth_pb2.CheckRequest, time_remaining: float | None = None) -> bytes:
+        """The answer to a CheckRequest from a caller already let in; `time_remaining`: Envoy's deadline."""
         started = time.perf_counter()
         request_id = ""
         try:
-            access = access_request(request, context.time_remaining() if context is not None else None)
+            access = access_request(request, time_remaining)
             request_id = access.request_id
             bind_request(request_id)
             outcome = await self._authorizer.check(access)

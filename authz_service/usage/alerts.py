@@ -25,13 +25,12 @@ import logging
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
-from datetime import datetime
 
 import aiohttp
 import asyncpg
 
 from authz_service import metrics
+from authz_service.usage.meter_store import UsageAlert
 from driftlock_kernel import db
 from driftlock_kernel.background import BackgroundTask
 from driftlock_kernel.errors import one_line
@@ -51,23 +50,7 @@ def thresholds_reached(used_units: int, included_units: int) -> tuple[int, ...]:
     return tuple(t for t in THRESHOLDS if used_units * 100 >= t * included_units)
 
 
-@dataclass(frozen=True, slots=True)
-class StoredAlert:
-    """A usage alert as stored (raised once per organisation, period and threshold), claimed for delivery."""
-
-    id: int
-    org_id: str
-    period_start: datetime
-    period_end: datetime
-    threshold: int
-    used_units: int
-    included_units: int
-    plan: str
-    created_at: datetime
-    webhook_attempts: int = 0
-
-
-def alert_payload(alert: StoredAlert) -> dict[str, object]:
+def alert_payload(alert: UsageAlert) -> dict[str, object]:
     return {
         "type": "usage.threshold_reached",
         "id": alert.id,
@@ -184,12 +167,12 @@ class AlertNotifier:
         for row in expired:
             metrics.ALERT_DELIVERIES.labels(outcome="gave_up").inc()
             log.error("usage alert %s not acknowledged within %.0f h; no longer sent", row["id"], self._expiry / 3600)
-        claimed = [db.from_row(StoredAlert, row) for row in await self._pool.fetch(CLAIM_SQL, self._batch, self._lease)]
+        claimed = [db.from_row(UsageAlert, row) for row in await self._pool.fetch(CLAIM_SQL, self._batch, self._lease)]
         if claimed:
             await asyncio.gather(*(self._deliver(alert) for alert in claimed))
         return len(claimed)
 
-    async def _deliver(self, alert: StoredAlert) -> None:
+    async def _deliver(self, alert: UsageAlert) -> None:
         if self._session is None:
             raise RuntimeError("AlertNotifier.start() was not called")
         body = to_json(alert_payload(alert)).encode()

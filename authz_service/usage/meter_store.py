@@ -170,10 +170,12 @@ class Reservation:
 
 
 @dataclass(frozen=True, slots=True)
-class RaisedAlert:
-    """A usage alert as stored: raised once per organisation, period and threshold."""
+class UsageAlert:
+    """A usage alert: an organisation's usage reached `threshold` percent of its plan's included units in a
+    period. Raised once per organisation, period and threshold; `id` and `created_at` are the database's, set
+    once it is stored (None while the meter only proposes it), `webhook_attempts` once it is claimed for
+    delivery (alerts.py)."""
 
-    id: int
     org_id: str
     period_start: datetime
     period_end: datetime
@@ -181,18 +183,9 @@ class RaisedAlert:
     used_units: int
     included_units: int
     plan: str
-    created_at: datetime
-
-
-@dataclass(frozen=True)
-class AlertCandidate:
-    org_id: str
-    period_start: datetime
-    period_end: datetime
-    threshold: int
-    used_units: int
-    included_units: int
-    plan: str
+    id: int | None = None
+    created_at: datetime | None = None
+    webhook_attempts: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -272,7 +265,7 @@ class MeterStore:
         rows = await self._pool.fetch(self._by_product_sql, uuid.UUID(org_id), period_start)
         return {row["product"]: row["units"] for row in rows}
 
-    async def raise_alerts(self, candidates: list[AlertCandidate]) -> list[RaisedAlert]:
+    async def raise_alerts(self, candidates: list[UsageAlert]) -> list[UsageAlert]:
         """Insert the alerts not raised yet (by anyone); return the ones this call inserted."""
         rows = await self._pool.fetch(
             ALERTS_SQL,
@@ -284,7 +277,7 @@ class MeterStore:
             [c.included_units for c in candidates],
             [c.plan for c in candidates],
         )
-        return [db.from_row(RaisedAlert, row) for row in rows]
+        return [db.from_row(UsageAlert, row) for row in rows]
 
 
 # --- spilling: what a shutdown could not flush, kept on disk for the next start ---------------------------------

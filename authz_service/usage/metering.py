@@ -25,7 +25,7 @@ from pathlib import Path
 
 from authz_service import metrics
 from authz_service.usage.alerts import AlertNotifier, thresholds_reached
-from authz_service.usage.meter_store import AlertCandidate, MeterStore, read_spilled, spill
+from authz_service.usage.meter_store import MeterStore, UsageAlert, read_spilled, spill
 from authz_service.usage.refunds import Refund
 from authz_service.usage.usage_ledger import Batch, Report, UsageKey, UsageLedger
 from driftlock_kernel import db
@@ -76,6 +76,7 @@ class Meter:
         self.ledger = ledger
         # False: test keys' usage, which raises no alerts and stays out of the live usage metrics.
         self.live = live
+        self.store = store
         self._store = store
         self._flush_timeout = flush_timeout
         self._load_timeout = load_timeout
@@ -275,7 +276,7 @@ class Meter:
             for threshold in thresholds_reached(total, context.included_units):
                 if (key, threshold) not in self._raised:
                     candidates.append(
-                        AlertCandidate(
+                        UsageAlert(
                             key[0], key[1], context.period_end, threshold, total, context.included_units, context.plan
                         )
                     )

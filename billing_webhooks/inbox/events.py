@@ -178,6 +178,8 @@ class SubscriptionSnapshot:
     ended: bool  # customer.subscription.deleted
     trial_end: datetime | None
     cancel_at_period_end: bool
+    # customer.subscription.trial_will_end: three days before a trial ends (the outcome says so).
+    trial_will_end: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,6 +246,7 @@ def _subscription(event: Envelope) -> SubscriptionSnapshot:
         ended=event.type == EventType.SUBSCRIPTION_DELETED,
         trial_end=_timestamp(sub.get("trial_end")),
         cancel_at_period_end=sub.get("cancel_at_period_end") is True,
+        trial_will_end=event.type == EventType.SUBSCRIPTION_TRIAL_WILL_END,
     )
 
 

@@ -1,4 +1,4 @@
-"""What each handled Stripe event changes: `handle_<type>(conn, event) -> Result`.
+"""What each handled Stripe event changes: `handle(conn, event) -> Result`, one dispatch on our event types.
 
 Each handler runs inside the transaction that stored the event. It serialises on the Stripe customer, reads
 the stored state, lets `decisions` say what changes, writes the subscription row, and then brings the linked
@@ -8,15 +8,15 @@ organisation row reaches every authz replica through the table's NOTIFY trigger.
 
 import dataclasses
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, assert_never
 
 from billing_webhooks.inbox import decisions, store
 from billing_webhooks.inbox.decisions import EventOutcome, Problem, StatusReport, SubscriptionState
 from billing_webhooks.inbox.events import (
+    BillingEvent,
     CheckoutCompleted,
-    EventType,
     InvoicePayment,
     SubscriptionSnapshot,
     parse_org_id,
@@ -247,28 +247,7 @@ async def _subscription_event(
     return await _store_and_sync(conn, applied.state, applied.report, event.metadata_org_id, what, policy)
 
 
-async def handle_customer_subscription_created(
-    conn: db.Connection, event: SubscriptionSnapshot, policy: BillingPolicy = DEFAULT_POLICY
-) -> Result:
-    return await _subscription_event(conn, event, policy)
-
-
-async def handle_customer_subscription_updated(
-    conn: db.Connection, event: SubscriptionSnapshot, policy: BillingPolicy = DEFAULT_POLICY
-) -> Result:
-    return await _subscription_event(conn, event, policy)
-
-
-async def handle_customer_subscription_deleted(
-    conn: db.Connection, event: SubscriptionSnapshot, policy: BillingPolicy = DEFAULT_POLICY
-) -> Result:
-    """The subscription ended: its organisation goes to the free plan (unless it follows another subscription)."""
-    return await _subscription_event(conn, event, policy)
-
-
-async def handle_customer_subscription_trial_will_end(
-    conn: db.Connection, event: SubscriptionSnapshot, policy: BillingPolicy = DEFAULT_POLICY
-) -> Result:
+async def _trial_notice(conn: db.Connection, event: SubscriptionSnapshot, policy: BillingPolicy) -> Result:
     """Three days before a trial ends: nothing to enforce; the event is kept (the notification, for an operator or
     a mailer to read) and the snapshot it carries is applied like any other."""
     result = await _subscription_event(conn, event, policy)
@@ -294,51 +273,21 @@ async def _invoice_event(conn: db.Connection, event: InvoicePayment, policy: Bil
     return await _store_and_sync(conn, applied.state, applied.report, event.metadata_org_id, what, policy)
 
 
-async def handle_invoice_payment_succeeded(
-    conn: db.Connection, event: InvoicePayment, policy: BillingPolicy = DEFAULT_POLICY
-) -> Result:
-    return await _invoice_event(conn, event, policy)
-
-
-async def handle_invoice_payment_failed(
-    conn: db.Connection, event: InvoicePayment, policy: BillingPolicy = DEFAULT_POLICY
-) -> Result:
-    return await _invoice_event(conn, event, policy)
-
-
-async def handle_invoice_paid(
-    conn: db.Connection, event: InvoicePayment, policy: BillingPolicy = DEFAULT_POLICY
-) -> Result:
-    """The invoice is paid, by a charge or out of band (marked paid, a bank transfer): like a successful
-    payment. Stripe sends it beside payment_succeeded for a charge; the second of the two changes nothing."""
-    return await _invoice_event(conn, event, policy)
-
-
-async def handle_customer_subscription_paused(
-    conn: db.Connection, event: SubscriptionSnapshot, policy: BillingPolicy = DEFAULT_POLICY
-) -> Result:
-    """A trial ended without a payment method (or collection was paused): no paid subscription is in force, so
-    the organisation is served on the fallback plan until it resumes."""
-    return await _subscription_event(conn, event, policy)
-
-
-async def handle_customer_subscription_resumed(
-    conn: db.Connection, event: SubscriptionSnapshot, policy: BillingPolicy = DEFAULT_POLICY
-) -> Result:
-    return await _subscription_event(conn, event, policy)
-
-
-EventHandler = Callable[[db.Connection, Any, BillingPolicy], Awaitable[Result]]
-
-HANDLERS: Mapping[str, EventHandler] = {
-    EventType.CHECKOUT_SESSION_COMPLETED: handle_checkout_session_completed,
-    EventType.SUBSCRIPTION_CREATED: handle_customer_subscription_created,
-    EventType.SUBSCRIPTION_UPDATED: handle_customer_subscription_updated,
-    EventType.SUBSCRIPTION_DELETED: handle_customer_subscription_deleted,
-    EventType.SUBSCRIPTION_TRIAL_WILL_END: handle_customer_subscription_trial_will_end,
-    EventType.INVOICE_PAYMENT_SUCCEEDED: handle_invoice_payment_succeeded,
-    EventType.INVOICE_PAYMENT_FAILED: handle_invoice_payment_failed,
-    EventType.INVOICE_PAID: handle_invoice_paid,
-    EventType.SUBSCRIPTION_PAUSED: handle_customer_subscription_paused,
-    EventType.SUBSCRIPTION_RESUMED: handle_customer_subscription_resumed,
-}
+async def handle(conn: db.Connection, event: BillingEvent, policy: BillingPolicy = DEFAULT_POLICY) -> Result:
+    """Apply one of our events (events.normalize chose its type from Stripe's). Every subscription event
+    (created, updated, deleted, paused, resumed, trial_will_end) carries the whole subscription and is applied
+    alike: deleted ends it (the organisation goes to the fallback plan unless another subscription follows),
+    paused means no paid subscription is in force (a trial ended without a payment method). Every invoice event
+    (payment_succeeded, payment_failed, paid) is a payment: `paid` covers payments out of band too, and the
+    second of paid and payment_succeeded for one charge changes nothing."""
+    match event:
+        case CheckoutCompleted():
+            return await handle_checkout_session_completed(conn, event, policy)
+        case SubscriptionSnapshot(trial_will_end=True):
+            return await _trial_notice(conn, event, policy)
+        case SubscriptionSnapshot():
+            return await _subscription_event(conn, event, policy)
+        case InvoicePayment():
+            return await _invoice_event(conn, event, policy)
+        case _:
+            assert_never(event)

@@ -16,7 +16,6 @@ The webhook service runs a sync every DRIFTLOCK_STRIPE_SYNC_INTERVAL_SECONDS on 
 it).
 """
 
-import asyncio
 import contextlib
 import dataclasses
 import logging
@@ -37,6 +36,7 @@ from billing_webhooks.inbox.events import Envelope, EventType
 from billing_webhooks.inbox.webhook import apply_event
 from billing_webhooks.stripe_client import StripeApi
 from driftlock_kernel import db
+from driftlock_kernel.background import BackgroundTask
 from driftlock_kernel.billing import DEFAULT_POLICY, TERMINAL_STATUSES, BillingPolicy
 from driftlock_kernel.errors import one_line
 from driftlock_kernel.orgs import NotFound
@@ -228,8 +228,7 @@ class SyncJob:
         self._interval = interval
         self._runner = runner
         self._policy = policy
-        self._stopping = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._task = BackgroundTask("stripe-sync", self._loop)
 
     async def run_if_due(self) -> SyncReport | None:
         async with self._pool.acquire() as conn:
@@ -256,26 +255,18 @@ class SyncJob:
         return report
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._loop(), name="stripe-sync")
+        self._task.start()
 
     async def _loop(self) -> None:
-        while not self._stopping.is_set():
+        while not self._task.stopping.is_set():
             try:
                 await self.run_if_due()
             except db.DATABASE_ERRORS as error:
                 log.warning("stripe sync could not run: %s", one_line(error))
             except Exception:
                 log.exception("stripe sync failed")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), min(self._interval, CHECK_EVERY_SECONDS))
+            await self._task.pause(min(self._interval, CHECK_EVERY_SECONDS))
 
     async def stop(self, timeout: float = 10.0) -> None:
-        self._stopping.set()
-        if self._task is None:
-            return
-        try:
-            await asyncio.wait_for(asyncio.shield(self._task), timeout)
-        except TimeoutError:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+        """Start no new run; let one in flight finish for up to `timeout` seconds."""
+        await self._task.drain(timeout)

@@ -31,7 +31,7 @@ from billing_webhooks import metrics
 from billing_webhooks.inbox import store
 from billing_webhooks.inbox.decisions import EventOutcome, Problem
 from billing_webhooks.inbox.events import Envelope, MalformedEvent, envelope, normalize, release_of, type_label
-from billing_webhooks.inbox.handlers import HANDLERS, Result
+from billing_webhooks.inbox.handlers import Result, handle
 from driftlock_kernel import db
 from driftlock_kernel.billing import DEFAULT_POLICY, BillingPolicy
 from driftlock_kernel.errors import one_line
@@ -114,7 +114,7 @@ async def apply_event(conn: db.Connection, event: Envelope, policy: BillingPolic
         return Result(EventOutcome.IGNORED, "event type not handled")
     try:
         async with conn.transaction():
-            return await HANDLERS[event.type](conn, normalized, policy)
+            return await handle(conn, normalized, policy)
     except db.UNAVAILABLE_ERRORS:
         raise  # not the event's fault: nothing is stored, and Stripe's retry applies it
     except Exception as error:

@@ -7,9 +7,10 @@ Sending takes rows with `FOR UPDATE SKIP LOCKED` and a lease instead of holding 
 to Stripe: a sender that dies leaves its claim to expire, and the next one sends the same identifier again.
 """
 
+import dataclasses
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 import asyncpg
@@ -47,12 +48,7 @@ class PeriodRow:
     billing_status: BillingStatus
     observed_at: datetime  # the database's time of this read
     observed_snapshot: str  # and the snapshot it read in
-    candidate_at: datetime | None = None
-    candidate_units: int = 0
-    candidate_snapshot: str | None = None
-    settled_at: datetime | None = None
-    settled_units: int = 0
-    settled_snapshot: str | None = None
+    marks: Marks = field(default_factory=Marks)  # an open period's candidate and settled marks
     refunds_since_candidate: int = 0  # refunds the candidate's snapshot did not see
     refunds_since_settled: int = 0
 
@@ -106,7 +102,7 @@ async def lock_decisions(conn: db.Connection) -> None:
 
 async def period_rows(conn: db.Connection, lookback: timedelta = LOOKBACK) -> list[PeriodRow]:
     rows = await conn.fetch(_PERIODS_SQL, lookback)
-    return [db.from_row(PeriodRow, row) for row in rows]
+    return [dataclasses.replace(db.from_row(PeriodRow, row), marks=db.from_row(Marks, row)) for row in rows]
 
 
 async def save_marks(conn: db.Connection, marks: Sequence[tuple[uuid.UUID, datetime, Marks]]) -> None:

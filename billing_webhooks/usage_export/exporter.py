@@ -12,7 +12,6 @@ marked sent either way.
 """
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import random
@@ -52,6 +51,7 @@ from billing_webhooks.usage_export.exports import (
     summary_window,
 )
 from driftlock_kernel import db
+from driftlock_kernel.background import BackgroundTask
 from driftlock_kernel.billing import DEFAULT_POLICY, BillingPolicy, effective_plan
 from driftlock_kernel.errors import one_line
 from driftlock_kernel.periods import Period
@@ -86,14 +86,7 @@ def period_usage(
     settled = None
     if now < period.end:
         marks, settled = settle_marks(
-            Marks(
-                row.candidate_at,
-                row.candidate_units,
-                row.candidate_snapshot,
-                row.settled_at,
-                row.settled_units,
-                row.settled_snapshot,
-            ),
+            row.marks,
             row.stored_units,
             row.observed_at,
             row.observed_snapshot,
@@ -145,8 +138,7 @@ class Exporter:
         self._lease = lease
         self._runner = runner
         self._clock = clock
-        self._stopping = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._task = BackgroundTask("stripe-export", self._loop)
         self._last_failure_log = 0.0
         self._sent_units = 0
 
@@ -191,7 +183,7 @@ class Exporter:
     async def send_due(self) -> list[int]:
         """Send every due row, in batches, until none is due, a rate limit says stop, or the exporter stops."""
         finished: list[int] = []
-        while not self._stopping.is_set():
+        while not self._task.stopping.is_set():
             token = uuid.uuid4()
             claimed = await export_store.claim_due(
                 self._pool, runner=self._runner, lease=self._lease, limit=CLAIM_BATCH, token=token
@@ -214,7 +206,7 @@ class Exporter:
         async def customer(rows: list[ClaimedExport]) -> None:
             async with semaphore:
                 for row in rows:
-                    if halt.is_set() or self._stopping.is_set():
+                    if halt.is_set() or self._task.stopping.is_set():
                         await export_store.mark_retry(
                             self._pool, row.id, row.claim_token, None, timedelta(0), attempted=False
                         )
@@ -338,30 +330,19 @@ class Exporter:
     # --- the loop ---------------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        if self._task is not None:
-            raise RuntimeError("the exporter was started already")
-        self._task = asyncio.create_task(self._loop(), name="stripe-export")
+        self._task.start()
 
     async def _loop(self) -> None:
-        while not self._stopping.is_set():
+        while not self._task.stopping.is_set():
             try:
                 await self.run_once()
             except db.DATABASE_ERRORS as error:
                 log.warning("usage export pass failed (next in %.0fs): %s", self._interval, one_line(error))
             except Exception:
                 log.exception("usage export pass failed (next in %.0fs)", self._interval)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), self._interval)
+            await self._task.pause(self._interval)
 
     async def stop(self, timeout: float = 10.0) -> None:
         """Take no new rows; let calls in flight finish and be recorded, for up to `timeout` seconds."""
-        self._stopping.set()
-        if self._task is None:
-            return
-        try:
-            await asyncio.wait_for(asyncio.shield(self._task), timeout)
-        except TimeoutError:
+        if not await self._task.drain(timeout):
             log.warning("usage export still sending after %.0fs; its claims expire and are sent again", timeout)
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task

@@ -5,6 +5,7 @@ margin every call is reserved in the database first. Together they serve exactly
 import asyncio
 import uuid
 
+from authz_service.check.assembly import CheckParts, assemble_authorizer
 from authz_service.check.authorizer import AccessRequest, Authorizer
 from authz_service.check.decision import DenyCode, Grant
 from authz_service.check.grants import GrantStore
@@ -14,6 +15,7 @@ from authz_service.usage.metering import Meter
 from authz_service.usage.usage_ledger import UsageLedger
 from driftlock_kernel import api_keys, db, plans
 from driftlock_kernel.keys import Environment, Scope
+from driftlock_kernel.settings import Settings
 from tests.support.authz_requests import STREAM_DETECT
 from tests.support.usage import stored_usage
 
@@ -29,8 +31,8 @@ async def replica(database_url, grant: Grant, margin: int, transaction_pooler: b
     store = GrantStore(fetch, ttl=60, negative_ttl=5, stale_for=60, max_entries=10, fetch_timeout=2)
     meter = Meter(UsageLedger(), MeterStore(pool, replica=f"r-{uuid.uuid4().hex[:6]}"))
     test_meter = Meter(UsageLedger(), MeterStore(pool, replica="tests", tables=TEST_TABLES), live=False)
-    authorizer = Authorizer(
-        store, PlanBook(database_load(pool)), meter, test_meter=test_meter, exact_margin_units=margin
+    authorizer = assemble_authorizer(
+        CheckParts(store, PlanBook(database_load(pool)), meter, test_meter), Settings(quota_exact_margin_units=margin)
     )
     return authorizer, meter, pool
 

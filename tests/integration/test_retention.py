@@ -9,9 +9,12 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from authz_service.server import authz_pruner
 from authz_service.usage.meter_store import MeterStore
 from authz_service.usage.usage_ledger import Batch, Report
+from billing_webhooks.app import webhook_pruner
 from driftlock_kernel import db, migrate, orgs, retention
+from driftlock_kernel.settings import Settings
 from tests.support.cli import run_cli
 
 OLD = timedelta(days=400)
@@ -158,3 +161,23 @@ async def test_the_prune_command_prunes_each_table_or_all(retention_db):
         assert await present(conn, recent) == {"usage_reports", "audit_log", "stripe_events"}
     too_short = await asyncio.to_thread(run_cli, "prune", "stripe-events", "--older-than", "1d", database_url=url)
     assert too_short.code == 1 and "at least 3d" in too_short.stderr and "\n" not in too_short.stderr.strip()
+
+
+async def test_each_service_prunes_the_tables_it_writes_and_prune_all_covers_them_all(retention_db):
+    _url, pool = retention_db
+    settings = Settings()
+    async with pool.acquire() as conn:
+        org = await orgs.create_org(conn, "Owners")
+        old = await plant(conn, org.id, OLD)
+    authz_deleted = await authz_pruner(pool, settings, "authz-1").run_once()
+    assert authz_deleted is not None and "stripe_events" not in authz_deleted
+    async with pool.acquire() as conn:
+        assert await present(conn, old) == {"stripe_events"}
+    # The webhook service's run is its own: authz's claim of this interval does not stop it.
+    assert await webhook_pruner(pool, settings, "webhooks-1").run_once() == {"stripe_events": 1}
+    async with pool.acquire() as conn:
+        assert await present(conn, old) == set()
+        tasks = await conn.fetch("SELECT task, replica FROM driftlock.maintenance_runs ORDER BY task")
+    assert [tuple(row) for row in tasks] == [("prune", "authz-1"), ("prune-webhooks", "webhooks-1")]
+    assert set(retention.AUTHZ_TABLES) | set(retention.WEBHOOK_TABLES) == set(retention.TABLES)
+    assert not set(retention.AUTHZ_TABLES) & set(retention.WEBHOOK_TABLES)

@@ -6,6 +6,7 @@ import time
 
 import pytest
 
+from authz_service.check.assembly import CheckParts, assemble_authorizer
 from authz_service.check.authorizer import AccessRequest, Authorizer
 from authz_service.check.decision import DenyCode, Grant, PlanLimits
 from authz_service.check.grants import GrantStore
@@ -56,7 +57,7 @@ def authorizer(plan: PlanLimits, grant: Grant = GRANT, *, database_down: bool = 
     store = GrantStore(fetch, ttl=30, negative_ttl=5, stale_for=300, max_entries=10, fetch_timeout=1)
     meter = Meter(UsageLedger(), StoredUsage())
     test_meter = Meter(UsageLedger(), StoredUsage(), live=False)
-    return Authorizer(store, PlanBook(load_plans), meter=meter, test_meter=test_meter), meter
+    return assemble_authorizer(CheckParts(store, PlanBook(load_plans), meter, test_meter)), meter
 
 
 def request(
@@ -165,10 +166,13 @@ async def test_a_billable_route_asked_with_another_method_is_refused_and_never_c
 
 
 async def test_the_client_address_is_read_from_the_check_request_only_when_asked():
+    from authz_service.check.ext_authz import access_request
     from tests.support.authz_requests import check_request
 
-    attributes = check_request({}, source="203.0.113.7").attributes
-    assert dataclasses.replace(request("r"), attributes=attributes).source == "203.0.113.7"
+    check = check_request({}, source="203.0.113.7")
+    access = access_request(check)
+    check.attributes.source.address.socket_address.address = "198.51.100.9"  # changed after the conversion
+    assert access.source == "198.51.100.9"
     assert request("r").source == ""
 
 
@@ -206,7 +210,7 @@ def authorizer_for_test_keys(plan: PlanLimits, **changes) -> tuple[Authorizer, M
 
     store = GrantStore(fetch, ttl=30, negative_ttl=5, stale_for=300, max_entries=10, fetch_timeout=1)
     meter, test_meter = Meter(UsageLedger(), StoredUsage()), Meter(UsageLedger(), StoredUsage(), live=False)
-    return Authorizer(store, PlanBook(load_plans), meter=meter, test_meter=test_meter), meter, test_meter
+    return assemble_authorizer(CheckParts(store, PlanBook(load_plans), meter, test_meter)), meter, test_meter
 
 
 async def test_test_keys_get_their_own_allowance_even_past_the_live_quota_and_in_dunning():
@@ -236,3 +240,11 @@ async def test_test_keys_of_a_suspended_organisation_are_refused():
     auth, _meter, test_meter = authorizer_for_test_keys(SOFT, org_suspended=True)
     assert await code_of(auth, request("s", key=TEST_KEY.secret)) is DenyCode.ORG_SUSPENDED
     assert counted(test_meter) == 0
+
+
+def test_the_domain_request_holds_only_typed_values_of_our_own():
+    import typing
+
+    hints = typing.get_type_hints(AccessRequest)
+    assert typing.Any not in hints.values(), hints
+    assert "attributes" not in hints  # Envoy's protobuf stays at the wire edge (ext_authz.access_request)

@@ -46,3 +46,38 @@ async def test_stop_cancels_and_a_task_starts_only_once():
     assert task.running
     await task.stop()
     assert not task.running
+
+
+async def test_drain_lets_the_step_in_flight_finish_and_the_loop_end_by_itself():
+    in_step, release = asyncio.Event(), asyncio.Event()
+    finished = []
+
+    async def run() -> None:
+        while not task.stopping.is_set():
+            in_step.set()
+            await release.wait()  # a call to another service, in flight when the drain begins
+            finished.append("step")
+            await task.pause(3600)  # cut short by drain()
+
+    task = BackgroundTask("exporter-like", run)
+    assert await task.drain(1) is True  # never started: nothing to wait for
+    task = BackgroundTask("exporter-like", run)
+    task.start()
+    await asyncio.wait_for(in_step.wait(), 5)
+    draining = asyncio.ensure_future(task.drain(30))
+    await asyncio.sleep(0)
+    assert task.stopping.is_set() and not draining.done()
+    release.set()
+    assert await asyncio.wait_for(draining, 5) is True
+    assert finished == ["step"] and not task.running
+
+
+async def test_drain_cancels_a_step_that_outlasts_the_grace():
+    async def run() -> None:
+        await asyncio.sleep(3600)  # a step that never ends
+
+    task = BackgroundTask("stuck", run)
+    task.start()
+    await asyncio.sleep(0)
+    assert await task.drain(0.05) is False
+    assert not task.running

@@ -14,14 +14,16 @@ import string
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
+from authz_service.check.assembly import CheckParts, assemble_authorizer
 from authz_service.check.authorizer import AccessRequest, Authorizer
 from authz_service.check.decision import Grant, PlanLimits, RouteError, check_access, route_from_context
 from authz_service.check.grants import GrantStore
 from authz_service.check.plan_book import PlanBook
 from authz_service.usage.metering import Meter
 from authz_service.usage.usage_ledger import UsageLedger
-from driftlock_kernel.billing import BILLING_STATUSES, BillingPolicy, Overage
+from driftlock_kernel.billing import BILLING_STATUSES, Overage
 from driftlock_kernel.keys import Environment, Scope, generate_key, parse_key
+from driftlock_kernel.settings import Settings
 from tests.unit.test_authorizer import StoredUsage
 
 LIVE = generate_key(Environment.LIVE)
@@ -97,14 +99,10 @@ def pipeline(grant: Grant, plan: PlanLimits, used: int, *, database_down: bool =
     usage = StoredUsage({"org": used})
     meter = Meter(UsageLedger(), usage)
     test_meter = Meter(UsageLedger(), StoredUsage({"org": used}), live=False)
-    return Authorizer(
-        store,
-        PlanBook(load_plans),
-        meter,
-        test_meter=test_meter,
-        policy=BillingPolicy(grace_seconds=7 * 86400),
+    return assemble_authorizer(
+        CheckParts(store, PlanBook(load_plans), meter, test_meter),
+        Settings(quota_exact_margin_units=10),
         clock=lambda: NOW,
-        exact_margin_units=10,
     )
 
 
