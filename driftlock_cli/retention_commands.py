@@ -8,7 +8,6 @@ main.py registers it; `audit prune` and `webhooks prune` are the same for their 
 
 import argparse
 from collections.abc import Callable
-from datetime import timedelta
 from typing import Any
 
 from driftlock_cli import arguments
