@@ -13,6 +13,12 @@ Envoy's access log brings it back with the response's status and flags when the 
 
 Not refunded: 2xx, 3xx and 4xx answers (the backend served the call, or refused it for the client's own
 mistake), and a client that hung up (DC) before the answer: the backend did the work it was asked to do.
+
+A 2xx is never refunded, whatever the flags. The status Envoy logs is the backend's own once the backend has
+answered (Envoy forwards its headers as they come, and answers with its own status only before that), so a 2xx
+with a failure flag is a call the backend answered in full and Envoy could not deliver: a client that reads the
+headers and then stops reading holds the response in Envoy's buffers until the route timeout fires, which Envoy
+logs as an upstream timeout (UT) on a 200. Refunding that would make any call free to a client that stalls.
 """
 
 from collections.abc import Iterable, Mapping
@@ -96,6 +102,8 @@ class Refund:
 
 def refund_reason(status: int | None, flags: Iterable[str]) -> str | None:
     """Why a call with this answer and these flags is not charged; None when it is."""
+    if status is not None and 200 <= status <= 299:
+        return None  # the backend answered: see the module docstring
     flags = frozenset(flags)
     upstream = sorted(flags & UPSTREAM_FAILURE_FLAGS)
     if upstream:

@@ -155,6 +155,51 @@ async def test_calls_the_backend_failed_are_refunded_and_never_reach_stripe(gate
     figures("refunds through Envoy's access log", calls_made=15, stored=8, at_stripe=8, refunds=len(refunds))
 
 
+async def envoy_stat(gateway, name: str) -> int:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{gateway.stack.ports.envoy_admin}/stats", params={"filter": f"^{name}$"}) as r,
+    ):
+        text = await r.text()
+    return sum(int(line.partition(": ")[2]) for line in text.splitlines() if line.startswith(name + ":"))
+
+
+async def test_a_client_that_stalls_reading_a_full_answer_is_charged_not_refunded(gateway, metered_org, pool):
+    """The backend answers 200 with a body larger than every buffer between it and the client; the client reads
+    the headers and stops. Envoy's route timeout then fires with the response half delivered and Envoy logs an
+    upstream timeout (UT) on a 200: the backend did its work, so the call is charged."""
+    org_id, _customer, secret = await metered_org()
+    timeouts_before = await envoy_stat(gateway, "cluster.backend.upstream_rq_timeout")
+    charged_before = await authz_metric(gateway, "driftlock_access_log_entries_total", result="charged")
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+    try:
+        writer.write(
+            (
+                f"POST {DETECT} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {secret}\r\n"
+                f"x-test-respond: large:{256 * 1024 * 1024}\r\nContent-Length: 2\r\n\r\n{{}}"
+            ).encode()
+        )
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 200"), head[:100]
+
+        # Reading nothing more until Envoy gave up on the backend's response (its route timeout).
+        async def timed_out() -> bool:
+            return await envoy_stat(gateway, "cluster.backend.upstream_rq_timeout") > timeouts_before
+
+        await eventually(timed_out, within=GATEWAY_BACKEND_TIMEOUT_SECONDS + 20, what="Envoy's route timeout")
+    finally:
+        writer.close()
+
+    async def judged() -> bool:
+        return await authz_metric(gateway, "driftlock_access_log_entries_total", result="charged") > charged_before
+
+    await eventually(judged, within=20, what="the access log entry of the stalled call judged")
+    await wait_for_usage(pool, org_id, {"stream": 1})
+    assert await refunds_of(pool, org_id) == []
+    figures("a stalled reader of a 200", calls_made=1, stored=1, at_stripe=0, refunds=0)
+
+
 # --- exactly once, whatever fails ------------------------------------------------------------------------------
 
 

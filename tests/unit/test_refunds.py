@@ -43,10 +43,13 @@ def test_a_served_or_client_refused_call_is_charged(status):
 
 
 @pytest.mark.parametrize("flag", ["UH", "UF", "UC", "UR", "UT", "URX", "UO", "UPE", "UMSDR", "SI"])
-def test_an_upstream_failure_is_refunded_whatever_the_status(flag):
-    # A reset after the headers leaves a 200 status: the client still got a broken answer.
-    assert refund_reason(200, {flag}) == flag
+def test_an_upstream_failure_is_refunded_unless_the_backend_answered_2xx(flag):
     assert refund_reason(None, {flag}) == flag
+    assert refund_reason(503, {flag}) == flag
+    assert refund_reason(504, {flag}) == flag
+    # A 2xx is the backend's own answer: a client that stalled reading it makes Envoy log UT on a 200.
+    assert refund_reason(200, {flag}) is None
+    assert refund_reason(206, {flag}) is None
 
 
 def test_a_global_rate_limit_refusal_after_the_count_is_refunded():
