@@ -45,7 +45,7 @@ from authz_service.check.key_last_used import LastUsedRecorder
 from authz_service.check.plan_book import PlanBook
 from authz_service.check.rate_limit import RateLimiter, RateVerdict, SharedLimits
 from authz_service.usage.metering import Meter, Reserved
-from authz_service.usage.refunds import BilledUsage
+from authz_service.usage.refunds import NO_TERMS, BilledUsage, Terms
 from driftlock_kernel.billing import DEFAULT_POLICY, BillingPolicy, effective_plan
 from driftlock_kernel.caches import LruCache
 from driftlock_kernel.keys import Environment, ParsedKey
@@ -265,7 +265,9 @@ class Authorizer:
         self, request: AccessRequest, route: Route, grant: Grant, plan: PlanLimits, now: float, rate: RateVerdict | None
     ) -> CheckOutcome:
         period = self._periods.period(grant.period_start, grant.period_end, now)
-        usage = BilledUsage(grant.org_id, period.start, route.product or "", route.units)
+        # The terms this unit is used under, recorded with it: it is reported to this meter and customer.
+        terms = Terms(plan.name, plan.stripe_meter or "", grant.stripe_customer or "")
+        usage = BilledUsage(grant.org_id, period.start, route.product or "", route.units, terms)
         if self._meter.counted_already(request.request_id):
             # The same request checked again (an Envoy retry): it was decided and counted the first time.
             metrics.METER_DUPLICATE_REQUESTS.inc()
@@ -303,8 +305,9 @@ class Authorizer:
         product = route.product or ""
         billed = meter.live
         cap = reservation_cap(limits, used, route.units, self._exact_margin)
+        terms = usage.terms if usage is not None else NO_TERMS
         if cap is None:
-            meter.record(request.request_id, usage_key, product, route.units, limits, period.end)
+            meter.record(request.request_id, usage_key, product, route.units, limits, period.end, terms)
             return CheckOutcome(ALLOW, grant, route, billed=billed, plan=plan_name, rate=rate, usage=usage)
         # Near the cap: what the other replicas counted since this one last read may be all that is left, so the
         # database decides, atomically, before the call is allowed.
@@ -314,7 +317,7 @@ class Authorizer:
             if timeout <= 0:
                 return CheckOutcome(DENY_UNAVAILABLE, grant, route, plan=plan_name, rate=rate)
         reserved = await meter.reserve(
-            request.request_id, usage_key, product, route.units, limits, period.end, cap, timeout
+            request.request_id, usage_key, product, route.units, limits, period.end, cap, timeout, terms
         )
         if reserved is Reserved.REFUSED:
             return CheckOutcome(quota_exceeded(now, period.end.timestamp()), grant, route, plan=plan_name, rate=rate)

@@ -124,6 +124,7 @@ class Grant:
     past_due_since: float | None = None  # Unix time
     period_start: float | None = None  # the Stripe subscription's current period, Unix time
     period_end: float | None = None
+    stripe_customer: str | None = None  # the organisation's Stripe customer, recorded with each unit counted
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +137,9 @@ class PlanLimits:
     # What the organisation's test keys may use per period, and how fast (per organisation, not per key).
     test_included_units: int = 1000
     test_rate_limit_rps: float = 5.0
+    # The Stripe meter this plan's billable units are reported to (None: not reported); recorded with each unit
+    # counted, so that the unit is billed under this plan whatever the organisation moves to.
+    stripe_meter: str | None = None
 
     @property
     def test_limits(self) -> "PlanLimits":

@@ -27,7 +27,7 @@ from authz_service import metrics
 from authz_service.check.decision import PlanLimits
 from authz_service.usage.alerts import AlertNotifier, thresholds_reached
 from authz_service.usage.meter_store import AlertCandidate, MeterStore, read_spilled, spill
-from authz_service.usage.refunds import Refund
+from authz_service.usage.refunds import NO_TERMS, Refund, Terms
 from authz_service.usage.usage_ledger import Batch, Report, UsageKey, UsageLedger
 from driftlock_kernel import db
 from driftlock_kernel.background import every
@@ -125,9 +125,16 @@ class Meter:
         return self.ledger.seen(request_id)
 
     def record(
-        self, request_id: str, key: UsageKey, product: str, units: int, plan: PlanLimits, period_end: datetime
+        self,
+        request_id: str,
+        key: UsageKey,
+        product: str,
+        units: int,
+        plan: PlanLimits,
+        period_end: datetime,
+        terms: Terms = NO_TERMS,
     ) -> bool:
-        counted = self.ledger.record(request_id, key, product, units)
+        counted = self.ledger.record(request_id, key, product, units, terms)
         if counted:
             self._context[key] = _AlertContext(plan.name, plan.included_units, period_end)
         else:
@@ -144,15 +151,17 @@ class Meter:
         period_end: datetime,
         cap: int,
         timeout: float,
+        terms: Terms = NO_TERMS,
     ) -> Reserved:
         """Near a cap: count the call only if the pooled total in the database stays within `cap`, in one
         atomic statement that every replica goes through (so together they never pass it)."""
-        batch = Batch(uuid.uuid4(), {(key[0], key[1], product): units})
+        batch = Batch(uuid.uuid4(), {(key[0], key[1], product, terms): units})
         epoch = self.ledger.epoch(key)
         try:
             metrics.DB_QUERIES.labels(query="quota_reserve").inc()
             result = await asyncio.wait_for(
-                self._store.reserve(batch.flush_id, key, product, units, self.ledger.unflushed(key), cap), timeout
+                self._store.reserve(batch.flush_id, key, product, units, self.ledger.unflushed(key), cap, terms),
+                timeout,
             )
         except db.DATABASE_ERRORS as error:
             # Served as the in-memory path would serve it; the batch keeps its flush id, so whether or not the
@@ -245,7 +254,7 @@ class Meter:
             metrics.METER_FLUSHES.labels(outcome="applied" if result.applied else "duplicate").inc()
             self.ledger.acknowledged(batch, result.totals)
             if result.applied and self.live:
-                for (org_id, _period, product), units in batch.counters.items():
+                for (org_id, _period, product, _terms), units in batch.counters.items():
                     metrics.USAGE_UNITS.labels(org_id=self._org_label(org_id), product=product).inc(units)
                 for report in batch.reports:
                     metrics.USAGE_UNITS.labels(org_id=self._org_label(report.org_id), product=report.product).inc(

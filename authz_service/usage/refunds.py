@@ -24,7 +24,7 @@ logs as an upstream timeout (UT) on a 200. Refunding that would make any call fr
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 # The namespace Envoy puts ext_authz dynamic metadata under, and our key in it.
 EXT_AUTHZ_NAMESPACE = "envoy.filters.http.ext_authz"
@@ -34,6 +34,20 @@ BILLED_KEY = "driftlock_billed"
 UPSTREAM_FAILURE_FLAGS = frozenset({"UH", "UF", "UC", "UR", "UT", "URX", "UO", "UPE", "UMSDR", "SI"})
 RATE_LIMITED_FLAG = "RL"
 REFUND_FLAGS = UPSTREAM_FAILURE_FLAGS | {RATE_LIMITED_FLAG}
+
+
+class Terms(NamedTuple):
+    """What a unit was used under, recorded when it is counted: the organisation's effective plan, that plan's
+    Stripe meter and the organisation's Stripe customer ('' for none). Usage is reported to that meter and
+    customer, whatever plan the organisation is on by the time it is reported."""
+
+    plan: str
+    meter: str
+    customer: str
+
+
+# Test keys' usage (never billed), and units counted before terms were recorded (see migration 0010).
+NO_TERMS = Terms("", "", "")
 
 
 # Not frozen (one is built for every billed check, and a frozen dataclass's __init__ costs about a microsecond
@@ -46,6 +60,7 @@ class BilledUsage:
     period_start: datetime
     product: str
     units: int
+    terms: Terms = NO_TERMS
 
     def as_metadata(self) -> dict[str, Any]:
         """The dynamic metadata a check hands Envoy (a protobuf Struct holds strings and doubles: the period as
@@ -56,6 +71,9 @@ class BilledUsage:
                 "period_start": self.period_start.isoformat(),
                 "product": self.product,
                 "units": self.units,
+                "plan": self.terms.plan,
+                "meter": self.terms.meter,
+                "customer": self.terms.customer,
             }
         }
 
@@ -77,7 +95,9 @@ def billed_from_metadata(metadata: Mapping[str, Any]) -> BilledUsage | None:
         return None
     if period_start.tzinfo is None:
         return None
-    return BilledUsage(org_id, period_start, product, int(units))
+    # Absent from what a check of an older authz billed: the exporter treats '' as terms not recorded.
+    terms = Terms(*(value if isinstance(value := billed.get(k), str) else "" for k in ("plan", "meter", "customer")))
+    return BilledUsage(org_id, period_start, product, int(units), terms)
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +118,7 @@ class Refund:
     product: str
     units: int
     reason: str  # "status_5xx", "rate_limited", or the upstream failure flag
+    terms: Terms = NO_TERMS  # what the call was counted under: its units come back from that counter
 
 
 def refund_reason(status: int | None, flags: Iterable[str]) -> str | None:
@@ -123,4 +144,6 @@ def refund_for(entry: LoggedRequest, *, enabled: bool = True) -> Refund | None:
     if reason is None:
         return None
     billed = entry.billed
-    return Refund(entry.request_id, billed.org_id, billed.period_start, billed.product, billed.units, reason)
+    return Refund(
+        entry.request_id, billed.org_id, billed.period_start, billed.product, billed.units, reason, billed.terms
+    )
