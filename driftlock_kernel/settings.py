@@ -289,7 +289,8 @@ class Settings:
     # The webhook service reports usage and reads subscriptions with stripe_api_key (None: nothing calls
     # Stripe; `doctor` checks prices with it too) at stripe_api_base, every stripe_export_interval_seconds. A
     # counted unit waits stripe_settle_seconds for the refund of its call before it is reported (longer than any
-    # call lasts at the edge, plus the access log's and the meter's flushes), and so does a billing period's
+    # call lasts at the edge, plus the access log's and the meter's flushes: None, the default, derives it from
+    # Envoy's configured timeouts, driftlock_kernel/edge_timeouts.py), and so does a billing period's
     # final report after the period ends; units of a period are still reported until
     # stripe_finalization_grace_seconds after its end (Stripe's invoice finalisation grace period, 1 h unless
     # changed in the Dashboard). Subscriptions are pulled from Stripe every stripe_sync_interval_seconds. authz
@@ -297,7 +298,7 @@ class Settings:
     stripe_api_key: str | None = field(default=None, repr=False)
     stripe_api_base: str = "https://api.stripe.com"
     stripe_export_interval_seconds: float = 60.0
-    stripe_settle_seconds: float = 180.0
+    stripe_settle_seconds: float | None = None
     stripe_finalization_grace_seconds: float = 3600.0
     stripe_timeout_seconds: float = 20.0
     stripe_sync_interval_seconds: float = 3600.0
@@ -437,7 +438,11 @@ class Settings:
             stripe_export_interval_seconds=_float(
                 env, "DRIFTLOCK_STRIPE_EXPORT_INTERVAL_SECONDS", d.stripe_export_interval_seconds, minimum=0.1
             ),
-            stripe_settle_seconds=_float(env, "DRIFTLOCK_STRIPE_SETTLE_SECONDS", d.stripe_settle_seconds),
+            stripe_settle_seconds=(
+                _float(env, "DRIFTLOCK_STRIPE_SETTLE_SECONDS", 0.0)
+                if env.get("DRIFTLOCK_STRIPE_SETTLE_SECONDS", "").strip()
+                else d.stripe_settle_seconds
+            ),
             stripe_finalization_grace_seconds=_float(
                 env, "DRIFTLOCK_STRIPE_FINALIZATION_GRACE_SECONDS", d.stripe_finalization_grace_seconds
             ),
