@@ -52,7 +52,7 @@ from authz_service.usage.metering import Meter
 from authz_service.usage.usage_ledger import UsageLedger
 from driftlock_api.management.v1 import jwks_pb2_grpc, keys_pb2_grpc, orgs_pb2_grpc
 from driftlock_api.usage.v1 import usage_pb2_grpc
-from driftlock_kernel import context_keys, db
+from driftlock_kernel import context_keys, db, edge_timeouts
 from driftlock_kernel.background import BackgroundTask
 from driftlock_kernel.context_keys import ContextKeys
 from driftlock_kernel.errors import OperatorError, one_line
@@ -66,6 +66,7 @@ log = logging.getLogger(__name__)
 SHUTDOWN_GRACE_SECONDS = 5.0
 SHUTDOWN_FLUSH_SECONDS = 15.0
 INVALIDATE_CHANNEL = "driftlock_invalidate"
+REFUNDED_CHANNEL = "driftlock_usage_refunded"
 USAGE_SERVICE = "driftlock.usage.v1.UsageService"
 MANAGEMENT_SERVICES = (
     "driftlock.management.v1.KeyService",
@@ -244,6 +245,8 @@ async def serve(settings: Settings, worker: WorkerRole | None = None) -> None:
             org_labels=settings.org_id_metric_labels,
             notifier=notifier,
             spill_dir=spill_dir,
+            # Alerts and refusals at a cap wait as long as a refund may take (issue 17).
+            refund_window=edge_timeouts.refund_window(settings),
         )
         # Test keys' usage: the same ledger, flush and reservation, in tables of its own (never billed).
         test_meter = Meter(
@@ -284,7 +287,8 @@ async def serve(settings: Settings, worker: WorkerRole | None = None) -> None:
 
         listener = ChangeListener(
             settings.listen_url(),
-            {INVALIDATE_CHANNEL: invalidation_handler(store, plans)},
+            # Refunds stored by any replica: every replica reads the total again at once (issue 17).
+            {INVALIDATE_CHANNEL: invalidation_handler(store, plans), REFUNDED_CHANNEL: meter.refunded_elsewhere},
             on_connect=on_connect,
             on_state=lambda up: metrics.LISTENER_CONNECTED.set(1 if up else 0),
             application_name="driftlock-authz-listener",

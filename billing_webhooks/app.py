@@ -23,7 +23,6 @@ from datetime import timedelta
 
 import asyncpg
 import prometheus_client
-import yaml
 from aiohttp import web
 
 from billing_webhooks.inbox.sync import SyncJob
@@ -32,7 +31,7 @@ from billing_webhooks.stripe_client import StripeApi
 from billing_webhooks.usage_export.exporter import Exporter
 from billing_webhooks.usage_export.exports import ExportRules
 from driftlock_kernel import db, edge_timeouts
-from driftlock_kernel.errors import OperatorError, one_line
+from driftlock_kernel.errors import OperatorError
 from driftlock_kernel.logs import configure_logging
 from driftlock_kernel.settings import Settings
 
@@ -149,33 +148,9 @@ def app_runner(app: web.Application, *, header_timeout: float = HEADER_TIMEOUT_S
     )
 
 
-def settle_seconds(settings: Settings) -> float:
-    """How long a counted unit waits for its refund: derived from Envoy's timeouts (the one source), unless set;
-    a setting shorter than a call can last is used as given (tests, the dev stack) with a warning."""
-    try:
-        derived = edge_timeouts.settle_seconds(edge_timeouts.envoy_config(settings.envoy_config_path))
-    except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError) as error:
-        if settings.stripe_settle_seconds is None:
-            raise OperatorError(
-                f"cannot derive the settle window from Envoy's config ({one_line(error)}); "
-                "set DRIFTLOCK_ENVOY_CONFIG or DRIFTLOCK_STRIPE_SETTLE_SECONDS"
-            ) from None
-        return settings.stripe_settle_seconds
-    if settings.stripe_settle_seconds is None:
-        return derived
-    if settings.stripe_settle_seconds < derived:
-        log.warning(
-            "DRIFTLOCK_STRIPE_SETTLE_SECONDS=%s is shorter than a billable call can last at the edge (%s s from "
-            "Envoy's timeouts): refunds of the slowest calls may come after their units were reported",
-            settings.stripe_settle_seconds,
-            derived,
-        )
-    return settings.stripe_settle_seconds
-
-
 def export_rules(settings: Settings) -> ExportRules:
     return ExportRules(
-        settle=timedelta(seconds=settle_seconds(settings)),
+        settle=timedelta(seconds=edge_timeouts.refund_window(settings)),
         finalization_grace=timedelta(seconds=settings.stripe_finalization_grace_seconds),
     )
 

@@ -12,10 +12,16 @@ REFUND_DELIVERY_MARGIN after the count. A 2xx is never refunded (authz_service/u
 slow client takes to read an answer does not count.
 """
 
+import logging
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from driftlock_kernel.errors import OperatorError, one_line
+from driftlock_kernel.settings import Settings
+
+log = logging.getLogger(__name__)
 
 # The access log's delivery to authz (Envoy buffers entries for up to a second), the meter's flush interval and a
 # flush that is retried a few times, and the clocks of the two services: generous, as the cost is a later report.
@@ -68,3 +74,29 @@ def settle_seconds(config: dict) -> float:
 def envoy_config(path: str | None) -> dict:
     """The Envoy config at `path` (DRIFTLOCK_ENVOY_CONFIG), else the one shipped in envoy/."""
     return yaml.safe_load(Path(path or SHIPPED_CONFIG).read_text())
+
+
+def refund_window(settings: Settings) -> float:
+    """How long after a count the refund of its call may still come: what the exporter waits before reporting a
+    unit (its settle window), and what authz waits before it alerts on usage or refuses at a cap for the rest of
+    the period. Derived from Envoy's timeouts (the one source) unless DRIFTLOCK_STRIPE_SETTLE_SECONDS sets it; a
+    setting shorter than a call can last is used as given (tests, the dev stack), with a warning."""
+    try:
+        derived = settle_seconds(envoy_config(settings.envoy_config_path))
+    except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError) as error:
+        if settings.stripe_settle_seconds is None:
+            raise OperatorError(
+                f"cannot derive the settle window from Envoy's config ({one_line(error)}); "
+                "set DRIFTLOCK_ENVOY_CONFIG or DRIFTLOCK_STRIPE_SETTLE_SECONDS"
+            ) from None
+        return settings.stripe_settle_seconds
+    if settings.stripe_settle_seconds is None:
+        return derived
+    if settings.stripe_settle_seconds < derived:
+        log.warning(
+            "DRIFTLOCK_STRIPE_SETTLE_SECONDS=%s is shorter than a billable call can last at the edge (%s s from "
+            "Envoy's timeouts): refunds of the slowest calls may come after their units were reported",
+            settings.stripe_settle_seconds,
+            derived,
+        )
+    return settings.stripe_settle_seconds

@@ -9,6 +9,7 @@ of a cap, the call is counted by one atomic statement in the database before it 
 replicas together cut exactly.
 """
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -45,7 +46,8 @@ from authz_service.check.key_last_used import LastUsedRecorder
 from authz_service.check.plan_book import PlanBook
 from authz_service.check.rate_limit import RateLimiter, RateVerdict, SharedLimits
 from authz_service.usage.metering import Meter, Reserved
-from authz_service.usage.refunds import NO_TERMS, BilledUsage, Terms
+from authz_service.usage.refunds import NO_TERMS, REFUNDS_PENDING_RETRY_AFTER, BilledUsage, Terms
+from authz_service.usage.usage_ledger import UsageKey
 from driftlock_kernel.billing import DEFAULT_POLICY, BillingPolicy, effective_plan
 from driftlock_kernel.caches import LruCache
 from driftlock_kernel.keys import Environment, ParsedKey
@@ -282,8 +284,15 @@ class Authorizer:
             route, grant, now, plan, used_units=used, period_end=period.end.timestamp(), policy=self._policy
         )
         if not decision.allowed:
-            return CheckOutcome(decision, grant, route, plan=plan.name, rate=rate)
+            return CheckOutcome(self._at_cap(decision, usage_key), grant, route, plan=plan.name, rate=rate)
         return await self._count(request, route, grant, plan, now, rate, self._meter, used, period, plan.name, usage)
+
+    def _at_cap(self, decision: Decision, key: UsageKey) -> Decision:
+        """A refusal at the cap that refunds of calls still under way may lift: asked again in seconds, not at
+        the period's end (the unit is free again as soon as Envoy's access log brings the refund)."""
+        if decision.code is DenyCode.QUOTA_EXCEEDED and self._meter.refunds_may_lift(key):
+            return dataclasses.replace(decision, retry_after=REFUNDS_PENDING_RETRY_AFTER)
+        return decision
 
     async def _count(
         self,
@@ -320,7 +329,10 @@ class Authorizer:
             request.request_id, usage_key, product, route.units, limits, period.end, cap, timeout, terms
         )
         if reserved is Reserved.REFUSED:
-            return CheckOutcome(quota_exceeded(now, period.end.timestamp()), grant, route, plan=plan_name, rate=rate)
+            refused = quota_exceeded(now, period.end.timestamp())
+            if meter.live:
+                refused = self._at_cap(refused, usage_key)
+            return CheckOutcome(refused, grant, route, plan=plan_name, rate=rate)
         return CheckOutcome(ALLOW, grant, route, billed=billed, plan=plan_name, rate=rate, usage=usage)
 
 

@@ -121,6 +121,17 @@ class Refund:
     terms: Terms = NO_TERMS  # what the call was counted under: its units come back from that counter
 
 
+# A refusal at a cap that refunds of calls still under way may lift is asked again this soon (seconds), not at the
+# period's end: a client that honours Retry-After would otherwise stop for the period because calls failed.
+REFUNDS_PENDING_RETRY_AFTER = 2
+
+
+def refunds_may_lift(last_counted: float | None, now: float, refund_window: float) -> bool:
+    """Whether refunds may still lower a total: something was counted less than `refund_window` ago (the
+    longest a call can last, so its refund may not have come yet)."""
+    return last_counted is not None and now - last_counted < refund_window
+
+
 def refund_reason(status: int | None, flags: Iterable[str]) -> str | None:
     """Why a call with this answer and these flags is not charged; None when it is."""
     if status is not None and 200 <= status <= 299:

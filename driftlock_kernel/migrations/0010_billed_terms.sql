@@ -81,3 +81,17 @@ CREATE UNIQUE INDEX stripe_exports_one_pending_idx
 ALTER TABLE driftlock.stripe_exports
     ADD COLUMN maybe_landed  boolean NOT NULL DEFAULT false,
     ADD COLUMN refused_error text;
+
+-- A refund frees its unit for the cap decision on every authz replica at once, not when each one's view of the
+-- total goes stale: the replica that stores it flushes within 50 ms, and this tells every replica (at commit) to
+-- read the organisation's total again. One notification per organisation and period and transaction (PostgreSQL
+-- folds identical payloads).
+CREATE FUNCTION driftlock.notify_usage_refunded() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('driftlock_usage_refunded',
+                      json_build_object('org_id', NEW.org_id, 'period_start', NEW.period_start)::text);
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER usage_refunds_notify AFTER INSERT ON driftlock.usage_refunds
+    FOR EACH ROW EXECUTE FUNCTION driftlock.notify_usage_refunded();

@@ -16,7 +16,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from driftlock_cli import stripe_player
 from driftlock_kernel import plans
 from driftlock_kernel.periods import Period, calendar_month
-from tests.conftest import GATEWAY_BACKEND_TIMEOUT_SECONDS, GATEWAY_METER, GATEWAY_STRIPE_KEY
+from tests.conftest import (
+    GATEWAY_BACKEND_TIMEOUT_SECONDS,
+    GATEWAY_METER,
+    GATEWAY_SETTLE_SECONDS,
+    GATEWAY_STRIPE_KEY,
+)
 from tests.support.cli import run_cli
 from tests.support.http import raw_request
 from tests.support.net import eventually
@@ -198,6 +203,87 @@ async def test_a_client_that_stalls_reading_a_full_answer_is_charged_not_refunde
     await wait_for_usage(pool, org_id, {"stream": 1})
     assert await refunds_of(pool, org_id) == []
     figures("a stalled reader of a 200", calls_made=1, stored=1, at_stripe=0, refunds=0)
+
+
+async def capped_org(pool, make_org, make_key, included_units: int, overage: str = "block"):
+    name = f"tests-cap-{uuid.uuid4().hex[:8]}"
+    async with pool.acquire() as conn:
+        await plans.upsert_plan(conn, name, included_units=included_units, overage=overage)
+    org = await make_org(plan=name)
+    _key, secret = await make_key(org.id)
+    return org.id, secret
+
+
+async def call_with_headers(gateway, secret: str, respond: str | None = None):
+    headers = {"Authorization": f"Bearer {secret}"}
+    if respond:
+        headers["x-test-respond"] = respond
+    return await raw_request(gateway.port, "POST", DETECT, headers, b"{}")
+
+
+async def test_refunded_calls_free_their_units_at_a_block_cap_and_a_refusal_they_may_lift_says_so(
+    gateway, make_org, make_key, pool
+):
+    """A 10-unit block plan, 10 calls the backend fails: the refunds give the units back on every replica as soon
+    as they are stored, and calls refused before that are told to come back in seconds, not at the period's end."""
+    org_id, secret = await capped_org(pool, make_org, make_key, 10)
+    assert await calls(gateway, secret, 10, "503") == [503] * 10
+    # At once, before the refunds are in: refused with a short Retry-After (was the period's end, ~25 days).
+    early = await asyncio.gather(*(call_with_headers(gateway, secret) for _ in range(6)))
+    refused = [r for r in early if r.status == 429]
+    assert all(r.status in (200, 429) for r in early)
+    assert all(0 < int(r.headers["retry-after"]) <= 2 for r in refused), [r.headers.get("retry-after") for r in refused]
+    served = sum(r.status == 200 for r in early)
+
+    async def refunds_stored() -> bool:
+        return len(await refunds_of(pool, org_id)) == 10
+
+    await eventually(refunds_stored, within=10, what="ten refunds stored")
+    stored_at = asyncio.get_running_loop().time()
+
+    async def one_passes() -> bool:
+        nonlocal served
+        status = await call(gateway, secret)
+        served += status == 200
+        return status == 200
+
+    if served == 0:
+        # The refunds reach every replica when they are stored, not when its view of the total goes stale (2 s).
+        await eventually(one_passes, within=1.0, what="a call served once the refunds are stored", interval=0.05)
+    freed_after = asyncio.get_running_loop().time() - stored_at
+    rest = await calls(gateway, secret, 12)
+    assert served + rest.count(200) == 10  # every refunded unit free again, and the cap still exact
+    assert rest.count(429) == 12 - (10 - served)
+    print(
+        f"\nblock cap of 10 after 10 refunded calls: {len(refused)} of 6 refused at once with Retry-After <= 2 s;"
+        f" a unit free {freed_after:.2f} s after the refunds were stored; 10 served in all"
+    )
+
+
+async def test_alerts_follow_usage_net_of_refunds(gateway, make_org, make_key, pool):
+    """A 20-unit plan, 20 calls the backend fails (all refunded): no alert. Then 14 calls served: the 70 % alert,
+    and only it."""
+    org_id, secret = await capped_org(pool, make_org, make_key, 20, overage="soft")
+    # Failing late (the backend's timeout): their units are flushed, and the totals read back, before the refunds.
+    timed_out = await calls(gateway, secret, 20, f"sleep:{GATEWAY_BACKEND_TIMEOUT_SECONDS + 1}")
+    assert timed_out == [504] * 20
+
+    async def refunds_stored() -> bool:
+        return len(await refunds_of(pool, org_id)) == 20
+
+    await eventually(refunds_stored, within=10, what="twenty refunds stored")
+    assert await calls(gateway, secret, 14) == [200] * 14
+
+    async def seventy() -> bool:
+        return await pool.fetchval("SELECT count(*) FROM driftlock.usage_alerts WHERE org_id = $1", org_id) > 0
+
+    await eventually(seventy, within=GATEWAY_SETTLE_SECONDS + 15, what="the 70 % alert")
+    thresholds = [
+        r["threshold"]
+        for r in await pool.fetch("SELECT threshold FROM driftlock.usage_alerts WHERE org_id = $1", org_id)
+    ]
+    assert thresholds == [70]  # was [70, 90, 100], raised by the 20 failed calls before their refunds came
+    print(f"\nalerts of a 20-unit plan after 20 refunded and 14 served calls: {thresholds}")
 
 
 # --- exactly once, whatever fails ------------------------------------------------------------------------------
