@@ -61,6 +61,7 @@ log = logging.getLogger(__name__)
 SHUTDOWN_GRACE_SECONDS = 5.0
 SHUTDOWN_FLUSH_SECONDS = 15.0
 INVALIDATE_CHANNEL = "driftlock_invalidate"
+REFUNDED_CHANNEL = "driftlock_usage_refunded"
 USAGE_SERVICE = "driftlock.usage.v1.UsageService"
 MANAGEMENT_SERVICES = (
     "driftlock.management.v1.KeyService",
@@ -340,7 +341,11 @@ class AuthzService:
 
         listener = ChangeListener(
             settings.listen_url(),
-            {INVALIDATE_CHANNEL: invalidation_handler(parts.store, parts.plans)},
+            # Refunds stored by any replica: every replica reads the total again at once.
+            {
+                INVALIDATE_CHANNEL: invalidation_handler(parts.store, parts.plans),
+                REFUNDED_CHANNEL: parts.meter.refunded_elsewhere,
+            },
             on_connect=on_connect,
             on_state=lambda up: metrics.LISTENER_CONNECTED.set(1 if up else 0),
             application_name="driftlock-authz-listener",

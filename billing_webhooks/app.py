@@ -35,7 +35,7 @@ from billing_webhooks.inbox.webhook import BODY_TIMEOUT_SECONDS, MAX_BODY_BYTES,
 from billing_webhooks.stripe_client import StripeApi
 from billing_webhooks.usage_export.exporter import Exporter
 from billing_webhooks.usage_export.exports import ExportRules
-from driftlock_kernel import db, retention
+from driftlock_kernel import db, edge_timeouts, retention
 from driftlock_kernel.errors import OperatorError
 from driftlock_kernel.logs import configure_logging
 from driftlock_kernel.settings import Settings
@@ -157,7 +157,7 @@ def app_runner(app: web.Application, *, header_timeout: float = HEADER_TIMEOUT_S
 
 def export_rules(settings: Settings) -> ExportRules:
     return ExportRules(
-        settle=timedelta(seconds=settings.stripe_settle_seconds),
+        settle=timedelta(seconds=edge_timeouts.refund_window(settings)),
         finalization_grace=timedelta(seconds=settings.stripe_finalization_grace_seconds),
     )
 

@@ -87,6 +87,9 @@ class PlanLimits:
     # to try the API, not enough to run on it.
     test_included_units: int = 1000
     test_rate_limit_rps: float = 5.0
+    # The Stripe meter (its event_name) this plan's billable units are reported to (None: not reported); recorded
+    # with each unit counted, so that the unit is billed under this plan whatever the organisation moves to.
+    stripe_meter: str | None = None
 
     @property
     def test_limits(self) -> "PlanLimits":

@@ -15,8 +15,6 @@ class Plan(PlanLimits):
     """A plan as stored: its limits, and where its usage is reported at Stripe."""
 
     stripe_price_ids: tuple[str, ...] = ()
-    # The Stripe meter (its event_name) the plan's billable units are reported to; None: not reported.
-    stripe_meter: str | None = None
 
     def as_dict(self) -> dict:
         return {

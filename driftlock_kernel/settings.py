@@ -503,8 +503,9 @@ class Settings:
     stripe_export_interval_seconds: float = setting(
         STRIPE, "DRIFTLOCK_STRIPE_EXPORT_INTERVAL_SECONDS", 60.0, number(minimum=0.1), "how often usage is reported"
     )
-    stripe_settle_seconds: float = setting(
-        STRIPE, "DRIFTLOCK_STRIPE_SETTLE_SECONDS", 180.0, SECONDS, "how long a unit waits for its call's refund"
+    # None: derived from Envoy's configured timeouts (driftlock_kernel/edge_timeouts.py), longer than any call.
+    stripe_settle_seconds: float | None = setting(
+        STRIPE, "DRIFTLOCK_STRIPE_SETTLE_SECONDS", None, SECONDS, "how long a unit waits for its call's refund"
     )
     stripe_finalization_grace_seconds: float = setting(
         STRIPE,

@@ -95,7 +95,9 @@ async def org_usage(
     if which is Which.PREVIOUS:
         period = await previous_period(conn, org, period)
     rows = await conn.fetch(
-        "SELECT product, units FROM driftlock.usage_counters WHERE org_id = $1 AND period_start = $2",
+        # One row per product and terms (the plan, meter and customer the units were used under): pooled here.
+        """SELECT product, sum(units)::bigint AS units FROM driftlock.usage_counters
+           WHERE org_id = $1 AND period_start = $2 GROUP BY product""",
         org_id,
         period.start,
     )

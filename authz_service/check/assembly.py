@@ -25,6 +25,7 @@ from authz_service.usage.alerts import AlertNotifier
 from authz_service.usage.meter_store import TEST_TABLES, MeterStore
 from authz_service.usage.metering import Meter
 from authz_service.usage.usage_ledger import UsageLedger
+from driftlock_kernel import edge_timeouts
 from driftlock_kernel.settings import Settings
 
 DEFAULT_SETTINGS = Settings()
@@ -101,6 +102,8 @@ def database_parts(
         org_labels=settings.org_id_metric_labels,
         notifier=notifier,
         spill_dir=spill_dir,
+        # Alerts and refusals at a cap wait as long as a refund may take.
+        refund_window=edge_timeouts.refund_window(settings),
     )
     test_meter = Meter(
         UsageLedger(stale_after=settings.usage_refresh_seconds),

@@ -9,6 +9,7 @@ of a cap, the call is counted by one atomic statement in the database before it 
 replicas together cut exactly.
 """
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -44,7 +45,8 @@ from authz_service.check.key_last_used import LastUsedRecorder
 from authz_service.check.plan_book import PlanBook
 from authz_service.check.rate_limit import RateLimiter, RateVerdict, SharedLimits
 from authz_service.usage.metering import Meter, Reserved
-from authz_service.usage.refunds import BilledUsage
+from authz_service.usage.refunds import NO_TERMS, REFUNDS_PENDING_RETRY_AFTER, BilledUsage, Terms
+from authz_service.usage.usage_ledger import UsageKey
 from driftlock_kernel.billing import DEFAULT_POLICY, BillingPolicy, effective_plan
 from driftlock_kernel.caches import LruCache
 from driftlock_kernel.keys import Environment, ParsedKey
@@ -274,7 +276,9 @@ class Authorizer:
         self, request: AccessRequest, route: Route, grant: Grant, plan: PlanLimits, now: float, rate: RateVerdict | None
     ) -> CheckOutcome:
         period = self._periods.period(grant.period_start, grant.period_end, now)
-        usage = BilledUsage(grant.org_id, period.start, route.product or "", route.units)
+        # The terms this unit is used under, recorded with it: it is reported to this meter and customer.
+        terms = Terms(plan.name, plan.stripe_meter or "", grant.stripe_customer or "")
+        usage = BilledUsage(grant.org_id, period.start, route.product or "", route.units, terms)
         if self._meter.counted_already(request.request_id):
             # The same request checked again (an Envoy retry): it was decided and counted the first time.
             metrics.METER_DUPLICATE_REQUESTS.inc()
@@ -289,7 +293,7 @@ class Authorizer:
             route, grant, now, plan, used_units=used, period_end=period.end.timestamp(), policy=self._policy
         )
         if not decision.allowed:
-            return CheckOutcome(decision, grant, route, plan=plan.name, rate=rate)
+            return CheckOutcome(self._at_cap(decision, usage_key), grant, route, plan=plan.name, rate=rate)
         return await self._count(
             request,
             route,
@@ -303,6 +307,13 @@ class Authorizer:
             plan_name=plan.name,
             usage=usage,
         )
+
+    def _at_cap(self, decision: Decision, key: UsageKey) -> Decision:
+        """A refusal at the cap that refunds of calls still under way may lift: asked again in seconds, not at
+        the period's end (the unit is free again as soon as Envoy's access log brings the refund)."""
+        if decision.code is DenyCode.QUOTA_EXCEEDED and self._meter.refunds_may_lift(key):
+            return dataclasses.replace(decision, retry_after=REFUNDS_PENDING_RETRY_AFTER)
+        return decision
 
     async def _count(
         self,
@@ -326,8 +337,9 @@ class Authorizer:
         product = route.product or ""
         billed = meter.live
         cap = reservation_cap(limits, used, route.units, self._exact_margin)
+        terms = usage.terms if usage is not None else NO_TERMS
         if cap is None:
-            meter.record(request.request_id, usage_key, product, route.units, limits, period.end)
+            meter.record(request.request_id, usage_key, product, route.units, limits, period.end, terms)
             return CheckOutcome(ALLOW, grant, route, billed=billed, plan=plan_name, rate=rate, usage=usage)
         # Near the cap: what the other replicas counted since this one last read may be all that is left, so the
         # database decides, atomically, before the call is allowed.
@@ -337,10 +349,13 @@ class Authorizer:
             if timeout <= 0:
                 return CheckOutcome(DENY_UNAVAILABLE, grant, route, plan=plan_name, rate=rate)
         reserved = await meter.reserve(
-            request.request_id, usage_key, product, route.units, limits, period.end, cap, timeout
+            request.request_id, usage_key, product, route.units, limits, period.end, cap, timeout, terms
         )
         if reserved is Reserved.REFUSED:
-            return CheckOutcome(quota_exceeded(now, period.end.timestamp()), grant, route, plan=plan_name, rate=rate)
+            refused = quota_exceeded(now, period.end.timestamp())
+            if meter.live:
+                refused = self._at_cap(refused, usage_key)
+            return CheckOutcome(refused, grant, route, plan=plan_name, rate=rate)
         return CheckOutcome(ALLOW, grant, route, billed=billed, plan=plan_name, rate=rate, usage=usage)
 
 

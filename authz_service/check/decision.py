@@ -130,6 +130,7 @@ class Grant:
     past_due_since: float | None = None  # Unix time
     period_start: float | None = None  # the Stripe subscription's current period, Unix time
     period_end: float | None = None
+    stripe_customer: str | None = None  # the organisation's Stripe customer, recorded with each unit counted
 
 
 @dataclass(frozen=True, slots=True)

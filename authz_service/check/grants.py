@@ -255,7 +255,7 @@ _GRANTS_QUERY = """
            o.suspended_at IS NOT NULL AS org_suspended, o.plan_name AS plan, o.billing_status,
            extract(epoch FROM o.past_due_since)::float8 AS past_due_since,
            extract(epoch FROM o.period_start)::float8 AS period_start,
-           extract(epoch FROM o.period_end)::float8 AS period_end
+           extract(epoch FROM o.period_end)::float8 AS period_end, o.stripe_customer_id AS stripe_customer
     FROM driftlock.api_keys k
     JOIN driftlock.organizations o ON o.id = k.org_id
     WHERE k.key_hash = ANY($1::bytea[])
@@ -295,6 +295,7 @@ def grant_from_row(row: db.Row) -> Grant:
         past_due_since=row["past_due_since"],
         period_start=row["period_start"],
         period_end=row["period_end"],
+        stripe_customer=row["stripe_customer"],
     )
 
 

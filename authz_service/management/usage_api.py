@@ -17,6 +17,7 @@ from authz_service.check.plan_book import PlanBook
 from authz_service.management.admin_api import AdminGate, ApiError, Call, invalid, parse_uuid, timestamp
 from authz_service.usage.meter_store import MeterStore
 from authz_service.usage.metering import Meter
+from authz_service.usage.refunds import Terms
 from authz_service.usage.usage_ledger import Report
 from driftlock_api.usage.v1 import usage_pb2, usage_pb2_grpc
 from driftlock_kernel import orgs
@@ -108,6 +109,7 @@ class UsageServicer(usage_pb2_grpc.UsageServiceServicer):
         plan, period = await self._plan_and_period(org)
         key = (str(org.id), period.start)
         await self._meter.used(key)  # know the stored total before adding to it
-        report = Report(request.request_id, str(org.id), period.start, request.product, request.units)
+        terms = Terms(plan.name, plan.stripe_meter or "", org.stripe_customer_id or "")
+        report = Report(request.request_id, str(org.id), period.start, request.product, request.units, terms)
         accepted = self._meter.report(report, plan, period.end)
         return usage_pb2.ReportUsageResponse(accepted=accepted, used_units=self._meter.used_now(key))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import asyncpg
 
-from authz_service.usage.refunds import Refund
+from authz_service.usage.refunds import NO_TERMS, Refund, Terms
 from authz_service.usage.usage_ledger import Batch, Report, UsageKey
 from driftlock_kernel import db
 
@@ -19,7 +19,9 @@ from driftlock_kernel import db
 # - The flush id goes into meter_flushes first; if it is there already (a retry after a lost commit
 #   acknowledgement), the counted units are not added again.
 # - Backend reports and refunds are idempotent on their own: a request id already stored adds (or takes back)
-#   nothing. A refund takes its units back from the counter of the period and product it was billed to.
+#   nothing. A refund takes its units back from the counter of the period, product and terms it was billed to.
+# - Counters are kept per terms (plan, Stripe meter, Stripe customer, recorded when the unit was counted:
+#   $19-$27), so that a plan change starts new counters rather than moving the old units to the new plan.
 # - Counters are upserted in key order, so two replicas flushing the same organisations lock rows in the same
 #   order and cannot deadlock.
 # - Totals: rows this statement wrote come from RETURNING (the rest of the statement cannot see them), the other
@@ -34,34 +36,42 @@ WITH flush AS (
     RETURNING flush_id
 ),
 counted AS (
-    SELECT c.org_id, c.period_start, c.product, c.units
-    FROM unnest($4::uuid[], $5::timestamptz[], $6::text[], $7::bigint[]) AS c(org_id, period_start, product, units)
+    SELECT c.org_id, c.period_start, c.product, c.plan_name, c.stripe_meter, c.stripe_customer_id, c.units
+    FROM unnest($4::uuid[], $5::timestamptz[], $6::text[], $19::text[], $20::text[], $21::text[], $7::bigint[])
+         AS c(org_id, period_start, product, plan_name, stripe_meter, stripe_customer_id, units)
     WHERE EXISTS (SELECT 1 FROM flush)
       AND EXISTS (SELECT 1 FROM driftlock.organizations o WHERE o.id = c.org_id)
 ),
 reported AS (
-    INSERT INTO driftlock.usage_reports (request_id, org_id, period_start, product, units)
-    SELECT r.request_id, r.org_id, r.period_start, r.product, r.units
-    FROM unnest($8::text[], $9::uuid[], $10::timestamptz[], $11::text[], $12::bigint[])
-         AS r(request_id, org_id, period_start, product, units)
+    INSERT INTO driftlock.usage_reports
+        (request_id, org_id, period_start, product, plan_name, stripe_meter, stripe_customer_id, units)
+    SELECT r.request_id, r.org_id, r.period_start, r.product, r.plan_name, r.stripe_meter, r.stripe_customer_id,
+           r.units
+    FROM unnest($8::text[], $9::uuid[], $10::timestamptz[], $11::text[], $22::text[], $23::text[], $24::text[],
+                $12::bigint[])
+         AS r(request_id, org_id, period_start, product, plan_name, stripe_meter, stripe_customer_id, units)
     WHERE EXISTS (SELECT 1 FROM driftlock.organizations o WHERE o.id = r.org_id)
     ON CONFLICT (request_id) DO NOTHING
-    RETURNING org_id, period_start, product, units
+    RETURNING org_id, period_start, product, plan_name, stripe_meter, stripe_customer_id, units
 ),
 refunded AS (
-    INSERT INTO driftlock.usage_refunds (request_id, org_id, period_start, product, units, reason)
-    SELECT f.request_id, f.org_id, f.period_start, f.product, f.units, f.reason
-    FROM unnest($13::text[], $14::uuid[], $15::timestamptz[], $16::text[], $17::bigint[], $18::text[])
-         AS f(request_id, org_id, period_start, product, units, reason)
+    INSERT INTO driftlock.usage_refunds
+        (request_id, org_id, period_start, product, plan_name, stripe_meter, stripe_customer_id, units, reason)
+    SELECT f.request_id, f.org_id, f.period_start, f.product, f.plan_name, f.stripe_meter, f.stripe_customer_id,
+           f.units, f.reason
+    FROM unnest($13::text[], $14::uuid[], $15::timestamptz[], $16::text[], $25::text[], $26::text[], $27::text[],
+                $17::bigint[], $18::text[])
+         AS f(request_id, org_id, period_start, product, plan_name, stripe_meter, stripe_customer_id, units, reason)
     WHERE EXISTS (SELECT 1 FROM driftlock.organizations o WHERE o.id = f.org_id)
     ON CONFLICT (request_id) DO NOTHING
-    RETURNING org_id, period_start, product, units
+    RETURNING org_id, period_start, product, plan_name, stripe_meter, stripe_customer_id, units
 ),
 deltas AS (
-    SELECT org_id, period_start, product, sum(units)::bigint AS units
+    SELECT org_id, period_start, product, plan_name, stripe_meter, stripe_customer_id, sum(units)::bigint AS units
     FROM (SELECT * FROM counted UNION ALL SELECT * FROM reported
-          UNION ALL SELECT org_id, period_start, product, -units FROM refunded) AS d
-    GROUP BY org_id, period_start, product
+          UNION ALL SELECT org_id, period_start, product, plan_name, stripe_meter, stripe_customer_id, -units
+                    FROM refunded) AS d
+    GROUP BY org_id, period_start, product, plan_name, stripe_meter, stripe_customer_id
 ),
 pooled AS (
     INSERT INTO driftlock.usage_totals AS p (org_id, period_start, units)
@@ -71,14 +81,16 @@ pooled AS (
     RETURNING 1
 ),
 upserted AS (
-    INSERT INTO driftlock.usage_counters AS u (org_id, period_start, product, units)
-    SELECT org_id, period_start, product, units FROM deltas
+    INSERT INTO driftlock.usage_counters AS u
+        (org_id, period_start, product, plan_name, stripe_meter, stripe_customer_id, units)
+    SELECT org_id, period_start, product, plan_name, stripe_meter, stripe_customer_id, units FROM deltas
     -- The pooled totals first (an init plan runs `pooled` to its end before the first counter row), in the
     -- order RESERVE_SQL takes them: the two statements lock the same rows in the same order.
     WHERE (SELECT count(*) FROM pooled) >= 0
-    ORDER BY org_id, period_start, product
-    ON CONFLICT (org_id, period_start, product) DO UPDATE SET units = u.units + EXCLUDED.units, updated_at = now()
-    RETURNING u.org_id, u.period_start, u.product, u.units
+    ORDER BY org_id, period_start, product, plan_name, stripe_meter, stripe_customer_id
+    ON CONFLICT (org_id, period_start, product, plan_name, stripe_meter, stripe_customer_id)
+        DO UPDATE SET units = u.units + EXCLUDED.units, updated_at = now()
+    RETURNING u.org_id, u.period_start, u.product, u.plan_name, u.stripe_meter, u.stripe_customer_id, u.units
 ),
 touched AS (
     SELECT org_id, period_start FROM unnest($4::uuid[], $5::timestamptz[]) AS t(org_id, period_start)
@@ -94,7 +106,9 @@ totals AS (
     FROM driftlock.usage_counters c JOIN touched t USING (org_id, period_start)
     WHERE NOT EXISTS (
         SELECT 1 FROM upserted w
-        WHERE w.org_id = c.org_id AND w.period_start = c.period_start AND w.product = c.product)
+        WHERE w.org_id = c.org_id AND w.period_start = c.period_start AND w.product = c.product
+          AND w.plan_name = c.plan_name AND w.stripe_meter = c.stripe_meter
+          AND w.stripe_customer_id = c.stripe_customer_id)
 )
 SELECT EXISTS (SELECT 1 FROM flush) AS applied, t.org_id::text AS org_id, t.period_start,
        coalesce(sum(x.units), 0)::bigint AS total,
@@ -125,9 +139,11 @@ flush AS (
     RETURNING flush_id
 ),
 counted AS (
-    INSERT INTO driftlock.usage_counters AS u (org_id, period_start, product, units)
-    SELECT $3::uuid, $4::timestamptz, $5::text, $6::bigint FROM flush
-    ON CONFLICT (org_id, period_start, product) DO UPDATE SET units = u.units + EXCLUDED.units, updated_at = now()
+    INSERT INTO driftlock.usage_counters AS u
+        (org_id, period_start, product, plan_name, stripe_meter, stripe_customer_id, units)
+    SELECT $3::uuid, $4::timestamptz, $5::text, $9::text, $10::text, $11::text, $6::bigint FROM flush
+    ON CONFLICT (org_id, period_start, product, plan_name, stripe_meter, stripe_customer_id)
+        DO UPDATE SET units = u.units + EXCLUDED.units, updated_at = now()
     RETURNING 1
 )
 SELECT (SELECT units FROM pooled) AS reserved_total, (SELECT count(*) FROM counted) AS counted,
@@ -149,7 +165,8 @@ RETURNING id, org_id::text AS org_id, period_start, period_end, threshold, used_
 """
 
 BY_PRODUCT_SQL = """
-SELECT product, units FROM driftlock.usage_counters WHERE org_id = $1 AND period_start = $2
+SELECT product, sum(units)::bigint AS units FROM driftlock.usage_counters WHERE org_id = $1 AND period_start = $2
+GROUP BY product
 """
 
 
@@ -237,6 +254,15 @@ class MeterStore:
             [f.product for f in batch.refunds],
             [f.units for f in batch.refunds],
             [f.reason for f in batch.refunds],
+            [k[3].plan for k, _ in counters],
+            [k[3].meter for k, _ in counters],
+            [k[3].customer for k, _ in counters],
+            [r.terms.plan for r in batch.reports],
+            [r.terms.meter for r in batch.reports],
+            [r.terms.customer for r in batch.reports],
+            [f.terms.plan for f in batch.refunds],
+            [f.terms.meter for f in batch.refunds],
+            [f.terms.customer for f in batch.refunds],
         )
         applied = rows[0]["applied"] if rows else True
         refunded: dict[str, int] = {}
@@ -245,11 +271,29 @@ class MeterStore:
         return FlushResult(applied, {(row["org_id"], row["period_start"]): row["total"] for row in rows}, refunded)
 
     async def reserve(
-        self, flush_id: uuid.UUID, key: UsageKey, product: str, units: int, unacknowledged: int, cap: int
+        self,
+        flush_id: uuid.UUID,
+        key: UsageKey,
+        product: str,
+        units: int,
+        unacknowledged: int,
+        cap: int,
+        terms: Terms = NO_TERMS,
     ) -> Reservation:
         """Count `units` for this organisation and period only if the pooled total stays within `cap`."""
         row = await self._pool.fetchrow(
-            self._reserve_sql, flush_id, self._replica, key[0], key[1], product, units, unacknowledged, cap
+            self._reserve_sql,
+            flush_id,
+            self._replica,
+            key[0],
+            key[1],
+            product,
+            units,
+            unacknowledged,
+            cap,
+            terms.plan,
+            terms.meter,
+            terms.customer,
         )
         if row is None:
             raise RuntimeError("the reservation statement returned no row")
@@ -291,12 +335,14 @@ def spill(batches: list[Batch], directory: Path, path: Path | None = None) -> Pa
     document = [
         {
             "flush_id": str(batch.flush_id),
-            "counters": [[k[0], k[1].isoformat(), k[2], v] for k, v in batch.counters.items()],
+            # The terms go last: a file of an older authz has none ('' = not recorded, see migration 0010).
+            "counters": [[k[0], k[1].isoformat(), k[2], v, *k[3]] for k, v in batch.counters.items()],
             "reports": [
-                [r.request_id, r.org_id, r.period_start.isoformat(), r.product, r.units] for r in batch.reports
+                [r.request_id, r.org_id, r.period_start.isoformat(), r.product, r.units, *r.terms]
+                for r in batch.reports
             ],
             "refunds": [
-                [f.request_id, f.org_id, f.period_start.isoformat(), f.product, f.units, f.reason]
+                [f.request_id, f.org_id, f.period_start.isoformat(), f.product, f.units, f.reason, *f.terms]
                 for f in batch.refunds
             ],
         }
@@ -316,21 +362,32 @@ def spill(batches: list[Batch], directory: Path, path: Path | None = None) -> Pa
     return path
 
 
+def _terms(values: list) -> Terms:
+    if not values:
+        return NO_TERMS
+    if len(values) != 3 or not all(isinstance(v, str) for v in values):
+        raise ValueError("malformed terms")
+    return Terms(*values)
+
+
 def _batches(document: object) -> list[Batch]:
     if not isinstance(document, list):
         raise ValueError("not a list of batches")
     return [
         Batch(
             uuid.UUID(item["flush_id"]),
-            {(o, datetime.fromisoformat(p), product): int(units) for o, p, product, units in item["counters"]},
+            {
+                (o, datetime.fromisoformat(p), product, _terms(terms)): int(units)
+                for o, p, product, units, *terms in item["counters"]
+            },
             [
-                Report(rid, o, datetime.fromisoformat(p), product, int(units))
-                for rid, o, p, product, units in item["reports"]
+                Report(rid, o, datetime.fromisoformat(p), product, int(units), _terms(terms))
+                for rid, o, p, product, units, *terms in item["reports"]
             ],
             [
                 # Spill files written before refunds existed have none.
-                Refund(rid, o, datetime.fromisoformat(p), product, int(units), reason)
-                for rid, o, p, product, units, reason in item.get("refunds", [])
+                Refund(rid, o, datetime.fromisoformat(p), product, int(units), reason, _terms(terms))
+                for rid, o, p, product, units, reason, *terms in item.get("refunds", [])
             ],
         )
         for item in document

@@ -26,7 +26,7 @@ from pathlib import Path
 from authz_service import metrics
 from authz_service.usage.alerts import AlertNotifier, thresholds_reached
 from authz_service.usage.meter_store import MeterStore, UsageAlert, read_spilled, spill
-from authz_service.usage.refunds import Refund
+from authz_service.usage.refunds import NO_TERMS, Refund, Terms, refunds_may_lift
 from authz_service.usage.usage_ledger import Batch, Report, UsageKey, UsageLedger
 from driftlock_kernel import db
 from driftlock_kernel.background import every
@@ -36,6 +36,10 @@ from driftlock_kernel.errors import one_line
 from driftlock_kernel.repeated_logs import RepeatedLog
 
 log = logging.getLogger(__name__)
+
+
+# A refund is flushed this soon after it arrives (the rest of a burst joins it), not at the next interval.
+EARLY_FLUSH_SECONDS = 0.05
 
 
 class Reserved(Enum):
@@ -72,6 +76,7 @@ class Meter:
         notifier: AlertNotifier | None = None,
         spill_dir: Path | None = None,
         live: bool = True,
+        refund_window: float = 0.0,
     ):
         self.ledger = ledger
         # False: test keys' usage, which raises no alerts and stays out of the live usage metrics.
@@ -89,6 +94,15 @@ class Meter:
         # Totals that reservations left, for the alert check of the next flush cycle (off the request path).
         self._alerts_due: dict[UsageKey, int] = {}
         self._spilled_files: dict[Path, set[uuid.UUID]] = {}
+        # How long after a count its call's refund may still come (edge_timeouts.refund_window). Alerts wait
+        # that long for the usage that crossed a threshold to stay crossed, net of refunds; a refusal at a cap
+        # within it says so with a short Retry-After.
+        self._refund_window = refund_window
+        self._crossed: dict[tuple[UsageKey, int], float] = {}  # threshold reached, monotonic time first seen
+        self._last_counted: dict[UsageKey, float] = {}  # monotonic time the key's total last grew
+        self._seen_total: dict[UsageKey, int] = {}
+        self._early_flush: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
         # This process's own spill file, once written; rewritten as batches are acknowledged.
         self._spill_path = spill_dir / f"meter-{uuid.uuid4()}.json" if spill_dir is not None else None
         self._spill_written = False
@@ -126,10 +140,18 @@ class Meter:
         return self.ledger.seen(request_id)
 
     def record(
-        self, request_id: str, key: UsageKey, product: str, units: int, plan: PlanLimits, period_end: datetime
+        self,
+        request_id: str,
+        key: UsageKey,
+        product: str,
+        units: int,
+        plan: PlanLimits,
+        period_end: datetime,
+        terms: Terms = NO_TERMS,
     ) -> bool:
-        counted = self.ledger.record(request_id, key, product, units)
+        counted = self.ledger.record(request_id, key, product, units, terms)
         if counted:
+            self._last_counted[key] = time.monotonic()
             self._context[key] = _AlertContext(plan.name, plan.included_units, period_end)
         else:
             metrics.METER_DUPLICATE_REQUESTS.inc()
@@ -145,27 +167,32 @@ class Meter:
         period_end: datetime,
         cap: int,
         timeout: float,
+        terms: Terms = NO_TERMS,
     ) -> Reserved:
         """Near a cap: count the call only if the pooled total in the database stays within `cap`, in one
         atomic statement that every replica goes through (so together they never pass it)."""
-        batch = Batch(uuid.uuid4(), {(key[0], key[1], product): units})
+        batch = Batch(uuid.uuid4(), {(key[0], key[1], product, terms): units})
         epoch = self.ledger.epoch(key)
         try:
             metrics.DB_QUERIES.labels(query="quota_reserve").inc()
             result = await asyncio.wait_for(
-                self._store.reserve(batch.flush_id, key, product, units, self.ledger.unflushed(key), cap), timeout
+                self._store.reserve(batch.flush_id, key, product, units, self.ledger.unflushed(key), cap, terms),
+                timeout,
             )
         except db.DATABASE_ERRORS as error:
             # Served as the in-memory path would serve it; the batch keeps its flush id, so whether or not the
             # statement was applied, the unit is stored once.
             self.ledger.add_sent(request_id, batch)
+            self._last_counted[key] = time.monotonic()
             self._context[key] = _AlertContext(plan.name, plan.included_units, period_end)
             log.warning("quota reservation without an answer (%s); counted here instead", one_line(error))
             return Reserved.UNKNOWN
         if not result.reserved:
             self.ledger.learn(key, result.total, epoch)
+            self._note_total(key, result.total)
             return Reserved.REFUSED
         self.ledger.counted_in_database(request_id, key, units, result.total)
+        self._last_counted[key] = time.monotonic()
         self._context[key] = _AlertContext(plan.name, plan.included_units, period_end)
         self._alerts_due[key] = result.total
         if self.live:
@@ -181,8 +208,49 @@ class Meter:
         return counted
 
     def refund(self, refund: Refund) -> bool:
-        """Take back the units of a billed call the backend failed (once per request id)."""
-        return self.ledger.refund(refund)
+        """Take back the units of a billed call the backend failed (once per request id). Flushed within
+        EARLY_FLUSH_SECONDS rather than at the next interval: the database then tells every replica
+        (`refunded_elsewhere`), and a unit a refusal at a cap is waiting for is free again at once."""
+        taken = self.ledger.refund(refund)
+        if taken:
+            self._flush_soon()
+        return taken
+
+    def refunds_may_lift(self, key: UsageKey) -> bool:
+        """Whether a refusal at this key's cap may be lifted by refunds of calls still under way."""
+        return refunds_may_lift(self._last_counted.get(key), time.monotonic(), self._refund_window)
+
+    def refunded_elsewhere(self, message: dict) -> None:
+        """A NOTIFY from the database: refunds of this organisation and period were stored (by any replica).
+        The total is read again now, not when it would go stale: the freed units count at once everywhere."""
+        org_id, period = message.get("org_id"), message.get("period_start")
+        if not isinstance(org_id, str) or not isinstance(period, str):
+            return
+        try:
+            key = (org_id, datetime.fromisoformat(period))
+        except ValueError:
+            return
+        if self.ledger.used(key) is None:
+            return  # never asked for here: the first check reads it
+        # Not joined with a read under way, which may have started before the refund was committed.
+        task = asyncio.get_running_loop().create_task(self._load_now(key))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _flush_soon(self) -> None:
+        if self._early_flush is not None and not self._early_flush.done():
+            return  # the one under way takes this refund too
+        try:
+            self._early_flush = asyncio.get_running_loop().create_task(self._flush_early())
+        except RuntimeError:
+            return  # no loop (a synchronous caller): the next interval flushes it
+
+    async def _flush_early(self) -> None:
+        await asyncio.sleep(EARLY_FLUSH_SECONDS)  # the rest of a burst of refunds goes in the same statement
+        try:
+            await self.flush_once()
+        except Exception:
+            log.exception("early flush of refunds failed (the next interval retries it)")
 
     def _load(self, key: UsageKey) -> asyncio.Future[None]:
         """The read of this key's stored usage under way, started if there is none: one query per key at a time."""
@@ -195,6 +263,7 @@ class Meter:
             metrics.DB_QUERIES.labels(query="usage_load").inc()
             total = await asyncio.wait_for(self._store.load(key), self._load_timeout)
             self.ledger.learn(key, total, epoch)
+            self._note_total(key, total)
         except db.DATABASE_ERRORS as error:
             # Serve on what this replica counted itself; the next check past the staleness window asks again.
             # During an outage this is every billable check: one line, then a count a minute.
@@ -215,6 +284,10 @@ class Meter:
         if self._alerts_due:
             due, self._alerts_due = self._alerts_due, {}
             await self._raise_alerts(due)
+        if self._crossed:
+            # Thresholds held for their refunds: judged again on the latest total (refunds taken off).
+            held = {key for key, _threshold in self._crossed}
+            await self._raise_alerts({key: self.ledger.used(key) or 0 for key in held})
         while True:
             outcome = await self.flush_once()
             statements += outcome is not FlushOutcome.IDLE
@@ -245,8 +318,10 @@ class Meter:
             metrics.METER_FLUSH_DURATION.observe(time.perf_counter() - started)
             metrics.METER_FLUSHES.labels(outcome="applied" if result.applied else "duplicate").inc()
             self.ledger.acknowledged(batch, result.totals)
+            for key, total in result.totals.items():
+                self._note_total(key, total)
             if result.applied and self.live:
-                for (org_id, _period, product), units in batch.counters.items():
+                for (org_id, _period, product, _terms), units in batch.counters.items():
                     metrics.USAGE_UNITS.labels(org_id=self._org_label(org_id), product=product).inc(units)
                 for report in batch.reports:
                     metrics.USAGE_UNITS.labels(org_id=self._org_label(report.org_id), product=report.product).inc(
@@ -263,6 +338,13 @@ class Meter:
     def _org_label(self, org_id: str) -> str:
         return org_id if self._org_labels else ""
 
+    def _note_total(self, key: UsageKey, total: int) -> None:
+        """A stored total read back: when it grew, something was counted (by any replica) that may be refunded."""
+        previous = self._seen_total.get(key)
+        if previous is not None and total > previous:
+            self._last_counted[key] = time.monotonic()
+        self._seen_total[key] = total
+
     async def _raise_alerts(self, totals: dict[UsageKey, int]) -> None:
         if not self.live:
             return
@@ -273,7 +355,18 @@ class Meter:
                 continue
             if context.included_units > 0:
                 metrics.USAGE_QUOTA_RATIO.labels(org_id=self._org_label(key[0])).set(total / context.included_units)
-            for threshold in thresholds_reached(total, context.included_units):
+            reached = thresholds_reached(total, context.included_units)
+            for held in [k for k in self._crossed if k[0] == key and k[1] not in reached]:
+                del self._crossed[held]  # refunds brought the usage back under it
+            for threshold in reached:
+                if (key, threshold) in self._raised:
+                    continue
+                if self._refund_window > 0:
+                    # Usage net of refunds: a threshold counts once it has stayed reached for as long as a
+                    # refund of the calls that reached it may take.
+                    first = self._crossed.setdefault((key, threshold), time.monotonic())
+                    if time.monotonic() - first < self._refund_window:
+                        continue
                 if (key, threshold) not in self._raised:
                     candidates.append(
                         UsageAlert(
@@ -291,6 +384,8 @@ class Meter:
             )
             return
         self._raised.update(((c.org_id, c.period_start), c.threshold) for c in candidates)
+        for c in candidates:
+            self._crossed.pop(((c.org_id, c.period_start), c.threshold), None)
         for alert in inserted:
             metrics.USAGE_ALERTS.labels(threshold=str(alert.threshold)).inc()
             log.info("usage alert: organisation %s reached %d%%", alert.org_id, alert.threshold)
@@ -375,6 +470,9 @@ class Meter:
         database did not take stays in the spill file for the next start."""
         await self._flusher.stop()
         await self._spiller.stop()
+        for task in [self._early_flush, *self._background]:
+            if task is not None:
+                task.cancel()
         on_disk = self.spill_now()
         if on_disk:
             log.info("shutting down: %d units on disk in %s until they are flushed", on_disk, self._spill_path)

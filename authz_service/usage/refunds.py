@@ -13,12 +13,18 @@ Envoy's access log brings it back with the response's status and flags when the 
 
 Not refunded: 2xx, 3xx and 4xx answers (the backend served the call, or refused it for the client's own
 mistake), and a client that hung up (DC) before the answer: the backend did the work it was asked to do.
+
+A 2xx is never refunded, whatever the flags. The status Envoy logs is the backend's own once the backend has
+answered (Envoy forwards its headers as they come, and answers with its own status only before that), so a 2xx
+with a failure flag is a call the backend answered in full and Envoy could not deliver: a client that reads the
+headers and then stops reading holds the response in Envoy's buffers until the route timeout fires, which Envoy
+logs as an upstream timeout (UT) on a 200. Refunding that would make any call free to a client that stalls.
 """
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 # The namespace Envoy puts ext_authz dynamic metadata under, and our key in it.
 EXT_AUTHZ_NAMESPACE = "envoy.filters.http.ext_authz"
@@ -28,6 +34,20 @@ BILLED_KEY = "driftlock_billed"
 UPSTREAM_FAILURE_FLAGS = frozenset({"UH", "UF", "UC", "UR", "UT", "URX", "UO", "UPE", "UMSDR", "SI"})
 RATE_LIMITED_FLAG = "RL"
 REFUND_FLAGS = UPSTREAM_FAILURE_FLAGS | {RATE_LIMITED_FLAG}
+
+
+class Terms(NamedTuple):
+    """What a unit was used under, recorded when it is counted: the organisation's effective plan, that plan's
+    Stripe meter and the organisation's Stripe customer ('' for none). Usage is reported to that meter and
+    customer, whatever plan the organisation is on by the time it is reported."""
+
+    plan: str
+    meter: str
+    customer: str
+
+
+# Test keys' usage (never billed), and units counted before terms were recorded (see migration 0010).
+NO_TERMS = Terms("", "", "")
 
 
 # Not frozen (one is built for every billed check, and a frozen dataclass's __init__ costs about a microsecond
@@ -40,6 +60,7 @@ class BilledUsage:
     period_start: datetime
     product: str
     units: int
+    terms: Terms = NO_TERMS
 
     def as_metadata(self) -> dict[str, Any]:
         """The dynamic metadata a check hands Envoy (a protobuf Struct holds strings and doubles: the period as
@@ -50,6 +71,9 @@ class BilledUsage:
                 "period_start": self.period_start.isoformat(),
                 "product": self.product,
                 "units": self.units,
+                "plan": self.terms.plan,
+                "meter": self.terms.meter,
+                "customer": self.terms.customer,
             }
         }
 
@@ -71,7 +95,9 @@ def billed_from_metadata(metadata: Mapping[str, Any]) -> BilledUsage | None:
         return None
     if period_start.tzinfo is None:
         return None
-    return BilledUsage(org_id, period_start, product, int(units))
+    # Absent from what a check of an older authz billed: the exporter treats '' as terms not recorded.
+    terms = Terms(*(value if isinstance(value := billed.get(k), str) else "" for k in ("plan", "meter", "customer")))
+    return BilledUsage(org_id, period_start, product, int(units), terms)
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,10 +118,24 @@ class Refund:
     product: str
     units: int
     reason: str  # "status_5xx", "rate_limited", or the upstream failure flag
+    terms: Terms = NO_TERMS  # what the call was counted under: its units come back from that counter
+
+
+# A refusal at a cap that refunds of calls still under way may lift is asked again this soon (seconds), not at the
+# period's end: a client that honours Retry-After would otherwise stop for the period because calls failed.
+REFUNDS_PENDING_RETRY_AFTER = 2
+
+
+def refunds_may_lift(last_counted: float | None, now: float, refund_window: float) -> bool:
+    """Whether refunds may still lower a total: something was counted less than `refund_window` ago (the
+    longest a call can last, so its refund may not have come yet)."""
+    return last_counted is not None and now - last_counted < refund_window
 
 
 def refund_reason(status: int | None, flags: Iterable[str]) -> str | None:
     """Why a call with this answer and these flags is not charged; None when it is."""
+    if status is not None and 200 <= status <= 299:
+        return None  # the backend answered: see the module docstring
     flags = frozenset(flags)
     upstream = sorted(flags & UPSTREAM_FAILURE_FLAGS)
     if upstream:
@@ -115,4 +155,6 @@ def refund_for(entry: LoggedRequest, *, enabled: bool = True) -> Refund | None:
     if reason is None:
         return None
     billed = entry.billed
-    return Refund(entry.request_id, billed.org_id, billed.period_start, billed.product, billed.units, reason)
+    return Refund(
+        entry.request_id, billed.org_id, billed.period_start, billed.product, billed.units, reason, billed.terms
+    )

@@ -20,10 +20,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from authz_service.usage.refunds import Refund
+from authz_service.usage.refunds import NO_TERMS, Refund, Terms
 
 UsageKey = tuple[str, datetime]  # (org_id, period_start): what quotas and alerts pool over
-CounterKey = tuple[str, datetime, str]  # (org_id, period_start, product): what is stored
+# (org_id, period_start, product, terms): what is stored; the terms (plan, meter, customer) are the ones the
+# units were used under, so that each is reported where it was owed whatever the organisation is on later.
+CounterKey = tuple[str, datetime, str, Terms]
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +37,7 @@ class Report:
     period_start: datetime
     product: str
     units: int
+    terms: Terms = NO_TERMS
 
 
 @dataclass
@@ -54,7 +57,7 @@ class Batch:
 
     def by_usage_key(self) -> dict[UsageKey, int]:
         pooled: dict[UsageKey, int] = {}
-        for (org_id, period_start, _product), units in self.counters.items():
+        for (org_id, period_start, _product, _terms), units in self.counters.items():
             pooled[(org_id, period_start)] = pooled.get((org_id, period_start), 0) + units
         for r in self.reports:
             pooled[(r.org_id, r.period_start)] = pooled.get((r.org_id, r.period_start), 0) + r.units
@@ -131,12 +134,12 @@ class UsageLedger:
         self._expire_recent()
         return request_id in self._recent
 
-    def record(self, request_id: str, key: UsageKey, product: str, units: int) -> bool:
+    def record(self, request_id: str, key: UsageKey, product: str, units: int, terms: Terms = NO_TERMS) -> bool:
         """Count a served request; False (and nothing counted) when this request id was counted already."""
         if self.seen(request_id):
             return False
         self._recent[request_id] = self._clock()
-        counter = (key[0], key[1], product)
+        counter = (key[0], key[1], product, terms)
         self._pending[counter] = self._pending.get(counter, 0) + units
         self._unflushed[key] = self._unflushed.get(key, 0) + units
         return True

@@ -38,17 +38,19 @@ from billing_webhooks.usage_export.exports import (
     ExportRules,
     ExportState,
     Marks,
+    NewExport,
     PeriodUsage,
     Reconciled,
     classify,
+    identifier,
     needs_reconciliation,
     plan_export,
     reconcile,
-    report_target,
     resolve_period,
     retry_delay,
     settle_marks,
     summary_window,
+    terms_in_force,
 )
 from driftlock_kernel import db
 from driftlock_kernel.background import BackgroundTask
@@ -62,6 +64,8 @@ CLAIM_BATCH = 50
 # Calls in flight at once, each for a different customer (Stripe allows one concurrent call per customer and
 # meter; its account-wide limit is 1000 calls per second in live mode, 25 in test mode).
 CONCURRENCY = 4
+# Retries after these answers: the attempt may have been recorded by Stripe all the same.
+MAYBE_LANDED = frozenset({"no_answer", "server_error", "in_progress"})
 
 
 @dataclass
@@ -94,12 +98,11 @@ def period_usage(
             refunds_since_settled=row.refunds_since_settled,
             refunds_since_candidate=row.refunds_since_candidate,
         )
-    meter, customer = report_target(
-        period_open=now < period.end,
+    in_force = terms_in_force(
+        row.meter,
+        row.customer,
         meter_now=meters.get(effective_plan(row.plan_name, row.billing_status, policy)),
         customer_now=row.stripe_customer_id,
-        recorded_meter=row.recorded_meter,
-        recorded_customer=row.recorded_customer,
     )
     usage = PeriodUsage(
         org_id=row.org_id,
@@ -111,10 +114,27 @@ def period_usage(
         skipped_units=row.skipped_units,
         next_seq=row.next_seq,
         last_failed_at=row.last_finished_at if row.last_state == ExportState.FAILED else None,
-        meter=meter,
-        customer=customer,
+        meter=row.meter,
+        customer=row.customer,
+        in_force=in_force,
+        last_counted_at=row.last_counted_at,
     )
     return usage, marks
+
+
+def numbered(planned: list[NewExport]) -> list[NewExport]:
+    """Identifiers are one sequence per period: rows of two meters (or customers) of one period decided in the same
+    pass take consecutive numbers, not the same one."""
+    taken: dict[tuple[uuid.UUID, datetime], int] = {}
+    out = []
+    for export in planned:
+        key = (export.org_id, export.period.start)
+        seq = taken.get(key, export.seq - 1) + 1
+        taken[key] = seq
+        if seq != export.seq:
+            export = dataclasses.replace(export, seq=seq, identifier=identifier(export.org_id, export.period, seq))
+        out.append(export)
+    return out
 
 
 class Exporter:
@@ -165,11 +185,11 @@ class Exporter:
             found = [(r, period_usage(r, now, meters, self._policy, rules.settle)) for r in rows]
             usages = [seen[0] for _, seen in found if seen is not None]
             marks = [
-                (row.org_id, row.period_start, seen[1])
+                (row.org_id, row.period_start, row.meter, row.customer, seen[1])
                 for row, seen in found
-                if seen is not None and seen[1] is not None and seen[0].meter is not None
+                if seen is not None and seen[1] is not None
             ]
-            planned = [e for e in (plan_export(u, now, rules) for u in usages) if e is not None]
+            planned = numbered([e for e in (plan_export(u, now, rules) for u in usages) if e is not None])
             ids = await export_store.insert_exports(conn, planned)
             await export_store.save_marks(conn, marks)
         lag = sum(u.lag for u in usages if u.meter is not None and u.customer is not None)
@@ -222,7 +242,7 @@ class Exporter:
 
     async def _attempt(self, row: ClaimedExport) -> AttemptVerdict:
         now = self._clock()
-        if needs_reconciliation(row.first_attempt_at, now):
+        if row.refused_error is not None or needs_reconciliation(row.first_attempt_at, now):
             return await self._reconcile(row, now)
         window_start = int((row.first_attempt_at or now).timestamp())
         answer = await self._api.create_meter_event(
@@ -244,6 +264,21 @@ class Exporter:
                 else None
             )
             await self._finish(row, ExportState.SENT, note, answer.request_id, token=None)
+        elif verdict.result is AttemptResult.REJECTED and row.maybe_landed:
+            # An earlier attempt may be at Stripe already: failing the row now would offer its units again in a
+            # new row (billed twice). Stripe's total decides, once its aggregates include that attempt.
+            await export_store.mark_retry(
+                self._pool,
+                row.id,
+                row.claim_token,
+                f"{verdict.error} (an earlier attempt may have reached Stripe: reconciling)",
+                SUMMARY_SETTLE,
+                refused_error=verdict.error or "refused",
+            )
+            log.warning(
+                "Stripe refused %s after an attempt that may have reached it; reconciling with its total",
+                row.identifier,
+            )
         elif verdict.result is AttemptResult.REJECTED:
             await self._finish(row, ExportState.FAILED, verdict.error, answer.request_id, token=row.claim_token)
             log.warning(
@@ -255,13 +290,19 @@ class Exporter:
             )
         else:
             await export_store.mark_retry(
-                self._pool, row.id, row.claim_token, verdict.error, verdict.retry_in or timedelta(seconds=1)
+                self._pool,
+                row.id,
+                row.claim_token,
+                verdict.error,
+                verdict.retry_in or timedelta(seconds=1),
+                maybe_landed=verdict.reason in MAYBE_LANDED,
             )
             self._log_retry(row, verdict)
         return verdict
 
     async def _reconcile(self, row: ClaimedExport, now: datetime) -> AttemptVerdict:
-        """A row whose identifier Stripe may have forgotten: ask Stripe's total instead of sending blindly."""
+        """A row whose identifier Stripe may have forgotten, or that Stripe refused after an attempt that may
+        have landed: ask Stripe's total instead of sending blindly (or failing, which offers the units again)."""
         period = Period(row.period_start, row.period_end)
         window = summary_window(period)
         sent_units, latest = await export_store.sent_in_period(
@@ -286,12 +327,21 @@ class Exporter:
         if outcome is Reconciled.CONFIRMED:
             await self._finish(row, ExportState.SENT, "confirmed by Stripe's meter total", None, token=None)
             return AttemptVerdict(AttemptResult.DUPLICATE, "confirmed")
+        if outcome is Reconciled.ABSENT and row.refused_error is not None:
+            # Nothing landed: the refusal stands, and the units may go in a later row.
+            await self._finish(row, ExportState.FAILED, row.refused_error, None, token=row.claim_token)
+            return AttemptVerdict(AttemptResult.REJECTED, "rejected", row.refused_error)
         if outcome is Reconciled.ABSENT:
             await export_store.mark_retry(
                 self._pool, row.id, row.claim_token, None, timedelta(0), attempted=False, restart_window=True
             )
             return AttemptVerdict(AttemptResult.RETRY, "absent")
-        detail = f"not sent again: an attempt may have reached Stripe more than {RESEND_WINDOW} ago and Stripe's " + (
+        why = (
+            f"Stripe refused a retry ({row.refused_error}) after an attempt that may have reached it"
+            if row.refused_error is not None
+            else f"an attempt may have reached Stripe more than {RESEND_WINDOW} ago"
+        )
+        detail = f"not sent again: {why} and Stripe's " + (
             f"total for the period ({total}) is neither the {sent_units} units marked sent nor that plus "
             f"these {row.units}; compare with the customer's usage in the Dashboard"
             if total is not None

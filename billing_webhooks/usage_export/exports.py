@@ -130,20 +130,13 @@ def resolve_period(
     return month if month.start == start else None
 
 
-def report_target(
-    *,
-    period_open: bool,
-    meter_now: str | None,
-    customer_now: str | None,
-    recorded_meter: str | None,
-    recorded_customer: str | None,
-) -> tuple[str | None, str | None]:
-    """The meter and customer a period's units go to. An open period follows the organisation as it is now (its
-    effective plan's meter, its linked customer). A closed period keeps what its earlier rows were sent to: an
-    organisation whose subscription ended is on the free plan by then, and its last period is still billed."""
-    if period_open:
-        return meter_now, customer_now
-    return recorded_meter or meter_now, recorded_customer or customer_now
+def terms_in_force(meter: str, customer: str, *, meter_now: str | None, customer_now: str | None) -> bool:
+    """Whether units recorded under this meter and customer are still being counted there: the organisation's
+    effective plan reports to that meter and it has that customer. Units are reported to the meter and customer
+    recorded when they were counted (the plan they were used on), never to the organisation's current ones; once a
+    plan change or a cancellation leaves terms no longer in force, their counters stop growing and are closed
+    (`plan_export`)."""
+    return meter == meter_now and customer == customer_now
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,8 +195,12 @@ class PeriodUsage:
     skipped_units: int = 0
     next_seq: int = 1
     last_failed_at: datetime | None = None  # when the latest row failed; None when the latest did not
-    meter: str | None = None  # see report_target
+    # The meter and customer these units were counted under (one period may have several); see terms_in_force.
+    meter: str | None = None
     customer: str | None = None
+    # False: a plan change or a cancellation ended these terms; what they hold is closed (see plan_export).
+    in_force: bool = True
+    last_counted_at: datetime | None = None  # when these counters last changed
 
     @property
     def covered(self) -> int:
@@ -240,17 +237,28 @@ def plan_export(usage: PeriodUsage, now: datetime, rules: ExportRules = DEFAULT_
     if usage.meter is None or usage.customer is None or usage.pending_units > 0:
         return None  # not reported to Stripe, or a row of this period is still in flight
     period = usage.period
-    if now < period.end:
-        reportable = min(usage.stored_units, usage.settled_units or 0)
-    elif now < period.end + rules.settle:
-        return None  # closed: its final report waits for the refunds of its last calls
-    else:
+    last_counted = usage.last_counted_at or now
+    if now >= period.end:
+        if now < period.end + rules.settle:
+            return None  # closed: its final report waits for the refunds of its last calls
         reportable = usage.stored_units
+    elif not usage.in_force:
+        # A plan change or a cancellation closed these terms: nothing is counted under them any more, so once
+        # the refunds of their last calls are in (settle after the last change), everything they hold is owed.
+        # Stripe bills a removed metered price, and a canceled subscription's final invoice, from usage reported
+        # before it finalises that invoice: this goes as soon as it is settled, not at the period's end.
+        if now < last_counted + rules.settle:
+            return None
+        reportable = usage.stored_units
+    else:
+        reportable = min(usage.stored_units, usage.settled_units or 0)
     # Negative after refunds of units already reported: nothing until new usage covers them.
     units = reportable - usage.covered
     if units <= 0:
         return None
-    timestamp = event_timestamp(period, now)
+    # Terms no longer in force: timestamped when they were last used (inside the period), so that Stripe counts
+    # the units in the subscription (item) they were used under, not after it ended.
+    timestamp = event_timestamp(period, now if usage.in_force else min(now, last_counted))
 
     def row(state: ExportState, error: str | None = None) -> NewExport:
         return NewExport(

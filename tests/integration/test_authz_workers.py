@@ -18,6 +18,7 @@ from envoy.service.auth.v3 import external_auth_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from authz_service.usage.meter_store import spill
+from authz_service.usage.refunds import NO_TERMS
 from authz_service.usage.spill_dirs import worker_dir
 from authz_service.usage.usage_ledger import Batch
 from driftlock_cli.supervisor import Child, start_child, wait_until
@@ -259,7 +260,7 @@ async def test_workers_of_a_killed_parent_drain_and_lose_nothing(workers, make_o
 
 def batch_for(org_id, units: int) -> Batch:
     period = calendar_month(datetime.now(UTC)).start
-    return Batch(uuid.uuid4(), {(str(org_id), period, "stream"): units})
+    return Batch(uuid.uuid4(), {(str(org_id), period, "stream", NO_TERMS): units})
 
 
 async def test_spilled_units_are_replayed_when_the_number_of_workers_changes(

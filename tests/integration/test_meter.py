@@ -11,6 +11,7 @@ import pytest
 from authz_service.check.decision import PlanLimits
 from authz_service.usage.meter_store import FlushResult, MeterStore
 from authz_service.usage.metering import FlushOutcome, Meter
+from authz_service.usage.refunds import NO_TERMS
 from authz_service.usage.usage_ledger import Batch, Report, UsageLedger
 from driftlock_kernel import db
 from driftlock_kernel.periods import calendar_month
@@ -80,7 +81,7 @@ async def test_a_flush_retried_after_a_lost_commit_acknowledgement_counts_once(p
 async def test_the_same_batch_sent_twice_reports_a_duplicate(pool, make_org):
     org = await make_org()
     store = MeterStore(pool, replica="test")
-    batch = Batch(uuid.uuid4(), {(str(org.id), PERIOD.start, "stream"): 4})
+    batch = Batch(uuid.uuid4(), {(str(org.id), PERIOD.start, "stream", NO_TERMS): 4})
     first = await store.flush(batch)
     second = await store.flush(batch)
     assert (first.applied, second.applied) == (True, False)

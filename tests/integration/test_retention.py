@@ -11,6 +11,7 @@ import pytest
 
 from authz_service.server import authz_pruner
 from authz_service.usage.meter_store import MeterStore
+from authz_service.usage.refunds import NO_TERMS
 from authz_service.usage.usage_ledger import Batch, Report
 from billing_webhooks.app import webhook_pruner
 from driftlock_kernel import db, migrate, orgs, retention
@@ -103,14 +104,16 @@ async def test_deduplication_still_holds_inside_the_window(retention_db):
     store = MeterStore(pool, replica="replica-a")
     period = datetime(2026, 1, 1, tzinfo=UTC)
     # A flush retried with an id the table still holds adds nothing ...
-    again = await store.flush(Batch(uuid.UUID(recent["meter_flushes"]), {(str(org.id), period, "stream"): 5}))
+    again = await store.flush(Batch(uuid.UUID(recent["meter_flushes"]), {(str(org.id), period, "stream", NO_TERMS): 5}))
     assert not again.applied
     # ... nor does a backend report sent again with a request id still kept.
     report = Report(recent["usage_reports"], str(org.id), period, "stream", 7)
     await store.flush(Batch(uuid.uuid4(), {}, [report]))
     assert await store.stored_by_product(str(org.id), period) == {}
     # A pruned flush id is unknown again: that is why retention is far longer than any retry.
-    assert (await store.flush(Batch(uuid.UUID(old["meter_flushes"]), {(str(org.id), period, "stream"): 1}))).applied
+    assert (
+        await store.flush(Batch(uuid.UUID(old["meter_flushes"]), {(str(org.id), period, "stream", NO_TERMS): 1}))
+    ).applied
 
 
 async def test_deferred_stripe_events_are_kept(retention_db):

@@ -89,11 +89,16 @@ async def metered_org(pool, local_stripe, *, plan: str = PLAN) -> tuple[uuid.UUI
 
 
 async def count(pool, org_id, units: int, period_start: datetime | None = None, product: str = "stream") -> None:
-    """Units as a meter flush stores them (a negative number is a refund)."""
+    """Units as a meter flush stores them (a negative number is a refund), under the terms the organisation is
+    on now (its plan, that plan's meter, its customer), as authz records them."""
     start = period_start or calendar_month(datetime.now(UTC)).start
     await pool.execute(
-        """INSERT INTO driftlock.usage_counters AS u (org_id, period_start, product, units) VALUES ($1, $2, $3, $4)
-           ON CONFLICT (org_id, period_start, product) DO UPDATE SET units = u.units + $4, updated_at = now()""",
+        """INSERT INTO driftlock.usage_counters AS u
+               (org_id, period_start, product, plan_name, stripe_meter, stripe_customer_id, units)
+           SELECT o.id, $2, $3, o.plan_name, coalesce(p.stripe_meter, ''), coalesce(o.stripe_customer_id, ''), $4
+           FROM driftlock.organizations o LEFT JOIN driftlock.plans p ON p.name = o.plan_name WHERE o.id = $1
+           ON CONFLICT (org_id, period_start, product, plan_name, stripe_meter, stripe_customer_id)
+               DO UPDATE SET units = u.units + $4, updated_at = now()""",
         org_id,
         start,
         product,
@@ -113,7 +118,9 @@ async def drain(exporter: Exporter, pool, org_id, *, passes: int = 20) -> list[d
         await exporter.run_once()
         rows = await rows_of(pool, org_id)
         stored = await pool.fetchval(
-            "SELECT coalesce(sum(units), 0) FROM driftlock.usage_counters WHERE org_id = $1", org_id
+            # What is owed at Stripe: units counted under a plan with a meter.
+            "SELECT coalesce(sum(units), 0) FROM driftlock.usage_counters WHERE org_id = $1 AND stripe_meter <> ''",
+            org_id,
         )
         if rows and not any(r["state"] == "pending" for r in rows) and sum(r["units"] for r in rows) >= stored:
             return rows
@@ -496,3 +503,138 @@ async def test_a_row_stripes_total_cannot_account_for_is_skipped_for_an_operator
 
 def stripe_api_for(server: LocalStripe) -> StripeApi:
     return StripeApi(API_KEY, api_base=server.url, timeout=5)
+
+
+# --- plan changes and cancellations: every unit under the terms it was used on ------------------------------------
+
+
+async def unmetered_plan(pool) -> str:
+    async with pool.acquire() as conn:
+        await plans.upsert_plan(conn, "unmetered", included_units=1000, stripe_meter=None)
+    return "unmetered"
+
+
+async def set_plan(pool, org_id, plan: str) -> None:
+    await pool.execute("UPDATE driftlock.organizations SET plan_name = $2 WHERE id = $1", org_id, plan)
+
+
+async def test_an_upgrade_bills_only_what_was_used_after_it(export_db, local_stripe, exporter):
+    _url, pool = export_db
+    org_id, customer = await metered_org(pool, local_stripe, plan=await unmetered_plan(pool))
+    run = exporter()
+    await count(pool, org_id, 500)  # on a plan without a meter: owed to no one at Stripe
+    await settled(run)
+    assert await rows_of(pool, org_id) == []
+    upgraded_at = datetime.now(UTC).replace(microsecond=0)
+    await set_plan(pool, org_id, PLAN)
+    await count(pool, org_id, 10)
+    rows = await drain(run, pool, org_id)
+    assert [(r["units"], r["event_name"], r["state"]) for r in rows] == [(10, METER, "sent")]
+    assert rows[0]["event_timestamp"] >= upgraded_at
+    assert month_total(local_stripe, customer) == 10  # was 510: the whole open period followed the new plan
+    figures_line = f"upgrade: 500 used unmetered + 10 metered; Stripe {month_total(local_stripe, customer)}"
+    print("\n" + figures_line)
+
+
+async def test_a_downgrade_reports_what_the_old_plan_counted_timestamped_before_it(export_db, local_stripe, exporter):
+    _url, pool = export_db
+    org_id, customer = await metered_org(pool, local_stripe)
+    run = exporter(rules=ExportRules(settle=timedelta(minutes=3)))
+    await count(pool, org_id, 300)
+    await run.run_once()  # a candidate mark; nothing settled yet
+    used_until = datetime.now(UTC)
+    await set_plan(pool, org_id, await unmetered_plan(pool))
+    await count(pool, org_id, 7)  # after the downgrade: never reported
+    await run.run_once()
+    assert await rows_of(pool, org_id) == []  # the old terms' last calls may still be refunded
+    # The old terms' counters stopped growing; once their settle time has passed, all they hold is owed.
+    await pool.execute(
+        "UPDATE driftlock.usage_counters SET updated_at = updated_at - interval '4 minutes' WHERE org_id = $1", org_id
+    )
+    rows = await drain(run, pool, org_id)
+    assert [(r["units"], r["event_name"], r["state"]) for r in rows] == [(300, METER, "sent")]
+    assert rows[0]["event_timestamp"] <= used_until  # inside the period, when the old plan was last used
+    assert month_total(local_stripe, customer) == 300  # was 0: the export followed the new plan's (no) meter
+    print(f"\ndowngrade: 300 used metered + 7 unmetered; Stripe {month_total(local_stripe, customer)}")
+
+
+async def test_a_cancellation_reports_the_last_periods_unreported_usage_on_the_old_meter(
+    export_db, local_stripe, exporter
+):
+    _url, pool = export_db
+    org_id, customer = await metered_org(pool, local_stripe)
+    run = exporter()
+    await count(pool, org_id, 300)
+    # customer.subscription.deleted: the organisation is on the free plan (no meter) from now on.
+    await set_plan(pool, org_id, "free")
+    await count(pool, org_id, 4)
+    rows = await drain(run, pool, org_id)
+    assert [(r["units"], r["event_name"], r["stripe_customer_id"]) for r in rows] == [(300, METER, customer)]
+    assert month_total(local_stripe, customer) == 300  # was 0
+    print(f"\ncancellation: 300 used metered + 4 free; Stripe {month_total(local_stripe, customer)}")
+
+
+async def test_a_period_used_under_two_meters_reports_each_to_its_own(export_db, local_stripe, exporter):
+    _url, pool = export_db
+    other = f"meter_{uuid.uuid4().hex[:8]}"
+    local_stripe.add_meter(other)
+    async with pool.acquire() as conn:
+        await plans.upsert_plan(conn, f"plan-{other}", included_units=0, stripe_meter=other)
+    org_id, customer = await metered_org(pool, local_stripe)
+    run = exporter()
+    await count(pool, org_id, 6)
+    await set_plan(pool, org_id, f"plan-{other}")
+    await count(pool, org_id, 9)
+    rows = await drain(run, pool, org_id)
+    assert sorted((r["event_name"], r["units"], r["state"]) for r in rows) == [(METER, 6, "sent"), (other, 9, "sent")]
+    assert sorted(r["seq"] for r in rows) == [1, 2]  # one sequence of identifiers per period
+    assert (month_total(local_stripe, customer), local_stripe.total(customer, other)) == (6, 9)
+
+
+# --- a refusal after an attempt that may have landed ----------------------------------------------------------
+
+
+async def test_a_row_refused_after_an_unanswered_attempt_is_reconciled_not_billed_twice(
+    export_db, local_stripe, exporter
+):
+    _url, pool = export_db
+    org_id, customer = await metered_org(pool, local_stripe)
+    run = exporter(rules=ExportRules(settle=timedelta(0), failed_retry_after=timedelta(0)))
+    await count(pool, org_id, 100)
+    local_stripe.lose_reply_next(1)  # recorded by Stripe, the answer lost
+    local_stripe.fail_next(1, 400)  # the retry refused for another reason
+    await settled(run)
+    await run.send_due()  # no answer
+    await pool.execute("UPDATE driftlock.stripe_exports SET next_attempt_at = now() WHERE org_id = $1", org_id)
+    await run.send_due()  # refused
+    (row,) = await rows_of(pool, org_id)
+    assert row["state"] == "pending" and "reconciling" in row["error"]
+    rows = await drain(run, pool, org_id)  # reconciled: Stripe's total includes the row
+    assert [(r["units"], r["state"]) for r in rows] == [(100, "sent")]
+    assert rows[0]["error"] == "confirmed by Stripe's meter total"
+    assert month_total(local_stripe, customer) == 100  # was 200: the failed row's units went in a new row
+
+
+async def test_a_refused_row_whose_earlier_attempt_never_landed_fails_and_its_units_go_again(
+    export_db, local_stripe, exporter
+):
+    _url, pool = export_db
+    org_id, customer = await metered_org(pool, local_stripe)
+    run = exporter(rules=ExportRules(settle=timedelta(0), failed_retry_after=timedelta(0)))
+    await count(pool, org_id, 100)
+    local_stripe.fail_next(1, 500)  # answered 500, nothing recorded (it might have been)
+    local_stripe.fail_next(1, 400)
+    await settled(run)
+    await run.send_due()
+    await pool.execute("UPDATE driftlock.stripe_exports SET next_attempt_at = now() WHERE org_id = $1", org_id)
+    await run.send_due()
+    (row,) = await drain(run, pool, org_id)  # reconciled: Stripe has none of it, so the refusal stands
+    assert (row["state"], row["error"]) == (
+        "failed",
+        "400 api_error: An unknown error occurred (injected by the local Stripe API).",
+    )
+    for _ in range(2):  # and its units go in the period's next row
+        await run.run_once()
+    rows = await rows_of(pool, org_id)
+    assert [(r["units"], r["state"]) for r in rows] == [(100, "failed"), (100, "sent")]
+    assert month_total(local_stripe, customer) == 100

@@ -1,9 +1,11 @@
 """An in-process HTTP server that records every request it gets and echoes it back as JSON.
 
 A request may ask for a failure with `x-test-respond`: a status (`503`), `reset` (the connection is closed without
-an answer) or `sleep:<seconds>` (answered late, for Envoy's route timeout)."""
+an answer), `sleep:<seconds>` (answered late, for Envoy's route timeout) or `large:<bytes>` (a 200 with a body of
+that size, streamed, for a client that stops reading)."""
 
 import asyncio
+import contextlib
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -31,7 +33,7 @@ class Recorder:
         self._runner: web.AppRunner | None = None
         self.port = 0
 
-    async def _handle(self, request: web.Request) -> web.Response:
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         entry = Received(request.method, request.raw_path, [(k.lower(), v) for k, v in request.headers.items()], body)
         self.received.append(entry)
@@ -40,6 +42,16 @@ class Recorder:
             if request.transport is not None:
                 request.transport.close()
             return web.Response(status=500)  # never written: the connection is gone
+        if respond.startswith("large:"):
+            size = int(respond.removeprefix("large:"))
+            response = web.StreamResponse(status=200, headers={"content-type": "application/octet-stream"})
+            response.content_length = size
+            await response.prepare(request)
+            chunk = b"x" * 65536
+            with contextlib.suppress(ConnectionError):
+                for offset in range(0, size, len(chunk)):
+                    await response.write(chunk[: size - offset])
+            return response
         if respond.startswith("sleep:"):
             await asyncio.sleep(float(respond.removeprefix("sleep:")))
         status = int(respond) if respond.isdigit() else 200

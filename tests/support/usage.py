@@ -11,7 +11,8 @@ async def stored_usage(pool, org_id) -> dict[str, int]:
     subscription, so that is the calendar month)."""
     period = calendar_month(datetime.now(UTC))
     rows = await pool.fetch(
-        "SELECT product, units FROM driftlock.usage_counters WHERE org_id = $1 AND period_start = $2",
+        """SELECT product, sum(units)::bigint AS units FROM driftlock.usage_counters
+           WHERE org_id = $1 AND period_start = $2 GROUP BY product""",
         org_id,
         period.start,
     )

@@ -13,6 +13,7 @@ from authz_service.check.grants import GrantStore
 from authz_service.check.plan_book import PlanBook
 from authz_service.usage.meter_store import MeterStore, Reservation
 from authz_service.usage.metering import Meter
+from authz_service.usage.refunds import REFUNDS_PENDING_RETRY_AFTER
 from authz_service.usage.usage_ledger import UsageLedger
 from driftlock_kernel.billing import Overage
 from driftlock_kernel.keys import Environment, Scope, generate_key
@@ -36,7 +37,7 @@ class StoredUsage(MeterStore):
     async def load(self, key):
         return self.totals.get(key[0], 0)
 
-    async def reserve(self, flush_id, key, product, units, unacknowledged, cap):
+    async def reserve(self, flush_id, key, product, units, unacknowledged, cap, terms=None):
         self.reservations += 1
         total = self.totals.get(key[0], 0)
         if total + units + unacknowledged > cap:
@@ -248,3 +249,20 @@ def test_the_domain_request_holds_only_typed_values_of_our_own():
     hints = typing.get_type_hints(AccessRequest)
     assert typing.Any not in hints.values(), hints
     assert "attributes" not in hints  # Envoy's protobuf stays at the wire edge (ext_authz.access_request)
+
+
+async def test_a_refusal_at_a_cap_that_refunds_may_lift_is_retried_in_seconds_not_at_the_periods_end():
+    block = PlanLimits("small", included_units=3, overage=Overage.BLOCK)
+    now = time.time()
+    auth, meter = authorizer(block, dataclasses.replace(GRANT, period_start=now - 86400, period_end=now + 29 * 86400))
+    meter._refund_window = 60.0  # what edge_timeouts derives from Envoy's timeouts
+    for n in range(3):
+        assert (await auth.check(request(f"r{n}"))).decision.allowed
+    # The three calls may still fail at the backend and be refunded: come back in seconds.
+    refused = (await auth.check(request("r3"))).decision
+    assert (refused.code, refused.retry_after) == (DenyCode.QUOTA_EXCEEDED, REFUNDS_PENDING_RETRY_AFTER)
+    # Long after the last count no refund can come any more: the period's end, as before.
+    meter._last_counted = {key: when - 61.0 for key, when in meter._last_counted.items()}
+    refused = (await auth.check(request("r4"))).decision
+    assert refused.code is DenyCode.QUOTA_EXCEEDED and refused.retry_after is not None
+    assert refused.retry_after > 28 * 86400

@@ -21,11 +21,11 @@ from billing_webhooks.usage_export.exports import (
     needs_reconciliation,
     plan_export,
     reconcile,
-    report_target,
     resolve_period,
     retry_delay,
     settle_marks,
     summary_window,
+    terms_in_force,
 )
 from driftlock_kernel.periods import Period
 
@@ -102,15 +102,23 @@ def test_a_period_ends_where_stripe_said_else_where_the_stored_period_rolls_else
     assert resolve_period(datetime(2026, 11, 7, 3, tzinfo=UTC), None, None, None) is None
 
 
-def test_an_open_period_follows_the_organisation_and_a_closed_one_keeps_its_meter_and_customer():
-    now = {"meter_now": "free_meter", "customer_now": "cus_new"}
-    recorded = {"recorded_meter": "api_calls", "recorded_customer": "cus_old"}
-    assert report_target(period_open=True, **now, **recorded) == ("free_meter", "cus_new")
-    assert report_target(period_open=False, **now, **recorded) == ("api_calls", "cus_old")
-    assert report_target(period_open=False, **now, recorded_meter=None, recorded_customer=None) == (
-        "free_meter",
-        "cus_new",
-    )
+def test_terms_are_in_force_while_the_organisation_still_reports_to_their_meter_and_customer():
+    assert terms_in_force("api_calls", "cus_1", meter_now="api_calls", customer_now="cus_1")
+    assert not terms_in_force("api_calls", "cus_1", meter_now=None, customer_now="cus_1")  # downgraded, canceled
+    assert not terms_in_force("api_calls", "cus_1", meter_now="pro_calls", customer_now="cus_1")  # another meter
+    assert not terms_in_force("api_calls", "cus_1", meter_now="api_calls", customer_now="cus_2")  # relinked
+
+
+def test_terms_a_plan_change_ended_are_reported_in_full_once_settled_timestamped_when_last_used():
+    # 300 units counted until 10:00 under a metered plan, none settled yet by the open period's marks; then a
+    # downgrade (or a cancellation): the counters stop growing and all they hold is owed.
+    closed = usage(stored_units=300, settled_units=None, in_force=False, last_counted_at=at(15, 10))
+    assert plan_export(closed, at(15, 10, 2), RULES) is None  # the refunds of the last calls may still come
+    row = plan_export(closed, at(15, 10, 3), RULES)
+    assert row is not None and (row.units, row.state) == (300, ExportState.PENDING)
+    assert row.timestamp == at(15, 10)  # inside the period, when the old terms were last used
+    # The same counters while their terms are in force wait for the settled mark.
+    assert plan_export(usage(stored_units=300, settled_units=None), at(15, 10, 3), RULES) is None
 
 
 # --- what to report -------------------------------------------------------------------------------------------------

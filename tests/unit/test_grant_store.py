@@ -373,6 +373,7 @@ def row(key_id: str, scopes: list[str]) -> dict:
         "past_due_since": None,
         "period_start": None,
         "period_end": None,
+        "stripe_customer": None,
     }
 
 

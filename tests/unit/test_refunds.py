@@ -16,10 +16,12 @@ from authz_service.usage.access_log import logged_request
 from authz_service.usage.refunds import (
     BILLED_KEY,
     EXT_AUTHZ_NAMESPACE,
+    NO_TERMS,
     REFUND_FLAGS,
     BilledUsage,
     LoggedRequest,
     Refund,
+    Terms,
     billed_from_metadata,
     refund_for,
     refund_reason,
@@ -29,7 +31,8 @@ from driftlock_kernel.context_keys import HS256, ContextKeys
 from tests.support.authz_requests import STREAM_DETECT
 
 PERIOD = datetime(2026, 11, 1, tzinfo=UTC)
-BILLED = BilledUsage("org-1", PERIOD, "stream", 2)
+# Counted under a metered plan: a refund takes its units back from the counter of those terms.
+BILLED = BilledUsage("org-1", PERIOD, "stream", 2, Terms("pro", "api_calls", "cus_1"))
 
 
 @pytest.mark.parametrize("status", [500, 502, 503, 504, 599])
@@ -43,10 +46,13 @@ def test_a_served_or_client_refused_call_is_charged(status):
 
 
 @pytest.mark.parametrize("flag", ["UH", "UF", "UC", "UR", "UT", "URX", "UO", "UPE", "UMSDR", "SI"])
-def test_an_upstream_failure_is_refunded_whatever_the_status(flag):
-    # A reset after the headers leaves a 200 status: the client still got a broken answer.
-    assert refund_reason(200, {flag}) == flag
+def test_an_upstream_failure_is_refunded_unless_the_backend_answered_2xx(flag):
     assert refund_reason(None, {flag}) == flag
+    assert refund_reason(503, {flag}) == flag
+    assert refund_reason(504, {flag}) == flag
+    # A 2xx is the backend's own answer: a client that stalled reading it makes Envoy log UT on a 200.
+    assert refund_reason(200, {flag}) is None
+    assert refund_reason(206, {flag}) is None
 
 
 def test_a_global_rate_limit_refusal_after_the_count_is_refunded():
@@ -61,7 +67,7 @@ def test_a_client_that_hung_up_is_charged_unless_the_backend_failed():
 
 def test_refund_for_takes_back_what_the_check_billed():
     refund = refund_for(LoggedRequest("rid-1", 503, frozenset(), BILLED))
-    assert refund == Refund("rid-1", "org-1", PERIOD, "stream", 2, "status_5xx")
+    assert refund == Refund("rid-1", "org-1", PERIOD, "stream", 2, "status_5xx", Terms("pro", "api_calls", "cus_1"))
 
 
 def test_refund_for_needs_a_billed_call_a_request_id_and_refunds_switched_on():
@@ -75,6 +81,12 @@ def test_billed_usage_survives_a_protobuf_struct_exactly():
     struct = struct_pb2.Struct()
     struct.update(BILLED.as_metadata())
     assert billed_from_metadata(json_format.MessageToDict(struct)) == BILLED
+
+
+def test_billing_metadata_of_an_older_authz_has_no_terms():
+    older = {BILLED_KEY: {"org_id": "org-1", "period_start": PERIOD.isoformat(), "product": "stream", "units": 2}}
+    billed = billed_from_metadata(older)
+    assert billed is not None and billed.terms == NO_TERMS  # the exporter sends such units where it did before
 
 
 @pytest.mark.parametrize(
@@ -116,7 +128,7 @@ def test_the_wire_reads_request_id_status_flags_and_billing_metadata():
         )
     )
     assert request == LoggedRequest("rid-7", 504, frozenset({"UT", "DC"}), BILLED)
-    assert refund_for(request) == Refund("rid-7", "org-1", PERIOD, "stream", 2, "UT")
+    assert refund_for(request) == Refund("rid-7", "org-1", PERIOD, "stream", 2, "UT", BILLED.terms)
 
 
 def test_the_wire_reads_no_status_as_none_and_other_filters_metadata_as_not_billed():

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from authz_service.usage.meter_store import read_spilled, spill
+from authz_service.usage.refunds import NO_TERMS
 from authz_service.usage.spill_dirs import TEST_SUBDIR, adopt_leftovers, worker_dir
 from authz_service.usage.usage_ledger import Batch
 
@@ -15,7 +16,7 @@ PERIOD = datetime(2025, 1, 1, tzinfo=UTC)
 
 
 def spill_one(folder: Path, units: int) -> uuid.UUID:
-    batch = Batch(uuid.uuid4(), {("org", PERIOD, "stream"): units})
+    batch = Batch(uuid.uuid4(), {("org", PERIOD, "stream", NO_TERMS): units})
     spill([batch], folder)
     return batch.flush_id
 

@@ -2,7 +2,7 @@ from datetime import UTC, datetime
 
 from authz_service.usage.alerts import thresholds_reached
 from authz_service.usage.meter_store import read_spilled, spill
-from authz_service.usage.refunds import Refund
+from authz_service.usage.refunds import NO_TERMS, Refund
 from authz_service.usage.usage_ledger import Report, UsageLedger
 
 PERIOD = datetime(2026, 11, 1, tzinfo=UTC)
@@ -59,7 +59,7 @@ def test_a_batch_holds_everything_pending_and_is_retried_unchanged_until_acknowl
     book.record("r1", KEY, "stream", 2)
     book.report(Report("q1", "org-1", PERIOD, "monitor", 5))
     batch = book.next_batch()
-    assert batch.counters == {("org-1", PERIOD, "stream"): 2}
+    assert batch.counters == {("org-1", PERIOD, "stream", NO_TERMS): 2}
     assert [r.request_id for r in batch.reports] == ["q1"]
     book.record("r2", KEY, "stream", 1)
     assert book.next_batch() is batch  # a failed flush is retried with the same id and content
@@ -68,7 +68,7 @@ def test_a_batch_holds_everything_pending_and_is_retried_unchanged_until_acknowl
     assert book.used(KEY) == 18  # 17 stored + 1 pending
     second = book.next_batch()
     assert second is not batch and second.flush_id != batch.flush_id
-    assert second.counters == {("org-1", PERIOD, "stream"): 1}
+    assert second.counters == {("org-1", PERIOD, "stream", NO_TERMS): 1}
 
 
 def test_acknowledged_totals_include_other_replicas_usage():
@@ -135,7 +135,11 @@ def test_a_refund_takes_units_back_in_the_same_batches():
     assert book.refund(refund("r1", 2))
     assert book.used(KEY) == 10
     batch = book.next_batch()
-    assert (batch.counters, batch.refunds, batch.units) == ({("org-1", PERIOD, "stream"): 2}, [refund("r1", 2)], 0)
+    assert (batch.counters, batch.refunds, batch.units) == (
+        {("org-1", PERIOD, "stream", NO_TERMS): 2},
+        [refund("r1", 2)],
+        0,
+    )
     assert batch.by_usage_key() == {KEY: 0}
 
 
@@ -190,7 +194,9 @@ def test_sealing_puts_refunds_with_counters_and_reports_and_grows_only_a_batch_n
     ledger.refund(Refund("r0", "org", key[1], "stream", 1, "upstream_5xx"))
     ledger.seal()
     (sealed,) = ledger.unacknowledged()
-    assert sealed.counters == {("org", key[1], "stream"): 2} and [f.request_id for f in sealed.refunds] == ["r0"]
+    assert sealed.counters == {("org", key[1], "stream", NO_TERMS): 2} and [f.request_id for f in sealed.refunds] == [
+        "r0"
+    ]
     ledger.record("r2", key, "stream", 3)
     ledger.seal()  # never sent: it grows
     assert ledger.unacknowledged() == [sealed] and sealed.units == 4
