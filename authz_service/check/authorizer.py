@@ -46,6 +46,7 @@ from authz_service.check.plan_book import PlanBook
 from authz_service.check.rate_limit import RateLimiter, RateVerdict, SharedLimits
 from authz_service.usage.metering import Meter, Reserved
 from authz_service.usage.refunds import BilledUsage
+from authz_service.usage.rollups import hour_of
 from driftlock_kernel.billing import DEFAULT_POLICY, BillingPolicy, effective_plan
 from driftlock_kernel.caches import LruCache
 from driftlock_kernel.keys import Environment, ParsedKey
@@ -151,7 +152,19 @@ class Authorizer:
         outcome = await self._decide(request)
         if self._audit is not None and (not outcome.decision.allowed or self._audit.wants_allow()):
             self._audit.add(_audit_entry(request, outcome))
+        if not outcome.decision.allowed and outcome.grant is not None:
+            self._count_denial(outcome)
         return outcome
+
+    def _count_denial(self, outcome: CheckOutcome) -> None:
+        """A live key's refused check, in its organisation's usage history (test keys' are not in it)."""
+        grant, code = outcome.grant, outcome.decision.code
+        if grant is None or code is None or grant.environment is Environment.TEST:
+            return
+        now = self._clock()
+        period = self._periods.period(grant.period_start, grant.period_end, now)
+        product = (outcome.route.product or "") if outcome.route is not None else ""
+        self._meter.denied((grant.org_id, period.start), now, product, grant.key_id, code.value)
 
     async def _decide(self, request: AccessRequest) -> CheckOutcome:
         # route
@@ -265,7 +278,7 @@ class Authorizer:
         self, request: AccessRequest, route: Route, grant: Grant, plan: PlanLimits, now: float, rate: RateVerdict | None
     ) -> CheckOutcome:
         period = self._periods.period(grant.period_start, grant.period_end, now)
-        usage = BilledUsage(grant.org_id, period.start, route.product or "", route.units)
+        usage = BilledUsage(grant.org_id, period.start, route.product or "", route.units, grant.key_id, hour_of(now))
         if self._meter.counted_already(request.request_id):
             # The same request checked again (an Envoy retry): it was decided and counted the first time.
             metrics.METER_DUPLICATE_REQUESTS.inc()
@@ -304,7 +317,9 @@ class Authorizer:
         billed = meter.live
         cap = reservation_cap(limits, used, route.units, self._exact_margin)
         if cap is None:
-            meter.record(request.request_id, usage_key, product, route.units, limits, period.end)
+            meter.record(
+                request.request_id, usage_key, product, route.units, limits, period.end, key_id=grant.key_id, at=now
+            )
             return CheckOutcome(ALLOW, grant, route, billed=billed, plan=plan_name, rate=rate, usage=usage)
         # Near the cap: what the other replicas counted since this one last read may be all that is left, so the
         # database decides, atomically, before the call is allowed.
@@ -314,7 +329,16 @@ class Authorizer:
             if timeout <= 0:
                 return CheckOutcome(DENY_UNAVAILABLE, grant, route, plan=plan_name, rate=rate)
         reserved = await meter.reserve(
-            request.request_id, usage_key, product, route.units, limits, period.end, cap, timeout
+            request.request_id,
+            usage_key,
+            product,
+            route.units,
+            limits,
+            period.end,
+            cap,
+            timeout,
+            key_id=grant.key_id,
+            at=now,
         )
         if reserved is Reserved.REFUSED:
             return CheckOutcome(quota_exceeded(now, period.end.timestamp()), grant, route, plan=plan_name, rate=rate)

@@ -28,6 +28,7 @@ from authz_service.check.decision import PlanLimits
 from authz_service.usage.alerts import AlertNotifier, thresholds_reached
 from authz_service.usage.meter_store import AlertCandidate, MeterStore, read_spilled, spill
 from authz_service.usage.refunds import Refund
+from authz_service.usage.rollups import NIL_KEY, RollupBook, hour_of
 from authz_service.usage.usage_ledger import Batch, Report, UsageKey, UsageLedger
 from driftlock_kernel import db
 from driftlock_kernel.background import every
@@ -125,10 +126,22 @@ class Meter:
         return self.ledger.seen(request_id)
 
     def record(
-        self, request_id: str, key: UsageKey, product: str, units: int, plan: PlanLimits, period_end: datetime
+        self,
+        request_id: str,
+        key: UsageKey,
+        product: str,
+        units: int,
+        plan: PlanLimits,
+        period_end: datetime,
+        *,
+        key_id: str = NIL_KEY,
+        at: float = 0.0,
     ) -> bool:
+        """Count a served call (`key_id` made it at Unix time `at`: its usage-history bucket)."""
         counted = self.ledger.record(request_id, key, product, units)
         if counted:
+            if self._store.rollups:
+                self.ledger.rollups.served(key[0], key[1], at, product, key_id, units)
             self._context[key] = _AlertContext(plan.name, plan.included_units, period_end)
         else:
             metrics.METER_DUPLICATE_REQUESTS.inc()
@@ -144,15 +157,33 @@ class Meter:
         period_end: datetime,
         cap: int,
         timeout: float,
+        *,
+        key_id: str = NIL_KEY,
+        at: float = 0.0,
     ) -> Reserved:
         """Near a cap: count the call only if the pooled total in the database stays within `cap`, in one
         atomic statement that every replica goes through (so together they never pass it)."""
         batch = Batch(uuid.uuid4(), {(key[0], key[1], product): units})
+        if self._store.rollups:
+            # Flushed with the batch if the reservation's answer is lost; written by the reservation otherwise.
+            book = RollupBook()
+            book.served(key[0], key[1], at, product, key_id, units)
+            batch.rollup = book.take()
         epoch = self.ledger.epoch(key)
         try:
             metrics.DB_QUERIES.labels(query="quota_reserve").inc()
             result = await asyncio.wait_for(
-                self._store.reserve(batch.flush_id, key, product, units, self.ledger.unflushed(key), cap), timeout
+                self._store.reserve(
+                    batch.flush_id,
+                    key,
+                    product,
+                    units,
+                    self.ledger.unflushed(key),
+                    cap,
+                    key_id=key_id,
+                    hour=hour_of(at),
+                ),
+                timeout,
             )
         except db.DATABASE_ERRORS as error:
             # Served as the in-memory path would serve it; the batch keeps its flush id, so whether or not the
@@ -178,6 +209,11 @@ class Meter:
                 plan.name, plan.included_units, period_end
             )
         return counted
+
+    def denied(self, key: UsageKey, at: float, product: str, key_id: str, code: str) -> None:
+        """A check of a known key refused: counted in the usage history (flushed with the next batch)."""
+        if self._store.rollups:
+            self.ledger.rollups.denied(key[0], key[1], at, product, key_id, code)
 
     def refund(self, refund: Refund) -> bool:
         """Take back the units of a billed call the backend failed (once per request id)."""

@@ -15,6 +15,7 @@ Not refunded: 2xx, 3xx and 4xx answers (the backend served the call, or refused 
 mistake), and a client that hung up (DC) before the answer: the backend did the work it was asked to do.
 """
 
+import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -40,18 +41,25 @@ class BilledUsage:
     period_start: datetime
     product: str
     units: int
+    # Which key made the call and the hour it was counted in (Unix seconds): the usage-history bucket a refund
+    # of it lands in. None from an entry that predates them: the refund lands in the hour it arrives, keyless.
+    key_id: str | None = None
+    hour: int | None = None
 
     def as_metadata(self) -> dict[str, Any]:
         """The dynamic metadata a check hands Envoy (a protobuf Struct holds strings and doubles: the period as
         ISO 8601, exactly)."""
-        return {
-            BILLED_KEY: {
-                "org_id": self.org_id,
-                "period_start": self.period_start.isoformat(),
-                "product": self.product,
-                "units": self.units,
-            }
+        billed: dict[str, Any] = {
+            "org_id": self.org_id,
+            "period_start": self.period_start.isoformat(),
+            "product": self.product,
+            "units": self.units,
         }
+        if self.key_id is not None:
+            billed["key_id"] = self.key_id
+        if self.hour is not None:
+            billed["hour"] = self.hour
+        return {BILLED_KEY: billed}
 
 
 def billed_from_metadata(metadata: Mapping[str, Any]) -> BilledUsage | None:
@@ -71,7 +79,20 @@ def billed_from_metadata(metadata: Mapping[str, Any]) -> BilledUsage | None:
         return None
     if period_start.tzinfo is None:
         return None
-    return BilledUsage(org_id, period_start, product, int(units))
+    key_id, hour = billed.get("key_id"), billed.get("hour")
+    if not isinstance(key_id, str) or not _is_uuid(key_id):
+        key_id = None
+    if not isinstance(hour, int | float) or hour != int(hour) or hour % 3600 or not 0 < hour < 2**40:
+        hour = None
+    return BilledUsage(org_id, period_start, product, int(units), key_id, None if hour is None else int(hour))
+
+
+def _is_uuid(text: str) -> bool:
+    try:
+        uuid.UUID(text)
+    except ValueError:
+        return False
+    return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +113,8 @@ class Refund:
     product: str
     units: int
     reason: str  # "status_5xx", "rate_limited", or the upstream failure flag
+    key_id: str | None = None  # the key and hour of the call taken back (its usage-history bucket)
+    hour: int | None = None
 
 
 def refund_reason(status: int | None, flags: Iterable[str]) -> str | None:
@@ -115,4 +138,13 @@ def refund_for(entry: LoggedRequest, *, enabled: bool = True) -> Refund | None:
     if reason is None:
         return None
     billed = entry.billed
-    return Refund(entry.request_id, billed.org_id, billed.period_start, billed.product, billed.units, reason)
+    return Refund(
+        entry.request_id,
+        billed.org_id,
+        billed.period_start,
+        billed.product,
+        billed.units,
+        reason,
+        billed.key_id,
+        billed.hour,
+    )

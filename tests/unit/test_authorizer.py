@@ -35,7 +35,7 @@ class StoredUsage(MeterStore):
     async def load(self, key):
         return self.totals.get(key[0], 0)
 
-    async def reserve(self, flush_id, key, product, units, unacknowledged, cap):
+    async def reserve(self, flush_id, key, product, units, unacknowledged, cap, **bucket):
         self.reservations += 1
         total = self.totals.get(key[0], 0)
         if total + units + unacknowledged > cap:
