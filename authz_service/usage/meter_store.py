@@ -11,9 +11,9 @@ from pathlib import Path
 
 import asyncpg
 
+from authz_service.usage.refunds import Refund
 from authz_service.usage.rollups import NIL_KEY
 from authz_service.usage.rollups import WIDTH as ROLLUP_WIDTH
-from authz_service.usage.refunds import Refund
 from authz_service.usage.usage_ledger import Batch, Report, UsageKey
 from driftlock_kernel import db
 
@@ -152,8 +152,8 @@ def _rollup_upserts() -> str:
 # and reports the statement applied (in the bucket of the call refunded, when known; a report in the hour it is
 # stored), all after the counters. $33: rollups on (off only in the bench's side-by-side run).
 _FLUSH_ROLLED = """rolled AS (
-    SELECT b.org_id, b.period_start, b.hour, b.product, {key_b} AS key_id, b.units, 0::bigint AS refunded_units, b.requests,
-           b.denied_access, b.denied_payment, b.denied_quota, b.denied_rate, b.denied_unavailable
+    SELECT b.org_id, b.period_start, b.hour, b.product, {key_b} AS key_id, b.units, 0::bigint AS refunded_units,
+           b.requests, b.denied_access, b.denied_payment, b.denied_quota, b.denied_rate, b.denied_unavailable
     FROM unnest($19::uuid[], $20::timestamptz[], $21::timestamptz[], $22::text[], $23::text[], $24::bigint[],
                 $25::bigint[], $26::bigint[], $27::bigint[], $28::bigint[], $29::bigint[], $30::bigint[])
          AS b(org_id, period_start, hour, product, key_id, units, requests, denied_access, denied_payment,
@@ -490,7 +490,7 @@ def _batches(document: object) -> list[Batch]:
 
 
 def _key_and_hour(rest: list) -> tuple[str | None, int | None]:
-    key_id, hour = (rest + [None, None])[:2]
+    key_id, hour = [*rest, None, None][:2]
     return (key_id if isinstance(key_id, str) else None, int(hour) if isinstance(hour, int) else None)
 
 
