@@ -122,7 +122,7 @@ ROLLUP_COUNTS = (
 _ROLLUP_TABLES = (
     ("hours", "driftlock.usage_hours", ("org_id", "hour", "period_start", "product"), "hour"),
     ("days", "driftlock.usage_days", ("org_id", "day", "product"), "date_trunc('day', hour, 'UTC')"),
-    ("key_hours", "driftlock.usage_key_hours", ("org_id", "hour", "key_id", "product"), "hour"),
+    ("key_hours", "driftlock.usage_key_hours", ("org_id", "hour", "key_id", "period_start", "product"), "hour"),
     ("key_days", "driftlock.usage_key_days", ("org_id", "day", "key_id", "product"), "date_trunc('day', hour, 'UTC')"),
 )
 

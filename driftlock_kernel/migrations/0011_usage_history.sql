@@ -42,8 +42,10 @@ CREATE TABLE driftlock.usage_days (
 );
 CREATE INDEX usage_days_day_idx ON driftlock.usage_days (day);
 
+-- With the period too, so that a key's usage in a period that starts within an hour is exact.
 CREATE TABLE driftlock.usage_key_hours (
     org_id              uuid NOT NULL,
+    period_start        timestamptz NOT NULL,
     hour                timestamptz NOT NULL,
     key_id              uuid NOT NULL,
     product             text NOT NULL,
@@ -55,11 +57,11 @@ CREATE TABLE driftlock.usage_key_hours (
     denied_quota        bigint NOT NULL DEFAULT 0,
     denied_rate         bigint NOT NULL DEFAULT 0,
     denied_unavailable  bigint NOT NULL DEFAULT 0,
-    PRIMARY KEY (org_id, hour, key_id, product)
+    PRIMARY KEY (org_id, hour, key_id, period_start, product)
 );
 CREATE INDEX usage_key_hours_hour_idx ON driftlock.usage_key_hours (hour);
--- GET /v1/keys/{key_id}/usage: one key's hours of a period.
-CREATE INDEX usage_key_hours_key_idx ON driftlock.usage_key_hours (key_id, hour);
+-- GET /v1/keys/{key_id}/usage and key listings: one key's units in a period.
+CREATE INDEX usage_key_hours_key_idx ON driftlock.usage_key_hours (key_id, period_start);
 
 CREATE TABLE driftlock.usage_key_days (
     org_id              uuid NOT NULL,
