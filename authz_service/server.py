@@ -59,7 +59,7 @@ from driftlock_kernel.context_keys import ContextKeys
 from driftlock_kernel.errors import OperatorError, one_line
 from driftlock_kernel.listener import ChangeListener, NotificationHandler
 from driftlock_kernel.logs import configure_logging
-from driftlock_kernel.retention import Pruner
+from driftlock_kernel.retention import Pruner, usage_history_retentions
 from driftlock_kernel.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -237,7 +237,7 @@ async def serve(settings: Settings, worker: WorkerRole | None = None) -> None:
                 expiry_seconds=settings.alert_delivery_expiry_hours * 3600,
             )
         replica = f"{socket.gethostname()}:{os.getpid()}"
-        meter_store = MeterStore(pool, replica=replica)
+        meter_store = MeterStore(pool, replica=replica, rollups=settings.usage_rollups)  # usage history (issue 18)
         meter = Meter(
             UsageLedger(stale_after=settings.usage_refresh_seconds),
             meter_store,
@@ -357,6 +357,8 @@ async def serve(settings: Settings, worker: WorkerRole | None = None) -> None:
                 "audit_log": settings.retention_audit_log,
                 "audit_denials": settings.retention_audit_denials,
                 "stripe_events": settings.retention_stripe_events,
+                # usage history (issue 18)
+                **usage_history_retentions(settings.retention_usage_hours, settings.retention_usage_days),
             },
             interval=settings.prune_interval_seconds,
             replica=replica,

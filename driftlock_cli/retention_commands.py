@@ -23,6 +23,7 @@ def configured_retentions(settings: Settings) -> dict[str, timedelta | None]:
         "audit_log": settings.retention_audit_log,
         "audit_denials": settings.retention_audit_denials,
         "stripe_events": settings.retention_stripe_events,
+        **retention.usage_history_retentions(settings.retention_usage_hours, settings.retention_usage_days),
     }
 
 

@@ -327,6 +327,13 @@ class Settings:
     alert_webhook_secrets: tuple[str, ...] = field(default=(), repr=False)
     alert_delivery_expiry_hours: float = 72.0
 
+    # --- Usage history (issue 18) ---
+    # How long hour buckets and day buckets of usage are kept (the contract: at least 90 days and 2 years by
+    # default); whether authz writes them at all (off only to measure what they cost, in the bench).
+    retention_usage_hours: timedelta | None = timedelta(days=90)
+    retention_usage_days: timedelta | None = timedelta(days=730)
+    usage_rollups: bool = True
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
         env = os.environ if environ is None else environ
@@ -478,6 +485,22 @@ class Settings:
             alert_delivery_expiry_hours=_float(
                 env, "DRIFTLOCK_ALERT_DELIVERY_EXPIRY_HOURS", d.alert_delivery_expiry_hours, minimum=0.01
             ),
+            # --- Usage history (issue 18) ---
+            retention_usage_hours=_retention(
+                env,
+                "DRIFTLOCK_RETENTION_USAGE_HOURS",
+                d.retention_usage_hours,
+                minimum=timedelta(days=1),
+                why="less is most likely a typo",
+            ),
+            retention_usage_days=_retention(
+                env,
+                "DRIFTLOCK_RETENTION_USAGE_DAYS",
+                d.retention_usage_days,
+                minimum=timedelta(days=1),
+                why="less is most likely a typo",
+            ),
+            usage_rollups=_bool(env, "DRIFTLOCK_USAGE_ROLLUPS", d.usage_rollups),
         )
 
     def envoy_authz_addresses(self) -> tuple[HostPort, ...]:

@@ -12,6 +12,7 @@ import pytest
 from authz_service.usage.meter_store import MeterStore
 from authz_service.usage.usage_ledger import Batch, Report
 from driftlock_kernel import db, migrate, orgs, retention
+from driftlock_kernel.settings import Settings
 from tests.support.cli import run_cli
 
 OLD = timedelta(days=400)
@@ -152,9 +153,73 @@ async def test_the_prune_command_prunes_each_table_or_all(retention_db):
     )
     assert everything.code == 0, everything.stderr
     deleted = {"meter_flushes": 0, "usage_reports": 1, "audit_denials": 0, "stripe_events": 1}
+    deleted |= {"usage_hours": 0, "usage_key_hours": 0, "usage_days": 0, "usage_key_days": 0}
     assert everything.json() == {"deleted": deleted, "kept": ["audit_log"]}
     async with pool.acquire() as conn:
         assert await present(conn, old) == {"audit_log"}
         assert await present(conn, recent) == {"usage_reports", "audit_log", "stripe_events"}
     too_short = await asyncio.to_thread(run_cli, "prune", "stripe-events", "--older-than", "1d", database_url=url)
     assert too_short.code == 1 and "at least 3d" in too_short.stderr and "\n" not in too_short.stderr.strip()
+
+
+async def plant_buckets(conn, org_id, age: timedelta) -> None:
+    """One bucket in each usage-history table, `age` old."""
+    at = datetime.now(UTC) - age
+    key_id = uuid.uuid4()
+    await conn.execute(
+        "INSERT INTO driftlock.usage_hours (org_id, period_start, hour, product, units) VALUES ($1, $2, $2, 's', 1)",
+        org_id,
+        at,
+    )
+    await conn.execute(
+        """INSERT INTO driftlock.usage_key_hours (org_id, period_start, hour, key_id, product, units)
+           VALUES ($1, $2, $2, $3, 's', 1)""",
+        org_id,
+        at,
+        key_id,
+    )
+    await conn.execute(
+        "INSERT INTO driftlock.usage_days (org_id, day, product, units) VALUES ($1, $2, 's', 1)", org_id, at
+    )
+    await conn.execute(
+        "INSERT INTO driftlock.usage_key_days (org_id, day, key_id, product, units) VALUES ($1, $2, $3, 's', 1)",
+        org_id,
+        at,
+        key_id,
+    )
+
+
+async def bucket_counts(conn, org_id) -> dict[str, int]:
+    return {
+        table: await conn.fetchval(f"SELECT count(*) FROM driftlock.{table} WHERE org_id = $1", org_id)
+        for table in ("usage_hours", "usage_key_hours", "usage_days", "usage_key_days")
+    }
+
+
+async def test_usage_history_keeps_hours_90_days_and_days_2_years_by_default(retention_db):
+    url, pool = retention_db
+    defaults = Settings()
+    async with pool.acquire() as conn:
+        org = await orgs.create_org(conn, "History retention")
+        for age in (timedelta(days=10), timedelta(days=100), timedelta(days=800)):
+            await plant_buckets(conn, org.id, age)
+    keep = retention.usage_history_retentions(defaults.retention_usage_hours, defaults.retention_usage_days)
+    deleted = await retention.Pruner(pool, keep, interval=3600, replica="r", batch=1).run_once()
+    assert deleted == {"usage_hours": 2, "usage_key_hours": 2, "usage_days": 1, "usage_key_days": 1}
+    async with pool.acquire() as conn:
+        assert await bucket_counts(conn, org.id) == {
+            "usage_hours": 1,
+            "usage_key_hours": 1,
+            "usage_days": 2,
+            "usage_key_days": 2,
+        }
+    # `prune all` follows the settings too.
+    shorter = {"DRIFTLOCK_RETENTION_USAGE_HOURS": "5d", "DRIFTLOCK_RETENTION_USAGE_DAYS": "90d"}
+    pruned = await asyncio.to_thread(run_cli, "prune", "all", "--json", database_url=url, env=shorter)
+    assert pruned.code == 0, pruned.stderr
+    assert {k: v for k, v in pruned.json()["deleted"].items() if "usage_" in k and "reports" not in k} == {
+        "usage_hours": 1,
+        "usage_key_hours": 1,
+        "usage_days": 1,
+        "usage_key_days": 1,
+    }
