@@ -95,6 +95,14 @@ async def usage_history_command(
     out.result(document, text)
 
 
+async def units_this_period(conn: db.Connection, org_id: uuid.UUID, found: list[api_keys.ApiKey]) -> dict[str, int]:
+    """Each key's billable units in its organisation's current billing period (for `keys list`)."""
+    if not found:
+        return {}
+    period = (await orgs.get_org(conn, org_id)).billing_period(datetime.now(UTC))
+    return await usage_history.units_of_keys(conn, [key.id for key in found], period.start)
+
+
 async def keys_usage_command(args: argparse.Namespace, settings: Settings, out: Printer, with_db: WithDb) -> None:
     async def read(conn: db.Connection) -> usage_history.KeyUsage:
         key = await api_keys.get_key(conn, args.key_id)

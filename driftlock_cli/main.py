@@ -248,9 +248,14 @@ async def cmd_keys_create(args: argparse.Namespace, settings: Settings, out: Pri
 
 
 async def cmd_keys_list(args: argparse.Namespace, settings: Settings, out: Printer) -> None:
-    found = await _with_db(settings, lambda conn: api_keys.list_keys(conn, args.org))
-    rows = [key.as_dict() for key in found]
+    async def read(conn: db.Connection) -> tuple[list[api_keys.ApiKey], dict[str, int]]:
+        found = await api_keys.list_keys(conn, args.org)
+        return found, await history_commands.units_this_period(conn, args.org, found)
+
+    found, units = await _with_db(settings, read)
+    rows = [{**key.as_dict(), "billable_units_this_period": units.get(str(key.id), 0)} for key in found]
     columns = ["id", "prefix", "name", "environment", "scopes", "expires_at", "revoked_at", "created_at"]
+    columns.append("billable_units_this_period")
     out.result({"org_id": args.org, "keys": rows}, table(rows, columns))
 
 

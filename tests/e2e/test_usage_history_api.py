@@ -77,6 +77,8 @@ async def test_history_adds_up_to_usage_per_product_key_and_day(gateway, api, po
     mine = ok(await api.call("GET", f"/v1/keys/{key['id']}/usage"))
     assert (mine["key_id"], mine["billable_units"], mine["requests"]) == (key["id"], "3", "3")
     assert mine["period_start"] == usage["period_start"]
+    listed = ok(await api.call("GET", f"/v1/orgs/{org['id']}/keys"))["keys"]
+    assert [(k["id"], k["billable_units_this_period"]) for k in listed] == [(key["id"], "3")]
 
 
 async def test_the_audit_shows_who_revoked_a_key_and_the_denials_that_followed(gateway, api, admin_secret):

@@ -74,6 +74,8 @@ async def test_usage_history_csv_and_json_agree_and_add_up_to_the_counters(cli, 
     table = cli("usage", "history", org["id"])
     assert table.code == 0 and "6 billable units" in table.stdout
 
+    listed = cli("keys", "list", "--org", org["id"], "--json").json()["keys"]
+    assert [(k["id"], k["billable_units_this_period"]) for k in listed] == [(key["id"], 6)]
     usage = cli("keys", "usage", key["id"], "--json").json()
     assert (usage["key_id"], usage["billable_units"], usage["refunded_units"], usage["requests"]) == (
         key["id"],
