@@ -1,8 +1,11 @@
 """Usage history (hour and day buckets) against real PostgreSQL: written by the meter's flush with the counters,
 so a period's buckets add up to its counters through refunds, lost acknowledgements, spills and restarts."""
 
+import json
+import re
 import uuid
 from datetime import UTC, datetime
+from pathlib import Path
 
 from authz_service.check.decision import PlanLimits
 from authz_service.usage.meter_store import MeterStore
@@ -162,3 +165,38 @@ async def test_denials_alone_are_flushed(pool, make_org):
         org.id,
     )
     assert dict(row) == {"denied_access": 1, "denied_payment": 1, "denied_quota": 1, "denied_rate": 1, "units": 0}
+
+
+DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "dashboards" / "driftlock-usage-history.json"
+
+
+def grafana_sql(sql: str, org_id: str) -> str:
+    """A panel's SQL as Grafana would send it (its macros expanded) for this organisation and the last 40 days."""
+    sql = sql.replace("${org_id}", org_id)
+    return re.sub(r"\$__timeFilter\(([a-z_.]+)\)", r"\1 >= now() - interval '40 days'", sql)
+
+
+async def test_the_grafana_panels_read_what_the_api_reads(pool, make_org):
+    org = await make_org()
+    org_id = str(org.id)
+    meter = new_meter(pool)
+    now = datetime.now(UTC).timestamp()
+    ids = await serve(meter, org_id, str(uuid.uuid4()), "stream", now, 3)
+    await serve(meter, org_id, str(uuid.uuid4()), "monitor", now, 2)
+    meter.refund(Refund(ids[0], org_id, PERIOD.start, "stream", 1, "status_5xx"))
+    await flush_all(meter)
+    dashboard = json.loads(DASHBOARD.read_text())
+    (variable,) = dashboard["templating"]["list"]
+    choices = await pool.fetch(variable["query"])
+    assert org_id in {row["__value"] for row in choices}
+    answers = {}
+    for panel in dashboard["panels"]:
+        (target,) = panel["targets"]
+        answers[panel["title"]] = await pool.fetch(grafana_sql(target["rawSql"], org_id))
+    # What is billed and what the hour buckets show agree, net of the refund.
+    assert answers["Billable units this period (usage counters)"][0]["units"] == 4
+    assert answers["Billable units this period (sum of hour buckets)"][0]["units"] == 4
+    assert answers["Refunded units this period"][0]["units"] == 1
+    per_product = {row["metric"]: row["value"] for row in answers["Billable units per hour, by product"]}
+    assert per_product == {"stream": 2, "monitor": 2}
+    assert sum(row["billable_units"] for row in answers["Keys by billable units in range"]) == 4
