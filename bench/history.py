@@ -23,7 +23,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-from bench.harness import Fixture, metric_total, run, start_authz, start_backend, start_edge
+from bench.harness import Fixture, cpu_seconds, metric_total, run, start_authz, start_backend, start_edge
 from driftlock_kernel import db, migrate, usage_history
 from driftlock_kernel.usage_history import Granularity, GroupBy
 
@@ -47,6 +47,9 @@ async def bench_history_throughput(fixture: Fixture, seconds: float, rounds: int
     off, off_port, _ = await start_authz(fixture, "authz-history-off", DRIFTLOCK_USAGE_ROLLUPS="false")
     children = [backend, on, off]
     results: dict[str, list[float]] = {"on": [], "off": []}
+    # authz's CPU time per request: steadier than throughput on a shared machine.
+    cpu_per_request: dict[str, list[float]] = {"on": [], "off": []}
+    processes = {"on": on, "off": off}
     try:
         edges = {}
         for label, authz_port in (("on", on_port), ("off", off_port)):
@@ -59,6 +62,7 @@ async def bench_history_throughput(fixture: Fixture, seconds: float, rounds: int
         counted_before = await metric_total(on_metrics, "driftlock_authz_checks", decision="allow")
         for _ in range(rounds):
             for label in ("on", "off"):
+                cpu_before = cpu_seconds(processes[label].process.pid)
                 output = await run(
                     [
                         "wrk",
@@ -80,6 +84,10 @@ async def bench_history_throughput(fixture: Fixture, seconds: float, rounds: int
                 if non_2xx:
                     raise RuntimeError(f"wrk saw {non_2xx.group(1)} failed responses with the history {label}")
                 results[label].append(float(rps.group(1)))
+                total = re.search(r"(\d+) requests in", output)
+                if total is not None and int(total.group(1)):
+                    cpu = cpu_seconds(processes[label].process.pid) - cpu_before
+                    cpu_per_request[label].append(cpu / int(total.group(1)))
         await asyncio.sleep(2.5)  # the flush loop runs every second: let the last one land
         served_on = await metric_total(on_metrics, "driftlock_authz_checks", decision="allow") - counted_before
         grown = await _history_rows(fixture.url) - rows_before
@@ -87,9 +95,12 @@ async def bench_history_throughput(fixture: Fixture, seconds: float, rounds: int
         for child in reversed(children):
             await child.stop()
     on_rps, off_rps = statistics.median(results["on"]), statistics.median(results["off"])
+    on_cpu, off_cpu = statistics.median(cpu_per_request["on"]), statistics.median(cpu_per_request["off"])
     return [
         ("history", "Envoy + authz, usage history on", f"{on_rps:,.0f} req/s", f"{on_rps / off_rps:.3f}x off"),
         ("history", "Envoy + authz, usage history off", f"{off_rps:,.0f} req/s", "1.000x"),
+        ("history", "  authz CPU per request, history on", f"{on_cpu * 1e6:.0f} µs", f"{off_cpu / on_cpu:.3f}x off's"),
+        ("history", "  authz CPU per request, history off", f"{off_cpu * 1e6:.0f} µs", "1.000x"),
         (
             "history",
             "history rows per 100,000 requests",
