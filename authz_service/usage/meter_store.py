@@ -442,9 +442,11 @@ def spill(batches: list[Batch], directory: Path, path: Path | None = None) -> Pa
                 [r.request_id, r.org_id, r.period_start.isoformat(), r.product, r.units] for r in batch.reports
             ],
             "refunds": [
-                [f.request_id, f.org_id, f.period_start.isoformat(), f.product, f.units, f.reason, f.key_id, f.hour]
+                [f.request_id, f.org_id, f.period_start.isoformat(), f.product, f.units, f.reason]
                 for f in batch.refunds
             ],
+            # Apart from "refunds", whose shape a previous version reads: its bucket, aligned with each refund.
+            "refund_buckets": [[f.key_id, f.hour] for f in batch.refunds],
             "rollup": [[k[0], k[1].isoformat(), k[2], k[3], k[4], *v] for k, v in batch.rollup.items()],
         }
         for batch in batches
@@ -475,9 +477,13 @@ def _batches(document: object) -> list[Batch]:
                 for rid, o, p, product, units in item["reports"]
             ],
             [
-                # Spill files written before refunds existed have none; before usage history, no key and hour.
-                Refund(rid, o, datetime.fromisoformat(p), product, int(units), reason, *_key_and_hour(rest))
-                for rid, o, p, product, units, reason, *rest in item.get("refunds", [])
+                # Spill files written before refunds existed have none; before usage history, no buckets.
+                Refund(rid, o, datetime.fromisoformat(p), product, int(units), reason, *_key_and_hour(bucket))
+                for (rid, o, p, product, units, reason), bucket in zip(
+                    item.get("refunds", []),
+                    _padded(item.get("refund_buckets", []), len(item.get("refunds", []))),
+                    strict=True,
+                )
             ],
             rollup={
                 (o, datetime.fromisoformat(p), int(hour), product, key_id): [int(n) for n in counts]
@@ -489,8 +495,12 @@ def _batches(document: object) -> list[Batch]:
     ]
 
 
-def _key_and_hour(rest: list) -> tuple[str | None, int | None]:
-    key_id, hour = [*rest, None, None][:2]
+def _padded(buckets: list, length: int) -> list:
+    return [*buckets[:length], *([[]] * (length - len(buckets[:length])))]
+
+
+def _key_and_hour(bucket: list) -> tuple[str | None, int | None]:
+    key_id, hour = [*bucket, None, None][:2]
     return (key_id if isinstance(key_id, str) else None, int(hour) if isinstance(hour, int) else None)
 
 
