@@ -81,6 +81,26 @@ async def test_history_adds_up_to_usage_per_product_key_and_day(gateway, api, po
     assert [(k["id"], k["billable_units_this_period"]) for k in listed] == [(key["id"], "3")]
 
 
+async def test_a_call_the_backend_failed_is_refunded_in_the_bucket_of_its_key(gateway, api, pool):
+    org, key, secret = await org_with_key(api)
+    for respond in ("", "", "503"):
+        headers = {"Authorization": f"Bearer {secret}", **({"x-test-respond": respond} if respond else {})}
+        sent = await raw_request(gateway.port, "POST", DETECT, headers, b"{}")
+        assert sent.status == (int(respond) if respond else 200)
+    # Counted by authz, taken back when Envoy's access log reports the 503.
+    await wait_for_usage(pool, uuid.UUID(org["id"]), {"stream": 2})
+
+    async def refund_in_history() -> bool:
+        by_key = ok(await api.call("GET", f"/v1/orgs/{org['id']}/usage/history?group_by=key"))["buckets"]
+        return [(b["key_id"], b["billable_units"], b["refunded_units"], b["requests"]) for b in by_key] == [
+            (key["id"], "2", "1", "3")
+        ]
+
+    # The refund carries the key and hour of its call through Envoy: it lands in that key's bucket, not in the
+    # bucket of units no key made.
+    await eventually(refund_in_history, within=10.0, what="the refund in the key's bucket")
+
+
 async def test_the_audit_shows_who_revoked_a_key_and_the_denials_that_followed(gateway, api, admin_secret):
     org, key, secret = await org_with_key(api)
     assert await detect(gateway, secret) == 200
