@@ -40,12 +40,13 @@ from authz_service.check.key_last_used import LastUsedRecorder
 from authz_service.check.plan_book import PlanBook
 from authz_service.check.shared_rate_limit import SharedRateLimiter
 from authz_service.management.admin_api import AdminGate
+from authz_service.management.history_api import UsageHistoryServicer
 from authz_service.management.management_api import KeyServicer, OrganizationServicer, PublicKeyServicer
 from authz_service.management.usage_api import UsageServicer
 from authz_service.usage import spill_dirs
 from authz_service.usage.access_log import AccessLogServicer
 from authz_service.usage.alerts import AlertNotifier
-from driftlock_api.management.v1 import jwks_pb2_grpc, keys_pb2_grpc, orgs_pb2_grpc
+from driftlock_api.management.v1 import history_pb2_grpc, jwks_pb2_grpc, keys_pb2_grpc, orgs_pb2_grpc
 from driftlock_api.usage.v1 import usage_pb2_grpc
 from driftlock_kernel import context_keys, db
 from driftlock_kernel.background import BackgroundTask
@@ -67,6 +68,7 @@ MANAGEMENT_SERVICES = (
     "driftlock.management.v1.KeyService",
     "driftlock.management.v1.OrganizationService",
     "driftlock.management.v1.PublicKeyService",
+    "driftlock.management.v1.UsageHistoryService",  # usage history and the audit log (issue 18)
 )
 # What the health service answers for: the whole server ("") and each service on it.
 HEALTH_SERVICES = ("", AUTHORIZATION_SERVICE, USAGE_SERVICE, *MANAGEMENT_SERVICES)
@@ -283,6 +285,8 @@ class AuthzService:
         keys_pb2_grpc.add_KeyServiceServicer_to_server(KeyServicer(pool, gate), server)
         orgs_pb2_grpc.add_OrganizationServiceServicer_to_server(OrganizationServicer(pool, gate), server)
         jwks_pb2_grpc.add_PublicKeyServiceServicer_to_server(PublicKeyServicer(startup.keys), server)
+        # Usage history and the audit log, read from the database (what the meter's flush wrote).
+        history_pb2_grpc.add_UsageHistoryServiceServicer_to_server(UsageHistoryServicer(pool, gate), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         self.address = f"{settings.authz_host}:{settings.authz_port}"
         _check_can_listen(settings.authz_host, settings.authz_port)

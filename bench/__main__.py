@@ -18,6 +18,8 @@
 - latency: added latency through Envoy at a fixed 1,000 req/s, open loop (bench/latency.py; needs `go`).
 - cold:   first use of 10,000 keys, floods of unknown keys, the negative cache's bound (bench/cold.py).
 - memory: authz's RSS with 100,000 keys cached (bench/memory.py).
+- history: the usage history on vs off through Envoy, its rows per 100,000 requests, and a 30-day history query
+          on a seeded PostgreSQL 15 (bench/history.py).
 
 Each pair runs `--rounds` times, interleaved (A B A B ...); the table shows medians and the ratio.
 Needs `wrk` and `h2load` for the last two (Debian: apt-get install wrk nghttp2-client).
@@ -53,6 +55,7 @@ from bench.harness import (
     start_edge,
     table,
 )
+from bench.history import bench_history
 from bench.latency import bench_latency, go_missing
 from bench.memory import bench_memory
 from bench.workers import bench_workers
@@ -391,7 +394,7 @@ async def main() -> None:
     parser.add_argument(
         "--only",
         default="inproc,caps,grpc,edge,redis,workers",
-        help="any of inproc,caps,grpc,edge,redis,flood,workers,latency,cold,memory",
+        help="any of inproc,caps,grpc,edge,redis,flood,workers,latency,cold,memory,history",
     )
     parser.add_argument(
         "--runs",
@@ -401,7 +404,13 @@ async def main() -> None:
     )
     args = parser.parse_args()
     wanted = set(args.only.split(","))
-    for tool, part in (("h2load", "grpc"), ("wrk", "edge"), ("wrk", "flood"), ("h2load", "workers")):
+    for tool, part in (
+        ("h2load", "grpc"),
+        ("wrk", "edge"),
+        ("wrk", "flood"),
+        ("h2load", "workers"),
+        ("wrk", "history"),
+    ):
         if part in wanted and shutil.which(tool) is None:
             print(f"skipping {part}: {tool} is not installed (apt-get install wrk nghttp2-client)")
             wanted.discard(part)
@@ -452,6 +461,9 @@ async def run_parts(wanted: set[str], args: argparse.Namespace) -> None:
                 print(table(rows), flush=True)  # so far: a later part that fails keeps what was measured
             if "memory" in wanted:
                 rows += await bench_memory(fixture)
+                print(table(rows), flush=True)  # so far: a later part that fails keeps what was measured
+            if "history" in wanted:
+                rows += await bench_history(fixture, args.seconds, args.rounds)
                 print(table(rows), flush=True)  # so far: a later part that fails keeps what was measured
     print(f"\n{os.cpu_count()} CPUs; {args.rounds} interleaved rounds of {args.seconds:.0f}s per pair\n")
     print(table(rows))

@@ -8,13 +8,14 @@ import argparse
 import asyncio
 import sys
 import traceback
+import uuid
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from typing import Any, NoReturn
 
 import asyncpg
 
-from driftlock_cli import arguments, doctor, management_commands, retention_commands, webhook_commands
+from driftlock_cli import arguments, doctor, history_commands, management_commands, retention_commands, webhook_commands
 from driftlock_cli.output import Printer, fields, table, text_value
 from driftlock_kernel import admin_audit, api_keys, db, keys, migrate, orgs, plans, usage
 from driftlock_kernel.billing import FREE_PLAN, Overage
@@ -209,9 +210,14 @@ async def cmd_keys_create(args: argparse.Namespace, settings: Settings, out: Pri
 
 
 async def cmd_keys_list(args: argparse.Namespace, settings: Settings, out: Printer) -> None:
-    found = await _with_db(settings, lambda conn: api_keys.list_keys(conn, args.org))
-    rows = [key.as_dict() for key in found]
+    async def read(conn: db.Connection) -> tuple[list[api_keys.ApiKey], dict[str, int]]:
+        found = await api_keys.list_keys(conn, args.org)
+        return found, await history_commands.units_this_period(conn, args.org, found)
+
+    found, units = await _with_db(settings, read)
+    rows = [{**key.as_dict(), "billable_units_this_period": units.get(str(key.id), 0)} for key in found]
     columns = ["id", "prefix", "name", "environment", "scopes", "expires_at", "revoked_at", "created_at"]
+    columns.append("billable_units_this_period")
     out.result({"org_id": args.org, "keys": rows}, table(rows, columns))
 
 
@@ -221,6 +227,11 @@ async def cmd_keys_revoke(args: argparse.Namespace, settings: Settings, out: Pri
 
 
 async def cmd_usage(args: argparse.Namespace, settings: Settings, out: Printer) -> None:
+    if args.org_id == history_commands.USAGE_HISTORY:
+        await history_commands.usage_history_command(args, settings, out, _with_db, args.history_org_id)
+        return
+    if args.history_org_id is not None:
+        raise CliError(f"unexpected argument {args.history_org_id!r}: usage ORG_ID, or usage history ORG_ID")
     report = await _with_db(
         settings,
         lambda conn: usage.org_usage(
@@ -235,6 +246,20 @@ async def cmd_usage(args: argparse.Namespace, settings: Settings, out: Printer) 
         + f"\n  {'total':<8} {used['total']} of {report.included} included ({report.ratio:.1%})"
     )
     out.result(report.as_dict(), text)
+
+
+def _org_id_or_history(text: str) -> uuid.UUID | str:
+    if text == history_commands.USAGE_HISTORY:
+        return text
+    return arguments.org_id(text)
+
+
+async def cmd_keys_usage(args: argparse.Namespace, settings: Settings, out: Printer) -> None:
+    await history_commands.keys_usage_command(args, settings, out, _with_db)
+
+
+async def cmd_audit_list(args: argparse.Namespace, settings: Settings, out: Printer) -> None:
+    await history_commands.audit_list_command(args, settings, out, _with_db)
 
 
 async def cmd_alerts_list(args: argparse.Namespace, settings: Settings, out: Printer) -> None:
@@ -381,9 +406,13 @@ def build_parser() -> argparse.ArgumentParser:
     leaf(keys_group, "revoke", cmd_keys_revoke, "revoke a key on every authz replica").add_argument(
         "key_id", type=arguments.key_id
     )
+    leaf(keys_group, "usage", cmd_keys_usage, "a key's usage this billing period").add_argument(
+        "key_id", type=arguments.key_id
+    )
 
     usage_command = leaf(commands, "usage", cmd_usage, "usage of a billing period, pooled over products")
-    usage_command.add_argument("org_id", type=arguments.org_id)
+    usage_command.add_argument("org_id", type=_org_id_or_history, metavar="ORG_ID | history ORG_ID")
+    history_commands.add_history_arguments(usage_command)  # usage history
     usage_command.add_argument(
         "--period",
         choices=[str(w) for w in usage.Which],
@@ -399,6 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     audit_group = commands.add_parser("audit", help="the audit log").add_subparsers(
         dest="audit_command", metavar="ACTION", required=True
     )
+    history_commands.add_audit_list(audit_group, leaf, cmd_audit_list)
     leaf(audit_group, "prune", cmd_audit_prune, "delete audit entries older than a given age").add_argument(
         "--older-than", type=arguments.duration, required=True, metavar="DURATION", help="e.g. 90d"
     )

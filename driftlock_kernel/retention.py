@@ -7,6 +7,8 @@
 | audit_log | 90 days | who called what, denials of known keys and a sample of allows |
 | audit_denials | 90 days | denials that name no known key, counted per minute, client address and code |
 | stripe_events | 90 days (at least 3) | a delivery Stripe retries (up to three days) is found and not applied twice |
+| usage_hours | 90 days | usage history in hour buckets (per organisation and product, and per key) |
+| usage_days | 2 years | usage history in day buckets, for the long view |
 
 Deduplication therefore holds for as long as a table keeps its rows; every retention is far longer than any
 retry. `deferred` Stripe events wait for their organisation and are never pruned. Each batch is one DELETE of
@@ -72,12 +74,31 @@ TABLES: dict[str, PrunedTable] = {
             keep_condition="outcome = 'deferred'",
             minimum=timedelta(days=3),
         ),
+        # Usage history (migration 0011): each name prunes two tables, the organisation's buckets and the keys'.
+        # Their keys are composite; a row's ctid names it within the one statement that selects and deletes it.
+        PrunedTable("usage_hours", "driftlock.usage_hours", "hour", "ctid"),
+        PrunedTable("usage_key_hours", "driftlock.usage_key_hours", "hour", "ctid"),
+        PrunedTable("usage_days", "driftlock.usage_days", "day", "ctid"),
+        PrunedTable("usage_key_days", "driftlock.usage_key_days", "day", "ctid"),
     )
+}
+# The retention setting each bucket table follows (the key tables keep what the organisation's tables keep).
+USAGE_HISTORY_RETENTION = {
+    "usage_hours": "usage_hours",
+    "usage_key_hours": "usage_hours",
+    "usage_days": "usage_days",
+    "usage_key_days": "usage_days",
 }
 
 
+def usage_history_retentions(hours: timedelta | None, days: timedelta | None) -> dict[str, timedelta | None]:
+    """The retention of each usage-history table, from the two settings (hour buckets, day buckets)."""
+    by_setting = {"usage_hours": hours, "usage_days": days}
+    return {table: by_setting[setting] for table, setting in USAGE_HISTORY_RETENTION.items()}
+
+
 # Who prunes what: the service that writes the table.
-AUTHZ_TABLES = ("meter_flushes", "usage_reports", "audit_log", "audit_denials")
+AUTHZ_TABLES = ("meter_flushes", "usage_reports", "audit_log", "audit_denials", *USAGE_HISTORY_RETENTION)
 WEBHOOK_TABLES = ("stripe_events",)
 
 
@@ -89,6 +110,7 @@ def configured_retentions(settings: Settings) -> dict[str, timedelta | None]:
         "audit_log": settings.retention_audit_log,
         "audit_denials": settings.retention_audit_denials,
         "stripe_events": settings.retention_stripe_events,
+        **usage_history_retentions(settings.retention_usage_hours, settings.retention_usage_days),
     }
 
 

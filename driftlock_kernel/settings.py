@@ -453,6 +453,10 @@ class Settings:
     refund_failed_calls: bool = setting(
         METERING, "DRIFTLOCK_REFUND_FAILED_CALLS", True, boolean, "refund billable calls the backend failed"
     )
+    # Off only to measure what the usage history costs (the bench's side-by-side run).
+    usage_rollups: bool = setting(
+        METERING, "DRIFTLOCK_USAGE_ROLLUPS", True, boolean, "write the usage history's hour and day buckets"
+    )
 
     # --- usage alerts ---
     alert_webhook_url: str | None = setting(
@@ -568,6 +572,21 @@ class Settings:
         timedelta(days=90),
         retention(minimum=timedelta(days=3), why="Stripe retries a delivery for up to three days"),
         "how long Stripe event ids are kept",
+    )
+    # The usage history's buckets (the contract: at least 90 days of hours and 2 years of days by default).
+    retention_usage_hours: timedelta | None = setting(
+        RETENTION,
+        "DRIFTLOCK_RETENTION_USAGE_HOURS",
+        timedelta(days=90),
+        RETENTION_ONE_DAY,
+        "how long hour buckets stay",
+    )
+    retention_usage_days: timedelta | None = setting(
+        RETENTION,
+        "DRIFTLOCK_RETENTION_USAGE_DAYS",
+        timedelta(days=730),
+        RETENTION_ONE_DAY,
+        "how long day buckets stay",
     )
     prune_interval_seconds: float = setting(
         RETENTION, "DRIFTLOCK_PRUNE_INTERVAL_SECONDS", 3600.0, SECONDS, "how often one replica prunes (0: never)"

@@ -96,7 +96,7 @@ def database_parts(
     store = grant_store(database_fetch(pool, timeout=settings.database_lookup_timeout_seconds), settings)
     meter = Meter(
         UsageLedger(stale_after=settings.usage_refresh_seconds),
-        MeterStore(pool, replica=replica),
+        MeterStore(pool, replica=replica, rollups=settings.usage_rollups),  # with the usage history
         flush_interval=settings.meter_flush_interval_seconds,
         load_timeout=settings.database_lookup_timeout_seconds,
         org_labels=settings.org_id_metric_labels,

@@ -46,6 +46,7 @@ from authz_service.check.plan_book import PlanBook
 from authz_service.check.rate_limit import RateLimiter, RateVerdict, SharedLimits
 from authz_service.usage.metering import Meter, Reserved
 from authz_service.usage.refunds import NO_TERMS, REFUNDS_PENDING_RETRY_AFTER, BilledUsage, Terms
+from authz_service.usage.rollups import hour_of
 from authz_service.usage.usage_ledger import UsageKey
 from driftlock_kernel.billing import DEFAULT_POLICY, BillingPolicy, effective_plan
 from driftlock_kernel.caches import LruCache
@@ -152,7 +153,19 @@ class Authorizer:
         outcome = await self._decide(request)
         if self._audit is not None and (not outcome.decision.allowed or self._audit.wants_allow()):
             self._audit.add(_audit_entry(request, outcome))
+        if not outcome.decision.allowed and outcome.grant is not None:
+            self._count_denial(outcome)
         return outcome
+
+    def _count_denial(self, outcome: CheckOutcome) -> None:
+        """A live key's refused check, in its organisation's usage history (test keys' are not in it)."""
+        grant, code = outcome.grant, outcome.decision.code
+        if grant is None or code is None or grant.environment is Environment.TEST:
+            return
+        now = self._clock()
+        period = self._periods.period(grant.period_start, grant.period_end, now)
+        product = (outcome.route.product or "") if outcome.route is not None else ""
+        self._meter.denied((grant.org_id, period.start), now, product, grant.key_id, code.value)
 
     async def _decide(self, request: AccessRequest) -> CheckOutcome:
         # route
@@ -276,9 +289,12 @@ class Authorizer:
         self, request: AccessRequest, route: Route, grant: Grant, plan: PlanLimits, now: float, rate: RateVerdict | None
     ) -> CheckOutcome:
         period = self._periods.period(grant.period_start, grant.period_end, now)
-        # The terms this unit is used under, recorded with it: it is reported to this meter and customer.
+        # The terms this unit is used under, recorded with it: it is reported to this meter and customer; the key
+        # and hour are its usage-history bucket (where a refund of it lands).
         terms = Terms(plan.name, plan.stripe_meter or "", grant.stripe_customer or "")
-        usage = BilledUsage(grant.org_id, period.start, route.product or "", route.units, terms)
+        usage = BilledUsage(
+            grant.org_id, period.start, route.product or "", route.units, terms, key_id=grant.key_id, hour=hour_of(now)
+        )
         if self._meter.counted_already(request.request_id):
             # The same request checked again (an Envoy retry): it was decided and counted the first time.
             metrics.METER_DUPLICATE_REQUESTS.inc()
@@ -339,7 +355,17 @@ class Authorizer:
         cap = reservation_cap(limits, used, route.units, self._exact_margin)
         terms = usage.terms if usage is not None else NO_TERMS
         if cap is None:
-            meter.record(request.request_id, usage_key, product, route.units, limits, period.end, terms)
+            meter.record(
+                request.request_id,
+                usage_key,
+                product,
+                route.units,
+                limits,
+                period.end,
+                terms,
+                key_id=grant.key_id,
+                at=now,
+            )
             return CheckOutcome(ALLOW, grant, route, billed=billed, plan=plan_name, rate=rate, usage=usage)
         # Near the cap: what the other replicas counted since this one last read may be all that is left, so the
         # database decides, atomically, before the call is allowed.
@@ -349,7 +375,17 @@ class Authorizer:
             if timeout <= 0:
                 return CheckOutcome(DENY_UNAVAILABLE, grant, route, plan=plan_name, rate=rate)
         reserved = await meter.reserve(
-            request.request_id, usage_key, product, route.units, limits, period.end, cap, timeout, terms
+            request.request_id,
+            usage_key,
+            product,
+            route.units,
+            limits,
+            period.end,
+            cap,
+            timeout,
+            terms,
+            key_id=grant.key_id,
+            at=now,
         )
         if reserved is Reserved.REFUSED:
             refused = quota_exceeded(now, period.end.timestamp())

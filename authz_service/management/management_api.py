@@ -6,6 +6,7 @@ log in the transaction that makes it. Revocations, scope changes, suspensions an
 authz replica through the tables' NOTIFY triggers, as a change made in SQL does.
 """
 
+import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -17,7 +18,7 @@ from google.protobuf.struct_pb2 import Struct
 
 from authz_service.management.admin_api import AdminGate, ApiError, Call, invalid, parse_uuid, timestamp
 from driftlock_api.management.v1 import jwks_pb2, jwks_pb2_grpc, keys_pb2, keys_pb2_grpc, orgs_pb2, orgs_pb2_grpc
-from driftlock_kernel import api_keys, db, orgs, paging, usage
+from driftlock_kernel import api_keys, db, orgs, paging, usage, usage_history
 from driftlock_kernel.billing import FREE_PLAN
 from driftlock_kernel.context_keys import ContextKeys
 from driftlock_kernel.keys import ALL_SCOPES, Environment, Scope, parse_scopes
@@ -66,6 +67,14 @@ def _page(page_size: int, page_token: str) -> tuple[int, paging.Cursor | None]:
         return paging.page_size(page_size), paging.Cursor.from_token(page_token) if page_token else None
     except ValueError as error:
         raise invalid(str(error)) from None
+
+
+async def _units_this_period(conn: db.Connection, org_id: uuid.UUID, found: list[api_keys.ApiKey]) -> dict[str, int]:
+    """Each listed key's billable units this period (usage history, issue 18)."""
+    if not found:
+        return {}
+    period = (await orgs.get_org(conn, org_id)).billing_period(datetime.now(UTC))
+    return await usage_history.units_of_keys(conn, [key.id for key in found], period.start)
 
 
 def api_key_message(key: api_keys.ApiKey) -> keys_pb2.ApiKey:
@@ -179,9 +188,11 @@ class KeyServicer(keys_pb2_grpc.KeyServiceServicer):
             size, after = _page(request.page_size, request.page_token)
             async with self._pool.acquire() as conn:
                 found, cursor = await api_keys.list_keys_page(conn, org_id, limit=size, after=after)
-            return keys_pb2.ListKeysResponse(
-                keys=[api_key_message(key) for key in found], next_page_token=cursor.token() if cursor else ""
-            )
+                units = await _units_this_period(conn, org_id, found)
+            messages = [api_key_message(key) for key in found]
+            for message in messages:
+                message.billable_units_this_period = units.get(message.id, 0)
+            return keys_pb2.ListKeysResponse(keys=messages, next_page_token=cursor.token() if cursor else "")
 
         return await self._gate.run(context, "keys.list", list_page)
 

@@ -6,12 +6,14 @@ import os
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 import asyncpg
 
 from authz_service.usage.refunds import NO_TERMS, Refund, Terms
+from authz_service.usage.rollups import NIL_KEY
+from authz_service.usage.rollups import WIDTH as ROLLUP_WIDTH
 from authz_service.usage.usage_ledger import Batch, Report, UsageKey
 from driftlock_kernel import db
 
@@ -64,7 +66,7 @@ refunded AS (
          AS f(request_id, org_id, period_start, product, plan_name, stripe_meter, stripe_customer_id, units, reason)
     WHERE EXISTS (SELECT 1 FROM driftlock.organizations o WHERE o.id = f.org_id)
     ON CONFLICT (request_id) DO NOTHING
-    RETURNING org_id, period_start, product, plan_name, stripe_meter, stripe_customer_id, units
+    RETURNING request_id, org_id, period_start, product, plan_name, stripe_meter, stripe_customer_id, units
 ),
 deltas AS (
     SELECT org_id, period_start, product, plan_name, stripe_meter, stripe_customer_id, sum(units)::bigint AS units
@@ -92,6 +94,7 @@ upserted AS (
         DO UPDATE SET units = u.units + EXCLUDED.units, updated_at = now()
     RETURNING u.org_id, u.period_start, u.product, u.plan_name, u.stripe_meter, u.stripe_customer_id, u.units
 ),
+{ROLLUPS}
 touched AS (
     SELECT org_id, period_start FROM unnest($4::uuid[], $5::timestamptz[]) AS t(org_id, period_start)
     UNION
@@ -116,6 +119,91 @@ SELECT EXISTS (SELECT 1 FROM flush) AS applied, t.org_id::text AS org_id, t.peri
 FROM touched t LEFT JOIN totals x USING (org_id, period_start)
 GROUP BY t.org_id, t.period_start
 """
+
+# Usage history (migration 0011): the four bucket tables, each upserted from `rolled` (one row per bucket with
+# the columns below), in key order (two replicas flushing the same buckets lock them in the same order), after
+# the counters (so that FLUSH_SQL and RESERVE_SQL lock usage_totals, then counters, then buckets).
+ROLLUP_COUNTS = (
+    "units",
+    "refunded_units",
+    "requests",
+    "denied_access",
+    "denied_payment",
+    "denied_quota",
+    "denied_rate",
+    "denied_unavailable",
+)
+_ROLLUP_TABLES = (
+    ("hours", "driftlock.usage_hours", ("org_id", "hour", "period_start", "product"), "hour"),
+    ("days", "driftlock.usage_days", ("org_id", "day", "product"), "date_trunc('day', hour, 'UTC')"),
+    ("key_hours", "driftlock.usage_key_hours", ("org_id", "hour", "key_id", "period_start", "product"), "hour"),
+    ("key_days", "driftlock.usage_key_days", ("org_id", "day", "key_id", "product"), "date_trunc('day', hour, 'UTC')"),
+)
+
+
+def _rollup_upserts() -> str:
+    counts = ", ".join(ROLLUP_COUNTS)
+    sums = ", ".join(f"sum({c})::bigint" for c in ROLLUP_COUNTS)
+    adds = ", ".join(f"{c} = b.{c} + EXCLUDED.{c}" for c in ROLLUP_COUNTS)
+    parts = []
+    for name, table, key, time_expression in _ROLLUP_TABLES:
+        columns = ", ".join(key)
+        selected = ", ".join(time_expression if c in ("hour", "day") else c for c in key)
+        positions = ", ".join(str(i + 1) for i in range(len(key)))
+        parts.append(
+            f"""rollup_{name} AS (
+    INSERT INTO {table} AS b ({columns}, {counts})
+    SELECT {selected}, {sums} FROM rolled
+    GROUP BY {positions} ORDER BY {positions}
+    ON CONFLICT ({columns}) DO UPDATE SET {adds}
+    RETURNING 1
+),"""
+        )
+    return "\n".join(parts)
+
+
+# The flush's buckets: what the batch counted (only when the flush is applied, like its counters), the refunds
+# and reports the statement applied (in the bucket of the call refunded, when known; a report in the hour it is
+# stored), all after the counters. $42: rollups on (off only in the bench's side-by-side run).
+_FLUSH_ROLLED = """rolled AS (
+    SELECT b.org_id, b.period_start, b.hour, b.product, {key_b} AS key_id, b.units, 0::bigint AS refunded_units,
+           b.requests, b.denied_access, b.denied_payment, b.denied_quota, b.denied_rate, b.denied_unavailable
+    FROM unnest($28::uuid[], $29::timestamptz[], $30::timestamptz[], $31::text[], $32::text[], $33::bigint[],
+                $34::bigint[], $35::bigint[], $36::bigint[], $37::bigint[], $38::bigint[], $39::bigint[])
+         AS b(org_id, period_start, hour, product, key_id, units, requests, denied_access, denied_payment,
+              denied_quota, denied_rate, denied_unavailable)
+    WHERE EXISTS (SELECT 1 FROM flush)
+      AND EXISTS (SELECT 1 FROM driftlock.organizations o WHERE o.id = b.org_id)
+      AND (SELECT count(*) FROM upserted) >= 0
+    UNION ALL
+    SELECT f.org_id, f.period_start, coalesce(x.hour, date_trunc('hour', now(), 'UTC')), f.product,
+           {key_x}, -f.units, f.units, 0, 0, 0, 0, 0, 0
+    FROM refunded f LEFT JOIN unnest($13::text[], $40::text[], $41::timestamptz[]) AS x(request_id, key_id, hour)
+         USING (request_id)
+    WHERE $42::boolean AND (SELECT count(*) FROM upserted) >= 0
+    UNION ALL
+    SELECT r.org_id, r.period_start, date_trunc('hour', now(), 'UTC'), r.product,
+           '00000000-0000-0000-0000-000000000000'::uuid, r.units, 0, 0, 0, 0, 0, 0, 0
+    FROM reported r
+    WHERE $42::boolean AND (SELECT count(*) FROM upserted) >= 0
+),"""
+
+
+def _key_id(text: str) -> str:
+    """A key id as a uuid, the nil one when there is none or it is not a UUID: a bucket must never make the
+    flush that carries the counters fail."""
+    return (
+        f"(CASE WHEN {text} ~* '^[0-9a-f]{{8}}-[0-9a-f]{{4}}-[0-9a-f]{{4}}-[0-9a-f]{{4}}-[0-9a-f]{{12}}$' "
+        f"THEN {text}::uuid ELSE '{NIL_KEY}'::uuid END)"
+    )
+
+
+FLUSH_SQL = FLUSH_SQL.replace(
+    "{ROLLUPS}",
+    _FLUSH_ROLLED.replace("{key_b}", _key_id("b.key_id")).replace("{key_x}", _key_id("x.key_id"))
+    + "\n"
+    + _rollup_upserts(),
+)
 
 # Near a cap: one unit (or a route's units) counted only if the pooled total stays within the cap, in one
 # statement. The conditional upsert locks the organisation's usage_totals row and re-checks the condition on
@@ -145,11 +233,27 @@ counted AS (
     ON CONFLICT (org_id, period_start, product, plan_name, stripe_meter, stripe_customer_id)
         DO UPDATE SET units = u.units + EXCLUDED.units, updated_at = now()
     RETURNING 1
-)
+),
+{ROLLUPS}
+done AS (SELECT 1)
 SELECT (SELECT units FROM pooled) AS reserved_total, (SELECT count(*) FROM counted) AS counted,
        (SELECT units FROM driftlock.usage_totals WHERE org_id = $3::uuid AND period_start = $4::timestamptz)
            AS seen_total
 """
+
+# A reserved call's bucket ($12 key, $13 hour; $14 rollups on), written only when its units were counted.
+_RESERVE_ROLLED = """rolled AS (
+    SELECT $3::uuid AS org_id, $4::timestamptz AS period_start, $13::timestamptz AS hour, $5::text AS product,
+           {key_9} AS key_id, $6::bigint AS units,
+           0::bigint AS refunded_units, 1::bigint AS requests, 0::bigint AS denied_access,
+           0::bigint AS denied_payment, 0::bigint AS denied_quota, 0::bigint AS denied_rate,
+           0::bigint AS denied_unavailable
+    FROM flush
+    WHERE $14::boolean AND (SELECT count(*) FROM counted) >= 0
+),"""
+RESERVE_SQL = RESERVE_SQL.replace(
+    "{ROLLUPS}", _RESERVE_ROLLED.replace("{key_9}", _key_id("$12::text")) + "\n" + _rollup_upserts()
+)
 
 LOAD_SQL = """
 SELECT coalesce((SELECT units FROM driftlock.usage_totals WHERE org_id = $1 AND period_start = $2), 0)::bigint
@@ -223,8 +327,12 @@ def _for(tables: UsageTables, sql: str) -> str:
 
 
 class MeterStore:
-    def __init__(self, pool: asyncpg.Pool, *, replica: str, tables: UsageTables = LIVE_TABLES):
+    def __init__(
+        self, pool: asyncpg.Pool, *, replica: str, tables: UsageTables = LIVE_TABLES, rollups: bool | None = None
+    ):
         self._pool = pool
+        # Usage history written by this store's statements: live usage only, unless told (the bench turns it off).
+        self.rollups = tables == LIVE_TABLES if rollups is None else rollups
         self._replica = replica
         self.replica = replica
         self._flush_sql = _for(tables, FLUSH_SQL)
@@ -234,6 +342,7 @@ class MeterStore:
 
     async def flush(self, batch: Batch) -> FlushResult:
         counters = sorted(batch.counters.items())
+        buckets = sorted(batch.rollup.items()) if self.rollups else []
         rows = await self._pool.fetch(
             self._flush_sql,
             batch.flush_id,
@@ -263,6 +372,15 @@ class MeterStore:
             [f.terms.plan for f in batch.refunds],
             [f.terms.meter for f in batch.refunds],
             [f.terms.customer for f in batch.refunds],
+            [b[0] for b, _ in buckets],
+            [b[1] for b, _ in buckets],
+            [datetime.fromtimestamp(b[2], UTC) for b, _ in buckets],
+            [b[3] for b, _ in buckets],
+            [b[4] for b, _ in buckets],
+            *([c[i] for _, c in buckets] for i in range(ROLLUP_WIDTH)),
+            [f.key_id for f in batch.refunds],
+            [None if f.hour is None else datetime.fromtimestamp(f.hour, UTC) for f in batch.refunds],
+            self.rollups,
         )
         applied = rows[0]["applied"] if rows else True
         refunded: dict[str, int] = {}
@@ -279,8 +397,12 @@ class MeterStore:
         unacknowledged: int,
         cap: int,
         terms: Terms = NO_TERMS,
+        *,
+        key_id: str | None = None,
+        hour: int = 0,
     ) -> Reservation:
-        """Count `units` for this organisation and period only if the pooled total stays within `cap`."""
+        """Count `units` for this organisation and period only if the pooled total stays within `cap` (with their
+        usage-history bucket: key `key_id`, `hour` in Unix seconds)."""
         row = await self._pool.fetchrow(
             self._reserve_sql,
             flush_id,
@@ -294,6 +416,9 @@ class MeterStore:
             terms.plan,
             terms.meter,
             terms.customer,
+            key_id,
+            datetime.fromtimestamp(hour, UTC),
+            self.rollups,
         )
         if row is None:
             raise RuntimeError("the reservation statement returned no row")
@@ -345,6 +470,9 @@ def spill(batches: list[Batch], directory: Path, path: Path | None = None) -> Pa
                 [f.request_id, f.org_id, f.period_start.isoformat(), f.product, f.units, f.reason, *f.terms]
                 for f in batch.refunds
             ],
+            # Apart from "refunds", whose shape a previous version reads: its bucket, aligned with each refund.
+            "refund_buckets": [[f.key_id, f.hour] for f in batch.refunds],
+            "rollup": [[k[0], k[1].isoformat(), k[2], k[3], k[4], *v] for k, v in batch.rollup.items()],
         }
         for batch in batches
     ]
@@ -385,13 +513,41 @@ def _batches(document: object) -> list[Batch]:
                 for rid, o, p, product, units, *terms in item["reports"]
             ],
             [
-                # Spill files written before refunds existed have none.
-                Refund(rid, o, datetime.fromisoformat(p), product, int(units), reason, _terms(terms))
-                for rid, o, p, product, units, reason, *terms in item.get("refunds", [])
+                # Spill files written before refunds existed have none; before usage history, no buckets; before
+                # billed terms, no terms.
+                Refund(
+                    rid,
+                    o,
+                    datetime.fromisoformat(p),
+                    product,
+                    int(units),
+                    reason,
+                    _terms(terms),
+                    *_key_and_hour(bucket),
+                )
+                for (rid, o, p, product, units, reason, *terms), bucket in zip(
+                    item.get("refunds", []),
+                    _padded(item.get("refund_buckets", []), len(item.get("refunds", []))),
+                    strict=True,
+                )
             ],
+            rollup={
+                (o, datetime.fromisoformat(p), int(hour), product, key_id): [int(n) for n in counts]
+                for o, p, hour, product, key_id, *counts in item.get("rollup", [])
+                if len(counts) == ROLLUP_WIDTH
+            },
         )
         for item in document
     ]
+
+
+def _padded(buckets: list, length: int) -> list:
+    return [*buckets[:length], *([[]] * (length - len(buckets[:length])))]
+
+
+def _key_and_hour(bucket: list) -> tuple[str | None, int | None]:
+    key_id, hour = [*bucket, None, None][:2]
+    return (key_id if isinstance(key_id, str) else None, int(hour) if isinstance(hour, int) else None)
 
 
 def read_spilled(directory: Path, *, on_corrupt: Callable[[Path, Exception], None]) -> list[tuple[Path, list[Batch]]]:

@@ -27,6 +27,7 @@ from authz_service import metrics
 from authz_service.usage.alerts import AlertNotifier, thresholds_reached
 from authz_service.usage.meter_store import MeterStore, UsageAlert, read_spilled, spill
 from authz_service.usage.refunds import NO_TERMS, Refund, Terms, refunds_may_lift
+from authz_service.usage.rollups import NIL_KEY, RollupBook, hour_of
 from authz_service.usage.usage_ledger import Batch, Report, UsageKey, UsageLedger
 from driftlock_kernel import db
 from driftlock_kernel.background import every
@@ -148,10 +149,16 @@ class Meter:
         plan: PlanLimits,
         period_end: datetime,
         terms: Terms = NO_TERMS,
+        *,
+        key_id: str = NIL_KEY,
+        at: float = 0.0,
     ) -> bool:
+        """Count a served call under `terms` (`key_id` made it at Unix time `at`: its usage-history bucket)."""
         counted = self.ledger.record(request_id, key, product, units, terms)
         if counted:
             self._last_counted[key] = time.monotonic()
+            if self._store.rollups:
+                self.ledger.rollups.served(key[0], key[1], at, product, key_id, units)
             self._context[key] = _AlertContext(plan.name, plan.included_units, period_end)
         else:
             metrics.METER_DUPLICATE_REQUESTS.inc()
@@ -168,15 +175,33 @@ class Meter:
         cap: int,
         timeout: float,
         terms: Terms = NO_TERMS,
+        *,
+        key_id: str = NIL_KEY,
+        at: float = 0.0,
     ) -> Reserved:
         """Near a cap: count the call only if the pooled total in the database stays within `cap`, in one
         atomic statement that every replica goes through (so together they never pass it)."""
         batch = Batch(uuid.uuid4(), {(key[0], key[1], product, terms): units})
+        if self._store.rollups:
+            # Flushed with the batch if the reservation's answer is lost; written by the reservation otherwise.
+            book = RollupBook()
+            book.served(key[0], key[1], at, product, key_id, units)
+            batch.rollup = book.take()
         epoch = self.ledger.epoch(key)
         try:
             metrics.DB_QUERIES.labels(query="quota_reserve").inc()
             result = await asyncio.wait_for(
-                self._store.reserve(batch.flush_id, key, product, units, self.ledger.unflushed(key), cap, terms),
+                self._store.reserve(
+                    batch.flush_id,
+                    key,
+                    product,
+                    units,
+                    self.ledger.unflushed(key),
+                    cap,
+                    terms,
+                    key_id=key_id,
+                    hour=hour_of(at),
+                ),
                 timeout,
             )
         except db.DATABASE_ERRORS as error:
@@ -206,6 +231,11 @@ class Meter:
                 plan.name, plan.included_units, period_end
             )
         return counted
+
+    def denied(self, key: UsageKey, at: float, product: str, key_id: str, code: str) -> None:
+        """A check of a known key refused: counted in the usage history (flushed with the next batch)."""
+        if self._store.rollups:
+            self.ledger.rollups.denied(key[0], key[1], at, product, key_id, code)
 
     def refund(self, refund: Refund) -> bool:
         """Take back the units of a billed call the backend failed (once per request id). Flushed within

@@ -21,6 +21,7 @@ headers and then stops reading holds the response in Envoy's buffers until the r
 logs as an upstream timeout (UT) on a 200. Refunding that would make any call free to a client that stalls.
 """
 
+import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -61,21 +62,28 @@ class BilledUsage:
     product: str
     units: int
     terms: Terms = NO_TERMS
+    # Which key made the call and the hour it was counted in (Unix seconds): the usage-history bucket a refund
+    # of it lands in. None from an entry that predates them: the refund lands in the hour it arrives, keyless.
+    key_id: str | None = None
+    hour: int | None = None
 
     def as_metadata(self) -> dict[str, Any]:
         """The dynamic metadata a check hands Envoy (a protobuf Struct holds strings and doubles: the period as
         ISO 8601, exactly)."""
-        return {
-            BILLED_KEY: {
-                "org_id": self.org_id,
-                "period_start": self.period_start.isoformat(),
-                "product": self.product,
-                "units": self.units,
-                "plan": self.terms.plan,
-                "meter": self.terms.meter,
-                "customer": self.terms.customer,
-            }
+        billed: dict[str, Any] = {
+            "org_id": self.org_id,
+            "period_start": self.period_start.isoformat(),
+            "product": self.product,
+            "units": self.units,
+            "plan": self.terms.plan,
+            "meter": self.terms.meter,
+            "customer": self.terms.customer,
         }
+        if self.key_id is not None:
+            billed["key_id"] = self.key_id
+        if self.hour is not None:
+            billed["hour"] = self.hour
+        return {BILLED_KEY: billed}
 
 
 def billed_from_metadata(metadata: Mapping[str, Any]) -> BilledUsage | None:
@@ -97,7 +105,22 @@ def billed_from_metadata(metadata: Mapping[str, Any]) -> BilledUsage | None:
         return None
     # Absent from what a check of an older authz billed: the exporter treats '' as terms not recorded.
     terms = Terms(*(value if isinstance(value := billed.get(k), str) else "" for k in ("plan", "meter", "customer")))
-    return BilledUsage(org_id, period_start, product, int(units), terms)
+    key_id, hour = billed.get("key_id"), billed.get("hour")
+    if not isinstance(key_id, str) or not _is_uuid(key_id):
+        key_id = None
+    if not isinstance(hour, int | float) or hour != int(hour) or hour % 3600 or not 0 < hour < 2**40:
+        hour = None
+    return BilledUsage(
+        org_id, period_start, product, int(units), terms, key_id=key_id, hour=None if hour is None else int(hour)
+    )
+
+
+def _is_uuid(text: str) -> bool:
+    try:
+        uuid.UUID(text)
+    except ValueError:
+        return False
+    return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +142,8 @@ class Refund:
     units: int
     reason: str  # "status_5xx", "rate_limited", or the upstream failure flag
     terms: Terms = NO_TERMS  # what the call was counted under: its units come back from that counter
+    key_id: str | None = None  # the key and hour of the call taken back (its usage-history bucket)
+    hour: int | None = None
 
 
 # A refusal at a cap that refunds of calls still under way may lift is asked again this soon (seconds), not at the
@@ -156,5 +181,13 @@ def refund_for(entry: LoggedRequest, *, enabled: bool = True) -> Refund | None:
         return None
     billed = entry.billed
     return Refund(
-        entry.request_id, billed.org_id, billed.period_start, billed.product, billed.units, reason, billed.terms
+        entry.request_id,
+        billed.org_id,
+        billed.period_start,
+        billed.product,
+        billed.units,
+        reason,
+        billed.terms,
+        key_id=billed.key_id,
+        hour=billed.hour,
     )

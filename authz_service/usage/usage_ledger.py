@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from authz_service.usage.refunds import NO_TERMS, Refund, Terms
+from authz_service.usage.rollups import Buckets, RollupBook, merge
 
 UsageKey = tuple[str, datetime]  # (org_id, period_start): what quotas and alerts pool over
 # (org_id, period_start, product, terms): what is stored; the terms (plan, meter, customer) are the ones the
@@ -49,6 +50,8 @@ class Batch:
     # Sent to the database at least once (or restored from a spill file): it may be applied already, so it is
     # retried exactly as it is and never grows again.
     attempted: bool = False
+    # Usage-history buckets of the counters above (rollups.py), taken from the ledger at the same moment.
+    rollup: Buckets = field(default_factory=dict)
 
     @property
     def units(self) -> int:
@@ -95,6 +98,8 @@ class UsageLedger:
         # Bumped for a usage key whenever a batch holding it is acknowledged: a database read that started
         # before may or may not include that batch, so it is not trusted.
         self._epoch: dict[UsageKey, int] = {}
+        # Usage history counted beside `_pending` (the meter feeds both at once); moved into a batch with it.
+        self.rollups = RollupBook()
 
     # --- reading ------------------------------------------------------------------------------------------
 
@@ -126,7 +131,9 @@ class UsageLedger:
 
     @property
     def has_work(self) -> bool:
-        return bool(self._pending or self._pending_reports or self._pending_refunds or self._unacknowledged)
+        return bool(
+            self._pending or self._pending_reports or self._pending_refunds or self._unacknowledged or self.rollups
+        )
 
     # --- counting -----------------------------------------------------------------------------------------
 
@@ -178,10 +185,13 @@ class UsageLedger:
 
     def next_batch(self) -> Batch | None:
         """The oldest unacknowledged batch (to retry unchanged), else a new one from what is pending."""
-        if not self._unacknowledged and (self._pending or self._pending_reports or self._pending_refunds):
+        if not self._unacknowledged and (
+            self._pending or self._pending_reports or self._pending_refunds or self.rollups
+        ):
             self._unacknowledged.append(
                 Batch(uuid.uuid4(), self._pending, self._pending_reports, self._pending_refunds)
             )
+            self._unacknowledged[-1].rollup = self.rollups.take()
             self._pending, self._pending_reports, self._pending_refunds = {}, [], []
         return self._unacknowledged[0] if self._unacknowledged else None
 
@@ -189,7 +199,7 @@ class UsageLedger:
         """Close what is pending into a batch now, with the flush id it will be sent with (so that a spill file
         holds exactly what will be flushed). Pending units join the last batch while that was never sent, so a
         long outage keeps two batches, not one per interval."""
-        if not (self._pending or self._pending_reports or self._pending_refunds):
+        if not (self._pending or self._pending_reports or self._pending_refunds or self.rollups):
             return
         last = self._unacknowledged[-1] if self._unacknowledged else None
         if last is not None and not last.attempted:
@@ -197,10 +207,12 @@ class UsageLedger:
                 last.counters[counter] = last.counters.get(counter, 0) + units
             last.reports.extend(self._pending_reports)
             last.refunds.extend(self._pending_refunds)
+            merge(last.rollup, self.rollups.take())
         else:
             self._unacknowledged.append(
                 Batch(uuid.uuid4(), self._pending, self._pending_reports, self._pending_refunds)
             )
+            self._unacknowledged[-1].rollup = self.rollups.take()
         self._pending, self._pending_reports, self._pending_refunds = {}, [], []
 
     def unacknowledged(self) -> list[Batch]:
@@ -272,8 +284,9 @@ class UsageLedger:
         """Everything not yet acknowledged, as batches (for spilling at shutdown); the ledger is left empty."""
         self.next_batch()
         batches = list(self._unacknowledged)
-        if self._pending or self._pending_reports or self._pending_refunds:
+        if self._pending or self._pending_reports or self._pending_refunds or self.rollups:
             batches.append(Batch(uuid.uuid4(), self._pending, self._pending_reports, self._pending_refunds))
+            batches[-1].rollup = self.rollups.take()
         self._unacknowledged.clear()
         self._pending, self._pending_reports, self._pending_refunds, self._unflushed = {}, [], [], {}
         return batches

@@ -158,6 +158,7 @@ async def test_the_prune_command_prunes_each_table_or_all(retention_db):
     )
     assert everything.code == 0, everything.stderr
     deleted = {"meter_flushes": 0, "usage_reports": 1, "audit_denials": 0, "stripe_events": 1}
+    deleted |= {"usage_hours": 0, "usage_key_hours": 0, "usage_days": 0, "usage_key_days": 0}
     assert everything.json() == {"deleted": deleted, "kept": ["audit_log"]}
     async with pool.acquire() as conn:
         assert await present(conn, old) == {"audit_log"}
@@ -184,3 +185,66 @@ async def test_each_service_prunes_the_tables_it_writes_and_prune_all_covers_the
     assert [tuple(row) for row in tasks] == [("prune", "authz-1"), ("prune-webhooks", "webhooks-1")]
     assert set(retention.AUTHZ_TABLES) | set(retention.WEBHOOK_TABLES) == set(retention.TABLES)
     assert not set(retention.AUTHZ_TABLES) & set(retention.WEBHOOK_TABLES)
+
+
+async def plant_buckets(conn, org_id, age: timedelta) -> None:
+    """One bucket in each usage-history table, `age` old."""
+    at = datetime.now(UTC) - age
+    key_id = uuid.uuid4()
+    await conn.execute(
+        "INSERT INTO driftlock.usage_hours (org_id, period_start, hour, product, units) VALUES ($1, $2, $2, 's', 1)",
+        org_id,
+        at,
+    )
+    await conn.execute(
+        """INSERT INTO driftlock.usage_key_hours (org_id, period_start, hour, key_id, product, units)
+           VALUES ($1, $2, $2, $3, 's', 1)""",
+        org_id,
+        at,
+        key_id,
+    )
+    await conn.execute(
+        "INSERT INTO driftlock.usage_days (org_id, day, product, units) VALUES ($1, $2, 's', 1)", org_id, at
+    )
+    await conn.execute(
+        "INSERT INTO driftlock.usage_key_days (org_id, day, key_id, product, units) VALUES ($1, $2, $3, 's', 1)",
+        org_id,
+        at,
+        key_id,
+    )
+
+
+async def bucket_counts(conn, org_id) -> dict[str, int]:
+    return {
+        table: await conn.fetchval(f"SELECT count(*) FROM driftlock.{table} WHERE org_id = $1", org_id)
+        for table in ("usage_hours", "usage_key_hours", "usage_days", "usage_key_days")
+    }
+
+
+async def test_usage_history_keeps_hours_90_days_and_days_2_years_by_default(retention_db):
+    url, pool = retention_db
+    defaults = Settings()
+    async with pool.acquire() as conn:
+        org = await orgs.create_org(conn, "History retention")
+        for age in (timedelta(days=10), timedelta(days=100), timedelta(days=800)):
+            await plant_buckets(conn, org.id, age)
+    keep = retention.usage_history_retentions(defaults.retention_usage_hours, defaults.retention_usage_days)
+    deleted = await retention.Pruner(pool, keep, interval=3600, replica="r", batch=1).run_once()
+    assert deleted == {"usage_hours": 2, "usage_key_hours": 2, "usage_days": 1, "usage_key_days": 1}
+    async with pool.acquire() as conn:
+        assert await bucket_counts(conn, org.id) == {
+            "usage_hours": 1,
+            "usage_key_hours": 1,
+            "usage_days": 2,
+            "usage_key_days": 2,
+        }
+    # `prune all` follows the settings too.
+    shorter = {"DRIFTLOCK_RETENTION_USAGE_HOURS": "5d", "DRIFTLOCK_RETENTION_USAGE_DAYS": "90d"}
+    pruned = await asyncio.to_thread(run_cli, "prune", "all", "--json", database_url=url, env=shorter)
+    assert pruned.code == 0, pruned.stderr
+    assert {k: v for k, v in pruned.json()["deleted"].items() if "usage_" in k and "reports" not in k} == {
+        "usage_hours": 1,
+        "usage_key_hours": 1,
+        "usage_days": 1,
+        "usage_key_days": 1,
+    }

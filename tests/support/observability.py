@@ -32,7 +32,8 @@ def dashboard_exprs() -> list[str]:
     exprs = []
     for path in sorted(DASHBOARDS.glob("*.json")):
         for panel in json.loads(path.read_text())["panels"]:
-            exprs += [target["expr"] for target in panel.get("targets", [])]
+            # PromQL only: the usage-history dashboard's panels are SQL (tests/integration/test_usage_history.py).
+            exprs += [target["expr"] for target in panel.get("targets", []) if "expr" in target]
     return exprs
 
 

@@ -37,7 +37,7 @@ class StoredUsage(MeterStore):
     async def load(self, key):
         return self.totals.get(key[0], 0)
 
-    async def reserve(self, flush_id, key, product, units, unacknowledged, cap, terms=None):
+    async def reserve(self, flush_id, key, product, units, unacknowledged, cap, terms=None, **bucket):
         self.reservations += 1
         total = self.totals.get(key[0], 0)
         if total + units + unacknowledged > cap:

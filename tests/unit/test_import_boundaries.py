@@ -41,6 +41,7 @@ PURE_MODULES = [
     "authz_service/check/rate_limit.py",
     "authz_service/usage/usage_ledger.py",
     "authz_service/usage/refunds.py",
+    "authz_service/usage/rollups.py",
     "billing_webhooks/inbox/decisions.py",
     "billing_webhooks/usage_export/exports.py",
     "billing_webhooks/inbox/events.py",

@@ -211,12 +211,13 @@ def test_a_certificate_without_its_key_is_refused():
 
 def test_retention_minimums_match_the_pruned_tables():
     """Settings refuse what the pruner would refuse, so a bad value stops a service at start-up, not later."""
-    from driftlock_kernel.retention import TABLES
+    from driftlock_kernel.retention import TABLES, USAGE_HISTORY_RETENTION
 
     for name, table in TABLES.items():
         too_short = f"{table.minimum.days * 24 - 1}h"
+        setting = USAGE_HISTORY_RETENTION.get(name, name)  # the key buckets follow the organisation's
         with pytest.raises(SettingsError):
-            Settings.from_env({f"DRIFTLOCK_RETENTION_{name.upper()}": too_short})
+            Settings.from_env({f"DRIFTLOCK_RETENTION_{setting.upper()}": too_short})
 
 
 def test_an_alert_webhook_url_needs_a_signing_secret():
