@@ -460,6 +460,23 @@ async def in_flight(gateway, secret: str, n: int, respond: str) -> asyncio.Task:
     return task
 
 
+READ = "/api/v1/models"  # a read route: never billed, and the backend still learns the plan
+
+
+async def on_every_replica(gateway, secret: str, plan: str) -> None:
+    """Wait until every authz replica serves the organisation's `plan` (its cached grant dropped on NOTIFY):
+    reads, one after another so that Envoy's round robin takes them to each replica in turn, all carry it."""
+
+    async def served_everywhere() -> bool:
+        before = len(gateway.backend.received)
+        for _ in range(4):
+            if await call(gateway, secret, path=READ) != 200:
+                return False
+        return all(r.header("x-driftlock-plan") == plan for r in gateway.backend.received[before:])
+
+    await eventually(served_everywhere, within=10, what=f"every replica serving {plan}")
+
+
 def at_stripe(gateway, customer: str, meter: str, period: Period) -> int:
     return int(gateway.stripe.total(customer, meter, int(period.start.timestamp()), int(period.end.timestamp())))
 
@@ -482,7 +499,7 @@ async def test_each_unit_is_billed_to_the_meter_of_the_plan_it_was_used_on_throu
         await pool.execute("UPDATE driftlock.organizations SET plan_name = $2 WHERE id = $1", org_id, plan)
 
     await set_plan("tests-unmetered")
-    await asyncio.sleep(1)  # every authz replica drops its cached grant (NOTIFY) within a second
+    await on_every_replica(gateway, secret, "tests-unmetered")
     made = {"unmetered": 0, "metered": 0, "pro": 0}
     assert await calls(gateway, secret, 50) == [200] * 50
     made["unmetered"] += 50
@@ -491,7 +508,7 @@ async def test_each_unit_is_billed_to_the_meter_of_the_plan_it_was_used_on_throu
     await set_plan(metered_plan)
     assert await late == [200] * 5
     made["unmetered"] += 5
-    await asyncio.sleep(1)
+    await on_every_replica(gateway, secret, metered_plan)
     assert await calls(gateway, secret, 10) == [200] * 10
     made["metered"] += 10
     # To another meter, with 4 metered calls in flight and 2 that time out at the backend (refunded later).
@@ -500,7 +517,7 @@ async def test_each_unit_is_billed_to_the_meter_of_the_plan_it_was_used_on_throu
     await set_plan("tests-pro")
     assert await late == [200] * 4 and await failing == [504] * 2
     made["metered"] += 4
-    await asyncio.sleep(1)
+    await on_every_replica(gateway, secret, "tests-pro")
     assert await calls(gateway, secret, 7) == [200] * 7
     made["pro"] += 7
     # Downgrade to no meter, with 3 pro calls in flight.
@@ -508,7 +525,7 @@ async def test_each_unit_is_billed_to_the_meter_of_the_plan_it_was_used_on_throu
     await set_plan("tests-unmetered")
     assert await late == [200] * 3
     made["pro"] += 3
-    await asyncio.sleep(1)
+    await on_every_replica(gateway, secret, "tests-unmetered")
     assert await calls(gateway, secret, 20) == [200] * 20
     made["unmetered"] += 20
 
@@ -553,7 +570,7 @@ async def test_each_unit_is_billed_to_the_meter_of_the_plan_it_was_used_on_throu
     )
     assert row["plan_name"] == "tests-subscribed"
     subscribed = Period(row["period_start"], row["period_end"])
-    await asyncio.sleep(1)
+    await on_every_replica(gateway, sub_secret, "tests-subscribed")
     assert await calls(gateway, sub_secret, 30) == [200] * 30
     late = await in_flight(gateway, sub_secret, 4, "sleep:1")
     failing = await in_flight(gateway, sub_secret, 2, f"sleep:{GATEWAY_BACKEND_TIMEOUT_SECONDS + 1}")
@@ -563,7 +580,7 @@ async def test_each_unit_is_billed_to_the_meter_of_the_plan_it_was_used_on_throu
     assert reply.outcome == "applied", reply
     assert await pool.fetchval("SELECT plan_name FROM driftlock.organizations WHERE id = $1", org.id) == "free"
     assert await late == [200] * 4 and await failing == [504] * 2
-    await asyncio.sleep(1)
+    await on_every_replica(gateway, sub_secret, "free")
     after = await calls(gateway, sub_secret, 3)  # on the free plan: whatever it allows is never billed
     await wait_for_stripe(gateway, sub_customer, 34, subscribed)
     rows = await rows_of(pool, org.id)
