@@ -138,8 +138,8 @@ async def test_keys_and_organisations_are_listed_a_page_at_a_time(api):
         if not token:
             break
     assert org["id"] in seen and len(seen) == len(set(seen))
-    only = ok(await api.call("GET", "/v1/orgs", org_id=org["id"]))  # a token for one organisation sees one
-    assert [o["id"] for o in only["orgs"]] == [org["id"]]
+    # Listing organisations is an operator's call (contract: "Management API").
+    refused(await api.call("GET", "/v1/orgs", org_id=org["id"]), 403, "operator_only")
     refused(await api.call("GET", f"/v1/orgs/{org['id']}/keys?page_size=5000"), 400, "invalid_argument")
     refused(await api.call("GET", f"/v1/orgs/{org['id']}/keys?page_token=bogus"), 400, "invalid_argument")
 
@@ -166,13 +166,21 @@ async def test_missing_bad_and_foreign_tokens_are_refused_as_json(api, admin_sec
         ("POST", f"/v1/keys/{their_key['id']}:revoke", {}),
         ("POST", f"/v1/keys/{their_key['id']}:roll", {}),
         ("PATCH", f"/v1/keys/{their_key['id']}", {"name": "mine now"}),
-        ("POST", f"{path}:suspend", {}),
-        ("POST", f"{path}:setPlan", {"plan": "free"}),
         ("GET", f"{path}/usage", None),
         ("GET", f"{path}/alerts", None),
     ):
         refused(await api.call(method, target, body, **as_mine), 403, "wrong_organisation")
-    refused(await api.call("POST", "/v1/orgs", {"name": "x"}, **as_mine), 403, "organisation_token")
+    own = f"/v1/orgs/{mine['id']}"
+    for method, target, body in (
+        ("POST", "/v1/orgs", {"name": "x"}),
+        ("GET", "/v1/orgs", None),
+        ("POST", f"{path}:suspend", {}),
+        ("POST", f"{own}:suspend", {}),
+        ("POST", f"{own}:resume", {}),
+        ("POST", f"{own}:setPlan", {"plan": "free"}),
+        ("POST", f"{own}/usage:report", {"request_id": "r1", "product": "stream", "units": 1}),
+    ):
+        refused(await api.call(method, target, body, **as_mine), 403, "operator_only")
     still = ok(await api.call("GET", f"/v1/keys/{their_key['id']}"))
     assert "revoked_at" not in still and still["name"] == ""
 
