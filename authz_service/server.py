@@ -36,6 +36,8 @@ from authz_service.check.authorizer import Authorizer
 from authz_service.check.context_signer import ContextSigner
 from authz_service.check.ext_authz import AUTHORIZATION_SERVICE, AuthorizationServicer
 from authz_service.check.grants import GrantStore, database_fetch
+from authz_service.check.key_index import KeyIndex
+from authz_service.check.key_index import database_load as key_index_load
 from authz_service.check.key_last_used import LastUsedRecorder
 from authz_service.check.lookup_budget import LookupBudget
 from authz_service.check.plan_book import PlanBook, database_load
@@ -76,12 +78,14 @@ MANAGEMENT_SERVICES = (
 HEALTH_SERVICES = ("", AUTHORIZATION_SERVICE, USAGE_SERVICE, *MANAGEMENT_SERVICES)
 
 
-def invalidation_handler(store: GrantStore, plans: PlanBook) -> NotificationHandler:
+def invalidation_handler(store: GrantStore, plans: PlanBook, index: KeyIndex | None = None) -> NotificationHandler:
     def handle(message: dict) -> None:
         table, row_id = message.get("table"), message.get("id")
         if not isinstance(row_id, str):
             return
         if table == "api_keys":
+            if index is not None and "hash" in message:  # a new key: known to the index before its first check
+                index.add_hex(message["hash"])
             store.forget_key(row_id)
         elif table == "organizations":
             store.forget_org(row_id)
@@ -99,7 +103,12 @@ READINESS_LOG_EVERY_SECONDS = 10.0
 
 
 async def _serve_once_the_database_answers(
-    pool: asyncpg.Pool, url: str, health: health_aio.HealthServicer, plans: PlanBook, timeout: float = 5.0
+    pool: asyncpg.Pool,
+    url: str,
+    health: health_aio.HealthServicer,
+    plans: PlanBook,
+    timeout: float = 5.0,
+    index: KeyIndex | None = None,
 ) -> None:
     """Report SERVING from the first time the database answers a query on the schema; until then say, in the
     log, why not (at once, then every READINESS_LOG_EVERY_SECONDS)."""
@@ -125,6 +134,10 @@ async def _serve_once_the_database_answers(
         await asyncio.sleep(delay)
         delay = min(delay * 2, 2.0)
     plans.reload_soon()
+    if index is not None:
+        # Every key known before the first check: right after a start, no key is rationed as if invented.
+        index.reload_soon()
+        await index.wait_loaded()
     for service in HEALTH_SERVICES:
         await health.set(service, health_pb2.HealthCheckResponse.SERVING)
     log.info("the database answered; SERVING")
@@ -210,8 +223,12 @@ async def serve(settings: Settings, worker: WorkerRole | None = None) -> None:
         )
         stack.push_async_callback(pool.close)
 
+        # Every key's hash prefix in memory: invented keys are refused without a query (issue 23).
+        key_index = KeyIndex(key_index_load(pool))
+        stack.callback(key_index.stop)
         store = GrantStore(
             database_fetch(pool, timeout=settings.database_lookup_timeout_seconds),
+            index=key_index,
             ttl=settings.key_cache_ttl_seconds,
             negative_ttl=settings.key_cache_negative_ttl_seconds,
             stale_for=settings.key_cache_stale_seconds,
@@ -281,12 +298,18 @@ async def serve(settings: Settings, worker: WorkerRole | None = None) -> None:
         def on_connect() -> None:
             store.expire_all()
             plans.reload_soon()
+            key_index.listener_connected()
+
+        def on_listener_state(up: bool) -> None:
+            metrics.LISTENER_CONNECTED.set(1 if up else 0)
+            if not up:
+                key_index.listener_lost()
 
         listener = ChangeListener(
             settings.listen_url(),
-            {INVALIDATE_CHANNEL: invalidation_handler(store, plans)},
+            {INVALIDATE_CHANNEL: invalidation_handler(store, plans, key_index)},
             on_connect=on_connect,
-            on_state=lambda up: metrics.LISTENER_CONNECTED.set(1 if up else 0),
+            on_state=on_listener_state,
             application_name="driftlock-authz-listener",
         )
 
@@ -380,7 +403,7 @@ async def serve(settings: Settings, worker: WorkerRole | None = None) -> None:
         for service in HEALTH_SERVICES:
             await health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         readiness = BackgroundTask(
-            "readiness", lambda: _serve_once_the_database_answers(pool, url, health_servicer, plans)
+            "readiness", lambda: _serve_once_the_database_answers(pool, url, health_servicer, plans, index=key_index)
         )
         readiness.start()
         stack.push_async_callback(readiness.stop)

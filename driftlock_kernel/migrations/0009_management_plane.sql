@@ -4,3 +4,19 @@
 -- must not silently drop B's report that happens to carry the same id.
 ALTER TABLE driftlock.usage_reports DROP CONSTRAINT usage_reports_pkey;
 ALTER TABLE driftlock.usage_reports ADD PRIMARY KEY (org_id, request_id);
+
+-- A new key's hash prefix (its first 8 bytes, hex) travels with its notification: every authz replica keeps the
+-- prefixes of all keys in memory (authz_service/check/key_index.py) to refuse invented keys without a query, and
+-- learns a new key from this message alone. The prefix of a SHA-256 of a random secret reveals nothing usable.
+CREATE OR REPLACE FUNCTION driftlock.notify_invalidate() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    changed jsonb := to_jsonb(CASE WHEN TG_OP = 'DELETE' THEN OLD ELSE NEW END);
+    message jsonb := jsonb_build_object('table', TG_TABLE_NAME, 'id', changed ->> TG_ARGV[0]);
+BEGIN
+    IF TG_TABLE_NAME = 'api_keys' AND TG_OP = 'INSERT' THEN
+        message := message || jsonb_build_object('hash', encode(substring(NEW.key_hash FROM 1 FOR 8), 'hex'));
+    END IF;
+    PERFORM pg_notify('driftlock_invalidate', message::text);
+    RETURN NULL;
+END
+$$;
