@@ -71,6 +71,7 @@ async def test_a_flood_of_invented_keys_from_many_addresses_never_rations_a_real
 
             flooders = [asyncio.ensure_future(flood(worker)) for worker in range(8)]
             try:
+
                 async def flooding() -> bool:
                     return sum(flood_codes.values()) >= 300
 
