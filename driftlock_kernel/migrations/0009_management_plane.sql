@@ -20,3 +20,13 @@ BEGIN
     RETURN NULL;
 END
 $$;
+
+-- Denials of a known key (revoked, over quota, rate limited, a test key past its allowance) are counted like
+-- those naming no key: one row per minute, key and code, beside the first such denial kept whole in audit_log by
+-- each replica. A refused key from many addresses then writes a few rows a minute, not one per request.
+ALTER TABLE driftlock.audit_denials ADD COLUMN org_id uuid;
+ALTER TABLE driftlock.audit_denials ADD COLUMN key_id uuid;
+ALTER TABLE driftlock.audit_denials DROP CONSTRAINT audit_denials_minute_source_code_key;
+ALTER TABLE driftlock.audit_denials
+    ADD CONSTRAINT audit_denials_group UNIQUE NULLS NOT DISTINCT (minute, source, code, key_id);
+CREATE INDEX audit_denials_key_idx ON driftlock.audit_denials (org_id, minute) WHERE org_id IS NOT NULL;
