@@ -94,7 +94,8 @@ async def test_two_keys_refused_in_the_same_minute_are_counted_apart_and_unknown
             audit.add(dataclasses.replace(denial(source, "rate_limited", key_id=key_id), at=minute))
     assert await audit.write_counts()
     rows = await pool.fetch(
-        "SELECT key_id::text, count FROM driftlock.audit_denials WHERE minute = $1 AND (key_id = ANY($2::uuid[]) OR source = $3)",
+        """SELECT key_id::text, count FROM driftlock.audit_denials
+           WHERE minute = $1 AND (key_id = ANY($2::uuid[]) OR source = $3)""",
         minute.replace(second=0),
         [first, second],
         source,
