@@ -327,6 +327,10 @@ class Settings:
     alert_webhook_secrets: tuple[str, ...] = field(default=(), repr=False)
     alert_delivery_expiry_hours: float = 72.0
 
+    # --- The edge for browsers and big bodies (issue 23) ---
+    # The largest request body an API route takes (Envoy answers 413 payload_too_large past it).
+    max_request_bytes: int = 10 * 1024 * 1024
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
         env = os.environ if environ is None else environ
@@ -477,6 +481,10 @@ class Settings:
             ),
             alert_delivery_expiry_hours=_float(
                 env, "DRIFTLOCK_ALERT_DELIVERY_EXPIRY_HOURS", d.alert_delivery_expiry_hours, minimum=0.01
+            ),
+            # --- The edge for browsers and big bodies (issue 23) ---
+            max_request_bytes=_int(
+                env, "DRIFTLOCK_MAX_REQUEST_BYTES", d.max_request_bytes, minimum=1, maximum=2**32 - 1
             ),
         )
 
