@@ -332,12 +332,33 @@ def _set_max_request_bytes(manager: dict, limit: int) -> None:
                 buffer["buffer"]["max_request_bytes"] = limit
 
 
+REFUSALS_LINE = "local REFUSALS_PER_SOURCE = 1000"
+LUA_FILTER = "envoy.filters.http.lua"
+
+
+def _set_refusals_per_source(manager: dict, per_second: int) -> None:
+    """The checksum filter's limit on refused requests per address (the API routes' per-source limit)."""
+    lua = _http_filter(manager, LUA_FILTER)
+    if lua is None:
+        return
+    code = lua["typed_config"]["default_source_code"]
+    if REFUSALS_LINE not in code["inline_string"]:
+        raise SettingsError("the Envoy config's checksum filter has no per-source refusal limit to set")
+    code["inline_string"] = code["inline_string"].replace(
+        REFUSALS_LINE, f"local REFUSALS_PER_SOURCE = {max(0, per_second)}"
+    )
+
+
 def _set_requests_per_source(manager: dict, per_second: int) -> None:
+    _set_refusals_per_source(manager, per_second)
     limiter = _http_filter(manager, PER_SOURCE_FILTER)
     if limiter is None:
         return
     if per_second <= 0:
         manager["http_filters"].remove(limiter)
+        for host in manager["route_config"]["virtual_hosts"]:
+            for route in host["routes"]:
+                route.get("typed_per_filter_config", {}).pop(PER_SOURCE_FILTER, None)
         return
     (descriptor,) = limiter["typed_config"]["descriptors"]
     # A second's worth at once, refilled ten times a second when the rate divides, so that a client just under
