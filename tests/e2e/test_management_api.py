@@ -312,3 +312,28 @@ async def test_every_change_and_refusal_is_audited_with_the_caller(api, admin_se
             "SELECT * FROM driftlock.audit_log WHERE request_id = $1 AND action IS NOT NULL", foreign.request_id
         )
     assert (refusal["decision"], refusal["code"], refusal["action"]) == ("deny", "wrong_organisation", "orgs.get")
+
+
+async def test_the_backend_reaches_usage_service_over_grpc_through_envoys_management_listener(
+    gateway, admin_secret, make_org
+):
+    """What the backend does now that only Envoy may reach authz's port (docs/backend.md): native gRPC to the
+    management listener, passed through to authz."""
+    import grpc
+
+    from driftlock_api.usage.v1 import usage_pb2, usage_pb2_grpc
+    from tests.support.admin import admin_metadata
+
+    org = await make_org()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.management_port}") as channel:
+        stub = usage_pb2_grpc.UsageServiceStub(channel)
+        usage = await stub.GetUsage(
+            usage_pb2.GetUsageRequest(org_id=str(org.id)), metadata=admin_metadata(admin_secret), timeout=10
+        )
+        assert usage.org_id == str(org.id)
+        report = await stub.ReportUsage(
+            usage_pb2.ReportUsageRequest(request_id=str(uuid.uuid4()), org_id=str(org.id), product="stream", units=2),
+            metadata=admin_metadata(admin_secret),
+            timeout=10,
+        )
+        assert report.accepted

@@ -426,8 +426,8 @@ def test_only_envoy_and_the_backend_reach_authz_and_only_envoy_the_webhook_servi
         assert policies[name]["podSelector"]["matchLabels"].items() <= labels.items()
         assert policies[name]["policyTypes"] == ["Ingress"]
     envoy = {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "driftlock-envoy"}}}
-    backend = {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "driftlock-backend"}}}
-    assert sources(policies["driftlock-authz"], 9191) == [envoy, backend]
+    # Only Envoy: the backend reaches UsageService through Envoy's management listener.
+    assert sources(policies["driftlock-authz"], 9191) == [envoy]
     assert sources(policies["driftlock-webhooks"], 8081)[0] == envoy
     envoy_env = {
         e["name"]: e for e in deployments["driftlock-envoy"]["spec"]["template"]["spec"]["containers"][0]["env"]
