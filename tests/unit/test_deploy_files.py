@@ -450,3 +450,23 @@ def test_each_service_gets_the_stop_grace_period_its_drain_needs():
     assert _seconds(services["authz"]["stop_grace_period"]) >= _authz_needs() + 5
     assert _seconds(services["webhooks"]["stop_grace_period"]) >= WEBHOOKS_GRACE_SECONDS + 3
     assert _seconds(services["envoy"]["stop_grace_period"]) >= 5
+
+
+def test_under_compose_only_envoy_and_prometheus_share_a_network_with_authz():
+    """Issue 23: authz's gRPC port reachable by nothing but Envoy (Prometheus scrapes its metrics port; doctor is a
+    tool run by hand; PostgreSQL and Redis are its own dependencies, on a network of their own with it)."""
+    services = resolved("docker-compose.yml")["services"]
+
+    def networks(service: dict) -> set[str]:
+        return set(service.get("networks") or ["default"])
+
+    authz = networks(services["authz"])
+    assert "default" not in authz
+    peers = {name for name, service in services.items() if name != "authz" and networks(service) & authz}
+    assert peers == {"envoy", "prometheus", "doctor", "postgres", "redis"}
+    # And those that need the others still reach them.
+    assert networks(services["envoy"]) & networks(services["webhooks"])
+    assert networks(services["webhooks"]) & networks(services["postgres"])
+    assert networks(services["migrate"]) & networks(services["postgres"])
+    assert networks(services["prometheus"]) & networks(services["webhooks"])
+    assert networks(services["grafana"]) & networks(services["prometheus"])
