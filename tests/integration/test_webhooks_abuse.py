@@ -58,7 +58,9 @@ async def test_the_shipped_header_timeout_closes_a_head_trickling_in_within_seco
 
         sender = asyncio.ensure_future(trickle())
         try:
-            await closed_by_the_server(reader, within=8)
+            # Closed with bytes of ours unread, the connection may end in a reset rather than an orderly close.
+            with contextlib.suppress(ConnectionResetError):
+                await closed_by_the_server(reader, within=8)
         finally:
             sender.cancel()
             writer.close()
