@@ -86,7 +86,7 @@ async def _served(session: aiohttp.ClientSession, port: int, secret: str) -> tup
 
 
 async def _new_keys_served_within_a_second(fixture: Fixture, port: int, org_id, count: int) -> list[float | None]:
-    """Seconds from each new key's creation to its first 200 (None: not within 1 s)."""
+    """Seconds from each new key's creation to its first 200 (None: not within 5 s)."""
     found: list[float | None] = []
     connector = aiohttp.TCPConnector(local_addr=(NEW_KEY_SOURCE, 0))
     async with (
@@ -97,7 +97,7 @@ async def _new_keys_served_within_a_second(fixture: Fixture, port: int, org_id, 
             _key, secret = await api_keys.create_key(conn, org_id)
             created = time.monotonic()
             took = None
-            while time.monotonic() - created < 1.0:
+            while time.monotonic() - created < 5.0:
                 status, _code = await _served(session, port, secret)
                 if status == 200:
                     took = time.monotonic() - created
@@ -151,7 +151,8 @@ async def bench_distributed_flood(fixture: Fixture, seconds: float) -> list[tupl
         stop.set()
         await flooding
         flood_seconds = time.monotonic() - started
-        within = [t for t in new_keys if t is not None]
+        within = [t for t in new_keys if t is not None and t <= 1.0]
+        answered = [t for t in new_keys if t is not None]
         served_after_restart = sum(1 for status, _ in after_restart if status == 200)
         failures: dict[str, int] = {}
         for status, code in after_restart:
@@ -163,7 +164,8 @@ async def bench_distributed_flood(fixture: Fixture, seconds: float) -> list[tupl
                 "flood60",
                 "  new keys served within 1 s",
                 f"{len(within) / len(new_keys) * 100:.0f} %",
-                f"{len(within)} of {len(new_keys)}" + (f"; slowest {max(within) * 1000:.0f} ms" if within else ""),
+                f"{len(within)} of {len(new_keys)}"
+                + (f"; slowest {max(answered) * 1000:.0f} ms, the request's own latency included" if answered else ""),
             ),
             (
                 "flood60",
