@@ -171,7 +171,12 @@ ALERT_DELIVERIES = Counter(
 AUDIT_WRITTEN = Counter("driftlock_audit_entries_written_total", "Audit log entries written.")
 AUDIT_DENIALS_COUNTED = Counter(
     "driftlock_audit_denials_counted_total",
-    "Denials that named no known key, stored as counts per minute, source and code (driftlock.audit_denials).",
+    "Denials stored as counts (driftlock.audit_denials): per minute, source and code for those naming no known "
+    "key, per minute, key and code for a known key's after the first.",
+)
+REFUSALS_FROM_MEMORY = Counter(
+    "driftlock_authz_refusals_from_memory_total",
+    "Checks of a known key answered with a refusal remembered until it can change (rate limit, quota).",
 )
 AUDIT_DROPPED = Counter(
     "driftlock_audit_entries_dropped_total",

@@ -36,6 +36,8 @@ from authz_service.check.audit import AuditLog
 from authz_service.check.context_signer import ContextSigner
 from authz_service.check.ext_authz import AUTHORIZATION_SERVICE, AuthorizationServicer
 from authz_service.check.grants import GrantStore
+from authz_service.check.key_index import KeyIndex
+from authz_service.check.key_index import database_load as key_index_load
 from authz_service.check.key_last_used import LastUsedRecorder
 from authz_service.check.plan_book import PlanBook
 from authz_service.check.shared_rate_limit import SharedRateLimiter
@@ -74,12 +76,14 @@ MANAGEMENT_SERVICES = (
 HEALTH_SERVICES = ("", AUTHORIZATION_SERVICE, USAGE_SERVICE, *MANAGEMENT_SERVICES)
 
 
-def invalidation_handler(store: GrantStore, plans: PlanBook) -> NotificationHandler:
+def invalidation_handler(store: GrantStore, plans: PlanBook, index: KeyIndex | None = None) -> NotificationHandler:
     def handle(message: dict) -> None:
         table, row_id = message.get("table"), message.get("id")
         if not isinstance(row_id, str):
             return
         if table == "api_keys":
+            if index is not None and "hash" in message:  # a new key: known to the index before its first check
+                index.add_hex(message["hash"])
             store.forget_key(row_id)
         elif table == "organizations":
             store.forget_org(row_id)
@@ -97,7 +101,12 @@ READINESS_LOG_EVERY_SECONDS = 10.0
 
 
 async def _serve_once_the_database_answers(
-    pool: asyncpg.Pool, url: str, health: health_aio.HealthServicer, plans: PlanBook, timeout: float = 5.0
+    pool: asyncpg.Pool,
+    url: str,
+    health: health_aio.HealthServicer,
+    plans: PlanBook,
+    timeout: float = 5.0,
+    index: KeyIndex | None = None,
 ) -> None:
     """Report SERVING from the first time the database answers a query on the schema; until then say, in the
     log, why not (at once, then every READINESS_LOG_EVERY_SECONDS)."""
@@ -123,6 +132,10 @@ async def _serve_once_the_database_answers(
         await asyncio.sleep(delay)
         delay = min(delay * 2, 2.0)
     plans.reload_soon()
+    if index is not None:
+        # Every key known before the first check: right after a start, no key is rationed as if invented.
+        index.reload_soon()
+        await index.wait_loaded()
     for service in HEALTH_SERVICES:
         await health.set(service, health_pb2.HealthCheckResponse.SERVING)
     log.info("the database answered; SERVING")
@@ -248,6 +261,9 @@ class AuthzService:
         self._on_stop(pool.close)
 
         # --- the check pipeline: key cache, plans, meters, audit, rate limits --------------------------------
+        # Every key's hash prefix in memory: invented keys are refused without a query, real ones never rationed.
+        self.key_index = key_index = KeyIndex(key_index_load(pool))
+        self._stack.callback(key_index.stop)
         notifier = None
         if settings.alert_webhook_url:
             notifier = AlertNotifier(
@@ -256,7 +272,9 @@ class AuthzService:
                 settings.require_alert_webhook_secrets(),
                 expiry_seconds=settings.alert_delivery_expiry_hours * 3600,
             )
-        parts = database_parts(pool, settings, replica=self.replica, spill_dir=self.spill_dir, notifier=notifier)
+        parts = database_parts(
+            pool, settings, replica=self.replica, spill_dir=self.spill_dir, notifier=notifier, index=key_index
+        )
         metrics.watch_key_cache(parts.store)
         parts.audit = AuditLog(pool, allow_sample_rate=settings.audit_allow_sample_rate)
         parts.last_used = LastUsedRecorder(pool, interval=settings.key_last_used_interval_seconds)
@@ -316,7 +334,9 @@ class AuthzService:
             await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         readiness = BackgroundTask(
             "readiness",
-            lambda: _serve_once_the_database_answers(pool, startup.database_url, self.health, parts.plans),
+            lambda: _serve_once_the_database_answers(
+                pool, startup.database_url, self.health, parts.plans, index=self.key_index
+            ),
         )
         readiness.start()
         self._on_stop(readiness.stop)
@@ -342,16 +362,22 @@ class AuthzService:
         def on_connect() -> None:
             parts.store.expire_all()
             parts.plans.reload_soon()
+            self.key_index.listener_connected()
+
+        def on_listener_state(up: bool) -> None:
+            metrics.LISTENER_CONNECTED.set(1 if up else 0)
+            if not up:
+                self.key_index.listener_lost()
 
         listener = ChangeListener(
             settings.listen_url(),
             # Refunds stored by any replica: every replica reads the total again at once.
             {
-                INVALIDATE_CHANNEL: invalidation_handler(parts.store, parts.plans),
+                INVALIDATE_CHANNEL: invalidation_handler(parts.store, parts.plans, self.key_index),
                 REFUNDED_CHANNEL: parts.meter.refunded_elsewhere,
             },
             on_connect=on_connect,
-            on_state=lambda up: metrics.LISTENER_CONNECTED.set(1 if up else 0),
+            on_state=on_listener_state,
             application_name="driftlock-authz-listener",
         )
         listener.start()

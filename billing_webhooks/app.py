@@ -46,9 +46,11 @@ SHUTDOWN_GRACE_SECONDS = 10.0
 HEALTH_TIMEOUT_SECONDS = 2.0
 POOL_MAX_SIZE = 8
 # A connection that has not sent a whole request head within this long, or stays idle this long between
-# requests, is closed (aiohttp's keep-alive timer also runs from the connection's start). Envoy's webhooks
-# cluster closes its idle connections sooner (5 s), so it never sends on one being closed here.
-HEADER_TIMEOUT_SECONDS = 15.0
+# requests, is closed (aiohttp's keep-alive timer also runs from the connection's start, and bytes trickling in
+# do not reset it). Short, because the port takes connections from anyone who reaches it: slow connections are
+# held at most this long. Envoy's webhooks cluster closes its idle connections sooner (2 s), so it never sends on
+# one being closed here; Stripe's deliveries arrive through Envoy whole (its buffer filter).
+HEADER_TIMEOUT_SECONDS = 5.0
 
 
 @dataclass

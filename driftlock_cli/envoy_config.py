@@ -150,6 +150,7 @@ def render(
     cors_origins: Sequence[str] = (),
     requests_per_source: int = DEFAULTS.edge_requests_per_source,
     backend_timeout: str | None = None,
+    max_request_bytes: int = DEFAULTS.max_request_bytes,
 ) -> dict:
     """The config for these addresses. The management listener (and its descriptor set's installed path) only
     with `management`, the stats listener only with `stats`; without them those listeners are left out, so that
@@ -194,6 +195,7 @@ def render(
     if cors_origins:
         _set_cors(manager, cors_origins)
     _set_requests_per_source(manager, requests_per_source)
+    _set_max_request_bytes(manager, max_request_bytes)
     if backend_timeout is not None:
         for host in manager["route_config"]["virtual_hosts"]:
             for route in host["routes"]:
@@ -216,6 +218,7 @@ def render_from_settings(settings: Settings) -> dict:
         ext_authz_secret=settings.require_ext_authz_secret().decode(),
         cors_origins=settings.cors_allowed_origins,
         requests_per_source=settings.edge_requests_per_source,
+        max_request_bytes=settings.max_request_bytes,
     )
 
 
@@ -266,14 +269,96 @@ def _set_cors(manager: dict, origins: Sequence[str]) -> None:
         routes = host["routes"]
         after = max(i for i, route in enumerate(routes) if route.get("name") in ROUTES_BEFORE_PREFLIGHT)
         routes.insert(after + 1, copy.deepcopy(CORS_PREFLIGHT_ROUTE))
+    manager["http_filters"].insert(0, _cors_on_every_reply(origins))
+
+
+# Envoy's CORS filter skips what Envoy answers itself (a route's direct response, no route, the checksum and the
+# per-source refusals): a browser then sees an opaque failure instead of `missing_api_key`, the first error every
+# frontend developer meets. This filter, first in the chain, gives every reply to an allowed origin the headers
+# the CORS filter would have, where that filter did not.
+CORS_ON_EVERY_REPLY = "driftlock.cors_on_every_reply"
+_CORS_LUA = """
+local ALLOWED, ANY = {%(origins)s}, %(any)s
+local EXPOSE = "%(expose)s"
+
+function envoy_on_request(handle)
+  local origin = handle:headers():get("origin")
+  if origin ~= nil and (ANY or ALLOWED[origin]) then
+    handle:streamInfo():dynamicMetadata():set("driftlock.cors", "origin", origin)
+  end
+end
+
+function envoy_on_response(handle)
+  local cors = handle:streamInfo():dynamicMetadata():get("driftlock.cors")
+  if cors == nil then return end
+  local headers = handle:headers()
+  if headers:get("access-control-allow-origin") == nil then
+    headers:add("access-control-allow-origin", cors["origin"])
+    headers:add("access-control-expose-headers", EXPOSE)
+    headers:add("vary", "origin")
+  end
+end
+"""
+
+
+def _cors_on_every_reply(origins: Sequence[str]) -> dict:
+    def lua_string(text: str) -> str:
+        return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    listed = ", ".join(f"[{lua_string(origin)}] = true" for origin in origins if origin != "*")
+    script = _CORS_LUA % {
+        "origins": listed,
+        "any": "true" if "*" in origins else "false",
+        "expose": CORS_EXPOSE_HEADERS,
+    }
+    return {
+        "name": CORS_ON_EVERY_REPLY,
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
+            "default_source_code": {"inline_string": script},
+        },
+    }
+
+
+BUFFER_FILTER = "envoy.filters.http.buffer"
+
+
+def _set_max_request_bytes(manager: dict, limit: int) -> None:
+    """The body cap of every API route (those forwarding to the backend with the buffer filter on)."""
+    for host in manager["route_config"]["virtual_hosts"]:
+        for route in host["routes"]:
+            buffer = route.get("typed_per_filter_config", {}).get(BUFFER_FILTER)
+            if buffer is not None and route.get("route", {}).get("cluster") == "backend":
+                buffer["buffer"]["max_request_bytes"] = limit
+
+
+REFUSALS_LINE = "local REFUSALS_PER_SOURCE = 1000"
+LUA_FILTER = "envoy.filters.http.lua"
+
+
+def _set_refusals_per_source(manager: dict, per_second: int) -> None:
+    """The checksum filter's limit on refused requests per address (the API routes' per-source limit)."""
+    lua = _http_filter(manager, LUA_FILTER)
+    if lua is None:
+        return
+    code = lua["typed_config"]["default_source_code"]
+    if REFUSALS_LINE not in code["inline_string"]:
+        raise SettingsError("the Envoy config's checksum filter has no per-source refusal limit to set")
+    code["inline_string"] = code["inline_string"].replace(
+        REFUSALS_LINE, f"local REFUSALS_PER_SOURCE = {max(0, per_second)}"
+    )
 
 
 def _set_requests_per_source(manager: dict, per_second: int) -> None:
+    _set_refusals_per_source(manager, per_second)
     limiter = _http_filter(manager, PER_SOURCE_FILTER)
     if limiter is None:
         return
     if per_second <= 0:
         manager["http_filters"].remove(limiter)
+        for host in manager["route_config"]["virtual_hosts"]:
+            for route in host["routes"]:
+                route.get("typed_per_filter_config", {}).pop(PER_SOURCE_FILTER, None)
         return
     (descriptor,) = limiter["typed_config"]["descriptors"]
     # A second's worth at once, refilled ten times a second when the rate divides, so that a client just under

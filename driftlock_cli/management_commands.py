@@ -99,7 +99,10 @@ async def cmd_keys_update(args: argparse.Namespace, settings: Settings, out: Pri
         )
 
     async def update(conn: db.Connection) -> api_keys.ApiKey:
-        key = await api_keys.update_key(conn, args.key_id, **changes)
+        try:
+            key = await api_keys.update_key(conn, args.key_id, **changes)
+        except api_keys.KeyStateError as error:
+            raise ManagementCommandError(str(error)) from None
         await admin_audit.record(
             conn, admin_audit.cli_actor(), "keys.update", org_id=key.org_id, key_id=key.id,
             detail={"changed": sorted(changes)},

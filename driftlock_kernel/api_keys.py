@@ -10,7 +10,7 @@ from typing import Any
 
 from driftlock_kernel import db
 from driftlock_kernel.keys import ALL_SCOPES, Environment, Scope, generate_key
-from driftlock_kernel.orgs import NotFound, get_org
+from driftlock_kernel.orgs import NotFound, check_name, get_org, has_control_characters
 from driftlock_kernel.paging import Cursor
 from driftlock_kernel.plans import UNCHANGED, Unchanged
 
@@ -26,6 +26,19 @@ class KeyStateError(Exception):
 
 class InvalidMetadata(ValueError):
     pass
+
+
+def _check_metadata_text(value: Any, path: str) -> None:
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if not isinstance(key, str) or has_control_characters(key):
+                raise InvalidMetadata(f"metadata keys must not contain control characters (at {path or 'the top'})")
+            _check_metadata_text(item, f"{path}.{key}" if path else key)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_metadata_text(item, f"{path}[{index}]")
+    elif isinstance(value, str) and "\x00" in value:
+        raise InvalidMetadata(f"metadata values must not contain NUL characters (at {path})")
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +85,7 @@ def check_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
         raise InvalidMetadata("metadata must be plain JSON") from None
     if size > MAX_METADATA_BYTES:
         raise InvalidMetadata(f"metadata is {size} bytes as JSON; at most {MAX_METADATA_BYTES}")
+    _check_metadata_text(metadata, "")
     return dict(metadata)
 
 
@@ -92,6 +106,8 @@ async def create_key(
     metadata: Mapping[str, Any] | None = None,
 ) -> tuple[ApiKey, str]:
     """Store a new key; return it with its secret, which exists nowhere else from now on."""
+    if name is not None:
+        check_name(name)
     await get_org(conn, org_id)
     new = generate_key(environment)
     row = await conn.fetchrow(
@@ -155,6 +171,23 @@ async def update_key(
     """Change what is given, keep the rest (expires_in None: never expires). Every replica drops its cached
     grant for the key within a second (the table's trigger), so a narrower scope applies at once."""
     checked = UNCHANGED if metadata is UNCHANGED else check_metadata(metadata)
+    if name is not UNCHANGED and name is not None:
+        check_name(name)
+    if expires_in is not UNCHANGED:
+        # A revoked key, or one whose secret was rolled away, must never serve again: giving it a later expiry
+        # (or none) would bring its old secret back beside its successor. Locked, so a roll or revocation
+        # cannot slip in between this look and the update.
+        state = await conn.fetchrow(
+            "SELECT revoked_at, rolled_to FROM driftlock.api_keys WHERE id = $1 FOR UPDATE", key_id
+        )
+        if state is None:
+            raise NotFound(f"no API key with id {key_id}")
+        if state["revoked_at"] is not None:
+            raise KeyStateError(f"key {key_id} is revoked; its expiry cannot change (create a new key instead)")
+        if state["rolled_to"] is not None:
+            raise KeyStateError(
+                f"key {key_id} was rolled to {state['rolled_to']}; its expiry cannot change (update that key instead)"
+            )
     row = await conn.fetchrow(
         """UPDATE driftlock.api_keys SET
                name = CASE WHEN $2 THEN $3 ELSE name END,

@@ -1,5 +1,6 @@
 """Organisations: the store behind `orgs create|show|list|set-plan|suspend|resume` and the management API."""
 
+import unicodedata
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -13,6 +14,23 @@ from driftlock_kernel.periods import Period, current_period
 
 class NotFound(OperatorError):
     """A named record does not exist; the message says which, for the operator."""
+
+
+class InvalidName(OperatorError, ValueError):
+    """A name no screen or log can show as given (the CLI prints it as its one-line error)."""
+
+
+def has_control_characters(text: str) -> bool:
+    """NUL, line breaks, escapes, DEL, C1: a name shown in a dashboard, a log line or a table holds none of them
+    (and PostgreSQL cannot store a NUL at all, so letting one through fails later, not here)."""
+    return any(unicodedata.category(char) == "Cc" for char in text)
+
+
+def check_name(name: str, *, field: str = "name") -> str:
+    """A key's or organisation's name as given, or InvalidName when it holds a control character."""
+    if has_control_characters(name):
+        raise InvalidName(f"{field} must not contain control characters")
+    return name
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +84,7 @@ async def plan_exists(conn: db.Connection, name: str) -> bool:
 
 
 async def create_org(conn: db.Connection, name: str, *, plan: str = FREE_PLAN) -> Organization:
+    check_name(name)
     if not await plan_exists(conn, plan):
         raise NotFound(f"no plan named {plan!r} (see `driftlock-gateway plans list`)")
     row = await conn.fetchrow(

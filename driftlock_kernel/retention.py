@@ -47,23 +47,26 @@ class PrunedTable:
     key_column: str
     keep_condition: str | None = None  # rows matching it are never pruned
     minimum: timedelta = timedelta(days=1)
+    row_column: str | None = None  # what tells one row from another, when key_column does not
 
     def delete_sql(self) -> str:
         keep = f" AND NOT ({self.keep_condition})" if self.keep_condition else ""
+        row = self.row_column or self.key_column
         # Identifiers come from this module's constants, never from input; the values are parameters.
         return f"""
             WITH doomed AS (
-                SELECT {self.key_column} FROM {self.table}
+                SELECT {row} FROM {self.table}
                 WHERE {self.time_column} < now() - $1::interval{keep}
                 LIMIT $2 FOR UPDATE SKIP LOCKED)
-            DELETE FROM {self.table} t USING doomed WHERE t.{self.key_column} = doomed.{self.key_column}"""
+            DELETE FROM {self.table} t USING doomed WHERE t.{row} = doomed.{row}"""
 
 
 TABLES: dict[str, PrunedTable] = {
     t.name: t
     for t in (
         PrunedTable("meter_flushes", "driftlock.meter_flushes", "flushed_at", "flush_id"),
-        PrunedTable("usage_reports", "driftlock.usage_reports", "reported_at", "request_id"),
+        # A request id is unique per organisation only: the doomed rows are told apart by their physical address.
+        PrunedTable("usage_reports", "driftlock.usage_reports", "reported_at", "request_id", row_column="ctid"),
         PrunedTable("audit_log", "driftlock.audit_log", "at", "id"),
         PrunedTable("audit_denials", "driftlock.audit_denials", "minute", "id"),
         PrunedTable(

@@ -324,6 +324,14 @@ class Settings:
     edge_requests_per_source: int = setting(
         EDGE, "DRIFTLOCK_EDGE_REQUESTS_PER_SOURCE", 1000, integer(), "requests/s per client address (0: no limit)"
     )
+    # Envoy answers 413 payload_too_large past it; raise it for large ingestion batches.
+    max_request_bytes: int = setting(
+        EDGE,
+        "DRIFTLOCK_MAX_REQUEST_BYTES",
+        10 * 1024 * 1024,
+        integer(minimum=1, maximum=2**32 - 1),
+        "the largest request body an API route takes",
+    )
 
     # --- authz check ---
     authz_host: str = setting(CHECK, "DRIFTLOCK_AUTHZ_HOST", "0.0.0.0", text, "address authz's gRPC listens on")
@@ -675,17 +683,41 @@ class Settings:
         return self.database_listen_url or self.require_database_url()
 
     def require_jwt_secret(self) -> bytes:
+        self.refuse_equal_signing_secrets()
         return require_strong_secret("DRIFTLOCK_JWT_SECRET", self.jwt_secret)
 
     def require_ext_authz_secret(self) -> bytes:
         """The secret Envoy shows authz with every check (authz and `driftlock-gateway envoy` both need it)."""
+        self.refuse_equal_signing_secrets()
         return require_strong_secret("DRIFTLOCK_EXT_AUTHZ_SECRET", self.ext_authz_secret)
+
+    def refuse_equal_signing_secrets(self) -> None:
+        """Each secret guards a different door and is seen by different parties (the ext_authz secret sits in
+        Envoy's rendered config and /config_dump; the context secret with every backend): two equal ones let
+        whoever holds one open both doors."""
+        named = [
+            ("DRIFTLOCK_JWT_SECRET", self.jwt_secret),
+            ("DRIFTLOCK_ADMIN_TOKEN_SECRET", self.admin_token_secret),
+            ("DRIFTLOCK_EXT_AUTHZ_SECRET", self.ext_authz_secret),
+            *(("DRIFTLOCK_ALERT_WEBHOOK_SECRET", secret) for secret in self.alert_webhook_secrets),
+        ]
+        seen: dict[str, str] = {}
+        for name, value in named:
+            if not value:
+                continue
+            if value in seen and seen[value] != name:
+                raise SettingsError(
+                    f"{name} must differ from {seen[value]}: every signing secret needs its own value "
+                    "(openssl rand -base64 48 makes one)"
+                )
+            seen.setdefault(value, name)
 
     def admin_secret(self) -> bytes | None:
         """The management API's token secret, checked: None when unset (the API then refuses every call)."""
         if not self.admin_token_secret:
             return None
         secret = require_strong_secret("DRIFTLOCK_ADMIN_TOKEN_SECRET", self.admin_token_secret)
+        self.refuse_equal_signing_secrets()
         if self.jwt_secret and secret == self.jwt_secret.encode():
             raise SettingsError(
                 "DRIFTLOCK_ADMIN_TOKEN_SECRET must differ from DRIFTLOCK_JWT_SECRET: whoever can verify context "

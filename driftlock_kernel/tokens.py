@@ -90,7 +90,7 @@ def verify_admin_token(token: str, secret: bytes, *, now: float | None = None) -
         raise InvalidAdminToken("the token's signature does not verify with DRIFTLOCK_ADMIN_TOKEN_SECRET") from None
     except jwt.PyJWTError as error:
         raise InvalidAdminToken(f"the token is not valid: {error}") from None
-    issuer, subject, org_id = claims["iss"], claims.get("sub"), claims.get("org_id")
+    issuer, subject = claims["iss"], claims.get("sub")
     if not isinstance(issuer, str) or not 0 < len(issuer) <= MAX_ISSUER_LENGTH:
         raise InvalidAdminToken(f"the token's iss must name the caller (1 to {MAX_ISSUER_LENGTH} characters)")
     exp = claims["exp"]
@@ -105,12 +105,15 @@ def verify_admin_token(token: str, secret: bytes, *, now: float | None = None) -
         raise InvalidAdminToken("the token's iat is in the future")
     if subject is not None and (not isinstance(subject, str) or len(subject) > MAX_ISSUER_LENGTH):
         raise InvalidAdminToken(f"the token's sub must be a string of at most {MAX_ISSUER_LENGTH} characters")
+    # Only a token with no org_id claim at all is an operator's: `"org_id": null` (what `{"org_id":
+    # user.org_id}` mints for a user without an organisation), "" or a list must never widen a token.
     scope = None
-    if org_id is not None:
+    if "org_id" in claims:
+        org_id = claims["org_id"]
         try:
-            scope = uuid.UUID(str(org_id)) if isinstance(org_id, str) else None
+            scope = uuid.UUID(org_id) if isinstance(org_id, str) else None
         except ValueError:
             scope = None
         if scope is None:
-            raise InvalidAdminToken("the token's org_id must be an organisation id (a UUID)")
+            raise InvalidAdminToken("the token's org_id must be an organisation id (a UUID string)")
     return AdminCaller(issuer, subject, scope)

@@ -16,6 +16,7 @@ from authz_service import metrics
 from authz_service.check.audit import AuditLog
 from authz_service.check.authorizer import Authorizer
 from authz_service.check.grants import Fetch, GrantStore, database_fetch
+from authz_service.check.key_index import KeyIndex
 from authz_service.check.key_last_used import LastUsedRecorder
 from authz_service.check.lookup_budget import LookupBudget
 from authz_service.check.plan_book import PlanBook, database_load
@@ -65,10 +66,12 @@ def assemble_authorizer(
     )
 
 
-def grant_store(fetch: Fetch, settings: Settings = DEFAULT_SETTINGS) -> GrantStore:
-    """The key cache over `fetch`, sized and timed by the settings."""
+def grant_store(fetch: Fetch, settings: Settings = DEFAULT_SETTINGS, index: KeyIndex | None = None) -> GrantStore:
+    """The key cache over `fetch`, sized and timed by the settings; with `index` (every key's hash prefix), a
+    key that is not in it is refused from memory rather than rationed."""
     return GrantStore(
         fetch,
+        index=index,
         ttl=settings.key_cache_ttl_seconds,
         negative_ttl=settings.key_cache_negative_ttl_seconds,
         stale_for=settings.key_cache_stale_seconds,
@@ -90,10 +93,11 @@ def database_parts(
     replica: str,
     spill_dir: Path | None = None,
     notifier: AlertNotifier | None = None,
+    index: KeyIndex | None = None,
 ) -> CheckParts:
     """The parts as production has them over a database: grants and plans read from it, usage counted into it
     (test keys' usage in tables of its own, never billed)."""
-    store = grant_store(database_fetch(pool, timeout=settings.database_lookup_timeout_seconds), settings)
+    store = grant_store(database_fetch(pool, timeout=settings.database_lookup_timeout_seconds), settings, index)
     meter = Meter(
         UsageLedger(stale_after=settings.usage_refresh_seconds),
         MeterStore(pool, replica=replica, rollups=settings.usage_rollups),  # with the usage history

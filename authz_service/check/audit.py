@@ -1,8 +1,11 @@
 """The audit log: every denial of a known key and a sample of allows, one row each; denials that name no known key,
 counted. All written in batches off the request path.
 
-- A request that a known key made (allowed and sampled, or denied: revoked, expired, suspended, out of scope,
-  rate-limited, unpaid, over quota) is one row of `driftlock.audit_log`, always.
+- A request that a known key made and that was allowed (sampled) is one row of `driftlock.audit_log`.
+- A denial of a known key (revoked, expired, suspended, out of scope, rate-limited, unpaid, over quota) is one
+  row of `driftlock.audit_log` the first time this replica sees its (minute, key, code); the rest of that minute
+  are counted in `driftlock.audit_denials` by key (source `*`), like those naming no key. A refused key sent
+  from many addresses as fast as they can then costs a few rows a minute, not one per request.
 - A denial that names no known key (no key, a malformed or unknown one, or authz unable to tell) is counted in
   `driftlock.audit_denials`, one row per minute, source address and code with the count, the first and last
   time and the first request of the minute as an example. Such denials cost a client nothing to cause, so one
@@ -48,10 +51,11 @@ SELECT * FROM unnest($1::timestamptz[], $2::text[], $3::uuid[], $4::uuid[], $5::
 
 # Replicas add to the same rows: each write adds its counts to what is there.
 COUNT_SQL = """
-INSERT INTO driftlock.audit_denials AS d (minute, source, code, count, first_at, last_at, request_id, method, path)
+INSERT INTO driftlock.audit_denials AS d
+    (minute, source, code, count, first_at, last_at, request_id, method, path, org_id, key_id)
 SELECT * FROM unnest($1::timestamptz[], $2::text[], $3::text[], $4::bigint[], $5::timestamptz[],
-                     $6::timestamptz[], $7::text[], $8::text[], $9::text[])
-ON CONFLICT (minute, source, code) DO UPDATE
+                     $6::timestamptz[], $7::text[], $8::text[], $9::text[], $10::uuid[], $11::uuid[])
+ON CONFLICT (minute, source, code, key_id) DO UPDATE
 SET count = d.count + excluded.count,
     first_at = least(d.first_at, excluded.first_at),
     last_at = greatest(d.last_at, excluded.last_at)
@@ -75,6 +79,11 @@ class AuditEntry:
         """A denial that names no known key: counted, not kept one by one."""
         return self.decision == "deny" and self.key_id is None
 
+    @property
+    def of_known_key(self) -> bool:
+        """A denial of a known key: its first in a minute kept whole, the rest counted."""
+        return self.decision == "deny" and self.key_id is not None
+
 
 @dataclass(slots=True)
 class _Count:
@@ -84,9 +93,10 @@ class _Count:
     request_id: str
     method: str
     path: str
+    org_id: str | None = None
 
 
-CountKey = tuple[datetime, str, str]  # minute, source, code
+CountKey = tuple[datetime, str, str, str | None]  # minute, source, code, key id (None: no known key)
 
 
 def audit_path(path: str) -> str:
@@ -98,7 +108,10 @@ def audit_path(path: str) -> str:
 def count_key(entry: AuditEntry) -> CountKey:
     stamp = entry.at.timestamp()
     minute = datetime.fromtimestamp(stamp - stamp % COUNT_WINDOW_SECONDS, UTC)
-    return minute, entry.source[:MAX_SOURCE], entry.code
+    if entry.key_id is not None:
+        # Per key, whatever address sent it: a refused key sent from a hundred addresses is one row a minute.
+        return minute, MANY_SOURCES, entry.code, entry.key_id
+    return minute, entry.source[:MAX_SOURCE], entry.code, None
 
 
 class DenialCounts:
@@ -115,10 +128,10 @@ class DenialCounts:
         key = count_key(entry)
         found = self._counts.get(key)
         if found is None and len(self._counts) >= self._max_groups:
-            key = (key[0], MANY_SOURCES, key[2])
+            key = (key[0], MANY_SOURCES, key[2], key[3])
             found = self._counts.get(key)
         if found is None:
-            self._counts[key] = _Count(1, entry.at, entry.at, entry.request_id, entry.method, entry.path)
+            self._counts[key] = _Count(1, entry.at, entry.at, entry.request_id, entry.method, entry.path, entry.org_id)
             return
         found.count += 1
         found.last_at = max(found.last_at, entry.at)
@@ -134,7 +147,7 @@ class DenialCounts:
             found = self._counts.get(key)
             if found is None:
                 if len(self._counts) >= self._max_groups and key[1] != MANY_SOURCES:
-                    key = (key[0], MANY_SOURCES, key[2])
+                    key = (key[0], MANY_SOURCES, key[2], key[3])
                     found = self._counts.get(key)
                 if found is None:
                     self._counts[key] = old
@@ -158,6 +171,9 @@ class AuditLog:
         self._allow_sample_rate = allow_sample_rate
         self._queue: deque[AuditEntry] = deque()
         self._counts = DenialCounts()
+        # (key id, code) of the known-key denials kept whole this minute, and which minute that is.
+        self._kept: set[tuple[str, str]] = set()
+        self._kept_minute = 0.0
         self._max_queue = max_queue
         self._batch_size = batch_size
         self._writer = every(flush_interval, self._write_all, name="audit-writer")
@@ -172,10 +188,27 @@ class AuditLog:
         if entry.counted:
             self._counts.add(entry)
             return
+        if entry.of_known_key and not self._first_this_minute(entry):
+            self._counts.add(entry)
+            return
         if len(self._queue) >= self._max_queue:
             metrics.AUDIT_DROPPED.inc()
             return
         self._queue.append(entry)
+
+    def _first_this_minute(self, entry: AuditEntry) -> bool:
+        stamp = entry.at.timestamp()
+        minute = stamp - stamp % COUNT_WINDOW_SECONDS
+        if minute != self._kept_minute:
+            self._kept_minute = minute
+            self._kept.clear()
+        group = (entry.key_id or "", entry.code)
+        if group in self._kept:
+            return False
+        if len(self._kept) >= MAX_COUNTED:
+            return False  # bounded: past it, every new group of the minute is counted only
+        self._kept.add(group)
+        return True
 
     def start(self) -> None:
         self._writer.start()
@@ -234,6 +267,8 @@ class AuditLog:
                 [c.request_id for c in counts],
                 [c.method for c in counts],
                 [c.path for c in counts],
+                [c.org_id for c in counts],
+                [key[3] for key in keys],
             )
         except db.DATABASE_ERRORS as error:
             self._counts.put_back(taken)

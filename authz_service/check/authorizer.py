@@ -87,6 +87,12 @@ class AccessRequest:
 MAX_REMEMBERED_ROUTES = 1_000
 MAX_REMEMBERED_CREDENTIALS = 10_000
 
+# A refusal that cannot change for a while (a rate limit until its bucket has a token again, a quota) is
+# answered from memory for up to this long: a refused key sent as fast as a client can costs a dictionary look-up,
+# not a check. Bounded by the 1 s in which a plan change or a refund must reach every replica.
+REFUSAL_MEMORY_SECONDS = 1.0
+MAX_REMEMBERED_REFUSALS = 10_000
+
 # A billable call is not counted when less than this is left before Envoy's deadline: Envoy would answer the
 # client 503 while the unit stayed counted. (The rest of a check takes microseconds.)
 DEADLINE_MARGIN_SECONDS = 0.05
@@ -148,6 +154,8 @@ class Authorizer:
         self._credentials: LruCache[tuple[str | None, str | None], ParsedKey | DenyCode] = LruCache(
             MAX_REMEMBERED_CREDENTIALS
         )
+        # (key hash, route) -> a refusal and until when it holds (this clock).
+        self._refusals: LruCache[tuple[bytes, Route], tuple[CheckOutcome, float]] = LruCache(MAX_REMEMBERED_REFUSALS)
 
     async def check(self, request: AccessRequest) -> CheckOutcome:
         outcome = await self._decide(request)
@@ -191,6 +199,17 @@ class Authorizer:
         credential = self._credential(request.headers)
         if isinstance(credential, DenyCode):
             return CheckOutcome(deny(credential), route=route)
+        remembered = self._refusals.get((credential.hash, route))
+        if remembered is not None and self._clock() < remembered[1]:
+            metrics.REFUSALS_FROM_MEMORY.inc()
+            return remembered[0]
+        outcome = await self._decide_for_key(request, route, credential)
+        hold = _refusal_holds_for(outcome)
+        if hold > 0.0:
+            self._refusals.put((credential.hash, route), (outcome, self._clock() + hold))
+        return outcome
+
+    async def _decide_for_key(self, request: AccessRequest, route: Route, credential: ParsedKey) -> CheckOutcome:
         # grant
         try:
             grant = await self._store.get(credential.hash, request)
@@ -393,6 +412,21 @@ class Authorizer:
                 refused = self._at_cap(refused, usage_key)
             return CheckOutcome(refused, grant, route, plan=plan_name, rate=rate)
         return CheckOutcome(ALLOW, grant, route, billed=billed, plan=plan_name, rate=rate, usage=usage)
+
+
+def _refusal_holds_for(outcome: CheckOutcome) -> float:
+    """Seconds the refusal of a known key cannot change (as far as this replica can tell); 0 for anything else."""
+    code = outcome.decision.code
+    if outcome.grant is None or code is None:
+        return 0.0
+    if code is DenyCode.RATE_LIMITED:
+        refill = outcome.rate.refill_seconds if outcome.rate is not None else None
+        return min(refill, REFUSAL_MEMORY_SECONDS) if refill is not None else 0.0
+    if code is DenyCode.QUOTA_EXCEEDED and outcome.decision.retry_after is not None:
+        if outcome.decision.retry_after <= REFUNDS_PENDING_RETRY_AFTER:
+            return 0.0  # a refund of a call still under way may free a unit any moment: decided afresh each time
+        return min(float(outcome.decision.retry_after), REFUSAL_MEMORY_SECONDS)
+    return 0.0
 
 
 def _audit_entry(request: AccessRequest, outcome: CheckOutcome) -> AuditEntry:

@@ -4,9 +4,14 @@
 - Verified keys and unknown keys live in two bounded caches: keys made up by a client (as many as it likes)
   only ever evict other unknown keys, never a verified one, so they cannot flush the entries that carry
   customers through a database outage.
-- Looking up a key this replica has not verified is rationed (`LookupBudget`: overall and per source address,
-  spent only by look-ups that find nothing); past the budget the answer is `LookupRationed`, a kind of
-  `StoreUnavailable`, without a query. A verified key is looked up again whenever its TTL asks, unrationed.
+- With a `KeyIndex` (every key's hash prefix, in memory) that is ready, a key it holds is looked up unrationed,
+  whatever floods the replica; a key it does not hold was never issued: it is looked up only while the budget
+  lasts (in case it was created a moment ago and its notification is still on its way), and past the budget it
+  is unknown at once, from memory.
+- Without a ready index, looking up a key this replica has not verified is rationed (`LookupBudget`: overall and
+  per source address, spent only by look-ups that find nothing); past the budget the answer is
+  `LookupRationed`, a kind of `StoreUnavailable`, without a query. A verified key is looked up again whenever
+  its TTL asks, unrationed.
 - Many requests missing on the same key at once share one database query, and misses on different keys that
   queue behind the look-ups under way go together in the next one (`database_fetch`).
 - A change pushed by the database (revocation, suspension, billing change) drops the affected entries at once.
@@ -29,6 +34,7 @@ from typing import Protocol
 import asyncpg
 
 from authz_service.check.decision import Grant
+from authz_service.check.key_index import KeyIndex
 from authz_service.check.lookup_budget import LookupBudget
 from driftlock_kernel import db
 from driftlock_kernel.billing import BillingStatus
@@ -66,6 +72,7 @@ class CacheResult(StrEnum):
     STALE = "stale"
     ERROR = "error"
     RATIONED = "rationed"
+    NOT_ISSUED = "not_issued"  # not in the key index, and the look-up budget spent: unknown, from memory
 
 
 @dataclass(slots=True)
@@ -87,6 +94,7 @@ class GrantStore:
         fetch_timeout: float,
         max_unknown_entries: int = 10_000,
         budget: LookupBudget | None = None,
+        index: KeyIndex | None = None,
         clock: Callable[[], float] = time.monotonic,
         on_result: Callable[[CacheResult], None] = lambda result: None,
     ):
@@ -98,6 +106,7 @@ class GrantStore:
         self._clock = clock
         self._on_result = on_result
         self._budget = budget
+        self._index = index
         self._known: LruCache[bytes, _Entry] = LruCache(max_entries)
         self._unknown: LruCache[bytes, _Entry] = LruCache(max_unknown_entries)
         self._fetches: SingleFlight[bytes, Grant | None] = SingleFlight()
@@ -135,9 +144,17 @@ class GrantStore:
         else:
             # A key this replica has not verified: the look-up is paid from the budget, unless the key exists.
             source = None
-            if known is None and self._budget is not None:
+            issued = known is not None or (
+                self._index is not None and self._index.ready and self._index.may_contain(key_hash)
+            )
+            if not issued and self._budget is not None:
                 source = requester.source if requester is not None else ""
                 if not self._budget.reserve(source):
+                    if self._index is not None and self._index.ready:
+                        # Never issued (or issued within the last moment, its notification not yet here: the
+                        # client's retry finds it): refused from memory, not cached, no query.
+                        self._on_result(CacheResult.NOT_ISSUED)
+                        return None
                     self._on_result(CacheResult.RATIONED)
                     raise LookupRationed("the budget for looking up unknown keys is spent")
             since = self._invalidations

@@ -22,6 +22,8 @@ class RateVerdict:
     remaining: int  # whole requests left in the bucket after this one
     reset_seconds: int  # until the bucket is full again
     retry_after: int | None  # when denied: seconds until one request fits
+    # When denied: exactly how long until one request fits (retry_after is this, rounded up); None when unknown.
+    refill_seconds: float | None = None
 
     def headers(self) -> dict[str, str]:
         limit = int(self.limit) if float(self.limit).is_integer() else self.limit
@@ -64,4 +66,5 @@ class RateLimiter:
             remaining=int(tokens),
             reset_seconds=math.ceil((capacity - tokens) / rate),
             retry_after=None if allowed else max(1, math.ceil((1.0 - tokens) / rate)),
+            refill_seconds=None if allowed else (1.0 - tokens) / rate,
         )

@@ -81,13 +81,18 @@ class Call:
                 f"this token may touch only organisation {self.caller.org_id}",
             )
 
-    def require_all_orgs(self, what: str) -> None:
+    def require_operator(self, what: str) -> None:
+        """Operator-only calls (contract: "Management API"): an organisation token acts for a customer, who must
+        not lift its own suspension, pick its own plan, report usage or see other organisations."""
         if self.caller.org_id is not None:
             raise ApiError(
                 grpc.StatusCode.PERMISSION_DENIED,
-                "organisation_token",
-                f"a token restricted to one organisation cannot {what}",
+                "operator_only",
+                f"only an operator token (one without an org_id claim) may {what}",
             )
+
+    # The earlier name: every call that needs all organisations is operator-only.
+    require_all_orgs = require_operator
 
     async def audit(
         self,

@@ -41,6 +41,8 @@ def _scopes(names: Iterable[str]) -> tuple[Scope, ...]:
 def _name(text: str) -> str | None:
     if len(text) > MAX_NAME_LENGTH:
         raise invalid(f"name must be at most {MAX_NAME_LENGTH} characters")
+    if orgs.has_control_characters(text):
+        raise invalid("name must not contain control characters")
     return text or None
 
 
@@ -218,7 +220,10 @@ class KeyServicer(keys_pb2_grpc.KeyServiceServicer):
                 raise invalid("nothing to change: give name, scopes, expires_in_seconds, never_expires or metadata")
             async with self._pool.acquire() as conn, conn.transaction():
                 key = await self._key_of_caller(conn, call, request.key_id)
-                updated = await api_keys.update_key(conn, key.id, **changes)
+                try:
+                    updated = await api_keys.update_key(conn, key.id, **changes)
+                except api_keys.KeyStateError as error:
+                    raise _precondition(str(error)) from None
                 await call.audit(
                     conn, "keys.update", org_id=key.org_id, key_id=key.id, detail={"changed": sorted(changes)}
                 )
@@ -281,9 +286,10 @@ class OrganizationServicer(orgs_pb2_grpc.OrganizationServiceServicer):
         self, request: orgs_pb2.CreateOrganizationRequest, context: grpc.aio.ServicerContext
     ) -> orgs_pb2.Organization:
         async def create(call: Call) -> orgs_pb2.Organization:
-            call.require_all_orgs("create an organisation")
+            call.require_operator("create an organisation")
             if not 1 <= len(request.name) <= MAX_NAME_LENGTH:
                 raise invalid(f"name must be 1 to {MAX_NAME_LENGTH} characters")
+            _name(request.name)
             async with self._pool.acquire() as conn, conn.transaction():
                 await _require_plan(conn, request.plan or FREE_PLAN)
                 org = await orgs.create_org(conn, request.name, plan=request.plan or FREE_PLAN)
@@ -305,6 +311,7 @@ class OrganizationServicer(orgs_pb2_grpc.OrganizationServiceServicer):
         self, request: orgs_pb2.ListOrganizationsRequest, context: grpc.aio.ServicerContext
     ) -> orgs_pb2.ListOrganizationsResponse:
         async def list_page(call: Call) -> orgs_pb2.ListOrganizationsResponse:
+            call.require_operator("list organisations")
             size, after = _page(request.page_size, request.page_token)
             async with self._pool.acquire() as conn:
                 found, cursor = await orgs.list_orgs_page(conn, limit=size, after=after, only=call.caller.org_id)
@@ -319,6 +326,7 @@ class OrganizationServicer(orgs_pb2_grpc.OrganizationServiceServicer):
         self, request: orgs_pb2.SetPlanRequest, context: grpc.aio.ServicerContext
     ) -> orgs_pb2.Organization:
         async def set_plan(call: Call) -> orgs_pb2.Organization:
+            call.require_operator("set an organisation's plan")
             if not request.plan:
                 raise invalid("plan is required")
             async with self._pool.acquire() as conn, conn.transaction():
@@ -337,6 +345,7 @@ class OrganizationServicer(orgs_pb2_grpc.OrganizationServiceServicer):
 
         async def method(request: Any, context: grpc.aio.ServicerContext) -> orgs_pb2.Organization:
             async def change(call: Call) -> orgs_pb2.Organization:
+                call.require_operator("suspend or resume an organisation")
                 async with self._pool.acquire() as conn, conn.transaction():
                     org = await self._org_of_caller(conn, call, request.org_id)
                     changed = await orgs.set_suspended(conn, org.id, suspended)

@@ -1,9 +1,10 @@
 """The usage API for the backend (proto/driftlock_api/usage/v1/usage.proto), on the authz port.
 
-WIRE: calls carry the admin token (admin_api.py; one with an `org_id` claim reads and reports for that
-organisation only). It reads and counts through the same meter as ext_authz (a reported unit is pooled, flushed,
-alerted on and enforced exactly like a unit counted at the edge), reads organisations through the kernel's store,
-and decides nothing itself: the payment rule is billing.payment_blocks_billable, the one authz enforces.
+WIRE: calls carry the admin token (admin_api.py; one with an `org_id` claim reads that organisation's usage
+only, and only an operator token may report usage). It reads and counts through the same meter as ext_authz (a
+reported unit is pooled, flushed, alerted on and enforced exactly like a unit counted at the edge), reads
+organisations through the kernel's store, and decides nothing itself: the payment rule is
+billing.payment_blocks_billable, the one authz enforces.
 """
 
 import time
@@ -97,6 +98,7 @@ class UsageServicer(usage_pb2_grpc.UsageServiceServicer):
         return await self._gate.run(context, "usage.report", lambda call: self._report_usage(call, request))
 
     async def _report_usage(self, call: Call, request: usage_pb2.ReportUsageRequest) -> usage_pb2.ReportUsageResponse:
+        call.require_operator("report usage")  # the Go backend's call: a customer must not bill itself
         if not 1 <= len(request.request_id) <= 200:
             raise invalid("request_id must be 1 to 200 characters")
         # The product becomes a metric label (driftlock_usage_units_total): only the kernel's known products keep

@@ -20,8 +20,9 @@ from driftlock_kernel import db
 # Applies a batch exactly once and reads back the pooled totals of every organisation and period it touched.
 # - The flush id goes into meter_flushes first; if it is there already (a retry after a lost commit
 #   acknowledgement), the counted units are not added again.
-# - Backend reports and refunds are idempotent on their own: a request id already stored adds (or takes back)
-#   nothing. A refund takes its units back from the counter of the period, product and terms it was billed to.
+# - Backend reports and refunds are idempotent on their own: a request id already stored (for a report: by the
+#   same organisation) adds (or takes back) nothing. A refund takes its units back from the counter of the
+#   period, product and terms it was billed to.
 # - Counters are kept per terms (plan, Stripe meter, Stripe customer, recorded when the unit was counted:
 #   $19-$27), so that a plan change starts new counters rather than moving the old units to the new plan.
 # - Counters are upserted in key order, so two replicas flushing the same organisations lock rows in the same
@@ -53,7 +54,7 @@ reported AS (
                 $12::bigint[])
          AS r(request_id, org_id, period_start, product, plan_name, stripe_meter, stripe_customer_id, units)
     WHERE EXISTS (SELECT 1 FROM driftlock.organizations o WHERE o.id = r.org_id)
-    ON CONFLICT (request_id) DO NOTHING
+    ON CONFLICT (org_id, request_id) DO NOTHING
     RETURNING org_id, period_start, product, plan_name, stripe_meter, stripe_customer_id, units
 ),
 refunded AS (

@@ -154,7 +154,8 @@ class UsageLedger:
     def report(self, report: Report) -> bool:
         """Count units the backend reported; False when this process saw the same request id already.
         (The database also refuses a request id it stored before, so a report sent to two replicas counts once.)"""
-        report_id = "report:" + report.request_id
+        # Report ids are the backend's, per organisation: the same id from two organisations is two reports.
+        report_id = f"report:{report.org_id}:{report.request_id}"
         if self.seen(report_id):
             return False
         self._recent[report_id] = self._clock()

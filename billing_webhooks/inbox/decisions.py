@@ -159,6 +159,11 @@ def status_from_history(history: Iterable[StatusReport]) -> StatusFold:
     """
     fold = StatusFold()
     for report in sorted(history, key=lambda r: r.at):
+        if fold.status in TERMINAL_STATUSES and report.status not in TERMINAL_STATUSES:
+            # Ended is final (Stripe never revives a canceled or incomplete_expired subscription): a report
+            # positioned after it, such as an update created just before a later read saw it canceled, is older
+            # news than the end, whatever its position.
+            continue
         if report.status is not None:
             target: SubscriptionStatus | None = report.status
         else:
@@ -220,7 +225,11 @@ def apply_snapshot(state: SubscriptionState | None, event: SubscriptionSnapshot)
     current = state or SubscriptionState(id=event.subscription_id, customer_id=event.customer_id)
     at = position(event.created, event.status, event.event_id)
     report = StatusReport(at, status=event.status)
-    take_snapshot = is_newer(at, current.snapshot_position)
+    # An ended subscription can never come back, so the news that it ended applies at once, however recent the
+    # snapshot it replaces (a sync's snapshot is dated a minute before its read; an event applied seconds before
+    # the read looks newer); and nothing after it un-ends it.
+    ending = event.ended or event.status in TERMINAL_STATUSES
+    take_snapshot = is_newer(at, current.snapshot_position) if current.ended == ending else ending
     new = current
     if take_snapshot:
         has_period = event.period_start is not None and event.period_end is not None
@@ -232,7 +241,7 @@ def apply_snapshot(state: SubscriptionState | None, event: SubscriptionSnapshot)
             period_end=event.period_end if has_period else current.period_end,
             trial_end=event.trial_end,
             cancel_at_period_end=event.cancel_at_period_end,
-            ended=event.ended,
+            ended=ending,
             snapshot_position=at,
         )
     new, status_changed = _with_status(new, report)

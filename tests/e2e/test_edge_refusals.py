@@ -178,8 +178,7 @@ async def test_a_preflight_from_another_origin_gets_no_cors_headers(gateway, sen
 async def test_answers_to_an_allowed_origin_carry_cors_headers_so_a_browser_can_read_them(
     gateway, send, make_org, make_key
 ):
-    # authz's denials and the backend's answers; the route table's own refusals (no key, no such route) do not
-    # carry them (Envoy's CORS filter skips direct responses).
+    # authz's denials and the backend's answers (Envoy's own refusals too: test_edge_for_browsers_and_bodies.py).
     denied = await send(headers={"Origin": CORS_ORIGIN, "Authorization": f"Bearer {KEY}"})
     assert denied.status == 401 and denied.json()["error"]["code"] == "invalid_api_key"
     assert denied.headers["access-control-allow-origin"] == CORS_ORIGIN

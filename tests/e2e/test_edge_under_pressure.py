@@ -9,6 +9,7 @@ import pytest
 
 from driftlock_cli import envoy_config, stripe_player
 from driftlock_cli.supervisor import http_ok, start_child, wait_until
+from driftlock_kernel.keys import Environment, generate_key
 from driftlock_kernel.settings import HostPort
 from tests.support.authz_requests import EXT_AUTHZ_SECRET
 from tests.support.http import raw_request
@@ -48,17 +49,36 @@ async def tenant_key(make_org, make_key):
     return secret
 
 
-async def test_one_address_past_its_share_gets_429_and_another_address_is_served(gateway, tmp_path, tenant_key):
-    auth = {"Authorization": f"Bearer {tenant_key}"}
+async def test_an_address_whose_keys_are_refused_past_its_share_gets_429_and_another_address_is_served(
+    gateway, tmp_path, tenant_key
+):
     async with edge(gateway, tmp_path, backend_port=gateway.backend.port, requests_per_source=5) as port:
-        answers = await asyncio.gather(*(raw_request(port, "POST", DETECT, auth, b"{}") for _ in range(12)))
+        invented = [generate_key(Environment.LIVE).secret for _ in range(30)]
+        answers = [await raw_request(port, "POST", DETECT, {"Authorization": f"Bearer {k}"}, b"{}") for k in invented]
         limited = [a for a in answers if a.status == 429]
-        assert limited and all(a.status in (200, 429) for a in answers)
+        assert limited and all(a.status in (401, 429) for a in answers)
         error = limited[0].json()["error"]
         assert error["code"] == "rate_limited" and error["request_id"] == limited[0].request_id
         assert int(limited[0].headers["retry-after"]) >= 1
+        auth = {"Authorization": f"Bearer {tenant_key}"}
         elsewhere = await raw_request(port, "POST", DETECT, auth, b"{}", source="127.0.0.2")
         assert elsewhere.status == 200
+        # Requests without a key from one address keep the plain per-address bucket.
+        keyless = await asyncio.gather(
+            *(raw_request(port, "POST", DETECT, {}, b"{}", source="127.0.0.3") for _ in range(12))
+        )
+        assert {a.status for a in keyless} == {401, 429}
+
+
+async def test_a_paying_key_from_one_address_is_not_limited_by_the_address(gateway, tmp_path, tenant_key):
+    """A customer's ingestion behind one NAT address: many more requests a second than the per-address share,
+    all served (its plan sets no rate limit here)."""
+    auth = {"Authorization": f"Bearer {tenant_key}"}
+    async with edge(gateway, tmp_path, backend_port=gateway.backend.port, requests_per_source=5) as port:
+        answers = await asyncio.gather(
+            *(raw_request(port, "POST", "/api/v1/stream/ingest", auth, b"{}") for _ in range(40))
+        )
+    assert [a.status for a in answers] == [200] * 40
 
 
 async def test_a_backend_that_is_down_is_a_json_503_with_retry_after(gateway, tmp_path, tenant_key):

@@ -138,8 +138,8 @@ async def test_keys_and_organisations_are_listed_a_page_at_a_time(api):
         if not token:
             break
     assert org["id"] in seen and len(seen) == len(set(seen))
-    only = ok(await api.call("GET", "/v1/orgs", org_id=org["id"]))  # a token for one organisation sees one
-    assert [o["id"] for o in only["orgs"]] == [org["id"]]
+    # Listing organisations is an operator's call (contract: "Management API").
+    refused(await api.call("GET", "/v1/orgs", org_id=org["id"]), 403, "operator_only")
     refused(await api.call("GET", f"/v1/orgs/{org['id']}/keys?page_size=5000"), 400, "invalid_argument")
     refused(await api.call("GET", f"/v1/orgs/{org['id']}/keys?page_token=bogus"), 400, "invalid_argument")
 
@@ -166,13 +166,21 @@ async def test_missing_bad_and_foreign_tokens_are_refused_as_json(api, admin_sec
         ("POST", f"/v1/keys/{their_key['id']}:revoke", {}),
         ("POST", f"/v1/keys/{their_key['id']}:roll", {}),
         ("PATCH", f"/v1/keys/{their_key['id']}", {"name": "mine now"}),
-        ("POST", f"{path}:suspend", {}),
-        ("POST", f"{path}:setPlan", {"plan": "free"}),
         ("GET", f"{path}/usage", None),
         ("GET", f"{path}/alerts", None),
     ):
         refused(await api.call(method, target, body, **as_mine), 403, "wrong_organisation")
-    refused(await api.call("POST", "/v1/orgs", {"name": "x"}, **as_mine), 403, "organisation_token")
+    own = f"/v1/orgs/{mine['id']}"
+    for method, target, body in (
+        ("POST", "/v1/orgs", {"name": "x"}),
+        ("GET", "/v1/orgs", None),
+        ("POST", f"{path}:suspend", {}),
+        ("POST", f"{own}:suspend", {}),
+        ("POST", f"{own}:resume", {}),
+        ("POST", f"{own}:setPlan", {"plan": "free"}),
+        ("POST", f"{own}/usage:report", {"request_id": "r1", "product": "stream", "units": 1}),
+    ):
+        refused(await api.call(method, target, body, **as_mine), 403, "operator_only")
     still = ok(await api.call("GET", f"/v1/keys/{their_key['id']}"))
     assert "revoked_at" not in still and still["name"] == ""
 
@@ -304,3 +312,28 @@ async def test_every_change_and_refusal_is_audited_with_the_caller(api, admin_se
             "SELECT * FROM driftlock.audit_log WHERE request_id = $1 AND action IS NOT NULL", foreign.request_id
         )
     assert (refusal["decision"], refusal["code"], refusal["action"]) == ("deny", "wrong_organisation", "orgs.get")
+
+
+async def test_the_backend_reaches_usage_service_over_grpc_through_envoys_management_listener(
+    gateway, admin_secret, make_org
+):
+    """What the backend does now that only Envoy may reach authz's port (docs/backend.md): native gRPC to the
+    management listener, passed through to authz."""
+    import grpc
+
+    from driftlock_api.usage.v1 import usage_pb2, usage_pb2_grpc
+    from tests.support.admin import admin_metadata
+
+    org = await make_org()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.management_port}") as channel:
+        stub = usage_pb2_grpc.UsageServiceStub(channel)
+        usage = await stub.GetUsage(
+            usage_pb2.GetUsageRequest(org_id=str(org.id)), metadata=admin_metadata(admin_secret), timeout=10
+        )
+        assert usage.org_id == str(org.id)
+        report = await stub.ReportUsage(
+            usage_pb2.ReportUsageRequest(request_id=str(uuid.uuid4()), org_id=str(org.id), product="stream", units=2),
+            metadata=admin_metadata(admin_secret),
+            timeout=10,
+        )
+        assert report.accepted

@@ -104,3 +104,102 @@ async def test_the_jwks_needs_no_token(channel, context_signing_keys):
     jwks = await jwks_pb2_grpc.PublicKeyServiceStub(channel).GetJwks(jwks_pb2.GetJwksRequest())
     assert [key.kid for key in jwks.keys] == ["tests-current", "tests-next"]
     assert {key.x for key in jwks.keys} == {key["x"] for key in context_signing_keys[0].jwks()["keys"]}
+
+
+async def test_an_organisation_token_cannot_do_what_only_an_operator_may(channel, auth, admin_secret):
+    orgs = orgs_pb2_grpc.OrganizationServiceStub(channel)
+    keys = keys_pb2_grpc.KeyServiceStub(channel)
+    org = await orgs.CreateOrganization(
+        orgs_pb2.CreateOrganizationRequest(name="customer", plan=TEST_PLAN), metadata=auth
+    )
+    await orgs.SuspendOrganization(orgs_pb2.SuspendOrganizationRequest(org_id=org.id), metadata=auth)
+    mine = admin_metadata(admin_secret, org_id=org.id)
+    for call in (
+        orgs.ResumeOrganization(orgs_pb2.ResumeOrganizationRequest(org_id=org.id), metadata=mine),
+        orgs.SuspendOrganization(orgs_pb2.SuspendOrganizationRequest(org_id=org.id), metadata=mine),
+        orgs.SetPlan(orgs_pb2.SetPlanRequest(org_id=org.id, plan="free"), metadata=mine),
+        orgs.CreateOrganization(orgs_pb2.CreateOrganizationRequest(name="another"), metadata=mine),
+        orgs.ListOrganizations(orgs_pb2.ListOrganizationsRequest(), metadata=mine),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call
+        assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert error_info(caught.value).reason == "operator_only"
+    still = await orgs.GetOrganization(orgs_pb2.GetOrganizationRequest(org_id=org.id), metadata=mine)
+    assert still.suspended and still.plan == TEST_PLAN
+    # What a customer may do stays open to its own token.
+    created = await keys.CreateKey(keys_pb2.CreateKeyRequest(org_id=org.id, name="mine"), metadata=mine)
+    await keys.RevokeKey(keys_pb2.RevokeKeyRequest(key_id=created.api_key.id), metadata=mine)
+    await orgs.ListAlerts(orgs_pb2.ListAlertsRequest(org_id=org.id), metadata=mine)
+
+
+async def test_an_org_id_claim_of_null_is_refused_not_an_operator(channel, admin_secret):
+    import time
+
+    import jwt
+
+    now = int(time.time())
+    claims = {"iss": "dashboard", "aud": "driftlock-gateway", "iat": now, "exp": now + 60, "org_id": None}
+    token = jwt.encode(claims, admin_secret.encode(), algorithm="HS256")
+    orgs = orgs_pb2_grpc.OrganizationServiceStub(channel)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await orgs.ListOrganizations(
+            orgs_pb2.ListOrganizationsRequest(), metadata=[("authorization", f"Bearer {token}")]
+        )
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_a_revoked_or_rolled_away_key_never_gets_its_expiry_back(channel, auth):
+    orgs = orgs_pb2_grpc.OrganizationServiceStub(channel)
+    keys = keys_pb2_grpc.KeyServiceStub(channel)
+    org = await orgs.CreateOrganization(orgs_pb2.CreateOrganizationRequest(name="rolls", plan=TEST_PLAN), metadata=auth)
+    rolled = (await keys.CreateKey(keys_pb2.CreateKeyRequest(org_id=org.id), metadata=auth)).api_key
+    successor = await keys.RollKey(keys_pb2.RollKeyRequest(key_id=rolled.id, overlap_seconds=4), metadata=auth)
+    revoked = (await keys.CreateKey(keys_pb2.CreateKeyRequest(org_id=org.id), metadata=auth)).api_key
+    await keys.RevokeKey(keys_pb2.RevokeKeyRequest(key_id=revoked.id), metadata=auth)
+    for key_id in (rolled.id, revoked.id):
+        for change in ({"never_expires": True}, {"expires_in_seconds": 3600}):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await keys.UpdateKey(keys_pb2.UpdateKeyRequest(key_id=key_id, **change), metadata=auth)
+            assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert error_info(caught.value).reason == "failed_precondition"
+    old = await keys.GetKey(keys_pb2.GetKeyRequest(key_id=rolled.id), metadata=auth)
+    assert old.expires_at == successor.old_expires_at
+    # A rename of either is still fine: only the expiry is what could bring a secret back.
+    assert (await keys.UpdateKey(keys_pb2.UpdateKeyRequest(key_id=rolled.id, name="old"), metadata=auth)).name == "old"
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"name": "a\x00b"},
+        {"name": "line\nbreak"},
+        {"name": "bell\x07"},
+        {"metadata": {"te\x00am": "x"}},
+        {"metadata": {"team\n": "x"}},
+        {"metadata": {"team": "x\x00"}},
+    ],
+)
+async def test_control_characters_in_names_and_metadata_keys_are_refused(channel, auth, bad):
+    orgs = orgs_pb2_grpc.OrganizationServiceStub(channel)
+    keys = keys_pb2_grpc.KeyServiceStub(channel)
+    org = await orgs.CreateOrganization(orgs_pb2.CreateOrganizationRequest(name="names", plan=TEST_PLAN), metadata=auth)
+    request = keys_pb2.CreateKeyRequest(org_id=org.id, name=bad.get("name", ""))
+    if "metadata" in bad:
+        request.metadata.update(bad["metadata"])
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await keys.CreateKey(request, metadata=auth)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    key = (await keys.CreateKey(keys_pb2.CreateKeyRequest(org_id=org.id), metadata=auth)).api_key
+    update = keys_pb2.UpdateKeyRequest(key_id=key.id, name=bad.get("name", "ok"))
+    if "metadata" in bad:
+        update.metadata.update(bad["metadata"])
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await keys.UpdateKey(update, metadata=auth)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    # Nothing was stored that breaks a later call.
+    listed = await keys.ListKeys(keys_pb2.ListKeysRequest(org_id=org.id), metadata=auth)
+    assert [k.id for k in listed.keys] == [key.id]
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await orgs.CreateOrganization(orgs_pb2.CreateOrganizationRequest(name="org\x00name"), metadata=auth)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -152,6 +152,48 @@ async def test_a_webhook_older_than_the_sync_does_not_undo_it(subscribed, pool, 
     assert (await org_row(pool, org_id))["billing_status"] == "active"
 
 
+async def test_an_ended_subscription_is_applied_at_once_however_recent_the_last_event(subscribed, pool, api, webhooks):
+    """The sync's snapshot is dated a minute before its read: an update applied seconds before the read looks newer.
+    An ended subscription can never come back, so Stripe's `canceled` wins anyway."""
+    org_id, prices, pro, _team, at_stripe = subscribed
+    _event, reply = await webhooks.send(
+        "customer.subscription.updated", org_id=org_id, price_ids=(prices[pro],), status="active", created=now() - 5
+    )
+    assert reply.outcome == "applied"
+    at_stripe("canceled", prices[pro])
+    report = await sync(pool, api, org_id=org_id)
+    (change,) = report.changed
+    assert change.changes["billing_status"] == ["active", "canceled"]
+    row = await org_row(pool, org_id)
+    assert (row["billing_status"], row["plan_name"]) == ("canceled", "free")
+    # And nothing brings it back: a later update of the ended subscription changes nothing.
+    _event, reply = await webhooks.send(
+        "customer.subscription.updated", org_id=org_id, price_ids=(prices[pro],), status="active", created=now()
+    )
+    assert (await org_row(pool, org_id))["billing_status"] == "canceled"
+
+
+async def test_an_item_that_names_its_price_only_as_plan_is_read(subscribed, pool, api, local_stripe):
+    """Webhook endpoints and API versions before 2020 send items with `plan` and no `price`."""
+    org_id, prices, _pro, team, _at_stripe = subscribed
+    subscription = stripe_player.subscription_object(
+        subscription_id=stripe_player.subscription_for(org_id),
+        customer_id=stripe_player.customer_for(org_id),
+        status="active",
+        price_ids=(prices[team],),
+        period_start=now() - 3600,
+        created=now() - 3600,
+        metadata={"org_id": str(org_id)},
+        api_version="2019-12-03",
+    )
+    for item in subscription["items"]["data"]:
+        item.pop("price", None)
+        item["plan"] = {"id": prices[team], "object": "plan", "active": True, "amount": 4900, "interval": "month"}
+    local_stripe.put_subscription(subscription)
+    await sync(pool, api, org_id=org_id)
+    assert (await org_row(pool, org_id))["plan_name"] == team
+
+
 async def test_a_subscription_stripe_does_not_have_is_reported_and_changes_nothing(
     make_org, pool, local_stripe, database_url
 ):

@@ -112,6 +112,32 @@ async def test_a_report_is_idempotent_by_request_id_even_across_replicas(stubs, 
     await wait_for_usage(pool, org.id, {"monitor": 4, "stream": 1})
 
 
+async def test_report_ids_are_per_organisation(stubs, auth, make_org, pool):
+    # The same backend request id from two organisations is two reports, through one replica and in the database
+    # (the second replica never saw the first report, so only the database can tell them apart).
+    first, second = await make_org(), await make_org()
+    request_id = f"shared-{uuid.uuid4()}"
+    for stub, org, units in ((stubs[0], first, 3), (stubs[0], second, 5), (stubs[1], second, 5)):
+        await stub.ReportUsage(
+            usage_pb2.ReportUsageRequest(request_id=request_id, org_id=str(org.id), product="stream", units=units),
+            metadata=auth,
+            timeout=5,
+        )
+    await wait_for_usage(pool, first.id, {"stream": 3})
+    await wait_for_usage(pool, second.id, {"stream": 5})
+
+
+async def test_only_an_operator_token_reports_usage(stubs, make_org, admin_secret, pool):
+    org = await make_org()
+    mine = admin_metadata(admin_secret, org_id=org.id)
+    assert (await stubs[0].GetUsage(usage_pb2.GetUsageRequest(org_id=str(org.id)), metadata=mine)).org_id
+    request = usage_pb2.ReportUsageRequest(request_id=str(uuid.uuid4()), org_id=str(org.id), product="stream", units=9)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stubs[0].ReportUsage(request, metadata=mine, timeout=5)
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "operator" in (caught.value.details() or "")
+
+
 @pytest.mark.parametrize(
     ("change", "code"),
     [

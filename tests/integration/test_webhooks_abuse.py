@@ -2,6 +2,7 @@
 of bad signatures costs a log line a minute, not one each."""
 
 import asyncio
+import contextlib
 import logging
 
 import pytest
@@ -35,6 +36,36 @@ async def test_a_connection_that_never_finishes_its_request_head_is_closed(servi
     await writer.drain()
     await closed_by_the_server(reader, within=10)
     writer.close()
+
+
+async def test_the_shipped_header_timeout_closes_a_head_trickling_in_within_seconds(database_url):
+    """The service's own port takes connections from anyone who reaches it: a head sent a byte at a time is cut
+    at the shipped header timeout (5 s), however steadily the bytes come (1,000 such connections were held 15 s)."""
+    settings = Settings(database_url=database_url, stripe_webhook_secrets=(SECRET,))
+    runner = app_runner(create_app(settings))
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+
+        async def trickle() -> None:
+            with contextlib.suppress(ConnectionError):  # the server closing is what the test waits for
+                for byte in b"POST /stripe/webhook HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 10_000:
+                    writer.write(bytes([byte]))
+                    await writer.drain()
+                    await asyncio.sleep(0.05)
+
+        sender = asyncio.ensure_future(trickle())
+        try:
+            # Closed with bytes of ours unread, the connection may end in a reset rather than an orderly close.
+            with contextlib.suppress(ConnectionResetError):
+                await closed_by_the_server(reader, within=8)
+        finally:
+            sender.cancel()
+            writer.close()
+    finally:
+        await runner.cleanup()
 
 
 async def test_a_body_that_does_not_arrive_in_time_is_a_408(service):

@@ -58,7 +58,8 @@ class Recorder:
         return web.json_response({"path": entry.path, "headers": dict(entry.headers)}, status=status)
 
     async def start(self, port: int) -> "Recorder":
-        app = web.Application()
+        # Up to the gateway's default body cap (DRIFTLOCK_MAX_REQUEST_BYTES) and a little more: the edge decides.
+        app = web.Application(client_max_size=16 * 1024 * 1024)
         app.router.add_route("*", "/{tail:.*}", self._handle)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()

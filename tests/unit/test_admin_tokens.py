@@ -64,3 +64,17 @@ def test_an_unsigned_token_is_refused():
     unsigned = jwt.encode(claims(), None, algorithm="none")
     with pytest.raises(InvalidAdminToken):
         verify_admin_token(unsigned, SECRET, now=NOW)
+
+
+@pytest.mark.parametrize("org_id", [None, "", [], ["3f1c4e2a-0000-4000-8000-000000000000"], {}, 0, False])
+def test_an_org_id_claim_that_is_not_a_uuid_string_is_a_bad_token_not_an_operator(org_id):
+    # `claims | {"org_id": user.org_id}` for a user without an organisation mints "org_id": null: that must
+    # never read as an operator token (no org_id claim at all).
+    with pytest.raises(InvalidAdminToken, match="org_id"):
+        verify_admin_token(sign(claims() | {"org_id": org_id}), SECRET, now=NOW)
+
+
+def test_a_uuid_org_id_claim_in_any_case_restricts_the_token():
+    org_id = uuid.uuid4()
+    caller = verify_admin_token(sign(claims() | {"org_id": str(org_id).upper()}), SECRET, now=NOW)
+    assert caller.org_id == org_id and not caller.may_touch(uuid.uuid4())

@@ -11,6 +11,7 @@ from authz_service.check.authorizer import AccessRequest, Authorizer
 from authz_service.check.decision import DenyCode, Grant, PlanLimits
 from authz_service.check.grants import GrantStore
 from authz_service.check.plan_book import PlanBook
+from authz_service.check.rate_limit import RateLimiter
 from authz_service.usage.meter_store import MeterStore, Reservation
 from authz_service.usage.metering import Meter
 from authz_service.usage.refunds import REFUNDS_PENDING_RETRY_AFTER
@@ -266,3 +267,55 @@ async def test_a_refusal_at_a_cap_that_refunds_may_lift_is_retried_in_seconds_no
     refused = (await auth.check(request("r4"))).decision
     assert refused.code is DenyCode.QUOTA_EXCEEDED and refused.retry_after is not None
     assert refused.retry_after > 28 * 86400
+
+
+class CountingLimiter(RateLimiter):
+    def __init__(self, clock):
+        super().__init__(clock=clock)
+        self.takes = 0
+
+    def take(self, key, rate):
+        self.takes += 1
+        return super().take(key, rate)
+
+
+async def test_a_rate_limited_key_is_refused_from_memory_until_its_bucket_has_a_token():
+    now = [1_000.0]
+    clock = lambda: now[0]  # noqa: E731
+    plan = PlanLimits("small", included_units=100, overage=Overage.SOFT, rate_limit_rps=2)
+    auth, _meter = authorizer(plan)
+    limiter = CountingLimiter(clock)
+    auth._limiter, auth._clock = limiter, clock
+    codes = [await code_of(auth, request(f"r{n}")) for n in range(3)]
+    assert codes == [None, None, DenyCode.RATE_LIMITED] and limiter.takes == 3
+    # 5,000 more before the bucket refills (half a second at 2 a second): answered without the pipeline.
+    for n in range(5_000):
+        assert await code_of(auth, request(f"flood-{n}")) is DenyCode.RATE_LIMITED
+    assert limiter.takes == 3
+    now[0] += 0.5
+    assert await code_of(auth, request("after")) is None  # never held past the refill
+    assert limiter.takes == 4
+
+
+async def test_a_quota_refusal_is_remembered_for_at_most_a_second():
+    now = [1_000.0]
+    auth, meter = authorizer(PlanLimits("small", included_units=1, overage=Overage.BLOCK))
+    auth._clock = lambda: now[0]
+    assert await code_of(auth, request("first")) is None
+    store = auth._store
+    looked_up = []
+    original = store.get
+
+    async def counting_get(key_hash, requester=None):
+        looked_up.append(key_hash)
+        return await original(key_hash, requester)
+
+    store.get = counting_get  # type: ignore[method-assign]
+    assert await code_of(auth, request("second")) is DenyCode.QUOTA_EXCEEDED
+    for n in range(100):
+        assert await code_of(auth, request(f"again-{n}")) is DenyCode.QUOTA_EXCEEDED
+    assert len(looked_up) == 1  # the rest from memory
+    now[0] += 1.0
+    assert await code_of(auth, request("a second later")) is DenyCode.QUOTA_EXCEEDED
+    assert len(looked_up) == 2  # checked again: a plan change or a refund would have been seen
+    assert counted(meter) == 1

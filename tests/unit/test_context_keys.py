@@ -107,6 +107,31 @@ def test_the_admin_secret_is_checked(values, why):
         env(**values).admin_secret()
 
 
+OTHER = "Wn5tR2qL8vX3kP7mY0cB4hF9jD1gS6aZ"
+
+
+@pytest.mark.parametrize(
+    ("values", "check"),
+    [
+        # The ext_authz secret sits in Envoy's rendered config and /config_dump: as the admin secret it would
+        # let anyone who reads them call the management API.
+        ({"admin_token_secret": SAME, "ext_authz_secret": SAME, "jwt_secret": OTHER}, "admin_secret"),
+        ({"admin_token_secret": SAME, "ext_authz_secret": SAME, "jwt_secret": OTHER}, "require_ext_authz_secret"),
+        ({"jwt_secret": SAME, "ext_authz_secret": SAME}, "require_ext_authz_secret"),
+        ({"jwt_secret": SAME, "ext_authz_secret": SAME}, "require_jwt_secret"),
+        ({"ext_authz_secret": SAME, "alert_webhook_secret": f"{OTHER},{SAME}"}, "require_ext_authz_secret"),
+    ],
+)
+def test_no_two_signing_secrets_may_be_equal(values, check):
+    with pytest.raises(SettingsError, match="must differ from"):
+        getattr(env(**values), check)()
+
+
+def test_distinct_signing_secrets_are_accepted():
+    settings = env(admin_token_secret=SAME, ext_authz_secret=OTHER)
+    assert settings.admin_secret() == SAME.encode() and settings.require_ext_authz_secret() == OTHER.encode()
+
+
 def test_management_settings_are_read():
     settings = env(admin_host="0.0.0.0", admin_port="18082", key_last_used_interval_seconds="2.5")
     assert (settings.admin_host, settings.admin_port, settings.key_last_used_interval_seconds) == (

@@ -425,8 +425,8 @@ def test_only_envoy_and_the_backend_reach_authz_and_only_envoy_the_webhook_servi
         assert policies[name]["podSelector"]["matchLabels"].items() <= labels.items()
         assert policies[name]["policyTypes"] == ["Ingress"]
     envoy = {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "driftlock-envoy"}}}
-    backend = {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "driftlock-backend"}}}
-    assert sources(policies["driftlock-authz"], 9191) == [envoy, backend]
+    # Only Envoy: the backend reaches UsageService through Envoy's management listener.
+    assert sources(policies["driftlock-authz"], 9191) == [envoy]
     assert sources(policies["driftlock-webhooks"], 8081)[0] == envoy
     envoy_env = {
         e["name"]: e for e in deployments["driftlock-envoy"]["spec"]["template"]["spec"]["containers"][0]["env"]
@@ -449,3 +449,23 @@ def test_each_service_gets_the_stop_grace_period_its_drain_needs():
     assert _seconds(services["authz"]["stop_grace_period"]) >= _authz_needs() + 5
     assert _seconds(services["webhooks"]["stop_grace_period"]) >= WEBHOOKS_GRACE_SECONDS + 3
     assert _seconds(services["envoy"]["stop_grace_period"]) >= 5
+
+
+def test_under_compose_only_envoy_and_prometheus_share_a_network_with_authz():
+    """Issue 23: authz's gRPC port reachable by nothing but Envoy (Prometheus scrapes its metrics port; doctor is a
+    tool run by hand; PostgreSQL and Redis are its own dependencies, on a network of their own with it)."""
+    services = resolved("docker-compose.yml")["services"]
+
+    def networks(service: dict) -> set[str]:
+        return set(service.get("networks") or ["default"])
+
+    authz = networks(services["authz"])
+    assert "default" not in authz
+    peers = {name for name, service in services.items() if name != "authz" and networks(service) & authz}
+    assert peers == {"envoy", "prometheus", "doctor", "postgres", "redis"}
+    # And those that need the others still reach them.
+    assert networks(services["envoy"]) & networks(services["webhooks"])
+    assert networks(services["webhooks"]) & networks(services["postgres"])
+    assert networks(services["migrate"]) & networks(services["postgres"])
+    assert networks(services["prometheus"]) & networks(services["webhooks"])
+    assert networks(services["grafana"]) & networks(services["prometheus"])
