@@ -41,12 +41,12 @@ from authz_service.check.lookup_budget import LookupBudget
 from authz_service.check.plan_book import PlanBook, database_load
 from authz_service.check.rate_limit import RateLimiter
 from authz_service.check.shared_rate_limit import SharedRateLimiter
+from authz_service.events.delivery import EVENTS_CHANNEL, EventDeliverer, OperatorEndpoint
 from authz_service.management.admin_api import AdminGate
 from authz_service.management.management_api import KeyServicer, OrganizationServicer, PublicKeyServicer
 from authz_service.management.usage_api import UsageServicer
 from authz_service.usage import spill_dirs
 from authz_service.usage.access_log import AccessLogServicer
-from authz_service.usage.alerts import AlertNotifier
 from authz_service.usage.meter_store import TEST_TABLES, MeterStore
 from authz_service.usage.metering import Meter
 from authz_service.usage.usage_ledger import UsageLedger
@@ -158,8 +158,7 @@ def check_settings(settings: Settings) -> StartupSettings:
     admin_secret = settings.admin_secret()
     caller_secret = settings.require_ext_authz_secret()
     url = settings.require_database_url()
-    if settings.alert_webhook_url:
-        settings.require_alert_webhook_secrets()
+    settings.operator_events_endpoint()  # events: refuse a URL without a (valid) secret
     return StartupSettings(keys, admin_secret, caller_secret, url)
 
 
@@ -188,6 +187,23 @@ def _check_can_listen(host: str, port: int) -> None:
             probe.bind((host, port))
         except OSError as error:
             raise OperatorError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
+
+
+def _event_deliverer(settings: Settings, pool: asyncpg.Pool) -> EventDeliverer:
+    operator = settings.operator_events_endpoint()
+    if operator is not None and operator[2]:
+        log.warning(
+            "DRIFTLOCK_ALERT_WEBHOOK_URL and _SECRET are deprecated: set DRIFTLOCK_EVENTS_WEBHOOK_URL and "
+            "DRIFTLOCK_EVENTS_WEBHOOK_SECRET (whsec_...); that URL now receives every event, Standard Webhooks signed"
+        )
+    return EventDeliverer(
+        pool,
+        operator=OperatorEndpoint(operator[0], operator[1]) if operator is not None else None,
+        allow_private=settings.events_allow_private_urls,
+        policy=settings.billing_policy(),
+        expiry_seconds=settings.events_delivery_expiry_hours * 3600,
+        disable_after_seconds=settings.events_disable_after_hours * 3600,
+    )
 
 
 async def serve(settings: Settings, worker: WorkerRole | None = None) -> None:
@@ -226,14 +242,8 @@ async def serve(settings: Settings, worker: WorkerRole | None = None) -> None:
         )
         metrics.watch_key_cache(store)
         plans = PlanBook(database_load(pool))
-        notifier = None
-        if settings.alert_webhook_url:
-            notifier = AlertNotifier(
-                settings.alert_webhook_url,
-                pool,
-                settings.require_alert_webhook_secrets(),
-                expiry_seconds=settings.alert_delivery_expiry_hours * 3600,
-            )
+        # Events to the product (issue 19): this replica fans out and delivers them, with the others.
+        deliverer = _event_deliverer(settings, pool)
         replica = f"{socket.gethostname()}:{os.getpid()}"
         meter_store = MeterStore(pool, replica=replica)
         meter = Meter(
@@ -242,7 +252,6 @@ async def serve(settings: Settings, worker: WorkerRole | None = None) -> None:
             flush_interval=settings.meter_flush_interval_seconds,
             load_timeout=settings.database_lookup_timeout_seconds,
             org_labels=settings.org_id_metric_labels,
-            notifier=notifier,
             spill_dir=spill_dir,
         )
         # Test keys' usage: the same ledger, flush and reservation, in tables of its own (never billed).
@@ -284,7 +293,7 @@ async def serve(settings: Settings, worker: WorkerRole | None = None) -> None:
 
         listener = ChangeListener(
             settings.listen_url(),
-            {INVALIDATE_CHANNEL: invalidation_handler(store, plans)},
+            {INVALIDATE_CHANNEL: invalidation_handler(store, plans), EVENTS_CHANNEL: deliverer.wake},
             on_connect=on_connect,
             on_state=lambda up: metrics.LISTENER_CONNECTED.set(1 if up else 0),
             application_name="driftlock-authz-listener",
@@ -338,9 +347,8 @@ async def serve(settings: Settings, worker: WorkerRole | None = None) -> None:
         test_meter.restore_spilled()
         listener.start()
         stack.push_async_callback(listener.stop)
-        if notifier is not None:
-            notifier.start()
-            stack.push_async_callback(notifier.close)
+        deliverer.start()
+        stack.push_async_callback(deliverer.close)
         audit.start()
         stack.push_async_callback(audit.close)
         last_used.start()

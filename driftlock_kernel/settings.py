@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from driftlock_kernel import secret_strength
+from driftlock_kernel import events, secret_strength
 from driftlock_kernel.billing import FREE_PLAN, BillingPolicy
 from driftlock_kernel.durations import parse_duration
 from driftlock_kernel.errors import OperatorError
@@ -327,6 +327,16 @@ class Settings:
     alert_webhook_secrets: tuple[str, ...] = field(default=(), repr=False)
     alert_delivery_expiry_hours: float = 72.0
 
+    # --- Events to the product (issue 19) ---
+    # The operator's endpoint: every organisation's events, Standard Webhooks signed with these whsec_ secrets
+    # (comma-separated while one is rotated). DRIFTLOCK_ALERT_WEBHOOK_URL/_SECRET, deprecated, stand in for them.
+    events_webhook_url: str | None = field(default=None, repr=False)
+    events_webhook_secrets: tuple[str, ...] = field(default=(), repr=False)
+    # Customers' endpoints on loopback, private and link-local addresses (dev only; metadata addresses: never).
+    events_allow_private_urls: bool = False
+    events_delivery_expiry_hours: float = 72.0
+    events_disable_after_hours: float = 120.0
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
         env = os.environ if environ is None else environ
@@ -478,6 +488,18 @@ class Settings:
             alert_delivery_expiry_hours=_float(
                 env, "DRIFTLOCK_ALERT_DELIVERY_EXPIRY_HOURS", d.alert_delivery_expiry_hours, minimum=0.01
             ),
+            # --- Events to the product (issue 19) ---
+            events_webhook_url=_url(env, "DRIFTLOCK_EVENTS_WEBHOOK_URL"),
+            events_webhook_secrets=tuple(
+                s.strip() for s in env.get("DRIFTLOCK_EVENTS_WEBHOOK_SECRET", "").split(",") if s.strip()
+            ),
+            events_allow_private_urls=_bool(env, "DRIFTLOCK_EVENTS_ALLOW_PRIVATE_URLS", d.events_allow_private_urls),
+            events_delivery_expiry_hours=_float(
+                env, "DRIFTLOCK_EVENTS_DELIVERY_EXPIRY_HOURS", d.events_delivery_expiry_hours, minimum=0.01
+            ),
+            events_disable_after_hours=_float(
+                env, "DRIFTLOCK_EVENTS_DISABLE_AFTER_HOURS", d.events_disable_after_hours, minimum=0.01
+            ),
         )
 
     def envoy_authz_addresses(self) -> tuple[HostPort, ...]:
@@ -549,6 +571,27 @@ class Settings:
         if not self.stripe_api_key.startswith(("sk_live_", "sk_test_", "rk_live_", "rk_test_")):
             raise SettingsError("STRIPE_API_KEY must be a Stripe secret (sk_...) or restricted (rk_...) key")
         return self.stripe_api_key
+
+    def operator_events_endpoint(self) -> tuple[str, tuple[bytes, ...], bool] | None:
+        """(URL, signing keys, deprecated) of the operator's events endpoint, or None. The deprecated usage-alert
+        variables stand in when DRIFTLOCK_EVENTS_WEBHOOK_URL is unset (their secret is used as its bytes)."""
+        if self.events_webhook_url:
+            if not self.events_webhook_secrets:
+                raise SettingsError(
+                    "DRIFTLOCK_EVENTS_WEBHOOK_URL is set but DRIFTLOCK_EVENTS_WEBHOOK_SECRET is not: events are signed"
+                )
+            try:
+                keys = tuple(events.secret_key(events.check_secret(s)) for s in self.events_webhook_secrets)
+            except ValueError as error:
+                raise SettingsError(f"DRIFTLOCK_EVENTS_WEBHOOK_SECRET: {error}") from None
+            return self.events_webhook_url, keys, False
+        if self.alert_webhook_url:
+            return (
+                self.alert_webhook_url,
+                tuple(events.secret_key(s) for s in self.require_alert_webhook_secrets()),
+                True,
+            )
+        return None
 
     def require_alert_webhook_secrets(self) -> tuple[str, ...]:
         """The secrets alert webhooks are signed with; required once DRIFTLOCK_ALERT_WEBHOOK_URL is set."""
