@@ -13,6 +13,7 @@ import binascii
 import hashlib
 import hmac
 import ipaddress
+import json
 import secrets
 import socket
 import uuid
@@ -201,7 +202,7 @@ async def emit(
         "SELECT driftlock.emit_event($1, $2::uuid, $3::jsonb, $4)",
         str(event_type),
         str(org_id) if org_id is not None else None,
-        to_json(data),
+        json.loads(to_json(data)),  # plain JSON values: the pool's jsonb codec encodes them
         dedupe_key,
     )
 

@@ -156,6 +156,11 @@ WHERE id = $1 AND state = 'pending'
 ENDPOINT_OK_SQL = """
 UPDATE driftlock.event_endpoints SET failing_since = NULL WHERE id = $1 AND failing_since IS NOT NULL
 """
+ALERT_DELIVERED_SQL = """
+UPDATE driftlock.usage_alerts
+SET webhook_delivered_at = coalesce(webhook_delivered_at, now()), webhook_attempts = $2, webhook_last_error = NULL
+WHERE id = $1::bigint
+"""
 RETRY_SQL = """
 UPDATE driftlock.event_deliveries
 SET next_attempt_at = now() + $2 * interval '1 second', last_status = $3, last_error = $4
@@ -354,6 +359,9 @@ class EventDeliverer:
                     await conn.execute(DELIVERED_SQL, delivery.id, status)
                     if delivery.endpoint_id is not None:
                         await conn.execute(ENDPOINT_OK_SQL, delivery.endpoint_id)
+                    elif delivery.type == events.EventType.USAGE_THRESHOLD_REACHED:
+                        # `alerts list` still says when the operator acknowledged an alert.
+                        await conn.execute(ALERT_DELIVERED_SQL, delivery.data.get("alert_id"), delivery.attempts)
                     metrics.EVENT_DELIVERIES.labels(outcome="delivered").inc()
                     metrics.EVENT_DELIVERY_LAG.observe(max(0.0, time.time() - delivery.occurred_at.timestamp()))
                     return

@@ -81,7 +81,7 @@ $$;
 CREATE FUNCTION driftlock.usage_alert_event() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     PERFORM driftlock.emit_event('usage.threshold_reached', NEW.org_id, jsonb_build_object(
-        'threshold', NEW.threshold, 'used', NEW.used_units, 'included', NEW.included_units,
+        'alert_id', NEW.id, 'threshold', NEW.threshold, 'used', NEW.used_units, 'included', NEW.included_units,
         'plan', NEW.plan_name, 'period_start', NEW.period_start, 'period_end', NEW.period_end),
         'usage.threshold_reached:' || NEW.id);
     RETURN NULL;
