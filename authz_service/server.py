@@ -43,6 +43,7 @@ from authz_service.check.rate_limit import RateLimiter
 from authz_service.check.shared_rate_limit import SharedRateLimiter
 from authz_service.events.delivery import EVENTS_CHANNEL, EventDeliverer, OperatorEndpoint
 from authz_service.management.admin_api import AdminGate
+from authz_service.management.events_api import EventEndpointServicer
 from authz_service.management.management_api import KeyServicer, OrganizationServicer, PublicKeyServicer
 from authz_service.management.usage_api import UsageServicer
 from authz_service.usage import spill_dirs
@@ -50,7 +51,7 @@ from authz_service.usage.access_log import AccessLogServicer
 from authz_service.usage.meter_store import TEST_TABLES, MeterStore
 from authz_service.usage.metering import Meter
 from authz_service.usage.usage_ledger import UsageLedger
-from driftlock_api.management.v1 import jwks_pb2_grpc, keys_pb2_grpc, orgs_pb2_grpc
+from driftlock_api.management.v1 import events_pb2_grpc, jwks_pb2_grpc, keys_pb2_grpc, orgs_pb2_grpc
 from driftlock_api.usage.v1 import usage_pb2_grpc
 from driftlock_kernel import context_keys, db
 from driftlock_kernel.background import BackgroundTask
@@ -71,6 +72,7 @@ MANAGEMENT_SERVICES = (
     "driftlock.management.v1.KeyService",
     "driftlock.management.v1.OrganizationService",
     "driftlock.management.v1.PublicKeyService",
+    "driftlock.management.v1.EventEndpointService",
 )
 # What the health service answers for: the whole server ("") and each service on it.
 HEALTH_SERVICES = ("", AUTHORIZATION_SERVICE, USAGE_SERVICE, *MANAGEMENT_SERVICES)
@@ -323,6 +325,10 @@ async def serve(settings: Settings, worker: WorkerRole | None = None) -> None:
         keys_pb2_grpc.add_KeyServiceServicer_to_server(KeyServicer(pool, gate), server)
         orgs_pb2_grpc.add_OrganizationServiceServicer_to_server(OrganizationServicer(pool, gate), server)
         jwks_pb2_grpc.add_PublicKeyServiceServicer_to_server(PublicKeyServicer(keys), server)
+        # Events to the product (issue 19): an organisation's event endpoints.
+        events_pb2_grpc.add_EventEndpointServiceServicer_to_server(
+            EventEndpointServicer(pool, gate, allow_private=settings.events_allow_private_urls), server
+        )
         health_servicer = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         address = f"{settings.authz_host}:{settings.authz_port}"

@@ -172,10 +172,11 @@ async def send_test(conn: db.Connection, endpoint: EventEndpoint) -> str:
     async with conn.transaction():
         event_id: str = await conn.fetchval(
             """INSERT INTO driftlock.events (type, org_id, data, fanned_out_at)
-               VALUES ($1, $2, jsonb_build_object('org_id', $2::text, 'endpoint_id', $3::text), now())
+               VALUES ($1, $2, jsonb_build_object('org_id', $3::text, 'endpoint_id', $4::text), now())
                RETURNING id""",
             EventType.ENDPOINT_TEST.value,
             endpoint.org_id,
+            str(endpoint.org_id),
             str(endpoint.id),
         )
         await conn.execute(
