@@ -341,8 +341,8 @@ class EventDeliverer:
                 if 200 <= response.status < 300:
                     return True, response.status, None
                 answer = await response.content.read(ANSWER_BYTES_READ)
-                text = answer.decode("utf-8", "replace").strip()
-                return False, response.status, f"HTTP {response.status}" + (f": {one_line(text)}" if text else "")
+                text = " ".join(answer.decode("utf-8", "replace").split())[:200]
+                return False, response.status, f"HTTP {response.status}" + (f": {text}" if text else "")
         except AddressRefused as error:
             return False, None, str(error)
         except aiohttp.ClientConnectorError as error:

@@ -284,7 +284,8 @@ async def test_at_delivery_an_address_or_a_name_resolving_to_loopback_is_refused
     try:
 
         async def both_attempted() -> bool:
-            return await pool.fetchval("SELECT count(*) FROM driftlock.event_deliveries WHERE last_error IS NOT NULL") == 2
+            errors = "SELECT count(*) FROM driftlock.event_deliveries WHERE last_error IS NOT NULL"
+            return await pool.fetchval(errors) == 2
 
         await eventually(both_attempted, within=10, what="an attempt at each endpoint")
     finally:
