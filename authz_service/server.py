@@ -367,6 +367,7 @@ async def serve(settings: Settings, worker: WorkerRole | None = None) -> None:
                 "audit_log": settings.retention_audit_log,
                 "audit_denials": settings.retention_audit_denials,
                 "stripe_events": settings.retention_stripe_events,
+                "events": settings.retention_events,
             },
             interval=settings.prune_interval_seconds,
             replica=replica,

@@ -23,6 +23,7 @@ def configured_retentions(settings: Settings) -> dict[str, timedelta | None]:
         "audit_log": settings.retention_audit_log,
         "audit_denials": settings.retention_audit_denials,
         "stripe_events": settings.retention_stripe_events,
+        "events": settings.retention_events,
     }
 
 

@@ -68,6 +68,17 @@ TABLES: dict[str, PrunedTable] = {
             keep_condition="outcome = 'deferred'",
             minimum=timedelta(days=3),
         ),
+        # Events to the product: kept while a delivery is pending (retried for days), and at least as long as a
+        # replayed Stripe event could write its event again (their dedupe keys live here).
+        PrunedTable(
+            "events",
+            "driftlock.events",
+            "occurred_at",
+            "id",
+            keep_condition="fanned_out_at IS NULL OR EXISTS (SELECT 1 FROM driftlock.event_deliveries d "
+            "WHERE d.event_id = driftlock.events.id AND d.state = 'pending')",
+            minimum=timedelta(days=7),
+        ),
     )
 }
 

@@ -336,6 +336,7 @@ class Settings:
     events_allow_private_urls: bool = False
     events_delivery_expiry_hours: float = 72.0
     events_disable_after_hours: float = 120.0
+    retention_events: timedelta | None = timedelta(days=90)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -499,6 +500,13 @@ class Settings:
             ),
             events_disable_after_hours=_float(
                 env, "DRIFTLOCK_EVENTS_DISABLE_AFTER_HOURS", d.events_disable_after_hours, minimum=0.01
+            ),
+            retention_events=_retention(
+                env,
+                "DRIFTLOCK_RETENTION_EVENTS",
+                d.retention_events,
+                minimum=timedelta(days=7),
+                why="deliveries are retried for days, and replayed Stripe events are deduplicated against it",
             ),
         )
 

@@ -60,6 +60,10 @@ CREATE TABLE driftlock.event_deliveries (
 CREATE INDEX event_deliveries_due_idx ON driftlock.event_deliveries (next_attempt_at) WHERE state = 'pending';
 CREATE INDEX event_deliveries_endpoint_idx ON driftlock.event_deliveries (endpoint_id, created_at);
 
+-- The minutely scan for keys about to expire (authz_service/events/delivery.py) reads only keys that can.
+CREATE INDEX api_keys_expiring_idx ON driftlock.api_keys (expires_at)
+    WHERE expires_at IS NOT NULL AND revoked_at IS NULL AND rolled_to IS NULL;
+
 -- Write one event (once per dedupe key); NOTIFY wakes the delivering replicas at commit.
 CREATE FUNCTION driftlock.emit_event(event_type text, event_org uuid, event_data jsonb, key text)
 RETURNS text LANGUAGE plpgsql AS $$

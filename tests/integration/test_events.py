@@ -349,3 +349,44 @@ async def test_an_endpoint_failing_too_long_is_disabled_the_operator_told_and_an
         await operator.stop()
     assert operator.of_type("event_endpoint.disabled")[0].body["data"]["endpoint_id"] == endpoint_id
     assert not receiver.of_type("event_endpoint.disabled"), "only the operator hears of a disabled endpoint"
+
+
+async def test_a_plans_hard_cap_reached_is_one_event_per_period(events_db):
+    pool, org = events_db
+    async with pool.acquire() as conn:
+        await conn.execute("INSERT INTO driftlock.plans (name, included_units, overage) VALUES ('capped', 10, 'block')")
+        await orgs.set_plan(conn, org.id, "capped")
+        for units in (5, 10, 12):  # below, at, past the cap: the event once, when it is reached
+            await conn.execute(
+                """INSERT INTO driftlock.usage_totals (org_id, period_start, units)
+                   VALUES ($1, date_trunc('month', now()), $2)
+                   ON CONFLICT (org_id, period_start) DO UPDATE SET units = EXCLUDED.units""",
+                org.id,
+                units,
+            )
+    rows = await pool.fetch("SELECT data FROM driftlock.events WHERE type = 'usage.spend_cap_reached'")
+    assert [(r["data"]["used"], r["data"]["cap"], r["data"]["cap_kind"]) for r in rows] == [(10, 10, "hard_cap")]
+
+
+async def test_pruning_events_keeps_those_still_being_delivered(events_db):
+    from driftlock_kernel import retention
+
+    pool, org = events_db
+    async with pool.acquire() as conn:
+        for n in range(2):
+            await events.emit(conn, EventType.KEY_REVOKED, org.id, {}, dedupe_key=f"old{n}")
+        await conn.execute("UPDATE driftlock.events SET occurred_at = now() - interval '100 days'")
+    receiver = await WebhookReceiver("", answers=[500] * 100).start()
+    await endpoint(pool, org.id, receiver)
+    sender = deliverer(pool, first_delay=60, max_delay=60)
+    await sender.fan_out()
+    # One delivered, one still pending.
+    await pool.execute(
+        "UPDATE driftlock.event_deliveries SET state = 'delivered' "
+        "WHERE id = (SELECT min(id) FROM driftlock.event_deliveries)"
+    )
+    async with pool.acquire() as conn:
+        deleted = await retention.prune_table(conn, retention.TABLES["events"], timedelta(days=90))
+    await receiver.stop()
+    assert deleted == 1
+    assert await pool.fetchval("SELECT count(*) FROM driftlock.event_deliveries WHERE state = 'pending'") == 1
