@@ -49,6 +49,8 @@ log = logging.getLogger(__name__)
 
 EVENTS_CHANNEL = "driftlock_events"
 ANSWER_BYTES_READ = 512
+# Attempts that finish within this are recorded together (one statement for their acknowledgements).
+COALESCE_SECONDS = 0.01
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,7 +138,10 @@ WITH claimed AS (
         SELECT d2.id FROM driftlock.event_deliveries d2
         LEFT JOIN driftlock.event_endpoints ep ON ep.id = d2.endpoint_id
         WHERE d2.state = 'pending' AND d2.next_attempt_at <= now()
-          AND CASE WHEN d2.endpoint_id IS NULL THEN $3 ELSE ep.disabled_at IS NULL END
+          -- None of an endpoint that has its fill in flight here already ($4): a slow one cannot take every
+          -- sender.
+          AND CASE WHEN d2.endpoint_id IS NULL THEN $3
+                   ELSE ep.disabled_at IS NULL AND d2.endpoint_id <> ALL ($4::uuid[]) END
         ORDER BY d2.next_attempt_at
         LIMIT $1
         FOR UPDATE OF d2 SKIP LOCKED)
@@ -149,12 +154,13 @@ JOIN driftlock.events e ON e.id = c.event_id
 LEFT JOIN driftlock.event_endpoints ep ON ep.id = c.endpoint_id
 """
 DELIVERED_SQL = """
-UPDATE driftlock.event_deliveries
-SET state = 'delivered', delivered_at = now(), last_status = $2, last_error = NULL
-WHERE id = $1 AND state = 'pending'
+UPDATE driftlock.event_deliveries d
+SET state = 'delivered', delivered_at = now(), last_status = acked.status, last_error = NULL
+FROM unnest($1::bigint[], $2::int[]) AS acked (id, status)
+WHERE d.id = acked.id AND d.state = 'pending'
 """
 ENDPOINT_OK_SQL = """
-UPDATE driftlock.event_endpoints SET failing_since = NULL WHERE id = $1 AND failing_since IS NOT NULL
+UPDATE driftlock.event_endpoints SET failing_since = NULL WHERE id = ANY ($1::uuid[]) AND failing_since IS NOT NULL
 """
 ALERT_DELIVERED_SQL = """
 UPDATE driftlock.usage_alerts
@@ -220,6 +226,8 @@ class EventDeliverer:
         max_delay: float = 3600.0,
         http_timeout: float = 10.0,
         batch: int = 100,
+        max_in_flight: int = 200,
+        per_endpoint_limit: int = 20,
     ):
         if lease_seconds <= http_timeout:
             raise ValueError("the lease must outlast an attempt, or two replicas could send one delivery at once")
@@ -236,10 +244,18 @@ class EventDeliverer:
         self._max_delay = max_delay
         self._http_timeout = http_timeout
         self._batch = batch
+        self._max_in_flight = max_in_flight
+        self._per_endpoint_limit = per_endpoint_limit
+        self._in_flight: set[asyncio.Task[None]] = set()
+        self._per_endpoint: dict[uuid.UUID | None, int] = {}
+        self._finished: list[tuple[Claimed, bool, int | None, str | None]] = []
         self._wake = asyncio.Event()
         self._customer_session: aiohttp.ClientSession | None = None
         self._operator_session: aiohttp.ClientSession | None = None
         self._last_scan = 0.0
+        self._last_poll = 0.0
+        self._new_events = True
+        self._wake_soon: asyncio.TimerHandle | None = None
         self._worker = BackgroundTask("event-deliverer", self._run)
 
     def _session(self, *, allow_private: bool) -> aiohttp.ClientSession:
@@ -256,8 +272,13 @@ class EventDeliverer:
         self._operator_session = self._session(allow_private=True)
         self._worker.start()
 
+    def _woken(self) -> None:
+        self._wake_soon = None
+        self._wake.set()
+
     def wake(self, *_: object) -> None:
         """Look for work now (an event was just written) rather than at the next poll."""
+        self._new_events = True
         self._wake.set()
 
     async def _run(self) -> None:
@@ -271,19 +292,76 @@ class EventDeliverer:
             self._wake.clear()
 
     async def run_once(self) -> int:
-        """One round: scan the clock (when due), fan out, expire, deliver until nothing is due; the deliveries
-        claimed."""
-        if time.monotonic() - self._last_scan >= self._scan_interval:
+        """One round: scan the clock (when due), fan out, expire, record what finished, and start sending what
+        is due, as far as the limits on deliveries in flight allow; the deliveries started."""
+        now = time.monotonic()
+        if now - self._last_scan >= self._scan_interval:
             await self.scan_clock()
-        while await self.fan_out() == self._batch:
-            pass
-        await self.expire()
-        total = 0
-        while (claimed := await self.deliver_due()) > 0:
-            total += claimed
-            if claimed < self._batch:
+        # A finished attempt wakes the loop too: then only record it and claim more, without the other queries.
+        if self._new_events or now - self._last_poll >= self._poll_interval:
+            self._new_events = False
+            self._last_poll = now
+            while await self.fan_out() == self._batch:
+                pass
+            await self.expire()
+        await self._record_finished()
+        started = 0
+        # Refilled in chunks, not one claim per finished attempt.
+        refill = max(1, min(self._batch, self._max_in_flight) // 4)
+        while (room := min(self._batch, self._max_in_flight - len(self._in_flight))) >= refill or (
+            room > 0 and not self._in_flight
+        ):
+            claimed = await self._claim(room)
+            for delivery in claimed:
+                self._start(delivery)
+            started += len(claimed)
+            if len(claimed) < room:
                 break
-        return total
+        return started
+
+    async def _claim(self, limit: int) -> list[Claimed]:
+        busy = [e for e, n in self._per_endpoint.items() if e is not None and n >= self._per_endpoint_limit]
+        operator_ok = self._operator is not None and self._per_endpoint.get(None, 0) < self._per_endpoint_limit
+        rows = await self._pool.fetch(CLAIM_SQL, limit, self._lease, operator_ok, busy)
+        return [db.from_row(Claimed, row) for row in rows]
+
+    def _start(self, delivery: Claimed) -> None:
+        self._per_endpoint[delivery.endpoint_id] = self._per_endpoint.get(delivery.endpoint_id, 0) + 1
+
+        async def send() -> None:
+            try:
+                self._finished.append((delivery, *await self._post(delivery)))
+            finally:
+                left = self._per_endpoint.get(delivery.endpoint_id, 1) - 1
+                if left:
+                    self._per_endpoint[delivery.endpoint_id] = left
+                else:
+                    self._per_endpoint.pop(delivery.endpoint_id, None)
+                # Record it and claim more soon, together with whatever else finishes meanwhile.
+                if self._wake_soon is None:
+                    self._wake_soon = asyncio.get_running_loop().call_later(COALESCE_SECONDS, self._woken)
+
+        task = asyncio.create_task(send(), name=f"deliver-{delivery.id}")
+        self._in_flight.add(task)
+        task.add_done_callback(self._in_flight.discard)
+
+    async def deliver_due(self) -> int:
+        """Send what is due and wait for every attempt to finish and be recorded (tests, the CLI); the number
+        claimed."""
+        started = await self.run_once()
+        while self._in_flight:
+            await asyncio.wait(set(self._in_flight))
+        await self._record_finished()
+        return started
+
+    async def _record_finished(self) -> None:
+        finished, self._finished = self._finished, []
+        acknowledged = [(d, status) for d, ok, status, _ in finished if ok]
+        if acknowledged:
+            await self._record_delivered(acknowledged)
+        for delivery, ok, status, reason in finished:
+            if not ok:
+                await self._record_failure(delivery, status, reason or "")
 
     async def scan_clock(self) -> int:
         """Write the events that time alone brings about; the number written now."""
@@ -306,13 +384,6 @@ class EventDeliverer:
                 f"endpoint {row['endpoint_id']}" if row["endpoint_id"] else "the operator's endpoint",
                 self._expiry / 3600,
             )
-
-    async def deliver_due(self) -> int:
-        rows = await self._pool.fetch(CLAIM_SQL, self._batch, self._lease, self._operator is not None)
-        claimed = [db.from_row(Claimed, row) for row in rows]
-        if claimed:
-            await asyncio.gather(*(self._deliver(delivery) for delivery in claimed))
-        return len(claimed)
 
     async def _post(self, delivery: Claimed) -> tuple[bool, int | None, str | None]:
         """(acknowledged, HTTP status, why not)."""
@@ -351,27 +422,38 @@ class EventDeliverer:
         except (aiohttp.ClientError, TimeoutError) as error:
             return False, None, f"{type(error).__name__}: {one_line(error) or 'timed out'}"
 
-    async def _deliver(self, delivery: Claimed) -> None:
-        delivered, status, reason = await self._post(delivery)
+    async def _record_delivered(self, acknowledged: list[tuple[Claimed, int | None]]) -> None:
+        """One statement for the batch's acknowledgements (a delivery per statement caps what a process sends)."""
         try:
             async with self._pool.acquire() as conn, conn.transaction():
-                if delivered:
-                    await conn.execute(DELIVERED_SQL, delivery.id, status)
-                    if delivery.endpoint_id is not None:
-                        await conn.execute(ENDPOINT_OK_SQL, delivery.endpoint_id)
-                    elif delivery.type == events.EventType.USAGE_THRESHOLD_REACHED:
+                await conn.execute(
+                    DELIVERED_SQL, [d.id for d, _ in acknowledged], [status or 0 for _, status in acknowledged]
+                )
+                endpoints = list({d.endpoint_id for d, _ in acknowledged if d.endpoint_id is not None})
+                if endpoints:
+                    await conn.execute(ENDPOINT_OK_SQL, endpoints)
+                for delivery, _ in acknowledged:
+                    if delivery.endpoint_id is None and delivery.type == events.EventType.USAGE_THRESHOLD_REACHED:
                         # `alerts list` still says when the operator acknowledged an alert.
                         await conn.execute(ALERT_DELIVERED_SQL, delivery.data.get("alert_id"), delivery.attempts)
-                    metrics.EVENT_DELIVERIES.labels(outcome="delivered").inc()
-                    metrics.EVENT_DELIVERY_LAG.observe(max(0.0, time.time() - delivery.occurred_at.timestamp()))
-                    return
-                delay = retry_delay(delivery.attempts, self._first_delay, self._max_delay)
-                await conn.execute(RETRY_SQL, delivery.id, delay, status, redact_keys(reason or "")[:500])
+        except db.DATABASE_ERRORS as error:
+            # The leases end on their own: these are claimed and sent again later (at least once).
+            log.warning("could not record %d delivered events: %s", len(acknowledged), one_line(error))
+            return
+        now = time.time()
+        for delivery, _ in acknowledged:
+            metrics.EVENT_DELIVERIES.labels(outcome="delivered").inc()
+            metrics.EVENT_DELIVERY_LAG.observe(max(0.0, now - delivery.occurred_at.timestamp()))
+
+    async def _record_failure(self, delivery: Claimed, status: int | None, reason: str) -> None:
+        delay = retry_delay(delivery.attempts, self._first_delay, self._max_delay)
+        try:
+            async with self._pool.acquire() as conn, conn.transaction():
+                await conn.execute(RETRY_SQL, delivery.id, delay, status, redact_keys(reason)[:500])
                 if delivery.endpoint_id is not None:
                     await conn.execute(ENDPOINT_FAILED_SQL, delivery.endpoint_id)
-                    await self._disable_if_failing(conn, delivery.endpoint_id, reason or "")
+                    await self._disable_if_failing(conn, delivery.endpoint_id, reason)
         except db.DATABASE_ERRORS as error:
-            # The lease ends on its own: the delivery is claimed (and, if it was delivered, sent) again later.
             log.warning("could not record the attempt to deliver %s: %s", delivery.event_id, one_line(error))
             return
         metrics.EVENT_DELIVERIES.labels(outcome="retry").inc()
@@ -381,7 +463,7 @@ class EventDeliverer:
             delivery.type,
             delivery.attempts,
             f"endpoint {delivery.endpoint_id}" if delivery.endpoint_id else "the operator's endpoint",
-            redact_keys(reason or ""),
+            redact_keys(reason),
             delay,
         )
 
@@ -404,8 +486,14 @@ class EventDeliverer:
         log.error("event endpoint %s of organisation %s disabled: %s", row["id"], row["org_id"], reason)
 
     async def close(self) -> None:
-        """Stop; a delivery being sent keeps its lease and is sent again by whoever claims it next."""
+        """Stop; a delivery still being sent keeps its lease and is sent again by whoever claims it next, and
+        what was acknowledged is recorded (else it too would be sent again: at least once)."""
         await self._worker.stop()
+        for task in list(self._in_flight):
+            task.cancel()
+        await asyncio.gather(*self._in_flight, return_exceptions=True)
+        with contextlib.suppress(*db.DATABASE_ERRORS):
+            await self._record_finished()
         for session in (self._customer_session, self._operator_session):
             if session is not None:
                 await session.close()
