@@ -391,3 +391,37 @@ async def test_pruning_events_keeps_those_still_being_delivered(events_db):
     await receiver.stop()
     assert deleted == 1
     assert await pool.fetchval("SELECT count(*) FROM driftlock.event_deliveries WHERE state = 'pending'") == 1
+
+
+async def test_a_slow_endpoint_does_not_hold_back_another_organisations_events(events_db):
+    pool, org = events_db
+    async with pool.acquire() as conn:
+        other = await orgs.create_org(conn, "fast")
+    slow = await WebhookReceiver("", answers=["timeout"] * 5, slow_seconds=15).start()
+    fast = await WebhookReceiver("").start()
+    await endpoint(pool, org.id, slow)
+    await endpoint(pool, other.id, fast)
+    async with pool.acquire() as conn:
+        for n in range(5):
+            await events.emit(conn, EventType.KEY_REVOKED, org.id, {}, dedupe_key=f"slow{n}")
+    sender = deliverer(pool, http_timeout=14.0, lease_seconds=30.0)
+    sender.start()
+    try:
+
+        async def slow_ones_in_flight() -> bool:
+            return len(slow.received) == 5
+
+        await eventually(slow_ones_in_flight, within=10, what="the slow endpoint's events in flight")
+        async with pool.acquire() as conn:
+            for n in range(5):
+                await events.emit(conn, EventType.KEY_REVOKED, other.id, {}, dedupe_key=f"fast{n}")
+
+        async def fast_ones_delivered() -> bool:
+            return len(fast.acknowledged()) == 5
+
+        # Well before the slow endpoint's attempts end (14 s).
+        await eventually(fast_ones_delivered, within=10, what="the other organisation's events delivered")
+    finally:
+        await sender.close()
+        await slow.stop()
+        await fast.stop()
