@@ -118,3 +118,27 @@ def test_operator_endpoint_settings_new_old_and_refused():
             {"DRIFTLOCK_EVENTS_WEBHOOK_URL": "https://x.example/", "DRIFTLOCK_EVENTS_WEBHOOK_SECRET": "plain"}
         ).operator_events_endpoint()
     assert Settings.from_env({"DRIFTLOCK_EVENTS_ALLOW_PRIVATE_URLS": "true"}).events_allow_private_urls is True
+
+
+def test_the_old_alert_variables_still_name_the_operator_endpoint_with_a_deprecation_line(caplog):
+    from authz_service import server
+
+    settings = Settings.from_env(
+        {"DRIFTLOCK_ALERT_WEBHOOK_URL": "https://ops.example/a", "DRIFTLOCK_ALERT_WEBHOOK_SECRET": "o" * 40}
+    )
+    with caplog.at_level("WARNING"):
+        deliverer = server._event_deliverer(settings, pool=None)  # type: ignore[arg-type]
+    assert deliverer._operator is not None and deliverer._operator.url == "https://ops.example/a"
+    assert any(
+        "deprecated" in r.getMessage() and "DRIFTLOCK_EVENTS_WEBHOOK_URL" in r.getMessage() for r in caplog.records
+    )
+    caplog.clear()
+    secret = events.new_secret()
+    with caplog.at_level("WARNING"):
+        server._event_deliverer(
+            Settings.from_env(
+                {"DRIFTLOCK_EVENTS_WEBHOOK_URL": "https://ops.example/e", "DRIFTLOCK_EVENTS_WEBHOOK_SECRET": secret}
+            ),
+            pool=None,  # type: ignore[arg-type]
+        )
+    assert not any("deprecated" in r.getMessage() for r in caplog.records)
