@@ -244,8 +244,16 @@ async def serve(settings: Settings, worker: WorkerRole | None = None) -> None:
         )
         metrics.watch_key_cache(store)
         plans = PlanBook(database_load(pool))
-        # Events to the product (issue 19): this replica fans out and delivers them, with the others.
-        deliverer = _event_deliverer(settings, pool)
+        # Events to the product (issue 19): this replica fans out and delivers them, with the others, through
+        # connections of their own, so that a burst of deliveries never delays a key look-up.
+        events_pool = await db.create_pool(
+            url,
+            application_name="driftlock-authz-events",
+            max_size=2,
+            transaction_pooler=settings.database_transaction_pooler,
+        )
+        stack.push_async_callback(events_pool.close)
+        deliverer = _event_deliverer(settings, events_pool)
         replica = f"{socket.gethostname()}:{os.getpid()}"
         meter_store = MeterStore(pool, replica=replica)
         meter = Meter(
