@@ -142,3 +142,16 @@ def test_the_old_alert_variables_still_name_the_operator_endpoint_with_a_depreca
             pool=None,  # type: ignore[arg-type]
         )
     assert not any("deprecated" in r.getMessage() for r in caplog.records)
+
+
+def test_the_operator_events_url_and_secret_never_appear_in_the_repr_of_settings():
+    secret = events.new_secret()
+    settings = Settings.from_env(
+        {
+            "DRIFTLOCK_EVENTS_WEBHOOK_URL": "https://ops.example/e?token=url-token-8c1f",
+            "DRIFTLOCK_EVENTS_WEBHOOK_SECRET": secret,
+        }
+    )
+    assert settings.events_webhook_secrets == (secret,)
+    for shown in (repr(settings), str(settings)):
+        assert "url-token-8c1f" not in shown and secret.removeprefix("whsec_") not in shown
