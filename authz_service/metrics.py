@@ -168,6 +168,17 @@ ALERT_DELIVERIES = Counter(
     "Attempts to POST usage alerts to DRIFTLOCK_ALERT_WEBHOOK_URL, by outcome: delivered, retry, gave_up.",
     ["outcome"],
 )
+# Events to the product (authz_service/events/delivery.py).
+EVENT_DELIVERIES = Counter(
+    "driftlock_event_deliveries_total",
+    "Attempts to deliver events to endpoints, by outcome: delivered, retry, gave_up.",
+    ["outcome"],
+)
+EVENT_DELIVERY_LAG = Histogram(
+    "driftlock_event_delivery_lag_seconds",
+    "From an event's occurrence to its acknowledged delivery.",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600, 86400),
+)
 AUDIT_WRITTEN = Counter("driftlock_audit_entries_written_total", "Audit log entries written.")
 AUDIT_DENIALS_COUNTED = Counter(
     "driftlock_audit_denials_counted_total",

@@ -41,14 +41,15 @@ from authz_service.check.key_index import database_load as key_index_load
 from authz_service.check.key_last_used import LastUsedRecorder
 from authz_service.check.plan_book import PlanBook
 from authz_service.check.shared_rate_limit import SharedRateLimiter
+from authz_service.events.delivery import EVENTS_CHANNEL, EventDeliverer, OperatorEndpoint
 from authz_service.management.admin_api import AdminGate
+from authz_service.management.events_api import EventEndpointServicer
 from authz_service.management.history_api import UsageHistoryServicer
 from authz_service.management.management_api import KeyServicer, OrganizationServicer, PublicKeyServicer
 from authz_service.management.usage_api import UsageServicer
 from authz_service.usage import spill_dirs
 from authz_service.usage.access_log import AccessLogServicer
-from authz_service.usage.alerts import AlertNotifier
-from driftlock_api.management.v1 import history_pb2_grpc, jwks_pb2_grpc, keys_pb2_grpc, orgs_pb2_grpc
+from driftlock_api.management.v1 import events_pb2_grpc, history_pb2_grpc, jwks_pb2_grpc, keys_pb2_grpc, orgs_pb2_grpc
 from driftlock_api.usage.v1 import usage_pb2_grpc
 from driftlock_kernel import context_keys, db
 from driftlock_kernel.background import BackgroundTask
@@ -71,6 +72,7 @@ MANAGEMENT_SERVICES = (
     "driftlock.management.v1.OrganizationService",
     "driftlock.management.v1.PublicKeyService",
     "driftlock.management.v1.UsageHistoryService",  # usage history and the audit log (issue 18)
+    "driftlock.management.v1.EventEndpointService",  # events to the product
 )
 # What the health service answers for: the whole server ("") and each service on it.
 HEALTH_SERVICES = ("", AUTHORIZATION_SERVICE, USAGE_SERVICE, *MANAGEMENT_SERVICES)
@@ -179,8 +181,7 @@ def check_settings(settings: Settings) -> StartupSettings:
     admin_secret = settings.admin_secret()
     caller_secret = settings.require_ext_authz_secret()
     url = settings.require_database_url()
-    if settings.alert_webhook_url:
-        settings.require_alert_webhook_secrets()
+    settings.operator_events_endpoint()  # events: refuse a URL without a (valid) secret
     return StartupSettings(keys, admin_secret, caller_secret, url)
 
 
@@ -224,6 +225,23 @@ def _check_can_listen(host: str, port: int) -> None:
             raise OperatorError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
 
 
+def _event_deliverer(settings: Settings, pool: asyncpg.Pool) -> EventDeliverer:
+    operator = settings.operator_events_endpoint()
+    if operator is not None and operator[2]:
+        log.warning(
+            "DRIFTLOCK_ALERT_WEBHOOK_URL and _SECRET are deprecated: set DRIFTLOCK_EVENTS_WEBHOOK_URL and "
+            "DRIFTLOCK_EVENTS_WEBHOOK_SECRET (whsec_...); that URL now receives every event, Standard Webhooks signed"
+        )
+    return EventDeliverer(
+        pool,
+        operator=OperatorEndpoint(operator[0], operator[1]) if operator is not None else None,
+        allow_private=settings.events_allow_private_urls,
+        policy=settings.billing_policy(),
+        expiry_seconds=settings.events_delivery_expiry_hours * 3600,
+        disable_after_seconds=settings.events_disable_after_hours * 3600,
+    )
+
+
 class AuthzService:
     """authz, wired from Settings: the composition root. `start()` builds and starts every part in the order of
     the sections below, pushing each part's stop onto one stack; `drain()` is the signal's first half (spill,
@@ -264,17 +282,7 @@ class AuthzService:
         # Every key's hash prefix in memory: invented keys are refused without a query, real ones never rationed.
         self.key_index = key_index = KeyIndex(key_index_load(pool))
         self._stack.callback(key_index.stop)
-        notifier = None
-        if settings.alert_webhook_url:
-            notifier = AlertNotifier(
-                settings.alert_webhook_url,
-                pool,
-                settings.require_alert_webhook_secrets(),
-                expiry_seconds=settings.alert_delivery_expiry_hours * 3600,
-            )
-        parts = database_parts(
-            pool, settings, replica=self.replica, spill_dir=self.spill_dir, notifier=notifier, index=key_index
-        )
+        parts = database_parts(pool, settings, replica=self.replica, spill_dir=self.spill_dir, index=key_index)
         metrics.watch_key_cache(parts.store)
         parts.audit = AuditLog(pool, allow_sample_rate=settings.audit_allow_sample_rate)
         parts.last_used = LastUsedRecorder(pool, interval=settings.key_last_used_interval_seconds)
@@ -284,6 +292,16 @@ class AuthzService:
             )
             self._on_stop(parts.shared_limits.close)
         self.parts = parts
+        # Events to the product, fanned out and delivered through connections of their own, so that a burst of
+        # deliveries never delays a key look-up.
+        events_pool = await db.create_pool(
+            startup.database_url,
+            application_name="driftlock-authz-events",
+            max_size=2,
+            transaction_pooler=settings.database_transaction_pooler,
+        )
+        self._on_stop(events_pool.close)
+        self.deliverer = _event_deliverer(settings, events_pool)
         authorizer = assemble_authorizer(parts, settings)
 
         # --- gRPC: Check, the access log, the management and usage APIs, health -------------------------------
@@ -305,6 +323,10 @@ class AuthzService:
         jwks_pb2_grpc.add_PublicKeyServiceServicer_to_server(PublicKeyServicer(startup.keys), server)
         # Usage history and the audit log, read from the database (what the meter's flush wrote).
         history_pb2_grpc.add_UsageHistoryServiceServicer_to_server(UsageHistoryServicer(pool, gate), server)
+        # Events to the product: an organisation's event endpoints.
+        events_pb2_grpc.add_EventEndpointServiceServicer_to_server(
+            EventEndpointServicer(pool, gate, allow_private=settings.events_allow_private_urls), server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         self.address = f"{settings.authz_host}:{settings.authz_port}"
         _check_can_listen(settings.authz_host, settings.authz_port)
@@ -318,7 +340,7 @@ class AuthzService:
 
         # --- background work: started in this order, stopped in the reverse, so the meters and the audit log
         # outlive the gRPC server (what in-flight checks count is still written); the pool outlives them all.
-        self._start_background(notifier)
+        self._start_background()
 
         # --- serving ---------------------------------------------------------------------------------------------
         # Everything built so far lives as long as the process: out of the collector's sight, a collection
@@ -353,7 +375,7 @@ class AuthzService:
         self._stack.callback(metrics_server.shutdown)
         self.metrics_port = metrics_server.server_port
 
-    def _start_background(self, notifier: AlertNotifier | None) -> None:
+    def _start_background(self) -> None:
         settings, parts = self.settings, self.parts
         meter, test_meter = parts.meter, parts.test_meter
         meter.restore_spilled()
@@ -375,6 +397,7 @@ class AuthzService:
             {
                 INVALIDATE_CHANNEL: invalidation_handler(parts.store, parts.plans, self.key_index),
                 REFUNDED_CHANNEL: parts.meter.refunded_elsewhere,
+                EVENTS_CHANNEL: self.deliverer.wake,
             },
             on_connect=on_connect,
             on_state=on_listener_state,
@@ -382,9 +405,9 @@ class AuthzService:
         )
         listener.start()
         self._on_stop(listener.stop)
-        if notifier is not None:
-            notifier.start()
-            self._on_stop(notifier.close)
+        # Events to the product: this replica fans out and delivers them, with the others.
+        self.deliverer.start()
+        self._on_stop(self.deliverer.close)
         for recorder in (parts.audit, parts.last_used):
             if recorder is not None:
                 recorder.start()

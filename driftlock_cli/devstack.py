@@ -169,7 +169,12 @@ async def run_dev_stack(settings: Settings, *, backend: HostPort | None, state_d
                 admin_token_secret=admin_secret,
                 context_signing_keys=keys_path,
                 # Production logs one JSON object per line; a terminal reads better as text.
-                extra_env={**keys_env, **stripe_env, **Settings.environment_for(log_format="text")},
+                # Event endpoints on this machine (`events listen`) are allowed under dev only.
+                extra_env={
+                    **keys_env,
+                    **stripe_env,
+                    **Settings.environment_for(log_format="text", events_allow_private_urls=True),
+                },
                 ext_authz_secret=ext_authz_secret,
                 cors_origins=settings.cors_allowed_origins,
                 requests_per_source=settings.edge_requests_per_source,
@@ -326,6 +331,9 @@ def _print_banner(
             "",
         ]
     lines += [
+        "Watch this organisation's events as the dashboard would get them (signed, verified, one per line):",
+        f"  {cli} events listen --org {org_id}",
+        "",
         "Play Stripe (a signed event through Envoy; see --help for the other types):",
         f"  {cli} stripe send-event checkout.session.completed --org {org_id}",
         f"  {cli} stripe send-event invoice.payment_failed --org {org_id} --ago 8d",

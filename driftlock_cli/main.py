@@ -15,7 +15,15 @@ from typing import Any, NoReturn
 
 import asyncpg
 
-from driftlock_cli import arguments, doctor, history_commands, management_commands, retention_commands, webhook_commands
+from driftlock_cli import (
+    arguments,
+    doctor,
+    event_commands,
+    history_commands,
+    management_commands,
+    retention_commands,
+    webhook_commands,
+)
 from driftlock_cli.output import Printer, fields, table, text_value
 from driftlock_kernel import admin_audit, api_keys, db, keys, migrate, orgs, plans, usage
 from driftlock_kernel.billing import FREE_PLAN, Overage
@@ -448,6 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     authz.add_argument("--report-fd", type=int, help=argparse.SUPPRESS)
     webhook_commands.register(commands, leaf)
     management_commands.register(commands, leaf, keys_group=keys_group, orgs_group=orgs_group)
+    event_commands.register(commands, leaf)  # events to the product (issue 19)
     envoy = leaf(commands, "envoy", cmd_envoy, "render envoy/envoy.yaml from the environment and run Envoy")
     envoy.add_argument("--print-config", action="store_true", help="print the rendered config and exit")
     envoy.add_argument("envoy_args", nargs=argparse.REMAINDER, help="passed to envoy after --")

@@ -83,6 +83,17 @@ TABLES: dict[str, PrunedTable] = {
         PrunedTable("usage_key_hours", "driftlock.usage_key_hours", "hour", "ctid"),
         PrunedTable("usage_days", "driftlock.usage_days", "day", "ctid"),
         PrunedTable("usage_key_days", "driftlock.usage_key_days", "day", "ctid"),
+        # Events to the product: kept while a delivery is pending (retried for days), and at least as long as a
+        # replayed Stripe event could write its event again (their dedupe keys live here).
+        PrunedTable(
+            "events",
+            "driftlock.events",
+            "occurred_at",
+            "id",
+            keep_condition="fanned_out_at IS NULL OR EXISTS (SELECT 1 FROM driftlock.event_deliveries d "
+            "WHERE d.event_id = driftlock.events.id AND d.state = 'pending')",
+            minimum=timedelta(days=7),
+        ),
     )
 }
 # The retention setting each bucket table follows (the key tables keep what the organisation's tables keep).
@@ -101,7 +112,7 @@ def usage_history_retentions(hours: timedelta | None, days: timedelta | None) ->
 
 
 # Who prunes what: the service that writes the table.
-AUTHZ_TABLES = ("meter_flushes", "usage_reports", "audit_log", "audit_denials", *USAGE_HISTORY_RETENTION)
+AUTHZ_TABLES = ("meter_flushes", "usage_reports", "audit_log", "audit_denials", "events", *USAGE_HISTORY_RETENTION)
 WEBHOOK_TABLES = ("stripe_events",)
 
 
@@ -113,6 +124,7 @@ def configured_retentions(settings: Settings) -> dict[str, timedelta | None]:
         "audit_log": settings.retention_audit_log,
         "audit_denials": settings.retention_audit_denials,
         "stripe_events": settings.retention_stripe_events,
+        "events": settings.retention_events,
         **usage_history_retentions(settings.retention_usage_hours, settings.retention_usage_days),
     }
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from driftlock_kernel import secret_strength
+from driftlock_kernel import events, secret_strength
 from driftlock_kernel.billing import FREE_PLAN, BillingPolicy
 from driftlock_kernel.durations import parse_duration
 from driftlock_kernel.errors import OperatorError
@@ -217,6 +217,7 @@ CONTEXT_TOKENS = Section("context tokens", "the signed token authz hands the bac
 BILLING = Section("billing policy", "what an organisation is served while its payments are overdue or absent")
 METERING = Section("metering", "counting units of usage, keeping them across restarts, refunding failed calls")
 ALERTS = Section("usage alerts", "the signed webhooks that tell an organisation its usage crossed a threshold")
+EVENTS = Section("events", "events to the product: Standard Webhooks to the operator's and organisations' endpoints")
 WEBHOOKS = Section("webhooks", "the Stripe webhook service: where it listens and the secrets Stripe signs with")
 STRIPE = Section("stripe", "calls to Stripe's API: usage reports and subscriptions pulled back")
 MANAGEMENT = Section("management", "the JSON management API and UsageService, behind Envoy's management listener")
@@ -231,6 +232,7 @@ SECTIONS = (
     BILLING,
     METERING,
     ALERTS,
+    EVENTS,
     WEBHOOKS,
     STRIPE,
     MANAGEMENT,
@@ -482,6 +484,43 @@ class Settings:
         "how long an unacknowledged alert is retried",
     )
 
+    # --- events ---
+    # The operator's endpoint: every organisation's events, signed with these whsec_ secrets (comma-separated
+    # while one is rotated). DRIFTLOCK_ALERT_WEBHOOK_URL/_SECRET, deprecated, stand in for them.
+    events_webhook_url: str | None = setting(
+        EVENTS, "DRIFTLOCK_EVENTS_WEBHOOK_URL", None, http_url, "the operator's endpoint for every event", secret=True
+    )
+    events_webhook_secrets: tuple[str, ...] = setting(
+        EVENTS,
+        "DRIFTLOCK_EVENTS_WEBHOOK_SECRET",
+        (),
+        comma_separated,
+        "the whsec_ secrets the operator's events are signed with",
+        secret=True,
+    )
+    # Metadata addresses never, whatever this says.
+    events_allow_private_urls: bool = setting(
+        EVENTS,
+        "DRIFTLOCK_EVENTS_ALLOW_PRIVATE_URLS",
+        False,
+        boolean,
+        "allow customers' endpoints on loopback, private and link-local addresses (dev only)",
+    )
+    events_delivery_expiry_hours: float = setting(
+        EVENTS,
+        "DRIFTLOCK_EVENTS_DELIVERY_EXPIRY_HOURS",
+        72.0,
+        number(minimum=0.01),
+        "how long a delivery is retried",
+    )
+    events_disable_after_hours: float = setting(
+        EVENTS,
+        "DRIFTLOCK_EVENTS_DISABLE_AFTER_HOURS",
+        120.0,
+        number(minimum=0.01),
+        "how long an endpoint may fail before it is disabled",
+    )
+
     # --- webhooks ---
     webhooks_host: str = setting(WEBHOOKS, "DRIFTLOCK_WEBHOOKS_HOST", "0.0.0.0", text, "address of the webhook service")
     webhooks_port: int = setting(WEBHOOKS, "DRIFTLOCK_WEBHOOKS_PORT", 8081, PORT, "port of the webhook service")
@@ -580,6 +619,16 @@ class Settings:
         timedelta(days=90),
         retention(minimum=timedelta(days=3), why="Stripe retries a delivery for up to three days"),
         "how long Stripe event ids are kept",
+    )
+    retention_events: timedelta | None = setting(
+        RETENTION,
+        "DRIFTLOCK_RETENTION_EVENTS",
+        timedelta(days=90),
+        retention(
+            minimum=timedelta(days=7),
+            why="deliveries are retried for days, and replayed Stripe events are deduplicated against it",
+        ),
+        "how long delivered events stay",
     )
     # The usage history's buckets (the contract: at least 90 days of hours and 2 years of days by default).
     retention_usage_hours: timedelta | None = setting(
@@ -751,6 +800,27 @@ class Settings:
         if not self.stripe_api_key.startswith(("sk_live_", "sk_test_", "rk_live_", "rk_test_")):
             raise SettingsError("STRIPE_API_KEY must be a Stripe secret (sk_...) or restricted (rk_...) key")
         return self.stripe_api_key
+
+    def operator_events_endpoint(self) -> tuple[str, tuple[bytes, ...], bool] | None:
+        """(URL, signing keys, deprecated) of the operator's events endpoint, or None. The deprecated usage-alert
+        variables stand in when DRIFTLOCK_EVENTS_WEBHOOK_URL is unset (their secret is used as its bytes)."""
+        if self.events_webhook_url:
+            if not self.events_webhook_secrets:
+                raise SettingsError(
+                    "DRIFTLOCK_EVENTS_WEBHOOK_URL is set but DRIFTLOCK_EVENTS_WEBHOOK_SECRET is not: events are signed"
+                )
+            try:
+                keys = tuple(events.secret_key(events.check_secret(s)) for s in self.events_webhook_secrets)
+            except ValueError as error:
+                raise SettingsError(f"DRIFTLOCK_EVENTS_WEBHOOK_SECRET: {error}") from None
+            return self.events_webhook_url, keys, False
+        if self.alert_webhook_url:
+            return (
+                self.alert_webhook_url,
+                tuple(events.secret_key(s) for s in self.require_alert_webhook_secrets()),
+                True,
+            )
+        return None
 
     def require_alert_webhook_secrets(self) -> tuple[str, ...]:
         """The secrets alert webhooks are signed with; required once DRIFTLOCK_ALERT_WEBHOOK_URL is set."""

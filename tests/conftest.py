@@ -316,6 +316,8 @@ async def gateway(database_url, jwt_secret, admin_secret, context_signing_keys, 
                 "DRIFTLOCK_ALERT_WEBHOOK_URL": f"http://127.0.0.1:{alerts.port}/alerts",
                 "DRIFTLOCK_ALERT_WEBHOOK_SECRET": ALERT_SECRET,
                 "DRIFTLOCK_AUDIT_ALLOW_SAMPLE_RATE": "1",
+                # Customers' event endpoints in the tests are local receivers, as under `dev`.
+                "DRIFTLOCK_EVENTS_ALLOW_PRIVATE_URLS": "true",
                 "DRIFTLOCK_KEY_LAST_USED_INTERVAL_SECONDS": "0.5",
                 "STRIPE_API_KEY": GATEWAY_STRIPE_KEY,
                 "STRIPE_API_BASE": stripe.url,

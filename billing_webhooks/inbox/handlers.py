@@ -10,6 +10,7 @@ import dataclasses
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any, assert_never
 
 from billing_webhooks.inbox import decisions, store
@@ -21,8 +22,8 @@ from billing_webhooks.inbox.events import (
     SubscriptionSnapshot,
     parse_org_id,
 )
-from driftlock_kernel import db
-from driftlock_kernel.billing import DEFAULT_POLICY, BillingPolicy
+from driftlock_kernel import db, events
+from driftlock_kernel.billing import DEFAULT_POLICY, OVERDUE_STATUSES, BillingPolicy
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,6 +252,15 @@ async def _trial_notice(conn: db.Connection, event: SubscriptionSnapshot, policy
     """Three days before a trial ends: nothing to enforce; the event is kept (the notification, for an operator or
     a mailer to read) and the snapshot it carries is applied like any other."""
     result = await _subscription_event(conn, event, policy)
+    if result.org_id is not None and event.trial_end is not None:
+        # Keyed by the trial's end: Stripe's retries, a replay or a later sync tell of the same trial once.
+        await events.emit(
+            conn,
+            events.EventType.BILLING_TRIAL_WILL_END,
+            result.org_id,
+            {"trial_end": event.trial_end, "subscription_id": event.subscription_id},
+            dedupe_key=f"billing.trial_will_end:{result.org_id}:{int(event.trial_end.timestamp())}",
+        )
     ends = f"trial ends {event.trial_end.isoformat()}" if event.trial_end else "trial ends (no trial_end given)"
     return dataclasses.replace(result, detail=_detail(ends, result.detail))
 
@@ -287,7 +297,38 @@ async def handle(conn: db.Connection, event: BillingEvent, policy: BillingPolicy
             return await _trial_notice(conn, event, policy)
         case SubscriptionSnapshot():
             return await _subscription_event(conn, event, policy)
+        case InvoicePayment(succeeded=False):
+            result = await _invoice_event(conn, event, policy)
+            if result.org_id is not None:
+                await _tell_payment_failed(conn, event, result.org_id, policy)
+            return result
         case InvoicePayment():
             return await _invoice_event(conn, event, policy)
         case _:
             assert_never(event)
+
+
+async def _tell_payment_failed(
+    conn: db.Connection, event: InvoicePayment, org_id: uuid.UUID, policy: BillingPolicy
+) -> None:
+    """billing.payment_failed, when the organisation is overdue after this failure (it opened or continues
+    dunning); once per Stripe event, however often it is delivered or replayed."""
+    row = await conn.fetchrow(
+        "SELECT billing_status, past_due_since FROM driftlock.organizations WHERE id = $1", org_id
+    )
+    if row is None or row["billing_status"] not in OVERDUE_STATUSES or row["past_due_since"] is None:
+        return
+    since = row["past_due_since"]
+    restricts_at = since + timedelta(seconds=policy.grace_seconds) if policy.block_billable_when_overdue else None
+    await events.emit(
+        conn,
+        events.EventType.BILLING_PAYMENT_FAILED,
+        org_id,
+        {
+            "past_due_since": since,
+            "restricts_at": restricts_at,
+            "billing_status": row["billing_status"],
+            "invoice_id": event.invoice_id,
+        },
+        dedupe_key=f"billing.payment_failed:{event.event_id}",
+    )

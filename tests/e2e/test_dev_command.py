@@ -114,6 +114,10 @@ async def test_dev_serves_the_printed_curl_and_stops_everything_on_ctrl_c(dev_da
         )
         failed = [check for check in json.loads(doctor.stdout)["checks"] if not check["ok"]]
         assert failed == [] and doctor.code == 0, failed
+        # The events of the demo organisation, watched the way the banner says (dev allows a local endpoint).
+        listen = re.search(r"(\S+) events listen --org ([0-9a-f-]{36})", banner)
+        assert listen is not None and listen.group(2) == org_id, banner
+        await watch_events_as_printed(cli_env, org_id)
     finally:
         if process.returncode is None:
             process.send_signal(signal.SIGINT)  # what Ctrl-C sends
@@ -125,3 +129,31 @@ async def test_dev_serves_the_printed_curl_and_stops_everything_on_ctrl_c(dev_da
         with pytest.raises(OSError):
             _reader, writer = await asyncio.open_connection("127.0.0.1", int(dev_ports[name]))
             writer.close()
+
+
+async def watch_events_as_printed(cli_env: dict[str, str], org_id: str) -> None:
+    port = free_port()
+    listener = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "driftlock_cli", "events", "listen", "--org", org_id, "--port", str(port), "--json",
+        env=cli_env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while True:  # the endpoint exists once the listener has printed where it listens
+            found = run_cli(
+                "events", "endpoints", "list", "--org", org_id, "--json",
+                database_url=cli_env["DATABASE_URL"], env=cli_env, inherit=False,
+            )  # fmt: skip
+            if found.json()["endpoints"]:
+                break
+            assert time.monotonic() < deadline, "events listen created no endpoint"
+            await asyncio.sleep(0.2)
+        suspended = run_cli("orgs", "suspend", org_id, database_url=cli_env["DATABASE_URL"], env=cli_env, inherit=False)
+        assert suspended.code == 0, suspended.stderr
+        assert listener.stdout is not None
+        event = json.loads(await asyncio.wait_for(listener.stdout.readline(), 30))
+        assert (event["type"], event["verified"], event["data"]["org_id"]) == ("org.suspended", True, org_id)
+        run_cli("orgs", "resume", org_id, database_url=cli_env["DATABASE_URL"], env=cli_env, inherit=False)
+    finally:
+        listener.send_signal(signal.SIGINT)
+        await asyncio.wait_for(listener.wait(), 30)

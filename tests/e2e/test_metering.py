@@ -189,22 +189,26 @@ async def test_alerts_are_raised_once_per_threshold_posted_and_listed(
 
     await eventually(three_alerts, within=10, what="three alerts stored")
 
-    def posted() -> list[dict]:
-        bodies = [json.loads(r.body) for r in gateway.alerts.received]
-        return [b for b in bodies if b["org_id"] == str(org.id)]
+    # The deprecated alert-webhook variables now name the operator's events endpoint (Standard Webhooks).
+    def ours() -> list:
+        return [
+            r
+            for r in gateway.alerts.received
+            if json.loads(r.body)["type"] == "usage.threshold_reached"
+            and json.loads(r.body)["data"]["org_id"] == str(org.id)
+        ]
 
     async def three_posted() -> bool:
-        return len(posted()) >= 3
+        return len(ours()) >= 3
 
-    await eventually(three_posted, within=10, what="three alerts POSTed to the alert webhook")
-    bodies = posted()
+    await eventually(three_posted, within=10, what="three usage.threshold_reached events POSTed to the operator")
+    bodies = [json.loads(r.body)["data"] for r in ours()]
     assert sorted(b["threshold"] for b in bodies) == [70, 90, 100]
     from tests.conftest import ALERT_SECRET
-    from tests.integration.test_audit_and_alert_delivery import verify
+    from tests.support.webhook_receiver import verify_standard_webhook
 
-    ours = [r for r in gateway.alerts.received if json.loads(r.body)["org_id"] == str(org.id)]
-    assert all(verify(r.body, r.header("driftlock-signature") or "", ALERT_SECRET) for r in ours)
-    assert all(b["type"] == "usage.threshold_reached" and b["included_units"] == 50 for b in bodies)
+    assert all(verify_standard_webhook(ALERT_SECRET, dict(r.headers), r.body) for r in ours())
+    assert all(b["included"] == 50 for b in bodies)
 
     listed = run_cli("alerts", "list", "--org", str(org.id), "--json", database_url=database_url).json()
     assert [a["threshold"] for a in listed["alerts"]] == [70, 90, 100]

@@ -157,7 +157,7 @@ async def test_the_prune_command_prunes_each_table_or_all(retention_db):
         run_cli, "prune", "all", "--json", database_url=url, env={"DRIFTLOCK_RETENTION_AUDIT_LOG": "off"}
     )
     assert everything.code == 0, everything.stderr
-    deleted = {"meter_flushes": 0, "usage_reports": 1, "audit_denials": 0, "stripe_events": 1}
+    deleted = {"meter_flushes": 0, "usage_reports": 1, "audit_denials": 0, "stripe_events": 1, "events": 0}
     deleted |= {"usage_hours": 0, "usage_key_hours": 0, "usage_days": 0, "usage_key_days": 0}
     assert everything.json() == {"deleted": deleted, "kept": ["audit_log"]}
     async with pool.acquire() as conn:
