@@ -47,7 +47,7 @@ from authz_service.management.usage_api import UsageServicer
 from authz_service.usage import spill_dirs
 from authz_service.usage.access_log import AccessLogServicer
 from authz_service.usage.alerts import AlertNotifier
-from authz_service.usage.meter_store import TEST_TABLES, MeterStore
+from authz_service.usage.meter_store import KEY_TABLES, TEST_TABLES, MeterStore
 from authz_service.usage.metering import Meter
 from authz_service.usage.usage_ledger import UsageLedger
 from driftlock_api.management.v1 import jwks_pb2_grpc, keys_pb2_grpc, orgs_pb2_grpc
@@ -254,6 +254,15 @@ async def serve(settings: Settings, worker: WorkerRole | None = None) -> None:
             spill_dir=spill_dir / spill_dirs.TEST_SUBDIR if spill_dir is not None else None,
             live=False,
         )
+        # Keys with a cap of their own (max_units_per_period): their usage per key, in tables of its own.
+        key_meter = Meter(
+            UsageLedger(stale_after=settings.usage_refresh_seconds),
+            MeterStore(pool, replica=meter_store.replica, tables=KEY_TABLES),
+            flush_interval=settings.meter_flush_interval_seconds,
+            load_timeout=settings.database_lookup_timeout_seconds,
+            spill_dir=spill_dir / spill_dirs.KEYS_SUBDIR if spill_dir is not None else None,
+            live=False,
+        )
         audit = AuditLog(pool, allow_sample_rate=settings.audit_allow_sample_rate)
         policy = settings.billing_policy()
         last_used = LastUsedRecorder(pool, interval=settings.key_last_used_interval_seconds)
@@ -276,6 +285,7 @@ async def serve(settings: Settings, worker: WorkerRole | None = None) -> None:
             last_used=last_used,
             exact_margin_units=settings.quota_exact_margin_units,
             reserve_timeout=settings.database_lookup_timeout_seconds,
+            key_meter=key_meter,
         )
 
         def on_connect() -> None:
@@ -336,6 +346,7 @@ async def serve(settings: Settings, worker: WorkerRole | None = None) -> None:
         # what in-flight checks count is still written; the pool outlives them all.
         meter.restore_spilled()
         test_meter.restore_spilled()
+        key_meter.restore_spilled()
         listener.start()
         stack.push_async_callback(listener.stop)
         if notifier is not None:
@@ -363,9 +374,14 @@ async def serve(settings: Settings, worker: WorkerRole | None = None) -> None:
         stack.push_async_callback(pruner.close)
         meter.start()
         test_meter.start()
+        key_meter.start()
 
         async def close_meters() -> None:  # side by side: a database outage costs the flush timeout once
-            await asyncio.gather(meter.close(SHUTDOWN_FLUSH_SECONDS), test_meter.close(SHUTDOWN_FLUSH_SECONDS))
+            await asyncio.gather(
+                meter.close(SHUTDOWN_FLUSH_SECONDS),
+                test_meter.close(SHUTDOWN_FLUSH_SECONDS),
+                key_meter.close(SHUTDOWN_FLUSH_SECONDS),
+            )
 
         stack.push_async_callback(close_meters)
         # Everything built so far lives as long as the process: out of the collector's sight, a collection
@@ -407,6 +423,7 @@ async def serve(settings: Settings, worker: WorkerRole | None = None) -> None:
         # (a SIGKILL at the end of a stop timeout loses nothing counted before the server stopped).
         meter.spill_now()
         test_meter.spill_now()
+        key_meter.spill_now()
         log.info("shutting down: NOT_SERVING, answering for %.1fs more", settings.authz_drain_seconds)
         await health_servicer.enter_graceful_shutdown()
         await asyncio.sleep(settings.authz_drain_seconds)

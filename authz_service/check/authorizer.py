@@ -18,6 +18,15 @@ from typing import Any
 
 from authz_service import metrics
 from authz_service.check.audit import AuditEntry, AuditLog, audit_path
+from authz_service.check.controls import (
+    QuotaState,
+    check_key_quota,
+    check_products,
+    check_source,
+    key_rate_limit,
+    key_reservation_cap,
+    quota_state,
+)
 from authz_service.check.credentials import read_credential
 from authz_service.check.decision import (
     ALLOW,
@@ -29,6 +38,7 @@ from authz_service.check.decision import (
     PlanLimits,
     Route,
     RouteError,
+    billing_cap,
     check_access,
     check_billing,
     check_rate,
@@ -45,7 +55,7 @@ from authz_service.check.key_last_used import LastUsedRecorder
 from authz_service.check.plan_book import PlanBook
 from authz_service.check.rate_limit import RateLimiter, RateVerdict, SharedLimits
 from authz_service.usage.metering import Meter, Reserved
-from authz_service.usage.refunds import BilledUsage
+from authz_service.usage.refunds import BilledUsage, Refund
 from driftlock_kernel.billing import DEFAULT_POLICY, BillingPolicy, effective_plan
 from driftlock_kernel.caches import LruCache
 from driftlock_kernel.keys import Environment, ParsedKey
@@ -103,6 +113,17 @@ class CheckOutcome:
     rate: RateVerdict | None = None
     # What this call was counted as (handed to Envoy, whose access log brings it back for a refund).
     usage: BilledUsage | None = None
+    # The organisation's period quota as the RateLimit headers tell it; None when this replica does not know
+    # it without asking the database.
+    quota: QuotaState | None = None
+
+
+# Why a key's unit is taken back: the organisation's cap refused the call after the key's reservation counted it.
+KEY_UNIT_NOT_SERVED = "not_served"
+
+# Called once per organisation and period (per replica) when its spend cap first stops a call:
+# (org_id, period_start, used units, cap).
+SpendCapReached = Callable[[str, datetime, int, int], None]
 
 
 class Authorizer:
@@ -121,8 +142,15 @@ class Authorizer:
         last_used: LastUsedRecorder | None = None,
         exact_margin_units: int = 1000,
         reserve_timeout: float = 0.5,
+        key_meter: Meter | None = None,
+        on_spend_cap_reached: SpendCapReached | None = None,
     ):
         self._last_used = last_used
+        # Usage of keys with a max_units_per_period, per key and period (KEY_TABLES); a pipeline built without
+        # one (tests, the bench) counts in memory only.
+        self._key_meter = key_meter
+        self._on_spend_cap_reached = on_spend_cap_reached
+        self._spend_caps_reached: LruCache[tuple[str, datetime], bool] = LruCache(10_000)
         self._store = store
         self._plans = plans
         self._meter = meter
@@ -193,23 +221,33 @@ class Authorizer:
         access = check_access(route, grant, now)
         if not access.allowed:
             return CheckOutcome(access, grant, route, plan=plan_name)
+        # source: the key's allowed networks (controls.py)
+        if grant.allowed_networks is not None:
+            source = check_source(grant, request.source)
+            if not source.allowed:
+                return CheckOutcome(source, grant, route, plan=plan_name)
         plan = self._plans.get(plan_name) or await self._plans.require(plan_name)
         if plan is None:
             log.error("organisation %s is on plan %r, which does not exist", grant.org_id, plan_name)
             return CheckOutcome(DENY_UNAVAILABLE, grant, route, plan=plan_name)
-        # rate: a live key's own, or the organisation's for all its test keys together (through Redis when the
-        # replicas share their limits)
+        # products: the plan's and the key's
+        entitled = check_products(route, grant, plan)
+        if not entitled.allowed:
+            return CheckOutcome(entitled, grant, route, plan=plan_name)
+        # rate: a live key's own (or its plan's), or the organisation's for all its test keys together (through
+        # Redis when the replicas share their limits); a test key with a rate of its own also has its own bucket
         rate_limit: float | None
         if grant.environment is Environment.TEST:
+            if grant.rate_limit_rps is not None:
+                own = await self._take(grant.key_id, grant.rate_limit_rps)
+                if not own.allowed:
+                    return CheckOutcome(check_rate(own), grant, route, plan=plan_name, rate=own)
             rate_key, rate_limit = f"test:{grant.org_id}", plan.test_rate_limit_rps
         else:
-            rate_key, rate_limit = grant.key_id, plan.rate_limit_rps
+            rate_key, rate_limit = grant.key_id, key_rate_limit(grant, plan)
         rate: RateVerdict | None = None
         if rate_limit:
-            if self._shared_limits is not None:
-                rate = await self._shared_limits.take(rate_key, rate_limit)
-            else:
-                rate = self._limiter.take(rate_key, rate_limit)
+            rate = await self._take(rate_key, rate_limit)
         limited = check_rate(rate)
         if not limited.allowed:
             return CheckOutcome(limited, grant, route, plan=plan_name, rate=rate)
@@ -217,9 +255,28 @@ class Authorizer:
             # billing and record, for a test key: its organisation's test allowance, counted apart, never billed
             return await self._count_test(request, route, grant, plan, now, rate)
         if not is_billed(route, grant):
-            return CheckOutcome(ALLOW, grant, route, plan=plan_name, rate=rate)
+            return CheckOutcome(
+                ALLOW, grant, route, plan=plan_name, rate=rate, quota=self._known_quota(grant, plan, now)
+            )
         # billing and record
         return await self._bill(request, route, grant, plan, now, rate)
+
+    async def _take(self, rate_key: str, rate_limit: float) -> RateVerdict:
+        if self._shared_limits is not None:
+            return await self._shared_limits.take(rate_key, rate_limit)
+        return self._limiter.take(rate_key, rate_limit)
+
+    def _known_quota(self, grant: Grant, plan: PlanLimits, now: float) -> QuotaState | None:
+        """The period quota for the headers of a call that is not metered, from what this replica knows (no
+        statement: None when it has not read the organisation's usage yet)."""
+        test = grant.environment is Environment.TEST
+        meter = self._test_meter if test else self._meter
+        period = self._periods.period(grant.period_start, grant.period_end, now)
+        used = meter.ledger.used((grant.org_id, period.start))
+        if used is None:
+            return None
+        included = plan.test_included_units if test else plan.included_units
+        return quota_state(included, used, period.start.timestamp(), period.end.timestamp(), now)
 
     def _route(self, context: Mapping[str, str]) -> Route:
         get = context.get
@@ -252,11 +309,15 @@ class Authorizer:
         if meter.counted_already(request.request_id):
             return CheckOutcome(ALLOW, grant, route, plan=plan.name, rate=rate)
         period = self._periods.period(grant.period_start, grant.period_end, now)
+        key_refused = await self._key_quota(route, grant, now, period)
+        if key_refused is not None:
+            return CheckOutcome(key_refused, grant, route, plan=plan.name, rate=rate)
         usage_key = (grant.org_id, period.start)
         used = await meter.used(usage_key)
         decision = check_test_allowance(route, plan, now, used_units=used, period_end=period.end.timestamp())
         if not decision.allowed:
-            return CheckOutcome(decision, grant, route, plan=plan.name, rate=rate)
+            quota = quota_state(plan.test_included_units, used, period.start.timestamp(), period.end.timestamp(), now)
+            return CheckOutcome(decision, grant, route, plan=plan.name, rate=rate, quota=quota)
         return await self._count(
             request, route, grant, plan.test_limits, now, rate, meter, used, period, plan.name, None
         )
@@ -270,6 +331,11 @@ class Authorizer:
             # The same request checked again (an Envoy retry): it was decided and counted the first time.
             metrics.METER_DUPLICATE_REQUESTS.inc()
             return CheckOutcome(ALLOW, grant, route, billed=True, plan=plan.name, rate=rate, usage=usage)
+        # The key's own cap first: reading its usage may wait for the database, which must not come between
+        # reading the organisation's usage and counting the call.
+        key_refused = await self._key_quota(route, grant, now, period)
+        if key_refused is not None:
+            return CheckOutcome(key_refused, grant, route, plan=plan.name, rate=rate)
         usage_key = (grant.org_id, period.start)
         used = await self._meter.used(usage_key)
         # No await from here on in the in-memory path: the usage read above and the count below are one step.
@@ -280,8 +346,32 @@ class Authorizer:
             route, grant, now, plan, used_units=used, period_end=period.end.timestamp(), policy=self._policy
         )
         if not decision.allowed:
-            return CheckOutcome(decision, grant, route, plan=plan.name, rate=rate)
+            quota = quota_state(plan.included_units, used, period.start.timestamp(), period.end.timestamp(), now)
+            if decision.code is DenyCode.SPEND_CAP_REACHED:
+                self._spend_cap_reached(grant, plan, period, used)
+            return CheckOutcome(decision, grant, route, plan=plan.name, rate=rate, quota=quota)
         return await self._count(request, route, grant, plan, now, rate, self._meter, used, period, plan.name, usage)
+
+    async def _key_quota(self, route: Route, grant: Grant, now: float, period: Period) -> Decision | None:
+        """Stage `key quota`: the refusal when the key's own cap (max_units_per_period) is reached, else None."""
+        if grant.max_units is None or self._key_meter is None:
+            return None
+        used = await self._key_meter.used((grant.key_id, period.start))
+        decision = check_key_quota(route, grant, now, used_units=used, period_end=period.end.timestamp())
+        return None if decision.allowed else decision
+
+    def _spend_cap_reached(self, grant: Grant, plan: PlanLimits, period: Period, used: int) -> None:
+        """The first call this replica refuses for the organisation's spend cap in a period."""
+        seen = (grant.org_id, period.start)
+        if self._spend_caps_reached.get(seen):
+            return
+        self._spend_caps_reached.put(seen, True)
+        cap = plan.included_units + (grant.max_overage_units or 0)
+        log.info("organisation %s reached its spend cap (%d units)", grant.org_id, cap)
+        # TODO(issue 19): emit the `usage.spend_cap_reached` event ({"used", "cap", "org_id"}) through the events
+        # outbox here; the outbox's idempotency key (org, period, type) makes the replicas' reports one event.
+        if self._on_spend_cap_reached is not None:
+            self._on_spend_cap_reached(grant.org_id, period.start, used, cap)
 
     async def _count(
         self,
@@ -302,23 +392,77 @@ class Authorizer:
         usage_key = (grant.org_id, period.start)
         product = route.product or ""
         billed = meter.live
-        cap = reservation_cap(limits, used, route.units, self._exact_margin)
+        units = route.units
+        # Test keys are never billed: the organisation's spend cap is not theirs.
+        spend_cap = grant.max_overage_units if billed else None
+        cap = reservation_cap(limits, used, units, self._exact_margin, spend_cap)
+        key_meter = self._key_meter if grant.max_units is not None else None
+        key_usage_key = (grant.key_id, period.start)
+        key_cap = None
+        if key_meter is not None:
+            # Again, without an await since the org's usage was read: what this replica counted meanwhile counts.
+            key_used = key_meter.used_now(key_usage_key)
+            key_decision = check_key_quota(route, grant, now, used_units=key_used, period_end=period.end.timestamp())
+            if not key_decision.allowed:
+                return CheckOutcome(key_decision, grant, route, plan=plan_name, rate=rate)
+            key_cap = key_reservation_cap(grant, key_used, units, self._exact_margin)
+        quota = quota_state(limits.included_units, used + units, period.start.timestamp(), period.end.timestamp(), now)
+        if cap is None and key_cap is None:
+            meter.record(request.request_id, usage_key, product, units, limits, period.end)
+            if key_meter is not None:
+                key_meter.record(request.request_id, key_usage_key, product, units, limits, period.end)
+            return CheckOutcome(ALLOW, grant, route, billed=billed, plan=plan_name, rate=rate, usage=usage, quota=quota)
+        # Near a cap: what the other replicas counted since this one last read may be all that is left, so the
+        # database decides, atomically, before the call is allowed. The key's cap first: its unit is taken back
+        # should the organisation's cap then refuse the call.
+        if key_meter is not None:
+            if key_cap is None:
+                key_meter.record(request.request_id, key_usage_key, product, units, limits, period.end)
+            else:
+                timeout = self._timeout(request)
+                if timeout <= 0:
+                    return CheckOutcome(DENY_UNAVAILABLE, grant, route, plan=plan_name, rate=rate)
+                key_reserved = await key_meter.reserve(
+                    request.request_id, key_usage_key, product, units, limits, period.end, key_cap, timeout
+                )
+                if key_reserved is Reserved.REFUSED:
+                    refused = quota_exceeded(now, period.end.timestamp(), DenyCode.KEY_QUOTA_EXCEEDED)
+                    return CheckOutcome(refused, grant, route, plan=plan_name, rate=rate)
         if cap is None:
-            meter.record(request.request_id, usage_key, product, route.units, limits, period.end)
-            return CheckOutcome(ALLOW, grant, route, billed=billed, plan=plan_name, rate=rate, usage=usage)
-        # Near the cap: what the other replicas counted since this one last read may be all that is left, so the
-        # database decides, atomically, before the call is allowed.
+            meter.record(request.request_id, usage_key, product, units, limits, period.end)
+            return CheckOutcome(ALLOW, grant, route, billed=billed, plan=plan_name, rate=rate, usage=usage, quota=quota)
+        timeout = self._timeout(request)
+        if timeout <= 0:
+            self._give_back_key_unit(request, grant, period, product, units)
+            return CheckOutcome(DENY_UNAVAILABLE, grant, route, plan=plan_name, rate=rate)
+        reserved = await meter.reserve(request.request_id, usage_key, product, units, limits, period.end, cap, timeout)
+        if reserved is Reserved.REFUSED:
+            self._give_back_key_unit(request, grant, period, product, units)
+            _cap, code = billing_cap(limits, spend_cap)
+            if code is DenyCode.SPEND_CAP_REACHED:
+                self._spend_cap_reached(grant, limits, period, used)
+            quota.remaining, quota.overage_units = 0, max(0, used - limits.included_units)
+            return CheckOutcome(
+                quota_exceeded(now, period.end.timestamp(), code), grant, route, plan=plan_name, rate=rate, quota=quota
+            )
+        return CheckOutcome(ALLOW, grant, route, billed=billed, plan=plan_name, rate=rate, usage=usage, quota=quota)
+
+    def _timeout(self, request: AccessRequest) -> float:
+        """How long a reservation may wait: the configured bound, within what is left of Envoy's deadline."""
         timeout = self._reserve_timeout
         if request.deadline is not None:
             timeout = min(timeout, request.deadline - DEADLINE_MARGIN_SECONDS - time.monotonic())
-            if timeout <= 0:
-                return CheckOutcome(DENY_UNAVAILABLE, grant, route, plan=plan_name, rate=rate)
-        reserved = await meter.reserve(
-            request.request_id, usage_key, product, route.units, limits, period.end, cap, timeout
+        return timeout
+
+    def _give_back_key_unit(
+        self, request: AccessRequest, grant: Grant, period: Period, product: str, units: int
+    ) -> None:
+        """The call counted against the key's cap is refused after all: the key's unit is taken back."""
+        if grant.max_units is None or self._key_meter is None:
+            return
+        self._key_meter.refund(
+            Refund(request.request_id, grant.key_id, period.start, product, units, KEY_UNIT_NOT_SERVED)
         )
-        if reserved is Reserved.REFUSED:
-            return CheckOutcome(quota_exceeded(now, period.end.timestamp()), grant, route, plan=plan_name, rate=rate)
-        return CheckOutcome(ALLOW, grant, route, billed=billed, plan=plan_name, rate=rate, usage=usage)
 
 
 def _audit_entry(request: AccessRequest, outcome: CheckOutcome) -> AuditEntry:

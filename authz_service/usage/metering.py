@@ -252,7 +252,7 @@ class Meter:
                         report.units
                     )
             # Refunds are applied by their own request ids, also in a batch whose counts were applied before.
-            for product, units in result.refunded.items():
+            for product, units in result.refunded.items() if self.live else ():
                 metrics.USAGE_REFUNDED_UNITS.labels(product=product).inc(units)
             self._forget_spilled(batch.flush_id)
             self._rewrite_own_spill()
