@@ -42,6 +42,7 @@ from authz_service.check.plan_book import PlanBook, database_load
 from authz_service.check.rate_limit import RateLimiter
 from authz_service.check.shared_rate_limit import SharedRateLimiter
 from authz_service.management.admin_api import AdminGate
+from authz_service.management.controls_api import OrganizationControlServicer, PlanServicer
 from authz_service.management.management_api import KeyServicer, OrganizationServicer, PublicKeyServicer
 from authz_service.management.usage_api import UsageServicer
 from authz_service.usage import spill_dirs
@@ -50,7 +51,13 @@ from authz_service.usage.alerts import AlertNotifier
 from authz_service.usage.meter_store import KEY_TABLES, TEST_TABLES, MeterStore
 from authz_service.usage.metering import Meter
 from authz_service.usage.usage_ledger import UsageLedger
-from driftlock_api.management.v1 import jwks_pb2_grpc, keys_pb2_grpc, orgs_pb2_grpc
+from driftlock_api.management.v1 import (
+    jwks_pb2_grpc,
+    keys_pb2_grpc,
+    org_controls_pb2_grpc,
+    orgs_pb2_grpc,
+    plans_pb2_grpc,
+)
 from driftlock_api.usage.v1 import usage_pb2_grpc
 from driftlock_kernel import context_keys, db
 from driftlock_kernel.background import BackgroundTask
@@ -71,6 +78,8 @@ MANAGEMENT_SERVICES = (
     "driftlock.management.v1.KeyService",
     "driftlock.management.v1.OrganizationService",
     "driftlock.management.v1.PublicKeyService",
+    "driftlock.management.v1.PlanService",
+    "driftlock.management.v1.OrganizationControlService",
 )
 # What the health service answers for: the whole server ("") and each service on it.
 HEALTH_SERVICES = ("", AUTHORIZATION_SERVICE, USAGE_SERVICE, *MANAGEMENT_SERVICES)
@@ -324,6 +333,11 @@ async def serve(settings: Settings, worker: WorkerRole | None = None) -> None:
         keys_pb2_grpc.add_KeyServiceServicer_to_server(KeyServicer(pool, gate), server)
         orgs_pb2_grpc.add_OrganizationServiceServicer_to_server(OrganizationServicer(pool, gate), server)
         jwks_pb2_grpc.add_PublicKeyServiceServicer_to_server(PublicKeyServicer(keys), server)
+        # Customer controls (issue 20): the plan catalogue, an organisation's spend cap and erasure.
+        plans_pb2_grpc.add_PlanServiceServicer_to_server(PlanServicer(pool, gate), server)
+        org_controls_pb2_grpc.add_OrganizationControlServiceServicer_to_server(
+            OrganizationControlServicer(pool, gate), server
+        )
         health_servicer = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         address = f"{settings.authz_host}:{settings.authz_port}"

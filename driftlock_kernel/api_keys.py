@@ -4,7 +4,7 @@ ever written; its secret exists in the answer to create and roll, and nowhere el
 import ipaddress
 import json
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -252,14 +252,12 @@ async def update_key(
     replica drops its cached grant for the key within a second (the table's trigger), so a narrower scope or a
     new limit applies at once."""
     checked = UNCHANGED if metadata is UNCHANGED else check_metadata(metadata)
-    limits: dict[str, tuple[bool, Any]] = {}
-    for column, value, check in (
-        ("max_units_per_period", max_units_per_period, check_max_units),
-        ("rate_limit_rps", rate_limit_rps, check_rate_limit),
-        ("allowed_cidrs", allowed_cidrs, lambda v: list(check_cidrs(v))),
-        ("products", products, lambda v: list(check_key_products(v))),
-    ):
-        limits[column] = (value is not UNCHANGED, None if value is UNCHANGED or value is None else check(value))
+    limits: dict[str, tuple[bool, Any]] = {
+        "max_units_per_period": _change(max_units_per_period, check_max_units),
+        "rate_limit_rps": _change(rate_limit_rps, check_rate_limit),
+        "allowed_cidrs": _change(allowed_cidrs, lambda v: list(check_cidrs(v))),
+        "products": _change(products, lambda v: list(check_key_products(v))),
+    }
     row = await conn.fetchrow(
         """UPDATE driftlock.api_keys SET
                name = CASE WHEN $2 THEN $3 ELSE name END,
@@ -290,6 +288,13 @@ async def update_key(
     if row is None:
         raise NotFound(f"no API key with id {key_id}")
     return await get_key(conn, key_id)
+
+
+def _change(value: Any, check: Callable[[Any], Any]) -> tuple[bool, Any]:
+    """(whether the column changes, its new value): UNCHANGED keeps it, None clears it."""
+    if value is UNCHANGED:
+        return False, None
+    return True, None if value is None else check(value)
 
 
 async def revoke_key(conn: db.Connection, key_id: uuid.UUID) -> ApiKey:

@@ -164,7 +164,7 @@ async def set_max_overage_units(conn: db.Connection, org_id: uuid.UUID, units: i
 ERASED_NAME = "erased"
 
 
-async def delete_org(conn: db.Connection, org_id: uuid.UUID) -> None:
+async def delete_org(conn: db.Connection, org_id: uuid.UUID) -> int:
     """Erase the organisation (what a GDPR erasure request gets), in the caller's transaction:
 
     - every key is revoked (every replica refuses it within a second: the api_keys trigger) and its name and
@@ -173,8 +173,13 @@ async def delete_org(conn: db.Connection, org_id: uuid.UUID) -> None:
     - audit entries keep ids, times, actions and codes only: their detail, path and source address, and the
       subject of the token that acted, are erased;
     - usage, refunds, billing periods, Stripe exports and the Stripe ids stay: invoices need them.
+
+    Returns how many keys were still active (and are revoked now).
     """
     org = await get_org(conn, org_id)
+    active = await conn.fetchval(
+        "SELECT count(*) FROM driftlock.api_keys WHERE org_id = $1 AND revoked_at IS NULL", org.id
+    )
     await conn.execute(
         """UPDATE driftlock.api_keys
            SET revoked_at = coalesce(revoked_at, now()), name = NULL, metadata = '{}'::jsonb, updated_at = now()
@@ -193,3 +198,4 @@ async def delete_org(conn: db.Connection, org_id: uuid.UUID) -> None:
         org.id,
         ERASED_NAME,
     )
+    return int(active)

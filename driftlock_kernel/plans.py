@@ -41,6 +41,9 @@ class Plan:
         }
 
 
+# What the schema accepts as a plan's name.
+PLAN_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+
 # What the schema accepts as a Stripe meter's event_name (Stripe allows at most 100 characters).
 STRIPE_METER_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,100}")
 

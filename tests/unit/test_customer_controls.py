@@ -79,7 +79,7 @@ async def test_without_a_spend_cap_a_soft_plan_serves_on_and_a_hard_cap_comes_fi
     auth, meter, _ = pipeline(SOFT, GRANT)
     assert all([(await auth.check(request(f"r{i}"))).decision.allowed for i in range(30)])
     hard = dataclasses.replace(SOFT, hard_cap_percent=120)  # 12 units, below included + 5
-    auth, meter, _ = pipeline(hard, dataclasses.replace(GRANT, max_overage_units=5))
+    auth, _meter, _ = pipeline(hard, dataclasses.replace(GRANT, max_overage_units=5))
     codes = [(await auth.check(request(f"r{i}"))).decision.code for i in range(14)]
     assert codes == [None] * 12 + [DenyCode.QUOTA_EXCEEDED] * 2
 

@@ -8,10 +8,10 @@ from envoy.service.auth.v3.external_auth_pb2 import CheckResponse
 
 from authz_service.check.authorizer import AccessRequest, CheckOutcome
 from authz_service.check.context_signer import ContextSigner
+from authz_service.check.controls import QuotaState
 from authz_service.check.decision import ALLOW, HTTP_STATUS, MESSAGES, Decision, DenyCode, Grant, Route, deny
 from authz_service.check.ext_authz import AllowedResponses, access_request
 from authz_service.check.ext_authz import denied_response as denied_bytes
-from authz_service.check.controls import QuotaState
 from authz_service.check.quota_headers import limit_headers
 from authz_service.check.rate_limit import RateVerdict
 from driftlock_kernel.context_keys import HS256, ContextKeys
