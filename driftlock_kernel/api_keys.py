@@ -290,6 +290,15 @@ async def update_key(
     return await get_key(conn, key_id)
 
 
+async def plan_rate_limit(conn: db.Connection, org_id: uuid.UUID) -> float | None:
+    """The rate limit of the organisation's plan (None: none), against which a key's own is above or below."""
+    return await conn.fetchval(
+        """SELECT p.rate_limit_rps FROM driftlock.organizations o JOIN driftlock.plans p ON p.name = o.plan_name
+           WHERE o.id = $1""",
+        org_id,
+    )
+
+
 def _change(value: Any, check: Callable[[Any], Any]) -> tuple[bool, Any]:
     """(whether the column changes, its new value): UNCHANGED keeps it, None clears it."""
     if value is UNCHANGED:

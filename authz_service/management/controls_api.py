@@ -90,20 +90,12 @@ def _strings(field: str) -> Callable[[Any], list[str] | None]:
 # --- per-key limits (KeyService.CreateKey / UpdateKey) ----------------------------------------------------------
 
 
-async def _plan_rate_limit(conn: db.Connection, org_id: uuid.UUID) -> float | None:
-    return await conn.fetchval(
-        """SELECT p.rate_limit_rps FROM driftlock.organizations o JOIN driftlock.plans p ON p.name = o.plan_name
-           WHERE o.id = $1""",
-        org_id,
-    )
-
-
 async def _rate_above_plan(conn: db.Connection, call: Call, org_id: uuid.UUID, rps: float | None) -> bool:
     """Whether `rps` is above the organisation's plan's rate limit; refused (403) for an organisation token,
     which may only lower it."""
     if rps is None:
         return False
-    plan_rps = await _plan_rate_limit(conn, org_id)
+    plan_rps = await api_keys.plan_rate_limit(conn, org_id)
     above = plan_rps is not None and rps > plan_rps
     if above and call.caller.org_id is not None:
         raise ApiError(

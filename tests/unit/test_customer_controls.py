@@ -76,7 +76,7 @@ async def test_a_spend_cap_stops_billable_calls_past_included_plus_the_cap_but_n
 
 
 async def test_without_a_spend_cap_a_soft_plan_serves_on_and_a_hard_cap_comes_first_when_lower():
-    auth, meter, _ = pipeline(SOFT, GRANT)
+    auth, _meter, _ = pipeline(SOFT, GRANT)
     assert all([(await auth.check(request(f"r{i}"))).decision.allowed for i in range(30)])
     hard = dataclasses.replace(SOFT, hard_cap_percent=120)  # 12 units, below included + 5
     auth, _meter, _ = pipeline(hard, dataclasses.replace(GRANT, max_overage_units=5))
