@@ -18,6 +18,7 @@
 - latency: added latency through Envoy at a fixed 1,000 req/s, open loop (bench/latency.py; needs `go`).
 - cold:   first use of 10,000 keys, floods of unknown keys, the negative cache's bound (bench/cold.py).
 - memory: authz's RSS with 100,000 keys cached (bench/memory.py).
+- controls: a billable Check with every customer control configured against one with none (bench/controls.py).
 
 Each pair runs `--rounds` times, interleaved (A B A B ...); the table shows medians and the ratio.
 Needs `wrk` and `h2load` for the last two (Debian: apt-get install wrk nghttp2-client).
@@ -36,6 +37,7 @@ from pathlib import Path
 
 from authz_service.check.ext_authz import CALLER_SECRET_METADATA
 from bench.cold import bench_cold
+from bench.controls import bench_controls
 from bench.flood import bench_flood
 from bench.harness import (
     Fixture,
@@ -404,7 +406,7 @@ async def main() -> None:
     parser.add_argument(
         "--only",
         default="inproc,caps,grpc,edge,redis,workers",
-        help="any of inproc,caps,grpc,edge,redis,flood,workers,latency,cold,memory",
+        help="any of inproc,caps,grpc,edge,redis,flood,workers,latency,cold,memory,controls",
     )
     args = parser.parse_args()
     wanted = set(args.only.split(","))
@@ -448,6 +450,9 @@ async def main() -> None:
             if "memory" in wanted:
                 rows += await bench_memory(fixture)
                 print(table(rows), flush=True)  # so far: a later part that fails keeps what was measured
+            if "controls" in wanted:  # customer controls (issue 20): bench/controls.py
+                rows += await bench_controls(fixture, args.seconds / 2, args.rounds)
+                print(table(rows), flush=True)
     print(f"\n{os.cpu_count()} CPUs; {args.rounds} interleaved rounds of {args.seconds:.0f}s per pair\n")
     print(table(rows))
 

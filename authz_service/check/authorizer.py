@@ -20,11 +20,8 @@ from authz_service import metrics
 from authz_service.check.audit import AuditEntry, AuditLog, audit_path
 from authz_service.check.controls import (
     QuotaState,
-    check_key_quota,
     check_products,
-    check_source,
     key_rate_limit,
-    key_reservation_cap,
     quota_state,
 )
 from authz_service.check.credentials import read_credential
@@ -221,19 +218,19 @@ class Authorizer:
         access = check_access(route, grant, now)
         if not access.allowed:
             return CheckOutcome(access, grant, route, plan=plan_name)
-        # source: the key's allowed networks (controls.py)
-        if grant.allowed_networks is not None:
-            source = check_source(grant, request.source)
-            if not source.allowed:
-                return CheckOutcome(source, grant, route, plan=plan_name)
+        # source: the key's allowed networks (controls.check_source, inlined: it runs on every check of such a key)
+        networks = grant.allowed_networks
+        if networks is not None and not networks.allows(request.source):
+            return CheckOutcome(deny(DenyCode.IP_NOT_ALLOWED), grant, route, plan=plan_name)
         plan = self._plans.get(plan_name) or await self._plans.require(plan_name)
         if plan is None:
             log.error("organisation %s is on plan %r, which does not exist", grant.org_id, plan_name)
             return CheckOutcome(DENY_UNAVAILABLE, grant, route, plan=plan_name)
         # products: the plan's and the key's
-        entitled = check_products(route, grant, plan)
-        if not entitled.allowed:
-            return CheckOutcome(entitled, grant, route, plan=plan_name)
+        if plan.products is not None or grant.products is not None:
+            entitled = check_products(route, grant, plan)
+            if not entitled.allowed:
+                return CheckOutcome(entitled, grant, route, plan=plan_name)
         # rate: a live key's own (or its plan's), or the organisation's for all its test keys together (through
         # Redis when the replicas share their limits); a test key with a rate of its own also has its own bucket
         rate_limit: float | None
@@ -244,7 +241,8 @@ class Authorizer:
                     return CheckOutcome(check_rate(own), grant, route, plan=plan_name, rate=own)
             rate_key, rate_limit = f"test:{grant.org_id}", plan.test_rate_limit_rps
         else:
-            rate_key, rate_limit = grant.key_id, key_rate_limit(grant, plan)
+            rate_key = grant.key_id
+            rate_limit = plan.rate_limit_rps if grant.rate_limit_rps is None else key_rate_limit(grant, plan)
         rate: RateVerdict | None = None
         if rate_limit:
             rate = await self._take(rate_key, rate_limit)
@@ -309,9 +307,7 @@ class Authorizer:
         if meter.counted_already(request.request_id):
             return CheckOutcome(ALLOW, grant, route, plan=plan.name, rate=rate)
         period = self._periods.period(grant.period_start, grant.period_end, now)
-        key_refused = await self._key_quota(route, grant, now, period)
-        if key_refused is not None:
-            return CheckOutcome(key_refused, grant, route, plan=plan.name, rate=rate)
+        await self._read_key_usage(grant, period)
         usage_key = (grant.org_id, period.start)
         used = await meter.used(usage_key)
         decision = check_test_allowance(route, plan, now, used_units=used, period_end=period.end.timestamp())
@@ -331,11 +327,9 @@ class Authorizer:
             # The same request checked again (an Envoy retry): it was decided and counted the first time.
             metrics.METER_DUPLICATE_REQUESTS.inc()
             return CheckOutcome(ALLOW, grant, route, billed=True, plan=plan.name, rate=rate, usage=usage)
-        # The key's own cap first: reading its usage may wait for the database, which must not come between
-        # reading the organisation's usage and counting the call.
-        key_refused = await self._key_quota(route, grant, now, period)
-        if key_refused is not None:
-            return CheckOutcome(key_refused, grant, route, plan=plan.name, rate=rate)
+        # The key's own usage first: reading it may wait for the database, which must not come between reading
+        # the organisation's usage and counting the call.
+        await self._read_key_usage(grant, period)
         usage_key = (grant.org_id, period.start)
         used = await self._meter.used(usage_key)
         # No await from here on in the in-memory path: the usage read above and the count below are one step.
@@ -352,13 +346,14 @@ class Authorizer:
             return CheckOutcome(decision, grant, route, plan=plan.name, rate=rate, quota=quota)
         return await self._count(request, route, grant, plan, now, rate, self._meter, used, period, plan.name, usage)
 
-    async def _key_quota(self, route: Route, grant: Grant, now: float, period: Period) -> Decision | None:
-        """Stage `key quota`: the refusal when the key's own cap (max_units_per_period) is reached, else None."""
-        if grant.max_units is None or self._key_meter is None:
-            return None
-        used = await self._key_meter.used((grant.key_id, period.start))
-        decision = check_key_quota(route, grant, now, used_units=used, period_end=period.end.timestamp())
-        return None if decision.allowed else decision
+    async def _read_key_usage(self, grant: Grant, period: Period) -> None:
+        """For a key with a cap of its own (max_units_per_period): its usage this period, read from the database
+        the first time this replica sees the key in the period. The cap is checked from memory in _count."""
+        key_meter = self._key_meter
+        if grant.max_units is not None and key_meter is not None:
+            usage_key = (grant.key_id, period.start)
+            if key_meter.ledger.used(usage_key) is None:
+                await key_meter.used(usage_key)
 
     def _spend_cap_reached(self, grant: Grant, plan: PlanLimits, period: Period, used: int) -> None:
         """The first call this replica refuses for the organisation's spend cap in a period."""
@@ -396,28 +391,30 @@ class Authorizer:
         # Test keys are never billed: the organisation's spend cap is not theirs.
         spend_cap = grant.max_overage_units if billed else None
         cap = reservation_cap(limits, used, units, self._exact_margin, spend_cap)
-        key_meter = self._key_meter if grant.max_units is not None else None
+        max_units = grant.max_units
+        key_meter = self._key_meter if max_units is not None else None
         key_usage_key = (grant.key_id, period.start)
         key_cap = None
-        if key_meter is not None:
-            # Again, without an await since the org's usage was read: what this replica counted meanwhile counts.
-            key_used = key_meter.used_now(key_usage_key)
-            key_decision = check_key_quota(route, grant, now, used_units=key_used, period_end=period.end.timestamp())
-            if not key_decision.allowed:
-                return CheckOutcome(key_decision, grant, route, plan=plan_name, rate=rate)
-            key_cap = key_reservation_cap(grant, key_used, units, self._exact_margin)
+        if key_meter is not None and max_units is not None:
+            # Stage `key quota`, without an await since the org's usage was read (what this replica counted
+            # meanwhile counts), and within the exact margin of the key's cap, reserved in the database below.
+            left = max_units - key_meter.used_known(key_usage_key) - units  # controls.key_units_left
+            if left < 0:
+                refused = quota_exceeded(now, period.end.timestamp(), DenyCode.KEY_QUOTA_EXCEEDED)
+                return CheckOutcome(refused, grant, route, plan=plan_name, rate=rate)
+            key_cap = None if left >= self._exact_margin else max_units
         quota = quota_state(limits.included_units, used + units, period.start.timestamp(), period.end.timestamp(), now)
         if cap is None and key_cap is None:
             meter.record(request.request_id, usage_key, product, units, limits, period.end)
             if key_meter is not None:
-                key_meter.record(request.request_id, key_usage_key, product, units, limits, period.end)
+                key_meter.ledger.add(key_usage_key, product, units)  # Meter.count
             return CheckOutcome(ALLOW, grant, route, billed=billed, plan=plan_name, rate=rate, usage=usage, quota=quota)
         # Near a cap: what the other replicas counted since this one last read may be all that is left, so the
         # database decides, atomically, before the call is allowed. The key's cap first: its unit is taken back
         # should the organisation's cap then refuse the call.
         if key_meter is not None:
             if key_cap is None:
-                key_meter.record(request.request_id, key_usage_key, product, units, limits, period.end)
+                key_meter.count(key_usage_key, product, units)
             else:
                 timeout = self._timeout(request)
                 if timeout <= 0:

@@ -4,7 +4,7 @@ I/O. `Authorizer` runs them between the stages of decision.py:
     source       check_source(grant, source)                -> ip_not_allowed      (the key's allowed_cidrs)
     products     check_products(route, grant, plan)         -> product_not_allowed (the plan's, the key's)
     rate         key_rate_limit(grant, plan)                -> the rate the key's bucket fills at
-    key quota    check_key_quota(route, grant, used, ...)   -> key_quota_exceeded  (max_units_per_period)
+    key quota    key_units_left(max_units, used, units)     -> key_quota_exceeded  (max_units_per_period)
     billing      decision.billing_cap(plan, spend cap)      -> spend_cap_reached   (max_overage_units)
 
 and quota_state() is what the RateLimit headers tell the client about the period's quota.
@@ -12,7 +12,7 @@ and quota_state() is what the RateLimit headers tell the client about the period
 
 from dataclasses import dataclass
 
-from authz_service.check.decision import ALLOW, Decision, DenyCode, Grant, PlanLimits, Route, deny, quota_exceeded
+from authz_service.check.decision import ALLOW, Decision, DenyCode, Grant, PlanLimits, Route, deny
 from driftlock_kernel.keys import Scope
 
 
@@ -46,19 +46,10 @@ def key_rate_limit(grant: Grant, plan: PlanLimits) -> float | None:
     return min(own, plan.rate_limit_rps)
 
 
-def check_key_quota(route: Route, grant: Grant, now: float, *, used_units: int, period_end: float) -> Decision:
-    """The key's own cap on units this period (max_units_per_period)."""
-    if grant.max_units is not None and used_units + route.units > grant.max_units:
-        return quota_exceeded(now, period_end, DenyCode.KEY_QUOTA_EXCEEDED)
-    return ALLOW
-
-
-def key_reservation_cap(grant: Grant, used_units: int, units: int, margin: int) -> int | None:
-    """As decision.reservation_cap, for the key's own cap."""
-    cap = grant.max_units
-    if cap is None or cap - (used_units + units) >= margin:
-        return None
-    return cap
+def key_units_left(max_units: int, used_units: int, units: int) -> int:
+    """Stage `key quota`: units the key's own cap (max_units_per_period) leaves after this call; below 0 it is
+    refused (key_quota_exceeded), within the exact margin it is reserved in the database first."""
+    return max_units - used_units - units
 
 
 # Not frozen: one may be built for every check.

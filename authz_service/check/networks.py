@@ -1,7 +1,8 @@
 """A key's allowed source networks (`allowed_cidrs`), checked from memory: pure, no I/O.
 
-The networks are kept as integers and masks, and a source address string parses once (a bounded cache), so a
-check costs a dict look-up and a few integer operations per network, not ipaddress objects per request.
+The networks are kept as integers and masks, and what each source address was told is remembered per
+allow-list (a key is used from few addresses), so a check costs a dict look-up, not ipaddress objects per
+request.
 """
 
 import functools
@@ -10,31 +11,44 @@ from collections.abc import Iterable
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
+# Source addresses remembered per allow-list (emptied when full: a flood of addresses costs a parse each).
+MAX_REMEMBERED_SOURCES = 256
 
-class AllowedNetworks:
-    __slots__ = ("_v4", "_v6", "networks")
 
-    def __init__(self, networks: Iterable[Network]):
-        self.networks = tuple(networks)
-        self._v4 = tuple((int(n.network_address), int(n.netmask)) for n in self.networks if n.version == 4)
-        self._v6 = tuple((int(n.network_address), int(n.netmask)) for n in self.networks if n.version == 6)
+class AllowedNetworks(tuple):
+    """((IPv4 network, mask), ...), ((IPv6 network, mask), ...) as integers. A tuple, so that hashing a grant
+    that holds one (the context signer's cache key, on every check) and comparing two stay in C."""
+
+    networks: tuple[Network, ...]
+    _seen: dict[str, bool]
+
+    def __new__(cls, networks: Iterable[Network]) -> "AllowedNetworks":
+        found = tuple(networks)
+        v4 = tuple((int(n.network_address), int(n.netmask)) for n in found if n.version == 4)
+        v6 = tuple((int(n.network_address), int(n.netmask)) for n in found if n.version == 6)
+        self = super().__new__(cls, (v4, v6))
+        self.networks = found
+        self._seen = {}
+        return self
 
     def allows(self, source: str) -> bool:
         """Whether the address is in one of the networks; an address that does not parse (or none) is not."""
+        seen = self._seen.get(source)
+        if seen is None:
+            if len(self._seen) >= MAX_REMEMBERED_SOURCES:
+                self._seen.clear()
+            seen = self._seen[source] = self._allows(source)
+        return seen
+
+    def _allows(self, source: str) -> bool:
         address = parse_source(source)
         if address is None:
             return False
         version, value = address
-        for network, mask in self._v4 if version == 4 else self._v6:
+        for network, mask in self[0] if version == 4 else self[1]:
             if value & mask == network:
                 return True
         return False
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, AllowedNetworks) and self.networks == other.networks
-
-    def __hash__(self) -> int:
-        return hash(self.networks)
 
     def __repr__(self) -> str:
         return f"AllowedNetworks({', '.join(map(str, self.networks))})"

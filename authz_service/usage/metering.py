@@ -120,6 +120,13 @@ class Meter:
         """What `used` last knew, without waiting for the database."""
         return self.ledger.used(key) or 0
 
+    def used_known(self, key: UsageKey) -> int:
+        """As `used`, for a key read before: never waits, and refreshes a stale total in the background."""
+        used, stale = self.ledger.used_and_staleness(key)
+        if stale:
+            self._load(key)
+        return used
+
     def counted_already(self, request_id: str) -> bool:
         """Whether this request id was counted within the deduplication window (an Envoy retry of a check)."""
         return self.ledger.seen(request_id)
@@ -170,6 +177,11 @@ class Meter:
         if self.live:
             metrics.USAGE_UNITS.labels(org_id=self._org_label(key[0]), product=product).inc(units)
         return Reserved.COUNTED
+
+    def count(self, key: UsageKey, product: str, units: int) -> None:
+        """Count units the caller has deduplicated already (a key's, counted beside its organisation's), with
+        no request id kept: it raises no alert."""
+        self.ledger.add(key, product, units)
 
     def report(self, report: Report, plan: PlanLimits, period_end: datetime) -> bool:
         counted = self.ledger.report(report)
