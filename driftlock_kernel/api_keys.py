@@ -203,7 +203,14 @@ def _checked_lists(
 
 
 async def get_key(conn: db.Connection, key_id: uuid.UUID) -> ApiKey:
-    row = await conn.fetchrow(_SELECT + " WHERE k.id = $1", key_id)
+    # A key of an erased organisation is gone with it (orgs.delete_org).
+    row = await conn.fetchrow(
+        _SELECT
+        + """ WHERE k.id = $1
+              AND NOT EXISTS (SELECT 1 FROM driftlock.organizations o
+                              WHERE o.id = k.org_id AND o.deleted_at IS NOT NULL)""",
+        key_id,
+    )
     if row is None:
         raise NotFound(f"no API key with id {key_id}")
     return db.from_row(ApiKey, row)

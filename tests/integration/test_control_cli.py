@@ -54,6 +54,7 @@ async def test_orgs_delete_erases_and_answers_not_found_after(cli, pool):
     assert_one_line_error(cli("orgs", "show", org["id"]), "no organisation")
     assert_one_line_error(cli("orgs", "delete", org["id"]), "no organisation")
     assert org["id"] not in cli("orgs", "list").stdout
+    assert_one_line_error(cli("keys", "show", key["id"]), "no API key")
     async with pool.acquire() as conn:
         row = await conn.fetchrow("SELECT name, revoked_at FROM driftlock.api_keys WHERE id = $1", uuid.UUID(key["id"]))
         entries = await admin_audit.actions(conn, org_id=uuid.UUID(org["id"]))
