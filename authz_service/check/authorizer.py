@@ -329,7 +329,8 @@ class Authorizer:
             return CheckOutcome(ALLOW, grant, route, billed=True, plan=plan.name, rate=rate, usage=usage)
         # The key's own usage first: reading it may wait for the database, which must not come between reading
         # the organisation's usage and counting the call.
-        await self._read_key_usage(grant, period)
+        if grant.max_units is not None:
+            await self._read_key_usage(grant, period)
         usage_key = (grant.org_id, period.start)
         used = await self._meter.used(usage_key)
         # No await from here on in the in-memory path: the usage read above and the count below are one step.
@@ -398,7 +399,10 @@ class Authorizer:
         if key_meter is not None and max_units is not None:
             # Stage `key quota`, without an await since the org's usage was read (what this replica counted
             # meanwhile counts), and within the exact margin of the key's cap, reserved in the database below.
-            left = max_units - key_meter.used_known(key_usage_key) - units  # controls.key_units_left
+            key_used, stale = key_meter.ledger.used_and_staleness(key_usage_key)
+            if stale:
+                key_meter.refresh_soon(key_usage_key)
+            left = max_units - key_used - units  # controls.key_units_left
             if left < 0:
                 refused = quota_exceeded(now, period.end.timestamp(), DenyCode.KEY_QUOTA_EXCEEDED)
                 return CheckOutcome(refused, grant, route, plan=plan_name, rate=rate)

@@ -265,13 +265,16 @@ def check_billing(
 def billing_cap(plan: PlanLimits, max_overage_units: int | None) -> tuple[float | None, DenyCode]:
     """Units the organisation may use this period (None: no end), and the code a call past them gets: the
     plan's cap (quota_exceeded), or the organisation's spend cap on a soft plan when that comes first."""
-    cap = plan.unit_cap
-    if max_overage_units is None or plan.overage != Overage.SOFT:
-        return cap, DenyCode.QUOTA_EXCEEDED
+    if max_overage_units is None or plan.overage is not Overage.SOFT:
+        return plan.unit_cap, DenyCode.QUOTA_EXCEEDED
+    # A soft plan: its only other cap is the hard one (unit_cap, without building it on every check).
     spend_cap = plan.included_units + max_overage_units
-    if cap is None or spend_cap < cap:
+    if plan.hard_cap_percent is None:
         return float(spend_cap), DenyCode.SPEND_CAP_REACHED
-    return cap, DenyCode.QUOTA_EXCEEDED
+    hard_cap = plan.included_units * plan.hard_cap_percent / 100
+    if spend_cap < hard_cap:
+        return float(spend_cap), DenyCode.SPEND_CAP_REACHED
+    return hard_cap, DenyCode.QUOTA_EXCEEDED
 
 
 def quota_exceeded(now: float, period_end: float, code: DenyCode = DenyCode.QUOTA_EXCEEDED) -> Decision:

@@ -120,12 +120,9 @@ class Meter:
         """What `used` last knew, without waiting for the database."""
         return self.ledger.used(key) or 0
 
-    def used_known(self, key: UsageKey) -> int:
-        """As `used`, for a key read before: never waits, and refreshes a stale total in the background."""
-        used, stale = self.ledger.used_and_staleness(key)
-        if stale:
-            self._load(key)
-        return used
+    def refresh_soon(self, key: UsageKey) -> None:
+        """Read the key's stored usage again in the background (as `used` does for a stale one)."""
+        self._load(key)
 
     def counted_already(self, request_id: str) -> bool:
         """Whether this request id was counted within the deduplication window (an Envoy retry of a check)."""
