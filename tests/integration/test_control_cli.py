@@ -35,6 +35,8 @@ def test_plan_products_spend_cap_and_key_limits(cli):
     updated = cli("keys", "update", key["id"], "--max-units", "none", "--any-source", "--json").json()
     assert updated["max_units_per_period"] is None and updated["allowed_cidrs"] is None
     assert updated["rate_limit_rps"] == 20.0  # kept
+    rolled = cli("keys", "roll", key["id"], "--json").json()
+    assert (rolled["rate_limit_rps"], rolled["products"]) == (20.0, ["stream"])  # the limits go with the grants
     assert "10.0.0.0/8" not in cli("keys", "show", key["id"]).stdout
 
     assert_one_line_error(cli("keys", "update", key["id"], "--allow-cidr", "10.0.0.0/33"), "allowed_cidrs")
