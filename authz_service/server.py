@@ -42,14 +42,24 @@ from authz_service.check.key_last_used import LastUsedRecorder
 from authz_service.check.plan_book import PlanBook
 from authz_service.check.shared_rate_limit import SharedRateLimiter
 from authz_service.events.delivery import EVENTS_CHANNEL, EventDeliverer, OperatorEndpoint
+from authz_service.events.spend_cap import spend_cap_announcer
 from authz_service.management.admin_api import AdminGate
+from authz_service.management.controls_api import OrganizationControlServicer, PlanServicer
 from authz_service.management.events_api import EventEndpointServicer
 from authz_service.management.history_api import UsageHistoryServicer
 from authz_service.management.management_api import KeyServicer, OrganizationServicer, PublicKeyServicer
 from authz_service.management.usage_api import UsageServicer
 from authz_service.usage import spill_dirs
 from authz_service.usage.access_log import AccessLogServicer
-from driftlock_api.management.v1 import events_pb2_grpc, history_pb2_grpc, jwks_pb2_grpc, keys_pb2_grpc, orgs_pb2_grpc
+from driftlock_api.management.v1 import (
+    events_pb2_grpc,
+    history_pb2_grpc,
+    jwks_pb2_grpc,
+    keys_pb2_grpc,
+    org_controls_pb2_grpc,
+    orgs_pb2_grpc,
+    plans_pb2_grpc,
+)
 from driftlock_api.usage.v1 import usage_pb2_grpc
 from driftlock_kernel import context_keys, db
 from driftlock_kernel.background import BackgroundTask
@@ -73,6 +83,8 @@ MANAGEMENT_SERVICES = (
     "driftlock.management.v1.PublicKeyService",
     "driftlock.management.v1.UsageHistoryService",  # usage history and the audit log (issue 18)
     "driftlock.management.v1.EventEndpointService",  # events to the product
+    "driftlock.management.v1.PlanService",  # customer controls: the plan catalogue
+    "driftlock.management.v1.OrganizationControlService",  # customer controls: spend cap, erasure
 )
 # What the health service answers for: the whole server ("") and each service on it.
 HEALTH_SERVICES = ("", AUTHORIZATION_SERVICE, USAGE_SERVICE, *MANAGEMENT_SERVICES)
@@ -302,6 +314,7 @@ class AuthzService:
         )
         self._on_stop(events_pool.close)
         self.deliverer = _event_deliverer(settings, events_pool)
+        parts.on_spend_cap_reached = spend_cap_announcer(events_pool)
         authorizer = assemble_authorizer(parts, settings)
 
         # --- gRPC: Check, the access log, the management and usage APIs, health -------------------------------
@@ -326,6 +339,11 @@ class AuthzService:
         # Events to the product: an organisation's event endpoints.
         events_pb2_grpc.add_EventEndpointServiceServicer_to_server(
             EventEndpointServicer(pool, gate, allow_private=settings.events_allow_private_urls), server
+        )
+        # Customer controls: the plan catalogue, an organisation's spend cap and erasure.
+        plans_pb2_grpc.add_PlanServiceServicer_to_server(PlanServicer(pool, gate), server)
+        org_controls_pb2_grpc.add_OrganizationControlServiceServicer_to_server(
+            OrganizationControlServicer(pool, gate), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         self.address = f"{settings.authz_host}:{settings.authz_port}"
@@ -377,9 +395,9 @@ class AuthzService:
 
     def _start_background(self) -> None:
         settings, parts = self.settings, self.parts
-        meter, test_meter = parts.meter, parts.test_meter
-        meter.restore_spilled()
-        test_meter.restore_spilled()
+        meters = [m for m in (parts.meter, parts.test_meter, parts.key_meter) if m is not None]
+        for meter in meters:
+            meter.restore_spilled()
 
         def on_connect() -> None:
             parts.store.expire_all()
@@ -415,11 +433,11 @@ class AuthzService:
         pruner = authz_pruner(self.pool, settings, self.replica)
         pruner.start()
         self._on_stop(pruner.close)
-        meter.start()
-        test_meter.start()
+        for meter in meters:
+            meter.start()
 
         async def close_meters() -> None:  # side by side: a database outage costs the flush timeout once
-            await asyncio.gather(meter.close(SHUTDOWN_FLUSH_SECONDS), test_meter.close(SHUTDOWN_FLUSH_SECONDS))
+            await asyncio.gather(*(meter.close(SHUTDOWN_FLUSH_SECONDS) for meter in meters))
 
         self._on_stop(close_meters)
 
@@ -427,8 +445,9 @@ class AuthzService:
         """Spill first: what was counted is on disk before anything else happens, however long the database takes
         (a SIGKILL at the end of a stop timeout loses nothing counted before the server stopped). Then
         NOT_SERVING, while checks are still answered until Envoy's health check has taken this replica out."""
-        self.parts.meter.spill_now()
-        self.parts.test_meter.spill_now()
+        for meter in (self.parts.meter, self.parts.test_meter, self.parts.key_meter):
+            if meter is not None:
+                meter.spill_now()
         log.info("shutting down: NOT_SERVING, answering for %.1fs more", self.settings.authz_drain_seconds)
         await self.health.enter_graceful_shutdown()
         await asyncio.sleep(self.settings.authz_drain_seconds)

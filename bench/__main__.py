@@ -21,6 +21,7 @@
 - history: the usage history on vs off through Envoy, its rows per 100,000 requests, and a 30-day history query
           on a seeded PostgreSQL 15 (bench/history.py).
 - events: deliveries per second one authz sustains, and the lag from a change to its delivery (bench/events.py).
+- controls: a billable Check with every customer control configured against one with none (bench/controls.py).
 
 Each pair runs `--rounds` times, interleaved (A B A B ...); the table shows medians and the ratio.
 Needs `wrk` and `h2load` for the last two (Debian: apt-get install wrk nghttp2-client).
@@ -40,6 +41,7 @@ from pathlib import Path
 
 from authz_service.check.ext_authz import CALLER_SECRET_METADATA
 from bench.cold import bench_cold
+from bench.controls import bench_controls
 from bench.distributed_flood import bench_distributed_flood
 from bench.events import bench_events
 from bench.flood import bench_flood
@@ -397,7 +399,7 @@ async def main() -> None:
     parser.add_argument(
         "--only",
         default="inproc,caps,grpc,edge,redis,workers",
-        help="any of inproc,caps,grpc,edge,redis,flood,flood60,workers,latency,cold,memory,history,events",
+        help="any of inproc,caps,grpc,edge,redis,flood,flood60,workers,latency,cold,memory,history,events,controls",
     )
     parser.add_argument(
         "--runs",
@@ -473,6 +475,9 @@ async def run_parts(wanted: set[str], args: argparse.Namespace) -> None:
                 print(table(rows), flush=True)  # so far: a later part that fails keeps what was measured
             if "events" in wanted:
                 rows += await bench_events(fixture, args.seconds)
+                print(table(rows), flush=True)  # so far: a later part that fails keeps what was measured
+            if "controls" in wanted:  # customer controls (issue 20): bench/controls.py
+                rows += await bench_controls(fixture, args.seconds / 2, args.rounds)
                 print(table(rows), flush=True)  # so far: a later part that fails keeps what was measured
     print(f"\n{os.cpu_count()} CPUs; {args.rounds} interleaved rounds of {args.seconds:.0f}s per pair\n")
     print(table(rows))

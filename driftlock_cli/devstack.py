@@ -323,6 +323,11 @@ def _print_banner(
         "The management API (JSON; an admin token lasts 5 minutes):",
         f'  curl -H "Authorization: Bearer $({cli} admin-token)" {management_url}/v1/orgs/{org_id}/keys',
         "",
+        "Customer controls, e.g. a key for a CI job (100 units a period, 2 requests a second, this machine only,",
+        "Stream only; see docs/management-api.md):",
+        f"  {cli} keys create --org {org_id} --name ci --max-units 100 --rate-limit 2 --allow-cidr 127.0.0.1"
+        " --products stream",
+        "",
     ]
     if local_stripe is not None:
         lines += [

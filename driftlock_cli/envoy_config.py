@@ -53,7 +53,8 @@ PER_SOURCE_FILTER = "envoy.filters.http.local_ratelimit"
 CORS_ALLOW_METHODS = "GET, POST, PUT, PATCH, DELETE"
 CORS_ALLOW_HEADERS = "authorization, x-api-key, content-type"
 CORS_EXPOSE_HEADERS = (
-    "x-request-id, retry-after, www-authenticate, x-ratelimit-limit, x-ratelimit-remaining, x-ratelimit-reset"
+    "x-request-id, retry-after, www-authenticate, x-ratelimit-limit, x-ratelimit-remaining, x-ratelimit-reset, "
+    "ratelimit-policy, ratelimit, x-driftlock-overage-units"
 )
 CORS_MAX_AGE_SECONDS = 600
 # Envoy's CORS filter answers only on a route that forwards (it skips direct responses), so with CORS on,

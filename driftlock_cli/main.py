@@ -17,6 +17,7 @@ import asyncpg
 
 from driftlock_cli import (
     arguments,
+    control_commands,
     doctor,
     event_commands,
     history_commands,
@@ -133,6 +134,7 @@ async def cmd_plans_upsert(args: argparse.Namespace, settings: Settings, out: Pr
             stripe_meter=args.stripe_meter,
             test_included_units=args.test_units,
             test_rate_limit_rps=args.test_rate_limit,
+            products=getattr(args, "products", plans.UNCHANGED),
         ),
     )
     obj = plan.as_dict() | {"created": created}
@@ -195,18 +197,23 @@ def _cmd_orgs_suspension(suspended: bool) -> CommandHandler:
 
 
 async def cmd_keys_create(args: argparse.Namespace, settings: Settings, out: Printer) -> None:
-    key, secret = await _audited(
-        settings,
-        "keys.create",
-        lambda conn: api_keys.create_key(
+    limits = control_commands.key_limits_for_create(args)
+
+    async def create(conn: db.Connection) -> tuple[api_keys.ApiKey, str]:
+        return await api_keys.create_key(
             conn,
             args.org,
             name=args.name,
             scopes=args.scopes,
             expires_in=args.expires_in,
             environment=Environment.TEST if args.test else Environment.LIVE,
-        ),
-    )
+            **await control_commands.with_rate_above_plan(conn, args.org, limits),
+        )
+
+    try:
+        key, secret = await _audited(settings, "keys.create", create)
+    except api_keys.InvalidLimit as error:
+        raise control_commands.limit_error(error) from None
     obj = key.as_dict() | {"key": secret}
     expiry = f", expires {text_value(key.expires_at)}" if key.expires_at else ""
     text = (
@@ -457,6 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     webhook_commands.register(commands, leaf)
     management_commands.register(commands, leaf, keys_group=keys_group, orgs_group=orgs_group)
     event_commands.register(commands, leaf)  # events to the product (issue 19)
+    control_commands.register(keys_group, orgs_group, plans_group, leaf)  # customer controls (issue 20)
     envoy = leaf(commands, "envoy", cmd_envoy, "render envoy/envoy.yaml from the environment and run Envoy")
     envoy.add_argument("--print-config", action="store_true", help="print the rendered config and exit")
     envoy.add_argument("envoy_args", nargs=argparse.REMAINDER, help="passed to envoy after --")

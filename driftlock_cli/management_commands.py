@@ -93,16 +93,25 @@ async def cmd_keys_update(args: argparse.Namespace, settings: Settings, out: Pri
         changes["expires_in"] = None
     if args.metadata is not None:
         changes["metadata"] = args.metadata
+    from driftlock_cli import control_commands  # (it imports this module)
+
+    changes.update(control_commands.key_limit_changes(args))
     if not changes:
         raise ManagementCommandError(
-            "nothing to change: give --name, --scopes, --expires-in, --no-expiry or --metadata"
+            "nothing to change: give --name, --scopes, --expires-in, --no-expiry, --metadata, --max-units, "
+            "--rate-limit, --allow-cidr, --any-source or --products"
         )
 
     async def update(conn: db.Connection) -> api_keys.ApiKey:
+        if "rate_limit_rps" in changes:
+            current = await api_keys.get_key(conn, args.key_id)
+            await control_commands.with_rate_above_plan(conn, current.org_id, changes)
         try:
             key = await api_keys.update_key(conn, args.key_id, **changes)
         except api_keys.KeyStateError as error:
             raise ManagementCommandError(str(error)) from None
+        except api_keys.InvalidLimit as error:
+            raise control_commands.limit_error(error) from None
         await admin_audit.record(
             conn, admin_audit.cli_actor(), "keys.update", org_id=key.org_id, key_id=key.id,
             detail={"changed": sorted(changes)},

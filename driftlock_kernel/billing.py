@@ -90,6 +90,8 @@ class PlanLimits:
     # The Stripe meter (its event_name) this plan's billable units are reported to (None: not reported); recorded
     # with each unit counted, so that the unit is billed under this plan whatever the organisation moves to.
     stripe_meter: str | None = None
+    # The products whose detect calls the plan includes (sorted, as stored); None: all of them.
+    products: tuple[str, ...] | None = None
 
     @property
     def test_limits(self) -> "PlanLimits":

@@ -51,6 +51,8 @@ class Organization:
     created_at: datetime
     trial_end: datetime | None = None
     cancel_at_period_end: bool = False
+    # The customer's spend cap on a soft plan: units past the included ones; None: no cap.
+    max_overage_units: int | None = None
 
     @property
     def plan(self) -> str:
@@ -75,6 +77,7 @@ class Organization:
             "period_end": period.end,
             "trial_end": self.trial_end,
             "cancel_at_period_end": self.cancel_at_period_end,
+            "max_overage_units": self.max_overage_units,
             "created_at": self.created_at,
         }
 
@@ -94,7 +97,8 @@ async def create_org(conn: db.Connection, name: str, *, plan: str = FREE_PLAN) -
 
 
 async def get_org(conn: db.Connection, org_id: uuid.UUID) -> Organization:
-    row = await conn.fetchrow("SELECT * FROM driftlock.organizations WHERE id = $1", org_id)
+    # An erased organisation (delete_org) is gone for every caller, though its row stays for the invoices.
+    row = await conn.fetchrow("SELECT * FROM driftlock.organizations WHERE id = $1 AND deleted_at IS NULL", org_id)
     if row is None:
         raise NotFound(f"no organisation with id {org_id}")
     return db.from_row(Organization, row)
@@ -122,6 +126,7 @@ async def list_orgs_page(
     rows = await conn.fetch(
         """SELECT * FROM driftlock.organizations
            WHERE ($1::timestamptz IS NULL OR (created_at, id) > ($1, $2)) AND ($3::uuid IS NULL OR id = $3)
+             AND deleted_at IS NULL
            ORDER BY created_at, id LIMIT $4""",
         after.created_at if after else None,
         after.id if after else None,
@@ -145,3 +150,71 @@ async def set_plan(conn: db.Connection, org_id: uuid.UUID, plan: str) -> Organiz
         plan,
     )
     return db.from_row(Organization, row) if row else await get_org(conn, org_id)
+
+
+class SpendCapError(OperatorError):
+    """A spend cap cannot be set in the organisation's present state (its plan is not soft)."""
+
+
+async def set_max_overage_units(conn: db.Connection, org_id: uuid.UUID, units: int | None) -> Organization:
+    """Set (or, with None, remove) the organisation's spend cap: past its plan's included units plus `units`,
+    billable calls answer spend_cap_reached until the period ends. Only a `soft` plan has overage to cap.
+    Every replica applies it within a second (the table's trigger)."""
+    if units is not None and units < 0:
+        raise ValueError("max_overage_units must be 0 or more")
+    org = await get_org(conn, org_id)
+    if units is not None:
+        overage = await conn.fetchval("SELECT overage FROM driftlock.plans WHERE name = $1", org.plan_name)
+        if overage != "soft":
+            raise SpendCapError(
+                f"organisation {org_id} is on plan {org.plan_name!r}, whose overage is {overage!r}: "
+                "a spend cap applies to a soft plan only"
+            )
+    row = await conn.fetchrow(
+        """UPDATE driftlock.organizations SET max_overage_units = $2, updated_at = now()
+           WHERE id = $1 AND deleted_at IS NULL AND max_overage_units IS DISTINCT FROM $2 RETURNING *""",
+        org_id,
+        units,
+    )
+    return db.from_row(Organization, row) if row else await get_org(conn, org_id)
+
+
+# What an erased organisation's name becomes (the column cannot be empty).
+ERASED_NAME = "erased"
+
+
+async def delete_org(conn: db.Connection, org_id: uuid.UUID) -> int:
+    """Erase the organisation (what a GDPR erasure request gets), in the caller's transaction:
+
+    - every key is revoked (every replica refuses it within a second: the api_keys trigger) and its name and
+      metadata are erased; key ids and prefixes stay, as the usage records and audit entries name them;
+    - the organisation's name is erased, its spend cap removed, and it answers 404 from now on;
+    - audit entries keep ids, times, actions and codes only: their detail, path and source address, and the
+      subject of the token that acted, are erased;
+    - usage, refunds, billing periods, Stripe exports and the Stripe ids stay: invoices need them.
+
+    Returns how many keys were still active (and are revoked now).
+    """
+    org = await get_org(conn, org_id)
+    active = await conn.fetchval(
+        "SELECT count(*) FROM driftlock.api_keys WHERE org_id = $1 AND revoked_at IS NULL", org.id
+    )
+    await conn.execute(
+        """UPDATE driftlock.api_keys
+           SET revoked_at = coalesce(revoked_at, now()), name = NULL, metadata = '{}'::jsonb, updated_at = now()
+           WHERE org_id = $1""",
+        org.id,
+    )
+    await conn.execute(
+        """UPDATE driftlock.audit_log SET detail = NULL, path = NULL, source = NULL, actor_subject = NULL
+           WHERE org_id = $1""",
+        org.id,
+    )
+    await conn.execute(
+        """UPDATE driftlock.organizations
+           SET name = $2, max_overage_units = NULL, deleted_at = now(), updated_at = now()
+           WHERE id = $1""",
+        org.id,
+        ERASED_NAME,
+    )
+    return int(active)

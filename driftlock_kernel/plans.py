@@ -27,8 +27,12 @@ class Plan(PlanLimits):
             "stripe_meter": self.stripe_meter,
             "test_included_units": self.test_included_units,
             "test_rate_limit_rps": self.test_rate_limit_rps,
+            "products": list(self.products) if self.products is not None else None,
         }
 
+
+# What the schema accepts as a plan's name.
+PLAN_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 
 # What the schema accepts as a Stripe meter's event_name (Stripe allows at most 100 characters).
 STRIPE_METER_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,100}")
@@ -43,6 +47,19 @@ def check_stripe_meter(name: str) -> str:
     return name
 
 
+# The products a plan or a key can name (the route table's `product` context extension of detect routes).
+PRODUCTS = ("stream", "monitor")
+
+
+def check_products(names: Sequence[str]) -> tuple[str, ...]:
+    """Products as a plan or a key stores them (sorted, no repeats); ValueError with a message for the user."""
+    cleaned = sorted({name.strip() for name in names if name.strip()})
+    unknown = [name for name in cleaned if name not in PRODUCTS]
+    if unknown or not cleaned:
+        raise ValueError(f"products must be one or more of {', '.join(PRODUCTS)}; got {', '.join(names) or 'none'}")
+    return tuple(cleaned)
+
+
 # What test keys get on a plan that does not say.
 _UNSAID = PlanLimits("", 0, Overage.SOFT)
 TEST_DEFAULTS: dict[str, Any] = {
@@ -52,7 +69,7 @@ TEST_DEFAULTS: dict[str, Any] = {
 
 _SELECT = """
     SELECT p.name, p.included_units, p.overage, p.hard_cap_percent, p.rate_limit_rps, p.stripe_meter,
-           p.test_included_units, p.test_rate_limit_rps,
+           p.test_included_units, p.test_rate_limit_rps, p.products,
            coalesce(array_agg(pp.stripe_price_id ORDER BY pp.stripe_price_id)
                     FILTER (WHERE pp.stripe_price_id IS NOT NULL), '{}') AS stripe_price_ids
     FROM driftlock.plans p LEFT JOIN driftlock.plan_prices pp ON pp.plan_name = p.name
@@ -90,11 +107,13 @@ async def upsert_plan(
     stripe_meter: str | Unchanged | None = UNCHANGED,
     test_included_units: int | Unchanged = UNCHANGED,
     test_rate_limit_rps: float | Unchanged = UNCHANGED,
+    products: Sequence[str] | Unchanged | None = UNCHANGED,
 ) -> tuple[Plan, bool]:
     """Create the plan, or update it keeping every option passed as UNCHANGED; return (plan, created).
 
     Price ids given replace the plan's set; a price id that selected another plan now selects this one.
     """
+    checked_products = products if products is UNCHANGED or products is None else list(check_products(products))
     async with conn.transaction():
         current = await conn.fetchrow("SELECT * FROM driftlock.plans WHERE name = $1 FOR UPDATE", name)
 
@@ -105,13 +124,14 @@ async def upsert_plan(
 
         await conn.execute(
             """INSERT INTO driftlock.plans (name, included_units, overage, hard_cap_percent, rate_limit_rps,
-                                              stripe_meter, test_included_units, test_rate_limit_rps)
-               VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                                              stripe_meter, test_included_units, test_rate_limit_rps, products)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
                ON CONFLICT (name) DO UPDATE SET
                    included_units = EXCLUDED.included_units, overage = EXCLUDED.overage,
                    hard_cap_percent = EXCLUDED.hard_cap_percent, rate_limit_rps = EXCLUDED.rate_limit_rps,
                    stripe_meter = EXCLUDED.stripe_meter, test_included_units = EXCLUDED.test_included_units,
-                   test_rate_limit_rps = EXCLUDED.test_rate_limit_rps, updated_at = now()""",
+                   test_rate_limit_rps = EXCLUDED.test_rate_limit_rps, products = EXCLUDED.products,
+                   updated_at = now()""",
             name,
             included_units,
             str(pick(overage, "overage", Overage.SOFT)),
@@ -120,6 +140,7 @@ async def upsert_plan(
             pick(stripe_meter, "stripe_meter", None),
             pick(test_included_units, "test_included_units", TEST_DEFAULTS["test_included_units"]),
             pick(test_rate_limit_rps, "test_rate_limit_rps", TEST_DEFAULTS["test_rate_limit_rps"]),
+            pick(checked_products, "products", None),
         )
         if stripe_price_ids is not UNCHANGED:
             await conn.execute(

@@ -14,7 +14,7 @@ import asyncpg
 
 from authz_service import metrics
 from authz_service.check.audit import AuditLog
-from authz_service.check.authorizer import Authorizer
+from authz_service.check.authorizer import Authorizer, SpendCapReached
 from authz_service.check.grants import Fetch, GrantStore, database_fetch
 from authz_service.check.key_index import KeyIndex
 from authz_service.check.key_last_used import LastUsedRecorder
@@ -23,7 +23,7 @@ from authz_service.check.plan_book import PlanBook, database_load
 from authz_service.check.rate_limit import RateLimiter, SharedLimits
 from authz_service.usage import spill_dirs
 from authz_service.usage.alerts import AlertNotifier
-from authz_service.usage.meter_store import TEST_TABLES, MeterStore
+from authz_service.usage.meter_store import KEY_TABLES, TEST_TABLES, MeterStore
 from authz_service.usage.metering import Meter
 from authz_service.usage.usage_ledger import UsageLedger
 from driftlock_kernel import edge_timeouts
@@ -45,6 +45,10 @@ class CheckParts:
     shared_limits: SharedLimits | None = None
     audit: AuditLog | None = None
     last_used: LastUsedRecorder | None = None
+    # Usage per key, for keys with a cap of their own (max_units_per_period); never billed.
+    key_meter: Meter | None = None
+    # Told once per organisation and period when this replica first refuses a call for the spend cap.
+    on_spend_cap_reached: SpendCapReached | None = None
 
 
 def assemble_authorizer(
@@ -63,6 +67,8 @@ def assemble_authorizer(
         last_used=parts.last_used,
         exact_margin_units=settings.quota_exact_margin_units,
         reserve_timeout=settings.database_lookup_timeout_seconds,
+        key_meter=parts.key_meter,
+        on_spend_cap_reached=parts.on_spend_cap_reached,
     )
 
 
@@ -117,4 +123,12 @@ def database_parts(
         spill_dir=spill_dir / spill_dirs.TEST_SUBDIR if spill_dir is not None else None,
         live=False,
     )
-    return CheckParts(store, PlanBook(database_load(pool)), meter, test_meter)
+    key_meter = Meter(
+        UsageLedger(stale_after=settings.usage_refresh_seconds),
+        MeterStore(pool, replica=replica, tables=KEY_TABLES),
+        flush_interval=settings.meter_flush_interval_seconds,
+        load_timeout=settings.database_lookup_timeout_seconds,
+        spill_dir=spill_dir / spill_dirs.KEYS_SUBDIR if spill_dir is not None else None,
+        live=False,
+    )
+    return CheckParts(store, PlanBook(database_load(pool)), meter, test_meter, key_meter=key_meter)

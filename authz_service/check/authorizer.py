@@ -18,6 +18,12 @@ from datetime import UTC, datetime
 
 from authz_service import metrics
 from authz_service.check.audit import AuditEntry, AuditLog, audit_path
+from authz_service.check.controls import (
+    QuotaState,
+    check_products,
+    key_rate_limit,
+    quota_state,
+)
 from authz_service.check.credentials import read_credential
 from authz_service.check.decision import (
     ALLOW,
@@ -29,6 +35,7 @@ from authz_service.check.decision import (
     PlanLimits,
     Route,
     RouteError,
+    billing_cap,
     check_access,
     check_billing,
     check_rate,
@@ -45,7 +52,7 @@ from authz_service.check.key_last_used import LastUsedRecorder
 from authz_service.check.plan_book import PlanBook
 from authz_service.check.rate_limit import RateLimiter, RateVerdict, SharedLimits
 from authz_service.usage.metering import Meter, Reserved
-from authz_service.usage.refunds import NO_TERMS, REFUNDS_PENDING_RETRY_AFTER, BilledUsage, Terms
+from authz_service.usage.refunds import NO_TERMS, REFUNDS_PENDING_RETRY_AFTER, BilledUsage, Refund, Terms
 from authz_service.usage.rollups import hour_of
 from authz_service.usage.usage_ledger import UsageKey
 from driftlock_kernel.billing import DEFAULT_POLICY, BillingPolicy, effective_plan
@@ -111,6 +118,17 @@ class CheckOutcome:
     rate: RateVerdict | None = None
     # What this call was counted as (handed to Envoy, whose access log brings it back for a refund).
     usage: BilledUsage | None = None
+    # The organisation's period quota as the RateLimit headers tell it; None when this replica does not know
+    # it without asking the database.
+    quota: QuotaState | None = None
+
+
+# Why a key's unit is taken back: the organisation's cap refused the call after the key's reservation counted it.
+KEY_UNIT_NOT_SERVED = "not_served"
+
+# Called once per organisation and period (per replica) when its spend cap first stops a call:
+# (org_id, period_start, used units, cap).
+SpendCapReached = Callable[[str, datetime, int, int], None]
 
 
 class Authorizer:
@@ -129,8 +147,15 @@ class Authorizer:
         last_used: LastUsedRecorder | None = None,
         exact_margin_units: int = 1000,
         reserve_timeout: float = 0.5,
+        key_meter: Meter | None = None,
+        on_spend_cap_reached: SpendCapReached | None = None,
     ):
         self._last_used = last_used
+        # Usage of keys with a max_units_per_period, per key and period (KEY_TABLES); a pipeline built without
+        # one (tests, the bench) counts in memory only.
+        self._key_meter = key_meter
+        self._on_spend_cap_reached = on_spend_cap_reached
+        self._spend_caps_reached: LruCache[tuple[str, datetime], bool] = LruCache(10_000)
         self._store = store
         self._plans = plans
         self._meter = meter
@@ -226,23 +251,34 @@ class Authorizer:
         access = check_access(route, grant, now)
         if not access.allowed:
             return CheckOutcome(access, grant, route, plan=plan_name)
+        # source: the key's allowed networks (controls.check_source, inlined: it runs on every check of such a key)
+        networks = grant.allowed_networks
+        if networks is not None and not networks.allows(request.source):
+            return CheckOutcome(deny(DenyCode.IP_NOT_ALLOWED), grant, route, plan=plan_name)
         plan = self._plans.get(plan_name) or await self._plans.require(plan_name)
         if plan is None:
             log.error("organisation %s is on plan %r, which does not exist", grant.org_id, plan_name)
             return CheckOutcome(DENY_UNAVAILABLE, grant, route, plan=plan_name)
-        # rate: a live key's own, or the organisation's for all its test keys together (through Redis when the
-        # replicas share their limits)
+        # products: the plan's and the key's
+        if plan.products is not None or grant.products is not None:
+            entitled = check_products(route, grant, plan)
+            if not entitled.allowed:
+                return CheckOutcome(entitled, grant, route, plan=plan_name)
+        # rate: a live key's own (or its plan's), or the organisation's for all its test keys together (through
+        # Redis when the replicas share their limits); a test key with a rate of its own also has its own bucket
         rate_limit: float | None
         if grant.environment is Environment.TEST:
+            if grant.rate_limit_rps is not None:
+                own = await self._take(grant.key_id, grant.rate_limit_rps)
+                if not own.allowed:
+                    return CheckOutcome(check_rate(own), grant, route, plan=plan_name, rate=own)
             rate_key, rate_limit = f"test:{grant.org_id}", plan.test_rate_limit_rps
         else:
-            rate_key, rate_limit = grant.key_id, plan.rate_limit_rps
+            rate_key = grant.key_id
+            rate_limit = plan.rate_limit_rps if grant.rate_limit_rps is None else key_rate_limit(grant, plan)
         rate: RateVerdict | None = None
         if rate_limit:
-            if self._shared_limits is not None:
-                rate = await self._shared_limits.take(rate_key, rate_limit)
-            else:
-                rate = self._limiter.take(rate_key, rate_limit)
+            rate = await self._take(rate_key, rate_limit)
         limited = check_rate(rate)
         if not limited.allowed:
             return CheckOutcome(limited, grant, route, plan=plan_name, rate=rate)
@@ -250,9 +286,28 @@ class Authorizer:
             # billing and record, for a test key: its organisation's test allowance, counted apart, never billed
             return await self._count_test(request, route, grant, plan, now, rate)
         if not is_billed(route, grant):
-            return CheckOutcome(ALLOW, grant, route, plan=plan_name, rate=rate)
+            return CheckOutcome(
+                ALLOW, grant, route, plan=plan_name, rate=rate, quota=self._known_quota(grant, plan, now)
+            )
         # billing and record
         return await self._bill(request, route, grant, plan, now, rate)
+
+    async def _take(self, rate_key: str, rate_limit: float) -> RateVerdict:
+        if self._shared_limits is not None:
+            return await self._shared_limits.take(rate_key, rate_limit)
+        return self._limiter.take(rate_key, rate_limit)
+
+    def _known_quota(self, grant: Grant, plan: PlanLimits, now: float) -> QuotaState | None:
+        """The period quota for the headers of a call that is not metered, from what this replica knows (no
+        statement: None when it has not read the organisation's usage yet)."""
+        test = grant.environment is Environment.TEST
+        meter = self._test_meter if test else self._meter
+        period = self._periods.period(grant.period_start, grant.period_end, now)
+        used = meter.ledger.used((grant.org_id, period.start))
+        if used is None:
+            return None
+        included = plan.test_included_units if test else plan.included_units
+        return quota_state(included, used, period.start.timestamp(), period.end.timestamp(), now)
 
     def _route(self, context: Mapping[str, str]) -> Route:
         get = context.get
@@ -285,11 +340,13 @@ class Authorizer:
         if meter.counted_already(request.request_id):
             return CheckOutcome(ALLOW, grant, route, plan=plan.name, rate=rate)
         period = self._periods.period(grant.period_start, grant.period_end, now)
+        await self._read_key_usage(grant, period)
         usage_key = (grant.org_id, period.start)
         used = await meter.used(usage_key)
         decision = check_test_allowance(route, plan, now, used_units=used, period_end=period.end.timestamp())
         if not decision.allowed:
-            return CheckOutcome(decision, grant, route, plan=plan.name, rate=rate)
+            quota = quota_state(plan.test_included_units, used, period.start.timestamp(), period.end.timestamp(), now)
+            return CheckOutcome(decision, grant, route, plan=plan.name, rate=rate, quota=quota)
         return await self._count(
             request,
             route,
@@ -318,6 +375,10 @@ class Authorizer:
             # The same request checked again (an Envoy retry): it was decided and counted the first time.
             metrics.METER_DUPLICATE_REQUESTS.inc()
             return CheckOutcome(ALLOW, grant, route, billed=True, plan=plan.name, rate=rate, usage=usage)
+        # The key's own usage first: reading it may wait for the database, which must not come between reading
+        # the organisation's usage and counting the call.
+        if grant.max_units is not None:
+            await self._read_key_usage(grant, period)
         usage_key = (grant.org_id, period.start)
         used = await self._meter.used(usage_key)
         # No await from here on in the in-memory path: the usage read above and the count below are one step.
@@ -328,7 +389,11 @@ class Authorizer:
             route, grant, now, plan, used_units=used, period_end=period.end.timestamp(), policy=self._policy
         )
         if not decision.allowed:
-            return CheckOutcome(self._at_cap(decision, usage_key), grant, route, plan=plan.name, rate=rate)
+            quota = quota_state(plan.included_units, used, period.start.timestamp(), period.end.timestamp(), now)
+            if decision.code is DenyCode.SPEND_CAP_REACHED:
+                self._spend_cap_reached(grant, plan, period, used)
+            refused = self._at_cap(decision, usage_key)
+            return CheckOutcome(refused, grant, route, plan=plan.name, rate=rate, quota=quota)
         return await self._count(
             request,
             route,
@@ -350,6 +415,26 @@ class Authorizer:
             return dataclasses.replace(decision, retry_after=REFUNDS_PENDING_RETRY_AFTER)
         return decision
 
+    async def _read_key_usage(self, grant: Grant, period: Period) -> None:
+        """For a key with a cap of its own (max_units_per_period): its usage this period, read from the database
+        the first time this replica sees the key in the period. The cap is checked from memory in _count."""
+        key_meter = self._key_meter
+        if grant.max_units is not None and key_meter is not None:
+            usage_key = (grant.key_id, period.start)
+            if key_meter.ledger.used(usage_key) is None:
+                await key_meter.used(usage_key)
+
+    def _spend_cap_reached(self, grant: Grant, plan: PlanLimits, period: Period, used: int) -> None:
+        """The first call this replica refuses for the organisation's spend cap in a period."""
+        seen = (grant.org_id, period.start)
+        if self._spend_caps_reached.get(seen):
+            return
+        self._spend_caps_reached.put(seen, True)
+        cap = plan.included_units + (grant.max_overage_units or 0)
+        log.info("organisation %s reached its spend cap (%d units)", grant.org_id, cap)
+        if self._on_spend_cap_reached is not None:
+            self._on_spend_cap_reached(grant.org_id, period.start, used, cap)
+
     async def _count(
         self,
         request: AccessRequest,
@@ -366,38 +451,69 @@ class Authorizer:
         usage: BilledUsage | None,
     ) -> CheckOutcome:
         """Count an allowed call on `meter`: in memory far from the cap of `limits` (with `used` units of the
-        period already counted), else reserved in the database first. `usage` is what a billed call was counted
-        as (for a refund); None for a test key's."""
+        period already counted) and of the key's own cap, else reserved in the database first. `usage` is what a
+        billed call was counted as (for a refund); None for a test key's."""
         usage_key = (grant.org_id, period.start)
         product = route.product or ""
         billed = meter.live
-        cap = reservation_cap(limits, used, route.units, self._exact_margin)
+        units = route.units
         terms = usage.terms if usage is not None else NO_TERMS
+        # Test keys are never billed: the organisation's spend cap is not theirs.
+        spend_cap = grant.max_overage_units if billed else None
+        cap = reservation_cap(limits, used, units, self._exact_margin, spend_cap)
+        max_units = grant.max_units
+        key_meter = self._key_meter if max_units is not None else None
+        key_usage_key = (grant.key_id, period.start)
+        key_cap = None
+        if key_meter is not None and max_units is not None:
+            # Stage `key quota`, without an await since the org's usage was read (what this replica counted
+            # meanwhile counts), and within the exact margin of the key's cap, reserved in the database below.
+            key_used, stale = key_meter.ledger.used_and_staleness(key_usage_key)
+            if stale:
+                key_meter.refresh_soon(key_usage_key)
+            left = max_units - key_used - units  # controls.key_units_left
+            if left < 0:
+                refused = quota_exceeded(now, period.end.timestamp(), DenyCode.KEY_QUOTA_EXCEEDED)
+                return CheckOutcome(refused, grant, route, plan=plan_name, rate=rate)
+            key_cap = None if left >= self._exact_margin else max_units
+        quota = quota_state(limits.included_units, used + units, period.start.timestamp(), period.end.timestamp(), now)
+        if cap is None and key_cap is None:
+            meter.record(
+                request.request_id, usage_key, product, units, limits, period.end, terms, key_id=grant.key_id, at=now
+            )
+            if key_meter is not None:
+                key_meter.ledger.add(key_usage_key, product, units)  # Meter.count
+            return CheckOutcome(ALLOW, grant, route, billed=billed, plan=plan_name, rate=rate, usage=usage, quota=quota)
+        # Near a cap: what the other replicas counted since this one last read may be all that is left, so the
+        # database decides, atomically, before the call is allowed. The key's cap first: its unit is taken back
+        # should the organisation's cap then refuse the call.
+        if key_meter is not None:
+            if key_cap is None:
+                key_meter.count(key_usage_key, product, units)
+            else:
+                timeout = self._timeout(request)
+                if timeout <= 0:
+                    return CheckOutcome(DENY_UNAVAILABLE, grant, route, plan=plan_name, rate=rate)
+                key_reserved = await key_meter.reserve(
+                    request.request_id, key_usage_key, product, units, limits, period.end, key_cap, timeout
+                )
+                if key_reserved is Reserved.REFUSED:
+                    refused = quota_exceeded(now, period.end.timestamp(), DenyCode.KEY_QUOTA_EXCEEDED)
+                    return CheckOutcome(refused, grant, route, plan=plan_name, rate=rate)
         if cap is None:
             meter.record(
-                request.request_id,
-                usage_key,
-                product,
-                route.units,
-                limits,
-                period.end,
-                terms,
-                key_id=grant.key_id,
-                at=now,
+                request.request_id, usage_key, product, units, limits, period.end, terms, key_id=grant.key_id, at=now
             )
-            return CheckOutcome(ALLOW, grant, route, billed=billed, plan=plan_name, rate=rate, usage=usage)
-        # Near the cap: what the other replicas counted since this one last read may be all that is left, so the
-        # database decides, atomically, before the call is allowed.
-        timeout = self._reserve_timeout
-        if request.deadline is not None:
-            timeout = min(timeout, request.deadline - DEADLINE_MARGIN_SECONDS - time.monotonic())
-            if timeout <= 0:
-                return CheckOutcome(DENY_UNAVAILABLE, grant, route, plan=plan_name, rate=rate)
+            return CheckOutcome(ALLOW, grant, route, billed=billed, plan=plan_name, rate=rate, usage=usage, quota=quota)
+        timeout = self._timeout(request)
+        if timeout <= 0:
+            self._give_back_key_unit(request, grant, period, product, units)
+            return CheckOutcome(DENY_UNAVAILABLE, grant, route, plan=plan_name, rate=rate)
         reserved = await meter.reserve(
             request.request_id,
             usage_key,
             product,
-            route.units,
+            units,
             limits,
             period.end,
             cap,
@@ -407,11 +523,33 @@ class Authorizer:
             at=now,
         )
         if reserved is Reserved.REFUSED:
-            refused = quota_exceeded(now, period.end.timestamp())
+            self._give_back_key_unit(request, grant, period, product, units)
+            _cap, code = billing_cap(limits, spend_cap)
+            if code is DenyCode.SPEND_CAP_REACHED:
+                self._spend_cap_reached(grant, limits, period, used)
+            quota.remaining, quota.overage_units = 0, max(0, used - limits.included_units)
+            refused = quota_exceeded(now, period.end.timestamp(), code)
             if meter.live:
                 refused = self._at_cap(refused, usage_key)
-            return CheckOutcome(refused, grant, route, plan=plan_name, rate=rate)
-        return CheckOutcome(ALLOW, grant, route, billed=billed, plan=plan_name, rate=rate, usage=usage)
+            return CheckOutcome(refused, grant, route, plan=plan_name, rate=rate, quota=quota)
+        return CheckOutcome(ALLOW, grant, route, billed=billed, plan=plan_name, rate=rate, usage=usage, quota=quota)
+
+    def _timeout(self, request: AccessRequest) -> float:
+        """How long a reservation may wait: the configured bound, within what is left of Envoy's deadline."""
+        timeout = self._reserve_timeout
+        if request.deadline is not None:
+            timeout = min(timeout, request.deadline - DEADLINE_MARGIN_SECONDS - time.monotonic())
+        return timeout
+
+    def _give_back_key_unit(
+        self, request: AccessRequest, grant: Grant, period: Period, product: str, units: int
+    ) -> None:
+        """The call counted against the key's cap is refused after all: the key's unit is taken back."""
+        if grant.max_units is None or self._key_meter is None:
+            return
+        self._key_meter.refund(
+            Refund(request.request_id, grant.key_id, period.start, product, units, KEY_UNIT_NOT_SERVED)
+        )
 
 
 def _refusal_holds_for(outcome: CheckOutcome) -> float:

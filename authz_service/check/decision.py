@@ -21,11 +21,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
+from authz_service.check.networks import AllowedNetworks
 from authz_service.check.rate_limit import RateVerdict
 from driftlock_kernel.billing import (
     DEFAULT_POLICY,
     BillingPolicy,
     BillingStatus,
+    Overage,
     PlanLimits,
     payment_blocks_billable,
 )
@@ -43,6 +45,11 @@ class DenyCode(StrEnum):
     QUOTA_EXCEEDED = "quota_exceeded"
     RATE_LIMITED = "rate_limited"
     AUTH_UNAVAILABLE = "auth_unavailable"
+    # Customer controls (controls.py)
+    SPEND_CAP_REACHED = "spend_cap_reached"
+    KEY_QUOTA_EXCEEDED = "key_quota_exceeded"
+    IP_NOT_ALLOWED = "ip_not_allowed"
+    PRODUCT_NOT_ALLOWED = "product_not_allowed"
 
 
 HTTP_STATUS: Mapping[DenyCode, int] = {
@@ -56,6 +63,10 @@ HTTP_STATUS: Mapping[DenyCode, int] = {
     DenyCode.QUOTA_EXCEEDED: 429,
     DenyCode.RATE_LIMITED: 429,
     DenyCode.AUTH_UNAVAILABLE: 503,
+    DenyCode.SPEND_CAP_REACHED: 429,
+    DenyCode.KEY_QUOTA_EXCEEDED: 429,
+    DenyCode.IP_NOT_ALLOWED: 403,
+    DenyCode.PRODUCT_NOT_ALLOWED: 403,
 }
 
 MESSAGES: Mapping[DenyCode, str] = {
@@ -69,6 +80,10 @@ MESSAGES: Mapping[DenyCode, str] = {
     DenyCode.QUOTA_EXCEEDED: "The plan's usage quota for this billing period is exhausted.",
     DenyCode.RATE_LIMITED: "Too many requests; slow down.",
     DenyCode.AUTH_UNAVAILABLE: "Authentication is temporarily unavailable; retry shortly.",
+    DenyCode.SPEND_CAP_REACHED: "The organisation's spend cap for this billing period is reached.",
+    DenyCode.KEY_QUOTA_EXCEEDED: "This API key's usage limit for this billing period is exhausted.",
+    DenyCode.IP_NOT_ALLOWED: "This API key may not be used from this address.",
+    DenyCode.PRODUCT_NOT_ALLOWED: "This API key or plan does not include this product.",
 }
 
 # Seconds a client should wait before retrying when authentication itself is unavailable.
@@ -131,6 +146,14 @@ class Grant:
     period_start: float | None = None  # the Stripe subscription's current period, Unix time
     period_end: float | None = None
     stripe_customer: str | None = None  # the organisation's Stripe customer, recorded with each unit counted
+    # Customer controls (controls.py), each None when not set: the organisation's spend cap (units past the
+    # plan's included ones), and the key's limits.
+    max_overage_units: int | None = None
+    max_units: int | None = None  # the key's max_units_per_period
+    rate_limit_rps: float | None = None  # the key's own rate limit
+    rate_limit_above_plan: bool = False  # set by an operator: applies even above the plan's
+    allowed_networks: "AllowedNetworks | None" = None
+    products: frozenset[str] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,21 +233,38 @@ def check_billing(
         return ALLOW
     if payment_blocks_billable(grant.billing_status, grant.past_due_since, now, policy):
         return _DENY[DenyCode.PAYMENT_REQUIRED]
-    cap = plan.unit_cap
+    cap, code = billing_cap(plan, grant.max_overage_units)
     if cap is not None and used_units + route.units > cap:
-        return quota_exceeded(now, period_end)
+        return quota_exceeded(now, period_end, code)
     return ALLOW
 
 
-def quota_exceeded(now: float, period_end: float) -> Decision:
-    # The quota comes back with the next billing period.
-    return Decision(DenyCode.QUOTA_EXCEEDED, retry_after=max(1, int(period_end - now) + 1))
+def billing_cap(plan: PlanLimits, max_overage_units: int | None) -> tuple[float | None, DenyCode]:
+    """Units the organisation may use this period (None: no end), and the code a call past them gets: the
+    plan's cap (quota_exceeded), or the organisation's spend cap on a soft plan when that comes first."""
+    if max_overage_units is None or plan.overage is not Overage.SOFT:
+        return plan.unit_cap, DenyCode.QUOTA_EXCEEDED
+    # A soft plan: its only other cap is the hard one (unit_cap, without building it on every check).
+    spend_cap = plan.included_units + max_overage_units
+    if plan.hard_cap_percent is None:
+        return float(spend_cap), DenyCode.SPEND_CAP_REACHED
+    hard_cap = plan.included_units * plan.hard_cap_percent / 100
+    if spend_cap < hard_cap:
+        return float(spend_cap), DenyCode.SPEND_CAP_REACHED
+    return hard_cap, DenyCode.QUOTA_EXCEEDED
 
 
-def reservation_cap(plan: PlanLimits, used_units: int, units: int, margin: int) -> int | None:
+def quota_exceeded(now: float, period_end: float, code: DenyCode = DenyCode.QUOTA_EXCEEDED) -> Decision:
+    # The quota (or spend cap, or key quota) comes back with the next billing period.
+    return Decision(code, retry_after=max(1, int(period_end - now) + 1))
+
+
+def reservation_cap(
+    plan: PlanLimits, used_units: int, units: int, margin: int, max_overage_units: int | None = None
+) -> int | None:
     """The cap to reserve against when this call comes within `margin` units of it, else None (the in-memory
     path: far from the cap, what other replicas counted lately cannot carry the total past it)."""
-    cap = plan.unit_cap
+    cap, _code = billing_cap(plan, max_overage_units) if max_overage_units is not None else (plan.unit_cap, None)
     if cap is None or cap - (used_units + units) >= margin:
         return None
     return int(cap)

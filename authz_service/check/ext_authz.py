@@ -27,7 +27,9 @@ from google.rpc import code_pb2, status_pb2
 from authz_service import metrics
 from authz_service.check.authorizer import AccessRequest, Authorizer, CheckOutcome
 from authz_service.check.context_signer import ContextSigner
+from authz_service.check.controls import QuotaState
 from authz_service.check.decision import DENY_UNAVAILABLE, HTTP_STATUS, MESSAGES, Decision, DenyCode
+from authz_service.check.quota_headers import limit_headers
 from authz_service.check.rate_limit import RateVerdict
 from authz_service.usage.refunds import BilledUsage
 from driftlock_kernel.caches import LruCache
@@ -106,8 +108,10 @@ class AllowedResponses:
     def __init__(self, signer: ContextSigner):
         self._signer = signer
         self._cached: LruCache[tuple[str, BilledUsage | None], bytes] = LruCache(self.MAX_CACHED)
-        # (limit, remaining, reset) -> the serialised rate-limit headers: a key's verdicts take few values.
-        self._rate_headers: LruCache[tuple[float, int, int], bytes] = LruCache(self.MAX_RATE_VARIANTS)
+        # (limit, remaining, reset, quota) -> the serialised limit headers: a key's verdicts take few values.
+        self._rate_headers: LruCache[tuple[float, int, int, tuple[int, ...] | None], bytes] = LruCache(
+            self.MAX_RATE_VARIANTS
+        )
 
     def build(self, outcome: CheckOutcome, request: AccessRequest) -> bytes:
         grant, plan = outcome.grant, outcome.plan
@@ -137,8 +141,8 @@ class AllowedResponses:
             self._cached.put(cache_key, base)
         # Ours are overwritten; any other x-driftlock-* a client sent is removed, as are the credentials.
         spoofed = [n for n in request.headers if n.startswith(CONTEXT_HEADER_PREFIX) and n not in _SET_BY_US]
-        rate = outcome.rate
-        if not spoofed and rate is None:
+        rate, quota = outcome.rate, outcome.quota
+        if not spoofed and rate is None and quota is None:
             return base
         parts = [base]
         if spoofed:
@@ -149,24 +153,37 @@ class AllowedResponses:
                     )
                 )
             )
-        if rate is not None:
-            parts.append(self._rate_limit_headers(rate))
+        if rate is not None or quota is not None:
+            parts.append(self._rate_limit_headers(rate, quota))
         return b"".join(parts)
 
-    def _rate_limit_headers(self, rate: RateVerdict) -> bytes:
-        variant = (rate.limit, rate.remaining, rate.reset_seconds)
+    def _rate_limit_headers(self, rate: RateVerdict | None, quota: QuotaState | None) -> bytes:
+        variant = (
+            rate.limit if rate is not None else 0.0,
+            rate.remaining if rate is not None else -1,
+            rate.reset_seconds if rate is not None else -1,
+            _quota_variant(quota),
+        )
         serialized = self._rate_headers.get(variant)
         if serialized is None:
             # Sent to the client with the backend's response.
             serialized = _serialized(
                 external_auth_pb2.CheckResponse(
                     ok_response=external_auth_pb2.OkHttpResponse(
-                        response_headers_to_add=[_header(name, value) for name, value in rate.headers().items()]
+                        response_headers_to_add=[
+                            _header(name, value) for name, value in limit_headers(rate, quota).items()
+                        ]
                     )
                 )
             )
             self._rate_headers.put(variant, serialized)
         return serialized
+
+
+def _quota_variant(quota: QuotaState | None) -> tuple[int, ...] | None:
+    if quota is None:
+        return None
+    return (quota.included, quota.remaining, quota.reset_seconds, quota.window_seconds, quota.overage_units)
 
 
 def error_body(code: DenyCode, request_id: str) -> str:
@@ -250,8 +267,10 @@ class AuthorizationServicer:
             if outcome.decision.code is None:
                 response = self._allowed.build(outcome, access)
             else:
-                rate_headers = outcome.rate.headers() if outcome.rate is not None else None
-                response = denied_response(outcome.decision, request_id, rate_headers)
+                limits = None
+                if outcome.rate is not None or outcome.quota is not None:
+                    limits = limit_headers(outcome.rate, outcome.quota)
+                response = denied_response(outcome.decision, request_id, limits)
             code = outcome.decision.code
         except Exception:
             log.exception("check failed; answering auth_unavailable")

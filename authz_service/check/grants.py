@@ -36,6 +36,7 @@ import asyncpg
 from authz_service.check.decision import Grant
 from authz_service.check.key_index import KeyIndex
 from authz_service.check.lookup_budget import LookupBudget
+from authz_service.check.networks import AllowedNetworks
 from driftlock_kernel import db
 from driftlock_kernel.billing import BillingStatus
 from driftlock_kernel.caches import Batcher, LruCache, SingleFlight
@@ -272,7 +273,9 @@ _GRANTS_QUERY = """
            o.suspended_at IS NOT NULL AS org_suspended, o.plan_name AS plan, o.billing_status,
            extract(epoch FROM o.past_due_since)::float8 AS past_due_since,
            extract(epoch FROM o.period_start)::float8 AS period_start,
-           extract(epoch FROM o.period_end)::float8 AS period_end, o.stripe_customer_id AS stripe_customer
+           extract(epoch FROM o.period_end)::float8 AS period_end, o.stripe_customer_id AS stripe_customer,
+           o.max_overage_units, k.max_units_per_period AS max_units, k.rate_limit_rps, k.rate_limit_above_plan,
+           k.allowed_cidrs, k.products
     FROM driftlock.api_keys k
     JOIN driftlock.organizations o ON o.id = k.org_id
     WHERE k.key_hash = ANY($1::bytea[])
@@ -313,7 +316,30 @@ def grant_from_row(row: db.Row) -> Grant:
         period_start=row["period_start"],
         period_end=row["period_end"],
         stripe_customer=row["stripe_customer"],
+        **_controls(row),
     )
+
+
+def _controls(row: db.Row) -> dict:
+    """The customer controls of the key and its organisation (migration 0013), as the grant holds them; a row
+    without those columns (a fetch written before them) has none."""
+    keys = row.keys()
+    if "max_units" not in keys:
+        return {}
+    cidrs, products = row["allowed_cidrs"], row["products"]
+    return {
+        "max_overage_units": row["max_overage_units"],
+        "max_units": row["max_units"],
+        "rate_limit_rps": row["rate_limit_rps"],
+        "rate_limit_above_plan": row["rate_limit_above_plan"],
+        "allowed_networks": AllowedNetworks(cidrs) if cidrs is not None else None,
+        "products": _product_set(tuple(sorted(products))) if products is not None else None,
+    }
+
+
+@functools.lru_cache(maxsize=8)
+def _product_set(names: tuple[str, ...]) -> frozenset[str]:
+    return frozenset(sys.intern(name) for name in names)
 
 
 @functools.lru_cache(maxsize=64)  # sorted: at most 7 sets of three scopes

@@ -65,7 +65,7 @@ def database_load(pool: asyncpg.Pool) -> Load:
     async def load() -> dict[str, PlanLimits]:
         rows = await pool.fetch(
             """SELECT name, included_units, overage, hard_cap_percent, rate_limit_rps, test_included_units,
-                      test_rate_limit_rps, stripe_meter
+                      test_rate_limit_rps, stripe_meter, products
                FROM driftlock.plans"""
         )
         return {row["name"]: db.from_row(PlanLimits, row) for row in rows}

@@ -16,6 +16,7 @@ import grpc
 from google.protobuf import json_format
 from google.protobuf.struct_pb2 import Struct
 
+from authz_service.management import controls_api
 from authz_service.management.admin_api import AdminGate, ApiError, Call, invalid, parse_uuid, timestamp
 from driftlock_api.management.v1 import jwks_pb2, jwks_pb2_grpc, keys_pb2, keys_pb2_grpc, orgs_pb2, orgs_pb2_grpc
 from driftlock_kernel import api_keys, db, orgs, paging, usage, usage_history
@@ -100,6 +101,7 @@ def api_key_message(key: api_keys.ApiKey) -> keys_pb2.ApiKey:
             getattr(message, field).CopyFrom(timestamp(moment))
     message.metadata.SetInParent()  # present even when empty: the JSON always has "metadata"
     message.metadata.update(key.metadata or {})
+    controls_api.set_limit_fields(message, key)
     return message
 
 
@@ -125,6 +127,8 @@ def organization_message(org: orgs.Organization, now: datetime) -> orgs_pb2.Orga
     ):
         if moment is not None:
             getattr(message, field).CopyFrom(timestamp(moment))
+    if org.max_overage_units is not None:
+        message.max_overage_units = org.max_overage_units
     return message
 
 
@@ -154,6 +158,8 @@ class KeyServicer(keys_pb2_grpc.KeyServiceServicer):
                 expires_in = _seconds(request.expires_in_seconds, "expires_in_seconds", maximum=MAX_EXPIRES_IN)
             metadata = _metadata(request.metadata)
             async with self._pool.acquire() as conn, conn.transaction():
+                await orgs.get_org(conn, org_id)
+                limits = await controls_api.create_limits(conn, call, org_id, request)
                 key, secret = await api_keys.create_key(
                     conn,
                     org_id,
@@ -162,13 +168,14 @@ class KeyServicer(keys_pb2_grpc.KeyServiceServicer):
                     expires_in=expires_in,
                     environment=environment,
                     metadata=metadata,
+                    **limits,
                 )
                 await call.audit(
                     conn,
                     "keys.create",
                     org_id=org_id,
                     key_id=key.id,
-                    detail={"scopes": list(key.scopes), "environment": key.environment.value},
+                    detail={"scopes": list(key.scopes), "environment": key.environment.value, **key.limits},
                 )
             return keys_pb2.CreateKeyResponse(api_key=api_key_message(key), key=secret)
 
@@ -216,10 +223,15 @@ class KeyServicer(keys_pb2_grpc.KeyServiceServicer):
                 changes["expires_in"] = None
             if request.HasField("metadata"):
                 changes["metadata"] = _metadata(request.metadata)
+            changes.update(controls_api.limit_changes(request))
             if not changes:
-                raise invalid("nothing to change: give name, scopes, expires_in_seconds, never_expires or metadata")
+                raise invalid(
+                    "nothing to change: give name, scopes, expires_in_seconds, never_expires, metadata, "
+                    "max_units_per_period, rate_limit_rps, allowed_cidrs or products"
+                )
             async with self._pool.acquire() as conn, conn.transaction():
                 key = await self._key_of_caller(conn, call, request.key_id)
+                await controls_api.check_rate_change(conn, call, key.org_id, changes)
                 try:
                     updated = await api_keys.update_key(conn, key.id, **changes)
                 except api_keys.KeyStateError as error:

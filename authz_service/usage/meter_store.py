@@ -312,19 +312,36 @@ class UsageAlert:
 
 @dataclass(frozen=True, slots=True)
 class UsageTables:
-    """Where a meter's usage is kept: live usage (billed, exported, alerted on) or test keys' usage (never)."""
+    """Where a meter's usage is kept: live usage (billed, exported, alerted on), test keys' usage (never), or
+    the usage of keys with a cap of their own (KEY_TABLES: per key, never billed)."""
 
     counters: str
     totals: str
+    # Where refunds go, and the table whose row each counted id must name (dropped otherwise, as when an
+    # organisation is deleted meanwhile).
+    refunds: str = "driftlock.usage_refunds"
+    owners: str = "driftlock.organizations"
 
 
 LIVE_TABLES = UsageTables("driftlock.usage_counters", "driftlock.usage_totals")
 TEST_TABLES = UsageTables("driftlock.test_usage_counters", "driftlock.test_usage_totals")
+# In these tables `org_id` holds a key's id (migration 0013).
+KEY_TABLES = UsageTables(
+    "driftlock.key_usage_counters",
+    "driftlock.key_usage_totals",
+    refunds="driftlock.key_usage_refunds",
+    owners="driftlock.api_keys",
+)
 
 
 def _for(tables: UsageTables, sql: str) -> str:
-    # Table names are the two constants above, never a value from outside; values stay parameters.
-    return sql.replace(LIVE_TABLES.counters, tables.counters).replace(LIVE_TABLES.totals, tables.totals)
+    # Table names are the constants above, never a value from outside; values stay parameters.
+    return (
+        sql.replace(LIVE_TABLES.counters, tables.counters)
+        .replace(LIVE_TABLES.totals, tables.totals)
+        .replace(LIVE_TABLES.refunds, tables.refunds)
+        .replace(LIVE_TABLES.owners + " o WHERE", tables.owners + " o WHERE")
+    )
 
 
 class MeterStore:

@@ -136,6 +136,10 @@ class Meter:
         """What `used` last knew, without waiting for the database."""
         return self.ledger.used(key) or 0
 
+    def refresh_soon(self, key: UsageKey) -> None:
+        """Read the key's stored usage again in the background (as `used` does for a stale one)."""
+        self._load(key)
+
     def counted_already(self, request_id: str) -> bool:
         """Whether this request id was counted within the deduplication window (an Envoy retry of a check)."""
         return self.ledger.seen(request_id)
@@ -223,6 +227,11 @@ class Meter:
         if self.live:
             metrics.USAGE_UNITS.labels(org_id=self._org_label(key[0]), product=product).inc(units)
         return Reserved.COUNTED
+
+    def count(self, key: UsageKey, product: str, units: int) -> None:
+        """Count units the caller has deduplicated already (a key's, counted beside its organisation's), with
+        no request id kept: it raises no alert."""
+        self.ledger.add(key, product, units)
 
     def report(self, report: Report, plan: PlanLimits, period_end: datetime) -> bool:
         counted = self.ledger.report(report)
@@ -358,7 +367,7 @@ class Meter:
                         report.units
                     )
             # Refunds are applied by their own request ids, also in a batch whose counts were applied before.
-            for product, units in result.refunded.items():
+            for product, units in result.refunded.items() if self.live else ():
                 metrics.USAGE_REFUNDED_UNITS.labels(product=product).inc(units)
             self._forget_spilled(batch.flush_id)
             self._rewrite_own_spill()

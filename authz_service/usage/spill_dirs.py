@@ -18,6 +18,8 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 TEST_SUBDIR = "test"
+# The meter of keys with a cap of their own (issue 20) spills here, under either.
+KEYS_SUBDIR = "keys"
 _WORKER_DIR = re.compile(r"worker-(\d+)")
 _SPILL_FILE = "meter-*.json"
 
@@ -58,7 +60,7 @@ def adopt_leftovers(root: Path, workers: int) -> list[tuple[Path, Path]]:
     moves = []
     turn = 0
     for folder in _leftover_folders(root, workers):
-        for sub in ("", TEST_SUBDIR):
+        for sub in ("", TEST_SUBDIR, KEYS_SUBDIR):
             source = folder / sub if sub else folder
             if not source.is_dir():
                 continue
@@ -74,7 +76,7 @@ def adopt_leftovers(root: Path, workers: int) -> list[tuple[Path, Path]]:
                 _fsync_dir(target_dir)
                 _fsync_dir(source)
                 moves.append((path, target))
-        for sub in (TEST_SUBDIR, ""):  # a worker folder left empty goes; the root stays
+        for sub in (TEST_SUBDIR, KEYS_SUBDIR, ""):  # a worker folder left empty goes; the root stays
             emptied = folder / sub if sub else folder
             if folder != root or sub:
                 try:

@@ -110,6 +110,13 @@ class UsageLedger:
             return None
         return known.total + self._unflushed.get(key, 0)
 
+    def used_and_staleness(self, key: UsageKey) -> tuple[int, bool]:
+        """`used` (0 when unknown) and `is_stale` in one look-up, for the request path."""
+        known = self._known.get(key)
+        if known is None:
+            return 0, True
+        return known.total + self._unflushed.get(key, 0), self._clock() - known.as_of > self._stale_after
+
     def is_stale(self, key: UsageKey) -> bool:
         known = self._known.get(key)
         return known is None or self._clock() - known.as_of > self._stale_after
@@ -150,6 +157,12 @@ class UsageLedger:
         self._pending[counter] = self._pending.get(counter, 0) + units
         self._unflushed[key] = self._unflushed.get(key, 0) + units
         return True
+
+    def add(self, key: UsageKey, product: str, units: int, terms: Terms = NO_TERMS) -> None:
+        """Count units without their request id (the caller deduplicated the request already)."""
+        counter = (key[0], key[1], product, terms)
+        self._pending[counter] = self._pending.get(counter, 0) + units
+        self._unflushed[key] = self._unflushed.get(key, 0) + units
 
     def report(self, report: Report) -> bool:
         """Count units the backend reported; False when this process saw the same request id already.

@@ -59,6 +59,7 @@ def test_plans_upsert_creates_then_updates_keeping_options(cli):
         "stripe_meter": "api_calls",
         "test_included_units": 1000,
         "test_rate_limit_rps": 5.0,
+        "products": None,
         "created": True,
     }
     tested = cli("plans", "upsert", name, "--included-units", "5000", "--test-units", "50", "--test-rate-limit", "2")

@@ -59,6 +59,10 @@ def test_every_code_has_the_contract_status_and_a_message():
         DenyCode.QUOTA_EXCEEDED: 429,
         DenyCode.RATE_LIMITED: 429,
         DenyCode.AUTH_UNAVAILABLE: 503,
+        DenyCode.SPEND_CAP_REACHED: 429,
+        DenyCode.KEY_QUOTA_EXCEEDED: 429,
+        DenyCode.IP_NOT_ALLOWED: 403,
+        DenyCode.PRODUCT_NOT_ALLOWED: 403,
     }
     assert set(MESSAGES) == set(DenyCode)
 

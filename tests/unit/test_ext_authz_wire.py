@@ -8,9 +8,11 @@ from envoy.service.auth.v3.external_auth_pb2 import CheckResponse
 
 from authz_service.check.authorizer import AccessRequest, CheckOutcome
 from authz_service.check.context_signer import ContextSigner
+from authz_service.check.controls import QuotaState
 from authz_service.check.decision import ALLOW, HTTP_STATUS, MESSAGES, Decision, DenyCode, Grant, Route, deny
 from authz_service.check.ext_authz import AllowedResponses, access_request
 from authz_service.check.ext_authz import denied_response as denied_bytes
+from authz_service.check.quota_headers import limit_headers
 from authz_service.check.rate_limit import RateVerdict
 from driftlock_kernel.context_keys import HS256, ContextKeys
 from driftlock_kernel.tokens import verify
@@ -128,6 +130,8 @@ def test_additions_to_a_shared_response_parse_as_one_message():
         ("x-ratelimit-limit", "2.5"),
         ("x-ratelimit-remaining", "1"),
         ("x-ratelimit-reset", "1"),
+        ("ratelimit-policy", '"rate";q=2;w=1'),
+        ("ratelimit", '"rate";r=1;t=1'),
     ]
     denied = denied_response(Decision(DenyCode.RATE_LIMITED, retry_after=3), "rid-2", rate.headers())
     keys = [o.header.key for o in denied.denied_response.headers]
@@ -143,6 +147,35 @@ def test_rate_limit_headers_go_to_the_client_on_allowed_calls():
     rate = RateVerdict(allowed=True, limit=10, remaining=7, reset_seconds=1, retry_after=None)
     response = builder.build(CheckOutcome(ALLOW, GRANT, ROUTE, billed=True, plan="pro", rate=rate), request({}))
     added = {o.header.key: o.header.value for o in response.ok_response.response_headers_to_add}
-    assert added == {"x-ratelimit-limit": "10", "x-ratelimit-remaining": "7", "x-ratelimit-reset": "1"}
+    assert added == {
+        "x-ratelimit-limit": "10",
+        "x-ratelimit-remaining": "7",
+        "x-ratelimit-reset": "1",
+        "ratelimit-policy": '"rate";q=10;w=1',
+        "ratelimit": '"rate";r=7;t=1',
+    }
     plain = builder.build(CheckOutcome(ALLOW, GRANT, ROUTE, billed=True, plan="pro"), request({}))
     assert len(plain.ok_response.response_headers_to_add) == 0
+
+
+def test_quota_headers_state_the_period_quota_and_the_overage_of_a_soft_plan():
+    builder = Responses()
+    rate = RateVerdict(allowed=True, limit=0.5, remaining=0, reset_seconds=2, retry_after=None)
+    quota = QuotaState(included=1000, remaining=0, reset_seconds=3600, window_seconds=2_592_000, overage_units=25)
+    outcome = CheckOutcome(ALLOW, GRANT, ROUTE, billed=True, plan="pro", rate=rate, quota=quota)
+    added = {
+        o.header.key: o.header.value for o in builder.build(outcome, request({})).ok_response.response_headers_to_add
+    }
+    # Structured-field lists: one item per policy, parameters q and w (policy), r and t (state).
+    assert added["ratelimit-policy"] == '"rate";q=1;w=2, "quota";q=1000;w=2592000'
+    assert added["ratelimit"] == '"rate";r=0;t=2, "quota";r=0;t=3600'
+    assert added["x-driftlock-overage-units"] == "25"
+    within = QuotaState(included=1000, remaining=400, reset_seconds=60, window_seconds=2_592_000, overage_units=0)
+    outcome = CheckOutcome(ALLOW, GRANT, ROUTE, billed=True, plan="pro", quota=within)
+    added = {
+        o.header.key: o.header.value for o in builder.build(outcome, request({})).ok_response.response_headers_to_add
+    }
+    assert added == {"ratelimit-policy": '"quota";q=1000;w=2592000', "ratelimit": '"quota";r=400;t=60'}
+    denied = denied_response(Decision(DenyCode.SPEND_CAP_REACHED, retry_after=60), "rid", limit_headers(None, quota))
+    headers = {o.header.key: o.header.value for o in denied.denied_response.headers}
+    assert denied.denied_response.status.code == 429 and headers["ratelimit"] == '"quota";r=0;t=3600'

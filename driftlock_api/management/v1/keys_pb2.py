@@ -27,7 +27,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&driftlock_api/management/v1/keys.proto\x12\x17\x64riftlock.management.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc2\x03\n\x06\x41piKey\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06org_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0e\n\x06prefix\x18\x04 \x01(\t\x12\x13\n\x0b\x65nvironment\x18\x05 \x01(\t\x12\x0e\n\x06scopes\x18\x06 \x03(\t\x12.\n\nexpires_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nrevoked_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0clast_used_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x08metadata\x18\x0b \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x18\n\x10rolled_to_key_id\x18\x0c \x01(\t\x12.\n\nupdated_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\"\n\x1a\x62illable_units_this_period\x18\x64 \x01(\x03\"\x9c\x01\n\x10\x43reateKeyRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0e\n\x06scopes\x18\x03 \x03(\t\x12\x13\n\x0b\x65nvironment\x18\x04 \x01(\t\x12\x1a\n\x12\x65xpires_in_seconds\x18\x05 \x01(\x03\x12)\n\x08metadata\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\"R\n\x11\x43reateKeyResponse\x12\x30\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x1f.driftlock.management.v1.ApiKey\x12\x0b\n\x03key\x18\x02 \x01(\t\"\x1f\n\rGetKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\"H\n\x0fListKeysRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"Z\n\x10ListKeysResponse\x12-\n\x04keys\x18\x01 \x03(\x0b\x32\x1f.driftlock.management.v1.ApiKey\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xba\x01\n\x10UpdateKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x11\n\x04name\x18\x02 \x01(\tH\x01\x88\x01\x01\x12\x0e\n\x06scopes\x18\x03 \x03(\t\x12\x1c\n\x12\x65xpires_in_seconds\x18\x04 \x01(\x03H\x00\x12\x17\n\rnever_expires\x18\x05 \x01(\x08H\x00\x12)\n\x08metadata\x18\x06 \x01(\x0b\x32\x17.google.protobuf.StructB\x08\n\x06\x65xpiryB\x07\n\x05_name\"\"\n\x10RevokeKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\"9\n\x0eRollKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x17\n\x0foverlap_seconds\x18\x02 \x01(\x03\"\x98\x01\n\x0fRollKeyResponse\x12\x30\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x1f.driftlock.management.v1.ApiKey\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x12\n\nold_key_id\x18\x03 \x01(\t\x12\x32\n\x0eold_expires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\xf9\x05\n\nKeyService\x12\x85\x01\n\tCreateKey\x12).driftlock.management.v1.CreateKeyRequest\x1a*.driftlock.management.v1.CreateKeyResponse\"!\x82\xd3\xe4\x93\x02\x1b\"\x16/v1/orgs/{org_id}/keys:\x01*\x12l\n\x06GetKey\x12&.driftlock.management.v1.GetKeyRequest\x1a\x1f.driftlock.management.v1.ApiKey\"\x19\x82\xd3\xe4\x93\x02\x13\x12\x11/v1/keys/{key_id}\x12\x7f\n\x08ListKeys\x12(.driftlock.management.v1.ListKeysRequest\x1a).driftlock.management.v1.ListKeysResponse\"\x1e\x82\xd3\xe4\x93\x02\x18\x12\x16/v1/orgs/{org_id}/keys\x12u\n\tUpdateKey\x12).driftlock.management.v1.UpdateKeyRequest\x1a\x1f.driftlock.management.v1.ApiKey\"\x1c\x82\xd3\xe4\x93\x02\x16\x32\x11/v1/keys/{key_id}:\x01*\x12|\n\tRevokeKey\x12).driftlock.management.v1.RevokeKeyRequest\x1a\x1f.driftlock.management.v1.ApiKey\"#\x82\xd3\xe4\x93\x02\x1d\"\x18/v1/keys/{key_id}:revoke:\x01*\x12\x7f\n\x07RollKey\x12\'.driftlock.management.v1.RollKeyRequest\x1a(.driftlock.management.v1.RollKeyResponse\"!\x82\xd3\xe4\x93\x02\x1b\"\x16/v1/keys/{key_id}:roll:\x01*B?Z=github.com/driftlock/driftlock/gen/management/v1;managementv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&driftlock_api/management/v1/keys.proto\x12\x17\x64riftlock.management.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd7\x04\n\x06\x41piKey\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06org_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0e\n\x06prefix\x18\x04 \x01(\t\x12\x13\n\x0b\x65nvironment\x18\x05 \x01(\t\x12\x0e\n\x06scopes\x18\x06 \x03(\t\x12.\n\nexpires_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nrevoked_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0clast_used_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x08metadata\x18\x0b \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x18\n\x10rolled_to_key_id\x18\x0c \x01(\t\x12.\n\nupdated_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12!\n\x14max_units_per_period\x18\x0e \x01(\x03H\x00\x88\x01\x01\x12\x1b\n\x0erate_limit_rps\x18\x0f \x01(\x01H\x01\x88\x01\x01\x12\x15\n\rallowed_cidrs\x18\x10 \x03(\t\x12\x10\n\x08products\x18\x11 \x03(\t\x12\"\n\x1a\x62illable_units_this_period\x18\x64 \x01(\x03\x42\x17\n\x15_max_units_per_periodB\x11\n\x0f_rate_limit_rps\"\xb1\x02\n\x10\x43reateKeyRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0e\n\x06scopes\x18\x03 \x03(\t\x12\x13\n\x0b\x65nvironment\x18\x04 \x01(\t\x12\x1a\n\x12\x65xpires_in_seconds\x18\x05 \x01(\x03\x12)\n\x08metadata\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\x12!\n\x14max_units_per_period\x18\x07 \x01(\x03H\x00\x88\x01\x01\x12\x1b\n\x0erate_limit_rps\x18\x08 \x01(\x01H\x01\x88\x01\x01\x12\x15\n\rallowed_cidrs\x18\t \x03(\t\x12\x10\n\x08products\x18\n \x03(\tB\x17\n\x15_max_units_per_periodB\x11\n\x0f_rate_limit_rps\"R\n\x11\x43reateKeyResponse\x12\x30\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x1f.driftlock.management.v1.ApiKey\x12\x0b\n\x03key\x18\x02 \x01(\t\"\x1f\n\rGetKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\"H\n\x0fListKeysRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"Z\n\x10ListKeysResponse\x12-\n\x04keys\x18\x01 \x03(\x0b\x32\x1f.driftlock.management.v1.ApiKey\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xf9\x02\n\x10UpdateKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x11\n\x04name\x18\x02 \x01(\tH\x01\x88\x01\x01\x12\x0e\n\x06scopes\x18\x03 \x03(\t\x12\x1c\n\x12\x65xpires_in_seconds\x18\x04 \x01(\x03H\x00\x12\x17\n\rnever_expires\x18\x05 \x01(\x08H\x00\x12)\n\x08metadata\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x34\n\x14max_units_per_period\x18\x07 \x01(\x0b\x32\x16.google.protobuf.Value\x12.\n\x0erate_limit_rps\x18\x08 \x01(\x0b\x32\x16.google.protobuf.Value\x12-\n\rallowed_cidrs\x18\t \x01(\x0b\x32\x16.google.protobuf.Value\x12(\n\x08products\x18\n \x01(\x0b\x32\x16.google.protobuf.ValueB\x08\n\x06\x65xpiryB\x07\n\x05_name\"\"\n\x10RevokeKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\"9\n\x0eRollKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x17\n\x0foverlap_seconds\x18\x02 \x01(\x03\"\x98\x01\n\x0fRollKeyResponse\x12\x30\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x1f.driftlock.management.v1.ApiKey\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x12\n\nold_key_id\x18\x03 \x01(\t\x12\x32\n\x0eold_expires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\xf9\x05\n\nKeyService\x12\x85\x01\n\tCreateKey\x12).driftlock.management.v1.CreateKeyRequest\x1a*.driftlock.management.v1.CreateKeyResponse\"!\x82\xd3\xe4\x93\x02\x1b\"\x16/v1/orgs/{org_id}/keys:\x01*\x12l\n\x06GetKey\x12&.driftlock.management.v1.GetKeyRequest\x1a\x1f.driftlock.management.v1.ApiKey\"\x19\x82\xd3\xe4\x93\x02\x13\x12\x11/v1/keys/{key_id}\x12\x7f\n\x08ListKeys\x12(.driftlock.management.v1.ListKeysRequest\x1a).driftlock.management.v1.ListKeysResponse\"\x1e\x82\xd3\xe4\x93\x02\x18\x12\x16/v1/orgs/{org_id}/keys\x12u\n\tUpdateKey\x12).driftlock.management.v1.UpdateKeyRequest\x1a\x1f.driftlock.management.v1.ApiKey\"\x1c\x82\xd3\xe4\x93\x02\x16\x32\x11/v1/keys/{key_id}:\x01*\x12|\n\tRevokeKey\x12).driftlock.management.v1.RevokeKeyRequest\x1a\x1f.driftlock.management.v1.ApiKey\"#\x82\xd3\xe4\x93\x02\x1d\"\x18/v1/keys/{key_id}:revoke:\x01*\x12\x7f\n\x07RollKey\x12\'.driftlock.management.v1.RollKeyRequest\x1a(.driftlock.management.v1.RollKeyResponse\"!\x82\xd3\xe4\x93\x02\x1b\"\x16/v1/keys/{key_id}:roll:\x01*B?Z=github.com/driftlock/driftlock/gen/management/v1;managementv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -48,25 +48,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_KEYSERVICE'].methods_by_name['RollKey']._loaded_options = None
   _globals['_KEYSERVICE'].methods_by_name['RollKey']._serialized_options = b'\202\323\344\223\002\033\"\026/v1/keys/{key_id}:roll:\001*'
   _globals['_APIKEY']._serialized_start=161
-  _globals['_APIKEY']._serialized_end=611
-  _globals['_CREATEKEYREQUEST']._serialized_start=614
-  _globals['_CREATEKEYREQUEST']._serialized_end=770
-  _globals['_CREATEKEYRESPONSE']._serialized_start=772
-  _globals['_CREATEKEYRESPONSE']._serialized_end=854
-  _globals['_GETKEYREQUEST']._serialized_start=856
-  _globals['_GETKEYREQUEST']._serialized_end=887
-  _globals['_LISTKEYSREQUEST']._serialized_start=889
-  _globals['_LISTKEYSREQUEST']._serialized_end=961
-  _globals['_LISTKEYSRESPONSE']._serialized_start=963
-  _globals['_LISTKEYSRESPONSE']._serialized_end=1053
-  _globals['_UPDATEKEYREQUEST']._serialized_start=1056
-  _globals['_UPDATEKEYREQUEST']._serialized_end=1242
-  _globals['_REVOKEKEYREQUEST']._serialized_start=1244
-  _globals['_REVOKEKEYREQUEST']._serialized_end=1278
-  _globals['_ROLLKEYREQUEST']._serialized_start=1280
-  _globals['_ROLLKEYREQUEST']._serialized_end=1337
-  _globals['_ROLLKEYRESPONSE']._serialized_start=1340
-  _globals['_ROLLKEYRESPONSE']._serialized_end=1492
-  _globals['_KEYSERVICE']._serialized_start=1495
-  _globals['_KEYSERVICE']._serialized_end=2256
+  _globals['_APIKEY']._serialized_end=760
+  _globals['_CREATEKEYREQUEST']._serialized_start=763
+  _globals['_CREATEKEYREQUEST']._serialized_end=1068
+  _globals['_CREATEKEYRESPONSE']._serialized_start=1070
+  _globals['_CREATEKEYRESPONSE']._serialized_end=1152
+  _globals['_GETKEYREQUEST']._serialized_start=1154
+  _globals['_GETKEYREQUEST']._serialized_end=1185
+  _globals['_LISTKEYSREQUEST']._serialized_start=1187
+  _globals['_LISTKEYSREQUEST']._serialized_end=1259
+  _globals['_LISTKEYSRESPONSE']._serialized_start=1261
+  _globals['_LISTKEYSRESPONSE']._serialized_end=1351
+  _globals['_UPDATEKEYREQUEST']._serialized_start=1354
+  _globals['_UPDATEKEYREQUEST']._serialized_end=1731
+  _globals['_REVOKEKEYREQUEST']._serialized_start=1733
+  _globals['_REVOKEKEYREQUEST']._serialized_end=1767
+  _globals['_ROLLKEYREQUEST']._serialized_start=1769
+  _globals['_ROLLKEYREQUEST']._serialized_end=1826
+  _globals['_ROLLKEYRESPONSE']._serialized_start=1829
+  _globals['_ROLLKEYRESPONSE']._serialized_end=1981
+  _globals['_KEYSERVICE']._serialized_start=1984
+  _globals['_KEYSERVICE']._serialized_end=2745
 # @@protoc_insertion_point(module_scope)

@@ -12,7 +12,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ApiKey(_message.Message):
-    __slots__ = ("id", "org_id", "name", "prefix", "environment", "scopes", "expires_at", "revoked_at", "created_at", "last_used_at", "metadata", "rolled_to_key_id", "updated_at", "billable_units_this_period")
+    __slots__ = ("id", "org_id", "name", "prefix", "environment", "scopes", "expires_at", "revoked_at", "created_at", "last_used_at", "metadata", "rolled_to_key_id", "updated_at", "max_units_per_period", "rate_limit_rps", "allowed_cidrs", "products", "billable_units_this_period")
     ID_FIELD_NUMBER: _ClassVar[int]
     ORG_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -26,6 +26,10 @@ class ApiKey(_message.Message):
     METADATA_FIELD_NUMBER: _ClassVar[int]
     ROLLED_TO_KEY_ID_FIELD_NUMBER: _ClassVar[int]
     UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    MAX_UNITS_PER_PERIOD_FIELD_NUMBER: _ClassVar[int]
+    RATE_LIMIT_RPS_FIELD_NUMBER: _ClassVar[int]
+    ALLOWED_CIDRS_FIELD_NUMBER: _ClassVar[int]
+    PRODUCTS_FIELD_NUMBER: _ClassVar[int]
     BILLABLE_UNITS_THIS_PERIOD_FIELD_NUMBER: _ClassVar[int]
     id: str
     org_id: str
@@ -40,24 +44,36 @@ class ApiKey(_message.Message):
     metadata: _struct_pb2.Struct
     rolled_to_key_id: str
     updated_at: _timestamp_pb2.Timestamp
+    max_units_per_period: int
+    rate_limit_rps: float
+    allowed_cidrs: _containers.RepeatedScalarFieldContainer[str]
+    products: _containers.RepeatedScalarFieldContainer[str]
     billable_units_this_period: int
-    def __init__(self, id: _Optional[str] = ..., org_id: _Optional[str] = ..., name: _Optional[str] = ..., prefix: _Optional[str] = ..., environment: _Optional[str] = ..., scopes: _Optional[_Iterable[str]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revoked_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_used_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., rolled_to_key_id: _Optional[str] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., billable_units_this_period: _Optional[int] = ...) -> None: ...
+    def __init__(self, id: _Optional[str] = ..., org_id: _Optional[str] = ..., name: _Optional[str] = ..., prefix: _Optional[str] = ..., environment: _Optional[str] = ..., scopes: _Optional[_Iterable[str]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revoked_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_used_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., rolled_to_key_id: _Optional[str] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., max_units_per_period: _Optional[int] = ..., rate_limit_rps: _Optional[float] = ..., allowed_cidrs: _Optional[_Iterable[str]] = ..., products: _Optional[_Iterable[str]] = ..., billable_units_this_period: _Optional[int] = ...) -> None: ...
 
 class CreateKeyRequest(_message.Message):
-    __slots__ = ("org_id", "name", "scopes", "environment", "expires_in_seconds", "metadata")
+    __slots__ = ("org_id", "name", "scopes", "environment", "expires_in_seconds", "metadata", "max_units_per_period", "rate_limit_rps", "allowed_cidrs", "products")
     ORG_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     SCOPES_FIELD_NUMBER: _ClassVar[int]
     ENVIRONMENT_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_IN_SECONDS_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
+    MAX_UNITS_PER_PERIOD_FIELD_NUMBER: _ClassVar[int]
+    RATE_LIMIT_RPS_FIELD_NUMBER: _ClassVar[int]
+    ALLOWED_CIDRS_FIELD_NUMBER: _ClassVar[int]
+    PRODUCTS_FIELD_NUMBER: _ClassVar[int]
     org_id: str
     name: str
     scopes: _containers.RepeatedScalarFieldContainer[str]
     environment: str
     expires_in_seconds: int
     metadata: _struct_pb2.Struct
-    def __init__(self, org_id: _Optional[str] = ..., name: _Optional[str] = ..., scopes: _Optional[_Iterable[str]] = ..., environment: _Optional[str] = ..., expires_in_seconds: _Optional[int] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+    max_units_per_period: int
+    rate_limit_rps: float
+    allowed_cidrs: _containers.RepeatedScalarFieldContainer[str]
+    products: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, org_id: _Optional[str] = ..., name: _Optional[str] = ..., scopes: _Optional[_Iterable[str]] = ..., environment: _Optional[str] = ..., expires_in_seconds: _Optional[int] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., max_units_per_period: _Optional[int] = ..., rate_limit_rps: _Optional[float] = ..., allowed_cidrs: _Optional[_Iterable[str]] = ..., products: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class CreateKeyResponse(_message.Message):
     __slots__ = ("api_key", "key")
@@ -92,20 +108,28 @@ class ListKeysResponse(_message.Message):
     def __init__(self, keys: _Optional[_Iterable[_Union[ApiKey, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class UpdateKeyRequest(_message.Message):
-    __slots__ = ("key_id", "name", "scopes", "expires_in_seconds", "never_expires", "metadata")
+    __slots__ = ("key_id", "name", "scopes", "expires_in_seconds", "never_expires", "metadata", "max_units_per_period", "rate_limit_rps", "allowed_cidrs", "products")
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     SCOPES_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_IN_SECONDS_FIELD_NUMBER: _ClassVar[int]
     NEVER_EXPIRES_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
+    MAX_UNITS_PER_PERIOD_FIELD_NUMBER: _ClassVar[int]
+    RATE_LIMIT_RPS_FIELD_NUMBER: _ClassVar[int]
+    ALLOWED_CIDRS_FIELD_NUMBER: _ClassVar[int]
+    PRODUCTS_FIELD_NUMBER: _ClassVar[int]
     key_id: str
     name: str
     scopes: _containers.RepeatedScalarFieldContainer[str]
     expires_in_seconds: int
     never_expires: bool
     metadata: _struct_pb2.Struct
-    def __init__(self, key_id: _Optional[str] = ..., name: _Optional[str] = ..., scopes: _Optional[_Iterable[str]] = ..., expires_in_seconds: _Optional[int] = ..., never_expires: _Optional[bool] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+    max_units_per_period: _struct_pb2.Value
+    rate_limit_rps: _struct_pb2.Value
+    allowed_cidrs: _struct_pb2.Value
+    products: _struct_pb2.Value
+    def __init__(self, key_id: _Optional[str] = ..., name: _Optional[str] = ..., scopes: _Optional[_Iterable[str]] = ..., expires_in_seconds: _Optional[int] = ..., never_expires: _Optional[bool] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., max_units_per_period: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., rate_limit_rps: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., allowed_cidrs: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., products: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ...) -> None: ...
 
 class RevokeKeyRequest(_message.Message):
     __slots__ = ("key_id",)

@@ -26,7 +26,7 @@ from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&driftlock_api/management/v1/orgs.proto\x12\x17\x64riftlock.management.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe2\x03\n\x0cOrganization\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04plan\x18\x03 \x01(\t\x12\x16\n\x0e\x62illing_status\x18\x04 \x01(\t\x12\x11\n\tsuspended\x18\x05 \x01(\x08\x12\x30\n\x0csuspended_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0epast_due_since\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\x12stripe_customer_id\x18\x08 \x01(\t\x12\x1e\n\x16stripe_subscription_id\x18\t \x01(\t\x12\x30\n\x0cperiod_start\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nperiod_end\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\ttrial_end\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1c\n\x14\x63\x61ncel_at_period_end\x18\r \x01(\x08\x12.\n\ncreated_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"7\n\x19\x43reateOrganizationRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04plan\x18\x02 \x01(\t\"(\n\x16GetOrganizationRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\"A\n\x18ListOrganizationsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"i\n\x19ListOrganizationsResponse\x12\x33\n\x04orgs\x18\x01 \x03(\x0b\x32%.driftlock.management.v1.Organization\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\".\n\x0eSetPlanRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x0c\n\x04plan\x18\x02 \x01(\t\",\n\x1aSuspendOrganizationRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\"+\n\x19ResumeOrganizationRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\"#\n\x11ListAlertsRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\"\xb1\x02\n\nUsageAlert\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x11\n\tthreshold\x18\x02 \x01(\x05\x12\x30\n\x0cperiod_start\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nperiod_end\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nused_units\x18\x05 \x01(\x03\x12\x16\n\x0eincluded_units\x18\x06 \x01(\x03\x12\x0c\n\x04plan\x18\x07 \x01(\t\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x38\n\x14webhook_delivered_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"Y\n\x12ListAlertsResponse\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x33\n\x06\x61lerts\x18\x02 \x03(\x0b\x32#.driftlock.management.v1.UsageAlert2\xee\x07\n\x13OrganizationService\x12\x84\x01\n\x12\x43reateOrganization\x12\x32.driftlock.management.v1.CreateOrganizationRequest\x1a%.driftlock.management.v1.Organization\"\x13\x82\xd3\xe4\x93\x02\r\"\x08/v1/orgs:\x01*\x12\x84\x01\n\x0fGetOrganization\x12/.driftlock.management.v1.GetOrganizationRequest\x1a%.driftlock.management.v1.Organization\"\x19\x82\xd3\xe4\x93\x02\x13\x12\x11/v1/orgs/{org_id}\x12\x8c\x01\n\x11ListOrganizations\x12\x31.driftlock.management.v1.ListOrganizationsRequest\x1a\x32.driftlock.management.v1.ListOrganizationsResponse\"\x10\x82\xd3\xe4\x93\x02\n\x12\x08/v1/orgs\x12\x7f\n\x07SetPlan\x12\'.driftlock.management.v1.SetPlanRequest\x1a%.driftlock.management.v1.Organization\"$\x82\xd3\xe4\x93\x02\x1e\"\x19/v1/orgs/{org_id}:setPlan:\x01*\x12\x97\x01\n\x13SuspendOrganization\x12\x33.driftlock.management.v1.SuspendOrganizationRequest\x1a%.driftlock.management.v1.Organization\"$\x82\xd3\xe4\x93\x02\x1e\"\x19/v1/orgs/{org_id}:suspend:\x01*\x12\x94\x01\n\x12ResumeOrganization\x12\x32.driftlock.management.v1.ResumeOrganizationRequest\x1a%.driftlock.management.v1.Organization\"#\x82\xd3\xe4\x93\x02\x1d\"\x18/v1/orgs/{org_id}:resume:\x01*\x12\x87\x01\n\nListAlerts\x12*.driftlock.management.v1.ListAlertsRequest\x1a+.driftlock.management.v1.ListAlertsResponse\" \x82\xd3\xe4\x93\x02\x1a\x12\x18/v1/orgs/{org_id}/alertsB?Z=github.com/driftlock/driftlock/gen/management/v1;managementv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&driftlock_api/management/v1/orgs.proto\x12\x17\x64riftlock.management.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x98\x04\n\x0cOrganization\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04plan\x18\x03 \x01(\t\x12\x16\n\x0e\x62illing_status\x18\x04 \x01(\t\x12\x11\n\tsuspended\x18\x05 \x01(\x08\x12\x30\n\x0csuspended_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0epast_due_since\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\x12stripe_customer_id\x18\x08 \x01(\t\x12\x1e\n\x16stripe_subscription_id\x18\t \x01(\t\x12\x30\n\x0cperiod_start\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nperiod_end\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\ttrial_end\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1c\n\x14\x63\x61ncel_at_period_end\x18\r \x01(\x08\x12.\n\ncreated_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1e\n\x11max_overage_units\x18\x0f \x01(\x03H\x00\x88\x01\x01\x42\x14\n\x12_max_overage_units\"7\n\x19\x43reateOrganizationRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04plan\x18\x02 \x01(\t\"(\n\x16GetOrganizationRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\"A\n\x18ListOrganizationsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"i\n\x19ListOrganizationsResponse\x12\x33\n\x04orgs\x18\x01 \x03(\x0b\x32%.driftlock.management.v1.Organization\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\".\n\x0eSetPlanRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x0c\n\x04plan\x18\x02 \x01(\t\",\n\x1aSuspendOrganizationRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\"+\n\x19ResumeOrganizationRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\"#\n\x11ListAlertsRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\"\xb1\x02\n\nUsageAlert\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x11\n\tthreshold\x18\x02 \x01(\x05\x12\x30\n\x0cperiod_start\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nperiod_end\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nused_units\x18\x05 \x01(\x03\x12\x16\n\x0eincluded_units\x18\x06 \x01(\x03\x12\x0c\n\x04plan\x18\x07 \x01(\t\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x38\n\x14webhook_delivered_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"Y\n\x12ListAlertsResponse\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x33\n\x06\x61lerts\x18\x02 \x03(\x0b\x32#.driftlock.management.v1.UsageAlert2\xee\x07\n\x13OrganizationService\x12\x84\x01\n\x12\x43reateOrganization\x12\x32.driftlock.management.v1.CreateOrganizationRequest\x1a%.driftlock.management.v1.Organization\"\x13\x82\xd3\xe4\x93\x02\r\"\x08/v1/orgs:\x01*\x12\x84\x01\n\x0fGetOrganization\x12/.driftlock.management.v1.GetOrganizationRequest\x1a%.driftlock.management.v1.Organization\"\x19\x82\xd3\xe4\x93\x02\x13\x12\x11/v1/orgs/{org_id}\x12\x8c\x01\n\x11ListOrganizations\x12\x31.driftlock.management.v1.ListOrganizationsRequest\x1a\x32.driftlock.management.v1.ListOrganizationsResponse\"\x10\x82\xd3\xe4\x93\x02\n\x12\x08/v1/orgs\x12\x7f\n\x07SetPlan\x12\'.driftlock.management.v1.SetPlanRequest\x1a%.driftlock.management.v1.Organization\"$\x82\xd3\xe4\x93\x02\x1e\"\x19/v1/orgs/{org_id}:setPlan:\x01*\x12\x97\x01\n\x13SuspendOrganization\x12\x33.driftlock.management.v1.SuspendOrganizationRequest\x1a%.driftlock.management.v1.Organization\"$\x82\xd3\xe4\x93\x02\x1e\"\x19/v1/orgs/{org_id}:suspend:\x01*\x12\x94\x01\n\x12ResumeOrganization\x12\x32.driftlock.management.v1.ResumeOrganizationRequest\x1a%.driftlock.management.v1.Organization\"#\x82\xd3\xe4\x93\x02\x1d\"\x18/v1/orgs/{org_id}:resume:\x01*\x12\x87\x01\n\nListAlerts\x12*.driftlock.management.v1.ListAlertsRequest\x1a+.driftlock.management.v1.ListAlertsResponse\" \x82\xd3\xe4\x93\x02\x1a\x12\x18/v1/orgs/{org_id}/alertsB?Z=github.com/driftlock/driftlock/gen/management/v1;managementv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -49,27 +49,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ORGANIZATIONSERVICE'].methods_by_name['ListAlerts']._loaded_options = None
   _globals['_ORGANIZATIONSERVICE'].methods_by_name['ListAlerts']._serialized_options = b'\202\323\344\223\002\032\022\030/v1/orgs/{org_id}/alerts'
   _globals['_ORGANIZATION']._serialized_start=131
-  _globals['_ORGANIZATION']._serialized_end=613
-  _globals['_CREATEORGANIZATIONREQUEST']._serialized_start=615
-  _globals['_CREATEORGANIZATIONREQUEST']._serialized_end=670
-  _globals['_GETORGANIZATIONREQUEST']._serialized_start=672
-  _globals['_GETORGANIZATIONREQUEST']._serialized_end=712
-  _globals['_LISTORGANIZATIONSREQUEST']._serialized_start=714
-  _globals['_LISTORGANIZATIONSREQUEST']._serialized_end=779
-  _globals['_LISTORGANIZATIONSRESPONSE']._serialized_start=781
-  _globals['_LISTORGANIZATIONSRESPONSE']._serialized_end=886
-  _globals['_SETPLANREQUEST']._serialized_start=888
-  _globals['_SETPLANREQUEST']._serialized_end=934
-  _globals['_SUSPENDORGANIZATIONREQUEST']._serialized_start=936
-  _globals['_SUSPENDORGANIZATIONREQUEST']._serialized_end=980
-  _globals['_RESUMEORGANIZATIONREQUEST']._serialized_start=982
-  _globals['_RESUMEORGANIZATIONREQUEST']._serialized_end=1025
-  _globals['_LISTALERTSREQUEST']._serialized_start=1027
-  _globals['_LISTALERTSREQUEST']._serialized_end=1062
-  _globals['_USAGEALERT']._serialized_start=1065
-  _globals['_USAGEALERT']._serialized_end=1370
-  _globals['_LISTALERTSRESPONSE']._serialized_start=1372
-  _globals['_LISTALERTSRESPONSE']._serialized_end=1461
-  _globals['_ORGANIZATIONSERVICE']._serialized_start=1464
-  _globals['_ORGANIZATIONSERVICE']._serialized_end=2470
+  _globals['_ORGANIZATION']._serialized_end=667
+  _globals['_CREATEORGANIZATIONREQUEST']._serialized_start=669
+  _globals['_CREATEORGANIZATIONREQUEST']._serialized_end=724
+  _globals['_GETORGANIZATIONREQUEST']._serialized_start=726
+  _globals['_GETORGANIZATIONREQUEST']._serialized_end=766
+  _globals['_LISTORGANIZATIONSREQUEST']._serialized_start=768
+  _globals['_LISTORGANIZATIONSREQUEST']._serialized_end=833
+  _globals['_LISTORGANIZATIONSRESPONSE']._serialized_start=835
+  _globals['_LISTORGANIZATIONSRESPONSE']._serialized_end=940
+  _globals['_SETPLANREQUEST']._serialized_start=942
+  _globals['_SETPLANREQUEST']._serialized_end=988
+  _globals['_SUSPENDORGANIZATIONREQUEST']._serialized_start=990
+  _globals['_SUSPENDORGANIZATIONREQUEST']._serialized_end=1034
+  _globals['_RESUMEORGANIZATIONREQUEST']._serialized_start=1036
+  _globals['_RESUMEORGANIZATIONREQUEST']._serialized_end=1079
+  _globals['_LISTALERTSREQUEST']._serialized_start=1081
+  _globals['_LISTALERTSREQUEST']._serialized_end=1116
+  _globals['_USAGEALERT']._serialized_start=1119
+  _globals['_USAGEALERT']._serialized_end=1424
+  _globals['_LISTALERTSRESPONSE']._serialized_start=1426
+  _globals['_LISTALERTSRESPONSE']._serialized_end=1515
+  _globals['_ORGANIZATIONSERVICE']._serialized_start=1518
+  _globals['_ORGANIZATIONSERVICE']._serialized_end=2524
 # @@protoc_insertion_point(module_scope)
