@@ -134,10 +134,16 @@ def answer(done: subprocess.CompletedProcess) -> dict:
     return json.loads(done.stdout)
 
 
-async def test_every_line_of_the_banner_works_pasted_alone_in_a_new_terminal(tmp_path, devs):
-    dev = await start_dev(tmp_path, dev_ports())
+@pytest.mark.parametrize("dev_args", [(), ("--tls",)], ids=["http", "tls"])
+async def test_every_line_of_the_banner_works_pasted_alone_in_a_new_terminal(tmp_path, devs, dev_args):
+    dev = await start_dev(tmp_path, dev_ports(), *dev_args)
     devs.append(dev)
     commands = dev.commands()
+    if dev_args:
+        # HTTPS with a local CA's certificate, which every printed line that reaches the edge trusts by name.
+        assert "public API (Envoy)  https://127.0.0.1:" in dev.banner
+        assert "--cacert " in dev.try_it()
+        assert all("--url https://" in line for line in commands if " send-event " in line and "--skip" not in line)
     # What the README promises a newcomer: a call, the management API, the usage at Stripe, Stripe's dunning loop
     # and the repair from Stripe's API.
     assert any(line.startswith("curl") and dev.key in line for line in commands), dev.banner
