@@ -275,6 +275,12 @@ async def run_dev_stack(
             **({} if settings.admin_token_secret else {"DRIFTLOCK_ADMIN_TOKEN_SECRET": admin_secret}),
             **({} if settings.ext_authz_secret else {"DRIFTLOCK_EXT_AUTHZ_SECRET": ext_authz_secret}),
             **({"DRIFTLOCK_CONTEXT_SIGNING_KEYS_FILE": str(keys_path)} if keys_path is not None else {}),
+            # The certificate `--tls` made (the operator's own is in the operator's environment).
+            **(
+                {"DRIFTLOCK_TLS_CERT": tls_files[0], "DRIFTLOCK_TLS_KEY": tls_files[1]}
+                if tls_files is not None and ca_file is not None
+                else {}
+            ),
             **stripe_env,
         }
         dev_state.write(state, cli_env)
@@ -445,6 +451,11 @@ def _print_banner(
         f'  curl -H "Authorization: Bearer $({cli} admin-token)" {management_url}/v1/orgs/{org_id}/keys',
         "",
     ]
+    lines += [
+        "Every check of the configuration, the database and each service of this stack:",
+        f"  {cli} doctor",
+        "",
+    ]
     if local_stripe is not None:
         lines += [
             f"Its calls reach the local Stripe API within half a minute (plan {DEV_PLAN}, meter {DEV_METER}):",
@@ -467,7 +478,8 @@ def _print_banner(
         ]
     lines += [
         "",
-        "Ctrl-C stops everything; the next start resets the demo's billing (`dev --reset`: a clean slate).",
+        "The next start resets the demo's billing state; `dev --reset` starts from a clean slate.",
+        "Ctrl-C stops everything.",
         "",
     ]
     print("\n".join(lines), flush=True)
