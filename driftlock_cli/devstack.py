@@ -5,8 +5,11 @@ migrated; a demo organisation and a fresh demo key; authz, the Stripe webhook se
 STRIPE_WEBHOOK_SECRET, else one generated and kept in the state directory), Envoy, and the demo backend unless
 --backend is given. Without STRIPE_API_KEY, a local Stripe API (tests/support/stripe_api.py, run from the
 repository) stands in for Stripe's: the demo organisation is put on a metered plan with a linked customer, so
-its calls become meter events there (`stripe exports list`). Ctrl-C or SIGTERM stops every child and the
-embedded database.
+its calls become meter events there (`stripe exports list`), and each start gives it a clean billing state.
+Every start revokes the demo keys printed before (one live demo key per stack); `--reset` removes what earlier
+runs kept; `--tls` serves HTTPS with a local CA's certificate. What the CLI beside the stack needs is written to
+`<state dir>/stack.json` (dev_state.py), so that each line of the banner works pasted alone in the checkout.
+Ctrl-C or SIGTERM stops every child and the embedded database.
 """
 
 import asyncio
