@@ -74,6 +74,12 @@ def running_stack_pid(state_dir: Path) -> int | None:
     return pid if _alive(pid) and pid != os.getpid() else None
 
 
+def adopt_for_this_process() -> list[str]:
+    """`adopt` into this process's environment, from the working directory, before Settings reads it: the one
+    place besides settings.py that touches the environment, because it is where these settings come from."""
+    return adopt(os.environ, Path.cwd())
+
+
 def adopt(environ: MutableMapping[str, str], cwd: Path, err: IO[str] | None = None) -> list[str]:
     """Put the running dev stack's settings into `environ` where it has none; the names taken."""
     path = find(environ, cwd)

@@ -6,13 +6,11 @@ object on stdout.
 
 import argparse
 import asyncio
-import os
 import sys
 import traceback
 import uuid
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any, NoReturn
 
 import asyncpg
@@ -525,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Printer(as_json=getattr(args, "json", False) or args.json_global)
     settings = None
     if _uses_dev_stack_settings(args):
-        dev_state.adopt(os.environ, Path.cwd())
+        dev_state.adopt_for_this_process()
     try:
         # doctor reports a malformed setting as one of its checks instead of stopping at it.
         settings = Settings() if getattr(args, "reads_settings_itself", False) else Settings.from_env()
