@@ -482,19 +482,26 @@ async def check_authz(target: HostPort) -> Check:
     return passed(name, f"{target} is SERVING")
 
 
-async def check_webhooks(target: HostPort, *, path: str = "/healthz", name: str = "webhooks_health") -> Check:
+async def check_webhooks(
+    target: HostPort,
+    *,
+    path: str = "/healthz",
+    name: str = "webhooks_health",
+    scheme: str = "http",
+    fix: str = "start `driftlock-gateway webhooks` there; a 503 names what it waits for (usually the database)",
+) -> Check:
     import aiohttp
 
-    url = f"http://{target}{path}"
-    fix = "start `driftlock-gateway webhooks` there; a 503 names what it waits for (usually the database)"
+    url = f"{scheme}://{target}{path}"
     try:
         async with (
             aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=TIMEOUT_SECONDS)) as session,
-            session.get(url) as response,
+            # Whether the listener answers, not whom to trust: its certificate is the `tls` check's business.
+            session.get(url, ssl=False) as response,
         ):
             body = await response.text()
-    except (aiohttp.ClientError, TimeoutError) as error:
-        return failed(name, f"GET {url}: {one_line(error) or type(error).__name__}", fix)
+    except (aiohttp.ClientError, TimeoutError, OSError) as error:
+        return failed(name, f"could not reach it: GET {url}: {one_line(error) or type(error).__name__}", fix)
     if response.status != 200:
         return failed(name, f"GET {url} answered {response.status}: {_first_line(body)[:200]}", fix)
     return passed(name, f"GET {url} answered 200")
@@ -518,7 +525,24 @@ async def cmd_health(args: argparse.Namespace, settings: Settings, out: Printer)
 # --- the command ---------------------------------------------------------------------------------------------
 
 
-async def run_checks(settings: Settings, *, authz: list[HostPort], webhooks: HostPort | None) -> list[Check]:
+def envoy_probes(settings: Settings, host: str) -> list[Awaitable[Check]]:
+    """Envoy's listeners on `host`, at the ports the settings give them: ready (stats), public, management."""
+    fix = "start Envoy (`driftlock-gateway envoy`) there with these settings, or name its host with --envoy"
+    scheme = "https" if settings.tls_cert_path and settings.tls_key_path else "http"
+    return [
+        check_webhooks(HostPort(host, settings.envoy_stats_port), path="/ready", name="envoy_health", fix=fix),
+        check_webhooks(
+            HostPort(host, settings.envoy_port), path="/healthz", name="envoy_public", scheme=scheme, fix=fix
+        ),
+        check_webhooks(
+            HostPort(host, settings.admin_port), path="/.well-known/jwks.json", name="envoy_management", fix=fix
+        ),
+    ]
+
+
+async def run_checks(
+    settings: Settings, *, authz: list[HostPort], webhooks: HostPort | None, envoy: str | None = None
+) -> list[Check]:
     checks = [
         passed("settings", "every setting parses"),
         check_jwt_secret(settings),
@@ -553,6 +577,8 @@ async def run_checks(settings: Settings, *, authz: list[HostPort], webhooks: Hos
     probes: list[Awaitable[Check]] = [check_authz(target) for target in authz]
     if webhooks is not None:
         probes.append(check_webhooks(webhooks))
+    if envoy is not None:
+        probes += envoy_probes(settings, envoy)
     checks += await asyncio.gather(*probes)
     return checks
 
@@ -595,13 +621,30 @@ async def cmd_doctor(args: argparse.Namespace, _settings: Settings, out: Printer
     except SettingsError as error:
         checks = [failed("settings", str(error), "correct the variable it names (docs/operations.md lists them)")]
     else:
-        authz = args.authz if args.authz is not None else list(settings.authz_addresses or ())
-        webhooks = args.webhooks if args.webhooks is not None else settings.webhooks_address
-        checks = await run_checks(settings, authz=authz, webhooks=webhooks)
+        checks = await run_checks(settings, **_services(args, settings))
     ok = all(check.ok for check in checks)
     out.result({"ok": ok, "checks": [check.as_dict() for check in checks]}, report(checks))
     if not ok:
         raise Unhealthy
+
+
+def _services(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    """Which running services to probe. Without a flag: every one the settings name, at their addresses (authz
+    and webhooks at DRIFTLOCK_AUTHZ_ADDRESS / DRIFTLOCK_WEBHOOKS_ADDRESS, else this machine's ports; Envoy's
+    listeners on this machine). With --authz, --webhooks or --envoy: those (and the environment's addresses)."""
+    if args.offline:
+        return {"authz": [], "webhooks": None, "envoy": None}
+    if args.authz is None and args.webhooks is None and args.envoy is None:
+        return {
+            "authz": list(settings.envoy_authz_addresses()),
+            "webhooks": settings.webhooks_address or HostPort("127.0.0.1", settings.webhooks_port),
+            "envoy": "127.0.0.1",
+        }
+    return {
+        "authz": args.authz if args.authz is not None else list(settings.authz_addresses or ()),
+        "webhooks": args.webhooks if args.webhooks is not None else settings.webhooks_address,
+        "envoy": args.envoy,
+    }
 
 
 def register(commands: Any, leaf: Callable[..., argparse.ArgumentParser]) -> None:
@@ -623,6 +666,15 @@ def register(commands: Any, leaf: Callable[..., argparse.ArgumentParser]) -> Non
         type=_target,
         metavar="HOST:PORT",
         help="the webhook service to health-check (default: DRIFTLOCK_WEBHOOKS_ADDRESS when set)",
+    )
+    doctor.add_argument(
+        "--envoy",
+        metavar="HOST",
+        help="where Envoy runs: its ready, public and management listeners are checked at the configured ports "
+        "(without any service flag, every service the settings name is checked, Envoy on this machine)",
+    )
+    doctor.add_argument(
+        "--offline", action="store_true", help="check configuration and the database only, no running service"
     )
     health = leaf(
         commands,

@@ -18,6 +18,7 @@ import asyncpg
 from driftlock_cli import (
     arguments,
     control_commands,
+    dev_state,
     doctor,
     event_commands,
     history_commands,
@@ -323,7 +324,13 @@ async def cmd_envoy(args: argparse.Namespace, settings: Settings, out: Printer) 
 async def cmd_dev(args: argparse.Namespace, settings: Settings, out: Printer) -> None:
     from driftlock_cli.devstack import run_dev_stack
 
-    await run_dev_stack(settings, backend=args.backend, state_dir=args.state_dir or settings.dev_state_dir)
+    await run_dev_stack(
+        settings,
+        backend=args.backend,
+        state_dir=args.state_dir or settings.dev_state_dir,
+        reset=args.reset,
+        tls=args.tls,
+    )
 
 
 # --- the parser ----------------------------------------------------------------------------------------------
@@ -479,6 +486,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--state-dir",
         help="where the embedded database and generated secrets are kept (default $DRIFTLOCK_DEV_DIR or .driftlock)",
     )
+    dev.add_argument(
+        "--reset",
+        action="store_true",
+        help="start from a clean slate: remove what earlier runs kept in the state directory (the embedded "
+        "database with the demo organisation and its usage, generated secrets, spilled units)",
+    )
+    dev.add_argument(
+        "--tls",
+        action="store_true",
+        help="serve the public API over HTTPS with a certificate of a local CA made in the state directory "
+        "(DRIFTLOCK_TLS_CERT/KEY, when set, are used instead)",
+    )
     return parser
 
 
@@ -504,10 +523,19 @@ def run_event_loop(main: Coroutine[Any, Any, None], *, serving: bool) -> None:
     asyncio.run(main)
 
 
+def _uses_dev_stack_settings(args: argparse.Namespace) -> bool:
+    """Operator commands take what a dev stack running in this checkout chose; the services never do."""
+    if args.command in dev_state.COMMANDS_THAT_IGNORE_IT:
+        return args.command == "webhooks" and getattr(args, "webhooks_command", None) is not None
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out = Printer(as_json=getattr(args, "json", False) or args.json_global)
     settings = None
+    if _uses_dev_stack_settings(args):
+        dev_state.adopt_for_this_process()
     try:
         # doctor reports a malformed setting as one of its checks instead of stopping at it.
         settings = Settings() if getattr(args, "reads_settings_itself", False) else Settings.from_env()

@@ -7,6 +7,8 @@ main.py registers them; the service package is imported only when a command runs
 
 import argparse
 import json
+import ssl
+import sys
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -92,7 +94,7 @@ async def cmd_webhooks_events(args: argparse.Namespace, settings: Settings, out:
 async def cmd_stripe_send_event(args: argparse.Namespace, settings: Settings, out: Printer) -> None:
     import aiohttp
 
-    from driftlock_cli import stripe_player
+    from driftlock_cli import stripe_mirror, stripe_player
 
     secret = args.secret or (settings.stripe_webhook_secrets[0] if settings.stripe_webhook_secrets else None)
     if secret is None:
@@ -117,13 +119,40 @@ async def cmd_stripe_send_event(args: argparse.Namespace, settings: Settings, ou
     )
     body = stripe_player.encode(event)
     headers = {"Content-Type": "application/json", "Stripe-Signature": stripe_player.sign(body, secret, now)}
+    local_stripe = stripe_mirror.local_stripe_base(settings.stripe_api_base) if settings.stripe_api_key else None
+    if args.skip_webhook and local_stripe is None:
+        raise WebhookCommandError(
+            "--skip-webhook changes only the local Stripe API, and STRIPE_API_BASE names none on this machine "
+            "(run it beside `dev`, which starts one)"
+        )
+    ssl_context: ssl.SSLContext | bool = True
+    if args.cacert:
+        try:
+            ssl_context = ssl.create_default_context(cafile=args.cacert)
+        except (OSError, ssl.SSLError) as error:
+            raise WebhookCommandError(f"cannot read the CA file {args.cacert}: {error}") from None
     try:
-        async with (
-            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=SEND_TIMEOUT_SECONDS)) as session,
-            session.post(url, data=body, headers=headers) as response,
-        ):
-            text = await response.text()
-            status = response.status
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=SEND_TIMEOUT_SECONDS)) as session:
+            if local_stripe is not None:
+                # What the event says happened, Stripe's API now says too, so that `stripe sync` agrees with it.
+                told = await stripe_mirror.tell_local_stripe(
+                    session, local_stripe, settings.stripe_api_key or "", event
+                )
+                if not told:
+                    print(
+                        f"note: {local_stripe} is not a local Stripe API of this repository; only the webhook is sent",
+                        file=sys.stderr,
+                    )
+            if args.skip_webhook:
+                out.result(
+                    {"id": event["id"], "type": args.type, "url": None, "status": None, "stripe_api": local_stripe},
+                    f"Recorded {args.type} {event['id']} at the local Stripe API {local_stripe} only; no webhook sent "
+                    "(as if it were lost: `stripe sync` repairs).",
+                )
+                return
+            async with session.post(url, data=body, headers=headers, ssl=ssl_context) as response:
+                text = await response.text()
+                status = response.status
     except (aiohttp.ClientError, TimeoutError, OSError) as error:
         reason = str(error) or type(error).__name__
         raise WebhookCommandError(f"cannot reach the webhook service at {url}: {reason}") from None
@@ -211,6 +240,16 @@ def register(commands: Any, leaf: Callable[..., argparse.ArgumentParser]) -> Non
         "--ago", type=arguments.duration, metavar="DURATION", help="date the event this long ago, e.g. 8d"
     )
     send.add_argument("--event-id", metavar="EVENT_ID", help="reuse an event id (to see a duplicate delivery)")
+    send.add_argument(
+        "--cacert",
+        metavar="FILE",
+        help="trust the certificate authorities in this PEM file for an https:// --url (e.g. `dev --tls`'s)",
+    )
+    send.add_argument(
+        "--skip-webhook",
+        action="store_true",
+        help="only record the change at the local Stripe API (as if the webhook were lost; `stripe sync` repairs)",
+    )
     send.add_argument(
         "--no-org-metadata", action="store_true", help="leave metadata.org_id out of the subscription and invoice"
     )

@@ -14,11 +14,13 @@ from datetime import UTC, datetime
 import asyncpg
 import grpc
 
+from authz_service.check.decision import billing_cap
 from authz_service.check.plan_book import PlanBook
 from authz_service.management.admin_api import AdminGate, ApiError, Call, invalid, parse_uuid, timestamp
 from authz_service.usage.meter_store import MeterStore
 from authz_service.usage.metering import Meter
 from authz_service.usage.refunds import Terms
+from authz_service.usage.report_cap import cap_reached, countable_units
 from authz_service.usage.usage_ledger import Report
 from driftlock_api.usage.v1 import usage_pb2, usage_pb2_grpc
 from driftlock_kernel import orgs
@@ -111,7 +113,23 @@ class UsageServicer(usage_pb2_grpc.UsageServiceServicer):
         plan, period = await self._plan_and_period(org)
         key = (str(org.id), period.start)
         await self._meter.used(key)  # know the stored total before adding to it
-        terms = Terms(plan.name, plan.stripe_meter or "", org.stripe_customer_id or "")
-        report = Report(request.request_id, str(org.id), period.start, request.product, request.units, terms)
-        accepted = self._meter.report(report, plan, period.end)
-        return usage_pb2.ReportUsageResponse(accepted=accepted, used_units=self._meter.used_now(key))
+        # Past the organisation's cap nothing counts, as at the edge (the plan's, or its spend cap on a soft plan):
+        # the answer says so, and how much did count. Read and counted with no await between, so that two reports
+        # at once cannot both take the last units.
+        cap, _code = billing_cap(plan, org.max_overage_units)
+        counted = countable_units(cap, self._meter.used_now(key), request.units)
+        accepted = True
+        if counted:
+            terms = Terms(plan.name, plan.stripe_meter or "", org.stripe_customer_id or "")
+            report = Report(request.request_id, str(org.id), period.start, request.product, counted, terms)
+            accepted = self._meter.report(report, plan, period.end)
+        used_now = self._meter.used_now(key)
+        response = usage_pb2.ReportUsageResponse(
+            accepted=accepted,
+            used_units=used_now,
+            counted_units=counted if accepted else 0,
+            cap_reached=cap_reached(cap, used_now),
+        )
+        if cap is not None:
+            response.unit_cap = int(cap)
+        return response

@@ -103,7 +103,7 @@ async def test_dev_serves_the_printed_curl_and_stops_everything_on_ctrl_c(dev_da
         # dev never prints a DATABASE_URL of the operator's own (it may hold a password): it is the one dev had.
         assert "export DATABASE_URL" not in banner
         cli_env = environ | exports_of(banner)
-        org_id = re.search(r"Demo key for organisation ([0-9a-f-]{36})", banner).group(1)
+        org_id = re.search(r"Demo organisation ([0-9a-f-]{36})", banner).group(1)
         # The CLI as the operator runs it beside dev: with what dev printed, not this test session's settings.
         shown = run_cli(
             "orgs", "show", org_id, "--json", database_url=cli_env["DATABASE_URL"], env=cli_env, inherit=False

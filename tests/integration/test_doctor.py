@@ -30,7 +30,9 @@ SIGNING_KEY = Ed25519Key.generate("gw-doctor").entry()
 def doctor(database_url, listen_url):
     """Runs `doctor --json` with a sound environment changed by `env` (a value of None removes a variable)."""
 
-    async def run(*args: str, env: dict[str, str | None] | None = None, url: str | None = database_url):
+    async def run(
+        *args: str, env: dict[str, str | None] | None = None, url: str | None = database_url, offline: bool = True
+    ):
         environ = {
             "DRIFTLOCK_JWT_SECRET": STRONG,
             "DRIFTLOCK_ADMIN_TOKEN_SECRET": ADMIN,
@@ -49,6 +51,9 @@ def doctor(database_url, listen_url):
         }
         for name, value in (env or {}).items():
             environ[name] = value if value is not None else ""
+        if offline and not args:
+            # Without a service flag doctor probes every service the settings name; these tests run none.
+            args = ("--offline",)
         result = await asyncio.to_thread(run_cli, "doctor", "--json", *args, database_url=url, env=environ)
         report = json.loads(result.stdout)
         assert result.code == (0 if report["ok"] else 1), result.stderr
@@ -82,7 +87,7 @@ async def test_text_output_is_one_line_per_check_and_a_verdict(database_url, lis
         "STRIPE_WEBHOOK_SECRET": WHSEC,
         "DATABASE_LISTEN_URL": listen_url,
     }
-    result = await asyncio.to_thread(run_cli, "doctor", database_url=database_url, env=env)
+    result = await asyncio.to_thread(run_cli, "doctor", "--offline", database_url=database_url, env=env)
     assert result.code == 1
     lines = result.stdout.splitlines()
     assert any(line.startswith("FAIL  admin_token_secret") for line in lines)
@@ -216,6 +221,30 @@ async def test_running_services_pass_their_health_checks(doctor, gateway):
     )
     health = [check for check in report["checks"] if check["name"].endswith("_health")]
     assert len(health) == 3 and all(check["ok"] for check in health), health
+
+
+async def test_without_flags_it_probes_every_service_the_settings_name_and_names_the_one_it_cannot_reach(
+    doctor, gateway
+):
+    stack = gateway.stack
+    dead = free_port()
+    report = await doctor(
+        offline=False,
+        env={
+            "DRIFTLOCK_AUTHZ_ADDRESS": f"{stack.authz_target(0)},{stack.authz_target(1)}",
+            "DRIFTLOCK_WEBHOOKS_ADDRESS": f"127.0.0.1:{dead}",
+            "DRIFTLOCK_ENVOY_PORT": str(stack.ports.envoy),
+            "DRIFTLOCK_ADMIN_PORT": str(stack.ports.admin),
+            "DRIFTLOCK_ENVOY_STATS_PORT": str(stack.ports.envoy_stats),
+        },
+    )
+    services = ("authz_health", "webhooks_health", "envoy_health", "envoy_public", "envoy_management")
+    probes = {check["name"]: check for check in report["checks"] if check["name"] in services}
+    assert set(probes) == {"authz_health", "webhooks_health", "envoy_health", "envoy_public", "envoy_management"}
+    assert [name for name, check in probes.items() if not check["ok"]] == ["webhooks_health"]
+    assert "could not reach" in probes["webhooks_health"]["detail"] and str(dead) in probes["webhooks_health"]["detail"]
+    assert not report["ok"]
+    assert sum(check["name"] == "authz_health" for check in report["checks"]) == 2  # every replica named
 
 
 async def test_redis_that_does_not_answer_is_named(doctor):

@@ -138,6 +138,35 @@ async def test_only_an_operator_token_reports_usage(stubs, make_org, admin_secre
     assert "operator" in (caught.value.details() or "")
 
 
+async def test_a_report_crossing_a_block_cap_counts_up_to_it_and_says_the_cap_was_reached(stubs, auth, make_org, pool):
+    """docs/backend.md: reported units are capped exactly like units counted at the edge."""
+    async with pool.acquire() as conn:
+        await plans.upsert_plan(conn, "usage-api-cap", included_units=1000, overage="block")
+    org = await make_org(plan="usage-api-cap")
+
+    async def report(units: int) -> usage_pb2.ReportUsageResponse:
+        request = usage_pb2.ReportUsageRequest(
+            request_id=str(uuid.uuid4()), org_id=str(org.id), product="stream", units=units
+        )
+        return await stubs[0].ReportUsage(request, metadata=auth, timeout=5)
+
+    below = await report(990)
+    assert (below.accepted, below.counted_units, below.cap_reached, below.unit_cap) == (True, 990, False, 1000)
+    crossing = await report(11)  # 1,001 of 1,000: one unit past the cap
+    assert crossing.accepted and crossing.cap_reached
+    assert (crossing.counted_units, crossing.used_units, crossing.unit_cap) == (10, 1000, 1000)
+    past = await report(5)
+    assert (past.counted_units, past.used_units, past.cap_reached) == (0, 1000, True)
+    await wait_for_usage(pool, org.id, {"stream": 1000})
+    soft = await make_org()  # free: a soft plan without a hard cap counts everything
+    free = await stubs[0].ReportUsage(
+        usage_pb2.ReportUsageRequest(request_id=str(uuid.uuid4()), org_id=str(soft.id), product="stream", units=7),
+        metadata=auth,
+        timeout=5,
+    )
+    assert (free.counted_units, free.cap_reached, free.HasField("unit_cap")) == (7, False, False)
+
+
 @pytest.mark.parametrize(
     ("change", "code"),
     [

@@ -30,6 +30,8 @@ def run_cli(
     environ = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"} if inherit else {}
     if database_url is not None:
         environ["DATABASE_URL"] = database_url
+    # A dev stack running in this checkout must not lend the CLI its settings (driftlock_cli/dev_state.py).
+    environ.setdefault("DRIFTLOCK_DEV_DIR", os.devnull + ".driftlock-none")
     environ.update(env or {})
     done = subprocess.run(
         [sys.executable, "-m", "driftlock_cli", *args],

@@ -198,11 +198,30 @@ def test_every_file_compose_mounts_exists():
                     assert (ROOT / source).exists() or source == "./tls", f"{name} mounts {source}"
 
 
-def test_authz_replicas_keep_spilled_units_on_a_volume():
-    authz = resolved("docker-compose.yml")["services"]["authz"]
-    spill = authz["environment"]["DRIFTLOCK_METER_SPILL_DIR"]
-    assert any(volume.endswith(":" + spill) for volume in authz["volumes"])
-    assert authz["environment"]["DATABASE_URL"]  # the shared environment is merged in, not replaced
+def authz_replicas(project: dict) -> dict[str, dict]:
+    return {name: s for name, s in active(project).items() if s.get("command") == ["authz"]}
+
+
+def test_each_authz_replica_keeps_spilled_units_on_a_volume_of_its_own():
+    """docs/operations.md: a persistent spill folder per replica, that comes back to the replica that wrote it
+    ("no unit lost"). `deploy.replicas` would give every replica the same volume."""
+    project = resolved("docker-compose.yml")
+    replicas = authz_replicas(project)
+    assert len(replicas) >= 2
+    sources = []
+    for name, authz in replicas.items():
+        assert "replicas" not in authz.get("deploy", {}), name
+        spill = authz["environment"]["DRIFTLOCK_METER_SPILL_DIR"]
+        mounted = [volume.split(":")[0] for volume in authz["volumes"] if volume.endswith(":" + spill)]
+        assert len(mounted) == 1 and mounted[0] in project["volumes"], name  # a named volume, not the container's
+        sources.append(mounted[0])
+        assert authz["environment"]["DATABASE_URL"]  # the shared environment is merged in, not replaced
+        # Envoy, doctor and Prometheus find every replica under one name.
+        aliases = {alias for network in authz["networks"].values() for alias in (network or {}).get("aliases", [])}
+        assert "authz" in aliases, name
+        assert name in project["services"]["envoy"]["depends_on"]
+    assert len(set(sources)) == len(sources), sources
+    assert project["services"]["envoy"]["environment"]["DRIFTLOCK_AUTHZ_ADDRESS"] == "authz:9191"
 
 
 def test_authz_is_given_time_to_drain_and_flush():
@@ -218,11 +237,13 @@ def test_the_supabase_override_drops_the_bundled_postgres_without_breaking_migra
         assert set(service.get("depends_on") or {}) <= set(services), f"{name} depends on a service that is off"
     migrate = services["migrate"]
     assert migrate["environment"]["DATABASE_URL"] == SUPABASE["DATABASE_LISTEN_URL"]  # a session for DDL
-    for name in ("authz", "webhooks"):
+    replicas = authz_replicas(project)
+    for name in (*replicas, "webhooks"):
         env = services[name]["environment"]
-        assert env["DATABASE_URL"] == SUPABASE["DATABASE_URL"]
+        assert env["DATABASE_URL"] == SUPABASE["DATABASE_URL"], name
         assert env["DRIFTLOCK_DB_TRANSACTION_POOLER"] == "true"
-    assert services["authz"]["environment"]["DATABASE_LISTEN_URL"] == SUPABASE["DATABASE_LISTEN_URL"]
+    for authz in replicas.values():
+        assert authz["environment"]["DATABASE_LISTEN_URL"] == SUPABASE["DATABASE_LISTEN_URL"]
     with pytest.raises(KeyError, match="DATABASE_LISTEN_URL"):
         resolved("docker-compose.yml", "docker-compose.supabase.yml", env={"DATABASE_URL": SUPABASE["DATABASE_URL"]})
 
@@ -275,6 +296,11 @@ def by_kind(manifests: list[dict], kind: str) -> dict[str, dict]:
     return {doc["metadata"]["name"]: doc for doc in manifests if doc["kind"] == kind}
 
 
+def workloads(manifests: list[dict]) -> dict[str, dict]:
+    """The long-running pods' controllers (authz is a StatefulSet, the others Deployments), by name."""
+    return by_kind(manifests, "Deployment") | by_kind(manifests, "StatefulSet")
+
+
 def test_every_manifest_follows_the_kubernetes_schema(manifests):
     import kubernetes_validate
 
@@ -294,7 +320,7 @@ def test_the_base_renders_on_its_own():
 def containers(manifests: list[dict]) -> dict[str, dict]:
     found = {}
     for doc in manifests:
-        if doc["kind"] in ("Deployment", "Job"):
+        if doc["kind"] in ("Deployment", "StatefulSet", "Job"):
             for container in doc["spec"]["template"]["spec"]["containers"]:
                 found[doc["metadata"]["name"]] = container
     return found
@@ -329,10 +355,10 @@ def test_authz_ports_probes_and_services_agree(manifests):
 
 
 def test_authz_scales_on_cpu_and_keeps_a_replica_through_disruptions(manifests):
-    deployment = by_kind(manifests, "Deployment")["driftlock-authz"]
+    deployment = by_kind(manifests, "StatefulSet")["driftlock-authz"]
     labels = deployment["spec"]["template"]["metadata"]["labels"]
     hpa = by_kind(manifests, "HorizontalPodAutoscaler")["driftlock-authz"]
-    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "driftlock-authz"}
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "StatefulSet", "name": "driftlock-authz"}
     assert hpa["spec"]["metrics"][0]["resource"]["name"] == "cpu"
     assert hpa["spec"]["minReplicas"] >= 2
     pdb = by_kind(manifests, "PodDisruptionBudget")["driftlock-authz"]
@@ -347,8 +373,24 @@ def _pre_stop_seconds(container: dict) -> int:
     return int(command[1])
 
 
+def test_each_authz_pod_keeps_spilled_units_on_a_volume_claim_of_its_own(manifests):
+    """docs/operations.md: a pod deleted during a database outage must not take its spill file with it. A
+    StatefulSet's claim per pod comes back to the pod that replaces it (same ordinal)."""
+    assert "driftlock-authz" not in by_kind(manifests, "Deployment")
+    authz = by_kind(manifests, "StatefulSet")["driftlock-authz"]["spec"]
+    container = authz["template"]["spec"]["containers"][0]
+    spill = env_of(container)["DRIFTLOCK_METER_SPILL_DIR"]
+    mount = next(m for m in container["volumeMounts"] if m["mountPath"] == spill)
+    claims = {claim["metadata"]["name"]: claim["spec"] for claim in authz["volumeClaimTemplates"]}
+    assert mount["name"] in claims and "ReadWriteOnce" in claims[mount["name"]]["accessModes"]
+    assert mount["name"] not in {v["name"] for v in authz["template"]["spec"].get("volumes", [])}, "not an emptyDir"
+    assert authz["persistentVolumeClaimRetentionPolicy"]["whenScaled"] == "Retain"
+    assert authz["serviceName"] == "driftlock-authz"
+    assert by_kind(manifests, "Service")["driftlock-authz"]["spec"]["clusterIP"] == "None"
+
+
 def test_termination_grace_covers_pre_stop_drain_in_flight_checks_and_the_last_flush(manifests):
-    authz = by_kind(manifests, "Deployment")["driftlock-authz"]["spec"]["template"]["spec"]
+    authz = by_kind(manifests, "StatefulSet")["driftlock-authz"]["spec"]["template"]["spec"]
     container = authz["containers"][0]
     drain = float(env_of(container)["DRIFTLOCK_AUTHZ_DRAIN_SECONDS"])
     needed = _pre_stop_seconds(container) + drain + SHUTDOWN_GRACE_SECONDS + SHUTDOWN_FLUSH_SECONDS
@@ -363,7 +405,7 @@ def test_termination_grace_covers_pre_stop_drain_in_flight_checks_and_the_last_f
 def test_scrape_annotations_name_the_metrics_ports(manifests):
     paths = {"driftlock-authz": "/metrics", "driftlock-webhooks": "/metrics", "driftlock-envoy": "/stats/prometheus"}
     for name, path in paths.items():
-        template = by_kind(manifests, "Deployment")[name]["spec"]["template"]
+        template = workloads(manifests)[name]["spec"]["template"]
         annotations = template["metadata"]["annotations"]
         ports = {p["containerPort"] for p in template["spec"]["containers"][0]["ports"]}
         assert annotations["prometheus.io/scrape"] == "true" and annotations["prometheus.io/path"] == path
@@ -401,7 +443,7 @@ def test_the_kubernetes_scrape_config_names_jobs_after_the_pods(manifests):
     job = next(rule for rule in relabel if rule.get("target_label") == "job")
     assert job["source_labels"] == ["__meta_kubernetes_pod_label_app_kubernetes_io_name"]
     part_of = next(rule for rule in relabel if "part_of" in rule["source_labels"][0])
-    for deployment in by_kind(manifests, "Deployment").values():
+    for deployment in workloads(manifests).values():
         labels = deployment["spec"]["template"]["metadata"]["labels"]
         if "prometheus.io/scrape" in deployment["spec"]["template"]["metadata"].get("annotations", {}):
             assert labels["app.kubernetes.io/part-of"] == part_of["regex"]
@@ -410,7 +452,7 @@ def test_the_kubernetes_scrape_config_names_jobs_after_the_pods(manifests):
 def test_only_envoy_and_the_backend_reach_authz_and_only_envoy_the_webhook_service(manifests):
     """Issue 9: the network says what the ext_authz secret says (and Prometheus may scrape)."""
     policies = {d["metadata"]["name"]: d["spec"] for d in manifests if d["kind"] == "NetworkPolicy"}
-    deployments = {d["metadata"]["name"]: d for d in manifests if d["kind"] == "Deployment"}
+    deployments = workloads(manifests)
 
     def sources(spec: dict, port: int) -> list[dict]:
         return [
@@ -457,11 +499,13 @@ def test_under_compose_only_envoy_and_prometheus_share_a_network_with_authz():
     services = resolved("docker-compose.yml")["services"]
 
     def networks(service: dict) -> set[str]:
-        return set(service.get("networks") or ["default"])
+        return set(service.get("networks") or ["default"])  # a list of names or a mapping of them
 
     authz = networks(services["authz"])
     assert "default" not in authz
-    peers = {name for name, service in services.items() if name != "authz" and networks(service) & authz}
+    replicas = authz_replicas(resolved("docker-compose.yml"))
+    assert all(networks(replica) == authz for replica in replicas.values())
+    peers = {name for name, service in services.items() if name not in replicas and networks(service) & authz}
     assert peers == {"envoy", "prometheus", "doctor", "postgres", "redis"}
     # And those that need the others still reach them.
     assert networks(services["envoy"]) & networks(services["webhooks"])

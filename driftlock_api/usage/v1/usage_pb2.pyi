@@ -66,9 +66,15 @@ class ReportUsageRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., org_id: _Optional[str] = ..., product: _Optional[str] = ..., units: _Optional[int] = ...) -> None: ...
 
 class ReportUsageResponse(_message.Message):
-    __slots__ = ("accepted", "used_units")
+    __slots__ = ("accepted", "used_units", "counted_units", "cap_reached", "unit_cap")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     USED_UNITS_FIELD_NUMBER: _ClassVar[int]
+    COUNTED_UNITS_FIELD_NUMBER: _ClassVar[int]
+    CAP_REACHED_FIELD_NUMBER: _ClassVar[int]
+    UNIT_CAP_FIELD_NUMBER: _ClassVar[int]
     accepted: bool
     used_units: int
-    def __init__(self, accepted: _Optional[bool] = ..., used_units: _Optional[int] = ...) -> None: ...
+    counted_units: int
+    cap_reached: bool
+    unit_cap: int
+    def __init__(self, accepted: _Optional[bool] = ..., used_units: _Optional[int] = ..., counted_units: _Optional[int] = ..., cap_reached: _Optional[bool] = ..., unit_cap: _Optional[int] = ...) -> None: ...
