@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from driftlock_cli import stripe_player
 from driftlock_kernel import plans
+from driftlock_kernel.billing import Overage
 from driftlock_kernel.periods import Period, calendar_month
 from tests.conftest import GATEWAY_BACKEND_TIMEOUT_SECONDS, GATEWAY_METER, GATEWAY_STRIPE_KEY
 from tests.support.cli import run_cli
@@ -30,7 +31,7 @@ PLAN = "tests-metered"
 @pytest.fixture(scope="module")
 async def metered_plan(pool):
     async with pool.acquire() as conn:
-        await plans.upsert_plan(conn, PLAN, included_units=10, overage="soft", stripe_meter=GATEWAY_METER)
+        await plans.upsert_plan(conn, PLAN, included_units=10, overage=Overage.SOFT, stripe_meter=GATEWAY_METER)
     yield PLAN
     # Later tests (doctor) judge the session database's plans without a Stripe key.
     async with pool.acquire() as conn:
@@ -135,7 +136,7 @@ async def test_calls_the_backend_failed_are_refunded_and_never_reach_stripe(gate
         calls(gateway, secret, 2, "reset"),
         calls(gateway, secret, 1, f"sleep:{GATEWAY_BACKEND_TIMEOUT_SECONDS + 2}"),
     )
-    assert answered == [[200] * 5, [404] * 3, [503] * 4, [503] * 2, [504]]
+    assert list(answered) == [[200] * 5, [404] * 3, [503] * 4, [503] * 2, [504]]
     # A test key's failures: never billed, so nothing to refund.
     _key, test_secret = await make_key(org_id, test=True)
     assert await calls(gateway, test_secret, 2, "503") == [503, 503]
