@@ -9,7 +9,7 @@ from tests.support.net import eventually
 
 
 async def test_a_failing_step_is_logged_and_the_loop_goes_on(caplog):
-    steps = []
+    steps: list[int] = []
 
     async def step() -> None:
         steps.append(len(steps))
