@@ -65,6 +65,7 @@ from bench.latency import bench_latency, go_missing
 from bench.memory import bench_memory
 from bench.workers import bench_workers
 from driftlock_kernel import api_keys, context_keys, db, orgs, plans
+from driftlock_kernel.billing import Overage
 from driftlock_kernel.settings import Settings
 
 # --- in process ---------------------------------------------------------------------------------------------
@@ -136,7 +137,9 @@ async def bench_redis(fixture: Fixture, seconds: float, rounds: int) -> list[tup
     pool = await db.create_pool(fixture.url, application_name="bench", max_size=2)
     async with pool.acquire() as conn:
         # A limit no benchmark reaches, so that every check runs the limiter and is allowed.
-        await plans.upsert_plan(conn, "bench-rate-limited", included_units=10**12, overage="soft", rate_limit_rps=1e9)
+        await plans.upsert_plan(
+            conn, "bench-rate-limited", included_units=10**12, overage=Overage.SOFT, rate_limit_rps=1e9
+        )
         org = await orgs.create_org(conn, f"bench-{uuid.uuid4().hex[:6]}", plan="bench-rate-limited")
         _key, secret = await api_keys.create_key(conn, org.id)
     shared = SharedRateLimiter.from_url(redis_url, RateLimiter(), timeout=1.0)
@@ -197,7 +200,7 @@ async def bench_caps(fixture: Fixture, seconds: float) -> list[tuple[str, str, s
 
     pool = await db.create_pool(fixture.url, application_name="bench-caps", max_size=2)
     async with pool.acquire() as conn:
-        await plans.upsert_plan(conn, "bench-block", included_units=10**9, overage="block")
+        await plans.upsert_plan(conn, "bench-block", included_units=10**9, overage=Overage.BLOCK)
     context = {"scope": "detect", "billable": "true", "product": "stream", "units": "1"}
     rows = []
     # The margin decides the path: 1,000 units is far from a cap of 10^9; a margin above the cap is always near.
@@ -249,7 +252,7 @@ async def bench_grpc(fixture: Fixture, seconds: float, rounds: int) -> list[tupl
     headers every answer carries) and against the do-nothing server, interleaved. Audit sampling, metering and
     context tokens as in production."""
     context = {"scope": "detect", "billable": "true", "product": "stream"}
-    frames = {}
+    frames: dict[str, Path] = {}
     for label, secret in (("no rate limit", fixture.secret), ("rate limit headers", fixture.rate_limited_secret)):
         body = check_request_bytes(secret, context)
         frames[label] = fixture.workdir / f"check-{len(frames)}.grpc"
@@ -371,9 +374,9 @@ async def bench_edge(fixture: Fixture, seconds: float, rounds: int) -> list[tupl
     null_rps = statistics.median(results["do-nothing"])
     rows = []
     for label, _port, _secret in sides[:-1]:
-        rps = statistics.median(results[label])
+        median_rps = statistics.median(results[label])
         measured = side_by_side("edge", f"Envoy + {label}", results[label], results["do-nothing"])
-        rows.append(("edge", f"Envoy + {label} (billable)", f"{rps:,.0f} req/s", measured.ratio_cell()))
+        rows.append(("edge", f"Envoy + {label} (billable)", f"{median_rps:,.0f} req/s", measured.ratio_cell()))
     rows.append(("edge", "Envoy + do-nothing ext_authz", f"{null_rps:,.0f} req/s", "1.00x"))
     return [
         *rows,

@@ -113,7 +113,7 @@ async def send_checks(fixture: Fixture, port: int, requests: Sequence[bytes], *,
     metadata = ((CALLER_SECRET_METADATA, fixture.ext_authz_secret),)
     pending = iter(requests)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        check = channel.unary_unary(CHECK)
+        check = channel.unary_unary(CHECK, request_serializer=None, response_deserializer=None)
 
         slowest = 0.0
 

@@ -12,6 +12,7 @@ import uuid
 
 from bench.harness import Fixture, check_request_bytes
 from driftlock_kernel import api_keys, context_keys, db, orgs, plans
+from driftlock_kernel.billing import Overage
 
 STREAM_DETECT = {"scope": "detect", "billable": "true", "product": "stream", "units": "1"}
 
@@ -32,7 +33,7 @@ async def bench_controls(fixture: Fixture, seconds: float, rounds: int) -> list[
     async with pool.acquire() as conn:
         # Limits no benchmark reaches, so that every check runs each stage and is allowed. Both keys are on the
         # same plan, with a rate limit, so both take a token from a bucket.
-        await plans.upsert_plan(conn, "bench-controls", included_units=10**12, overage="soft", rate_limit_rps=1e9)
+        await plans.upsert_plan(conn, "bench-controls", included_units=10**12, overage=Overage.SOFT, rate_limit_rps=1e9)
         plain_org = await orgs.create_org(conn, f"bench-{uuid.uuid4().hex[:6]}", plan="bench-controls")
         _plain, plain_secret = await api_keys.create_key(conn, plain_org.id)
         org = await orgs.create_org(conn, f"bench-{uuid.uuid4().hex[:6]}", plan="bench-controls")

@@ -16,6 +16,7 @@ from driftlock_cli import envoy_config
 from driftlock_cli.embedded_db import EmbeddedDatabase
 from driftlock_cli.supervisor import Child, free_port, grpc_serving, http_ok, start_child, tcp_open, wait_until
 from driftlock_kernel import api_keys, context_keys, db, migrate, orgs, plans
+from driftlock_kernel.billing import Overage
 from driftlock_kernel.settings import HostPort, Settings
 
 HERE = Path(__file__).resolve().parent
@@ -45,10 +46,12 @@ class Fixture:
             self.url = self.embedded.url
         async with db.connection(self.url) as conn:
             await migrate.migrate(conn)
-            await plans.upsert_plan(conn, BENCH_PLAN, included_units=10**12, overage="soft", rate_limit_rps=None)
+            await plans.upsert_plan(conn, BENCH_PLAN, included_units=10**12, overage=Overage.SOFT, rate_limit_rps=None)
             org = await orgs.create_org(conn, f"bench-{uuid.uuid4().hex[:6]}", plan=BENCH_PLAN)
             _key, self.secret = await api_keys.create_key(conn, org.id)
-            await plans.upsert_plan(conn, RATE_LIMITED_PLAN, included_units=10**12, overage="soft", rate_limit_rps=1e9)
+            await plans.upsert_plan(
+                conn, RATE_LIMITED_PLAN, included_units=10**12, overage=Overage.SOFT, rate_limit_rps=1e9
+            )
             limited = await orgs.create_org(conn, f"bench-limited-{uuid.uuid4().hex[:6]}", plan=RATE_LIMITED_PLAN)
             _key, self.rate_limited_secret = await api_keys.create_key(conn, limited.id)
         return self

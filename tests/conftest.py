@@ -15,6 +15,7 @@ import pytest
 
 from driftlock_cli.embedded_db import EmbeddedDatabase, claim, orphaned_folders, stop_orphaned_servers
 from driftlock_kernel import api_keys, db, migrate, orgs, plans
+from driftlock_kernel.billing import Overage
 from driftlock_kernel.keys import ALL_SCOPES, Environment, Scope
 from tests.support import pgbouncer
 from tests.support.database import DatabaseFactory
@@ -142,7 +143,7 @@ async def direct_database_url(databases) -> str:
             conn,
             TEST_PLAN,
             included_units=1_000_000_000,
-            overage="soft",
+            overage=Overage.SOFT,
             # Test keys too: no limit unless a test asks for one.
             test_included_units=1_000_000_000,
             test_rate_limit_rps=1_000_000.0,

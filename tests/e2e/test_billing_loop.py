@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from driftlock_cli import stripe_player
 from driftlock_kernel import plans
+from driftlock_kernel.billing import Overage
 from driftlock_kernel.periods import Period, calendar_month
 from tests.conftest import (
     GATEWAY_BACKEND_TIMEOUT_SECONDS,
@@ -35,7 +36,7 @@ PLAN = "tests-metered"
 @pytest.fixture(scope="module")
 async def metered_plan(pool):
     async with pool.acquire() as conn:
-        await plans.upsert_plan(conn, PLAN, included_units=10, overage="soft", stripe_meter=GATEWAY_METER)
+        await plans.upsert_plan(conn, PLAN, included_units=10, overage=Overage.SOFT, stripe_meter=GATEWAY_METER)
     yield PLAN
     # Later tests (doctor) judge the session database's plans without a Stripe key.
     async with pool.acquire() as conn:
@@ -140,7 +141,7 @@ async def test_calls_the_backend_failed_are_refunded_and_never_reach_stripe(gate
         calls(gateway, secret, 2, "reset"),
         calls(gateway, secret, 1, f"sleep:{GATEWAY_BACKEND_TIMEOUT_SECONDS + 2}"),
     )
-    assert answered == [[200] * 5, [404] * 3, [503] * 4, [503] * 2, [504]]
+    assert list(answered) == [[200] * 5, [404] * 3, [503] * 4, [503] * 2, [504]]
     # A test key's failures: never billed, so nothing to refund.
     _key, test_secret = await make_key(org_id, test=True)
     assert await calls(gateway, test_secret, 2, "503") == [503, 503]
@@ -205,7 +206,7 @@ async def test_a_client_that_stalls_reading_a_full_answer_is_charged_not_refunde
     figures("a stalled reader of a 200", calls_made=1, stored=1, at_stripe=0, refunds=0)
 
 
-async def capped_org(pool, make_org, make_key, included_units: int, overage: str = "block"):
+async def capped_org(pool, make_org, make_key, included_units: int, overage: Overage = Overage.BLOCK):
     name = f"tests-cap-{uuid.uuid4().hex[:8]}"
     async with pool.acquire() as conn:
         await plans.upsert_plan(conn, name, included_units=included_units, overage=overage)
@@ -263,7 +264,7 @@ async def test_refunded_calls_free_their_units_at_a_block_cap_and_a_refusal_they
 async def test_alerts_follow_usage_net_of_refunds(gateway, make_org, make_key, pool):
     """A 20-unit plan, 20 calls the backend fails (all refunded): no alert. Then 14 calls served: the 70 % alert,
     and only it."""
-    org_id, secret = await capped_org(pool, make_org, make_key, 20, overage="soft")
+    org_id, secret = await capped_org(pool, make_org, make_key, 20, overage=Overage.SOFT)
     # Failing late (the backend's timeout): their units are flushed, and the totals read back, before the refunds.
     timed_out = await calls(gateway, secret, 20, f"sleep:{GATEWAY_BACKEND_TIMEOUT_SECONDS + 1}")
     assert timed_out == [504] * 20
@@ -490,8 +491,8 @@ async def test_each_unit_is_billed_to_the_meter_of_the_plan_it_was_used_on_throu
     plan, and nothing used under a plan without a meter reaches Stripe."""
     gateway.stripe.add_meter(PRO_METER)
     async with pool.acquire() as conn:
-        await plans.upsert_plan(conn, "tests-unmetered", included_units=10_000, overage="soft", stripe_meter=None)
-        await plans.upsert_plan(conn, "tests-pro", included_units=10_000, overage="soft", stripe_meter=PRO_METER)
+        await plans.upsert_plan(conn, "tests-unmetered", included_units=10_000, overage=Overage.SOFT, stripe_meter=None)
+        await plans.upsert_plan(conn, "tests-pro", included_units=10_000, overage=Overage.SOFT, stripe_meter=PRO_METER)
     month = calendar_month(datetime.now(UTC))
     org_id, customer, secret = await metered_org()
 
@@ -553,7 +554,7 @@ async def test_each_unit_is_billed_to_the_meter_of_the_plan_it_was_used_on_throu
     price = f"price_{uuid.uuid4().hex[:12]}"
     async with pool.acquire() as conn:
         await plans.upsert_plan(
-            conn, "tests-subscribed", included_units=10_000, overage="soft", stripe_meter=GATEWAY_METER,
+            conn, "tests-subscribed", included_units=10_000, overage=Overage.SOFT, stripe_meter=GATEWAY_METER,
             stripe_price_ids=[price],
         )  # fmt: skip
     stripe = Stripe(f"http://127.0.0.1:{gateway.port}/stripe/webhook", gateway.webhook_secret)

@@ -39,7 +39,7 @@ async def replicas(gateway):
     channels = [authz_channel(gateway.authz_target(i)) for i in range(2)]
     yield [external_auth_pb2_grpc.AuthorizationStub(channel) for channel in channels]
     for channel in channels:
-        await channel.close()
+        await channel.close(grace=None)
 
 
 def ok(response) -> dict:

@@ -50,11 +50,16 @@ class Dev:
 
     @property
     def org_id(self) -> str:
-        return re.search(r"Demo organisation ([0-9a-f-]{36})", self.banner).group(1)
+        return self._found(r"Demo organisation ([0-9a-f-]{36})")
 
     @property
     def key(self) -> str:
-        return re.search(r"\b(dlk_live_[0-9A-Za-z]{38})\b", self.banner).group(1)
+        return self._found(r"\b(dlk_live_[0-9A-Za-z]{38})\b")
+
+    def _found(self, pattern: str) -> str:
+        match = re.search(pattern, self.banner)
+        assert match is not None, f"{pattern!r} not in the banner:\n{self.banner}"
+        return match.group(1)
 
     def commands(self) -> list[str]:
         """Every line of the banner that is a command to paste, in order."""

@@ -32,6 +32,12 @@ async def read_banner(process: asyncio.subprocess.Process, seen: list[str]) -> N
     raise AssertionError("dev printed no banner in time:\n" + "".join(seen[-40:]))
 
 
+def found_in(banner: str, pattern: str) -> re.Match[str]:
+    match = re.search(pattern, banner)
+    assert match is not None, f"{pattern!r} not in the banner:\n{banner}"
+    return match
+
+
 def exports_of(banner: str) -> dict[str, str]:
     """The `export NAME=VALUE` lines the banner prints, evaluated as a shell would."""
     found = {}
@@ -91,7 +97,7 @@ async def test_dev_serves_the_printed_curl_and_stops_everything_on_ctrl_c(dev_da
     try:
         await read_banner(process, seen)
         banner = "".join(seen)
-        key = re.search(r"\b(dlk_live_[0-9A-Za-z]{38})\b", banner).group(1)
+        key = found_in(banner, r"\b(dlk_live_[0-9A-Za-z]{38})\b").group(1)
         curl = re.search(r"curl -H 'Authorization: Bearer (\S+)' (http://\S+)", banner)
         assert curl is not None and curl.group(1) == key
         assert curl.group(2).startswith(f"http://127.0.0.1:{dev_ports['DRIFTLOCK_ENVOY_PORT']}/")
@@ -103,7 +109,7 @@ async def test_dev_serves_the_printed_curl_and_stops_everything_on_ctrl_c(dev_da
         # dev never prints a DATABASE_URL of the operator's own (it may hold a password): it is the one dev had.
         assert "export DATABASE_URL" not in banner
         cli_env = environ | exports_of(banner)
-        org_id = re.search(r"Demo organisation ([0-9a-f-]{36})", banner).group(1)
+        org_id = found_in(banner, r"Demo organisation ([0-9a-f-]{36})").group(1)
         # The CLI as the operator runs it beside dev: with what dev printed, not this test session's settings.
         shown = run_cli(
             "orgs", "show", org_id, "--json", database_url=cli_env["DATABASE_URL"], env=cli_env, inherit=False

@@ -37,7 +37,7 @@ async def replicas(gateway):
     channels = [authz_channel(gateway.authz_target(i)) for i in range(2)]
     yield [external_auth_pb2_grpc.AuthorizationStub(channel) for channel in channels]
     for channel in channels:
-        await channel.close()
+        await channel.close(grace=None)
 
 
 def ok(response) -> dict:
@@ -158,6 +158,7 @@ async def test_missing_bad_and_foreign_tokens_are_refused_as_json(api, admin_sec
 
     as_mine = {"org_id": mine["id"]}
     assert ok(await api.call("GET", f"/v1/orgs/{mine['id']}", **as_mine))["id"] == mine["id"]
+    body: object
     for method, target, body in (
         ("GET", path, None),
         ("GET", f"{path}/keys", None),

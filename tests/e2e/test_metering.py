@@ -8,6 +8,7 @@ import aiohttp
 import pytest
 from envoy.service.auth.v3 import external_auth_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
 from driftlock_kernel import orgs, plans
 from tests.support.authz_requests import authz_channel, bearer, check_request
@@ -46,7 +47,7 @@ async def authz_stubs(gateway):
     channels = [authz_channel(gateway.authz_target(i)) for i in range(2)]
     yield [external_auth_pb2_grpc.AuthorizationStub(c) for c in channels]
     for channel in channels:
-        await channel.close()
+        await channel.close(grace=None)
 
 
 async def test_stored_usage_equals_the_number_of_served_billable_calls(send, make_org, make_key, pool, database_url):
@@ -262,7 +263,7 @@ async def test_metrics_have_the_contract_names_and_no_client_values_in_labels(ga
     await send(secret, f"/api/v1/{marker}", headers={"X-Request-Id": marker, "User-Agent": marker})
     await send(f"dlk_live_{marker}")
     await send(secret)
-    families = {}
+    families: dict[str, list[Sample]] = {}
     async with aiohttp.ClientSession() as session:
         for port in gateway.stack.ports.authz_metrics:
             async with session.get(f"http://127.0.0.1:{port}/metrics") as response:

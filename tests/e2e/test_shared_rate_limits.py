@@ -15,6 +15,7 @@ import pytest
 
 from driftlock_cli.stack import StackPorts, start_stack
 from driftlock_kernel import plans
+from driftlock_kernel.billing import Overage
 from tests.support.net import free_port
 from tests.support.redis_server import require_redis
 from tests.support.scrape import sample_sum
@@ -68,7 +69,7 @@ async def drive(url: str, secret: str, seconds: float) -> tuple[collections.Coun
 
 async def test_two_replicas_sharing_redis_hold_a_keys_rate_limit(redis_stack, pool, make_org, make_key):
     async with pool.acquire() as conn:
-        await plans.upsert_plan(conn, "tests-rate-20", included_units=10**9, overage="soft", rate_limit_rps=RATE)
+        await plans.upsert_plan(conn, "tests-rate-20", included_units=10**9, overage=Overage.SOFT, rate_limit_rps=RATE)
     org = await make_org(plan="tests-rate-20")
     _key, secret = await make_key(org.id)
     metrics = [redis_stack.authz_metrics_url(replica) for replica in range(2)]

@@ -79,7 +79,7 @@ async def proxied_authz(database_url, jwt_secret, tmp_path):
     check.invalidations = invalidations  # type: ignore[attr-defined]
 
     yield check, proxy, stale_answers, tmp_path / "authz.log"
-    await channel.close()
+    await channel.close(grace=None)
     assert await child.stop() == 0, (tmp_path / "authz.log").read_text()
     await proxy.stop()
 

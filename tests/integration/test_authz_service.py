@@ -21,7 +21,7 @@ async def channels(gateway):
     opened = [authz_channel(gateway.authz_target(i)) for i in range(2)]
     yield opened
     for channel in opened:
-        await channel.close()
+        await channel.close(grace=None)
 
 
 @pytest.fixture

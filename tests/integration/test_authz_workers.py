@@ -164,7 +164,7 @@ async def test_both_workers_serve_and_metering_is_exact_through_a_sigterm(worker
             codes += await asyncio.gather(*(one(stub) for stub in stubs for _ in range(25)))
     finally:
         for channel in channels:
-            await channel.close()
+            await channel.close(grace=None)
     allowed = codes.count("ok")
     assert allowed == len(codes) == 2000, {code: codes.count(code) for code in set(codes)}
 
@@ -206,9 +206,9 @@ async def test_the_metrics_port_serves_every_family_once_with_a_worker_label(wor
     assert set(metric_list()["exported"]["authz"]) - family_names(text) == set()
     for family in ("driftlock_authz_checks_total", "driftlock_authz_check_duration_seconds"):
         assert text.count(f"# TYPE {family} ") == 1 and text.count(f"# HELP {family} ") == 1
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if family.name in ("driftlock_authz_workers",):
+    for metric in text_string_to_metric_families(text):
+        for sample in metric.samples:
+            if metric.name in ("driftlock_authz_workers",):
                 assert sample.value == WORKERS
             else:
                 assert sample.labels.get("worker") in {"0", "1"}, sample

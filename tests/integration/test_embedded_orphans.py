@@ -27,6 +27,7 @@ async def a_session(data_dir):
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-c", SESSION, str(data_dir), stdout=asyncio.subprocess.PIPE
     )
+    assert process.stdout is not None
     assert (await asyncio.wait_for(process.stdout.readline(), 60)).strip() == b"ready"
     return process
 

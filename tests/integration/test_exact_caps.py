@@ -14,6 +14,7 @@ from authz_service.usage.meter_store import TEST_TABLES, MeterStore
 from authz_service.usage.metering import Meter
 from authz_service.usage.usage_ledger import UsageLedger
 from driftlock_kernel import api_keys, db, plans
+from driftlock_kernel.billing import BillingStatus, Overage
 from driftlock_kernel.keys import Environment, Scope
 from driftlock_kernel.settings import Settings
 from tests.support.authz_requests import STREAM_DETECT
@@ -42,11 +43,13 @@ async def test_two_replicas_serve_exactly_the_cap_through_far_and_near_paths(
 ):
     name = f"cap-{uuid.uuid4().hex[:8]}"
     async with pool.acquire() as conn:
-        await plans.upsert_plan(conn, name, included_units=300, overage="block")
+        await plans.upsert_plan(conn, name, included_units=300, overage=Overage.BLOCK)
     org = await make_org(plan=name)
     async with pool.acquire() as conn:
         _key, secret = await api_keys.create_key(conn, org.id, scopes=(Scope.DETECT,))
-    grant = Grant("k", str(org.id), Environment.LIVE, frozenset({Scope.DETECT}), None, False, False, name, "none")
+    grant = Grant(
+        "k", str(org.id), Environment.LIVE, frozenset({Scope.DETECT}), None, False, False, name, BillingStatus.NONE
+    )
     replicas = [await replica(database_url, grant, 100, transaction_pooler) for _ in range(2)]
     try:
 

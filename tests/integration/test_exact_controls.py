@@ -16,6 +16,7 @@ from authz_service.usage.meter_store import KEY_TABLES, TEST_TABLES, MeterStore
 from authz_service.usage.metering import Meter
 from authz_service.usage.usage_ledger import UsageLedger
 from driftlock_kernel import api_keys, db, plans
+from driftlock_kernel.billing import BillingStatus
 from driftlock_kernel.keys import Environment, Scope
 from driftlock_kernel.settings import Settings
 from tests.support.authz_requests import STREAM_DETECT
@@ -66,7 +67,7 @@ async def setup(pool, make_org, grant_changes: dict, **plan):
     async with pool.acquire() as conn:
         key, secret = await api_keys.create_key(conn, org.id, scopes=(Scope.DETECT,))
     grant = Grant(str(key.id), str(org.id), Environment.LIVE, frozenset({Scope.DETECT}), None, False, False, name,
-                  "none")  # fmt: skip
+                  BillingStatus.NONE)  # fmt: skip
     return org, key, secret, dataclasses.replace(grant, **grant_changes)
 
 

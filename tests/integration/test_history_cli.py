@@ -14,11 +14,12 @@ from authz_service.usage.metering import Meter
 from authz_service.usage.refunds import Refund
 from authz_service.usage.rollups import hour_of
 from authz_service.usage.usage_ledger import UsageLedger
+from driftlock_kernel.billing import Overage
 from driftlock_kernel.periods import calendar_month
 from tests.support.cli import assert_one_line_error, run_cli
 from tests.support.usage import stored_usage
 
-PLAN = PlanLimits("tests-unlimited", included_units=100, overage="soft")
+PLAN = PlanLimits("tests-unlimited", included_units=100, overage=Overage.SOFT)
 
 
 @pytest.fixture

@@ -1,6 +1,9 @@
 """Key look-ups against real PostgreSQL: what a cold cache costs the database when many new keys arrive at once."""
 
 import asyncio
+from typing import cast
+
+import asyncpg
 
 from authz_service.check.grants import GrantStore, StoreUnavailable, database_fetch
 from driftlock_kernel import db
@@ -8,7 +11,8 @@ from driftlock_kernel.keys import Environment, generate_key, hash_key
 
 
 class CountingPool:
-    """The pool, counting the statements sent through it."""
+    """The pool, counting the statements sent through it (it stands in for an asyncpg.Pool: only fetch and
+    fetchrow are called)."""
 
     def __init__(self, pool):
         self._pool = pool
@@ -31,7 +35,12 @@ async def test_many_new_keys_at_once_cost_fewer_statements_than_keys(pool, make_
     made_up = [generate_key(Environment.LIVE).secret for _ in range(4)]
     counting = CountingPool(pool)
     store = GrantStore(
-        database_fetch(counting), ttl=60, negative_ttl=5, stale_for=60, max_entries=1000, fetch_timeout=5
+        database_fetch(cast(asyncpg.Pool, counting)),
+        ttl=60,
+        negative_ttl=5,
+        stale_for=60,
+        max_entries=1000,
+        fetch_timeout=5,
     )
     secrets = [secret for _key, secret in keys] + made_up
     grants = await asyncio.gather(*(store.get(hash_key(secret)) for secret in secrets))

@@ -14,6 +14,7 @@ import aiohttp
 import pytest
 import requests
 import stripe
+from stripe.params.billing import MeterEventCreateParams, MeterEventSummaryListParams
 
 from tests.support.net import eventually, free_port
 from tests.support.stripe_api import DAY, METER_EVENTS, LocalStripe
@@ -80,6 +81,12 @@ def meter_event_requests(server: LocalStripe):
     return [r for r in server.requests if r.path == METER_EVENTS]
 
 
+def error_object(error: stripe.StripeError) -> stripe.ErrorObject:
+    """The error object of the answer; the library types it optional because a failure to connect has none."""
+    assert error.error is not None
+    return error.error
+
+
 # --- meter events -------------------------------------------------------------------------------------------
 
 
@@ -143,7 +150,11 @@ async def test_summaries_lag_behind_accepted_events_when_asked_to():
             {"event_name": EVENT, "payload": {"stripe_customer_id": CUSTOMER, "value": "4"}},
         )
         (meter,) = (await asyncio.to_thread(client.v1.billing.meters.list)).data
-        window = {"customer": CUSTOMER, "start_time": minute - 60, "end_time": minute + 120}
+        window: MeterEventSummaryListParams = {
+            "customer": CUSTOMER,
+            "start_time": minute - 60,
+            "end_time": minute + 120,
+        }
 
         before = await asyncio.to_thread(client.v1.billing.meters.event_summaries.list, meter.id, window)
         server.advance(DAY + 1)
@@ -164,9 +175,9 @@ async def test_a_duplicate_identifier_is_refused_as_stripe_does_and_not_counted(
     error = refused.value
     assert error.http_status == 400
     assert error.user_message == "An event already exists with identifier org-1:2026-05."
-    assert (error.code, error.param, error.error.type) == (None, None, "invalid_request_error")
-    assert error.headers["Stripe-Should-Retry"] == "false"
-    assert error.request_id.startswith("req_")
+    assert (error.code, error.param, error_object(error).type) == (None, None, "invalid_request_error")
+    assert error.headers is not None and error.headers["Stripe-Should-Retry"] == "false"
+    assert error.request_id is not None and error.request_id.startswith("req_")
     assert local_stripe.total(CUSTOMER, EVENT) == 5
     assert len(local_stripe.events()) == 1
 
@@ -330,8 +341,8 @@ async def test_a_rate_limit_is_a_RateLimitError_with_Retry_After_that_the_librar
 
     assert limited.value.http_status == 429
     assert limited.value.code is None  # the library builds RateLimitError without it: read .error.code
-    assert limited.value.error.code == "rate_limit"
-    assert limited.value.headers["Retry-After"] == "3"
+    assert error_object(limited.value).code == "rate_limit"
+    assert limited.value.headers is not None and limited.value.headers["Retry-After"] == "3"
     assert limited.value.user_message.startswith("Request rate limit exceeded.")
     assert len(meter_event_requests(local_stripe)) == 1
     assert local_stripe.events() == []
@@ -368,7 +379,7 @@ async def test_without_retries_a_500_is_an_APIError_and_nothing_is_recorded(loca
         await send_event(make_client(retries=0), mode)
 
     assert failed.value.http_status == 503
-    assert failed.value.error.type == "api_error"
+    assert error_object(failed.value).type == "api_error"
     assert "unknown error" in failed.value.user_message
     assert local_stripe.events() == []
 
@@ -432,7 +443,7 @@ async def test_an_idempotency_key_reused_with_other_params_is_an_IdempotencyErro
         await send_event(client, mode, value="2", identifier="b", options={"idempotency_key": "export-42"})
 
     assert misused.value.http_status == 400
-    assert misused.value.error.type == "idempotency_error"
+    assert error_object(misused.value).type == "idempotency_error"
     assert "same parameters" in misused.value.user_message
     assert local_stripe.total(CUSTOMER, EVENT) == 1
 
@@ -455,7 +466,7 @@ async def test_a_client_that_gives_up_on_a_slow_request_does_not_undo_it(local_s
 
     with pytest.raises(stripe.APIError) as in_use:
         await send_event(make_client(retries=0), value="3", identifier="slow", options=key)
-    assert (in_use.value.http_status, in_use.value.error.code) == (409, "idempotency_key_in_use")
+    assert (in_use.value.http_status, error_object(in_use.value).code) == (409, "idempotency_key_in_use")
 
     local_stripe.release_delays()
 
@@ -667,6 +678,7 @@ async def test_the_standalone_server_serves_is_driven_over_http_and_stops_on_sig
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
+    assert process.stdout is not None and process.stderr is not None
     try:
         ready = await asyncio.wait_for(process.stdout.readline(), timeout=60)
         url = f"http://127.0.0.1:{port}"
@@ -680,7 +692,10 @@ async def test_the_standalone_server_serves_is_driven_over_http_and_stops_on_sig
                 assert created.status == 200
             async with session.post(f"{url}/_local/faults", json={"kind": "fail", "n": 1}) as fault:
                 assert fault.status == 200
-            params = {"event_name": EVENT, "payload": {"stripe_customer_id": CUSTOMER, "value": "11"}}
+            params: MeterEventCreateParams = {
+                "event_name": EVENT,
+                "payload": {"stripe_customer_id": CUSTOMER, "value": "11"},
+            }
             with pytest.raises(stripe.APIError):
                 await asyncio.to_thread(client.v1.billing.meter_events.create, params)
             await asyncio.to_thread(client.v1.billing.meter_events.create, params)

@@ -2,6 +2,8 @@
 with a google.rpc.ErrorInfo detail."""
 
 import uuid
+from collections.abc import Iterable
+from typing import cast
 
 import grpc
 import pytest
@@ -25,7 +27,10 @@ def auth(admin_secret):
 
 
 def error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
-    details = dict(error.trailing_metadata() or ())["grpc-status-details-bin"]
+    # grpc-stubs types trailing metadata as _Metadatum objects; grpc.aio hands over (key, value) pairs.
+    trailers = dict(cast(Iterable[tuple[str, str | bytes]], error.trailing_metadata() or ()))
+    details = trailers["grpc-status-details-bin"]
+    assert isinstance(details, bytes)  # a -bin key's value is bytes
     status = status_pb2.Status.FromString(details)
     info = error_details_pb2.ErrorInfo()
     assert status.details[0].Unpack(info)

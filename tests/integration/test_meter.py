@@ -14,13 +14,14 @@ from authz_service.usage.metering import FlushOutcome, Meter
 from authz_service.usage.refunds import NO_TERMS
 from authz_service.usage.usage_ledger import Batch, Report, UsageLedger
 from driftlock_kernel import db
+from driftlock_kernel.billing import Overage
 from driftlock_kernel.periods import calendar_month
 from tests.support.net import eventually
 from tests.support.tcp_proxy import FaultProxy
 from tests.support.usage import stored_usage
 
 PERIOD = calendar_month(datetime.now(UTC))
-PLAN = PlanLimits("tests-unlimited", included_units=100, overage="soft")
+PLAN = PlanLimits("tests-unlimited", included_units=100, overage=Overage.SOFT)
 
 
 class LostAcknowledgementStore(MeterStore):
@@ -131,7 +132,8 @@ async def test_alerts_are_published_with_notify(pool, make_org, listen_url):
     org = await make_org()
     received: list[dict] = []
 
-    def on_alert(_conn, _pid, _channel, payload: str) -> None:
+    def on_alert(_conn, _pid, _channel, payload: object) -> None:
+        assert isinstance(payload, str)  # asyncpg hands a NOTIFY's payload over as text
         message = json.loads(payload)
         if message["org_id"] == str(org.id):
             received.append(message)

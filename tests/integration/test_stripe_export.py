@@ -229,6 +229,7 @@ async def test_a_sender_that_died_mid_call_leaves_its_row_to_the_next_sender(
         if row.org_id == org_id
     ]
     # Its call reached Stripe; then the process was gone before it could record the answer.
+    assert claimed.first_attempt_at is not None  # set by the claim
     window_start = int(claimed.first_attempt_at.timestamp())
     answer = await stripe_api().create_meter_event(
         event_name=claimed.event_name,

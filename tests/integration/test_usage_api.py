@@ -11,6 +11,7 @@ import pytest
 from driftlock_api.usage.v1 import usage_pb2, usage_pb2_grpc
 from driftlock_cli import protos
 from driftlock_kernel import plans, usage
+from driftlock_kernel.billing import Overage
 from tests.support.admin import admin_metadata, admin_token
 from tests.support.usage import wait_for_usage
 
@@ -20,7 +21,7 @@ async def stubs(gateway):
     channels = [grpc.aio.insecure_channel(gateway.authz_target(i)) for i in range(2)]
     yield [usage_pb2_grpc.UsageServiceStub(c) for c in channels]
     for channel in channels:
-        await channel.close()
+        await channel.close(grace=None)
 
 
 @pytest.fixture
@@ -76,7 +77,7 @@ async def test_a_token_for_another_organisation_is_refused(stubs, make_org, admi
 
 async def test_get_usage_reports_plan_period_and_usage(stubs, auth, make_org, make_key, pool):
     async with pool.acquire() as conn:
-        await plans.upsert_plan(conn, "usage-api-block", included_units=200, overage="block", rate_limit_rps=50.0)
+        await plans.upsert_plan(conn, "usage-api-block", included_units=200, overage=Overage.BLOCK, rate_limit_rps=50.0)
     org = await make_org(plan="usage-api-block")
     report = await stubs[0].ReportUsage(
         usage_pb2.ReportUsageRequest(request_id=str(uuid.uuid4()), org_id=str(org.id), product="stream", units=30),
@@ -141,7 +142,7 @@ async def test_only_an_operator_token_reports_usage(stubs, make_org, admin_secre
 async def test_a_report_crossing_a_block_cap_counts_up_to_it_and_says_the_cap_was_reached(stubs, auth, make_org, pool):
     """docs/backend.md: reported units are capped exactly like units counted at the edge."""
     async with pool.acquire() as conn:
-        await plans.upsert_plan(conn, "usage-api-cap", included_units=1000, overage="block")
+        await plans.upsert_plan(conn, "usage-api-cap", included_units=1000, overage=Overage.BLOCK)
     org = await make_org(plan="usage-api-cap")
 
     async def report(units: int) -> usage_pb2.ReportUsageResponse:

@@ -13,12 +13,13 @@ from authz_service.usage.metering import FlushOutcome, Meter, Reserved
 from authz_service.usage.refunds import Refund
 from authz_service.usage.rollups import hour_of
 from authz_service.usage.usage_ledger import Report, UsageLedger
+from driftlock_kernel.billing import Overage
 from driftlock_kernel.periods import calendar_month
 from tests.integration.test_meter import LostAcknowledgementStore
 from tests.support.usage import stored_usage
 
 PERIOD = calendar_month(datetime.now(UTC))
-PLAN = PlanLimits("tests-unlimited", included_units=100, overage="soft")
+PLAN = PlanLimits("tests-unlimited", included_units=100, overage=Overage.SOFT)
 # Two hours of the current period (tests' organisations are on calendar months).
 HOUR_A = PERIOD.start.timestamp() + 3600 + 120
 HOUR_B = HOUR_A + 3600

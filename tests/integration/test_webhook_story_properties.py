@@ -36,7 +36,7 @@ def stories(draw) -> list[tuple]:
     steps += [
         (kind, draw(st.integers(0, subscriptions - 1))) for kind in draw(st.lists(st.sampled_from(KINDS), max_size=7))
     ]
-    story = [("checkout.session.completed", 0, None, PRICES[0], 0)]
+    story: list[tuple[str, int, str | None, str, int]] = [("checkout.session.completed", 0, None, PRICES[0], 0)]
     for kind, sub in steps:
         status = "canceled" if kind.endswith(".deleted") else draw(st.sampled_from(STATUSES))
         story.append((kind, sub, status, draw(st.sampled_from(PRICES)), draw(st.integers(0, 30))))

@@ -669,7 +669,7 @@ async def test_dunning_starts_at_the_earliest_failure_whatever_the_delivery_orde
     starts 9 days ago each time, so with a 7-day grace billable calls are refused in every order."""
     import itertools
 
-    from driftlock_kernel.billing import DEFAULT_POLICY, payment_blocks_billable
+    from driftlock_kernel.billing import DEFAULT_POLICY, BillingStatus, payment_blocks_billable
 
     t, day = now(), 86400
     starts = set()
@@ -691,5 +691,5 @@ async def test_dunning_starts_at_the_earliest_failure_whatever_the_delivery_orde
         row = await org_row(pool, org.id)
         assert row["billing_status"] == "past_due"
         starts.add(row["past_due_since"])
-        assert payment_blocks_billable("past_due", row["past_due_since"].timestamp(), t, DEFAULT_POLICY)
+        assert payment_blocks_billable(BillingStatus.PAST_DUE, row["past_due_since"].timestamp(), t, DEFAULT_POLICY)
     assert starts == {at(t - 9 * day)}

@@ -26,6 +26,7 @@ import pytest
 from driftlock_cli import stripe_player
 from driftlock_cli.stack import StackPorts, start_stack
 from driftlock_kernel import api_keys, plans
+from driftlock_kernel.billing import Overage
 from tests.support.net import free_port
 from tests.support.stripe import SECRET
 from tests.support.usage import stored_usage, wait_for_usage
@@ -86,7 +87,7 @@ async def test_soak(soak_stack, pool, make_org):
     stack = soak_stack
     plan = f"soak-{uuid.uuid4().hex[:8]}"
     async with pool.acquire() as conn:
-        await plans.upsert_plan(conn, plan, included_units=10**9, overage="soft")
+        await plans.upsert_plan(conn, plan, included_units=10**9, overage=Overage.SOFT)
     org = await make_org(plan=plan)
     async with pool.acquire() as conn:
         _live, live = await api_keys.create_key(conn, org.id)
@@ -94,7 +95,7 @@ async def test_soak(soak_stack, pool, make_org):
 
     started = time.monotonic()
     deadline = started + SECONDS
-    served = collections.Counter()
+    served: collections.Counter[tuple[str, str]] = collections.Counter()
     unexpected: collections.Counter[str] = collections.Counter()
     restart_window = [float("inf"), float("-inf")]
     revoked_at = [float("inf"), float("inf")]  # when the revocation was sent, and when it was committed

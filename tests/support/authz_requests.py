@@ -2,6 +2,7 @@
 
 import secrets
 import uuid
+from typing import cast
 
 import grpc
 from envoy.service.auth.v3 import external_auth_pb2
@@ -30,7 +31,9 @@ def authz_channel(target: str, secret: str = EXT_AUTHZ_SECRET, *, fresh: bool = 
     connection among channels to the same target; a `fresh` channel opens its own (so that SO_REUSEPORT may give
     it to another worker of the same port)."""
     options = [("grpc.use_local_subchannel_pool", 1)] if fresh else []
-    return grpc.aio.insecure_channel(target, options=options, interceptors=[_ShowsSecret(secret)])
+    # grpc-stubs leaves the interceptor type open on purpose ("must cast or ignore").
+    interceptor = cast(grpc.aio.ClientInterceptor, _ShowsSecret(secret))
+    return grpc.aio.insecure_channel(target, options=options, interceptors=[interceptor])
 
 
 STREAM_DETECT = {"scope": "detect", "billable": "true", "product": "stream", "units": "1"}

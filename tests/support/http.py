@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 
@@ -24,7 +25,7 @@ async def raw_request(
     port: int,
     method: str,
     target: str,
-    headers: dict[str, str] | list[tuple[str, str]] = (),
+    headers: dict[str, str] | Sequence[tuple[str, str]] = (),
     body: bytes = b"",
     host: str = "127.0.0.1",
     source: str | None = None,

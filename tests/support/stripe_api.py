@@ -409,7 +409,7 @@ class LocalStripe:
     def put_customer(self, id: str | None = None, **fields: Any) -> dict:
         """Create or replace a customer; `fields` override the defaults of a new test-mode customer."""
         customer_id = id or _random_id("cus_", 14)
-        customer = {
+        customer: dict[str, Any] = {
             "id": customer_id,
             "object": "customer",
             "address": None,
@@ -494,7 +494,7 @@ class LocalStripe:
             for e in self.events(customer_id, event_name)
             if e.counted and (start is None or e.timestamp >= start) and (end is None or e.timestamp < end)
         ]
-        total = sum(values, Decimal(0))
+        total = sum((Decimal(value) for value in values), Decimal(0))
         return int(total) if total == total.to_integral_value() else total
 
     @property
@@ -570,7 +570,7 @@ class LocalStripe:
         method, path = request.method, request.path
         idempotency_key = request.headers.get("Idempotency-Key") if method == "POST" else None
         request[REQUEST_ID] = request_id
-        record = {"status": None, "replayed": False, "fault": None, "params": {}}
+        record: dict[str, Any] = {"status": None, "replayed": False, "fault": None, "params": {}}
         try:
             try:
                 params = await self._params(request)
@@ -636,12 +636,13 @@ class LocalStripe:
         if idempotency_key:
             if 200 <= response.status < 300:
                 saved = self._saved[idempotency_key]
+                assert isinstance(response.body, bytes)  # every answer is built by _json, from text
                 saved.status, saved.body, saved.request_id = response.status, response.body, request_id
             else:
                 self._saved.pop(idempotency_key, None)
         return response
 
-    async def _route(self, request, handler, params) -> web.StreamResponse:
+    async def _route(self, request, handler, params) -> web.Response:
         request[PARAMS] = params
         try:
             return await handler(request)
@@ -1054,7 +1055,7 @@ def _aggregate(formula: str, events: list[MeterEvent]) -> int | float:
 
 def _price_ids(subscription: dict) -> set[str]:
     items = (subscription.get("items") or {}).get("data") or []
-    return {(item.get("price") or {}).get("id") for item in items}
+    return {price_id for item in items if (price_id := (item.get("price") or {}).get("id")) is not None}
 
 
 def _json_default(value: Any) -> Any:

@@ -9,7 +9,7 @@ from tests.support.net import eventually
 
 
 async def test_a_failing_step_is_logged_and_the_loop_goes_on(caplog):
-    steps = []
+    steps: list[int] = []
 
     async def step() -> None:
         steps.append(len(steps))
@@ -50,7 +50,7 @@ async def test_stop_cancels_and_a_task_starts_only_once():
 
 async def test_drain_lets_the_step_in_flight_finish_and_the_loop_end_by_itself():
     in_step, release = asyncio.Event(), asyncio.Event()
-    finished = []
+    finished: list[str] = []
 
     async def run() -> None:
         while not task.stopping.is_set():

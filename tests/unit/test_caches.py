@@ -65,7 +65,7 @@ async def test_single_flight_shares_one_look_up_per_key_and_forgets_it_when_done
 async def test_single_flight_is_forgotten_before_its_waiters_wake():
     """A caller woken by a finished look-up that starts another must start a new one, not join the old."""
     flights: SingleFlight[str, int] = SingleFlight()
-    seen = []
+    seen: list[asyncio.Future[int] | None] = []
 
     async def look_up() -> int:
         return len(seen)

@@ -1,13 +1,27 @@
+import dataclasses
+
 import jwt
 import pytest
 
 from authz_service.check.context_signer import ContextSigner
 from authz_service.check.decision import Grant
+from driftlock_kernel.billing import BillingStatus
 from driftlock_kernel.context_keys import EDDSA, HS256, ContextKeys, Ed25519Key, verify_with_jwks
+from driftlock_kernel.keys import Environment, Scope
 from driftlock_kernel.tokens import verify
 
 SECRET = b"k" * 32
-GRANT = Grant("key-1", "org-1", "live", frozenset({"read", "detect"}), None, False, False, "pro", "active")
+GRANT = Grant(
+    "key-1",
+    "org-1",
+    Environment.LIVE,
+    frozenset({Scope.READ, Scope.DETECT}),
+    None,
+    False,
+    False,
+    "pro",
+    BillingStatus.ACTIVE,
+)
 HS = ContextKeys(HS256, hs256_secret=SECRET)
 SIGNING, NEXT = Ed25519Key.generate("current"), Ed25519Key.generate("next")
 ED = ContextKeys(EDDSA, (SIGNING, NEXT))
@@ -81,9 +95,7 @@ def test_tokens_past_their_reuse_window_are_not_kept():
     clock = Clock()
     signer = ContextSigner(ED, clock=clock)
     for n in range(100):
-        signer.token(
-            Grant(f"key-{n}", "org-1", "live", frozenset({"read"}), None, False, False, "pro", "active"), "pro", True
-        )
+        signer.token(dataclasses.replace(GRANT, key_id=f"key-{n}", scopes=frozenset({Scope.READ})), "pro", True)
     assert len(signer) == 100
     clock.now += 30
     signer.token(GRANT, "pro", True)
@@ -97,7 +109,7 @@ def test_tokens_past_their_reuse_window_are_not_kept():
 def test_a_changed_grant_never_reuses_a_token():
     signer = ContextSigner(ED)
     first = signer.token(GRANT, "pro", True)
-    changed = Grant("key-1", "org-1", "live", frozenset({"read"}), None, False, False, "pro", "active")
+    changed = dataclasses.replace(GRANT, scopes=frozenset({Scope.READ}))
     assert unverified(signer.token(changed, "pro", True))["scopes"] == ["read"]
     assert signer.token(GRANT, "pro", True) == first
 

@@ -17,14 +17,14 @@ from authz_service.check.networks import AllowedNetworks
 from authz_service.check.plan_book import PlanBook
 from authz_service.usage.metering import Meter
 from authz_service.usage.usage_ledger import UsageLedger
-from driftlock_kernel.billing import Overage
+from driftlock_kernel.billing import BillingStatus, Overage
 from driftlock_kernel.keys import Environment, Scope, generate_key
 from driftlock_kernel.settings import Settings
 from tests.support.authz_requests import MONITOR_DETECT, READ, STREAM_DETECT, STREAM_INGEST, check_request
 from tests.unit.test_authorizer import StoredUsage
 
 KEY = generate_key(Environment.LIVE)
-GRANT = Grant("key-1", "org-1", Environment.LIVE, frozenset(Scope), None, False, False, "small", "active")
+GRANT = Grant("key-1", "org-1", Environment.LIVE, frozenset(Scope), None, False, False, "small", BillingStatus.ACTIVE)
 SOFT = PlanLimits("small", included_units=10, overage=Overage.SOFT, rate_limit_rps=100.0)
 
 
@@ -70,7 +70,15 @@ def request(request_id: str, route: dict = STREAM_DETECT, source: str = "127.0.0
 
 
 def counted(meter: Meter) -> int:
-    return meter.ledger.pending_units + sum(meter._store.totals.values())
+    store = meter._store
+    assert isinstance(store, StoredUsage)  # the fake `pipeline` gave every meter
+    return meter.ledger.pending_units + sum(store.totals.values())
+
+
+def fake_store(meter: Meter) -> CountedUsage:
+    """The organisation's meter's store: the fake `pipeline` gave it, which counts its reads."""
+    assert isinstance(meter._store, CountedUsage)
+    return meter._store
 
 
 @pytest.mark.parametrize("margin", [1000, 0], ids=["near-the-cap-reserved", "in-memory"])
@@ -133,7 +141,7 @@ async def test_products_of_the_key_and_of_the_plan_limit_detect_calls_only():
     assert (await auth.check(request("m", MONITOR_DETECT))).decision.code is DenyCode.PRODUCT_NOT_ALLOWED
     monitor_ingest = {"scope": "ingest", "billable": "false", "product": "monitor"}
     assert (await auth.check(request("i", monitor_ingest))).decision.allowed
-    stream_only = dataclasses.replace(SOFT, products=frozenset({"stream"}))
+    stream_only = dataclasses.replace(SOFT, products=("stream",))
     auth, _, _ = pipeline(stream_only, GRANT)
     assert (await auth.check(request("m2", MONITOR_DETECT))).decision.code is DenyCode.PRODUCT_NOT_ALLOWED
     assert (await auth.check(request("s2", STREAM_DETECT))).decision.allowed
@@ -155,7 +163,7 @@ async def test_the_quota_the_headers_state_follows_the_period_usage_from_memory(
     auth, meter, _ = pipeline(SOFT, GRANT)
     read = await auth.check(request("read-first", READ))
     assert read.quota is None  # never read this organisation's usage: nothing to state without a statement
-    assert meter._store.loads == 0
+    assert fake_store(meter).loads == 0
     for i in range(12):
         outcome = await auth.check(request(f"r{i}"))
     assert outcome.quota is not None
@@ -164,7 +172,7 @@ async def test_the_quota_the_headers_state_follows_the_period_usage_from_memory(
     read = await auth.check(request("read", READ))
     assert read.quota is not None and read.quota.overage_units == 2
     # The headers cost no statement: reads load nothing, however many.
-    statements = meter._store.loads + meter._store.reservations
+    statements = fake_store(meter).loads + fake_store(meter).reservations
     for i in range(20):
         assert (await auth.check(request(f"read-{i}", READ))).quota is not None
-    assert meter._store.loads + meter._store.reservations == statements
+    assert fake_store(meter).loads + fake_store(meter).reservations == statements

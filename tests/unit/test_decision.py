@@ -1,5 +1,7 @@
 """The pure stages of the decision pipeline (the functions Authorizer.check runs), one by one."""
 
+from typing import Any
+
 import pytest
 
 from authz_service.check.decision import (
@@ -19,7 +21,7 @@ from authz_service.check.decision import (
     route_from_context,
 )
 from authz_service.check.rate_limit import RateVerdict
-from driftlock_kernel.billing import BillingPolicy, Overage, effective_plan, payment_overdue
+from driftlock_kernel.billing import BillingPolicy, BillingStatus, Overage, effective_plan, payment_overdue
 from driftlock_kernel.keys import Environment, Scope
 
 NOW = 1_800_000_000.0
@@ -31,8 +33,8 @@ POLICY = BillingPolicy(grace_seconds=7 * DAY)
 UNLIMITED = PlanLimits("pro", included_units=1000, overage=Overage.SOFT)
 
 
-def grant(**changes) -> Grant:
-    values = dict(
+def grant(**changes: Any) -> Grant:
+    values: dict[str, Any] = dict(
         key_id="k1",
         org_id="o1",
         environment=Environment.LIVE,
@@ -41,7 +43,7 @@ def grant(**changes) -> Grant:
         revoked=False,
         org_suspended=False,
         plan="free",
-        billing_status="none",
+        billing_status=BillingStatus.NONE,
     )
     values.update(changes)
     return Grant(**values)
@@ -159,7 +161,7 @@ def test_past_due_past_grace_blocks_billable_routes_only():
 
 
 def test_unpaid_is_overdue_too():
-    assert payment_overdue("unpaid", NOW - 8 * DAY, NOW, POLICY)
+    assert payment_overdue(BillingStatus.UNPAID, NOW - 8 * DAY, NOW, POLICY)
 
 
 def test_zero_grace_blocks_at_once():
@@ -173,7 +175,7 @@ def test_serve_policy_never_blocks_for_payment():
 
 
 def test_overdue_without_a_start_time_is_still_in_grace():
-    assert not payment_overdue("past_due", None, NOW, POLICY)
+    assert not payment_overdue(BillingStatus.PAST_DUE, None, NOW, POLICY)
 
 
 def test_paying_again_lifts_the_block():

@@ -67,14 +67,17 @@ class ComposeLoader(yaml.SafeLoader):
 
 
 ComposeLoader.add_constructor("!reset", lambda loader, node: _Reset())
-ComposeLoader.add_constructor(
-    "!override",
-    lambda loader, node: _Override(
-        loader.construct_mapping(node, deep=True)
-        if isinstance(node, yaml.MappingNode)
-        else loader.construct_sequence(node, deep=True)
-    ),
-)
+
+
+def _override(loader: ComposeLoader, node: yaml.Node) -> _Override:
+    if isinstance(node, yaml.MappingNode):
+        return _Override(loader.construct_mapping(node, deep=True))
+    if isinstance(node, yaml.SequenceNode):
+        return _Override(loader.construct_sequence(node, deep=True))
+    raise yaml.constructor.ConstructorError(None, None, "!override takes a mapping or a sequence", node.start_mark)
+
+
+ComposeLoader.add_constructor("!override", _override)
 
 
 def load_compose(name: str) -> dict:

@@ -101,15 +101,15 @@ def test_only_plain_http_urls(url):
 
 def test_operator_endpoint_settings_new_old_and_refused():
     secret = events.new_secret()
-    url, keys, deprecated = Settings.from_env(
+    endpoint = Settings.from_env(
         {"DRIFTLOCK_EVENTS_WEBHOOK_URL": "https://ops.example/e", "DRIFTLOCK_EVENTS_WEBHOOK_SECRET": secret}
     ).operator_events_endpoint()
-    assert (url, keys, deprecated) == ("https://ops.example/e", (events.secret_key(secret),), False)
+    assert endpoint == ("https://ops.example/e", (events.secret_key(secret),), False)
     old = "o" * 40
-    url, keys, deprecated = Settings.from_env(
+    endpoint = Settings.from_env(
         {"DRIFTLOCK_ALERT_WEBHOOK_URL": "https://ops.example/a", "DRIFTLOCK_ALERT_WEBHOOK_SECRET": old}
     ).operator_events_endpoint()
-    assert (url, keys, deprecated) == ("https://ops.example/a", (old.encode(),), True)
+    assert endpoint == ("https://ops.example/a", (old.encode(),), True)
     assert Settings.from_env({}).operator_events_endpoint() is None
     with pytest.raises(SettingsError, match="SECRET"):
         Settings.from_env({"DRIFTLOCK_EVENTS_WEBHOOK_URL": "https://ops.example/e"}).operator_events_endpoint()

@@ -3,6 +3,7 @@ close, what each answer from Stripe means, and reconciliation after Stripe's 24 
 
 import uuid
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 
@@ -40,9 +41,15 @@ RULES = ExportRules(
 )
 
 
-def usage(period: Period = MONTH, **fields) -> PeriodUsage:
+def usage(period: Period = MONTH, **fields: Any) -> PeriodUsage:
     """A period whose counted units have all settled, unless `settled_units` says otherwise."""
-    defaults = {"org_id": ORG, "period": period, "stored_units": 0, "meter": "api_calls", "customer": "cus_1"}
+    defaults: dict[str, Any] = {
+        "org_id": ORG,
+        "period": period,
+        "stored_units": 0,
+        "meter": "api_calls",
+        "customer": "cus_1",
+    }
     merged = defaults | fields
     merged.setdefault("settled_units", merged["stored_units"])
     return PeriodUsage(**merged)

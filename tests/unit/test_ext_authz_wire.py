@@ -14,14 +14,18 @@ from authz_service.check.ext_authz import AllowedResponses, access_request
 from authz_service.check.ext_authz import denied_response as denied_bytes
 from authz_service.check.quota_headers import limit_headers
 from authz_service.check.rate_limit import RateVerdict
+from driftlock_kernel.billing import BillingStatus
 from driftlock_kernel.context_keys import HS256, ContextKeys
+from driftlock_kernel.keys import Environment, Scope
 from driftlock_kernel.tokens import verify
 from tests.support.authz_requests import STREAM_DETECT, check_request
 
 SECRET = b"s" * 32
 HS256_KEYS = ContextKeys(HS256, hs256_secret=SECRET)
-GRANT = Grant("key-1", "org-1", "live", frozenset({"detect"}), None, False, False, "pro", "active")
-ROUTE = Route("detect", True, "stream", 1)
+GRANT = Grant(
+    "key-1", "org-1", Environment.LIVE, frozenset({Scope.DETECT}), None, False, False, "pro", BillingStatus.ACTIVE
+)
+ROUTE = Route(Scope.DETECT, True, "stream", 1)
 
 
 class Responses:

@@ -58,7 +58,7 @@ PURE_MODULES = [
 
 def imports_in(source: str, package: str) -> set[str]:
     """Every module `source` (a module of `package`) imports, as absolute dotted names."""
-    found = set()
+    found: set[str] = set()
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)

@@ -3,8 +3,8 @@ from datetime import UTC, datetime, timedelta
 from driftlock_kernel.periods import Period, calendar_month, current_period
 
 
-def at(*args) -> datetime:
-    return datetime(*args, tzinfo=UTC)
+def at(year: int, month: int, day: int, hour: int = 0, minute: int = 0, second: int = 0) -> datetime:
+    return datetime(year, month, day, hour, minute, second, tzinfo=UTC)
 
 
 def test_calendar_month_covers_the_utc_month():

@@ -7,6 +7,7 @@ this property is tests/integration/test_webhook_story_properties.py."""
 import dataclasses
 import uuid
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -21,7 +22,7 @@ from billing_webhooks.inbox.decisions import (
     pick_plan,
 )
 from billing_webhooks.inbox.events import CheckoutCompleted, InvoicePayment, SubscriptionSnapshot
-from driftlock_kernel.billing import SubscriptionStatus
+from driftlock_kernel.billing import BillingStatus, SubscriptionStatus
 
 T0 = datetime(2026, 3, 1, tzinfo=UTC)
 CUSTOMER = "cus_story"
@@ -71,15 +72,16 @@ def stories(draw) -> list:
 def replay(events) -> OrgBilling:
     """What the webhook service does with these deliveries, minus the database: the inbox drops a second
     delivery of an event id; each handler moves one subscription; the organisation follows its current one."""
-    org = OrgBilling(ORG, "free", "none", None, None, None, None, None)
+    org = OrgBilling(ORG, "free", BillingStatus.NONE, None, None, None, None, None)
     subscriptions: dict[str, SubscriptionState] = {}
     seen: set[str] = set()
     for event in events:
         if event.event_id in seen:
             continue
         seen.add(event.event_id)
-        extra = {}
+        extra: dict[str, Any] = {}
         if isinstance(event, CheckoutCompleted):
+            assert event.subscription_id is not None  # every checkout of these stories starts a subscription
             subscriptions.setdefault(event.subscription_id, SubscriptionState(event.subscription_id, CUSTOMER, ORG))
             extra = {"stripe_customer_id": CUSTOMER} if org.stripe_customer_id is None else {}
         elif isinstance(event, SubscriptionSnapshot):
@@ -111,6 +113,7 @@ def test_every_subscription_ends_in_the_same_state_in_any_order(data, story):
             if isinstance(event, SubscriptionSnapshot):
                 found[event.subscription_id] = apply_snapshot(found.get(event.subscription_id), event).state
             elif isinstance(event, InvoicePayment):
+                assert event.subscription_id is not None  # every invoice of these stories is a subscription's
                 found[event.subscription_id] = apply_payment(found.get(event.subscription_id), event).state
         return found
 

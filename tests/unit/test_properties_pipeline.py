@@ -21,7 +21,7 @@ from authz_service.check.grants import GrantStore
 from authz_service.check.plan_book import PlanBook
 from authz_service.usage.metering import Meter
 from authz_service.usage.usage_ledger import UsageLedger
-from driftlock_kernel.billing import BILLING_STATUSES, Overage
+from driftlock_kernel.billing import BILLING_STATUSES, BillingStatus, Overage
 from driftlock_kernel.keys import Environment, Scope, generate_key, parse_key
 from driftlock_kernel.settings import Settings
 from tests.unit.test_authorizer import StoredUsage
@@ -202,7 +202,7 @@ def test_any_one_character_change_of_a_valid_key_is_refused(key, position, chang
     if changed.strip() == secret:
         return  # whitespace around a header's value is not part of it (RFC 9110's OWS): the key is unchanged
     assert parse_key(changed) is None
-    grant = Grant("key", "org", key.environment, frozenset(Scope), None, False, False, "plan", "active")
+    grant = Grant("key", "org", key.environment, frozenset(Scope), None, False, False, "plan", BillingStatus.ACTIVE)
     auth = pipeline(grant, PlanLimits("plan", 100, Overage.SOFT), 0)
     context = {"scope": "read", "billable": "false"}
     outcome = run(auth.check(AccessRequest("r", "GET", "/", {"authorization": f"Bearer {changed}"}, context)))

@@ -27,7 +27,9 @@ from authz_service.usage.refunds import (
     refund_reason,
 )
 from driftlock_cli.envoy_config import load_shipped
+from driftlock_kernel.billing import BillingStatus
 from driftlock_kernel.context_keys import HS256, ContextKeys
+from driftlock_kernel.keys import Environment, Scope
 from tests.support.authz_requests import STREAM_DETECT
 
 PERIOD = datetime(2026, 11, 1, tzinfo=UTC)
@@ -137,8 +139,10 @@ def test_the_wire_reads_no_status_as_none_and_other_filters_metadata_as_not_bill
 
 
 def test_an_allowed_billed_check_hands_envoy_what_it_counted():
-    grant = Grant("key-1", "org-1", "live", frozenset({"detect"}), None, False, False, "pro", "active")
-    outcome = CheckOutcome(ALLOW, grant, Route("detect", True, "stream", 2), billed=True, plan="pro", usage=BILLED)
+    grant = Grant(
+        "key-1", "org-1", Environment.LIVE, frozenset({Scope.DETECT}), None, False, False, "pro", BillingStatus.ACTIVE
+    )
+    outcome = CheckOutcome(ALLOW, grant, Route(Scope.DETECT, True, "stream", 2), billed=True, plan="pro", usage=BILLED)
     responses = AllowedResponses(ContextSigner(ContextKeys(HS256, hs256_secret=b"s" * 32)))
     request = AccessRequest("rid-1", "POST", "/api/v1/stream/detect", {}, STREAM_DETECT)
     response = CheckResponse.FromString(responses.build(outcome, request))
@@ -156,7 +160,7 @@ def test_an_allowed_billed_check_hands_envoy_what_it_counted():
         json_format.MessageToDict(CheckResponse.FromString(responses.build(later, request)).dynamic_metadata)
     )
     assert moved is not None and moved.period_start == datetime(2026, 12, 1, tzinfo=UTC)
-    unbilled = CheckOutcome(ALLOW, grant, Route("read", False, None, 1), plan="pro")
+    unbilled = CheckOutcome(ALLOW, grant, Route(Scope.READ, False, None, 1), plan="pro")
     assert not CheckResponse.FromString(responses.build(unbilled, request)).HasField("dynamic_metadata")
 
 

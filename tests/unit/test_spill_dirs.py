@@ -57,7 +57,7 @@ def test_what_a_run_left_is_restored_by_the_next_whatever_its_number_of_workers(
 
 
 def test_a_chain_of_runs_keeps_every_file(tmp_path):
-    spilled = set()
+    spilled: set[uuid.UUID] = set()
     for workers in (1, 3, 2, 1, 4):
         adopt_leftovers(tmp_path, workers)
         assert set(restorable(tmp_path, workers)) == spilled

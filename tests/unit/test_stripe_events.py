@@ -3,6 +3,7 @@ Stripe's documented objects (trimmed), independent of the builder that `stripe s
 
 import copy
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 
@@ -17,6 +18,7 @@ from billing_webhooks.inbox.events import (
     release_of,
     type_label,
 )
+from driftlock_kernel.billing import SubscriptionStatus
 
 ORG = "6f0c2a4e-8d1b-4c3a-9e5f-0a1b2c3d4e5f"
 
@@ -25,7 +27,7 @@ def at(ts: int) -> datetime:
     return datetime.fromtimestamp(ts, UTC)
 
 
-def wrap(event_type: str, obj: dict, *, api_version: str, created: int = 1_700_000_100, **extra) -> dict:
+def wrap(event_type: str, obj: dict, *, api_version: str, created: int = 1_700_000_100, **extra: Any) -> dict:
     return {
         "id": "evt_1NG8Du2eZvKYlo2CUI79vXWy",
         "object": "event",
@@ -39,8 +41,26 @@ def wrap(event_type: str, obj: dict, *, api_version: str, created: int = 1_700_0
     }
 
 
+def subscription(payload: dict) -> SubscriptionSnapshot:
+    snapshot = normalize(envelope(payload))
+    assert isinstance(snapshot, SubscriptionSnapshot)
+    return snapshot
+
+
+def invoice(payload: dict) -> InvoicePayment:
+    payment = normalize(envelope(payload))
+    assert isinstance(payment, InvoicePayment)
+    return payment
+
+
+def checkout(payload: dict) -> CheckoutCompleted:
+    completed = normalize(envelope(payload))
+    assert isinstance(completed, CheckoutCompleted)
+    return completed
+
+
 # A subscription as 2024-06-20 renders it: the period on the subscription.
-LEGACY_SUBSCRIPTION = {
+LEGACY_SUBSCRIPTION: dict[str, Any] = {
     "id": "sub_1MowQVLkdIwHu7ixeRlqHVzs",
     "object": "subscription",
     "billing_cycle_anchor": 1_679_609_767,
@@ -131,13 +151,13 @@ CHECKOUT_SESSION = {
     ("obj", "api_version"), [(LEGACY_SUBSCRIPTION, "2024-06-20"), (BASIL_SUBSCRIPTION, "2025-03-31.basil")]
 )
 def test_subscription_of_either_shape_normalises_to_the_same_snapshot(obj, api_version):
-    snapshot = normalize(envelope(wrap("customer.subscription.updated", obj, api_version=api_version)))
+    snapshot = subscription(wrap("customer.subscription.updated", obj, api_version=api_version))
     assert snapshot == SubscriptionSnapshot(
         event_id="evt_1NG8Du2eZvKYlo2CUI79vXWy",
         created=at(1_700_000_100),
         subscription_id="sub_1MowQVLkdIwHu7ixeRlqHVzs",
         customer_id="cus_Na6dX7aXxi11N4",
-        status="active",
+        status=SubscriptionStatus.ACTIVE,
         price_ids=("price_1MowQULkdIwHu7ixraBm864M",),
         period_start=at(1_679_609_767),
         period_end=at(1_682_288_167),
@@ -149,11 +169,11 @@ def test_subscription_of_either_shape_normalises_to_the_same_snapshot(obj, api_v
 
 
 def test_the_shape_is_read_from_the_fields_not_the_claimed_version():
-    legacy_claiming_basil = normalize(
-        envelope(wrap("customer.subscription.created", LEGACY_SUBSCRIPTION, api_version="2025-03-31.basil"))
+    legacy_claiming_basil = subscription(
+        wrap("customer.subscription.created", LEGACY_SUBSCRIPTION, api_version="2025-03-31.basil")
     )
-    basil_claiming_legacy = normalize(
-        envelope(wrap("customer.subscription.created", BASIL_SUBSCRIPTION, api_version="2024-06-20"))
+    basil_claiming_legacy = subscription(
+        wrap("customer.subscription.created", BASIL_SUBSCRIPTION, api_version="2024-06-20")
     )
     assert legacy_claiming_basil.period_start == basil_claiming_legacy.period_start == at(1_679_609_767)
 
@@ -162,7 +182,7 @@ def test_deleted_subscription_is_ended_and_items_without_price_fall_back_to_plan
     obj = copy.deepcopy(LEGACY_SUBSCRIPTION)
     obj["status"] = "canceled"
     obj["items"]["data"][0].pop("price")
-    snapshot = normalize(envelope(wrap("customer.subscription.deleted", obj, api_version="2019-12-03")))
+    snapshot = subscription(wrap("customer.subscription.deleted", obj, api_version="2019-12-03"))
     assert snapshot.ended and snapshot.status == "canceled"
     assert snapshot.price_ids == ("price_1MowQULkdIwHu7ixraBm864M",)
 
@@ -170,7 +190,7 @@ def test_deleted_subscription_is_ended_and_items_without_price_fall_back_to_plan
 def test_a_legacy_plan_with_a_chosen_id_is_a_price():
     obj = copy.deepcopy(LEGACY_SUBSCRIPTION)
     obj["items"]["data"][0]["price"] = {"id": "gold-monthly", "object": "price"}
-    snapshot = normalize(envelope(wrap("customer.subscription.updated", obj, api_version="2019-12-03")))
+    snapshot = subscription(wrap("customer.subscription.updated", obj, api_version="2019-12-03"))
     assert snapshot.price_ids == ("gold-monthly",)
 
 
@@ -180,14 +200,14 @@ def test_basil_items_with_several_prices_keep_their_order_and_the_first_period()
     second["price"] = {"id": "price_addon", "object": "price"}
     second.update(current_period_start=1_679_609_000, current_period_end=1_682_000_000)
     obj["items"]["data"].append(second)
-    snapshot = normalize(envelope(wrap("customer.subscription.updated", obj, api_version="2025-04-30.basil")))
+    snapshot = subscription(wrap("customer.subscription.updated", obj, api_version="2025-04-30.basil"))
     assert snapshot.price_ids == ("price_1MowQULkdIwHu7ixraBm864M", "price_addon")
     assert (snapshot.period_start, snapshot.period_end) == (at(1_679_609_767), at(1_682_288_167))
 
 
 def test_trial_end_and_cancel_at_period_end_are_read():
     obj = {**BASIL_SUBSCRIPTION, "status": "trialing", "trial_end": 1_680_000_000, "cancel_at_period_end": True}
-    snapshot = normalize(envelope(wrap("customer.subscription.trial_will_end", obj, api_version="2025-03-31.basil")))
+    snapshot = subscription(wrap("customer.subscription.trial_will_end", obj, api_version="2025-03-31.basil"))
     assert snapshot.trial_end == at(1_680_000_000)
     assert snapshot.cancel_at_period_end is True
 
@@ -196,7 +216,7 @@ def test_expanded_customer_object_is_read_by_its_id():
     obj = copy.deepcopy(BASIL_SUBSCRIPTION)
     obj["customer"] = {"id": "cus_Na6dX7aXxi11N4", "object": "customer"}
     assert (
-        normalize(envelope(wrap("customer.subscription.created", obj, api_version="2025-03-31.basil"))).customer_id
+        subscription(wrap("customer.subscription.created", obj, api_version="2025-03-31.basil")).customer_id
         == "cus_Na6dX7aXxi11N4"
     )
 
@@ -225,20 +245,14 @@ def test_invoice_of_either_shape_names_its_subscription(event_type, obj, api_ver
 
 def test_invoice_without_a_subscription_has_none():
     one_off = {**BASIL_INVOICE, "parent": None}
-    assert (
-        normalize(envelope(wrap("invoice.payment_succeeded", one_off, api_version="2025-03-31.basil"))).subscription_id
-        is None
-    )
+    assert invoice(wrap("invoice.payment_succeeded", one_off, api_version="2025-03-31.basil")).subscription_id is None
     legacy_one_off = {**LEGACY_INVOICE, "subscription": None, "subscription_details": None}
-    assert (
-        normalize(envelope(wrap("invoice.payment_failed", legacy_one_off, api_version="2024-06-20"))).subscription_id
-        is None
-    )
+    assert invoice(wrap("invoice.payment_failed", legacy_one_off, api_version="2024-06-20")).subscription_id is None
 
 
 def test_checkout_names_the_org_by_client_reference_id_else_metadata():
-    checkout = normalize(envelope(wrap("checkout.session.completed", CHECKOUT_SESSION, api_version="2025-03-31.basil")))
-    assert checkout == CheckoutCompleted(
+    completed = checkout(wrap("checkout.session.completed", CHECKOUT_SESSION, api_version="2025-03-31.basil"))
+    assert completed == CheckoutCompleted(
         event_id="evt_1NG8Du2eZvKYlo2CUI79vXWy",
         created=at(1_700_000_100),
         session_id="cs_test_a1b2c3",
@@ -248,14 +262,9 @@ def test_checkout_names_the_org_by_client_reference_id_else_metadata():
         mode="subscription",
     )
     by_metadata = {**CHECKOUT_SESSION, "client_reference_id": None, "metadata": {"org_id": ORG}}
-    assert (
-        normalize(envelope(wrap("checkout.session.completed", by_metadata, api_version="2024-06-20"))).org_reference
-        == ORG
-    )
+    assert checkout(wrap("checkout.session.completed", by_metadata, api_version="2024-06-20")).org_reference == ORG
     neither = {**CHECKOUT_SESSION, "client_reference_id": None}
-    assert (
-        normalize(envelope(wrap("checkout.session.completed", neither, api_version="2024-06-20"))).org_reference is None
-    )
+    assert checkout(wrap("checkout.session.completed", neither, api_version="2024-06-20")).org_reference is None
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,7 @@ from datetime import UTC, datetime
 from authz_service.usage.alerts import thresholds_reached
 from authz_service.usage.meter_store import read_spilled, spill
 from authz_service.usage.refunds import NO_TERMS, Refund
-from authz_service.usage.usage_ledger import Report, UsageLedger
+from authz_service.usage.usage_ledger import Batch, Report, UsageLedger
 
 PERIOD = datetime(2026, 11, 1, tzinfo=UTC)
 KEY = ("org-1", PERIOD)
@@ -19,6 +19,12 @@ class Clock:
 
 def ledger(clock=None, **options) -> UsageLedger:
     return UsageLedger(clock=clock or Clock(), **options)
+
+
+def next_batch(book: UsageLedger) -> Batch:
+    batch = book.next_batch()
+    assert batch is not None, "the ledger has nothing pending"
+    return batch
 
 
 def test_used_is_unknown_until_the_database_is_asked():
@@ -58,7 +64,7 @@ def test_a_batch_holds_everything_pending_and_is_retried_unchanged_until_acknowl
     book.learn(KEY, 10, 0)
     book.record("r1", KEY, "stream", 2)
     book.report(Report("q1", "org-1", PERIOD, "monitor", 5))
-    batch = book.next_batch()
+    batch = next_batch(book)
     assert batch.counters == {("org-1", PERIOD, "stream", NO_TERMS): 2}
     assert [r.request_id for r in batch.reports] == ["q1"]
     book.record("r2", KEY, "stream", 1)
@@ -66,7 +72,7 @@ def test_a_batch_holds_everything_pending_and_is_retried_unchanged_until_acknowl
     assert book.used(KEY) == 18
     book.acknowledged(batch, {KEY: 17})  # the database total includes the batch (and 0 from elsewhere)
     assert book.used(KEY) == 18  # 17 stored + 1 pending
-    second = book.next_batch()
+    second = next_batch(book)
     assert second is not batch and second.flush_id != batch.flush_id
     assert second.counters == {("org-1", PERIOD, "stream", NO_TERMS): 1}
 
@@ -75,7 +81,7 @@ def test_acknowledged_totals_include_other_replicas_usage():
     book = ledger()
     book.learn(KEY, 10, 0)
     book.record("r1", KEY, "stream", 1)
-    book.acknowledged(book.next_batch(), {KEY: 25})  # 14 came from another replica meanwhile
+    book.acknowledged(next_batch(book), {KEY: 25})  # 14 came from another replica meanwhile
     assert book.used(KEY) == 25
 
 
@@ -84,7 +90,7 @@ def test_a_read_that_raced_a_flush_is_not_trusted():
     book.learn(KEY, 10, 0)
     book.record("r1", KEY, "stream", 1)
     epoch = book.epoch(KEY)
-    batch = book.next_batch()
+    batch = next_batch(book)
     book.learn(KEY, 11, epoch)  # read while the batch was in flight: may or may not include it
     assert book.used(KEY) == 11  # ignored: 10 known + 1 unflushed
     book.acknowledged(batch, {KEY: 11})
@@ -112,7 +118,7 @@ def test_drain_and_restore_keep_every_unit_and_flush_id():
     book = ledger()
     book.learn(KEY, 0, 0)
     book.record("r1", KEY, "stream", 2)
-    first = book.next_batch()
+    first = next_batch(book)
     book.record("r2", KEY, "monitor", 3)
     drained = book.drain()
     assert [b.units for b in drained] == [2, 3]
@@ -120,7 +126,7 @@ def test_drain_and_restore_keep_every_unit_and_flush_id():
     assert not book.has_work
     fresh = ledger()
     fresh.restore(drained)
-    assert fresh.next_batch().flush_id == first.flush_id
+    assert next_batch(fresh).flush_id == first.flush_id
     assert fresh.pending_units == 5
 
 
@@ -134,7 +140,7 @@ def test_a_refund_takes_units_back_in_the_same_batches():
     book.record("r1", KEY, "stream", 2)
     assert book.refund(refund("r1", 2))
     assert book.used(KEY) == 10
-    batch = book.next_batch()
+    batch = next_batch(book)
     assert (batch.counters, batch.refunds, batch.units) == (
         {("org-1", PERIOD, "stream", NO_TERMS): 2},
         [refund("r1", 2)],
@@ -156,7 +162,7 @@ def test_a_refund_flushed_before_its_count_keeps_the_pending_units_below_zero():
     book = ledger()
     book.learn(KEY, 10, 0)
     book.refund(refund("r1"))
-    first = book.next_batch()
+    first = next_batch(book)
     book.refund(refund("r2"))
     book.acknowledged(first, {KEY: 9})
     assert book.used(KEY) == 8  # 9 stored, 1 refund still pending

@@ -23,7 +23,7 @@ def served(texts: list[str]) -> str:
         def collect(self):
             return union_of(enumerate(texts))
 
-    registry.register(Union())  # type: ignore[arg-type]
+    registry.register(Union())
     return generate_latest(registry).decode()
 
 
