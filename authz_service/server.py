@@ -43,6 +43,7 @@ from authz_service.check.plan_book import PlanBook
 from authz_service.check.shared_rate_limit import SharedRateLimiter
 from authz_service.events.delivery import EVENTS_CHANNEL, EventDeliverer, OperatorEndpoint
 from authz_service.events.spend_cap import spend_cap_announcer
+from authz_service.heap import HeapSettler
 from authz_service.management.admin_api import AdminGate
 from authz_service.management.controls_api import OrganizationControlServicer, PlanServicer
 from authz_service.management.events_api import EventEndpointServicer
@@ -62,7 +63,7 @@ from driftlock_api.management.v1 import (
 )
 from driftlock_api.usage.v1 import usage_pb2_grpc
 from driftlock_kernel import context_keys, db
-from driftlock_kernel.background import BackgroundTask
+from driftlock_kernel.background import BackgroundTask, every
 from driftlock_kernel.context_keys import ContextKeys
 from driftlock_kernel.errors import OperatorError, one_line
 from driftlock_kernel.listener import ChangeListener, NotificationHandler
@@ -74,6 +75,8 @@ log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE_SECONDS = 5.0
 SHUTDOWN_FLUSH_SECONDS = 15.0
+# How often the heap is looked at (heap.py): the key cache grows by at most a few thousand keys in that time.
+HEAP_SETTLE_SECONDS = 1.0
 INVALIDATE_CHANNEL = "driftlock_invalidate"
 REFUNDED_CHANNEL = "driftlock_usage_refunded"
 USAGE_SERVICE = "driftlock.usage.v1.UsageService"
@@ -430,6 +433,13 @@ class AuthzService:
             if recorder is not None:
                 recorder.start()
                 self._on_stop(recorder.close)
+        # The key cache's growth frozen out of the collector's sight, step by step (heap.py): no full collection
+        # walking every cached key on the request path.
+        store = parts.store
+        settler = HeapSettler(lambda: store.verified_entries + store.unknown_entries)
+        settling = every(HEAP_SETTLE_SECONDS, settler.step, name="heap")
+        settling.start()
+        self._on_stop(settling.stop)
         pruner = authz_pruner(self.pool, settings, self.replica)
         pruner.start()
         self._on_stop(pruner.close)

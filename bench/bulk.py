@@ -12,7 +12,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from authz_service.check.ext_authz import CALLER_SECRET_METADATA
@@ -85,6 +85,7 @@ class Sent:
     codes: Counter[str]
     seconds: float
     slowest: float = 0.0  # seconds, the longest single Check (a stall of authz shows here)
+    latencies: list[float] = field(default_factory=list)  # seconds, each Check's, as it was answered
 
     @property
     def rate(self) -> float:
@@ -115,10 +116,9 @@ async def send_checks(fixture: Fixture, port: int, requests: Sequence[bytes], *,
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         check = channel.unary_unary(CHECK, request_serializer=None, response_deserializer=None)
 
-        slowest = 0.0
+        latencies: list[float] = []
 
         async def worker() -> None:
-            nonlocal slowest
             for body in pending:
                 sent = time.perf_counter()
                 try:
@@ -129,7 +129,7 @@ async def send_checks(fixture: Fixture, port: int, requests: Sequence[bytes], *,
                     codes[f"grpc {error.code().name}"] += 1
                     continue
                 finally:
-                    slowest = max(slowest, time.perf_counter() - sent)
+                    latencies.append(time.perf_counter() - sent)
                 if answer.status.code == 0:
                     codes["ok"] += 1
                 else:
@@ -137,7 +137,7 @@ async def send_checks(fixture: Fixture, port: int, requests: Sequence[bytes], *,
 
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(in_flight)))
-        return Sent(codes, time.perf_counter() - started, slowest)
+        return Sent(codes, time.perf_counter() - started, max(latencies, default=0.0), latencies)
 
 
 def rss_mb(pid: int, field: str = "VmRSS") -> float:

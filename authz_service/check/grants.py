@@ -307,15 +307,15 @@ def grant_from_row(row: db.Row) -> Grant:
         org_id=sys.intern(row["org_id"]),
         environment=Environment(row["environment"]),
         scopes=_scope_set(tuple(sorted(row["scopes"]))),
-        expires_at=row["expires_at"],
+        expires_at=_shared_time(row["expires_at"]),
         revoked=row["revoked"],
         org_suspended=row["org_suspended"],
         plan=sys.intern(row["plan"]),
         billing_status=BillingStatus(row["billing_status"]),
-        past_due_since=row["past_due_since"],
-        period_start=row["period_start"],
-        period_end=row["period_end"],
-        stripe_customer=row["stripe_customer"],
+        past_due_since=_shared_time(row["past_due_since"]),
+        period_start=_shared_time(row["period_start"]),
+        period_end=_shared_time(row["period_end"]),
+        stripe_customer=sys.intern(row["stripe_customer"]) if row["stripe_customer"] is not None else None,
         **_controls(row),
     )
 
@@ -340,6 +340,23 @@ def _controls(row: db.Row) -> dict:
 @functools.lru_cache(maxsize=8)
 def _product_set(names: tuple[str, ...]) -> frozenset[str]:
     return frozenset(sys.intern(name) for name in names)
+
+
+# One float object per distinct time: every key of an organisation has the same period (and often the same
+# expiry), and a float is 24 bytes a copy. Cleared when full, so a stream of distinct times cannot grow it.
+_SHARED_TIMES: dict[float, float] = {}
+MAX_SHARED_TIMES = 50_000
+
+
+def _shared_time(value: float | None) -> float | None:
+    if value is None:
+        return None
+    shared = _SHARED_TIMES.get(value)
+    if shared is None:
+        if len(_SHARED_TIMES) >= MAX_SHARED_TIMES:
+            _SHARED_TIMES.clear()
+        shared = _SHARED_TIMES[value] = value
+    return shared
 
 
 @functools.lru_cache(maxsize=64)  # sorted: at most 7 sets of three scopes
