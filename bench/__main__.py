@@ -253,7 +253,11 @@ async def bench_grpc(fixture: Fixture, seconds: float, rounds: int) -> list[tupl
     context tokens as in production."""
     context = {"scope": "detect", "billable": "true", "product": "stream"}
     frames: dict[str, Path] = {}
-    for label, secret in (("no rate limit", fixture.secret), ("rate limit headers", fixture.rate_limited_secret)):
+    for label, secret in (
+        ("no rate limit", fixture.secret),
+        ("rate limit headers", fixture.rate_limited_secret),
+        ("every control", fixture.controlled_secret),
+    ):
         body = check_request_bytes(secret, context)
         frames[label] = fixture.workdir / f"check-{len(frames)}.grpc"
         frames[label].write_bytes(grpc_frame(body))
@@ -331,6 +335,7 @@ async def bench_edge(fixture: Fixture, seconds: float, rounds: int) -> list[tupl
         sides = [
             ("authz, no rate limit", edges["authz"], fixture.secret),
             ("authz, rate limit headers", edges["authz"], fixture.rate_limited_secret),
+            ("authz, every control", edges["authz"], fixture.controlled_secret),
             ("do-nothing", edges["do-nothing"], fixture.secret),
         ]
         results: dict[str, list[float]] = {label: [] for label, _, _ in sides}

@@ -23,6 +23,9 @@ HERE = Path(__file__).resolve().parent
 BENCH_PLAN = "bench-unlimited"
 # A rate limit no benchmark reaches: every check runs the limiter and answers its headers, none is refused.
 RATE_LIMITED_PLAN = "bench-rate-limited"
+# The client address every benchmark Check names (the network a controlled key allows).
+BENCH_SOURCE = "127.0.0.1"
+BENCH_SOURCE_NETWORK = "127.0.0.0/8"
 DEFAULT_REQUESTS_PER_SOURCE = Settings().edge_requests_per_source
 
 
@@ -39,6 +42,7 @@ class Fixture:
         self.signing_key = context_keys.Ed25519Key.generate()
         self.secret = ""  # a live key on BENCH_PLAN
         self.rate_limited_secret = ""  # a live key on RATE_LIMITED_PLAN
+        self.controlled_secret = ""  # a live key on RATE_LIMITED_PLAN with every customer control set
 
     async def __aenter__(self) -> "Fixture":
         if not self.url:
@@ -54,6 +58,17 @@ class Fixture:
             )
             limited = await orgs.create_org(conn, f"bench-limited-{uuid.uuid4().hex[:6]}", plan=RATE_LIMITED_PLAN)
             _key, self.rate_limited_secret = await api_keys.create_key(conn, limited.id)
+            # Every customer control configured, none of them reached: what issue 22 holds the check to.
+            controlled = await orgs.create_org(conn, f"bench-controlled-{uuid.uuid4().hex[:6]}", plan=RATE_LIMITED_PLAN)
+            await orgs.set_max_overage_units(conn, controlled.id, 10**12)
+            _key, self.controlled_secret = await api_keys.create_key(
+                conn,
+                controlled.id,
+                max_units_per_period=10**15,
+                rate_limit_rps=1e6,
+                allowed_cidrs=["10.0.0.0/8", "2001:db8::/32", BENCH_SOURCE_NETWORK],
+                products=["stream"],
+            )
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -167,8 +182,8 @@ async def gauge_samples(port: int, name: str) -> dict[tuple[tuple[str, str], ...
     return {tuple(sorted(s.labels.items())): s.value for f in await scrape(port) if f.name == name for s in f.samples}
 
 
-def check_request_bytes(secret: str, context: dict[str, str]) -> bytes:
-    """One Check as Envoy sends it for a POST to the stream detection route, serialised."""
+def check_request_bytes(secret: str, context: dict[str, str], source: str = BENCH_SOURCE) -> bytes:
+    """One Check as Envoy sends it for a POST to the stream detection route from `source`, serialised."""
     from envoy.service.auth.v3 import external_auth_pb2
 
     request = external_auth_pb2.CheckRequest()
@@ -176,6 +191,7 @@ def check_request_bytes(secret: str, context: dict[str, str]) -> bytes:
     http.method, http.path = "POST", "/api/v1/stream/detect"
     http.headers.update({"authorization": f"Bearer {secret}", "x-request-id": "bench", "host": "bench"})
     request.attributes.context_extensions.update(context)
+    request.attributes.source.address.socket_address.address = source
     return request.SerializeToString()
 
 

@@ -12,8 +12,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from driftlock_cli import arguments
-from driftlock_cli.management_commands import ManagementCommandError, _in_transaction
 from driftlock_cli.output import Printer, fields
+from driftlock_cli.store_access import ManagementCommandError, in_transaction
 from driftlock_kernel import admin_audit, api_keys, db, orgs, plans
 from driftlock_kernel.settings import Settings
 
@@ -119,7 +119,7 @@ async def cmd_orgs_update(args: argparse.Namespace, settings: Settings, out: Pri
         return org
 
     try:
-        org = await _in_transaction(settings, update)
+        org = await in_transaction(settings, update)
     except orgs.SpendCapError as error:
         raise ManagementCommandError(str(error)) from None
     cap = "no spend cap" if org.max_overage_units is None else f"a spend cap of {org.max_overage_units} units"
@@ -135,7 +135,7 @@ async def cmd_orgs_delete(args: argparse.Namespace, settings: Settings, out: Pri
         await admin_audit.record(conn, admin_audit.cli_actor(), "orgs.delete", org_id=args.org_id)
         return revoked
 
-    revoked = await _in_transaction(settings, delete)
+    revoked = await in_transaction(settings, delete)
     obj = {"id": args.org_id, "deleted": True, "keys_revoked": revoked}
     out.result(
         obj,

@@ -8,14 +8,14 @@ them into its `keys` and `orgs` groups.
 
 import argparse
 import json
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from driftlock_cli import arguments
 from driftlock_cli.output import Printer, fields, table, text_value
+from driftlock_cli.store_access import ManagementCommandError, in_transaction
 from driftlock_kernel import admin_audit, api_keys, context_keys, db, orgs, paging
-from driftlock_kernel.errors import OperatorError
 from driftlock_kernel.settings import Settings
 from driftlock_kernel.tokens import MAX_LIFETIME_SECONDS, mint_admin_token
 
@@ -23,10 +23,6 @@ PROG = "driftlock-gateway"
 DEFAULT_ADMIN_ISSUER = "driftlock-gateway-cli"
 
 Leaf = Callable[..., argparse.ArgumentParser]
-
-
-class ManagementCommandError(OperatorError):
-    pass
 
 
 def _overlap(text: str) -> timedelta:
@@ -57,16 +53,6 @@ def _kid(text: str) -> str:
     return text
 
 
-async def _in_transaction(settings: Settings, work: Callable[[db.Connection], Coroutine[Any, Any, Any]]) -> Any:
-    async with db.connection(
-        settings.require_database_url(),
-        application_name=f"{PROG} cli",
-        transaction_pooler=settings.database_transaction_pooler,
-    ) as conn:
-        async with conn.transaction():
-            return await work(conn)
-
-
 # --- keys -------------------------------------------------------------------------------------------------
 
 
@@ -77,7 +63,7 @@ def _key_text(key: api_keys.ApiKey) -> str:
 
 
 async def cmd_keys_show(args: argparse.Namespace, settings: Settings, out: Printer) -> None:
-    key = await _in_transaction(settings, lambda conn: api_keys.get_key(conn, args.key_id))
+    key = await in_transaction(settings, lambda conn: api_keys.get_key(conn, args.key_id))
     out.result(key.as_dict(), _key_text(key))
 
 
@@ -118,7 +104,7 @@ async def cmd_keys_update(args: argparse.Namespace, settings: Settings, out: Pri
         )  # fmt: skip
         return key
 
-    key = await _in_transaction(settings, update)
+    key = await in_transaction(settings, update)
     out.result(key.as_dict(), f"Updated key {key.id} ({', '.join(sorted(changes))}).\n" + _key_text(key))
 
 
@@ -134,7 +120,7 @@ async def cmd_keys_roll(args: argparse.Namespace, settings: Settings, out: Print
         )  # fmt: skip
         return new, secret, old
 
-    new, secret, old = await _in_transaction(settings, roll)
+    new, secret, old = await in_transaction(settings, roll)
     obj = new.as_dict() | {"key": secret, "old_key_id": old.id, "old_expires_at": old.expires_at}
     text = (
         f"Rolled key {old.id} to {new.id}. The old key works until {text_value(old.expires_at)}.\n"
@@ -157,7 +143,7 @@ async def cmd_orgs_list(args: argparse.Namespace, settings: Settings, out: Print
                 return found
 
     now = datetime.now(UTC)
-    rows = [org.as_dict(now) for org in await _in_transaction(settings, every_org)]
+    rows = [org.as_dict(now) for org in await in_transaction(settings, every_org)]
     columns = ["id", "name", "plan", "billing_status", "suspended", "created_at"]
     out.result({"orgs": rows}, table(rows, columns) if rows else "No organisations.")
 
@@ -171,7 +157,7 @@ async def cmd_orgs_set_plan(args: argparse.Namespace, settings: Settings, out: P
         )
         return org, before.plan
 
-    org, previous = await _in_transaction(settings, set_plan)
+    org, previous = await in_transaction(settings, set_plan)
     note = " (unchanged)" if previous == org.plan else f" (was {previous})"
     out.result(org.as_dict(datetime.now(UTC)), f"Organisation {org.id} is on plan {org.plan}{note}.")
 

@@ -17,6 +17,7 @@ from google.protobuf import struct_pb2
 from google.protobuf.message import Message
 
 from authz_service.management.admin_api import AdminGate, ApiError, Call, invalid, parse_uuid, timestamp
+from authz_service.management.messages import organization_message
 from driftlock_api.management.v1 import org_controls_pb2, org_controls_pb2_grpc, plans_pb2, plans_pb2_grpc
 from driftlock_kernel import api_keys, db, orgs, plans
 from driftlock_kernel.billing import Overage
@@ -204,7 +205,6 @@ class OrganizationControlServicer(org_controls_pb2_grpc.OrganizationControlServi
                     detail={"max_overage_units": {"from": before.max_overage_units, "to": org.max_overage_units}},
                 )
             # Imported here: management_api imports this module for the key limits.
-            from authz_service.management.management_api import organization_message
 
             return organization_message(org, datetime.now(UTC))
 

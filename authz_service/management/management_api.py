@@ -18,6 +18,7 @@ from google.protobuf.struct_pb2 import Struct
 
 from authz_service.management import controls_api
 from authz_service.management.admin_api import AdminGate, ApiError, Call, invalid, parse_uuid, timestamp
+from authz_service.management.messages import organization_message
 from driftlock_api.management.v1 import jwks_pb2, jwks_pb2_grpc, keys_pb2, keys_pb2_grpc, orgs_pb2, orgs_pb2_grpc
 from driftlock_kernel import api_keys, db, orgs, paging, usage, usage_history
 from driftlock_kernel.billing import FREE_PLAN
@@ -102,33 +103,6 @@ def api_key_message(key: api_keys.ApiKey) -> keys_pb2.ApiKey:
     message.metadata.SetInParent()  # present even when empty: the JSON always has "metadata"
     message.metadata.update(key.metadata or {})
     controls_api.set_limit_fields(message, key)
-    return message
-
-
-def organization_message(org: orgs.Organization, now: datetime) -> orgs_pb2.Organization:
-    period = org.billing_period(now)
-    message = orgs_pb2.Organization(
-        id=str(org.id),
-        name=org.name,
-        plan=org.plan,
-        billing_status=org.billing_status,
-        suspended=org.suspended_at is not None,
-        stripe_customer_id=org.stripe_customer_id or "",
-        stripe_subscription_id=org.stripe_subscription_id or "",
-        period_start=timestamp(period.start),
-        period_end=timestamp(period.end),
-        cancel_at_period_end=org.cancel_at_period_end,
-        created_at=timestamp(org.created_at),
-    )
-    for field, moment in (
-        ("suspended_at", org.suspended_at),
-        ("past_due_since", org.past_due_since),
-        ("trial_end", org.trial_end),
-    ):
-        if moment is not None:
-            getattr(message, field).CopyFrom(timestamp(moment))
-    if org.max_overage_units is not None:
-        message.max_overage_units = org.max_overage_units
     return message
 
 
