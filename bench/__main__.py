@@ -18,6 +18,7 @@
 - latency: added latency through Envoy at a fixed 1,000 req/s, open loop (bench/latency.py; needs `go`).
 - cold:   first use of 10,000 keys, floods of unknown keys, the negative cache's bound (bench/cold.py).
 - memory: authz's RSS with 100,000 keys cached (bench/memory.py).
+- startup: a replica over 1,000,000 keys: time to SERVING and RSS (bench/startup.py).
 - history: the usage history on vs off through Envoy, its rows per 100,000 requests, and a 30-day history query
           on a seeded PostgreSQL 15 (bench/history.py).
 - events: deliveries per second one authz sustains, and the lag from a change to its delivery (bench/events.py).
@@ -63,6 +64,7 @@ from bench.harness import (
 from bench.history import bench_history
 from bench.latency import bench_latency, go_missing
 from bench.memory import bench_memory
+from bench.startup import bench_startup
 from bench.workers import bench_workers
 from driftlock_kernel import api_keys, context_keys, db, orgs, plans
 from driftlock_kernel.billing import Overage
@@ -400,6 +402,12 @@ async def bench_edge(fixture: Fixture, seconds: float, rounds: int) -> list[tupl
     ]
 
 
+PARTS = (
+    "inproc", "caps", "grpc", "edge", "redis", "flood", "flood60", "workers", "latency", "cold", "memory", "startup",
+    "history", "events", "controls",
+)  # fmt: skip
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=8.0, help="length of each measured run")
@@ -407,7 +415,7 @@ async def main() -> None:
     parser.add_argument(
         "--only",
         default="inproc,caps,grpc,edge,redis,workers",
-        help="any of inproc,caps,grpc,edge,redis,flood,flood60,workers,latency,cold,memory,history,events,controls",
+        help="any of " + ",".join(PARTS),
     )
     parser.add_argument(
         "--runs",
@@ -477,6 +485,9 @@ async def run_parts(wanted: set[str], args: argparse.Namespace) -> None:
                 print(table(rows), flush=True)  # so far: a later part that fails keeps what was measured
             if "memory" in wanted:
                 rows += await bench_memory(fixture)
+                print(table(rows), flush=True)  # so far: a later part that fails keeps what was measured
+            if "startup" in wanted:
+                rows += await bench_startup(fixture)
                 print(table(rows), flush=True)  # so far: a later part that fails keeps what was measured
             if "history" in wanted:
                 rows += await bench_history(fixture, args.seconds, args.rounds)

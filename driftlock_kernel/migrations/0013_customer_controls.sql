@@ -38,9 +38,13 @@ CREATE TABLE driftlock.key_usage_counters (
     org_id        uuid NOT NULL REFERENCES driftlock.api_keys (id) ON DELETE CASCADE,  -- the key's id
     period_start  timestamptz NOT NULL,
     product       text NOT NULL CHECK (product ~ '^[a-z][a-z0-9_]{0,31}$'),
+    -- The terms columns of usage_counters (migration 0010): the same statements write both; never billed, ''.
+    plan_name          text NOT NULL DEFAULT '',
+    stripe_meter       text NOT NULL DEFAULT '',
+    stripe_customer_id text NOT NULL DEFAULT '',
     units         bigint NOT NULL,
     updated_at    timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (org_id, period_start, product)
+    PRIMARY KEY (org_id, period_start, product, plan_name, stripe_meter, stripe_customer_id)
 );
 CREATE TABLE driftlock.key_usage_totals (
     org_id        uuid NOT NULL REFERENCES driftlock.api_keys (id) ON DELETE CASCADE,  -- the key's id
@@ -55,6 +59,9 @@ CREATE TABLE driftlock.key_usage_refunds (
     org_id        uuid NOT NULL REFERENCES driftlock.api_keys (id) ON DELETE CASCADE,  -- the key's id
     period_start  timestamptz NOT NULL,
     product       text NOT NULL,
+    plan_name          text NOT NULL DEFAULT '',
+    stripe_meter       text NOT NULL DEFAULT '',
+    stripe_customer_id text NOT NULL DEFAULT '',
     units         bigint NOT NULL CHECK (units > 0),
     reason        text NOT NULL CHECK (length(reason) BETWEEN 1 AND 32),
     refunded_at   timestamptz NOT NULL DEFAULT now(),

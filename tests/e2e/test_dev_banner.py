@@ -134,6 +134,28 @@ def paste(line: str, folder: Path) -> subprocess.CompletedProcess:
     )
 
 
+async def paste_until_interrupted(line: str, folder: Path, *, ready: str) -> None:
+    """A line that runs until Ctrl-C, pasted alone into a new terminal in `folder`: it must say `ready` on stderr
+    (having found the stack by itself), and end with exit 0 on SIGINT."""
+    process = await asyncio.create_subprocess_exec(
+        "bash", "-c", f"exec {line}", cwd=folder, env=new_terminal(),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert process.stderr is not None
+    said = ""
+    try:
+        while ready not in said:
+            got = await asyncio.wait_for(process.stderr.readline(), PASTE_TIMEOUT_SECONDS)
+            assert got, f"{line}\nended before it was ready:\n{said}"
+            said += got.decode(errors="replace")
+        assert STACK_NOTE in said, said
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGINT)
+        await asyncio.wait_for(process.wait(), PASTE_TIMEOUT_SECONDS)
+    assert process.returncode == 0, f"{line}\nexit {process.returncode}\n{said}"
+
+
 def answer(done: subprocess.CompletedProcess) -> dict:
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
@@ -155,6 +177,10 @@ async def test_every_line_of_the_banner_works_pasted_alone_in_a_new_terminal(tmp
     assert any(" admin-token)" in line for line in commands), dev.banner
     assert any(" stripe sync --org " in line for line in commands), dev.banner
     for line in commands:
+        if " events listen " in line:
+            # It listens until Ctrl-C: pasted, it says where it listens, and Ctrl-C ends it cleanly.
+            await paste_until_interrupted(line, tmp_path, ready="Listening on ")
+            continue
         done = paste(line, tmp_path)
         assert done.returncode == 0, f"{line}\nexit {done.returncode}\n{done.stdout}\n{done.stderr}"
         assert "Traceback" not in done.stderr, done.stderr
