@@ -197,6 +197,7 @@ def check_settings(settings: Settings) -> StartupSettings:
     caller_secret = settings.require_ext_authz_secret()
     url = settings.require_database_url()
     settings.operator_events_endpoint()  # events: refuse a URL without a (valid) secret
+    _server_credentials(settings)  # mutual TLS: all three files or none, each readable
     return StartupSettings(keys, admin_secret, caller_secret, url)
 
 
@@ -238,6 +239,29 @@ def _check_can_listen(host: str, port: int) -> None:
             probe.bind((host, port))
         except OSError as error:
             raise OperatorError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
+
+
+def _server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """authz's port requiring a client certificate (DRIFTLOCK_AUTHZ_TLS_*), or None for a plain port."""
+    tls = settings.authz_server_tls()
+    if tls is None:
+        return None
+    cert, key, client_ca = (
+        _read_pem(variable, path)
+        for variable, path in (
+            ("DRIFTLOCK_AUTHZ_TLS_CERT", tls.cert_path),
+            ("DRIFTLOCK_AUTHZ_TLS_KEY", tls.key_path),
+            ("DRIFTLOCK_AUTHZ_TLS_CLIENT_CA", tls.client_ca_path),
+        )
+    )
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca, require_client_auth=True)
+
+
+def _read_pem(variable: str, path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as error:
+        raise OperatorError(f"{variable}: cannot read {path}: {error.strerror}") from None
 
 
 def _event_deliverer(settings: Settings, pool: asyncpg.Pool) -> EventDeliverer:
@@ -352,7 +376,13 @@ class AuthzService:
         self.address = f"{settings.authz_host}:{settings.authz_port}"
         _check_can_listen(settings.authz_host, settings.authz_port)
         try:
-            server.add_insecure_port(self.address)
+            # Mutual TLS when configured: a caller without a certificate from the client CA is refused at the
+            # handshake, before any call reaches a servicer.
+            credentials = _server_credentials(settings)
+            if credentials is None:
+                server.add_insecure_port(self.address)
+            else:
+                server.add_secure_port(self.address, credentials)
         except RuntimeError as error:  # grpc's way of saying the bind failed
             raise OperatorError(f"cannot listen on {self.address}: {one_line(error)}") from None
 

@@ -26,7 +26,14 @@ import asyncpg
 from driftlock_cli.output import Printer
 from driftlock_kernel import db, migrate
 from driftlock_kernel.errors import one_line
-from driftlock_kernel.settings import MIN_JWT_SECRET_BYTES, HostPort, Settings, SettingsError, parse_host_port
+from driftlock_kernel.settings import (
+    MIN_JWT_SECRET_BYTES,
+    AuthzClientTls,
+    HostPort,
+    Settings,
+    SettingsError,
+    parse_host_port,
+)
 
 AUTHORIZATION_SERVICE = "envoy.service.auth.v3.Authorization"
 TIMEOUT_SECONDS = 5.0
@@ -463,14 +470,16 @@ def check_spill_dir(settings: Settings) -> Check:
     return passed(name, f"{directory} is writable; {len(waiting)} spill file(s) wait for the next start")
 
 
-async def check_authz(target: HostPort) -> Check:
+async def check_authz(target: HostPort, tls: AuthzClientTls | None = None) -> Check:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from driftlock_cli import authz_tls
 
     name = "authz_health"
     fix = "start `driftlock-gateway authz` there, or look at its log (it reports why it is not serving)"
     try:
-        async with grpc.aio.insecure_channel(str(target)) as channel:
+        async with authz_tls.channel(str(target), tls) as channel:
             reply = await health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=AUTHORIZATION_SERVICE), timeout=TIMEOUT_SECONDS
             )
@@ -512,7 +521,7 @@ async def cmd_health(args: argparse.Namespace, settings: Settings, out: Printer)
     defaults = {"authz": settings.authz_port, "webhooks": settings.webhooks_port, "envoy": settings.envoy_stats_port}
     target = args.address or HostPort("127.0.0.1", defaults[args.service])
     if args.service == "authz":
-        check = await check_authz(target)
+        check = await check_authz(target, settings.authz_client_tls())
     elif args.service == "webhooks":
         check = await check_webhooks(target)
     else:
@@ -574,7 +583,7 @@ async def run_checks(
     checks.append(await check_envoy(settings))
     checks.append(await check_redis(settings))
     checks.append(check_spill_dir(settings))
-    probes: list[Awaitable[Check]] = [check_authz(target) for target in authz]
+    probes: list[Awaitable[Check]] = [check_authz(target, settings.authz_client_tls()) for target in authz]
     if webhooks is not None:
         probes.append(check_webhooks(webhooks))
     if envoy is not None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from driftlock_kernel.settings import HostPort, Settings, SettingsError
+from driftlock_kernel.settings import AuthzClientTls, HostPort, Settings, SettingsError
 
 REPO_ENVOY_DIR = Path(__file__).resolve().parent.parent / "envoy"
 DEFAULTS = Settings()
@@ -136,6 +136,27 @@ def tls_transport_socket(cert_path: str, key_path: str) -> dict:
     }
 
 
+def authz_tls_transport_socket(tls: AuthzClientTls) -> dict:
+    """Envoy's side of mutual TLS with authz: its client certificate, and only authz's CA trusted (with the name
+    authz's certificate must carry, when one is given). h2 by ALPN: gRPC."""
+    validation: dict = {"trusted_ca": {"filename": tls.ca_path}}
+    context: dict = {
+        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+        "common_tls_context": {
+            "tls_params": {"tls_minimum_protocol_version": "TLSv1_2"},
+            "alpn_protocols": ["h2"],
+            "tls_certificates": [
+                {"certificate_chain": {"filename": tls.cert_path}, "private_key": {"filename": tls.key_path}}
+            ],
+            "validation_context": validation,
+        },
+    }
+    if tls.server_name:
+        context["sni"] = tls.server_name
+        validation["match_typed_subject_alt_names"] = [{"san_type": "DNS", "matcher": {"exact": tls.server_name}}]
+    return {"name": "envoy.transport_sockets.tls", "typed_config": context}
+
+
 def render(
     base: dict,
     *,
@@ -152,13 +173,15 @@ def render(
     requests_per_source: int = DEFAULTS.edge_requests_per_source,
     backend_timeout: str | None = None,
     max_request_bytes: int = DEFAULTS.max_request_bytes,
+    authz_tls: AuthzClientTls | None = None,
 ) -> dict:
     """The config for these addresses. The management listener (and its descriptor set's installed path) only
     with `management`, the stats listener only with `stats`; without them those listeners are left out, so that
     an Envoy for another purpose (or several on one host) never takes their ports. With `tls` (certificate, key:
     PEM files) the public listener speaks HTTPS only. Without `ext_authz_secret` the shipped placeholder stays, and
     authz refuses every check; `requests_per_source` 0 takes the per-source limit out. `backend_timeout` (tests
-    only: a timeout they can wait for) replaces the timeout of every route to the backend."""
+    only: a timeout they can wait for) replaces the timeout of every route to the backend. With `authz_tls` every
+    connection to authz (checks, the access log, the management listener's calls, health checks) is mutual TLS."""
     config = copy.deepcopy(base)
     config["admin"]["address"]["socket_address"]["port_value"] = admin_port
     resources = config["static_resources"]
@@ -190,6 +213,8 @@ def render(
     for cluster in config["static_resources"]["clusters"]:
         if cluster["name"] in targets:
             cluster["load_assignment"]["endpoints"] = [{"lb_endpoints": _endpoints(targets[cluster["name"]])}]
+        if cluster["name"] == "authz" and authz_tls is not None:
+            cluster["transport_socket"] = authz_tls_transport_socket(authz_tls)
     manager = _connection_manager(listener)
     if ext_authz_secret is not None:
         _set_ext_authz_secret(manager, ext_authz_secret)
@@ -220,6 +245,7 @@ def render_from_settings(settings: Settings) -> dict:
         cors_origins=settings.cors_allowed_origins,
         requests_per_source=settings.edge_requests_per_source,
         max_request_bytes=settings.max_request_bytes,
+        authz_tls=settings.authz_client_tls(),
     )
 
 

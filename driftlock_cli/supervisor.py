@@ -16,10 +16,11 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import IO
 
-import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from driftlock_cli import authz_tls
 from driftlock_kernel.errors import OperatorError
+from driftlock_kernel.settings import AuthzClientTls
 
 log = logging.getLogger(__name__)
 
@@ -169,9 +170,9 @@ def tcp_open(host: str, port: int) -> Callable[[], Awaitable[bool]]:
     return probe
 
 
-def grpc_serving(target: str, service: str = "") -> Callable[[], Awaitable[bool]]:
+def grpc_serving(target: str, service: str = "", *, tls: AuthzClientTls | None = None) -> Callable[[], Awaitable[bool]]:
     async def probe() -> bool:
-        async with grpc.aio.insecure_channel(target) as channel:
+        async with authz_tls.channel(target, tls) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1.0)
             return reply.status == health_pb2.HealthCheckResponse.SERVING

@@ -25,6 +25,25 @@ MIN_WEBHOOK_SECRET_BODY_BYTES = 24
 MAX_AUTHZ_WORKERS = 64
 
 
+@dataclass(frozen=True)
+class AuthzServerTls:
+    """authz's side of mutual TLS: PEM file paths."""
+
+    cert_path: str
+    key_path: str
+    client_ca_path: str
+
+
+@dataclass(frozen=True)
+class AuthzClientTls:
+    """A client's side of mutual TLS with authz: PEM file paths, and the name authz's certificate must carry."""
+
+    cert_path: str
+    key_path: str
+    ca_path: str
+    server_name: str | None = None
+
+
 class SettingsError(OperatorError):
     """A setting is missing or malformed; the message is meant for the operator, on one line."""
 
@@ -335,6 +354,22 @@ class Settings:
         "the largest request body an API route takes",
     )
 
+    # Mutual TLS to authz (optional): the certificate Envoy (and the CLI's health checks) shows authz and the
+    # CA authz's is signed by.
+    envoy_authz_client_cert_path: str | None = setting(
+        EDGE, "DRIFTLOCK_ENVOY_AUTHZ_CLIENT_CERT", None, text, "PEM client certificate Envoy shows authz"
+    )
+    envoy_authz_client_key_path: str | None = setting(
+        EDGE, "DRIFTLOCK_ENVOY_AUTHZ_CLIENT_KEY", None, text, "PEM key of DRIFTLOCK_ENVOY_AUTHZ_CLIENT_CERT"
+    )
+    authz_tls_ca_path: str | None = setting(
+        EDGE, "DRIFTLOCK_AUTHZ_TLS_CA", None, text, "PEM CA that signed authz's certificate"
+    )
+    # authz's certificate must name it (a DNS name); unset: the host Envoy dials.
+    authz_tls_server_name: str | None = setting(
+        EDGE, "DRIFTLOCK_AUTHZ_TLS_SERVER_NAME", None, text, "the name authz's certificate is checked against"
+    )
+
     # --- authz check ---
     authz_host: str = setting(CHECK, "DRIFTLOCK_AUTHZ_HOST", "0.0.0.0", text, "address authz's gRPC listens on")
     authz_port: int = setting(CHECK, "DRIFTLOCK_AUTHZ_PORT", 9191, PORT, "port of authz's gRPC (ext_authz, usage)")
@@ -402,6 +437,16 @@ class Settings:
     )
     audit_allow_sample_rate: float = setting(
         CHECK, "DRIFTLOCK_AUDIT_ALLOW_SAMPLE_RATE", 0.01, FRACTION, "share of allowed checks written to the audit log"
+    )
+
+    # Mutual TLS between Envoy and authz (optional). With all three, authz's gRPC port speaks TLS only and refuses,
+    # at the handshake, any client without a certificate signed by the client CA: a stranger never makes a call.
+    authz_tls_cert_path: str | None = setting(
+        CHECK, "DRIFTLOCK_AUTHZ_TLS_CERT", None, text, "PEM certificate authz's gRPC port serves (mutual TLS)"
+    )
+    authz_tls_key_path: str | None = setting(CHECK, "DRIFTLOCK_AUTHZ_TLS_KEY", None, text, "PEM key of it")
+    authz_tls_client_ca_path: str | None = setting(
+        CHECK, "DRIFTLOCK_AUTHZ_TLS_CLIENT_CA", None, text, "PEM CA whose client certificates authz accepts"
     )
 
     # --- context tokens ---
@@ -789,6 +834,35 @@ class Settings:
         if bool(self.tls_cert_path) != bool(self.tls_key_path):
             raise SettingsError("set both DRIFTLOCK_TLS_CERT and DRIFTLOCK_TLS_KEY (PEM files), or neither")
         return (self.tls_cert_path, self.tls_key_path) if self.tls_cert_path and self.tls_key_path else None
+
+    def authz_server_tls(self) -> "AuthzServerTls | None":
+        """authz's certificate, key and the CA of the clients it accepts, or None for a plain port. Some without
+        the others is a mistake: a port that speaks TLS without requiring a client certificate would look safe
+        and refuse nobody."""
+        paths = (self.authz_tls_cert_path, self.authz_tls_key_path, self.authz_tls_client_ca_path)
+        if not any(paths):
+            return None
+        if not all(paths):
+            raise SettingsError(
+                "set DRIFTLOCK_AUTHZ_TLS_CERT, DRIFTLOCK_AUTHZ_TLS_KEY and DRIFTLOCK_AUTHZ_TLS_CLIENT_CA together "
+                "(PEM files: mutual TLS needs all three), or none of them"
+            )
+        cert, key, client_ca = (str(path) for path in paths)
+        return AuthzServerTls(cert, key, client_ca)
+
+    def authz_client_tls(self) -> "AuthzClientTls | None":
+        """What a client of authz (Envoy, the CLI's health checks) shows and trusts, or None for plain gRPC."""
+        paths = (self.envoy_authz_client_cert_path, self.envoy_authz_client_key_path, self.authz_tls_ca_path)
+        if not any(paths):
+            return None
+        if not all(paths):
+            raise SettingsError(
+                "set DRIFTLOCK_ENVOY_AUTHZ_CLIENT_CERT, DRIFTLOCK_ENVOY_AUTHZ_CLIENT_KEY and DRIFTLOCK_AUTHZ_TLS_CA "
+                "together (PEM files: the certificate Envoy shows authz, its key, the CA of authz's certificate), "
+                "or none of them"
+            )
+        cert, key, ca = (str(path) for path in paths)
+        return AuthzClientTls(cert, key, ca, server_name=self.authz_tls_server_name)
 
     def require_stripe_api_key(self) -> str:
         if not self.stripe_api_key:
