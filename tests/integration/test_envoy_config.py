@@ -1,6 +1,7 @@
 """The shipped Envoy configuration: valid for the real binary, and a route table that says what each path is."""
 
 import copy
+import dataclasses
 import re
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from authz_service.check.ext_authz import CALLER_SECRET_METADATA, CREDENTIAL_HEA
 from driftlock_cli import envoy_config
 from driftlock_kernel import usage
 from driftlock_kernel.keys import Environment, ParsedKey, generate_key
-from driftlock_kernel.settings import HostPort, Settings
+from driftlock_kernel.settings import HostPort, Settings, SettingsError
 
 
 def hcm(config: dict, name: str = "public") -> dict:
@@ -381,3 +382,42 @@ def test_envoy_sends_authz_every_header_it_reads_and_no_other(shipped):
         assert sent(name), name
     for name in ("cookie", "user-agent", "content-type", "x-forwarded-for", "x-envoy-original-path"):
         assert not sent(name), name
+
+
+def test_mutual_tls_to_authz_renders_on_the_authz_cluster_and_passes_envoy_validate(shipped, tmp_path):
+    """Every route to authz (checks, the access log, the management listener, health checks) goes through its one
+    cluster: the client certificate there covers them all; no other cluster changes."""
+    from tests.support.mtls import mutual_tls
+
+    client = mutual_tls(tmp_path / "certs").client
+    named = dataclasses.replace(client, server_name="authz")
+    config = rendered(shipped, authz_tls=named)
+    clusters = {cluster["name"]: cluster for cluster in config["static_resources"]["clusters"]}
+    context = clusters["authz"]["transport_socket"]["typed_config"]
+    assert context["@type"].endswith("UpstreamTlsContext")
+    assert context["sni"] == "authz"
+    common = context["common_tls_context"]
+    assert common["tls_certificates"] == [
+        {"certificate_chain": {"filename": client.cert_path}, "private_key": {"filename": client.key_path}}
+    ]
+    assert common["validation_context"]["trusted_ca"] == {"filename": client.ca_path}
+    assert common["validation_context"]["match_typed_subject_alt_names"] == [
+        {"san_type": "DNS", "matcher": {"exact": "authz"}}
+    ]
+    assert [name for name, cluster in clusters.items() if "transport_socket" in cluster] == ["authz"]
+    # No other way to authz: one cluster per service.
+    assert set(clusters) == {"backend", "authz", "webhooks", envoy_config.ADMIN_CLUSTER}
+    for options in ({"authz_tls": client}, {"authz_tls": named}):
+        result = envoy_config.validate(envoy_config.write(rendered(shipped, **options), tmp_path))
+        assert result.returncode == 0, result.stdout + result.stderr
+    assert "transport_socket" not in {c["name"]: c for c in rendered(shipped)["static_resources"]["clusters"]}["authz"]
+
+
+def test_mutual_tls_settings_come_in_threes():
+    with pytest.raises(SettingsError, match="together"):
+        Settings.from_env(
+            {"DRIFTLOCK_AUTHZ_TLS_CERT": "/a.crt", "DRIFTLOCK_AUTHZ_TLS_KEY": "/a.key"}
+        ).authz_server_tls()
+    with pytest.raises(SettingsError, match="together"):
+        Settings.from_env({"DRIFTLOCK_AUTHZ_TLS_CA": "/ca.crt"}).authz_client_tls()
+    assert Settings().authz_server_tls() is None and Settings().authz_client_tls() is None
