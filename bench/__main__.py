@@ -23,6 +23,8 @@
           on a seeded PostgreSQL 15 (bench/history.py).
 - events: deliveries per second one authz sustains, and the lag from a change to its delivery (bench/events.py).
 - controls: a billable Check with every customer control configured against one with none (bench/controls.py).
+- mtls:   authz's CPU per check with a plain port against one requiring mutual TLS, on kept and on new
+          connections (bench/mtls.py).
 
 Each pair runs `--rounds` times, interleaved (A B A B ...); the table shows medians and the ratio.
 Needs `wrk` and `h2load` for the last two (Debian: apt-get install wrk nghttp2-client).
@@ -64,6 +66,7 @@ from bench.harness import (
 from bench.history import bench_history
 from bench.latency import bench_latency, go_missing
 from bench.memory import bench_memory
+from bench.mtls import bench_mtls
 from bench.startup import bench_startup
 from bench.workers import bench_workers
 from driftlock_kernel import api_keys, context_keys, db, orgs, plans
@@ -404,7 +407,7 @@ async def bench_edge(fixture: Fixture, seconds: float, rounds: int) -> list[tupl
 
 PARTS = (
     "inproc", "caps", "grpc", "edge", "redis", "flood", "flood60", "workers", "latency", "cold", "memory", "startup",
-    "history", "events", "controls",
+    "history", "events", "controls", "mtls",
 )  # fmt: skip
 
 
@@ -497,6 +500,9 @@ async def run_parts(wanted: set[str], args: argparse.Namespace) -> None:
                 print(table(rows), flush=True)  # so far: a later part that fails keeps what was measured
             if "controls" in wanted:  # customer controls (issue 20): bench/controls.py
                 rows += await bench_controls(fixture, args.seconds / 2, args.rounds)
+                print(table(rows), flush=True)  # so far: a later part that fails keeps what was measured
+            if "mtls" in wanted:  # mutual TLS between Envoy and authz (issue 23): bench/mtls.py
+                rows += await bench_mtls(fixture, args.seconds / 2, args.rounds)
                 print(table(rows), flush=True)  # so far: a later part that fails keeps what was measured
     print(f"\n{os.cpu_count()} CPUs; {args.rounds} interleaved rounds of {args.seconds:.0f}s per pair\n")
     print(table(rows))
