@@ -18,7 +18,7 @@ from typing import IO
 from driftlock_cli import envoy_config
 from driftlock_cli.supervisor import Child, free_port, grpc_serving, http_ok, start_child, tcp_open, wait_until
 from driftlock_kernel import context_keys
-from driftlock_kernel.settings import HostPort, Settings
+from driftlock_kernel.settings import AuthzClientTls, AuthzServerTls, HostPort, Settings
 
 READY_TIMEOUT_SECONDS = 60.0
 LOOPBACK = "127.0.0.1"
@@ -133,6 +133,17 @@ class Stack:
         return codes
 
 
+def _authz_tls_env(authz_mtls: tuple[AuthzServerTls, AuthzClientTls] | None) -> dict[str, str]:
+    if authz_mtls is None:
+        return {}
+    server, _client = authz_mtls
+    return Settings.environment_for(
+        authz_tls_cert_path=server.cert_path,
+        authz_tls_key_path=server.key_path,
+        authz_tls_client_ca_path=server.client_ca_path,
+    )
+
+
 def _python(*args: str) -> list[str]:
     return [sys.executable, "-m", *args]
 
@@ -156,6 +167,7 @@ async def start_stack(
     cors_origins: Sequence[str] = (),
     requests_per_source: int = DEFAULT_REQUESTS_PER_SOURCE,
     backend_timeout: str | None = None,
+    authz_mtls: tuple[AuthzServerTls, AuthzClientTls] | None = None,
 ) -> Stack:
     """Start everything and wait until it serves; on failure, stop what was started and raise ChildFailed.
 
@@ -169,7 +181,7 @@ async def start_stack(
     Context tokens are EdDSA, signed by the key file `context_signing_keys` (a fresh key in
     `state_dir/context_signing_keys` when None), unless `extra_env` sets DRIFTLOCK_CONTEXT_TOKEN_ALGORITHM=HS256.
     The secret Envoy shows authz with every check is `ext_authz_secret`, or one made for this stack. Every
-    listener is on loopback.
+    listener is on loopback. With `authz_mtls` (authz's side, Envoy's side) authz requires mutual TLS from Envoy.
     """
     state_dir.mkdir(parents=True, exist_ok=True)
     ext_authz_secret = ext_authz_secret or secrets.token_urlsafe(48)
@@ -208,6 +220,7 @@ async def start_stack(
         cors_origins=cors_origins,
         requests_per_source=requests_per_source,
         backend_timeout=backend_timeout,
+        authz_tls=None if authz_mtls is None else authz_mtls[1],
     )
     stack = Stack(
         ports=ports,
@@ -238,8 +251,9 @@ async def start_stack(
                     # Each replica its own spill file folder, so two replicas never replay each other's.
                     meter_spill_dir=state_dir / "meter-spill" / name,
                 ),
+                **_authz_tls_env(authz_mtls),
             },
-            functools.partial(grpc_serving, f"{LOOPBACK}:{port}"),
+            functools.partial(grpc_serving, f"{LOOPBACK}:{port}", tls=None if authz_mtls is None else authz_mtls[1]),
             f"{name} to serve",
         )
     if webhook_secret is not None:
