@@ -62,7 +62,7 @@ from driftlock_api.management.v1 import (
     plans_pb2_grpc,
 )
 from driftlock_api.usage.v1 import usage_pb2_grpc
-from driftlock_kernel import context_keys, db
+from driftlock_kernel import context_keys, db, tls_files
 from driftlock_kernel.background import BackgroundTask, every
 from driftlock_kernel.context_keys import ContextKeys
 from driftlock_kernel.errors import OperatorError, one_line
@@ -246,22 +246,9 @@ def _server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     tls = settings.authz_server_tls()
     if tls is None:
         return None
-    cert, key, client_ca = (
-        _read_pem(variable, path)
-        for variable, path in (
-            ("DRIFTLOCK_AUTHZ_TLS_CERT", tls.cert_path),
-            ("DRIFTLOCK_AUTHZ_TLS_KEY", tls.key_path),
-            ("DRIFTLOCK_AUTHZ_TLS_CLIENT_CA", tls.client_ca_path),
-        )
-    )
+    cert, key = tls_files.key_pair("DRIFTLOCK_AUTHZ_TLS_CERT", tls.cert_path, "DRIFTLOCK_AUTHZ_TLS_KEY", tls.key_path)
+    client_ca = tls_files.certificates("DRIFTLOCK_AUTHZ_TLS_CLIENT_CA", tls.client_ca_path)
     return grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca, require_client_auth=True)
-
-
-def _read_pem(variable: str, path: str) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except OSError as error:
-        raise OperatorError(f"{variable}: cannot read {path}: {error.strerror}") from None
 
 
 def _event_deliverer(settings: Settings, pool: asyncpg.Pool) -> EventDeliverer:

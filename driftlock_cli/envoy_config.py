@@ -16,6 +16,7 @@ from pathlib import Path
 
 import yaml
 
+from driftlock_kernel import tls_files
 from driftlock_kernel.settings import AuthzClientTls, HostPort, Settings, SettingsError
 
 REPO_ENVOY_DIR = Path(__file__).resolve().parent.parent / "envoy"
@@ -231,6 +232,15 @@ def render(
 
 
 def render_from_settings(settings: Settings) -> dict:
+    authz_tls = settings.authz_client_tls()
+    if authz_tls is not None:  # Envoy would only say the cluster's TLS context is invalid
+        tls_files.key_pair(
+            "DRIFTLOCK_ENVOY_AUTHZ_CLIENT_CERT",
+            authz_tls.cert_path,
+            "DRIFTLOCK_ENVOY_AUTHZ_CLIENT_KEY",
+            authz_tls.key_path,
+        )
+        tls_files.certificates("DRIFTLOCK_AUTHZ_TLS_CA", authz_tls.ca_path)
     return render(
         load_shipped(settings),
         listen=HostPort(settings.envoy_host, settings.envoy_port),
@@ -245,7 +255,7 @@ def render_from_settings(settings: Settings) -> dict:
         cors_origins=settings.cors_allowed_origins,
         requests_per_source=settings.edge_requests_per_source,
         max_request_bytes=settings.max_request_bytes,
-        authz_tls=settings.authz_client_tls(),
+        authz_tls=authz_tls,
     )
 
 
