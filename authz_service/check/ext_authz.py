@@ -29,6 +29,7 @@ from authz_service.check.authorizer import AccessRequest, Authorizer, CheckOutco
 from authz_service.check.context_signer import ContextSigner
 from authz_service.check.controls import QuotaState
 from authz_service.check.decision import DENY_UNAVAILABLE, HTTP_STATUS, MESSAGES, Decision, DenyCode
+from authz_service.check.header_bytes import response_headers_to_add
 from authz_service.check.quota_headers import limit_headers
 from authz_service.check.rate_limit import RateVerdict
 from authz_service.usage.refunds import BilledUsage
@@ -167,15 +168,7 @@ class AllowedResponses:
         serialized = self._rate_headers.get(variant)
         if serialized is None:
             # Sent to the client with the backend's response.
-            serialized = _serialized(
-                external_auth_pb2.CheckResponse(
-                    ok_response=external_auth_pb2.OkHttpResponse(
-                        response_headers_to_add=[
-                            _header(name, value) for name, value in limit_headers(rate, quota).items()
-                        ]
-                    )
-                )
-            )
+            serialized = response_headers_to_add(limit_headers(rate, quota))
             self._rate_headers.put(variant, serialized)
         return serialized
 
