@@ -44,6 +44,7 @@ from driftlock_kernel.background import BackgroundTask
 from driftlock_kernel.billing import BillingPolicy
 from driftlock_kernel.errors import one_line
 from driftlock_kernel.keys import redact_keys
+from driftlock_kernel.repeated_logs import RepeatedLog
 
 log = logging.getLogger(__name__)
 
@@ -229,6 +230,7 @@ class EventDeliverer:
         max_in_flight: int = 200,
         per_endpoint_limit: int = 20,
     ):
+        self._outage_log = RepeatedLog(log)
         if lease_seconds <= http_timeout:
             raise ValueError("the lease must outlast an attempt, or two replicas could send one delivery at once")
         self._pool = pool
@@ -286,7 +288,8 @@ class EventDeliverer:
             try:
                 await self.run_once()
             except db.DATABASE_ERRORS as error:
-                log.warning("could not read events to deliver (will retry): %s", one_line(error))
+                # An outage fails every poll the same way: the first at once, then one count a minute.
+                self._outage_log.warning("poll", "could not read events to deliver (will retry): %s", one_line(error))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._poll_interval)
             self._wake.clear()
