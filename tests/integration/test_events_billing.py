@@ -1,6 +1,8 @@
 """Billing events from Stripe's: each occurrence one event, however often Stripe delivers it or an operator
 replays it."""
 
+import time
+
 import pytest
 
 from driftlock_cli import stripe_player
@@ -32,9 +34,12 @@ async def test_a_failed_payment_is_one_event_with_when_service_is_restricted_eve
     stripe, make_org, pool, database_url
 ):
     org = await make_org()
-    reply = (await stripe.send("checkout.session.completed", org_id=org.id))[1]
+    checkout = int(time.time())
+    reply = (await stripe.send("checkout.session.completed", org_id=org.id, created=checkout))[1]
     assert reply.outcome == "applied"
-    failed = stripe_player.build_event("invoice.payment_failed", org_id=org.id)
+    # Stripe's `created` has one-second resolution: the failure and the recovery come in later seconds, as they do
+    # at Stripe (in the checkout's own second, an event is ordered against the subscription it made, and may lose).
+    failed = stripe_player.build_event("invoice.payment_failed", org_id=org.id, created=checkout + 2)
     assert (await stripe.deliver(failed)).outcome == "applied"
     assert (await stripe.deliver(failed)).outcome == "duplicate"
     replayed = run_cli("webhooks", "replay", failed["id"], "--json", database_url=database_url)
@@ -43,7 +48,7 @@ async def test_a_failed_payment_is_one_event_with_when_service_is_restricted_eve
     assert len(told) == 1
     assert told[0]["past_due_since"] and told[0]["restricts_at"] > told[0]["past_due_since"]
     # Paid: dunning ends, once.
-    assert (await stripe.send("invoice.payment_succeeded", org_id=org.id))[1].outcome == "applied"
+    assert (await stripe.send("invoice.payment_succeeded", org_id=org.id, created=checkout + 4))[1].outcome == "applied"
     assert len(await events_of(pool, org.id, "billing.payment_recovered")) == 1
 
 
