@@ -115,14 +115,26 @@ async def db_queries(stack) -> float:
 
 async def tenant(make_org, make_key, stack):
     """A new organisation and key that both replicas have verified (Envoy's round robin does not promise
-    that a few requests reach both), so that both may serve it from cache during an outage."""
+    that a few requests reach both), so that both may serve it from cache during an outage.
+
+    A replica may answer 503 (retry shortly) at first: right after the previous test's outage its pool is
+    reconnecting, and a look-up waits at most DRIFTLOCK_DB_LOOKUP_TIMEOUT_SECONDS. Only an allow counts; a
+    refusal of the key (401, 403) fails at once."""
     org = await make_org(name="load")
     _key, secret = await make_key(org.id)
     for replica in range(len(stack.ports.authz)):
         async with authz_channel(stack.authz_target(replica)) as channel:
             stub = external_auth_pb2_grpc.AuthorizationStub(channel)
-            response = await stub.Check(check_request(bearer(secret), READ, path="/api/v1/models"), timeout=10)
-            assert response.HasField("ok_response")
+
+            async def verified(stub: external_auth_pb2_grpc.AuthorizationStub = stub) -> bool:
+                request = check_request(bearer(secret), READ, path="/api/v1/models")
+                response = await stub.Check(request, timeout=10)
+                if response.HasField("ok_response"):
+                    return True
+                assert response.denied_response.status.code == 503, response
+                return False
+
+            await eventually(verified, within=30, what=f"authz-{replica} to verify a new key", interval=0.2)
     return org, secret
 
 
