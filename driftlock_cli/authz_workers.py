@@ -40,6 +40,7 @@ from prometheus_client.registry import Collector
 from authz_service.server import WORKER_METRICS_HOST, WorkerRole, check_settings, serve
 from authz_service.usage import spill_dirs
 from driftlock_cli.supervisor import Child, start_child
+from driftlock_kernel.background import wait_set
 from driftlock_kernel.errors import OperatorError, one_line
 from driftlock_kernel.logs import configure_logging
 from driftlock_kernel.settings import Settings
@@ -264,8 +265,7 @@ class Workers:
                 reason,
                 backoff,
             )
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stopping.wait(), backoff)
+            await wait_set(self.stopping, backoff)
             if self.stopping.is_set():
                 return 0
             backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)

@@ -18,6 +18,7 @@ import asyncpg
 from driftlock_cli import arguments
 from driftlock_cli.output import Printer, table
 from driftlock_kernel import db
+from driftlock_kernel.background import wait_set
 from driftlock_kernel.errors import OperatorError
 from driftlock_kernel.settings import Settings
 
@@ -108,8 +109,7 @@ async def _export_until_stopped(exporter: Any, out: Printer, interval: float) ->
         lag = report.lag_units
         if not out.as_json:
             print(f"pass: {len(report.decided)} decided, {len(report.finished)} finished, {lag} lagging", flush=True)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stopping.wait(), interval)
+        await wait_set(stopping, interval)
     return decided, finished, lag
 
 

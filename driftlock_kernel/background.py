@@ -9,6 +9,9 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+# How long a stopped task's clean-up may take before the cancellation is repeated (see BackgroundTask.stop).
+STOP_GRACE_SECONDS = 1.0
+
 
 class BackgroundTask:
     """A coroutine run from `start()` until `stop()`, which cancels it and waits for it to end, or `drain()`,
@@ -41,11 +44,20 @@ class BackgroundTask:
             raise
 
     async def stop(self) -> None:
-        if self._task is None:
+        task = self._task
+        if task is None:
             return
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await self._task
+        task.cancel()
+        # On Python 3.11, asyncio.wait_for returns the awaited result instead of raising when the cancellation
+        # meets that result (gh-86296, fixed in 3.12), and a loop then goes on as if never asked to stop: a
+        # stop that waited once would wait forever. So the request is repeated until the task ends, giving its
+        # own clean-up STOP_GRACE_SECONDS each time.
+        while not task.done():
+            await asyncio.wait({task}, timeout=STOP_GRACE_SECONDS)
+            if not task.done():
+                task.cancel()
+        if not task.cancelled():
+            task.exception()  # retrieved here; _guarded logged it
 
     async def drain(self, timeout: float) -> bool:
         """Set `stopping` and give the task `timeout` seconds to end by itself, then cancel it. Whether it ended
@@ -64,8 +76,22 @@ class BackgroundTask:
 
     async def pause(self, seconds: float) -> None:
         """Sleep `seconds`, or less when drain() is called meanwhile."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.stopping.wait(), seconds)
+        await wait_set(self.stopping, seconds)
+
+
+async def wait_set(event: asyncio.Event, timeout: float) -> bool:
+    """Wait until `event` is set or `timeout` seconds have passed; whether it is set.
+
+    What a loop sleeps on between rounds instead of `asyncio.wait_for(event.wait(), timeout)`, which on Python
+    3.11 loses a cancellation that arrives as the event is set (see BackgroundTask.stop): the timeout here is the
+    waiting task's own (`asyncio.timeout`), so a cancellation is always raised.
+    """
+    if event.is_set():
+        return True
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout):
+            await event.wait()
+    return event.is_set()
 
 
 def every(interval: float, step: Callable[[], Awaitable[object]], *, name: str) -> BackgroundTask:

@@ -6,7 +6,6 @@ LISTEN. While it is down, the callers' caches fall back on their TTLs; `on_conne
 """
 
 import asyncio
-import contextlib
 import json
 import logging
 from collections.abc import Callable
@@ -14,7 +13,7 @@ from collections.abc import Callable
 import asyncpg
 
 from driftlock_kernel import db
-from driftlock_kernel.background import BackgroundTask
+from driftlock_kernel.background import BackgroundTask, wait_set
 from driftlock_kernel.errors import one_line
 
 log = logging.getLogger(__name__)
@@ -78,8 +77,7 @@ class ChangeListener:
                 log.info("listening for changes on %s", ", ".join(self._handlers))
                 # A dead peer does not always close the socket; a periodic query notices within the keepalive.
                 while not lost.is_set():
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(lost.wait(), self._keepalive)
+                    await wait_set(lost, self._keepalive)
                     if not lost.is_set():
                         await conn.execute("SELECT 1", timeout=self._keepalive)
             except asyncio.CancelledError:

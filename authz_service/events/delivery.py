@@ -40,7 +40,7 @@ import asyncpg
 from authz_service import metrics
 from authz_service.usage.alerts import retry_delay
 from driftlock_kernel import db, events
-from driftlock_kernel.background import BackgroundTask
+from driftlock_kernel.background import BackgroundTask, wait_set
 from driftlock_kernel.billing import BillingPolicy
 from driftlock_kernel.errors import one_line
 from driftlock_kernel.keys import redact_keys
@@ -290,8 +290,7 @@ class EventDeliverer:
             except db.DATABASE_ERRORS as error:
                 # An outage fails every poll the same way: the first at once, then one count a minute.
                 self._outage_log.warning("poll", "could not read events to deliver (will retry): %s", one_line(error))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._poll_interval)
+            await wait_set(self._wake, self._poll_interval)
             self._wake.clear()
 
     async def run_once(self) -> int:

@@ -18,7 +18,6 @@ organisation, period and threshold, so racing replicas raise each one once). Del
 """
 
 import asyncio
-import contextlib
 import hashlib
 import hmac
 import logging
@@ -32,7 +31,7 @@ import asyncpg
 from authz_service import metrics
 from authz_service.usage.meter_store import UsageAlert
 from driftlock_kernel import db
-from driftlock_kernel.background import BackgroundTask
+from driftlock_kernel.background import BackgroundTask, wait_set
 from driftlock_kernel.errors import one_line
 from driftlock_kernel.jsonfmt import to_json
 from driftlock_kernel.keys import redact_keys
@@ -157,8 +156,7 @@ class AlertNotifier:
                     pass  # a full batch: there may be more due
             except db.DATABASE_ERRORS as error:
                 log.warning("could not read usage alerts to deliver (will retry): %s", one_line(error))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._poll_interval)
+            await wait_set(self._wake, self._poll_interval)
             self._wake.clear()
 
     async def deliver_due(self) -> int:

@@ -1,10 +1,11 @@
 """Background loops: started once, stopped by cancelling, and not killed by one failing step."""
 
 import asyncio
+import contextlib
 
 import pytest
 
-from driftlock_kernel.background import BackgroundTask, every
+from driftlock_kernel.background import BackgroundTask, every, wait_set
 from tests.support.net import eventually
 
 
@@ -81,3 +82,52 @@ async def test_drain_cancels_a_step_that_outlasts_the_grace():
     await asyncio.sleep(0)
     assert await task.drain(0.05) is False
     assert not task.running
+
+
+async def test_stop_ends_a_loop_whose_wait_for_swallowed_the_cancellation():
+    """Python 3.11's asyncio.wait_for returns the result when the cancellation meets it (gh-86296): the loop goes
+    on as if never asked to stop. stop() repeats the request until the task has ended."""
+    woken = asyncio.Event()
+    rounds: list[int] = []
+
+    async def loop() -> None:
+        while True:
+            rounds.append(len(rounds))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(woken.wait(), 30)
+            woken.clear()
+
+    task = BackgroundTask("swallows-a-cancel", loop)
+    task.start()
+    await asyncio.sleep(0)  # the loop is waiting
+    woken.set()  # the wait ends in the same turn of the event loop as stop()'s cancellation
+    stopping = asyncio.create_task(task.stop())
+    done, _ = await asyncio.wait({stopping}, timeout=10)  # (not wait_for: its own cancel would end the loop)
+    try:
+        assert stopping in done, "stop() still waiting for a loop that swallowed its cancellation"
+        assert not task.running
+    finally:
+        stopping.cancel()
+
+
+async def test_wait_set_never_loses_a_cancellation_that_meets_the_event():
+    woken = asyncio.Event()
+
+    async def loop() -> None:
+        while True:
+            await wait_set(woken, 30)
+            woken.clear()
+
+    task = asyncio.create_task(loop())
+    await asyncio.sleep(0)
+    woken.set()
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=10)
+    assert task in done and task.cancelled()
+
+
+async def test_wait_set_says_whether_the_event_was_set():
+    event = asyncio.Event()
+    assert await wait_set(event, 0.01) is False
+    asyncio.get_running_loop().call_later(0.01, event.set)
+    assert await wait_set(event, 30) is True
