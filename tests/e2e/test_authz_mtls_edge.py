@@ -7,10 +7,10 @@ import pytest
 from envoy.service.auth.v3 import external_auth_pb2_grpc
 
 from authz_service.check.ext_authz import CALLER_SECRET_METADATA
-from driftlock_cli.stack import StackPorts, start_stack
+from driftlock_cli.stack import start_stack
 from tests.support.authz_requests import EXT_AUTHZ_SECRET, bearer, check_request
 from tests.support.mtls import mutual_tls
-from tests.support.net import free_port
+from tests.support.net import free_stack_ports
 from tests.support.scrape import sample_sum
 
 
@@ -22,14 +22,7 @@ async def mtls_stack(database_url, jwt_secret, tmp_path_factory):
         database_url=database_url,
         jwt_secret=jwt_secret,
         state_dir=state,
-        ports=StackPorts(
-            envoy=free_port(),
-            envoy_admin=free_port(),
-            authz=(free_port(),),
-            authz_metrics=(free_port(),),
-            webhooks=free_port(),
-            backend=free_port(),
-        ),
+        ports=free_stack_ports(),
         log_dir=state / "logs",
         ext_authz_secret=EXT_AUTHZ_SECRET,
         authz_mtls=(certs.server, certs.client),

@@ -6,8 +6,8 @@ import ssl
 import aiohttp
 import pytest
 
-from driftlock_cli.stack import StackPorts, start_stack
-from tests.support.net import free_port
+from driftlock_cli.stack import start_stack
+from tests.support.net import free_stack_ports
 from tests.support.tls import client_context, self_signed
 
 
@@ -19,14 +19,7 @@ async def tls_stack(database_url, jwt_secret, tmp_path_factory):
         database_url=database_url,
         jwt_secret=jwt_secret,
         state_dir=state,
-        ports=StackPorts(
-            envoy=free_port(),
-            envoy_admin=free_port(),
-            authz=(free_port(),),
-            authz_metrics=(free_port(),),
-            webhooks=free_port(),
-            backend=free_port(),
-        ),
+        ports=free_stack_ports(),
         log_dir=state / "logs",
         tls=(str(cert), str(key)),
     )

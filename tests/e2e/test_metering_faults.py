@@ -10,9 +10,9 @@ import pytest
 from envoy.service.auth.v3 import external_auth_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from driftlock_cli.stack import StackPorts, start_stack
+from driftlock_cli.stack import start_stack
 from tests.support.authz_requests import EXT_AUTHZ_SECRET, READ, authz_channel, bearer, check_request
-from tests.support.net import eventually, free_port
+from tests.support.net import eventually, free_stack_ports
 from tests.support.tcp_proxy import FaultProxy
 from tests.support.usage import stored_usage, wait_for_usage
 
@@ -30,14 +30,7 @@ async def faulty(database_url, jwt_secret, tmp_path_factory):
         database_url=proxy.url(),
         jwt_secret=jwt_secret,
         state_dir=state,
-        ports=StackPorts(
-            envoy=free_port(),
-            envoy_admin=free_port(),
-            authz=(free_port(), free_port()),
-            authz_metrics=(free_port(), free_port()),
-            webhooks=free_port(),
-            backend=free_port(),
-        ),
+        ports=free_stack_ports(replicas=2),
         log_dir=state / "logs",
         extra_env={"DRIFTLOCK_AUDIT_ALLOW_SAMPLE_RATE": "0"},
         ext_authz_secret=EXT_AUTHZ_SECRET,

@@ -13,10 +13,10 @@ import time
 import aiohttp
 import pytest
 
-from driftlock_cli.stack import StackPorts, start_stack
+from driftlock_cli.stack import start_stack
 from driftlock_kernel import plans
 from driftlock_kernel.billing import Overage
-from tests.support.net import free_port
+from tests.support.net import free_stack_ports
 from tests.support.redis_server import require_redis
 from tests.support.scrape import sample_sum
 
@@ -35,14 +35,7 @@ async def redis_stack(database_url, jwt_secret, tmp_path_factory):
         database_url=database_url,
         jwt_secret=jwt_secret,
         state_dir=state,
-        ports=StackPorts(
-            envoy=free_port(),
-            envoy_admin=free_port(),
-            authz=(free_port(), free_port()),
-            authz_metrics=(free_port(), free_port()),
-            webhooks=free_port(),
-            backend=free_port(),
-        ),
+        ports=free_stack_ports(replicas=2),
         log_dir=state / "logs",
         # Generous, so that a loaded machine does not turn a slow Redis answer into a (counted) fallback.
         extra_env={"DRIFTLOCK_REDIS_URL": redis_url, "DRIFTLOCK_REDIS_TIMEOUT_SECONDS": "0.5"},

@@ -24,10 +24,10 @@ import aiohttp
 import pytest
 
 from driftlock_cli import stripe_player
-from driftlock_cli.stack import StackPorts, start_stack
+from driftlock_cli.stack import start_stack
 from driftlock_kernel import api_keys, plans
 from driftlock_kernel.billing import Overage
-from tests.support.net import free_port
+from tests.support.net import free_stack_ports
 from tests.support.stripe import SECRET
 from tests.support.usage import stored_usage, wait_for_usage
 
@@ -66,14 +66,7 @@ async def soak_stack(database_url, jwt_secret, tmp_path):
         database_url=database_url,
         jwt_secret=jwt_secret,
         state_dir=tmp_path,
-        ports=StackPorts(
-            envoy=free_port(),
-            envoy_admin=free_port(),
-            authz=(free_port(), free_port()),
-            authz_metrics=(free_port(), free_port()),
-            webhooks=free_port(),
-            backend=free_port(),
-        ),
+        ports=free_stack_ports(replicas=2),
         log_dir=tmp_path / "logs",
         webhook_secret=SECRET,
         extra_env={"DRIFTLOCK_AUDIT_ALLOW_SAMPLE_RATE": "0", "DRIFTLOCK_LOG_LEVEL": "WARNING"},
