@@ -1,6 +1,7 @@
 """An embedded PostgreSQL slower to start than the wheel waits for (`pg_ctl start -w` is given 10 s, and a busy
 machine can take longer) is waited for until it is ready; one that never becomes ready is a one-line error."""
 
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -22,10 +23,14 @@ def pg_ctl_that_gives_up(*, starts_the_server: bool):
     def pg_ctl(args: list[str], pgdata: Path | None = None, **kwargs: object) -> str:
         if "start" not in args:
             return REAL_PG_CTL(args, pgdata=pgdata, **kwargs)
+        # A real pg_ctl that waited 10 s has its log by then; `-W` returns before the server's shell opens it.
+        # The server's user appends to it, so that user owns it.
+        log_file = Path(args[args.index("-l") + 1])
+        log_file.touch()
+        if isinstance(kwargs.get("user"), str):
+            shutil.chown(log_file, user=str(kwargs["user"]))
         if starts_the_server:
             REAL_PG_CTL(["-W" if arg == "-w" else arg for arg in args], pgdata=pgdata, **kwargs)
-        else:
-            Path(args[args.index("-l") + 1]).touch()  # pg_ctl opens its log before it waits
         raise subprocess.TimeoutExpired("pg_ctl", 10)
 
     return pg_ctl
