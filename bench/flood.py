@@ -21,7 +21,7 @@ import re
 import secrets
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
@@ -125,6 +125,24 @@ class ProbeResult:
     statuses: list[int]
     latencies: list[float]
     codes: list[str]  # the error code of each answer that was not a 200 ("" for a 200)
+    sent_at: list[float] = field(default_factory=list)  # time.monotonic() when each was sent
+
+    def split(self, start: float, end: float) -> tuple["ProbeResult", "ProbeResult"]:
+        """The calls in flight at some moment of [start, end] (a restart of the only replica, say), and the rest."""
+        inside: list[int] = []
+        outside: list[int] = []
+        for n, (sent, took) in enumerate(zip(self.sent_at, self.latencies, strict=True)):
+            (inside if sent <= end and sent + took >= start else outside).append(n)
+
+        def pick(indexes: list[int]) -> ProbeResult:
+            return ProbeResult(
+                [self.statuses[n] for n in indexes],
+                [self.latencies[n] for n in indexes],
+                [self.codes[n] for n in indexes],
+                [self.sent_at[n] for n in indexes],
+            )
+
+        return pick(inside), pick(outside)
 
     @property
     def success_rate(self) -> float:
@@ -159,7 +177,8 @@ async def probe(port: int, key: str, seconds: float, rate: int = PROBE_RATE) -> 
     url = f"http://127.0.0.1:{port}{DETECT}"
     headers = {"Authorization": f"Bearer {key}"}
 
-    async def one(session: aiohttp.ClientSession) -> tuple[int, float, str]:
+    async def one(session: aiohttp.ClientSession) -> tuple[int, float, str, float]:
+        sent_at = time.monotonic()
         started = time.perf_counter()
         code = ""
         try:
@@ -173,7 +192,7 @@ async def probe(port: int, key: str, seconds: float, rate: int = PROBE_RATE) -> 
                     code = "?"
         except (aiohttp.ClientError, TimeoutError):
             status = 0
-        return status, time.perf_counter() - started, code
+        return status, time.perf_counter() - started, code, sent_at
 
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         loop = asyncio.get_running_loop()
@@ -183,7 +202,10 @@ async def probe(port: int, key: str, seconds: float, rate: int = PROBE_RATE) -> 
             await asyncio.sleep(max(0.0, start + n / rate - loop.time()))
             tasks.append(asyncio.create_task(one(session)))
         results = await asyncio.gather(*tasks)
-    return ProbeResult([s for s, _, _ in results], [t for _, t, _ in results], [c for _, _, c in results])
+    return ProbeResult(
+        [s for s, _, _, _ in results], [t for _, t, _, _ in results], [c for _, _, c, _ in results],
+        [sent for _, _, _, sent in results],
+    )  # fmt: skip
 
 
 def garbage_lines(count: int) -> list[str]:
