@@ -41,20 +41,50 @@ def _field(number: int, payload: bytes) -> bytes:
 
 
 _APPEND_ACTION_BYTES = _varint(_APPEND_ACTION << 3 | _VARINT) + _varint(_OVERWRITE)
+# Each tag fits one byte (field numbers below 16), as does each length below 128: the limit headers' values
+# (tens of bytes) take the path that writes those bytes at once instead of through _field.
+_TAG_ENTRY = _RESPONSE_HEADERS_TO_ADD << 3 | _LEN
+_TAG_HEADER = _HEADER << 3 | _LEN
+_TAG_VALUE = _VALUE << 3 | _LEN
+_ONE_BYTE = 0x80
+# A name's key field, by name: the names are few (the limit headers).
+_KEY_FIELDS: dict[str, bytes] = {}
+MAX_NAMES = 64
 
 
 def _entry(name: str, value: str) -> bytes:
     """One `response_headers_to_add` entry of an OkHttpResponse (overwriting), as field bytes."""
     entry = _ENTRIES.get((name, value))
-    if entry is None:
-        header = _field(_KEY, name.encode()) + _field(_VALUE, value.encode())
+    if entry is not None:
+        return entry
+    key_field = _KEY_FIELDS.get(name)
+    if key_field is None:
+        key_field = _field(_KEY, name.encode())
+        if len(_KEY_FIELDS) < MAX_NAMES:
+            _KEY_FIELDS[name] = key_field
+    encoded = value.encode()
+    header_length = len(key_field) + 2 + len(encoded)
+    entry_length = header_length + 2 + len(_APPEND_ACTION_BYTES)
+    if entry_length < _ONE_BYTE:
+        # Every length below is then one byte too (each is part of the entry).
+        entry = b"".join(
+            (
+                bytes((_TAG_ENTRY, entry_length, _TAG_HEADER, header_length)),
+                key_field,
+                bytes((_TAG_VALUE, len(encoded))),
+                encoded,
+                _APPEND_ACTION_BYTES,
+            )
+        )
+    else:
+        header = key_field + _field(_VALUE, encoded)
         entry = _field(_RESPONSE_HEADERS_TO_ADD, _field(_HEADER, header) + _APPEND_ACTION_BYTES)
-        if len(_ENTRIES) >= MAX_ENTRIES:
-            _ENTRIES.clear()
-        _ENTRIES[(name, value)] = entry
+    if len(_ENTRIES) >= MAX_ENTRIES:
+        _ENTRIES.clear()
+    _ENTRIES[(name, value)] = entry
     return entry
 
 
 def response_headers_to_add(headers: dict[str, str]) -> bytes:
     """A serialised CheckResponse whose ok_response adds `headers` to the response the client gets."""
-    return _field(_OK_RESPONSE, b"".join(_entry(name, value) for name, value in headers.items()))
+    return _field(_OK_RESPONSE, b"".join([_entry(name, value) for name, value in headers.items()]))

@@ -1,5 +1,6 @@
 """header_bytes.py writes protobuf by hand: what it writes must be what protobuf itself means."""
 
+import pytest
 from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
 from envoy.service.auth.v3 import external_auth_pb2
 from hypothesis import given
@@ -42,6 +43,12 @@ def test_appended_to_an_allow_the_headers_merge_into_it():
     assert [(h.header.key, h.header.value) for h in merged.ok_response.response_headers_to_add] == [
         ("ratelimit", '"rate";r=1;t=1')
     ]
+
+
+@pytest.mark.parametrize("value_length", range(95, 135))
+def test_entries_either_side_of_a_one_byte_length_parse_as_protobuf_serialises_them(value_length):
+    headers = {"ratelimit": "r" * value_length, "x-ratelimit-remaining": "é" * (value_length // 2)}
+    assert response_headers_to_add(headers) == expected(headers).SerializeToString()
 
 
 @given(st.dictionaries(st.text(min_size=1, max_size=40), st.text(max_size=300), max_size=6))
