@@ -13,7 +13,7 @@ from driftlock_cli import authz_tls
 from driftlock_cli.doctor import check_authz
 from driftlock_cli.supervisor import grpc_serving, start_child, wait_until
 from driftlock_kernel.settings import AuthzClientTls, HostPort
-from tests.support.admin import signing_key_env
+from tests.support.authz_child import authz_env
 from tests.support.authz_requests import EXT_AUTHZ_SECRET, bearer, check_request
 from tests.support.mtls import mutual_tls
 from tests.support.net import free_port
@@ -30,16 +30,7 @@ async def authz_with_mtls(database_url, jwt_secret, tmp_path):
     child = await start_child(
         "authz",
         [sys.executable, "-m", "driftlock_cli", "authz"],
-        env={
-            "DATABASE_URL": database_url,
-            "DRIFTLOCK_JWT_SECRET": jwt_secret,
-            **signing_key_env(),
-            "DRIFTLOCK_EXT_AUTHZ_SECRET": EXT_AUTHZ_SECRET,
-            "DRIFTLOCK_AUTHZ_HOST": "127.0.0.1",
-            "DRIFTLOCK_AUTHZ_PORT": str(port),
-            "DRIFTLOCK_AUTHZ_METRICS_PORT": str(metrics_port),
-            **certs.server_env(),
-        },
+        env={**authz_env(database_url, jwt_secret, port, metrics_port), **certs.server_env()},
         log_file=tmp_path / "authz.log",
     )
     target = f"127.0.0.1:{port}"

@@ -13,8 +13,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from driftlock_cli.supervisor import grpc_serving, start_child, wait_until
 from driftlock_kernel import api_keys
 from driftlock_kernel.keys import Environment, generate_key
-from tests.support.admin import signing_key_env
-from tests.support.authz_requests import EXT_AUTHZ_SECRET, authz_channel, bearer, check_request
+from tests.support.authz_child import authz_env
+from tests.support.authz_requests import authz_channel, bearer, check_request
 from tests.support.net import eventually, free_port
 from tests.support.tcp_proxy import FaultProxy
 
@@ -32,20 +32,17 @@ async def proxied_authz(database_url, jwt_secret, tmp_path):
     child = await start_child(
         "authz",
         [sys.executable, "-m", "driftlock_cli", "authz"],
-        env={
-            "DATABASE_URL": proxy.url(),
-            "DRIFTLOCK_JWT_SECRET": jwt_secret,
-            **signing_key_env(),
-            "DRIFTLOCK_EXT_AUTHZ_SECRET": EXT_AUTHZ_SECRET,
-            "DRIFTLOCK_AUTHZ_HOST": "127.0.0.1",
-            "DRIFTLOCK_AUTHZ_PORT": str(port),
-            "DRIFTLOCK_AUTHZ_METRICS_PORT": str(metrics_port),
+        env=authz_env(
+            proxy.url(),
+            jwt_secret,
+            port,
+            metrics_port,
             # Short trust, so the test exercises the outage fallback rather than plain cache hits.
-            "DRIFTLOCK_KEY_CACHE_TTL_SECONDS": "0.2",
-            "DRIFTLOCK_KEY_CACHE_NEGATIVE_TTL_SECONDS": "0.2",
-            "DRIFTLOCK_KEY_CACHE_STALE_SECONDS": "60",
-            "DRIFTLOCK_DB_LOOKUP_TIMEOUT_SECONDS": "0.5",
-        },
+            key_cache_ttl_seconds=0.2,
+            key_cache_negative_ttl_seconds=0.2,
+            key_cache_stale_seconds=60,
+            database_lookup_timeout_seconds=0.5,
+        ),
         log_file=tmp_path / "authz.log",
     )
     await wait_until(grpc_serving(f"127.0.0.1:{port}"), timeout=30, what="authz to serve", child=child)
@@ -166,15 +163,7 @@ async def _start_authz(database_url: str, jwt_secret: str, log_file):
     child = await start_child(
         "authz",
         [sys.executable, "-m", "driftlock_cli", "authz"],
-        env={
-            "DATABASE_URL": database_url,
-            "DRIFTLOCK_JWT_SECRET": jwt_secret,
-            "DRIFTLOCK_EXT_AUTHZ_SECRET": EXT_AUTHZ_SECRET,
-            **signing_key_env(),
-            "DRIFTLOCK_AUTHZ_HOST": "127.0.0.1",
-            "DRIFTLOCK_AUTHZ_PORT": str(port),
-            "DRIFTLOCK_AUTHZ_METRICS_PORT": str(free_port()),
-        },
+        env=authz_env(database_url, jwt_secret, port, free_port()),
         log_file=log_file,
     )
 

@@ -24,8 +24,8 @@ from authz_service.usage.usage_ledger import Batch
 from driftlock_cli.supervisor import Child, start_child, wait_until
 from driftlock_kernel import api_keys
 from driftlock_kernel.periods import calendar_month
-from tests.support.admin import signing_key_env
-from tests.support.authz_requests import EXT_AUTHZ_SECRET, authz_channel, bearer, check_request
+from tests.support.authz_child import authz_env
+from tests.support.authz_requests import authz_channel, bearer, check_request
 from tests.support.cli import assert_one_line_error, run_cli
 from tests.support.net import eventually, free_port
 from tests.support.observability import metric_list
@@ -39,20 +39,6 @@ def code_of(response) -> str:
     if response.HasField("ok_response"):
         return "ok"
     return json.loads(response.denied_response.body)["error"]["code"]
-
-
-def authz_env(database_url: str, jwt_secret: str, port: int, metrics_port: int, **extra: str) -> dict[str, str]:
-    return {
-        "DATABASE_URL": database_url,
-        "DRIFTLOCK_JWT_SECRET": jwt_secret,
-        **signing_key_env(),
-        "DRIFTLOCK_EXT_AUTHZ_SECRET": EXT_AUTHZ_SECRET,
-        "DRIFTLOCK_AUTHZ_HOST": "127.0.0.1",
-        "DRIFTLOCK_AUTHZ_PORT": str(port),
-        "DRIFTLOCK_AUTHZ_METRICS_PORT": str(metrics_port),
-        "PYTHONUNBUFFERED": "1",
-        **extra,
-    }
 
 
 class Workers:
@@ -271,7 +257,7 @@ async def test_spilled_units_are_replayed_when_the_number_of_workers_changes(
     # What a run of one process and a run of three workers left behind.
     spill([batch_for(org.id, 3)], worker_dir(root, None))
     spill([batch_for(org.id, 5)], worker_dir(root, 2))
-    env = authz_env(database_url, jwt_secret, free_port(), free_port(), DRIFTLOCK_METER_SPILL_DIR=str(root))
+    env = authz_env(database_url, jwt_secret, free_port(), free_port(), meter_spill_dir=root)
     two = await start_workers(env, tmp_path / "two.log", "--workers", "2")
     await wait_for_usage(pool, org.id, {"stream": 8})
     assert await two.stop(signal.SIGINT) == 0, two.log.read_text()  # Ctrl-C is forwarded as SIGTERM is
@@ -279,7 +265,7 @@ async def test_spilled_units_are_replayed_when_the_number_of_workers_changes(
 
     # And back: what worker 1 of a run of two left, replayed by one process.
     spill([batch_for(org.id, 7)], worker_dir(root, 1))
-    env = authz_env(database_url, jwt_secret, free_port(), free_port(), DRIFTLOCK_METER_SPILL_DIR=str(root))
+    env = authz_env(database_url, jwt_secret, free_port(), free_port(), meter_spill_dir=root)
     one = await start_workers(env, tmp_path / "one.log", count=1)
     await wait_for_usage(pool, org.id, {"stream": 15})
     assert await one.stop() == 0, one.log.read_text()
@@ -291,7 +277,7 @@ async def test_workers_that_cannot_start_stop_the_parent_with_their_error(databa
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         taken = holder.getsockname()[1]
-        env = authz_env(database_url, jwt_secret, taken, free_port(), DRIFTLOCK_LOG_LEVEL="error")
+        env = authz_env(database_url, jwt_secret, taken, free_port(), log_level="error")
         result = await asyncio.to_thread(run_cli, "authz", "--workers", "2", database_url=database_url, env=env)
     assert result.code == 1
     assert "Traceback" not in result.stderr

@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from driftlock_cli.supervisor import start_child, wait_until
 from driftlock_kernel.keys import Environment, generate_key
-from tests.integration.test_authz_workers import authz_env
+from tests.support.authz_child import authz_env
 from tests.support.authz_requests import authz_channel, bearer, check_request
 from tests.support.net import eventually, free_port
 
@@ -45,8 +45,8 @@ async def test_a_flood_of_invented_keys_from_many_addresses_never_rations_a_real
         jwt_secret,
         port,
         free_port(),
-        DRIFTLOCK_UNKNOWN_KEY_LOOKUPS_PER_SECOND="1",
-        DRIFTLOCK_UNKNOWN_KEY_LOOKUPS_PER_SOURCE_PER_SECOND="1",
+        unknown_key_lookups_per_second=1,
+        unknown_key_lookups_per_source_per_second=1,
     )
     target = f"127.0.0.1:{port}"
     child = await start_child("authz", [sys.executable, "-m", "driftlock_cli", "authz"], env=env,
