@@ -21,7 +21,7 @@ import re
 import secrets
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -125,7 +125,7 @@ class ProbeResult:
     statuses: list[int]
     latencies: list[float]
     codes: list[str]  # the error code of each answer that was not a 200 ("" for a 200)
-    sent_at: list[float] = field(default_factory=list)  # time.monotonic() when each was sent
+    sent_at: list[float]  # time.monotonic() when each was sent
 
     def split(self, start: float, end: float) -> tuple["ProbeResult", "ProbeResult"]:
         """The calls in flight at some moment of [start, end] (a restart of the only replica, say), and the rest."""

@@ -27,8 +27,9 @@ def pg_ctl_that_gives_up(*, starts_the_server: bool):
         # The server's user appends to it, so that user owns it.
         log_file = Path(args[args.index("-l") + 1])
         log_file.touch()
-        if isinstance(kwargs.get("user"), str):
-            shutil.chown(log_file, user=str(kwargs["user"]))
+        user = kwargs.get("user")
+        if isinstance(user, str):
+            shutil.chown(log_file, user=user)
         if starts_the_server:
             REAL_PG_CTL(["-W" if arg == "-w" else arg for arg in args], pgdata=pgdata, **kwargs)
         raise subprocess.TimeoutExpired("pg_ctl", 10)
